@@ -1,0 +1,46 @@
+// The seam between the kernels and their callers (the torch binding and the C++ profiler):
+// plain pointers, sizes and strides, no torch types. Everything here is host code.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace moe_gemm {
+
+enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
+
+// Tile configurations of the sm90 kernel. kAuto lets choose_tile_config() pick from host-known shapes.
+enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2 };
+
+// D[offs[e] + i, :] = A[offs[e] + i, :] @ B[e]^T for i < m_sizes[e], offs = exclusive prefix sum of
+// m_sizes; rows of D past the last expert are written as zeros.
+struct GroupedGemmParams {
+  void const* a = nullptr;        // [M, K], row stride lda (elements), inner stride 1
+  void const* b = nullptr;        // [E, N, K] (b_n_major = false) or [E, K, N] (b_n_major = true)
+  void* d = nullptr;              // [M, N], row stride ldd, inner stride 1
+  void const* m_sizes = nullptr;  // [E] counts in device memory, int32 or int64
+  bool m_sizes_int64 = false;
+  bool b_n_major = false;         // the weight_transposed layout: B[e] is [K, N] with N contiguous
+  DType dtype = DType::kBFloat16;
+  int64_t M = 0, N = 0, K = 0;
+  int32_t E = 0;
+  int64_t lda = 0;                // elements between rows of A
+  int64_t ldb = 0;                // elements between rows of B[e] (between n for K-major, between k for N-major)
+  int64_t batch_stride_b = 0;     // elements between B[e] and B[e + 1]
+  int64_t ldd = 0;                // elements between rows of D
+  int sm_count = 0;               // persistent grid size; 0 = query the current device
+  TileConfig config = TileConfig::kAuto;
+};
+
+// Returns the configuration the heuristic picks for these shapes (never kAuto).
+TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count);
+
+// Checks what the kernel can read (alignment, strides, sizes); returns nullptr when it can,
+// else a sentence saying what is wrong.
+char const* check_grouped_gemm(GroupedGemmParams const& params);
+
+// Launches the grouped GEMM on `stream`. Asynchronous; returns the launch status.
+cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t stream);
+
+}  // namespace moe_gemm

@@ -1,0 +1,254 @@
+// The sm90 MoE grouped GEMM kernel: persistent, warp-specialized, cooperative (two consumer
+// warpgroups share a tile), TMA loads and WGMMA through CUTLASS's sm90 collective mainloop.
+//
+// What is MoE-specific, and ours:
+//   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
+//   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
+//     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
+//   - the epilogue stores D with a row predicate at the expert's last row (A rows loaded past it
+//     belong to the next expert and are computed but never stored), and the CTAs finally zero
+//     the rows of D that no expert covers.
+#pragma once
+
+#include "cute/tensor.hpp"
+#include "cutlass/arch/reg_reconfig.h"
+#include "cutlass/cutlass.h"
+#include "cutlass/numeric_conversion.h"
+#include "cutlass/pipeline/pipeline.hpp"
+
+#include "sm90_moe_tile_scheduler.hpp"
+
+namespace moe_gemm {
+
+template <class CollectiveMainloop_, class ElementD_, int kGroupM_>
+class Sm90MoeGemmKernel {
+ public:
+  using CollectiveMainloop = CollectiveMainloop_;
+  using ElementD = ElementD_;
+  using TileShape = typename CollectiveMainloop::TileShape;
+  using TiledMma = typename CollectiveMainloop::TiledMma;
+  using MainloopParams = typename CollectiveMainloop::Params;
+  using MainloopPipeline = typename CollectiveMainloop::MainloopPipeline;
+  using PipelineState = typename CollectiveMainloop::PipelineState;
+
+  static constexpr int kTileM = cute::size<0>(TileShape{});
+  static constexpr int kTileN = cute::size<1>(TileShape{});
+  static constexpr int kTileK = cute::size<2>(TileShape{});
+  using Scheduler = Sm90MoeTileScheduler<kTileM, kGroupM_>;
+
+  static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
+  static constexpr uint32_t kNumMmaWarpGroups = kNumMmaThreads / cutlass::NumThreadsPerWarpGroup;
+  static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
+  static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
+  // The producer warpgroup only issues TMA; give its registers to the MMA warpgroups.
+  static constexpr uint32_t kLoadRegisters = 40;
+  static constexpr uint32_t kMmaRegisters = 232;
+
+  static_assert(kNumMmaThreads == 256, "cooperative kernel: two consumer warpgroups");
+  static_assert(cute::size(typename CollectiveMainloop::DispatchPolicy::ClusterShape{}) == 1,
+                "the MoE scheduler hands out tiles per CTA: cluster 1x1x1");
+
+  struct SharedStorage {
+    typename CollectiveMainloop::TensorStorage tensors;
+    alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
+  };
+  static constexpr int SharedStorageSize = sizeof(SharedStorage);
+
+  struct Params {
+    MainloopParams mainloop;
+    MoeSchedulerParams scheduler;
+    ElementD* ptr_d;
+    int64_t ldd;
+    int32_t N;
+    int32_t K;
+  };
+
+  CUTLASS_DEVICE
+  void operator()(Params const& params, char* smem_buf) {
+    using namespace cute;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
+
+    SharedStorage& shared_storage = *reinterpret_cast<SharedStorage*>(smem_buf);
+    int const thread_idx = int(threadIdx.x);
+    int const warp_idx = cutlass::canonical_warp_idx_sync();
+    int const warp_idx_in_warp_group = warp_idx % cutlass::NumWarpsPerWarpGroup;
+    auto const warp_group_role = WarpGroupRole(cutlass::canonical_warp_group_idx());
+    int const mma_thread_idx = thread_idx % kNumMmaThreads;
+    int const lane_predicate = cute::elect_one_sync();
+
+    if (warp_idx == 0 && lane_predicate) {
+      CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
+    }
+
+    // Pipeline between the TMA warp (producer) and the two MMA warpgroups (consumers).
+    typename MainloopPipeline::Params pipeline_params;
+    if (warp_group_role == WarpGroupRole::Producer && warp_idx_in_warp_group == 0) {
+      pipeline_params.role = MainloopPipeline::ThreadCategory::Producer;
+    }
+    if (warp_group_role != WarpGroupRole::Producer) {
+      pipeline_params.role = MainloopPipeline::ThreadCategory::Consumer;
+    }
+    pipeline_params.is_leader = (thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
+    pipeline_params.num_consumers = kNumMmaThreads;
+    pipeline_params.num_producers = 1;
+    pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
+    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, Shape<_1, _1, _1>{});
+    // Barrier init must be visible to every warp before the first wait.
+    __syncthreads();
+
+    Scheduler scheduler(params.scheduler);
+
+    if (warp_group_role == WarpGroupRole::Producer) {
+      cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
+      if (warp_idx_in_warp_group == 0) {
+        produce(params, scheduler, pipeline, shared_storage);
+      }
+    } else {
+      cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
+      consume(params, scheduler, pipeline, shared_storage, mma_thread_idx);
+    }
+#else
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+      printf("moe_gemm: the sm90 kernel was launched on a build without sm_90a code\n");
+    }
+#endif
+  }
+
+ private:
+  // TMA warp: for each tile, K-blocks of A (the expert's rows) and of B[e] into the smem stages.
+  CUTLASS_DEVICE
+  static void produce(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
+                      SharedStorage& shared_storage) {
+    using namespace cute;
+    auto const& tma_a = params.mainloop.tma_load_a;
+    auto const& tma_b = params.mainloop.tma_load_b;
+    int32_t const num_experts = params.scheduler.num_experts;
+    // Coordinate tensors of the TMA descriptors: A is (M, K, 1), B is (N, K, E).
+    Tensor mA = tma_a.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.K, 1));
+    Tensor mB = tma_b.get_tma_tensor(make_shape(params.N, params.K, num_experts));
+    Tensor sA = make_tensor(make_smem_ptr(shared_storage.tensors.smem_A.data()),
+                            typename CollectiveMainloop::SmemLayoutA{});  // (BLK_M, BLK_K, PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_storage.tensors.smem_B.data()),
+                            typename CollectiveMainloop::SmemLayoutB{});  // (BLK_N, BLK_K, PIPE)
+    auto cta_tma_a = tma_a.get_slice(0);
+    auto cta_tma_b = tma_b.get_slice(0);
+    Tensor tAsA = cta_tma_a.partition_D(sA);
+    Tensor tBsB = cta_tma_b.partition_D(sB);
+    int const k_tiles = (params.K + kTileK - 1) / kTileK;
+
+    // The whole warp walks the tiles (the scheduler is warp-collective); one lane issues the copies.
+    bool const is_leader = cute::elect_one_sync();
+    PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
+    for (int64_t tile = blockIdx.x;; tile += gridDim.x) {
+      MoeWorkTile const work = scheduler.get_work_tile(tile);
+      if (!work.valid) {
+        break;
+      }
+      // The expert's rows start at an arbitrary row, not a multiple of the tile: offset the
+      // coordinates, not the descriptor.
+      int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
+      Tensor gA = local_tile(domain_offset(make_coord(row0, 0), mA(_, _, 0)),
+                             select<0, 2>(TileShape{}), make_coord(0, _));       // (BLK_M, BLK_K, k)
+      Tensor gB = local_tile(mB(_, _, work.expert), select<1, 2>(TileShape{}),
+                             make_coord(work.n_block, _));                        // (BLK_N, BLK_K, k)
+      Tensor tAgA = cta_tma_a.partition_S(gA);
+      Tensor tBgB = cta_tma_b.partition_S(gB);
+      if (is_leader) {
+        PipelineState state = write_state;
+        for (int k = 0; k < k_tiles; ++k) {
+          pipeline.producer_acquire(state);
+          auto* barrier = pipeline.producer_get_barrier(state);
+          copy(tma_a.with(*barrier, 0), tAgA(_, _, _, k), tAsA(_, _, _, state.index()));
+          copy(tma_b.with(*barrier, 0), tBgB(_, _, _, k), tBsB(_, _, _, state.index()));
+          ++state;
+        }
+      }
+      write_state.advance(k_tiles);
+    }
+    // Do not exit while TMA writes to this CTA's shared memory are still in flight.
+    if (is_leader) {
+      pipeline.producer_tail(write_state);
+    }
+  }
+
+  // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate.
+  CUTLASS_DEVICE
+  static void consume(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
+                      SharedStorage& shared_storage, int mma_thread_idx) {
+    using namespace cute;
+    CollectiveMainloop collective_mainloop;
+    TiledMma tiled_mma;
+    PipelineState read_state;
+    int const k_tiles = (params.K + kTileK - 1) / kTileK;
+
+    for (int64_t tile = blockIdx.x;; tile += gridDim.x) {
+      MoeWorkTile const work = scheduler.get_work_tile(tile);
+      if (!work.valid) {
+        break;
+      }
+      Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
+      collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
+                              shared_storage.tensors, params.mainloop);
+      collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
+      read_state.advance(k_tiles);
+      store_tile(params, work, accumulators, tiled_mma, mma_thread_idx);
+    }
+    zero_uncovered_rows(params, scheduler.rows_covered(), mma_thread_idx);
+  }
+
+  // Direct stores from the accumulator registers: each thread owns pairs of adjacent columns,
+  // written as one 32-bit store; rows past the expert and columns past N are skipped.
+  template <class Accumulators>
+  CUTLASS_DEVICE static void store_tile(Params const& params, MoeWorkTile const& work,
+                                        Accumulators const& accumulators, TiledMma const& tiled_mma,
+                                        int mma_thread_idx) {
+    using namespace cute;
+    int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
+    int32_t const col0 = work.n_block * kTileN;
+    int32_t const rows_left = min(kTileM, work.rows - work.m_block * kTileM);
+    int32_t const cols_left = min(kTileN, params.N - col0);
+    ElementD* tile_ptr = params.ptr_d + row0 * params.ldd + col0;
+    Tensor gD = make_tensor(make_gmem_ptr(tile_ptr),
+                            make_layout(make_shape(Int<kTileM>{}, Int<kTileN>{}), make_stride(params.ldd, _1{})));
+    Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
+    auto thread_mma = tiled_mma.get_thread_slice(mma_thread_idx);
+    Tensor tCgD = thread_mma.partition_C(gD);
+    Tensor tCcD = thread_mma.partition_C(cD);
+    static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
+
+    using Pair = cutlass::Array<ElementD, 2>;
+    cutlass::NumericArrayConverter<ElementD, float, 2> convert;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(accumulators); i += 2) {
+      auto const coord = tCcD(i);
+      if (get<0>(coord) < rows_left && get<1>(coord) < cols_left) {
+        cutlass::Array<float, 2> values;
+        values[0] = accumulators(i);
+        values[1] = accumulators(i + 1);
+        *reinterpret_cast<Pair*>(&tCgD(i)) = convert(values);
+      }
+    }
+  }
+
+  // Rows [rows_covered, M) belong to no expert: every CTA writes zeros to its share of them.
+  CUTLASS_DEVICE static void zero_uncovered_rows(Params const& params, int64_t rows_covered, int mma_thread_idx) {
+    int64_t const rows = params.scheduler.rows_total - rows_covered;
+    if (rows <= 0) {
+      return;
+    }
+    using Vector = cutlass::AlignedArray<ElementD, 8>;  // 16 bytes: N is a multiple of 8
+    int64_t const vectors_per_row = params.N / 8;
+    int64_t const total = rows * vectors_per_row;
+    Vector zeros;
+    zeros.fill(ElementD(0));
+    for (int64_t v = int64_t(blockIdx.x) * kNumMmaThreads + mma_thread_idx; v < total;
+         v += int64_t(gridDim.x) * kNumMmaThreads) {
+      int64_t const row = rows_covered + v / vectors_per_row;
+      int64_t const col = (v % vectors_per_row) * 8;
+      *reinterpret_cast<Vector*>(params.ptr_d + row * params.ldd + col) = zeros;
+    }
+  }
+};
+
+}  // namespace moe_gemm

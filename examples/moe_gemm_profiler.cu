@@ -1,0 +1,277 @@
+// moe_gemm profiler: runs the sm90 MoE grouped GEMM on one problem, verifies it against a simple
+// reference GEMM and times it. Built from the same kernel code as the PyTorch extension, without
+// libtorch.
+//
+//   cmake -S . -B build && cmake --build build -j
+//   ./build/moe_gemm_profiler --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048
+//   ./build/moe_gemm_profiler --sizes=0,5,300,0,17 --n=256 --k=512 --layout=kn --dtype=fp16
+//   ncu --set full ./build/moe_gemm_profiler --tokens=16384 --ncu     (one launch, nothing else)
+//
+// Inputs are small random integers, so the float32 accumulation is exact and the output must equal
+// the reference rounded to the output type, element for element.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "cutlass/numeric_types.h"
+#include "cutlass/util/command_line.h"
+
+#include "moe_gemm.h"
+
+#define CHECK_CUDA(call)                                                                        \
+  do {                                                                                          \
+    cudaError_t status_ = (call);                                                               \
+    if (status_ != cudaSuccess) {                                                               \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(status_)); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+struct Options {
+  int experts = 128;
+  int tokens = 4096;
+  int topk = 8;
+  std::vector<int> sizes;        // explicit per-expert rows; overrides experts/tokens/topk
+  int64_t n = 1536;
+  int64_t k = 2048;
+  int extra_rows = 0;            // rows past the last expert (must come out as zeros)
+  std::string dtype = "bf16";    // bf16 | fp16
+  std::string layout = "nk";     // nk: weight [E, N, K];  kn: weight [E, K, N]
+  std::string routing = "uniform";  // uniform | skewed
+  std::string config = "auto";   // auto | 128x256 | 128x128
+  int iterations = 50;
+  int warmup = 5;
+  bool verify = true;
+  bool ncu = false;              // a single launch for Nsight Compute: no warm-up, no verification
+  int seed = 0;
+  bool help = false;
+
+  void parse(int argc, char const** argv) {
+    cutlass::CommandLine cmd(argc, argv);
+    help = cmd.check_cmd_line_flag("help");
+    cmd.get_cmd_line_argument("experts", experts);
+    cmd.get_cmd_line_argument("tokens", tokens);
+    cmd.get_cmd_line_argument("topk", topk);
+    cmd.get_cmd_line_arguments("sizes", sizes);
+    cmd.get_cmd_line_argument("n", n);
+    cmd.get_cmd_line_argument("k", k);
+    cmd.get_cmd_line_argument("extra_rows", extra_rows);
+    cmd.get_cmd_line_argument("dtype", dtype);
+    cmd.get_cmd_line_argument("layout", layout);
+    cmd.get_cmd_line_argument("routing", routing);
+    cmd.get_cmd_line_argument("config", config);
+    cmd.get_cmd_line_argument("iterations", iterations);
+    cmd.get_cmd_line_argument("warmup", warmup);
+    cmd.get_cmd_line_argument("verify", verify, true);
+    cmd.get_cmd_line_argument("seed", seed);
+    ncu = cmd.check_cmd_line_flag("ncu");
+    if (!sizes.empty()) {
+      experts = int(sizes.size());
+    }
+  }
+
+  static void usage() {
+    std::printf(
+        "moe_gemm_profiler: the sm90 MoE grouped GEMM D[rows of e] = A[rows of e] @ B[e]^T\n\n"
+        "  --experts=E --tokens=T --topk=k   routing of T tokens to k of E experts each\n"
+        "  --routing=uniform|skewed          uniform scores, or Zipf-like expert popularity\n"
+        "  --sizes=a,b,c                     explicit rows per expert instead of routing\n"
+        "  --n=N --k=K                       GEMM sizes (multiples of 8)\n"
+        "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
+        "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128\n"
+        "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
+        "  --ncu                             one launch, for profiling under ncu\n");
+  }
+};
+
+// Rows per expert: each token picks `topk` distinct experts, by uniform scores or Zipf weights.
+std::vector<int> route(Options const& opt, std::mt19937& rng) {
+  if (!opt.sizes.empty()) {
+    return opt.sizes;
+  }
+  std::vector<int> counts(opt.experts, 0);
+  std::vector<double> weight(opt.experts, 1.0);
+  if (opt.routing == "skewed") {
+    for (int e = 0; e < opt.experts; ++e) weight[e] = 1.0 / (e + 1);
+  }
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  std::vector<std::pair<double, int>> keys(opt.experts);
+  int const topk = std::min(opt.topk, opt.experts);
+  for (int t = 0; t < opt.tokens; ++t) {
+    // Weighted sampling without replacement: the top-k of u^(1/w).
+    for (int e = 0; e < opt.experts; ++e) keys[e] = {std::pow(uniform(rng), 1.0 / weight[e]), e};
+    std::partial_sort(keys.begin(), keys.begin() + topk, keys.end(), std::greater<>());
+    for (int j = 0; j < topk; ++j) ++counts[keys[j].second];
+  }
+  return counts;
+}
+
+// One thread per output element; float accumulation, exact for the integer inputs used here.
+template <class Element>
+__global__ void reference_grouped_gemm(Element const* a, Element const* b, float* d, int const* row_expert,
+                                       int64_t rows, int64_t n, int64_t k, bool b_n_major) {
+  int64_t const idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * n) return;
+  int64_t const row = idx / n, col = idx % n;
+  int const e = row_expert[row];
+  if (e < 0) {
+    d[idx] = 0.f;
+    return;
+  }
+  Element const* b_e = b + int64_t(e) * n * k;
+  float sum = 0.f;
+  for (int64_t i = 0; i < k; ++i) {
+    float const bv = b_n_major ? float(b_e[i * n + col]) : float(b_e[col * k + i]);
+    sum += float(a[row * k + i]) * bv;
+  }
+  d[idx] = sum;
+}
+
+template <class Element>
+int run(Options const& opt) {
+  std::mt19937 rng(opt.seed);
+  std::vector<int> sizes = route(opt, rng);
+  int const E = int(sizes.size());
+  int64_t const rows_routed = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
+  int64_t const M = rows_routed + opt.extra_rows, N = opt.n, K = opt.k;
+  int const experts_hit = int(std::count_if(sizes.begin(), sizes.end(), [](int s) { return s > 0; }));
+
+  // Integer-valued inputs in [-2, 2]: products and sums stay exact in float32.
+  std::uniform_int_distribution<int> small_int(-2, 2);
+  std::vector<Element> host_a(M * K), host_b(int64_t(E) * N * K);
+  for (auto& v : host_a) v = Element(float(small_int(rng)));
+  for (auto& v : host_b) v = Element(float(small_int(rng)));
+  std::vector<int> row_expert(M, -1);
+  for (int e = 0, row = 0; e < E; ++e)
+    for (int i = 0; i < sizes[e]; ++i) row_expert[row++] = e;
+
+  Element *a, *b, *d;
+  int *m_sizes, *dev_row_expert;
+  float* ref;
+  CHECK_CUDA(cudaMalloc(&a, std::max<int64_t>(1, M * K) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&b, std::max<int64_t>(1, host_b.size()) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&d, std::max<int64_t>(1, M * N) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&m_sizes, std::max(1, E) * sizeof(int)));
+  CHECK_CUDA(cudaMemcpy(a, host_a.data(), M * K * sizeof(Element), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(b, host_b.data(), host_b.size() * sizeof(Element), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(m_sizes, sizes.data(), E * sizeof(int), cudaMemcpyHostToDevice));
+  // Poison D (0xFF bytes are NaN in both types) so that any element the kernel skips shows up.
+  CHECK_CUDA(cudaMemset(d, 0xFF, M * N * sizeof(Element)));
+
+  moe_gemm::GroupedGemmParams params;
+  params.a = a;
+  params.b = b;
+  params.d = d;
+  params.m_sizes = m_sizes;
+  params.b_n_major = opt.layout == "kn";
+  params.dtype = std::is_same_v<Element, cutlass::bfloat16_t> ? moe_gemm::DType::kBFloat16 : moe_gemm::DType::kFloat16;
+  params.M = M;
+  params.N = N;
+  params.K = K;
+  params.E = E;
+  params.lda = K;
+  params.ldb = params.b_n_major ? N : K;
+  params.batch_stride_b = N * K;
+  params.ldd = N;
+  params.config = opt.config == "128x256"   ? moe_gemm::TileConfig::k128x256
+                  : opt.config == "128x128" ? moe_gemm::TileConfig::k128x128
+                                            : moe_gemm::TileConfig::kAuto;
+  if (char const* problem = moe_gemm::check_grouped_gemm(params)) {
+    std::fprintf(stderr, "cannot run: %s\n", problem);
+    return 1;
+  }
+  int device = 0, sm_count = 0;
+  CHECK_CUDA(cudaGetDevice(&device));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  moe_gemm::TileConfig const chosen = params.config != moe_gemm::TileConfig::kAuto
+                                          ? params.config
+                                          : moe_gemm::choose_tile_config(M, N, K, E, sm_count);
+
+  CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  if (opt.ncu) {
+    std::printf("one launch done (--ncu)\n");
+    return 0;
+  }
+
+  bool passed = true;
+  if (opt.verify) {
+    CHECK_CUDA(cudaMalloc(&ref, std::max<int64_t>(1, M * N) * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&dev_row_expert, std::max<int64_t>(1, M) * sizeof(int)));
+    CHECK_CUDA(cudaMemcpy(dev_row_expert, row_expert.data(), M * sizeof(int), cudaMemcpyHostToDevice));
+    int64_t const elements = M * N;
+    if (elements > 0) {
+      reference_grouped_gemm<<<unsigned((elements + 255) / 256), 256>>>(a, b, ref, dev_row_expert, M, N, K,
+                                                                        params.b_n_major);
+      CHECK_CUDA(cudaGetLastError());
+    }
+    std::vector<Element> host_d(M * N);
+    std::vector<float> host_ref(M * N);
+    CHECK_CUDA(cudaMemcpy(host_d.data(), d, M * N * sizeof(Element), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, M * N * sizeof(float), cudaMemcpyDeviceToHost));
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < M * N; ++i) {
+      float const expected = float(Element(host_ref[i]));
+      float const got = float(host_d[i]);
+      if (!(got == expected)) {
+        if (mismatches < 5) {
+          std::printf("  mismatch at row %lld col %lld: got %f expected %f\n", (long long)(i / N),
+                      (long long)(i % N), got, expected);
+        }
+        ++mismatches;
+      }
+    }
+    passed = mismatches == 0;
+    std::printf("verification: %s (%lld of %lld elements differ)\n", passed ? "PASSED" : "FAILED",
+                (long long)mismatches, (long long)(M * N));
+    CHECK_CUDA(cudaFree(ref));
+    CHECK_CUDA(cudaFree(dev_row_expert));
+  }
+
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  for (int i = 0; i < opt.warmup; ++i) CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
+  CHECK_CUDA(cudaEventRecord(start));
+  for (int i = 0; i < opt.iterations; ++i) CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
+  CHECK_CUDA(cudaEventRecord(stop));
+  CHECK_CUDA(cudaEventSynchronize(stop));
+  float total_ms = 0.f;
+  CHECK_CUDA(cudaEventElapsedTime(&total_ms, start, stop));
+  double const ms = total_ms / std::max(1, opt.iterations);
+  double const flops = 2.0 * rows_routed * N * K;
+  double const bytes = (double(experts_hit) * N * K + double(M) * K + double(M) * N) * sizeof(Element);
+  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s\n", E, experts_hit,
+              (long long)M, (long long)N, (long long)K, opt.dtype.c_str(), opt.layout.c_str(),
+              chosen == moe_gemm::TileConfig::k128x128 ? "128x128" : "128x256");
+  std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms,
+              flops / ms / 1e9, bytes / ms / 1e6);
+
+  CHECK_CUDA(cudaFree(a));
+  CHECK_CUDA(cudaFree(b));
+  CHECK_CUDA(cudaFree(d));
+  CHECK_CUDA(cudaFree(m_sizes));
+  return passed ? 0 : 1;
+}
+
+int main(int argc, char const** argv) {
+  Options opt;
+  opt.parse(argc, argv);
+  if (opt.help) {
+    Options::usage();
+    return 0;
+  }
+  if (opt.dtype == "fp16") return run<cutlass::half_t>(opt);
+  if (opt.dtype == "bf16") return run<cutlass::bfloat16_t>(opt);
+  std::fprintf(stderr, "unknown --dtype=%s (bf16 or fp16)\n", opt.dtype.c_str());
+  return 1;
+}
