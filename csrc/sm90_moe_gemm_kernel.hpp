@@ -5,12 +5,18 @@
 //   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
 //   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
-//   - the epilogue stores D with a row predicate at the expert's last row (A rows loaded past it
-//     belong to the next expert and are computed but never stored), and the CTAs finally zero
-//     the rows of D that no expert covers.
+//   - the epilogue: a tile that lies wholly inside its expert goes out through shared memory and
+//     asynchronous TMA stores (64 columns at a time, double-buffered, so the next tile's MMAs start
+//     while the store drains); the expert's last, partial m-block is stored from registers with a
+//     row predicate, because A rows loaded past the expert's end belong to the next expert and
+//     must never be written. Finally the CTAs zero the rows of D that no expert covers.
 #pragma once
 
+#include "cute/arch/copy_sm90_tma.hpp"
+#include "cute/atom/copy_traits_sm90_tma.hpp"
+#include "cute/atom/mma_traits_sm90_gmma.hpp"
 #include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
 #include "cutlass/arch/reg_reconfig.h"
 #include "cutlass/cutlass.h"
 #include "cutlass/numeric_conversion.h"
@@ -19,6 +25,12 @@
 #include "sm90_moe_tile_scheduler.hpp"
 
 namespace moe_gemm {
+
+// Shared memory of the TMA-store epilogue: two buffers of kTileM x 64 outputs.
+template <class ElementD>
+constexpr int epilogue_smem_bytes(int tile_m) {
+  return 2 * tile_m * 64 * int(sizeof(ElementD));
+}
 
 template <class CollectiveMainloop_, class ElementD_, int kGroupM_>
 class Sm90MoeGemmKernel {
@@ -48,20 +60,42 @@ class Sm90MoeGemmKernel {
   static_assert(cute::size(typename CollectiveMainloop::DispatchPolicy::ClusterShape{}) == 1,
                 "the MoE scheduler hands out tiles per CTA: cluster 1x1x1");
 
+  // Epilogue chunks: kTileM x 64 outputs = 128-byte rows, the widest TMA swizzle (no bank conflicts).
+  static constexpr int kEpiN = 64;
+  static constexpr int kEpiBuffers = 2;
+  static_assert(kTileN % kEpiN == 0);
+  using SmemLayoutD = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
+      cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
+  using GmemLayoutD = cute::Layout<cute::Shape<int32_t, int32_t>, cute::Stride<int64_t, cute::_1>>;
+  using TmaStoreD = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_STORE{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<ElementD*>(nullptr)), GmemLayoutD{}),
+      SmemLayoutD{}(cute::_, cute::_, cute::Int<0>{})));
+
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
+    alignas(1024) cute::array_aligned<ElementD, cute::cosize_v<SmemLayoutD>, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
+  static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
 
   struct Params {
     MainloopParams mainloop;
+    TmaStoreD tma_store_d;
     MoeSchedulerParams scheduler;
     ElementD* ptr_d;
     int64_t ldd;
     int32_t N;
     int32_t K;
   };
+
+  // D as a TMA store descriptor (M, N); host side.
+  static TmaStoreD make_tma_store_d(ElementD* ptr_d, int32_t M, int32_t N, int64_t ldd) {
+    using namespace cute;
+    Tensor tensor_d = make_tensor(make_gmem_ptr(ptr_d), GmemLayoutD(make_shape(M, N), make_stride(ldd, _1{})));
+    return make_tma_copy(SM90_TMA_STORE{}, tensor_d, SmemLayoutD{}(_, _, Int<0>{}));
+  }
 
   CUTLASS_DEVICE
   void operator()(Params const& params, char* smem_buf) {
@@ -79,6 +113,7 @@ class Sm90MoeGemmKernel {
 
     if (warp_idx == 0 && lane_predicate) {
       CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
+      cute::prefetch_tma_descriptor(params.tma_store_d.get_tma_descriptor());
     }
 
     // Pipeline between the TMA warp (producer) and the two MMA warpgroups (consumers).
@@ -180,6 +215,7 @@ class Sm90MoeGemmKernel {
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
     PipelineState read_state;
+    int store_count = 0;  // TMA-store chunks issued: picks the epilogue buffer
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
 
     for (int64_t tile = blockIdx.x;; tile += gridDim.x) {
@@ -192,15 +228,83 @@ class Sm90MoeGemmKernel {
                               shared_storage.tensors, params.mainloop);
       collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
       read_state.advance(k_tiles);
-      store_tile(params, work, accumulators, tiled_mma, mma_thread_idx);
+      bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
+      if (full_tile) {
+        store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);
+      } else {
+        store_tile_predicated(params, work, accumulators, tiled_mma, mma_thread_idx);
+      }
     }
     zero_uncovered_rows(params, scheduler.rows_covered(), mma_thread_idx);
+    // Shared memory must outlive the TMA stores that read it.
+    if (mma_thread_idx == 0) {
+      tma_store_wait<0>();
+    }
   }
 
-  // Direct stores from the accumulator registers: each thread owns pairs of adjacent columns,
-  // written as one 32-bit store; rows past the expert and columns past N are skipped.
+  // Full tiles: registers -> swizzled shared memory -> TMA store, 64 columns at a time. Each of the
+  // two buffers is reused only after the store issued from it two chunks ago has read it.
   template <class Accumulators>
-  CUTLASS_DEVICE static void store_tile(Params const& params, MoeWorkTile const& work,
+  CUTLASS_DEVICE static void store_tile_tma(Params const& params, MoeWorkTile const& work,
+                                            Accumulators const& accumulators, TiledMma const& tiled_mma,
+                                            int mma_thread_idx, SharedStorage& shared_storage, int& store_count) {
+    using namespace cute;
+    // The loops below walk the WGMMA accumulator layout: ((2 columns, 2 row halves, kTileN / 8 column
+    // groups), MMA_M, MMA_N) with the whole tile width in one instruction.
+    static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
+                  size<0, 2>(Accumulators{}) == kTileN / 8 && size<2>(Accumulators{}) == 1);
+    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_M, EPI_N, BUF)
+    Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
+    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(cD);
+    Tensor mD = params.tma_store_d.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.N));
+    int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
+    int32_t const col0 = work.n_block * kTileN;
+    auto cta_tma = params.tma_store_d.get_slice(0);
+    using Pair = cutlass::Array<ElementD, 2>;
+    cutlass::NumericArrayConverter<ElementD, float, 2> convert;
+    cutlass::arch::NamedBarrier epilogue_barrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int chunk = 0; chunk < kTileN / kEpiN; ++chunk) {
+      int const buffer = (store_count + chunk) % kEpiBuffers;
+      if (mma_thread_idx == 0) {
+        tma_store_wait<kEpiBuffers - 1>();
+      }
+      epilogue_barrier.arrive_and_wait();
+      CUTLASS_PRAGMA_UNROLL
+      for (int m = 0; m < size<1>(accumulators); ++m) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < kEpiN / 8; ++g) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            int const group = chunk * (kEpiN / 8) + g;
+            auto const first = make_coord(make_coord(0, half, group), m, 0);
+            auto const second = make_coord(make_coord(1, half, group), m, 0);
+            auto const coord = tCcD(first);
+            cutlass::Array<float, 2> values;
+            values[0] = accumulators(first);
+            values[1] = accumulators(second);
+            *reinterpret_cast<Pair*>(&sD(get<0>(coord), get<1>(coord) - chunk * kEpiN, buffer)) = convert(values);
+          }
+        }
+      }
+      // Generic-proxy writes must be visible to the TMA (async proxy) before it reads them.
+      tma_store_fence();
+      epilogue_barrier.arrive_and_wait();
+      if (mma_thread_idx == 0) {
+        Tensor gD = local_tile(domain_offset(make_coord(row0, col0 + chunk * kEpiN), mD),
+                               make_shape(Int<kTileM>{}, Int<kEpiN>{}), make_coord(0, 0));
+        copy(params.tma_store_d, cta_tma.partition_S(sD(_, _, buffer)), cta_tma.partition_D(gD));
+        tma_store_arrive();
+      }
+    }
+    store_count += kTileN / kEpiN;
+  }
+
+  // Partial tiles: direct stores from the accumulator registers. Each thread owns pairs of adjacent
+  // columns, written as one 32-bit store; rows past the expert and columns past N are skipped.
+  template <class Accumulators>
+  CUTLASS_DEVICE static void store_tile_predicated(Params const& params, MoeWorkTile const& work,
                                         Accumulators const& accumulators, TiledMma const& tiled_mma,
                                         int mma_thread_idx) {
     using namespace cute;

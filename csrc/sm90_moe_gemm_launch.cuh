@@ -47,7 +47,7 @@ struct Sm90MoeGemmConfig {
       Element, cutlass::layout::RowMajor, 8,
       Element, LayoutB, 8,
       float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<0>,
+      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(cute::size<0>(TileShape{}))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
   using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, TileTraits<kConfig>::kGroupM>;
 };
@@ -86,6 +86,7 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
                            typename Mainloop::SmemLayoutB{}(_, _, Int<0>{}),
                            typename Config::TileShape{}, typename Config::ClusterShape{}),
       Mainloop::TmaTransactionBytes, Mainloop::TmaTransactionBytesMK, Mainloop::TmaTransactionBytesNK};
+  params.tma_store_d = Kernel::make_tma_store_d(static_cast<Element*>(p.d), M, N, p.ldd);
   params.scheduler.m_sizes = p.m_sizes;
   params.scheduler.m_sizes_int64 = p.m_sizes_int64;
   params.scheduler.num_experts = E;

@@ -115,6 +115,19 @@ std::vector<int> route(Options const& opt, std::mt19937& rng) {
   return counts;
 }
 
+// Integer values in [-2, 2] from a hash of the index: products and sums stay exact in float32, and
+// filling gigabytes on the GPU takes milliseconds.
+template <class Element>
+__global__ void fill_small_integers(Element* ptr, int64_t count, uint32_t seed) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    uint64_t h = uint64_t(i) * 0x9E3779B97F4A7C15ull + seed;
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 29;
+    ptr[i] = Element(float(int(h % 5) - 2));
+  }
+}
+
 // One thread per output element; float accumulation, exact for the integer inputs used here.
 template <class Element>
 __global__ void reference_grouped_gemm(Element const* a, Element const* b, float* d, int const* row_expert,
@@ -145,11 +158,7 @@ int run(Options const& opt) {
   int64_t const M = rows_routed + opt.extra_rows, N = opt.n, K = opt.k;
   int const experts_hit = int(std::count_if(sizes.begin(), sizes.end(), [](int s) { return s > 0; }));
 
-  // Integer-valued inputs in [-2, 2]: products and sums stay exact in float32.
-  std::uniform_int_distribution<int> small_int(-2, 2);
-  std::vector<Element> host_a(M * K), host_b(int64_t(E) * N * K);
-  for (auto& v : host_a) v = Element(float(small_int(rng)));
-  for (auto& v : host_b) v = Element(float(small_int(rng)));
+  int64_t const b_count = int64_t(E) * N * K;
   std::vector<int> row_expert(M, -1);
   for (int e = 0, row = 0; e < E; ++e)
     for (int i = 0; i < sizes[e]; ++i) row_expert[row++] = e;
@@ -158,11 +167,12 @@ int run(Options const& opt) {
   int *m_sizes, *dev_row_expert;
   float* ref;
   CHECK_CUDA(cudaMalloc(&a, std::max<int64_t>(1, M * K) * sizeof(Element)));
-  CHECK_CUDA(cudaMalloc(&b, std::max<int64_t>(1, host_b.size()) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&b, std::max<int64_t>(1, b_count) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&d, std::max<int64_t>(1, M * N) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&m_sizes, std::max(1, E) * sizeof(int)));
-  CHECK_CUDA(cudaMemcpy(a, host_a.data(), M * K * sizeof(Element), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(b, host_b.data(), host_b.size() * sizeof(Element), cudaMemcpyHostToDevice));
+  fill_small_integers<<<1024, 256>>>(a, M * K, uint32_t(opt.seed) * 2 + 1);
+  fill_small_integers<<<1024, 256>>>(b, b_count, uint32_t(opt.seed) * 2 + 2);
+  CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaMemcpy(m_sizes, sizes.data(), E * sizeof(int), cudaMemcpyHostToDevice));
   // Poison D (0xFF bytes are NaN in both types) so that any element the kernel skips shows up.
   CHECK_CUDA(cudaMemset(d, 0xFF, M * N * sizeof(Element)));

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine (torch already installed, no network): build the extension and the C++
+# profiler with all cores, run the whole test suite and the benchmark, and leave logs and JSON in
+# the output folder.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_check_out)
+#
+# Environment: MOE_GEMM_BENCH_ARGS (extra arguments for `python -m moe_gemm.bench`),
+# MOE_GEMM_SKIP_BENCH=1, MOE_GEMM_SANITIZE=1 (also run the GPU tests under compute-sanitizer),
+# WHEELS_DIR (local wheels to install first, e.g. nvidia-cutlass; default .wheels).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-$PWD/gpu_check_out}}"
+mkdir -p "$out"
+log="$out/gpu_check.log"
+: >"$log"
+status=0
+step() { echo "=== $* ($(date +%H:%M:%S))" | tee -a "$log"; }
+export PYTHONUNBUFFERED=1
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+python=${PYTHON:-python3}
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee -a "$log"
+$python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$log"
+
+wheels="${WHEELS_DIR:-.wheels}"
+if ! $python -c "import cutlass_library" 2>/dev/null; then
+  step "install local wheels from $wheels"
+  $python -m pip install -q --no-index --no-deps "$wheels"/*.whl 2>&1 | tee -a "$log"
+fi
+
+step "build: extension and C++ profiler in parallel (MAX_JOBS=$MAX_JOBS)"
+(cmake -S . -B build/profiler -DCMAKE_BUILD_TYPE=Release >"$out/profiler_build.log" 2>&1 &&
+  cmake --build build/profiler -j "$MAX_JOBS" >>"$out/profiler_build.log" 2>&1) &
+profiler_pid=$!
+if ! $python -m pip install --no-build-isolation --no-deps -e . >"$out/extension_build.log" 2>&1; then
+  tail -40 "$out/extension_build.log" | tee -a "$log"
+  echo "extension build FAILED" | tee -a "$log"
+  exit 1
+fi
+$python -m moe_gemm | tee -a "$log"
+wait $profiler_pid || { echo "profiler build FAILED" | tee -a "$log"; tail -20 "$out/profiler_build.log" | tee -a "$log"; status=1; }
+cp moe_gemm/_C*.so "$out/" 2>/dev/null || true
+
+step "C++ profiler: verification"
+if [ -x build/profiler/moe_gemm_profiler ]; then
+  p=build/profiler/moe_gemm_profiler
+  for args in "--sizes=0,5,300,0,17 --n=256 --k=512 --extra_rows=9" \
+              "--sizes=129,0,0,1000 --n=136 --k=72 --layout=kn --dtype=fp16" \
+              "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed" \
+              "--experts=256 --tokens=1024 --topk=8 --n=4096 --k=7168 --config=128x128"; do
+    echo "-- $args" >>"$log"
+    $p $args --iterations=3 >>"$log" 2>&1 || { echo "profiler FAILED: $args" | tee -a "$log"; status=1; }
+  done
+  grep -c PASSED "$log" | sed 's/^/profiler cases passed: /' | tee -a "$log"
+fi
+
+step "tests"
+$python -m pytest -q -rs tests 2>&1 | tee "$out/pytest.log" | tail -25 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ "${MOE_GEMM_SANITIZE:-0}" = 1 ]; then
+  step "compute-sanitizer memcheck on the GPU tests"
+  compute-sanitizer --tool memcheck --error-exitcode 1 $python -m pytest -q -x tests/test_cuda_kernel.py \
+    >"$out/sanitizer.log" 2>&1 && echo "memcheck clean" | tee -a "$log" ||
+    { tail -30 "$out/sanitizer.log" | tee -a "$log"; status=1; }
+fi
+
+if [ "${MOE_GEMM_SKIP_BENCH:-0}" != 1 ]; then
+  step "benchmark"
+  # shellcheck disable=SC2086
+  $python -m moe_gemm.bench --json "$out/bench.json" --plot "$out/bench.png" ${MOE_GEMM_BENCH_ARGS:-} \
+    2>&1 | tee "$out/bench.log" | grep -v '%|' | tail -80 | tee -a "$log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+step "done, status $status"
+exit $status
