@@ -77,12 +77,26 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
     // Nothing to multiply: every row is either an empty sum or past the last expert.
     return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);
   }
+  // Building the TMA descriptors calls the driver API, which needs a current context in this thread.
+  // A fresh thread (PyTorch's autograd workers) may have none yet: cudaSetDevice makes the primary
+  // context current, once per thread and device.
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) {
+    return status;
+  }
+  thread_local int context_device = -1;
+  if (context_device != device) {
+    status = cudaSetDevice(device);
+    if (status != cudaSuccess) {
+      return status;
+    }
+    context_device = device;
+  }
   TileConfig config = params.config;
   if (config == TileConfig::kAuto) {
     int sm_count = params.sm_count;
     if (sm_count <= 0) {
-      int device = 0;
-      cudaGetDevice(&device);
       cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
     }
     config = choose_tile_config(params.M, params.N, params.K, params.E, sm_count);

@@ -3,6 +3,7 @@
 // Fake (meta) kernels, autograd and the CPU path are registered in Python (moe_gemm/_ops.py).
 #include <Python.h>
 
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
