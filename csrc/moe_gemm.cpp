@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 namespace moe_gemm {
 
@@ -16,14 +17,16 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// Host-side estimate of how long a configuration takes: whole waves of tiles over the SMs, each
-// wave as long as one tile. Counts come from M, E, N alone (the per-expert sizes stay on the GPU),
-// assuming balanced routing over min(E, M) experts with ceil(M / experts) rows each.
-double estimated_cost(int64_t M, int64_t N, int32_t E, int sm_count, int tile_m, int tile_n, double tile_speed) {
+// Host-side estimate of how long a configuration takes: whole waves of cluster tiles over the
+// SMs, each wave as long as one CTA tile. Counts come from M, E, N alone (the per-expert sizes stay on
+// the GPU), assuming balanced routing over min(E, M) experts with ceil(M / experts) rows each.
+double estimated_cost(int64_t M, int64_t N, int32_t E, int sm_count, int tile_m, int tile_n, int cluster_m,
+                      double tile_speed) {
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
   int64_t const rows_per_expert = ceil_div(M, experts_hit);
-  int64_t const tiles = experts_hit * ceil_div(rows_per_expert, tile_m) * ceil_div(N, tile_n);
-  int64_t const waves = ceil_div(tiles, std::max(sm_count, 1));
+  int64_t const cluster_tiles =
+      experts_hit * ceil_div(ceil_div(rows_per_expert, tile_m), cluster_m) * ceil_div(N, tile_n);
+  int64_t const waves = ceil_div(cluster_tiles, std::max(sm_count / cluster_m, 1));
   return double(waves) * tile_m * tile_n / tile_speed;
 }
 
@@ -31,17 +34,56 @@ double estimated_cost(int64_t M, int64_t N, int32_t E, int sm_count, int tile_m,
 
 // Worked examples, 132 SMs (cost = waves * tile area / speed):
 // DeepSeek-V3 up-projection at 16k tokens (M = 131072, E = 256, N = 4096): 512 rows per expert.
-//   128x256: 256 * 4 * 16 = 16384 tiles = 125 waves -> 125 * 32768       = 4.10M
-//   128x128: 32768 tiles             = 249 waves -> 249 * 16384 / 0.9 = 4.53M: the large tile wins.
+//   128x256:    256 * 4 * 16 = 16384 tiles   = 125 waves of 132     -> 125 * 32768 / 1.0 = 4.10M
+//   128x128:    32768 tiles                  = 249 waves of 132     -> 249 * 16384 / 0.9 = 4.53M
+//   128x256 c2: 256 * 2 * 16 = 8192 clusters = 125 waves of 66 pairs -> 125 * 32768 / 1.1 = 3.72M: wins.
 // Qwen3 down-projection at 1 token (M = 8, E = 128, N = 2048): 8 experts with one row each.
-//   128x256: 64 tiles = 1 wave -> 32768;  128x128: 128 tiles = 1 wave -> 18204: the small tile wins
-//   (twice as many SMs stream the same weights).
+//   128x256: 64 tiles = 1 wave -> 32768;  128x256 c2: 1 wave -> 29789 (half its CTAs idle);
+//   128x128: 128 tiles = 1 wave -> 18204: wins (twice as many SMs stream the same weights).
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
   (void)K;
-  // 128x128 tiles reuse each loaded A/B byte half as often as 128x256 ones: ~10% slower per FLOP.
-  double const large = estimated_cost(M, N, E, sm_count, 128, 256, 1.0);
-  double const small = estimated_cost(M, N, E, sm_count, 128, 128, 0.9);
-  return small < large ? TileConfig::k128x128 : TileConfig::k128x256;
+  // Relative speed per FLOP of a full wave: 128x128 tiles reuse each loaded byte half as often as
+  // 128x256 ones; clusters halve the B traffic from L2.
+  struct Candidate { TileConfig config; int tile_m, tile_n, cluster_m; double speed; };
+  Candidate const candidates[] = {
+      {TileConfig::k128x256, 128, 256, 1, 1.0},
+      {TileConfig::k128x128, 128, 128, 1, 0.9},
+      {TileConfig::k128x256Cluster2, 128, 256, 2, 1.1},
+  };
+  TileConfig best = TileConfig::k128x256;
+  double best_cost = 0;
+  for (Candidate const& c : candidates) {
+    double const cost = estimated_cost(M, N, E, sm_count, c.tile_m, c.tile_n, c.cluster_m, c.speed);
+    if (best_cost == 0 || cost < best_cost) {
+      best = c.config;
+      best_cost = cost;
+    }
+  }
+  return best;
+}
+
+bool parse_tile_config(char const* name, TileConfig* config) {
+  struct Named { char const* name; TileConfig config; };
+  static Named const names[] = {{"auto", TileConfig::kAuto},
+                                {"128x256", TileConfig::k128x256},
+                                {"128x128", TileConfig::k128x128},
+                                {"128x256c2", TileConfig::k128x256Cluster2}};
+  for (Named const& named : names) {
+    if (std::strcmp(name, named.name) == 0) {
+      *config = named.config;
+      return true;
+    }
+  }
+  return false;
+}
+
+char const* tile_config_name(TileConfig config) {
+  switch (config) {
+    case TileConfig::k128x256: return "128x256";
+    case TileConfig::k128x128: return "128x128";
+    case TileConfig::k128x256Cluster2: return "128x256c2";
+    default: return "auto";
+  }
 }
 
 char const* check_grouped_gemm(GroupedGemmParams const& p) {
@@ -106,6 +148,8 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
   switch (config) {                                                                           \
     case TileConfig::k128x128:                                                                \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128>(params, stream);  \
+    case TileConfig::k128x256Cluster2:                                                        \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster2>(params, stream); \
     default:                                                                                  \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256>(params, stream);  \
   }

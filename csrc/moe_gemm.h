@@ -11,7 +11,13 @@ namespace moe_gemm {
 enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 
 // Tile configurations of the sm90 kernel. kAuto lets choose_tile_config() pick from host-known shapes.
-enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2 };
+// k128x256Cluster2: clusters of two CTAs on consecutive m-blocks of one expert share (multicast)
+// each B tile, halving the weight traffic from L2; for experts of several m-blocks.
+enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2, k128x256Cluster2 = 3 };
+
+// "auto", "128x256", "128x128", "128x256c2" <-> TileConfig; parse returns false for an unknown name.
+bool parse_tile_config(char const* name, TileConfig* config);
+char const* tile_config_name(TileConfig config);
 
 // D[offs[e] + i, :] = A[offs[e] + i, :] @ B[e]^T for i < m_sizes[e], offs = exclusive prefix sum of
 // m_sizes; rows of D past the last expert are written as zeros.

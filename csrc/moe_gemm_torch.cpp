@@ -3,6 +3,8 @@
 // Fake (meta) kernels, autograd and the CPU path are registered in Python (moe_gemm/_ops.py).
 #include <Python.h>
 
+#include <cstdlib>
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -62,6 +64,11 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   params.batch_stride_b = weight.stride(0);
   params.ldd = out.stride(0);
   params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // MOE_GEMM_TILE_CONFIG=128x256|128x128|128x256c2 overrides the heuristic (for tuning and tests).
+  if (char const* forced = std::getenv("MOE_GEMM_TILE_CONFIG")) {
+    TORCH_CHECK(moe_gemm::parse_tile_config(forced, &params.config),
+                "moe_gemm.grouped_mm: MOE_GEMM_TILE_CONFIG must be auto, 128x256, 128x128 or 128x256c2, got ", forced);
+  }
   char const* problem = moe_gemm::check_grouped_gemm(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
 

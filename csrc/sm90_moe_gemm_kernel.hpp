@@ -43,10 +43,15 @@ class Sm90MoeGemmKernel {
   using MainloopPipeline = typename CollectiveMainloop::MainloopPipeline;
   using PipelineState = typename CollectiveMainloop::PipelineState;
 
+  using ClusterShape = typename CollectiveMainloop::DispatchPolicy::ClusterShape;
   static constexpr int kTileM = cute::size<0>(TileShape{});
   static constexpr int kTileN = cute::size<1>(TileShape{});
   static constexpr int kTileK = cute::size<2>(TileShape{});
-  using Scheduler = Sm90MoeTileScheduler<kTileM, kGroupM_>;
+  // A cluster of kClusterM CTAs takes kClusterM consecutive m-blocks of one expert and one n-block:
+  // each CTA loads 1/kClusterM of the B tile and multicasts it to the others.
+  static constexpr int kClusterM = cute::size<0>(ClusterShape{});
+  static_assert(cute::size<1>(ClusterShape{}) == 1 && cute::size<2>(ClusterShape{}) == 1, "clusters along M only");
+  using Scheduler = Sm90MoeTileScheduler<kTileM * kClusterM, kGroupM_>;
 
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
   static constexpr uint32_t kNumMmaWarpGroups = kNumMmaThreads / cutlass::NumThreadsPerWarpGroup;
@@ -57,8 +62,6 @@ class Sm90MoeGemmKernel {
   static constexpr uint32_t kMmaRegisters = 232;
 
   static_assert(kNumMmaThreads == 256, "cooperative kernel: two consumer warpgroups");
-  static_assert(cute::size(typename CollectiveMainloop::DispatchPolicy::ClusterShape{}) == 1,
-                "the MoE scheduler hands out tiles per CTA: cluster 1x1x1");
 
   // Epilogue chunks: kTileM x 64 outputs = 128-byte rows, the widest TMA swizzle (no bank conflicts).
   static constexpr int kEpiN = 64;
@@ -128,9 +131,15 @@ class Sm90MoeGemmKernel {
     pipeline_params.num_consumers = kNumMmaThreads;
     pipeline_params.num_producers = 1;
     pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
-    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, Shape<_1, _1, _1>{});
-    // Barrier init must be visible to every warp before the first wait.
-    __syncthreads();
+    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, ClusterShape{});
+    // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
+    // before the first wait or copy.
+    if constexpr (kClusterM > 1) {
+      cute::cluster_arrive_relaxed();
+      cute::cluster_wait();
+    } else {
+      __syncthreads();
+    }
 
     Scheduler scheduler(params.scheduler);
 
@@ -151,6 +160,16 @@ class Sm90MoeGemmKernel {
   }
 
  private:
+  // The CTA's own tile within the cluster's: the scheduler counts m-blocks of kTileM * kClusterM rows.
+  CUTLASS_DEVICE static MoeWorkTile next_tile(Scheduler& scheduler, int64_t cluster_tile) {
+    MoeWorkTile work = scheduler.get_work_tile(cluster_tile);
+    work.m_block = work.m_block * kClusterM + int(cute::block_rank_in_cluster()) % kClusterM;
+    return work;
+  }
+
+  CUTLASS_DEVICE static int64_t first_cluster_tile() { return blockIdx.x / kClusterM; }
+  CUTLASS_DEVICE static int64_t num_clusters() { return gridDim.x / kClusterM; }
+
   // TMA warp: for each tile, K-blocks of A (the expert's rows) and of B[e] into the smem stages.
   CUTLASS_DEVICE
   static void produce(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
@@ -166,8 +185,10 @@ class Sm90MoeGemmKernel {
                             typename CollectiveMainloop::SmemLayoutA{});  // (BLK_M, BLK_K, PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_storage.tensors.smem_B.data()),
                             typename CollectiveMainloop::SmemLayoutB{});  // (BLK_N, BLK_K, PIPE)
+    int const rank_m = int(cute::block_rank_in_cluster()) % kClusterM;
     auto cta_tma_a = tma_a.get_slice(0);
-    auto cta_tma_b = tma_b.get_slice(0);
+    auto cta_tma_b = tma_b.get_slice(rank_m);  // this CTA's 1/kClusterM of each B tile
+    uint16_t const mcast_mask_b = uint16_t((1u << kClusterM) - 1);  // ranks 0..kClusterM-1 share B
     Tensor tAsA = cta_tma_a.partition_D(sA);
     Tensor tBsB = cta_tma_b.partition_D(sB);
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
@@ -175,8 +196,8 @@ class Sm90MoeGemmKernel {
     // The whole warp walks the tiles (the scheduler is warp-collective); one lane issues the copies.
     bool const is_leader = cute::elect_one_sync();
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
-    for (int64_t tile = blockIdx.x;; tile += gridDim.x) {
-      MoeWorkTile const work = scheduler.get_work_tile(tile);
+    for (int64_t tile = first_cluster_tile();; tile += num_clusters()) {
+      MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {
         break;
       }
@@ -195,7 +216,7 @@ class Sm90MoeGemmKernel {
           pipeline.producer_acquire(state);
           auto* barrier = pipeline.producer_get_barrier(state);
           copy(tma_a.with(*barrier, 0), tAgA(_, _, _, k), tAsA(_, _, _, state.index()));
-          copy(tma_b.with(*barrier, 0), tBgB(_, _, _, k), tBsB(_, _, _, state.index()));
+          copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k), tBsB(_, _, _, state.index()));
           ++state;
         }
       }
@@ -218,8 +239,8 @@ class Sm90MoeGemmKernel {
     int store_count = 0;  // TMA-store chunks issued: picks the epilogue buffer
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
 
-    for (int64_t tile = blockIdx.x;; tile += gridDim.x) {
-      MoeWorkTile const work = scheduler.get_work_tile(tile);
+    for (int64_t tile = first_cluster_tile();; tile += num_clusters()) {
+      MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {
         break;
       }
@@ -228,6 +249,8 @@ class Sm90MoeGemmKernel {
                               shared_storage.tensors, params.mainloop);
       collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
       read_state.advance(k_tiles);
+      // In a cluster, a CTA past the expert's last m-block still loads and multiplies (its peers need
+      // its share of B) but stores nothing: its rows_left is <= 0.
       bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
       if (full_tile) {
         store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);

@@ -27,11 +27,19 @@ template <TileConfig kConfig> struct TileTraits;
 // Large experts: 128x256 output tiles, 4 pipeline stages of 48 KB.
 template <> struct TileTraits<TileConfig::k128x256> {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kGroupM = 8;
+};
+// Long experts: the same tile, two CTAs per cluster multicasting B (groups of 4 cluster m-blocks = 8 CTA m-blocks).
+template <> struct TileTraits<TileConfig::k128x256Cluster2> {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+  static constexpr int kGroupM = 4;
 };
 // Short experts or narrow N: half the columns per tile, so twice the tiles to spread over the SMs.
 template <> struct TileTraits<TileConfig::k128x128> {
   using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kGroupM = 8;
 };
 
@@ -39,7 +47,7 @@ template <DType kDType, bool kBNMajor, TileConfig kConfig>
 struct Sm90MoeGemmConfig {
   using Element = typename CutlassElement<kDType>::type;
   using TileShape = typename TileTraits<kConfig>::TileShape;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = typename TileTraits<kConfig>::ClusterShape;
   // CUTLASS names B's layout as a K x N matrix: ColumnMajor = K contiguous = the [E, N, K] weight.
   using LayoutB = cute::conditional_t<kBNMajor, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -97,34 +105,70 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
   params.N = N;
   params.K = K;
 
-  // Persistent grid: one CTA per SM, fewer when even the most tiles the sizes allow cannot fill
-  // them. Each expert adds at most one partial m-block: tiles <= (ceil(M / BM) + min(E, M)) * tiles_n.
-  int sm_count = p.sm_count;
-  if (sm_count <= 0) {
-    int current = 0;
-    cudaGetDevice(&current);
-    cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, current);
-  }
-  int64_t const max_m_blocks = (p.M + Kernel::kTileM - 1) / Kernel::kTileM + std::min<int64_t>(p.E, p.M);
-  int64_t const max_tiles = std::max<int64_t>(1, max_m_blocks * params.scheduler.tiles_n);
-  dim3 const grid(static_cast<unsigned>(std::min<int64_t>(sm_count, max_tiles)));
-  dim3 const block(Kernel::MaxThreadsPerBlock);
-  int const smem_bytes = Kernel::SharedStorageSize;
-
   auto* kernel = &cutlass::device_kernel<Kernel>;
-  // More than 48 KB of dynamic shared memory needs an opt-in, once per device.
-  static std::atomic<uint64_t> smem_configured_devices{0};
+  int const smem_bytes = Kernel::SharedStorageSize;
+  constexpr int kClusterM = Kernel::kClusterM;
   int device = 0;
-  cudaGetDevice(&device);
-  uint64_t const device_bit = uint64_t(1) << (device % 64);
-  if (!(smem_configured_devices.load(std::memory_order_relaxed) & device_bit)) {
-    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) {
+    return status;
+  }
+
+  // Once per device: opt in to more than 48 KB of shared memory, and count the SMs (or, for
+  // clusters, how many clusters fit at once: GPCs of odd SM counts leave SMs out).
+  static std::atomic<int> resident_ctas[64] = {};
+  int ctas = resident_ctas[device % 64].load(std::memory_order_relaxed);
+  if (ctas == 0) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (status != cudaSuccess) {
       return status;
     }
-    smem_configured_devices.fetch_or(device_bit);
+    cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, device);
+    if constexpr (kClusterM > 1) {
+      cudaLaunchConfig_t config = {};
+      cudaLaunchAttribute cluster = {};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim = {unsigned(kClusterM), 1, 1};
+      config.gridDim = dim3(unsigned(ctas / kClusterM * kClusterM));
+      config.blockDim = dim3(Kernel::MaxThreadsPerBlock);
+      config.dynamicSmemBytes = smem_bytes;
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+      int clusters = 0;
+      status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+      if (status != cudaSuccess || clusters <= 0) {
+        return status != cudaSuccess ? status : cudaErrorInvalidConfiguration;
+      }
+      ctas = clusters * kClusterM;
+    }
+    resident_ctas[device % 64].store(ctas, std::memory_order_relaxed);
   }
-  kernel<<<grid, block, smem_bytes, stream>>>(params);
+  if (p.sm_count > 0) {
+    ctas = std::min(ctas, p.sm_count / kClusterM * kClusterM);
+  }
+
+  // Persistent grid: as many CTAs as are resident at once, fewer when even the most tiles the sizes
+  // allow cannot fill them. Each expert adds at most one partial m-block of the cluster's
+  // kTileM * kClusterM rows: cluster tiles <= (ceil(M / (BM * cM)) + min(E, M)) * tiles_n.
+  int64_t const cluster_rows = int64_t(Kernel::kTileM) * kClusterM;
+  int64_t const max_m_blocks = (p.M + cluster_rows - 1) / cluster_rows + std::min<int64_t>(p.E, p.M);
+  int64_t const max_clusters = std::max<int64_t>(1, max_m_blocks * params.scheduler.tiles_n);
+  int64_t const clusters = std::min<int64_t>(std::max(ctas / kClusterM, 1), max_clusters);
+
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster = {};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim = {unsigned(kClusterM), 1, 1};
+  config.gridDim = dim3(unsigned(clusters * kClusterM));
+  config.blockDim = dim3(Kernel::MaxThreadsPerBlock);
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = kClusterM > 1 ? 1 : 0;
+  status = cudaLaunchKernelEx(&config, kernel, params);
+  if (status != cudaSuccess) {
+    return status;
+  }
   return cudaGetLastError();
 }
 

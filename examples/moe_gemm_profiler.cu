@@ -47,7 +47,7 @@ struct Options {
   std::string dtype = "bf16";    // bf16 | fp16
   std::string layout = "nk";     // nk: weight [E, N, K];  kn: weight [E, K, N]
   std::string routing = "uniform";  // uniform | skewed
-  std::string config = "auto";   // auto | 128x256 | 128x128
+  std::string config = "auto";   // auto | 128x256 | 128x128 | 128x256c2
   int iterations = 50;
   int warmup = 5;
   bool verify = true;
@@ -87,7 +87,7 @@ struct Options {
         "  --sizes=a,b,c                     explicit rows per expert instead of routing\n"
         "  --n=N --k=K                       GEMM sizes (multiples of 8)\n"
         "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
-        "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128\n"
+        "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n");
   }
@@ -192,9 +192,10 @@ int run(Options const& opt) {
   params.ldb = params.b_n_major ? N : K;
   params.batch_stride_b = N * K;
   params.ldd = N;
-  params.config = opt.config == "128x256"   ? moe_gemm::TileConfig::k128x256
-                  : opt.config == "128x128" ? moe_gemm::TileConfig::k128x128
-                                            : moe_gemm::TileConfig::kAuto;
+  if (!moe_gemm::parse_tile_config(opt.config.c_str(), &params.config)) {
+    std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
+    return 1;
+  }
   if (char const* problem = moe_gemm::check_grouped_gemm(params)) {
     std::fprintf(stderr, "cannot run: %s\n", problem);
     return 1;
@@ -262,7 +263,7 @@ int run(Options const& opt) {
   double const bytes = (double(experts_hit) * N * K + double(M) * K + double(M) * N) * sizeof(Element);
   std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s\n", E, experts_hit,
               (long long)M, (long long)N, (long long)K, opt.dtype.c_str(), opt.layout.c_str(),
-              chosen == moe_gemm::TileConfig::k128x128 ? "128x128" : "128x256");
+              moe_gemm::tile_config_name(chosen));
   std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms,
               flops / ms / 1e9, bytes / ms / 1e6);
 

@@ -55,6 +55,13 @@ def test_suite_shapes_scaled_down(name, experts, top_k, hidden, inter, tokens, d
     check(make_problem(sizes, hidden, inter, dtype, "cuda", transposed))      # down
 
 
+@pytest.fixture(params=["auto", "128x256", "128x128", "128x256c2"])
+def tile_config(request, monkeypatch):
+    """Every tile configuration, forced through MOE_GEMM_TILE_CONFIG (read by the op at each call)."""
+    monkeypatch.setenv("MOE_GEMM_TILE_CONFIG", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("transposed", LAYOUTS)
 @pytest.mark.parametrize(
     "sizes",
@@ -67,16 +74,16 @@ def test_suite_shapes_scaled_down(name, experts, top_k, hidden, inter, tokens, d
         [0, 0, 0],                   # no rows routed at all
     ],
 )
-def test_ragged_and_empty_experts(sizes, transposed):
+def test_ragged_and_empty_experts(sizes, transposed, tile_config):
     check(make_problem(sizes, 264, 200, torch.bfloat16, "cuda", transposed))
 
 
 @pytest.mark.parametrize("n, k", [(8, 8), (8, 4096), (4104, 8), (24, 72)])
-def test_n_and_k_at_the_alignment_limit(n, k):
+def test_n_and_k_at_the_alignment_limit(n, k, tile_config):
     check(make_problem([3, 0, 130, 1], n, k, torch.bfloat16, "cuda"))
 
 
-def test_many_experts():
+def test_many_experts(tile_config):
     sizes = routed_sizes(64, 512, 8)
     check(make_problem(sizes, 256, 128, torch.bfloat16, "cuda"))
 
@@ -86,13 +93,13 @@ def test_sizes_int32_and_int64(sizes_dtype):
     check(make_problem([17, 0, 200, 45], 128, 256, torch.float16, "cuda", sizes_dtype=sizes_dtype))
 
 
-def test_rows_past_the_last_group_are_zero():
+def test_rows_past_the_last_group_are_zero(tile_config):
     problem = make_problem([10, 0, 150], 136, 64, torch.bfloat16, "cuda", num_rows=300)
     out = check(problem)
     assert (out[160:] == 0).all()
 
 
-def test_sizes_summing_past_m_are_clamped():
+def test_sizes_summing_past_m_are_clamped(tile_config):
     # 400 rows routed into a 250-row buffer: the kernel must stop at row 250 (no out-of-bounds access)
     # and match the reference's clamping.
     problem = make_problem([100, 200, 100], 64, 64, torch.bfloat16, "cuda", num_rows=250)
@@ -110,7 +117,7 @@ def test_zero_rows():
     assert out.shape == (0, 64)
 
 
-def test_input_views_with_row_stride():
+def test_input_views_with_row_stride(tile_config):
     # x as a column slice of a wider buffer: row stride 2K, read in place by TMA.
     base = torch.randn(300, 2 * 128, device="cuda", dtype=torch.bfloat16)
     problem = make_problem([100, 0, 200], 64, 128, torch.bfloat16, "cuda")
@@ -118,7 +125,7 @@ def test_input_views_with_row_stride():
     check(problem)
 
 
-def test_cuda_graph_replay_with_changed_sizes():
+def test_cuda_graph_replay_with_changed_sizes(tile_config):
     problem = make_problem([40, 0, 200, 16], 128, 256, torch.bfloat16, "cuda")
     static_sizes = problem.m_sizes
     problem.run()  # warm-up outside the graph: loads the kernel, sets its shared-memory attribute

@@ -1,0 +1,21 @@
+"""moe_gemm: a CUTLASS grouped GEMM for the expert layers of mixture-of-experts models on Hopper (sm_90a).
+
+``grouped_forward(x, weight, m_sizes)`` multiplies each expert's contiguous block of rows of ``x`` by that expert's
+weight. It runs the CUDA kernel of ``moe_gemm._C`` when built, and a pure-PyTorch path with the same semantics on CPU
+or without the extension. Importing the package registers the ops ``torch.ops.moe_gemm.grouped_mm`` and
+``torch.ops.moe_gemm.grouped_mm_wgrad``.
+"""
+
+import torch
+
+from moe_gemm._ops import KERNELS_UNAVAILABLE_REASON, cuda_available
+from moe_gemm.functional import grouped_forward
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "build_info", "cuda_available", "grouped_forward"]
+
+
+def build_info() -> str:
+    """One line: package version, torch version, and whether the CUDA kernels are built (and why not)."""
+    kernels = "built" if cuda_available() else f"not built ({KERNELS_UNAVAILABLE_REASON})"
+    return f"moe_gemm {__version__}, torch {torch.__version__}, CUDA kernels: {kernels}"

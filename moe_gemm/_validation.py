@@ -1,0 +1,141 @@
+"""Input checks for ``grouped_forward``, run before the op so errors name the argument, what was expected and what
+was given. The C++ op checks again with ``TORCH_CHECK``; these messages are the ones users should see.
+"""
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+SIZE_DTYPES = (torch.int32, torch.int64)
+# TMA loads need 16-byte aligned base addresses and row strides.
+ALIGN_BYTES = 16
+
+
+def _weight_layout(weight_transposed: bool) -> str:
+    return "[E, K, N] (weight_transposed=True)" if weight_transposed else "[E, N, K] (weight_transposed=False)"
+
+
+def check_grouped_inputs(
+    x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, weight_transposed: bool, *, cuda_kernel: bool
+) -> None:
+    """Check types, dtypes, ranks, shapes and devices; raise TypeError or ValueError naming the argument.
+
+    ``cuda_kernel`` restricts the dtypes to what the CUDA kernel supports; the pure-PyTorch path takes any float.
+    """
+    for name, value in (("x", x), ("weight", weight), ("m_sizes", m_sizes)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+    if cuda_kernel and x.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"x: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}; "
+            "convert with x.to(torch.bfloat16) (and the weight likewise)"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected one of {', '.join(map(str, FLOAT_DTYPES))}, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+    if m_sizes.dtype not in SIZE_DTYPES:
+        raise TypeError(f"m_sizes: expected torch.int32 or torch.int64 row counts, got {m_sizes.dtype}")
+
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(
+            f"weight: expected a 3-D tensor {_weight_layout(weight_transposed)}, got shape {tuple(weight.shape)}"
+        )
+    if m_sizes.dim() != 1:
+        raise ValueError(f"m_sizes: expected a 1-D tensor [E], got shape {tuple(m_sizes.shape)}")
+
+    for name, value in (("weight", weight), ("m_sizes", m_sizes)):
+        if value.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on the device of x ({x.device}), got {value.device}")
+
+    k = weight.shape[1] if weight_transposed else weight.shape[2]
+    if x.shape[1] != k:
+        raise ValueError(
+            f"x: expected K = {k} columns to match weight {_weight_layout(weight_transposed)} of shape "
+            f"{tuple(weight.shape)}, got {x.shape[1]}"
+        )
+    if m_sizes.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"m_sizes: expected one size per expert, E = {weight.shape[0]} (weight.shape[0]), got {m_sizes.shape[0]}"
+        )
+
+
+def normalize_weight_layout(weight: torch.Tensor, weight_transposed: bool) -> tuple[torch.Tensor, bool]:
+    """Return ``(weight, weight_transposed)`` describing the same matrices with ``weight.stride(-1) == 1``.
+
+    A weight stored in the other layout (``stride(-2) == 1``, e.g. ``w.transpose(-1, -2)`` of a contiguous ``w``) is
+    read through its transposed view with the flag flipped, so it is never copied. Anything else is returned as is.
+    """
+    if weight.stride(-1) != 1 and weight.stride(-2) == 1:
+        return weight.transpose(-1, -2), not weight_transposed
+    return weight, weight_transposed
+
+
+def _is_aligned(t: torch.Tensor) -> bool:
+    # Fake tensors under torch.compile have no data pointer, and Dynamo cannot trace storage_offset() either (a
+    # graph break in torch 2.11): the check is left to the CUDA op, which refuses a misaligned pointer when it runs.
+    if torch.compiler.is_compiling():
+        return True
+    return t.data_ptr() % ALIGN_BYTES == 0
+
+
+def kernel_layout_problem(t: torch.Tensor) -> str | None:
+    """Why a kernel cannot read ``t``'s row-major matrices in place (unit inner stride, 16-byte aligned rows and
+    base), or None when it can."""
+    align = ALIGN_BYTES // t.element_size()
+    if t.shape[-1] % align:
+        return f"the last dimension must be a multiple of {align} elements (16 bytes), got shape {tuple(t.shape)}"
+    if t.stride(-1) != 1:
+        return f"the last dimension must have stride 1, got strides {t.stride()}"
+    for dim in range(t.dim() - 1):
+        if t.shape[dim] > 1 and t.stride(dim) % align:
+            return f"stride({dim}) must be a multiple of {align} elements (16 bytes), got strides {t.stride()}"
+    if t.numel() > 0 and not _is_aligned(t):
+        return "the data pointer must be 16-byte aligned (a view starting mid-row is not)"
+    return None
+
+
+def check_kernel_layout(x: torch.Tensor, weight: torch.Tensor, weight_transposed: bool) -> None:
+    """Check what the CUDA kernel needs beyond ``check_grouped_inputs``: N and K multiples of 8 and readable strides.
+
+    Call after ``normalize_weight_layout``.
+    """
+    n, k = (weight.shape[2], weight.shape[1]) if weight_transposed else (weight.shape[1], weight.shape[2])
+    align = ALIGN_BYTES // x.element_size()
+    if k % align:
+        raise ValueError(
+            f"x: the CUDA kernel needs K (columns of x) to be a multiple of {align} (16-byte rows), got {k}"
+        )
+    if n % align:
+        raise ValueError(
+            f"weight: the CUDA kernel needs N to be a multiple of {align} (16-byte rows), got N = {n} in weight "
+            f"{_weight_layout(weight_transposed)} of shape {tuple(weight.shape)}"
+        )
+    for name, value in (("x", x), ("weight", weight)):
+        problem = kernel_layout_problem(value)
+        if problem is not None:
+            raise ValueError(f"{name}: the CUDA kernel cannot read it in place: {problem}; pass {name}.contiguous()")
+
+
+def validate(
+    x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, weight_transposed: bool, *, cuda_kernel: bool
+) -> tuple[torch.Tensor, bool]:
+    """All checks of ``grouped_forward``; returns the weight and flag to pass on (see ``normalize_weight_layout``)."""
+    check_grouped_inputs(x, weight, m_sizes, weight_transposed, cuda_kernel=cuda_kernel)
+    weight, weight_transposed = normalize_weight_layout(weight, weight_transposed)
+    if cuda_kernel:
+        check_kernel_layout(x, weight, weight_transposed)
+    return weight, weight_transposed
+
+
+def check_sizes_on_host(m_sizes: torch.Tensor, num_rows: int) -> None:
+    """Raise ValueError for negative sizes or ``sum(m_sizes) > M``. Reads the sizes on the host (a sync on CUDA)."""
+    sizes = m_sizes.tolist()
+    negative = [expert for expert, size in enumerate(sizes) if size < 0]
+    if negative:
+        raise ValueError(f"m_sizes: expected sizes >= 0, got negative sizes for experts {negative[:8]}")
+    if sum(sizes) > num_rows:
+        raise ValueError(f"m_sizes: expected sum(m_sizes) <= M = {num_rows} (rows of x), got {sum(sizes)}")
