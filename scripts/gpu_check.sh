@@ -31,16 +31,19 @@ if ! $python -c "import cutlass_library" 2>/dev/null; then
 fi
 
 step "build: extension and C++ profiler in parallel (MAX_JOBS=$MAX_JOBS)"
-(cmake -S . -B build/profiler -DCMAKE_BUILD_TYPE=Release >"$out/profiler_build.log" 2>&1 &&
-  cmake --build build/profiler -j "$MAX_JOBS" >>"$out/profiler_build.log" 2>&1) &
+# Build logs stay in build/logs; the tail of a failing one goes into the main log.
+mkdir -p build/logs
+(cmake -S . -B build/profiler -DCMAKE_BUILD_TYPE=Release >build/logs/profiler.log 2>&1 &&
+  cmake --build build/profiler -j "$MAX_JOBS" >>build/logs/profiler.log 2>&1) &
 profiler_pid=$!
-if ! $python -m pip install --no-build-isolation --no-deps -e . >"$out/extension_build.log" 2>&1; then
-  tail -40 "$out/extension_build.log" | tee -a "$log"
+if ! $python -m pip install --no-build-isolation --no-deps -e . >build/logs/extension.log 2>&1; then
+  grep -E "error|Error" build/logs/extension.log | head -20 | tee -a "$log"
   echo "extension build FAILED" | tee -a "$log"
   exit 1
 fi
 $python -m moe_gemm | tee -a "$log"
-wait $profiler_pid || { echo "profiler build FAILED" | tee -a "$log"; tail -20 "$out/profiler_build.log" | tee -a "$log"; status=1; }
+wait $profiler_pid || { echo "profiler build FAILED" | tee -a "$log"; grep -E "error" build/logs/profiler.log | head -20 | tee -a "$log"; status=1; }
+# The built extension, to carry into a later run instead of rebuilding.
 cp moe_gemm/_C*.so "$out/" 2>/dev/null || true
 
 step "C++ profiler: verification"
