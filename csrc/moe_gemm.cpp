@@ -13,53 +13,27 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& params, cudaStream_t stre
 
 namespace {
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-// Host-side estimate of how long a configuration takes: whole waves of cluster tiles over the
-// SMs, each wave as long as one CTA tile. Counts come from M, E, N alone (the per-expert sizes stay on
-// the GPU), assuming balanced routing over min(E, M) experts with ceil(M / experts) rows each.
-double estimated_cost(int64_t M, int64_t N, int32_t E, int sm_count, int tile_m, int tile_n, int cluster_m,
-                      double tile_speed) {
-  int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
-  int64_t const rows_per_expert = ceil_div(M, experts_hit);
-  int64_t const cluster_tiles =
-      experts_hit * ceil_div(ceil_div(rows_per_expert, tile_m), cluster_m) * ceil_div(N, tile_n);
-  int64_t const waves = ceil_div(cluster_tiles, std::max(sm_count / cluster_m, 1));
-  return double(waves) * tile_m * tile_n / tile_speed;
-}
 
 }  // namespace
 
-// Worked examples, 132 SMs (cost = waves * tile area / speed):
-// DeepSeek-V3 up-projection at 16k tokens (M = 131072, E = 256, N = 4096): 512 rows per expert.
-//   128x256:    256 * 4 * 16 = 16384 tiles   = 125 waves of 132     -> 125 * 32768 / 1.0 = 4.10M
-//   128x128:    32768 tiles                  = 249 waves of 132     -> 249 * 16384 / 0.9 = 4.53M
-//   128x256 c2: 256 * 2 * 16 = 8192 clusters = 125 waves of 66 pairs -> 125 * 32768 / 1.1 = 3.72M: wins.
-// Qwen3 down-projection at 1 token (M = 8, E = 128, N = 2048): 8 experts with one row each.
-//   128x256: 64 tiles = 1 wave -> 32768;  128x256 c2: 1 wave -> 29789 (half its CTAs idle);
-//   128x128: 128 tiles = 1 wave -> 18204: wins (twice as many SMs stream the same weights).
+// The heuristic, from host-known shapes only (the per-expert sizes stay on the GPU). With balanced
+// routing an expert gets r = M / min(E, M) rows and does 2 * r * N * K FLOPs on 2 * N * K bytes of
+// weights: r FLOPs per weight byte. Below the H100's ridge point (~790 TFLOP/s / 3 TB/s ~ 260) the
+// GEMM streams weights and the smaller 128x128 tile wins: twice as many CTAs keep loads in flight.
+// Above it, 128x256 tiles reuse each loaded byte twice as often and win.
+// Examples: Qwen3 at 2048 tokens (M = 16384, E = 128): r = 128 -> 128x128 (0.355 ms vs 0.374);
+// DeepSeek-V3 at 16k tokens (M = 131072, E = 256): r = 512 -> 128x256 (14.4 ms vs 16.2), measured on
+// an H100 with scripts/compare_tile_configs.sh. The cluster config is never picked: it measured
+// slower than 128x256 on most suite shapes (see BENCHMARKS.md).
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
+  (void)N;
   (void)K;
-  // Relative speed per FLOP of a full wave: 128x128 tiles reuse each loaded byte half as often as
-  // 128x256 ones; clusters halve the B traffic from L2.
-  struct Candidate { TileConfig config; int tile_m, tile_n, cluster_m; double speed; };
-  Candidate const candidates[] = {
-      {TileConfig::k128x256, 128, 256, 1, 1.0},
-      {TileConfig::k128x128, 128, 128, 1, 0.9},
-      {TileConfig::k128x256Cluster2, 128, 256, 2, 1.1},
-  };
-  TileConfig best = TileConfig::k128x256;
-  double best_cost = 0;
-  for (Candidate const& c : candidates) {
-    double const cost = estimated_cost(M, N, E, sm_count, c.tile_m, c.tile_n, c.cluster_m, c.speed);
-    if (best_cost == 0 || cost < best_cost) {
-      best = c.config;
-      best_cost = cost;
-    }
-  }
-  return best;
+  (void)sm_count;
+  constexpr int64_t kRidgeRowsPerExpert = 256;
+  int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
+  int64_t const rows_per_expert = M / experts_hit;
+  return rows_per_expert < kRidgeRowsPerExpert ? TileConfig::k128x128 : TileConfig::k128x256;
 }
 
 bool parse_tile_config(char const* name, TileConfig* config) {

@@ -12,7 +12,7 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 
 // Tile configurations of the sm90 kernel. kAuto lets choose_tile_config() pick from host-known shapes.
 // k128x256Cluster2: clusters of two CTAs on consecutive m-blocks of one expert share (multicast)
-// each B tile, halving the weight traffic from L2; for experts of several m-blocks.
+// each B tile, halving the weight traffic from L2. Only on request: it measured slower so far.
 enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2, k128x256Cluster2 = 3 };
 
 // "auto", "128x256", "128x128", "128x256c2" <-> TileConfig; parse returns false for an unknown name.
