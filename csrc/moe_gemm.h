@@ -37,6 +37,7 @@ struct GroupedGemmParams {
   int64_t ldd = 0;                // elements between rows of D
   int sm_count = 0;               // persistent grid size; 0 = query the current device
   TileConfig config = TileConfig::kAuto;
+  int group_m = 0;                // m-blocks per raster group (L2 locality); 0 = the configuration's default
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto).

@@ -69,6 +69,10 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
     TORCH_CHECK(moe_gemm::parse_tile_config(forced, &params.config),
                 "moe_gemm.grouped_mm: MOE_GEMM_TILE_CONFIG must be auto, 128x256, 128x128 or 128x256c2, got ", forced);
   }
+  // MOE_GEMM_GROUP_M=n: m-blocks per raster group, for tuning L2 locality.
+  if (char const* group_m = std::getenv("MOE_GEMM_GROUP_M")) {
+    params.group_m = std::atoi(group_m);
+  }
   char const* problem = moe_gemm::check_grouped_gemm(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
 

@@ -32,7 +32,7 @@ constexpr int epilogue_smem_bytes(int tile_m) {
   return 2 * tile_m * 64 * int(sizeof(ElementD));
 }
 
-template <class CollectiveMainloop_, class ElementD_, int kGroupM_>
+template <class CollectiveMainloop_, class ElementD_>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -51,7 +51,7 @@ class Sm90MoeGemmKernel {
   // each CTA loads 1/kClusterM of the B tile and multicasts it to the others.
   static constexpr int kClusterM = cute::size<0>(ClusterShape{});
   static_assert(cute::size<1>(ClusterShape{}) == 1 && cute::size<2>(ClusterShape{}) == 1, "clusters along M only");
-  using Scheduler = Sm90MoeTileScheduler<kTileM * kClusterM, kGroupM_>;
+  using Scheduler = Sm90MoeTileScheduler<kTileM * kClusterM>;
 
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
   static constexpr uint32_t kNumMmaWarpGroups = kNumMmaThreads / cutlass::NumThreadsPerWarpGroup;

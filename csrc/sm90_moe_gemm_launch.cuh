@@ -57,7 +57,7 @@ struct Sm90MoeGemmConfig {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(cute::size<0>(TileShape{}))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, TileTraits<kConfig>::kGroupM>;
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element>;
 };
 
 template <DType kDType, bool kBNMajor, TileConfig kConfig>
@@ -100,6 +100,7 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
   params.scheduler.num_experts = E;
   params.scheduler.rows_total = p.M;
   params.scheduler.tiles_n = (N + kTileN - 1) / kTileN;
+  params.scheduler.group_m = p.group_m > 0 ? p.group_m : TileTraits<kConfig>::kGroupM;
   params.ptr_d = static_cast<Element*>(p.d);
   params.ldd = p.ldd;
   params.N = N;

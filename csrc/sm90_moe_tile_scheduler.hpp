@@ -7,8 +7,8 @@
 //               rows at or past M are dropped, so offs[e] = min(sum_{j<e} max(size_j, 0), M).
 //   tiles[e]  = ceil(rows[e] / kTileM) * tiles_n           (0 for an empty expert: it costs nothing)
 //   tile t    = belongs to the expert e with start[e] <= t < start[e] + tiles[e], start = prefix(tiles)
-//   inside e  = m-blocks are taken kGroupM at a time; within a group the n-block is the slow index,
-//               so the CTAs running together read kGroupM blocks of A and a few B tiles from L2.
+//   inside e  = m-blocks are taken group_m at a time; within a group the n-block is the slow index,
+//               so the CTAs running together read group_m blocks of A and a few B tiles from L2.
 //   pointers  = A + (offs[e] + m_block * kTileM) * lda,  B + e * ldb_e,  D + (offs[e] + m_block * kTileM) * ldd.
 //
 // Each warp keeps its own cursor (current expert, its first tile and first row). Persistent CTAs
@@ -27,6 +27,7 @@ struct MoeSchedulerParams {
   int32_t num_experts = 0;
   int64_t rows_total = 0;         // M: rows of A and D
   int32_t tiles_n = 0;            // ceil(N / kTileN)
+  int32_t group_m = 8;            // m-blocks per raster group (see above)
 };
 
 struct MoeWorkTile {
@@ -38,7 +39,7 @@ struct MoeWorkTile {
   bool valid;
 };
 
-template <int kTileM, int kGroupM>
+template <int kTileM>
 class Sm90MoeTileScheduler {
  public:
   using Params = MoeSchedulerParams;
@@ -59,10 +60,11 @@ class Sm90MoeTileScheduler {
     int32_t const tiles_n = params_.tiles_n;
     int32_t const m_blocks = (expert_rows_ + kTileM - 1) / kTileM;
     int32_t const local = static_cast<int32_t>(linear_idx - expert_tile_start_);
-    int32_t const group = local / (kGroupM * tiles_n);
-    int32_t const in_group = local - group * (kGroupM * tiles_n);
-    int32_t const group_m0 = group * kGroupM;
-    int32_t const group_size = min(kGroupM, m_blocks - group_m0);
+    int32_t const group_m = params_.group_m;
+    int32_t const group = local / (group_m * tiles_n);
+    int32_t const in_group = local - group * (group_m * tiles_n);
+    int32_t const group_m0 = group * group_m;
+    int32_t const group_size = min(group_m, m_blocks - group_m0);
     work.expert = expert_;
     work.n_block = in_group / group_size;
     work.m_block = group_m0 + in_group % group_size;

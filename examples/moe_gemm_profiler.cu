@@ -48,6 +48,7 @@ struct Options {
   std::string layout = "nk";     // nk: weight [E, N, K];  kn: weight [E, K, N]
   std::string routing = "uniform";  // uniform | skewed
   std::string config = "auto";   // auto | 128x256 | 128x128 | 128x256c2
+  int group_m = 0;               // m-blocks per raster group; 0 = the configuration's default
   int iterations = 50;
   int warmup = 5;
   bool verify = true;
@@ -69,6 +70,7 @@ struct Options {
     cmd.get_cmd_line_argument("layout", layout);
     cmd.get_cmd_line_argument("routing", routing);
     cmd.get_cmd_line_argument("config", config);
+    cmd.get_cmd_line_argument("group_m", group_m);
     cmd.get_cmd_line_argument("iterations", iterations);
     cmd.get_cmd_line_argument("warmup", warmup);
     cmd.get_cmd_line_argument("verify", verify, true);
@@ -88,6 +90,7 @@ struct Options {
         "  --n=N --k=K                       GEMM sizes (multiples of 8)\n"
         "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
         "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2\n"
+        "  --group_m=G                       m-blocks per raster group (L2 locality)\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n");
   }
@@ -192,6 +195,7 @@ int run(Options const& opt) {
   params.ldb = params.b_n_major ? N : K;
   params.batch_stride_b = N * K;
   params.ldd = N;
+  params.group_m = opt.group_m;
   if (!moe_gemm::parse_tile_config(opt.config.c_str(), &params.config)) {
     std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
     return 1;
