@@ -32,7 +32,6 @@ NVCC_FLAGS = [
     "--expt-relaxed-constexpr",
     "--expt-extended-lambda",
     "-lineinfo",
-    "--use_fast_math",
     "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
     "-Xcompiler=-fno-strict-aliasing",
 ]

@@ -1,0 +1,35 @@
+"""Markdown tables for BENCHMARKS.md from the JSON of `python -m moe_gemm.bench --json PATH`.
+
+    python3 scripts/benchmarks_table.py bench.json
+"""
+import json
+import sys
+
+
+def fmt(value, spec):
+    return "—" if value is None else format(value, spec)
+
+
+def main(path: str) -> None:
+    result = json.load(open(path))
+    print(f"Device: {result['device']}; {result['build']}. Ceilings measured in the same run: dense bf16 "
+          f"8192^3 matmul {result['peak_tflops']:.0f} TFLOP/s, device-to-device copy {result['bandwidth_tbs']:.2f} TB/s. "
+          f"Routing {result['routing']}, {result['dtype']}, seed {result['seed']}.\n")
+    print("| tokens | shapes | speedup vs torch._grouped_mm | moe_gemm x floor |")
+    print("|---|---|---|---|")
+    for label, stats in result["summary"]["groups"].items():
+        print(f"| {label.removeprefix('tokens=')} | {stats['shapes']} | {stats['speedup']:.2f} | {stats['x_floor']:.2f} |")
+    print(f"\nGeometric-mean speedup over the {sum(1 for r in result['rows'] if r['tokens'] >= 256)} shapes with "
+          f">= 256 tokens: {result['summary']['speedup_tokens_ge_256']:.2f}.\n")
+    print("| model | tokens | gemm | M | N | K | experts hit | moe_gemm ms | TFLOP/s | x floor | "
+          "torch._grouped_mm ms | speedup | loop ms | rel. error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['model']} | {r['tokens']} | {r['gemm']} | {r['M']} | {r['N']} | {r['K']} | {r['active']} | "
+              f"{fmt(r.get('moe_gemm_ms'), '.3f')} | {fmt(r.get('tflops'), '.0f')} | {fmt(r.get('x_floor'), '.2f')} | "
+              f"{fmt(r.get('grouped_mm_ms'), '.3f')} | {fmt(r.get('speedup'), '.2f')} | {fmt(r.get('loop_ms'), '.3f')} | "
+              f"{fmt(r.get('rel_error'), '.1e')} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
