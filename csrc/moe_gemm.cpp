@@ -36,6 +36,49 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
   return rows_per_expert < kRidgeRowsPerExpert ? TileConfig::k128x128 : TileConfig::k128x256;
 }
 
+namespace {
+
+int current_sm_count() {
+  int device = 0, sm_count = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
+  return sm_count;
+}
+
+TileConfig resolved_config(GroupedGemmParams const& p) {
+  if (p.config != TileConfig::kAuto) {
+    return p.config;
+  }
+  return choose_tile_config(p.M, p.N, p.K, p.E, p.sm_count > 0 ? p.sm_count : current_sm_count());
+}
+
+// Dynamic scheduling pays when tiles come in several waves (CTAs drift apart over the waves, and a
+// weight tile shared by CTAs that no longer run together is read from DRAM again); a one-wave decode
+// problem skips the counter and its memset. Clusters keep static striding (both CTAs of a cluster
+// must take the same tile).
+bool use_dynamic_schedule(GroupedGemmParams const& p) {
+  if (p.dynamic_schedule >= 0) {
+    return p.dynamic_schedule == 1 && resolved_config(p) != TileConfig::k128x256Cluster2;
+  }
+  TileConfig const config = resolved_config(p);
+  if (config == TileConfig::k128x256Cluster2) {
+    return false;
+  }
+  int64_t const tile_n = config == TileConfig::k128x128 ? 128 : 256;
+  int64_t const tiles_upper = ((p.M + 127) / 128 + std::min<int64_t>(p.E, p.M)) * ((p.N + tile_n - 1) / tile_n);
+  int const sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
+  return tiles_upper >= 4 * int64_t(sm_count);
+}
+
+}  // namespace
+
+size_t grouped_gemm_workspace_bytes(GroupedGemmParams const& params) {
+  if (params.M == 0 || params.N == 0 || params.K == 0 || params.E == 0) {
+    return 0;
+  }
+  return use_dynamic_schedule(params) ? sizeof(int) : 0;
+}
+
 bool parse_tile_config(char const* name, TileConfig* config) {
   struct Named { char const* name; TileConfig config; };
   static Named const names[] = {{"auto", TileConfig::kAuto},
@@ -109,23 +152,22 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
     }
     context_device = device;
   }
-  TileConfig config = params.config;
-  if (config == TileConfig::kAuto) {
-    int sm_count = params.sm_count;
-    if (sm_count <= 0) {
-      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
-    }
-    config = choose_tile_config(params.M, params.N, params.K, params.E, sm_count);
+  bool const dynamic = grouped_gemm_workspace_bytes(params) > 0;
+  if (dynamic && params.workspace == nullptr) {
+    return cudaErrorInvalidValue;  // the caller must provide the zeroed tile counter
   }
+  GroupedGemmParams p = params;
+  p.workspace = dynamic ? params.workspace : nullptr;
+  TileConfig const config = resolved_config(p);
 
 #define MOE_GEMM_DISPATCH_CONFIG(DTYPE, N_MAJOR)                                              \
   switch (config) {                                                                           \
     case TileConfig::k128x128:                                                                \
-      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128>(params, stream);  \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128>(p, stream);  \
     case TileConfig::k128x256Cluster2:                                                        \
-      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster2>(params, stream); \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster2>(p, stream); \
     default:                                                                                  \
-      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256>(params, stream);  \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256>(p, stream);  \
   }
 
   if (params.dtype == DType::kBFloat16) {

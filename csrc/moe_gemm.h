@@ -38,6 +38,10 @@ struct GroupedGemmParams {
   int sm_count = 0;               // persistent grid size; 0 = query the current device
   TileConfig config = TileConfig::kAuto;
   int group_m = 0;                // m-blocks per raster group (L2 locality); 0 = the configuration's default
+  // Device memory of grouped_gemm_workspace_bytes(params) bytes, zeroed by the caller before each
+  // launch (stream-ordered, e.g. cudaMemsetAsync); null when that size is 0.
+  void* workspace = nullptr;
+  int dynamic_schedule = -1;      // 1: tile counter in the workspace, 0: static striding, -1: heuristic
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto).
@@ -46,6 +50,10 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
 // Checks what the kernel can read (alignment, strides, sizes); returns nullptr when it can,
 // else a sentence saying what is wrong.
 char const* check_grouped_gemm(GroupedGemmParams const& params);
+
+// Bytes of zeroed device workspace run_grouped_gemm needs for these params (0 or 4: the counter of
+// dynamic tile scheduling, used for problems of several waves of tiles).
+size_t grouped_gemm_workspace_bytes(GroupedGemmParams const& params);
 
 // Launches the grouped GEMM on `stream`. Asynchronous; returns the launch status.
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t stream);

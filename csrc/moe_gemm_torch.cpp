@@ -73,10 +73,22 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   if (char const* group_m = std::getenv("MOE_GEMM_GROUP_M")) {
     params.group_m = std::atoi(group_m);
   }
+  // MOE_GEMM_DYNAMIC=0|1 forces static or dynamic tile scheduling (default: by problem size).
+  if (char const* dynamic = std::getenv("MOE_GEMM_DYNAMIC")) {
+    params.dynamic_schedule = std::atoi(dynamic) != 0;
+  }
   char const* problem = moe_gemm::check_grouped_gemm(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
 
-  cudaError_t status = moe_gemm::run_grouped_gemm(params, at::cuda::getCurrentCUDAStream());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // The tile counter of dynamic scheduling: 4 bytes from the caching allocator, zeroed in stream order.
+  at::Tensor workspace;
+  if (size_t const workspace_bytes = moe_gemm::grouped_gemm_workspace_bytes(params)) {
+    workspace = at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cudaMemsetAsync(workspace.data_ptr(), 0, workspace_bytes, stream));
+    params.workspace = workspace.data_ptr();
+  }
+  cudaError_t status = moe_gemm::run_grouped_gemm(params, stream);
   TORCH_CHECK(status == cudaSuccess, "moe_gemm.grouped_mm: kernel launch failed: ", cudaGetErrorString(status));
   return out;
 }

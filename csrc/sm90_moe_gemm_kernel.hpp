@@ -75,10 +75,18 @@ class Sm90MoeGemmKernel {
       cute::SM90_TMA_STORE{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<ElementD*>(nullptr)), GmemLayoutD{}),
       SmemLayoutD{}(cute::_, cute::_, cute::Int<0>{})));
 
+  // Dynamic scheduling: the producer warp takes the next tile from a global counter and hands its
+  // index to the MMA warpgroups through this small pipeline.
+  static constexpr int kTileSlots = 4;
+  using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
+  using TilePipelineState = typename TilePipeline::PipelineState;
+
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
     alignas(1024) cute::array_aligned<ElementD, cute::cosize_v<SmemLayoutD>, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
+    alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
+    int64_t tile_slots[kTileSlots];
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
   static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
@@ -87,6 +95,10 @@ class Sm90MoeGemmKernel {
     MainloopParams mainloop;
     TmaStoreD tma_store_d;
     MoeSchedulerParams scheduler;
+    // Zeroed before the launch; null for static striding (tile = first + i * num_clusters). With a
+    // counter, CTA b starts with tile b and then takes gridDim + atomicAdd(counter, 1): tiles start in
+    // order of time, so the CTAs that share a weight tile load it from L2 together.
+    int* tile_counter;
     ElementD* ptr_d;
     int64_t ldd;
     int32_t N;
@@ -132,6 +144,14 @@ class Sm90MoeGemmKernel {
     pipeline_params.num_producers = 1;
     pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
     MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, ClusterShape{});
+
+    typename TilePipeline::Params tile_pipeline_params;
+    tile_pipeline_params.role = warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
+                                : warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
+                                                                          : TilePipeline::ThreadCategory::NonParticipant;
+    tile_pipeline_params.producer_arv_count = 1;
+    tile_pipeline_params.consumer_arv_count = kNumMmaThreads;
+    TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
     if constexpr (kClusterM > 1) {
@@ -146,11 +166,11 @@ class Sm90MoeGemmKernel {
     if (warp_group_role == WarpGroupRole::Producer) {
       cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
       if (warp_idx_in_warp_group == 0) {
-        produce(params, scheduler, pipeline, shared_storage);
+        produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      consume(params, scheduler, pipeline, shared_storage, mma_thread_idx);
+      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
     }
 #else
     if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -173,7 +193,7 @@ class Sm90MoeGemmKernel {
   // TMA warp: for each tile, K-blocks of A (the expert's rows) and of B[e] into the smem stages.
   CUTLASS_DEVICE
   static void produce(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      SharedStorage& shared_storage) {
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage) {
     using namespace cute;
     auto const& tma_a = params.mainloop.tma_load_a;
     auto const& tma_b = params.mainloop.tma_load_b;
@@ -195,8 +215,18 @@ class Sm90MoeGemmKernel {
 
     // The whole warp walks the tiles (the scheduler is warp-collective); one lane issues the copies.
     bool const is_leader = cute::elect_one_sync();
+    bool const dynamic = params.tile_counter != nullptr;
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
-    for (int64_t tile = first_cluster_tile();; tile += num_clusters()) {
+    TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
+    for (int64_t tile = first_cluster_tile();;) {
+      if (dynamic) {  // publish the tile (an invalid one tells the consumers to stop)
+        tile_pipeline.producer_acquire(tile_write);
+        if (is_leader) {
+          shared_storage.tile_slots[tile_write.index()] = tile;
+          tile_pipeline.producer_commit(tile_write);
+        }
+        ++tile_write;
+      }
       MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {
         break;
@@ -221,6 +251,15 @@ class Sm90MoeGemmKernel {
         }
       }
       write_state.advance(k_tiles);
+      if (dynamic) {
+        int next = 0;
+        if (threadIdx.x % 32 == 0) {
+          next = atomicAdd(params.tile_counter, 1);
+        }
+        tile = int64_t(__shfl_sync(0xffffffff, next, 0)) + num_clusters();
+      } else {
+        tile += num_clusters();
+      }
     }
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
     if (is_leader) {
@@ -231,7 +270,7 @@ class Sm90MoeGemmKernel {
   // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate.
   CUTLASS_DEVICE
   static void consume(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      SharedStorage& shared_storage, int mma_thread_idx) {
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
@@ -239,7 +278,15 @@ class Sm90MoeGemmKernel {
     int store_count = 0;  // TMA-store chunks issued: picks the epilogue buffer
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
 
-    for (int64_t tile = first_cluster_tile();; tile += num_clusters()) {
+    bool const dynamic = params.tile_counter != nullptr;
+    TilePipelineState tile_read;
+    for (int64_t tile = first_cluster_tile();; tile += dynamic ? 0 : num_clusters()) {
+      if (dynamic) {
+        tile_pipeline.consumer_wait(tile_read);
+        tile = shared_storage.tile_slots[tile_read.index()];
+        tile_pipeline.consumer_release(tile_read);
+        ++tile_read;
+      }
       MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {
         break;

@@ -49,6 +49,7 @@ struct Options {
   std::string routing = "uniform";  // uniform | skewed
   std::string config = "auto";   // auto | 128x256 | 128x128 | 128x256c2
   int group_m = 0;               // m-blocks per raster group; 0 = the configuration's default
+  int dynamic = -1;              // tile scheduling: 1 dynamic, 0 static, -1 by problem size
   int iterations = 50;
   int warmup = 5;
   bool verify = true;
@@ -71,6 +72,7 @@ struct Options {
     cmd.get_cmd_line_argument("routing", routing);
     cmd.get_cmd_line_argument("config", config);
     cmd.get_cmd_line_argument("group_m", group_m);
+    cmd.get_cmd_line_argument("dynamic", dynamic);
     cmd.get_cmd_line_argument("iterations", iterations);
     cmd.get_cmd_line_argument("warmup", warmup);
     cmd.get_cmd_line_argument("verify", verify, true);
@@ -91,6 +93,7 @@ struct Options {
         "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
         "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2\n"
         "  --group_m=G                       m-blocks per raster group (L2 locality)\n"
+        "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n");
   }
@@ -196,6 +199,7 @@ int run(Options const& opt) {
   params.batch_stride_b = N * K;
   params.ldd = N;
   params.group_m = opt.group_m;
+  params.dynamic_schedule = opt.dynamic;
   if (!moe_gemm::parse_tile_config(opt.config.c_str(), &params.config)) {
     std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
     return 1;
@@ -211,7 +215,18 @@ int run(Options const& opt) {
                                           ? params.config
                                           : moe_gemm::choose_tile_config(M, N, K, E, sm_count);
 
-  CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
+  // Dynamic tile scheduling needs a zeroed counter before every launch.
+  size_t const workspace_bytes = moe_gemm::grouped_gemm_workspace_bytes(params);
+  if (workspace_bytes > 0) {
+    CHECK_CUDA(cudaMalloc(&params.workspace, workspace_bytes));
+  }
+  auto launch = [&]() {
+    if (workspace_bytes > 0) {
+      CHECK_CUDA(cudaMemsetAsync(params.workspace, 0, workspace_bytes, nullptr));
+    }
+    CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
+  };
+  launch();
   CHECK_CUDA(cudaDeviceSynchronize());
   if (opt.ncu) {
     std::printf("one launch done (--ncu)\n");
@@ -255,9 +270,9 @@ int run(Options const& opt) {
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < opt.warmup; ++i) CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
+  for (int i = 0; i < opt.warmup; ++i) launch();
   CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < opt.iterations; ++i) CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
+  for (int i = 0; i < opt.iterations; ++i) launch();
   CHECK_CUDA(cudaEventRecord(stop));
   CHECK_CUDA(cudaEventSynchronize(stop));
   float total_ms = 0.f;
@@ -265,9 +280,9 @@ int run(Options const& opt) {
   double const ms = total_ms / std::max(1, opt.iterations);
   double const flops = 2.0 * rows_routed * N * K;
   double const bytes = (double(experts_hit) * N * K + double(M) * K + double(M) * N) * sizeof(Element);
-  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s\n", E, experts_hit,
+  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s schedule=%s\n", E, experts_hit,
               (long long)M, (long long)N, (long long)K, opt.dtype.c_str(), opt.layout.c_str(),
-              moe_gemm::tile_config_name(chosen));
+              moe_gemm::tile_config_name(chosen), workspace_bytes > 0 ? "dynamic" : "static");
   std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms,
               flops / ms / 1e9, bytes / ms / 1e6);
 
@@ -275,6 +290,7 @@ int run(Options const& opt) {
   CHECK_CUDA(cudaFree(b));
   CHECK_CUDA(cudaFree(d));
   CHECK_CUDA(cudaFree(m_sizes));
+  if (params.workspace) CHECK_CUDA(cudaFree(params.workspace));
   return passed ? 0 : 1;
 }
 

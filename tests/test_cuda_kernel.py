@@ -55,10 +55,14 @@ def test_suite_shapes_scaled_down(name, experts, top_k, hidden, inter, tokens, d
     check(make_problem(sizes, hidden, inter, dtype, "cuda", transposed))      # down
 
 
-@pytest.fixture(params=["auto", "128x256", "128x128", "128x256c2"])
+@pytest.fixture(params=["auto", "128x256", "128x128", "128x256c2", "128x256-dynamic", "128x128-dynamic"])
 def tile_config(request, monkeypatch):
-    """Every tile configuration, forced through MOE_GEMM_TILE_CONFIG (read by the op at each call)."""
-    monkeypatch.setenv("MOE_GEMM_TILE_CONFIG", request.param)
+    """Every tile configuration and both tile schedules, forced through MOE_GEMM_TILE_CONFIG and
+    MOE_GEMM_DYNAMIC (read by the op at each call); "auto" leaves both to the heuristics."""
+    config, _, schedule = request.param.partition("-")
+    monkeypatch.setenv("MOE_GEMM_TILE_CONFIG", config)
+    if config != "auto":
+        monkeypatch.setenv("MOE_GEMM_DYNAMIC", "1" if schedule == "dynamic" else "0")
     return request.param
 
 
