@@ -27,19 +27,13 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // an H100 with scripts/compare_tile_configs.sh. The cluster config is never picked: it measured
 // slower than 128x256 on most suite shapes (see BENCHMARKS.md).
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
+  (void)N;
   (void)K;
+  (void)sm_count;
   constexpr int64_t kRidgeRowsPerExpert = 256;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
   int64_t const rows_per_expert = M / experts_hit;
-  if (rows_per_expert >= kRidgeRowsPerExpert) {
-    return TileConfig::k128x256;
-  }
-  // Weight streaming: the more CTAs read weights at once, the closer to the copy bandwidth. When
-  // 128x128 tiles would leave SMs idle, halve the tile width. Mixtral decode, 1 token (M = 2, E = 8,
-  // N = 4096): 2 experts x 32 n-blocks = 64 CTAs of 128x128 on 132 SMs; 128x64 gives 128.
-  int64_t const m_blocks = experts_hit * ((rows_per_expert + 127) / 128);
-  int64_t const tiles_128 = m_blocks * ((N + 127) / 128);
-  return tiles_128 < sm_count ? TileConfig::k128x64 : TileConfig::k128x128;
+  return rows_per_expert < kRidgeRowsPerExpert ? TileConfig::k128x128 : TileConfig::k128x256;
 }
 
 namespace {
@@ -70,7 +64,7 @@ bool use_dynamic_schedule(GroupedGemmParams const& p) {
   if (config == TileConfig::k128x256Cluster2) {
     return false;
   }
-  int64_t const tile_n = config == TileConfig::k128x64 ? 64 : config == TileConfig::k128x128 ? 128 : 256;
+  int64_t const tile_n = config == TileConfig::k128x128 ? 128 : 256;
   int64_t const tiles_upper = ((p.M + 127) / 128 + std::min<int64_t>(p.E, p.M)) * ((p.N + tile_n - 1) / tile_n);
   int const sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
   return tiles_upper >= 4 * int64_t(sm_count);
@@ -90,7 +84,6 @@ bool parse_tile_config(char const* name, TileConfig* config) {
   static Named const names[] = {{"auto", TileConfig::kAuto},
                                 {"128x256", TileConfig::k128x256},
                                 {"128x128", TileConfig::k128x128},
-                                {"128x64", TileConfig::k128x64},
                                 {"128x256c2", TileConfig::k128x256Cluster2}};
   for (Named const& named : names) {
     if (std::strcmp(name, named.name) == 0) {
@@ -105,7 +98,6 @@ char const* tile_config_name(TileConfig config) {
   switch (config) {
     case TileConfig::k128x256: return "128x256";
     case TileConfig::k128x128: return "128x128";
-    case TileConfig::k128x64: return "128x64";
     case TileConfig::k128x256Cluster2: return "128x256c2";
     default: return "auto";
   }
@@ -172,8 +164,6 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
   switch (config) {                                                                           \
     case TileConfig::k128x128:                                                                \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128>(p, stream);  \
-    case TileConfig::k128x64:                                                                 \
-      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x64>(p, stream);   \
     case TileConfig::k128x256Cluster2:                                                        \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster2>(p, stream); \
     default:                                                                                  \

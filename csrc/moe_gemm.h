@@ -13,10 +13,9 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 // Tile configurations of the sm90 kernel. kAuto lets choose_tile_config() pick from host-known shapes.
 // k128x256Cluster2: clusters of two CTAs on consecutive m-blocks of one expert share (multicast)
 // each B tile, halving the weight traffic from L2. Only on request: it measured slower so far.
-// k128x64: for weight-streaming problems whose 128x128 tiles would not cover the SMs (decode with few experts).
-enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2, k128x256Cluster2 = 3, k128x64 = 4 };
+enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2, k128x256Cluster2 = 3 };
 
-// "auto", "128x256", "128x128", "128x64", "128x256c2" <-> TileConfig; parse returns false for an unknown name.
+// "auto", "128x256", "128x128", "128x256c2" <-> TileConfig; parse returns false for an unknown name.
 bool parse_tile_config(char const* name, TileConfig* config);
 char const* tile_config_name(TileConfig config);
 

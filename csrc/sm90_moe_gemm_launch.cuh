@@ -30,12 +30,6 @@ template <> struct TileTraits<TileConfig::k128x256> {
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kGroupM = 8;
 };
-// Decode with few experts: narrow tiles so that enough CTAs stream the weights (more stages in flight, too).
-template <> struct TileTraits<TileConfig::k128x64> {
-  using TileShape = cute::Shape<cute::_128, cute::_64, cute::_64>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  static constexpr int kGroupM = 8;
-};
 // Long experts: the same tile, two CTAs per cluster multicasting B (groups of 4 cluster m-blocks = 8 CTA m-blocks).
 template <> struct TileTraits<TileConfig::k128x256Cluster2> {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
