@@ -3,6 +3,8 @@
 //
 // What is MoE-specific, and ours:
 //   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
+//     tiles are handed out statically (CTA b takes b, b + grid, ...) or, for problems of several
+//     waves, dynamically from a global counter, so that CTAs sharing a weight tile start it together;
 //   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
 //   - the epilogue: a tile that lies wholly inside its expert goes out through shared memory and
@@ -54,7 +56,6 @@ class Sm90MoeGemmKernel {
   using Scheduler = Sm90MoeTileScheduler<kTileM * kClusterM>;
 
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
-  static constexpr uint32_t kNumMmaWarpGroups = kNumMmaThreads / cutlass::NumThreadsPerWarpGroup;
   static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
   // The producer warpgroup only issues TMA; give its registers to the MMA warpgroups.
