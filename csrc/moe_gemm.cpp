@@ -54,12 +54,16 @@ TileConfig resolved_config(GroupedGemmParams const& p) {
 
 // Dynamic scheduling pays when tiles come in several waves (CTAs drift apart over the waves, and a
 // weight tile shared by CTAs that no longer run together is read from DRAM again); a one-wave decode
-// problem skips the counter and its memset.
+// problem skips the counter and its memset. Clusters keep static striding (both CTAs of a cluster
+// must take the same tile).
 bool use_dynamic_schedule(GroupedGemmParams const& p) {
   if (p.dynamic_schedule >= 0) {
-    return p.dynamic_schedule == 1;
+    return p.dynamic_schedule == 1 && resolved_config(p) != TileConfig::k128x256Cluster2;
   }
   TileConfig const config = resolved_config(p);
+  if (config == TileConfig::k128x256Cluster2) {
+    return false;
+  }
   int64_t const tile_n = config == TileConfig::k128x128 ? 128 : 256;
   int64_t const tiles_upper = ((p.M + 127) / 128 + std::min<int64_t>(p.E, p.M)) * ((p.N + tile_n - 1) / tile_n);
   int const sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();

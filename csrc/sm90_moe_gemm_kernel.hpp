@@ -76,57 +76,18 @@ class Sm90MoeGemmKernel {
       cute::SM90_TMA_STORE{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<ElementD*>(nullptr)), GmemLayoutD{}),
       SmemLayoutD{}(cute::_, cute::_, cute::Int<0>{})));
 
-  // Dynamic scheduling: the producer warp of the cluster's first CTA takes the next tile from a global
-  // counter and hands its index to every consumer in the cluster through a ring of kTileSlots slots:
-  // st.async writes the index into each CTA's slot and completes that CTA's `full` transaction
-  // barrier; every consumer releases the slot by arriving on the first CTA's `empty` barrier (the
-  // handshake CUTLASS's multicast pipelines use). Consumers: the MMA threads of every CTA, and the
-  // TMA warps of the other CTAs, which must load the same tiles.
+  // Dynamic scheduling: the producer warp takes the next tile from a global counter and hands its
+  // index to the MMA warpgroups through this small pipeline.
   static constexpr int kTileSlots = 4;
-  static constexpr uint32_t kTileConsumers = kClusterM * kNumMmaThreads + (kClusterM - 1) * cutlass::NumThreadsPerWarp;
-  struct TileChannel {
-    cutlass::arch::ClusterTransactionBarrier full[kTileSlots];
-    cutlass::arch::ClusterBarrier empty[kTileSlots];
-    uint32_t slots[kTileSlots];
-
-    CUTLASS_DEVICE void init() {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kTileSlots; ++i) {
-        full[i].init(1);
-        empty[i].init(kTileConsumers);
-      }
-      cutlass::arch::fence_barrier_init();
-    }
-
-    // The n-th tile of this cluster (one thread of the first CTA).
-    CUTLASS_DEVICE void publish(int n, uint32_t tile) {
-      int const slot = n % kTileSlots;
-      if (n >= kTileSlots) {
-        empty[slot].wait(((n / kTileSlots) - 1) & 1);
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int rank = 0; rank < kClusterM; ++rank) {
-        full[slot].arrive_and_expect_tx(uint32_t(sizeof(uint32_t)), uint32_t(rank), 1u);
-        cute::store_shared_remote(tile, cute::cast_smem_ptr_to_uint(&slots[slot]),
-                                  cute::cast_smem_ptr_to_uint(&full[slot]), rank);
-      }
-    }
-
-    // The n-th tile, read by a consumer thread.
-    CUTLASS_DEVICE uint32_t receive(int n) {
-      int const slot = n % kTileSlots;
-      full[slot].wait((n / kTileSlots) & 1);
-      uint32_t const tile = slots[slot];
-      empty[slot].arrive(0u, 1u);  // on the first CTA of the cluster
-      return tile;
-    }
-  };
+  using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
+  using TilePipelineState = typename TilePipeline::PipelineState;
 
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
     alignas(1024) cute::array_aligned<ElementD, cute::cosize_v<SmemLayoutD>, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
-    alignas(16) TileChannel tile_channel;
+    alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
+    int64_t tile_slots[kTileSlots];
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
   static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
@@ -136,8 +97,8 @@ class Sm90MoeGemmKernel {
     TmaStoreD tma_store_d;
     MoeSchedulerParams scheduler;
     // Zeroed before the launch; null for static striding (tile = first + i * num_clusters). With a
-    // counter, cluster c starts with tile c and then takes num_clusters + atomicAdd(counter, 1):
-    // tiles start in order of time, so the CTAs that share a weight tile load it from L2 together.
+    // counter, CTA b starts with tile b and then takes gridDim + atomicAdd(counter, 1): tiles start in
+    // order of time, so the CTAs that share a weight tile load it from L2 together.
     int* tile_counter;
     ElementD* ptr_d;
     int64_t ldd;
@@ -185,9 +146,13 @@ class Sm90MoeGemmKernel {
     pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
     MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, ClusterShape{});
 
-    if (params.tile_counter != nullptr && warp_idx == 0 && lane_predicate) {
-      shared_storage.tile_channel.init();
-    }
+    typename TilePipeline::Params tile_pipeline_params;
+    tile_pipeline_params.role = warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
+                                : warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
+                                                                          : TilePipeline::ThreadCategory::NonParticipant;
+    tile_pipeline_params.producer_arv_count = 1;
+    tile_pipeline_params.consumer_arv_count = kNumMmaThreads;
+    TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
     if constexpr (kClusterM > 1) {
@@ -202,16 +167,11 @@ class Sm90MoeGemmKernel {
     if (warp_group_role == WarpGroupRole::Producer) {
       cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
       if (warp_idx_in_warp_group == 0) {
-        produce(params, scheduler, pipeline, shared_storage);
+        produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      consume(params, scheduler, pipeline, shared_storage, mma_thread_idx);
-    }
-    // Peers arrive on this CTA's barriers until their last tile: no CTA leaves before the others.
-    if constexpr (kClusterM > 1) {
-      cute::cluster_arrive_relaxed();
-      cute::cluster_wait();
+      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
     }
 #else
     if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -234,7 +194,7 @@ class Sm90MoeGemmKernel {
   // TMA warp: for each tile, K-blocks of A (the expert's rows) and of B[e] into the smem stages.
   CUTLASS_DEVICE
   static void produce(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      SharedStorage& shared_storage) {
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage) {
     using namespace cute;
     auto const& tma_a = params.mainloop.tma_load_a;
     auto const& tma_b = params.mainloop.tma_load_b;
@@ -257,18 +217,16 @@ class Sm90MoeGemmKernel {
     // The whole warp walks the tiles (the scheduler is warp-collective); one lane issues the copies.
     bool const is_leader = cute::elect_one_sync();
     bool const dynamic = params.tile_counter != nullptr;
-    bool const picks_tiles = int(cute::block_rank_in_cluster()) == 0;  // else it receives them
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
-    int64_t tile = first_cluster_tile();
-    for (int n = 0;; ++n) {
-      if (dynamic) {  // an invalid tile tells the consumers to stop
-        if (picks_tiles) {
-          if (is_leader) {
-            shared_storage.tile_channel.publish(n, uint32_t(tile));
-          }
-        } else {
-          tile = shared_storage.tile_channel.receive(n);
+    TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
+    for (int64_t tile = first_cluster_tile();;) {
+      if (dynamic) {  // publish the tile (an invalid one tells the consumers to stop)
+        tile_pipeline.producer_acquire(tile_write);
+        if (is_leader) {
+          shared_storage.tile_slots[tile_write.index()] = tile;
+          tile_pipeline.producer_commit(tile_write);
         }
+        ++tile_write;
       }
       MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {
@@ -294,14 +252,14 @@ class Sm90MoeGemmKernel {
         }
       }
       write_state.advance(k_tiles);
-      if (!dynamic) {
-        tile += num_clusters();
-      } else if (picks_tiles) {
+      if (dynamic) {
         int next = 0;
         if (threadIdx.x % 32 == 0) {
           next = atomicAdd(params.tile_counter, 1);
         }
         tile = int64_t(__shfl_sync(0xffffffff, next, 0)) + num_clusters();
+      } else {
+        tile += num_clusters();
       }
     }
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
@@ -313,7 +271,7 @@ class Sm90MoeGemmKernel {
   // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate.
   CUTLASS_DEVICE
   static void consume(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      SharedStorage& shared_storage, int mma_thread_idx) {
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
@@ -322,10 +280,13 @@ class Sm90MoeGemmKernel {
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
 
     bool const dynamic = params.tile_counter != nullptr;
-    int64_t tile = first_cluster_tile();
-    for (int n = 0;; ++n, tile += dynamic ? 0 : num_clusters()) {
+    TilePipelineState tile_read;
+    for (int64_t tile = first_cluster_tile();; tile += dynamic ? 0 : num_clusters()) {
       if (dynamic) {
-        tile = shared_storage.tile_channel.receive(n);
+        tile_pipeline.consumer_wait(tile_read);
+        tile = shared_storage.tile_slots[tile_read.index()];
+        tile_pipeline.consumer_release(tile_read);
+        ++tile_read;
       }
       MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {

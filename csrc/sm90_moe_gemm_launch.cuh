@@ -101,7 +101,7 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
   params.scheduler.rows_total = p.M;
   params.scheduler.tiles_n = (N + kTileN - 1) / kTileN;
   params.scheduler.group_m = p.group_m > 0 ? p.group_m : TileTraits<kConfig>::kGroupM;
-  params.tile_counter = static_cast<int*>(p.workspace);
+  params.tile_counter = Kernel::kClusterM == 1 ? static_cast<int*>(p.workspace) : nullptr;
   params.ptr_d = static_cast<Element*>(p.d);
   params.ldd = p.ldd;
   params.N = N;
