@@ -11,7 +11,7 @@ FIND_LINKS := $(if $(wildcard .wheels/*.whl),--find-links .wheels)
 # torch is only installed when absent, never upgraded; pinned to the version of the local CPU wheel CI uses.
 TORCH_SPEC ?= torch==2.13.0
 # pip package:module it provides.
-DEPS := nvidia-cutlass:cutlass_library ninja:ninja pybind11:pybind11 pytest:pytest tqdm:tqdm numpy:numpy \
+DEPS := nvidia-cutlass:cutlass_library ninja:ninja pybind11:pybind11 pytest:pytest tqdm:tqdm numpy:numpy transformers:transformers \
         setuptools:setuptools wheel:wheel
 MISSING_DEPS := import importlib.util, sys; \
         print(" ".join(p for p, m in (d.split(":") for d in sys.argv[1:]) if importlib.util.find_spec(m) is None))

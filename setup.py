@@ -133,7 +133,7 @@ setup(
     name="moe_gemm",
     version=read_version(),
     description="CUTLASS grouped GEMM for mixture-of-experts layers on Hopper",
-    packages=find_packages(include=["moe_gemm"]),
+    packages=find_packages(include=["moe_gemm", "moe_gemm.*"]),
     package_data={"moe_gemm": ["shapes.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],

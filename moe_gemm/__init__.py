@@ -4,15 +4,33 @@
 weight. It runs the CUDA kernel of ``moe_gemm._C`` when built, and a pure-PyTorch path with the same semantics on CPU
 or without the extension. Importing the package registers the ops ``torch.ops.moe_gemm.grouped_mm`` and
 ``torch.ops.moe_gemm.grouped_mm_wgrad``.
+
+The MoE layer around it is pure PyTorch and never syncs with the host: ``route`` (top-k routing), ``dispatch`` and
+``combine`` (tokens to expert-sorted rows and back), ``experts_forward`` and the modules ``MoEExperts`` and ``MoE``.
 """
 
 import torch
 
 from moe_gemm._ops import KERNELS_UNAVAILABLE_REASON, cuda_available
+from moe_gemm.dispatch import DispatchInfo, combine, dispatch
 from moe_gemm.functional import grouped_forward
+from moe_gemm.layer import MoE, MoEExperts, experts_forward
+from moe_gemm.routing import route
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "build_info", "cuda_available", "grouped_forward"]
+__all__ = [
+    "DispatchInfo",
+    "MoE",
+    "MoEExperts",
+    "__version__",
+    "build_info",
+    "combine",
+    "cuda_available",
+    "dispatch",
+    "experts_forward",
+    "grouped_forward",
+    "route",
+]
 
 
 def build_info() -> str:

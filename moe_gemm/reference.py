@@ -1,4 +1,4 @@
-"""Per-expert loop reference for the grouped GEMMs, and the one rule that maps ``m_sizes`` to row ranges.
+"""Plain-loop references (the grouped GEMMs, routing, the MoE expert layer) and the rule mapping ``m_sizes`` to rows.
 
 The rule: expert ``e`` owns rows ``[start[e], end[e])`` of ``x``, where negative sizes count as 0 and every offset is
 clamped to the number of rows ``M``::
@@ -9,7 +9,8 @@ clamped to the number of rows ``M``::
 so ``sum(m_sizes) > M`` drops the rows that would lie at or past ``M`` and nothing reads or writes out of bounds.
 Rows past ``end[E - 1]`` belong to no expert: their output rows are zero and they contribute nothing to ``grad_W``.
 
-The references compute in a wide dtype (float64 by default) and serve the tests, the benchmark and the CPU path.
+The GEMM references compute in a wide dtype (float64 by default) and serve the tests, the benchmark and the CPU path.
+``route_reference`` and ``experts_forward_reference`` (float64, one token at a time) serve the tests of the MoE layer.
 """
 
 from collections.abc import Sequence
@@ -81,3 +82,103 @@ def grouped_mm_wgrad_reference(
             x_e, grad_y_e = x[start:end].to(dtype), grad_y[start:end].to(dtype)
             grad_w[expert] = x_e.t() @ grad_y_e if weight_transposed else grad_y_e.t() @ x_e
     return grad_w
+
+
+def _ranked(scores: Sequence[float], count: int) -> list[int]:
+    """Indices of the ``count`` largest scores, largest first, equal scores in index order."""
+    return sorted(range(len(scores)), key=lambda index: (-scores[index], index))[:count]
+
+
+def route_reference(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    e_score_correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_gemm.route`` one token at a time, selection in plain Python: ``(weights float32, ids int64)``, ``[T, k]``.
+
+    Scores come from the same float32 elementwise ops as ``route``; group scores are float32 sums (a float64 sum of
+    two float32 values rounds to the float32 sum exactly).
+    """
+    logits = torch.nan_to_num(router_logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    num_experts = logits.shape[1]
+    all_ids, all_weights = [], []
+    for row in range(logits.shape[0]):
+        token_logits = logits[row].tolist()
+        if scoring == "softmax":
+            ids = _ranked(token_logits, top_k)
+            probs = torch.softmax(logits[row], dim=0).tolist()
+            weights = [probs[e] for e in ids]
+            if renormalize:
+                weights = [w / sum(weights) for w in weights]
+        elif scoring == "softmax_topk":
+            ids = _ranked(token_logits, top_k)
+            weights = torch.softmax(torch.tensor([token_logits[e] for e in ids]), dim=0).tolist()
+        else:
+            scores = torch.sigmoid(logits[row])
+            biased = (scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()).tolist()
+            if n_group is not None:
+                size = num_experts // n_group
+                group_scores = []
+                for group in range(n_group):
+                    members = biased[group * size : (group + 1) * size]
+                    best = [members[e] for e in _ranked(members, 2)]
+                    group_scores.append(torch.tensor(sum(best), dtype=torch.float32).item())
+                kept = set(_ranked(group_scores, topk_group))
+                biased = [score if e // size in kept else float("-inf") for e, score in enumerate(biased)]
+            ids = _ranked(biased, top_k)
+            weights = [scores[e].item() for e in ids]
+            if renormalize:
+                weights = [w / (sum(weights) + 1e-20) for w in weights]
+        all_ids.append(ids)
+        all_weights.append([w * routed_scaling_factor for w in weights])
+    shape = (logits.shape[0], top_k)
+    return (
+        torch.tensor(all_weights, dtype=torch.float32).view(shape),
+        torch.tensor(all_ids, dtype=torch.int64).view(shape),
+    )
+
+
+def experts_forward_reference(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    act: str = "silu",
+    weight_transposed: bool = False,
+    concatenated: bool = True,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``moe_gemm.experts_forward`` in float64, one token and one chosen expert at a time; never groups rows."""
+    activations = {
+        "silu": torch.nn.functional.silu,
+        "gelu": torch.nn.functional.gelu,
+        "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    }
+    num_experts = gate_up_proj.shape[0]
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for token in range(hidden.shape[0]):
+        x = hidden[token].double().cpu()
+        for expert, weight in zip(top_k_index[token].tolist(), top_k_weights[token].tolist()):
+            if not 0 <= expert < num_experts:
+                continue
+            gate_up = x @ _expert_weight(gate_up_proj, expert, weight_transposed, torch.float64).cpu()
+            if gate_up_bias is not None:
+                gate_up = gate_up + gate_up_bias[expert].double().cpu()
+            half = gate_up.shape[0] // 2
+            gate, up = (gate_up[:half], gate_up[half:]) if concatenated else (gate_up[0::2], gate_up[1::2])
+            y = (activations[act](gate) * up) @ _expert_weight(
+                down_proj, expert, weight_transposed, torch.float64
+            ).cpu()
+            if down_bias is not None:
+                y = y + down_bias[expert].double().cpu()
+            out[token] += weight * y
+    return out

@@ -1,0 +1,110 @@
+"""Dispatch (tokens to expert-sorted rows) and combine (expert rows back to tokens), without a host sync.
+
+``dispatch`` lays the ``T * top_k`` (token, slot) pairs out as rows grouped by expert, in expert order, which is what
+``grouped_forward`` reads; ``combine`` gathers each token's ``top_k`` rows back and sums them with the routing
+weights. Shapes depend only on input shapes (``[T * top_k, ...]`` whatever the routing), so both are CUDA-graph
+capturable, and both are deterministic: a stable sort and gathers, no atomics.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DispatchInfo:
+    """What ``dispatch`` returns and ``combine`` reads, over ``P = T * top_k`` pairs (token ``t``, slot ``j``), pair
+    ``p = t * top_k + j``.
+
+    Attributes:
+        x_sorted: ``[P, H]``, row ``r`` the hidden state of the token of pair ``pair_of_row[r]``: grouped by expert in
+            expert order, token order kept within an expert; rows of dropped pairs (ids outside ``[0, E)``) last.
+        m_sizes: ``[E]`` int64 rows per expert; the dropped rows lie past ``sum(m_sizes)``.
+        expert_of_row: ``[P]`` int64 expert of each row, ``E`` for dropped rows.
+        pair_of_row: ``[P]`` int64, the permutation: row ``r`` holds pair ``pair_of_row[r]``.
+        row_of_pair: ``[P]`` int64, its inverse: pair ``p`` lies in row ``row_of_pair[p]``.
+        valid_pair: ``[T, top_k]`` bool, whether the pair's expert id is in ``[0, E)``.
+    """
+
+    x_sorted: torch.Tensor
+    m_sizes: torch.Tensor
+    expert_of_row: torch.Tensor
+    pair_of_row: torch.Tensor
+    row_of_pair: torch.Tensor
+    valid_pair: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.valid_pair.shape[1]
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``hidden[token of each row]``, whose gradient sums each token's ``top_k`` rows by a gather, in slot order.
+
+    Autograd's own gradient of the indexing is ``index_put_(accumulate=True)``, which on CUDA adds a token's rows
+    with atomics, in no fixed order.
+    """
+
+    @staticmethod
+    def forward(hidden, pair_of_row, row_of_pair, top_k):
+        return hidden[pair_of_row // top_k]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[2])
+        ctx.top_k = inputs[3]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (row_of_pair,) = ctx.saved_tensors
+        grad_pairs = grad_rows[row_of_pair].view(-1, ctx.top_k, grad_rows.shape[1])
+        return grad_pairs.sum(dim=1), None, None, None
+
+
+def dispatch(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int) -> DispatchInfo:
+    """Sort the (token, slot) pairs by expert: see ``DispatchInfo``.
+
+    Args:
+        hidden: ``[T, H]`` hidden states.
+        ids: ``[T, top_k]`` integer expert ids. Ids outside ``[0, num_experts)``, such as the sentinels of expert
+            parallelism, are dropped: their rows go last, past ``sum(m_sizes)``, where ``grouped_forward`` writes
+            zeros, and ``combine`` ignores them.
+        num_experts: ``E``.
+    """
+    if hidden.dim() != 2 or ids.dim() != 2 or ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"need hidden [T, H] and ids [T, top_k], got {tuple(hidden.shape)} and {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+    ids = ids.to(torch.int64)
+    valid_pair = (ids >= 0) & (ids < num_experts)
+    expert_of_pair = torch.where(valid_pair, ids, num_experts).flatten()
+    # Stable: within an expert, pairs keep their (token, slot) order, so the layout is a function of ids alone.
+    expert_of_row, pair_of_row = torch.sort(expert_of_pair, stable=True)
+    # The sorted ids are non-decreasing: expert e's rows end where the first id greater than e starts.
+    experts = torch.arange(num_experts, device=ids.device)
+    group_ends = torch.searchsorted(expert_of_row, experts, right=True)
+    m_sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1))
+    rows = torch.arange(pair_of_row.shape[0], device=ids.device)
+    row_of_pair = torch.empty_like(pair_of_row).scatter_(0, pair_of_row, rows)
+    x_sorted = _GatherTokens.apply(hidden, pair_of_row, row_of_pair, ids.shape[1])
+    return DispatchInfo(x_sorted, m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair)
+
+
+def combine(y_sorted: torch.Tensor, info: DispatchInfo, weights: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j weights[t, j] * y_sorted[row of pair (t, j)]``, over the valid pairs only: ``[T, N]``.
+
+    ``y_sorted`` is ``[T * top_k, N]`` in the row order of ``info``. The sum runs over the ``top_k`` slots in a fixed
+    order, in float32 (float64 for float64 inputs), and is returned in the dtype of ``y_sorted``. Dropped pairs add
+    exactly nothing, whatever their rows or weights hold, and get zero gradients.
+    """
+    num_tokens, top_k = info.valid_pair.shape
+    if tuple(weights.shape) != (num_tokens, top_k) or y_sorted.shape[0] != num_tokens * top_k:
+        raise ValueError(
+            f"need y_sorted [{num_tokens * top_k}, N] and weights [{num_tokens}, {top_k}], "
+            f"got {tuple(y_sorted.shape)} and {tuple(weights.shape)}"
+        )
+    acc_dtype = torch.float64 if torch.float64 in (y_sorted.dtype, weights.dtype) else torch.float32
+    # A gather and a sum over top_k rather than index_add_: no atomics, so the result is bitwise reproducible.
+    y_pairs = y_sorted[info.row_of_pair].view(num_tokens, top_k, -1).to(acc_dtype)
+    weighted = torch.where(info.valid_pair[..., None], y_pairs * weights.to(acc_dtype)[..., None], 0)
+    return weighted.sum(dim=1).to(y_sorted.dtype)

@@ -1,0 +1,74 @@
+"""``experts_implementation="moe_gemm"`` for Hugging Face transformers (the experts interface of transformers 5).
+
+``register()`` adds ``moe_gemm_experts_forward`` to ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``; then::
+
+    model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="moe_gemm")
+    # or, on a loaded model: model.set_experts_implementation("moe_gemm")
+
+serves every experts module decorated with ``@use_experts_implementation`` (Mixtral, Qwen-MoE, DeepSeek-V3,
+GPT-OSS, ...) with ``moe_gemm.experts_forward``. The module's flags say how to read its weights: ``has_gate``
+(``gate_up_proj``, else ``up_proj``), ``has_bias`` (``*_proj_bias``), ``is_transposed`` (``[E, in, out]``
+weights) and ``is_concatenated`` (``[gate; up]`` halves, else interleaved). A module with its own ``_apply_gate``,
+or an activation other than SiLU or GELU, is gated by its own code.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from moe_gemm.layer import experts_forward
+
+IMPLEMENTATION_NAME = "moe_gemm"
+
+
+def _fused_activation(module: torch.nn.Module) -> str | None:
+    """Our name for the module's gated activation when it is the default ``act_fn(gate) * up``, else None."""
+    from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
+    from transformers.integrations.moe import _default_apply_gate
+
+    if type(module)._apply_gate is not _default_apply_gate:
+        return None
+    act_fn = getattr(module, "act_fn", None)
+    if isinstance(act_fn, (SiLUActivation, torch.nn.SiLU)):
+        return "silu"
+    if isinstance(act_fn, GELUTanh) or (isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "tanh"):
+        return "gelu_tanh"
+    if (isinstance(act_fn, GELUActivation) and act_fn.act is F.gelu) or (
+        isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "none"
+    ):
+        return "gelu"
+    return None
+
+
+def moe_gemm_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts interface's signature: ``[T, H]`` hidden states, ``[T, k]`` ids and weights -> ``[T, H]``.
+
+    Ids outside ``[0, num_experts)`` (expert-parallel sentinels) contribute nothing.
+    """
+    if getattr(self, "has_post_expert_norm", False):
+        raise NotImplementedError("experts_implementation='moe_gemm' does not support a post-expert norm")
+    prefix = "gate_up_proj" if self.has_gate else "up_proj"
+    if not self.has_gate:
+        act = self.act_fn
+    else:
+        act = _fused_activation(self) or self._apply_gate
+    return experts_forward(
+        hidden_states,
+        top_k_index,
+        top_k_weights,
+        getattr(self, prefix),
+        self.down_proj,
+        act=act,
+        weight_transposed=self.is_transposed,
+        concatenated=self.is_concatenated,
+        gate_up_bias=getattr(self, f"{prefix}_bias") if self.has_bias else None,
+        down_bias=self.down_proj_bias if self.has_bias else None,
+    )
+
+
+def register() -> None:
+    """Make ``experts_implementation="moe_gemm"`` available to transformers models (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, moe_gemm_experts_forward)
