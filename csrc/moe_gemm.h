@@ -58,4 +58,31 @@ size_t grouped_gemm_workspace_bytes(GroupedGemmParams const& params);
 // Launches the grouped GEMM on `stream`. Asynchronous; returns the launch status.
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t stream);
 
+// Weight gradient, a K-grouped GEMM: the reduction runs over each expert's rows, read from m_sizes on
+// the GPU. With L = grad_y, R = x (weight [E, N, K]) or L = x, R = grad_y (weight_transposed, [E, K, N]):
+//   D[e] (P x Q) = L_e^T @ R_e,  L_e = L[offs[e] : offs[e] + m_sizes[e], :] ([rows, P]), R_e likewise ([rows, Q]).
+// An expert without rows gets an exact zero (or, accumulating, is left as it was); rows past the last
+// expert contribute nothing.
+struct GroupedWgradParams {
+  void const* l = nullptr;        // [M, P], row stride ldl, inner stride 1
+  void const* r = nullptr;        // [M, Q], row stride ldr, inner stride 1
+  void* d = nullptr;              // [E, P, Q], rows of ldd elements, experts batch_stride_d apart
+  void const* m_sizes = nullptr;  // [E] counts in device memory, int32 or int64
+  bool m_sizes_int64 = false;
+  DType dtype = DType::kBFloat16; // of l and r
+  bool d_float32 = false;         // D is float32 (else the input dtype)
+  bool accumulate = false;        // D += L^T R (float32 D only): a trainer's main-grad buffer
+  int64_t M = 0, P = 0, Q = 0;
+  int32_t E = 0;
+  int64_t ldl = 0, ldr = 0, ldd = 0, batch_stride_d = 0;
+  int sm_count = 0;               // persistent grid size; 0 = query the current device
+  // Device memory of grouped_wgrad_workspace_bytes(params) bytes, zeroed by the caller before each launch.
+  void* workspace = nullptr;
+};
+
+// Nullptr when the kernel can run these params, else a sentence saying what is wrong.
+char const* check_grouped_wgrad(GroupedWgradParams const& params);
+size_t grouped_wgrad_workspace_bytes(GroupedWgradParams const& params);
+cudaError_t run_grouped_wgrad(GroupedWgradParams const& params, cudaStream_t stream);
+
 }  // namespace moe_gemm
