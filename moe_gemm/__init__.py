@@ -2,24 +2,30 @@
 
 ``grouped_forward(x, weight, m_sizes)`` multiplies each expert's contiguous block of rows of ``x`` by that expert's
 weight. It runs the CUDA kernel of ``moe_gemm._C`` when built, and a pure-PyTorch path with the same semantics on CPU
-or without the extension. Importing the package registers the ops ``torch.ops.moe_gemm.grouped_mm`` and
-``torch.ops.moe_gemm.grouped_mm_wgrad``.
+or without the extension; it is differentiable, its backward running the same kernel for ``grad_x`` and a K-grouped
+weight-gradient kernel for ``grad_W`` (``grouped_weight_grad``, which can also add into a float32 main-grad buffer).
+Importing the package registers the ops ``torch.ops.moe_gemm.grouped_mm``, ``grouped_mm_wgrad`` and
+``grouped_mm_wgrad_accumulate_``.
 
 The MoE layer around it is pure PyTorch and never syncs with the host: ``route`` (top-k routing), ``dispatch`` and
-``combine`` (tokens to expert-sorted rows and back), ``experts_forward`` and the modules ``MoEExperts`` and ``MoE``.
+``combine`` (tokens to expert-sorted rows and back), ``experts_forward`` and the modules ``MoEExperts`` and ``MoE``;
+``fuse_experts`` moves models whose experts are an ``nn.ModuleList`` of MLPs onto it. ``route`` is one fused CUDA
+kernel (``torch.ops.moe_gemm.route``) where the extension is built.
 """
 
 import torch
 
 from moe_gemm._ops import KERNELS_UNAVAILABLE_REASON, cuda_available
 from moe_gemm.dispatch import DispatchInfo, combine, dispatch
-from moe_gemm.functional import grouped_forward
+from moe_gemm.functional import grouped_forward, grouped_weight_grad
+from moe_gemm.fuse import FusedExperts, fuse_experts
 from moe_gemm.layer import MoE, MoEExperts, experts_forward
 from moe_gemm.routing import route
 
 __version__ = "0.1.0"
 __all__ = [
     "DispatchInfo",
+    "FusedExperts",
     "MoE",
     "MoEExperts",
     "__version__",
@@ -28,7 +34,9 @@ __all__ = [
     "cuda_available",
     "dispatch",
     "experts_forward",
+    "fuse_experts",
     "grouped_forward",
+    "grouped_weight_grad",
     "route",
 ]
 

@@ -3,13 +3,16 @@
 Two ops, both returning new tensors:
 
 - ``moe_gemm::grouped_mm(x, weight, m_sizes, weight_transposed=False)``: ``y = x_e @ W[e].T`` per expert (``@ W[e]``
-  when ``weight_transposed``), ``[M, N]``. Its CUDA kernel lives in ``moe_gemm._C`` (``csrc/``), which defines the
-  schema with ``TORCH_LIBRARY``; when ``_C`` is absent, this module defines the same schema.
-- ``moe_gemm::grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``,
-  shaped like the weight. Python only for now.
+  when ``weight_transposed``), ``[M, N]``.
+- ``moe_gemm::grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
+  (``x_e.T @ grad_y_e`` when ``weight_transposed``), shaped like the weight, in the dtype of ``x``.
+- ``moe_gemm::grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes, weight_transposed=False)``: the same
+  gradient added into a float32 buffer in place (a trainer's main-grad), nothing returned.
 
-This module owns everything else: the pure-PyTorch kernels (CPU always, CUDA while ``_C`` is absent), the fake
-(meta) kernels that let ``torch.compile`` trace the ops, and autograd. Row ranges follow ``reference.py``.
+``moe_gemm._C`` (``csrc/``) defines the schemas with ``TORCH_LIBRARY`` and registers the CUDA kernels; when it is
+absent, this module defines the same schemas. This module owns everything else: the pure-PyTorch kernels (CPU
+always, CUDA while ``_C`` is absent), the fake (meta) kernels that let ``torch.compile`` trace the ops, and autograd.
+Row ranges follow ``reference.py``.
 """
 
 import importlib
@@ -17,11 +20,13 @@ import warnings
 
 import torch
 
-from moe_gemm import _validation
-from moe_gemm.reference import clamped_group_ends, grouped_mm_reference, grouped_mm_wgrad_reference
+from moe_gemm.reference import grouped_mm_reference, grouped_mm_wgrad_reference
 
 GROUPED_MM_SCHEMA = "(Tensor x, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor"
 GROUPED_MM_WGRAD_SCHEMA = "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor"
+GROUPED_MM_WGRAD_ACCUMULATE_SCHEMA = (
+    "(Tensor(a!) main_grad, Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> ()"
+)
 
 
 def _load_extension():
@@ -54,7 +59,8 @@ def cuda_available() -> bool:
 
 if _C is None:
     torch.library.define("moe_gemm::grouped_mm", GROUPED_MM_SCHEMA)
-torch.library.define("moe_gemm::grouped_mm_wgrad", GROUPED_MM_WGRAD_SCHEMA)
+    torch.library.define("moe_gemm::grouped_mm_wgrad", GROUPED_MM_WGRAD_SCHEMA)
+    torch.library.define("moe_gemm::grouped_mm_wgrad_accumulate_", GROUPED_MM_WGRAD_ACCUMULATE_SCHEMA)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,33 +79,23 @@ def _grouped_mm_wgrad_eager(x, grad_y, m_sizes, weight_transposed=False):
     return grad_w.to(x.dtype)
 
 
-def _wgrad_torch_grouped_mm(x, grad_y, m_sizes, weight_transposed=False):
-    """Weight gradient with ``torch._grouped_mm`` grouped along the rows (one launch, no host sync). bfloat16 only."""
-    ends = clamped_group_ends(m_sizes, x.shape[0])
-    offs = ends.to(torch.int32)
-    if weight_transposed:
-        grad_w = torch._grouped_mm(x.t(), grad_y, offs=offs)  # [E, K, N]
-    else:
-        grad_w = torch._grouped_mm(grad_y.t(), x, offs=offs)  # [E, N, K]
-    # A group with no rows is a sum over nothing; torch._grouped_mm does not promise to write it, so zero it here.
-    empty = torch.diff(ends, prepend=ends.new_zeros(1)) == 0
-    return grad_w.masked_fill_(empty[:, None, None], 0)
+def _grouped_mm_wgrad_accumulate_eager(main_grad, x, grad_y, m_sizes, weight_transposed=False):
+    """Pure-PyTorch ``main_grad += grad_W`` (float32 sums). Syncs on CUDA."""
+    if main_grad.dtype != torch.float32:
+        raise TypeError(f"main_grad: expected a torch.float32 buffer, got {main_grad.dtype}")
+    expected = _grouped_mm_wgrad_fake(x, grad_y, m_sizes, weight_transposed).shape
+    if main_grad.shape != expected:
+        raise ValueError(f"main_grad: expected shape {tuple(expected)}, got {tuple(main_grad.shape)}")
+    main_grad += grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed, dtype=torch.float32)
 
 
-def _grouped_mm_wgrad_cuda(x, grad_y, m_sizes, weight_transposed=False):
-    """CUDA weight gradient until ``csrc/`` has one: ``torch._grouped_mm`` where it applies, else the syncing loop."""
-    readable = all(_validation.kernel_layout_problem(t) is None for t in (x, grad_y))
-    if x.dtype == torch.bfloat16 and x.shape[0] > 0 and readable:
-        return _wgrad_torch_grouped_mm(x, grad_y, m_sizes, weight_transposed)
-    return _grouped_mm_wgrad_eager(x, grad_y, m_sizes, weight_transposed)
-
-
-# With _C loaded its kernel serves CUDA tensors; without it the pure-PyTorch forward does (syncing on the sizes).
+# With _C loaded its kernels serve CUDA tensors; without it the pure-PyTorch ones do (syncing on the sizes).
+_EAGER_DEVICES = ("cpu",) if cuda_available() else ("cpu", "cuda")
+torch.library.register_kernel("moe_gemm::grouped_mm", _EAGER_DEVICES, _grouped_mm_eager)
+torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", _EAGER_DEVICES, _grouped_mm_wgrad_eager)
 torch.library.register_kernel(
-    "moe_gemm::grouped_mm", ("cpu",) if cuda_available() else ("cpu", "cuda"), _grouped_mm_eager
+    "moe_gemm::grouped_mm_wgrad_accumulate_", _EAGER_DEVICES, _grouped_mm_wgrad_accumulate_eager
 )
-torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", "cpu", _grouped_mm_wgrad_eager)
-torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", "cuda", _grouped_mm_wgrad_cuda)
 
 
 @torch.library.register_fake("moe_gemm::grouped_mm")
@@ -112,6 +108,11 @@ def _grouped_mm_fake(x, weight, m_sizes, weight_transposed=False):
 def _grouped_mm_wgrad_fake(x, grad_y, m_sizes, weight_transposed=False):
     num_experts, n, k = m_sizes.shape[0], grad_y.shape[1], x.shape[1]
     return x.new_empty((num_experts, k, n) if weight_transposed else (num_experts, n, k))
+
+
+@torch.library.register_fake("moe_gemm::grouped_mm_wgrad_accumulate_")
+def _grouped_mm_wgrad_accumulate_fake(main_grad, x, grad_y, m_sizes, weight_transposed=False):
+    return None
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,4 +1,5 @@
-"""The public entry point: ``grouped_forward``, which validates its inputs and calls ``moe_gemm::grouped_mm``."""
+"""The public entry points: ``grouped_forward`` (validates its inputs and calls ``moe_gemm::grouped_mm``) and
+``grouped_weight_grad`` (the weight gradient on its own, for trainers that keep float32 main-grads)."""
 
 import os
 
@@ -31,3 +32,42 @@ def grouped_forward(
     if os.environ.get("MOE_GEMM_CHECK") == "1" and not torch.compiler.is_compiling():
         _validation.check_sizes_on_host(m_sizes, x.shape[0])
     return torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes.contiguous(), weight_transposed)
+
+
+def grouped_weight_grad(
+    x: torch.Tensor,
+    grad_y: torch.Tensor,
+    m_sizes: torch.Tensor,
+    *,
+    weight_transposed: bool = False,
+    main_grad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weight gradient of ``grouped_forward``: ``grad_W[e] = grad_y_e.T @ x_e`` (``x_e.T @ grad_y_e`` when
+    ``weight_transposed``), shaped like the weight, float32 sums over each expert's rows.
+
+    Args:
+        x: ``[M, K]``, the forward input, rows grouped by expert as for ``grouped_forward``.
+        grad_y: ``[M, N]``, the gradient of the forward output.
+        m_sizes: ``[E]`` rows per expert on the device of ``x`` (never read on the host by the CUDA path).
+        main_grad: optional float32 ``[E, N, K]`` (``[E, K, N]``) buffer: the gradient is added into it in place
+            (``main_grad += grad_W``) and it is returned, as trainers that keep float32 gradients want.
+
+    Returns:
+        ``grad_W`` in the dtype of ``x``, or ``main_grad``. Experts without rows get exact zeros (add nothing).
+    """
+    for name, value in (("x", x), ("grad_y", grad_y), ("m_sizes", m_sizes)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
+        raise ValueError(
+            f"x [M, K] and grad_y [M, N] must be 2-D with the same rows, got {tuple(x.shape)} and {tuple(grad_y.shape)}"
+        )
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"grad_y: expected the dtype of x ({x.dtype}), got {grad_y.dtype}")
+    grad_y = grad_y.contiguous()
+    if main_grad is None:
+        return torch.ops.moe_gemm.grouped_mm_wgrad(x, grad_y, m_sizes.contiguous(), weight_transposed)
+    if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32:
+        raise TypeError(f"main_grad: expected a torch.float32 tensor, got {getattr(main_grad, 'dtype', main_grad)}")
+    torch.ops.moe_gemm.grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes.contiguous(), weight_transposed)
+    return main_grad

@@ -1,5 +1,5 @@
-"""Gradients: gradcheck in float64, exact zeros where no expert owns a row, the weight gradient of the CUDA path's
-torch._grouped_mm formulation, torch.library.opcheck of both ops, and torch.compile(fullgraph=True)."""
+"""Gradients: gradcheck in float64, exact zeros where no expert owns a row, grouped_weight_grad with and without a
+float32 main-grad buffer, torch.library.opcheck of the ops, and torch.compile(fullgraph=True)."""
 
 import shutil
 
@@ -8,7 +8,6 @@ import torch
 from helpers import assert_close_to_reference, make_problem
 
 import moe_gemm
-from moe_gemm import _ops
 from moe_gemm.reference import grouped_mm_wgrad_reference
 
 
@@ -72,18 +71,27 @@ def test_only_requested_gradients_are_computed():
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["nk", "kn"])
 @pytest.mark.parametrize(("sizes", "num_rows"), [([7, 0, 12, 3], 22), ([9, 20, 5], 24), ([-3, 0, 0], 4), ([0, 0], 0)])
-def test_wgrad_with_torch_grouped_mm(sizes, num_rows, transposed):
-    # The CUDA weight gradient's torch._grouped_mm formulation, run on CPU: empty and clamped groups must be zero.
-    x = torch.randn(num_rows, 16).bfloat16()
-    grad_y = torch.randn(num_rows, 24).bfloat16()
+def test_grouped_weight_grad_and_accumulation(sizes, num_rows, transposed):
+    x, grad_y = torch.randn(num_rows, 16), torch.randn(num_rows, 24)
     m_sizes = torch.tensor(sizes, dtype=torch.int32)
-    grad_w = _ops._wgrad_torch_grouped_mm(x, grad_y, m_sizes, transposed)
     expected = grouped_mm_wgrad_reference(x, grad_y, sizes, transposed)
-    assert grad_w.shape == expected.shape and grad_w.dtype == torch.bfloat16
-    assert_close_to_reference(grad_w, expected)
-    for expert, size in enumerate(sizes):
-        if expected[expert].abs().sum() == 0:
-            assert torch.equal(grad_w[expert], torch.zeros_like(grad_w[expert])), f"expert {expert} ({size} rows)"
+    assert_close_to_reference(moe_gemm.grouped_weight_grad(x, grad_y, m_sizes, weight_transposed=transposed), expected)
+
+    main_grad = torch.randn(expected.shape)
+    before = main_grad.clone()
+    returned = moe_gemm.grouped_weight_grad(x, grad_y, m_sizes, weight_transposed=transposed, main_grad=main_grad)
+    assert returned is main_grad
+    assert_close_to_reference(main_grad, before.double() + expected)
+
+
+def test_grouped_weight_grad_rejects_bad_buffers():
+    x, grad_y, m_sizes = torch.randn(6, 16), torch.randn(6, 24), torch.tensor([6])
+    with pytest.raises(TypeError, match="main_grad"):
+        moe_gemm.grouped_weight_grad(x, grad_y, m_sizes, main_grad=torch.zeros(1, 24, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="main_grad"):
+        moe_gemm.grouped_weight_grad(x, grad_y, m_sizes, main_grad=torch.zeros(1, 16, 24))
+    with pytest.raises(ValueError, match="same rows"):
+        moe_gemm.grouped_weight_grad(x, grad_y[:5], m_sizes)
 
 
 OPCHECK_CASES = {
@@ -108,6 +116,15 @@ def test_opcheck_grouped_mm_wgrad(case):
     x, grad_y = torch.randn(num_rows, 16).to(dtype), torch.randn(num_rows, 8).to(dtype)
     arguments = (x, grad_y, torch.tensor(sizes), transposed)
     torch.library.opcheck(torch.ops.moe_gemm.grouped_mm_wgrad.default, arguments)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck_grouped_mm_wgrad_accumulate(case):
+    sizes, num_rows, transposed, dtype = OPCHECK_CASES[case]
+    x, grad_y = torch.randn(num_rows, 16).to(dtype), torch.randn(num_rows, 8).to(dtype)
+    main_grad = torch.randn((len(sizes), 16, 8) if transposed else (len(sizes), 8, 16))
+    arguments = (main_grad, x, grad_y, torch.tensor(sizes), transposed)
+    torch.library.opcheck(torch.ops.moe_gemm.grouped_mm_wgrad_accumulate_.default, arguments)
 
 
 def _has_cxx_compiler() -> bool:

@@ -1,0 +1,99 @@
+// Host dispatch of the weight-gradient kernel: argument checks, the empty cases, and the switch over
+// the explicit instantiations (csrc/instantiations/sm90_moe_wgrad_*.cu). Plain C++.
+#include <cstdint>
+
+#include "moe_gemm.h"
+
+namespace moe_gemm {
+
+template <DType kDType, bool kFloat32Out>
+cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& params, cudaStream_t stream);
+
+namespace {
+
+bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+char const* check_grouped_wgrad(GroupedWgradParams const& p) {
+  if (p.M < 0 || p.P < 0 || p.Q < 0 || p.E < 0) {
+    return "sizes must be non-negative";
+  }
+  // The ragged descriptors' window (sm90_moe_wgrad_kernel.hpp) holds up to 2^30 rows.
+  if (p.M > (int64_t(1) << 30) || p.P >= (int64_t(1) << 31) || p.Q >= (int64_t(1) << 31)) {
+    return "M must be at most 2^30 and N, K below 2^31 (TMA coordinates)";
+  }
+  if (p.P % 8 != 0 || p.Q % 8 != 0) {
+    return "N and K must be multiples of 8 (rows of 16 bytes for TMA)";
+  }
+  int64_t const d_align = p.d_float32 ? 4 : 8;  // 16 bytes
+  if (p.ldl % 8 != 0 || p.ldr % 8 != 0 || p.ldd % d_align != 0 || p.batch_stride_d % d_align != 0) {
+    return "row and expert strides must be multiples of 16 bytes";
+  }
+  if (!aligned16(p.l) || !aligned16(p.r) || !aligned16(p.d)) {
+    return "x, grad_y and the gradient must start at 16-byte aligned addresses";
+  }
+  if (p.accumulate && !p.d_float32) {
+    return "accumulation needs a float32 gradient buffer";
+  }
+  if (p.E > 0 && p.m_sizes == nullptr) {
+    return "m_sizes is null";
+  }
+  return nullptr;
+}
+
+size_t grouped_wgrad_workspace_bytes(GroupedWgradParams const& p) {
+  bool const work = p.M > 0 && p.P > 0 && p.Q > 0 && p.E > 0;
+  return work ? sizeof(int) : 0;  // the tile counter
+}
+
+cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, cudaStream_t stream) {
+  if (check_grouped_wgrad(p) != nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.P == 0 || p.Q == 0 || p.E == 0) {
+    return cudaSuccess;
+  }
+  if (p.M == 0) {
+    // Every expert sums over no rows: zero, or nothing to add.
+    if (p.accumulate) {
+      return cudaSuccess;
+    }
+    size_t const element = p.d_float32 ? 4 : 2;
+    bool const dense = p.batch_stride_d == p.P * p.ldd;
+    for (int32_t e = 0; e < (dense ? 1 : p.E); ++e) {
+      void* expert_d = static_cast<char*>(p.d) + e * p.batch_stride_d * element;
+      cudaError_t status = cudaMemset2DAsync(expert_d, p.ldd * element, 0, p.Q * element,
+                                             dense ? p.P * p.E : p.P, stream);
+      if (status != cudaSuccess) {
+        return status;
+      }
+    }
+    return cudaSuccess;
+  }
+  if (p.workspace == nullptr) {
+    return cudaErrorInvalidValue;  // the caller must provide the zeroed tile counter
+  }
+  // The TMA descriptors are encoded through the driver API, which needs a current context.
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) {
+    return status;
+  }
+  thread_local int context_device = -1;
+  if (context_device != device) {
+    status = cudaSetDevice(device);
+    if (status != cudaSuccess) {
+      return status;
+    }
+    context_device = device;
+  }
+  if (p.dtype == DType::kBFloat16) {
+    return p.d_float32 ? run_sm90_moe_wgrad<DType::kBFloat16, true>(p, stream)
+                       : run_sm90_moe_wgrad<DType::kBFloat16, false>(p, stream);
+  }
+  return p.d_float32 ? run_sm90_moe_wgrad<DType::kFloat16, true>(p, stream)
+                     : run_sm90_moe_wgrad<DType::kFloat16, false>(p, stream);
+}
+
+}  // namespace moe_gemm

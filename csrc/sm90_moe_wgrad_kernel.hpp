@@ -1,0 +1,427 @@
+// The sm90 MoE weight-gradient kernel: a K-grouped GEMM, D[e] (P x Q) = L_e^T @ R_e, whose
+// reduction runs over expert e's rows (see GroupedWgradParams in moe_gemm.h). Persistent,
+// warp-specialized, cooperative; TMA loads and WGMMA through CUTLASS's sm90 collective mainloop,
+// both operands MN-major (P and Q are the contiguous dimensions of L and R).
+//
+// What is ours:
+//   - tiles: every expert has the same ceil(P / 128) x ceil(Q / 256) output tiles, so the tile -> expert
+//     map is a division; the expert's first row and row count (the reduction range) come from a
+//     prefix sum of m_sizes computed on the fly by a warp-wide scan, cached as the CTA moves forward.
+//     Tiles are handed out from a global counter (ragged experts take unequal times).
+//   - the reduction range ends inside a k-block: rows past the expert's end must load as zeros.
+//     Each operand has one "ragged" TMA descriptor (cols, window, end row, wrap) whose window and
+//     end-row dimensions both step one row, and whose wrap dimension at coordinate W = 2^30 moves the
+//     address W rows back (its stride wraps around 2^64; see sm90_moe_wgrad_launch.cuh). A k-block of
+//     expert [r0, r1) is loaded at (col, W - (r1 - r0) + 64 kb, r1, W): element j lands on row
+//     r0 + 64 kb + j, and TMA's bounds check on the window dimension (coordinate < W) zero-fills
+//     exactly the rows at or past r1. No per-expert descriptor, no masking in shared memory.
+//   - the epilogue: registers -> swizzled shared memory -> TMA store of 128 B-wide column chunks
+//     into a 3-D (Q, P, E) descriptor that clips at the P and Q edges; when accumulating, a TMA
+//     reduce-add (D += tile) instead, so a float32 main-grad buffer is updated without reading it.
+#pragma once
+
+#include <cuda.h>
+
+#include "cute/arch/copy_sm90_tma.hpp"
+#include "cute/atom/mma_traits_sm90_gmma.hpp"
+#include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/arch/reg_reconfig.h"
+#include "cutlass/cutlass.h"
+#include "cutlass/numeric_conversion.h"
+#include "cutlass/pipeline/pipeline.hpp"
+
+namespace moe_gemm {
+
+// The window of the ragged operand descriptors: an expert may have up to this many rows.
+constexpr int32_t kRaggedWindow = int32_t(1) << 30;
+
+struct WgradSchedulerParams {
+  void const* m_sizes = nullptr;  // [num_experts] int32 or int64, device memory
+  bool m_sizes_int64 = false;
+  int32_t num_experts = 0;
+  int64_t rows_total = 0;         // M: rows of L and R
+  int32_t tiles_p = 0;            // ceil(P / kTileP)
+  int32_t tiles_q = 0;            // ceil(Q / kTileQ)
+  int32_t group_p = 8;            // p-blocks per raster group
+};
+
+struct WgradWorkTile {
+  int32_t expert;
+  int32_t p_block;
+  int32_t q_block;
+  int64_t row_start;  // first row of the expert in L and R
+  int32_t rows;       // the expert's rows after clamping to M: the reduction length
+  bool valid;
+};
+
+// Tile t -> (expert t / tiles_per_expert, p-block, q-block); each warp keeps a cursor over the
+// experts' row ranges and moves it forward 32 experts at a time. Warp-collective; the linear index
+// must not decrease from one call to the next.
+class Sm90MoeWgradScheduler {
+ public:
+  CUTLASS_DEVICE explicit Sm90MoeWgradScheduler(WgradSchedulerParams const& params) : params_(params) {}
+
+  CUTLASS_DEVICE WgradWorkTile get_work_tile(int64_t linear_idx) {
+    int64_t const tiles_per_expert = int64_t(params_.tiles_p) * params_.tiles_q;
+    WgradWorkTile work{};
+    work.valid = linear_idx < tiles_per_expert * params_.num_experts;
+    if (!work.valid) {
+      return work;
+    }
+    int32_t const expert = int32_t(linear_idx / tiles_per_expert);
+    while (expert >= next_expert_) {
+      advance_chunk(expert);
+    }
+    // Within the expert, groups of group_p p-blocks; the q-block is the slow index inside a group,
+    // so the CTAs running together read a few column blocks of L and R.
+    int32_t const local = int32_t(linear_idx - expert * tiles_per_expert);
+    int32_t const group_span = params_.group_p * params_.tiles_q;
+    int32_t const group = local / group_span;
+    int32_t const in_group = local - group * group_span;
+    int32_t const group_p0 = group * params_.group_p;
+    int32_t const group_size = min(params_.group_p, params_.tiles_p - group_p0);
+    work.expert = expert;
+    work.q_block = in_group / group_size;
+    work.p_block = group_p0 + in_group % group_size;
+    int const lane = expert - chunk_first_;
+    work.row_start = __shfl_sync(0xffffffff, chunk_begin_, lane);
+    work.rows = __shfl_sync(0xffffffff, chunk_rows_, lane);
+    return work;
+  }
+
+ private:
+  // Loads the row ranges of the 32 experts from the one containing `expert` on (lane i holds
+  // expert chunk_first_ + i), skipping whole chunks before it.
+  CUTLASS_DEVICE void advance_chunk(int32_t expert) {
+    int const lane = threadIdx.x % 32;
+    while (true) {
+      int32_t const e = next_expert_ + lane;
+      int64_t size = 0;
+      if (e < params_.num_experts) {
+        size = params_.m_sizes_int64 ? static_cast<int64_t const*>(params_.m_sizes)[e]
+                                     : static_cast<int32_t const*>(params_.m_sizes)[e];
+        size = size > 0 ? size : 0;
+      }
+      int64_t inclusive = size;
+      CUTLASS_PRAGMA_UNROLL
+      for (int offset = 1; offset < 32; offset <<= 1) {
+        int64_t const other = __shfl_up_sync(0xffffffff, inclusive, offset);
+        if (lane >= offset) {
+          inclusive += other;
+        }
+      }
+      // Clamp to the buffer: an expert's rows end at min(prefix, M).
+      int64_t const end_unclamped = rows_before_ + inclusive;
+      int64_t const end = min(end_unclamped, params_.rows_total);
+      int64_t const begin = min(end_unclamped - size, params_.rows_total);
+      chunk_first_ = next_expert_;
+      chunk_begin_ = begin;
+      chunk_rows_ = int32_t(end - begin);
+      rows_before_ = __shfl_sync(0xffffffff, end_unclamped, 31);
+      next_expert_ += 32;
+      if (expert < next_expert_) {
+        return;
+      }
+    }
+  }
+
+  WgradSchedulerParams params_;
+  int32_t next_expert_ = 0;   // first expert not loaded yet
+  int32_t chunk_first_ = 0;   // expert held by lane 0
+  int64_t chunk_begin_ = 0;   // this lane's expert: first row
+  int32_t chunk_rows_ = 0;    // this lane's expert: rows
+  int64_t rows_before_ = 0;   // unclamped rows of the experts before next_expert_
+};
+
+// Shared memory of the epilogue: two buffers of kTileP rows x 128 bytes.
+constexpr int wgrad_epilogue_smem_bytes(int tile_p) { return 2 * tile_p * 128; }
+
+template <class CollectiveMainloop_, class ElementD_>
+class Sm90MoeWgradKernel {
+ public:
+  using CollectiveMainloop = CollectiveMainloop_;
+  using ElementD = ElementD_;
+  using ElementIn = typename CollectiveMainloop::TiledMma::ValTypeA;
+  using TileShape = typename CollectiveMainloop::TileShape;
+  using TiledMma = typename CollectiveMainloop::TiledMma;
+  using MainloopPipeline = typename CollectiveMainloop::MainloopPipeline;
+  using PipelineState = typename CollectiveMainloop::PipelineState;
+
+  static constexpr int kTileP = cute::size<0>(TileShape{});
+  static constexpr int kTileQ = cute::size<1>(TileShape{});
+  static constexpr int kTileK = cute::size<2>(TileShape{});
+  static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
+  static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
+  static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
+  static constexpr uint32_t kLoadRegisters = 40;
+  static constexpr uint32_t kMmaRegisters = 232;
+  static_assert(kNumMmaThreads == 256, "cooperative kernel: two consumer warpgroups");
+
+  // The operand tiles in shared memory are 64 x 64 boxes (128-byte swizzled rows of 64 columns,
+  // one row per reduction index): the MN-major layout CUTLASS's collective expects, checked here.
+  static constexpr int kBoxCols = 64;
+  static_assert(kTileK == 64 && kTileP % kBoxCols == 0 && kTileQ % kBoxCols == 0);
+  static_assert(cute::is_same_v<typename CollectiveMainloop::SmemLayoutAtomA,
+                                cute::GMMA::Layout_MN_SW128_Atom<ElementIn>> &&
+                cute::is_same_v<typename CollectiveMainloop::SmemLayoutAtomB,
+                                cute::GMMA::Layout_MN_SW128_Atom<ElementIn>>,
+                "the loads below assume 128-byte-swizzled MN-major operand tiles");
+  static constexpr int kBoxElements = kBoxCols * kTileK;
+  static constexpr uint64_t kCacheHint = uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+
+  // Epilogue chunks of kTileP rows x 128 bytes (64 bf16/fp16 or 32 float columns), double-buffered.
+  static constexpr int kEpiN = 128 / int(sizeof(ElementD));
+  static constexpr int kEpiBuffers = 2;
+  static_assert(kTileQ % kEpiN == 0);
+  using SmemLayoutD = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
+      cute::make_shape(cute::Int<kTileP>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
+
+  static constexpr int kTileSlots = 4;
+  using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
+  using TilePipelineState = typename TilePipeline::PipelineState;
+
+  struct SharedStorage {
+    typename CollectiveMainloop::TensorStorage tensors;
+    alignas(1024) cute::array_aligned<ElementD, cute::cosize_v<SmemLayoutD>, 1024> smem_d;
+    alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
+    alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
+    int64_t tile_slots[kTileSlots];
+  };
+  static constexpr int SharedStorageSize = sizeof(SharedStorage);
+  static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
+
+  struct Params {
+    CUtensorMap tma_l;  // ragged view of L, see the header comment
+    CUtensorMap tma_r;  // ragged view of R
+    CUtensorMap tma_d;  // (Q, P, E) view of D
+    WgradSchedulerParams scheduler;
+    int* tile_counter;  // zeroed before the launch
+    bool accumulate;
+  };
+
+  CUTLASS_DEVICE
+  void operator()(Params const& params, char* smem_buf) {
+    using namespace cute;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
+    SharedStorage& shared_storage = *reinterpret_cast<SharedStorage*>(smem_buf);
+    int const thread_idx = int(threadIdx.x);
+    int const warp_idx = cutlass::canonical_warp_idx_sync();
+    int const warp_idx_in_warp_group = warp_idx % cutlass::NumWarpsPerWarpGroup;
+    auto const warp_group_role = WarpGroupRole(cutlass::canonical_warp_group_idx());
+    int const mma_thread_idx = thread_idx % kNumMmaThreads;
+
+    if (warp_idx == 0 && cute::elect_one_sync()) {
+      cute::prefetch_tma_descriptor(&params.tma_l);
+      cute::prefetch_tma_descriptor(&params.tma_r);
+      cute::prefetch_tma_descriptor(&params.tma_d);
+    }
+
+    typename MainloopPipeline::Params pipeline_params;
+    if (warp_group_role == WarpGroupRole::Producer && warp_idx_in_warp_group == 0) {
+      pipeline_params.role = MainloopPipeline::ThreadCategory::Producer;
+    }
+    if (warp_group_role != WarpGroupRole::Producer) {
+      pipeline_params.role = MainloopPipeline::ThreadCategory::Consumer;
+    }
+    pipeline_params.is_leader = (thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
+    pipeline_params.num_consumers = kNumMmaThreads;
+    pipeline_params.num_producers = 1;
+    pipeline_params.transaction_bytes = CollectiveMainloop::TmaTransactionBytes;
+    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, cute::Shape<_1, _1, _1>{});
+
+    typename TilePipeline::Params tile_pipeline_params;
+    tile_pipeline_params.role = warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
+                                : warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
+                                                                          : TilePipeline::ThreadCategory::NonParticipant;
+    tile_pipeline_params.producer_arv_count = 1;
+    tile_pipeline_params.consumer_arv_count = kNumMmaThreads;
+    TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
+    __syncthreads();
+
+    Sm90MoeWgradScheduler scheduler(params.scheduler);
+    if (warp_group_role == WarpGroupRole::Producer) {
+      cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
+      if (warp_idx_in_warp_group == 0) {
+        produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
+      }
+    } else {
+      cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
+      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
+    }
+#else
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+      printf("moe_gemm: the sm90 wgrad kernel was launched on a build without sm_90a code\n");
+    }
+#endif
+  }
+
+ private:
+  CUTLASS_DEVICE static int k_blocks(WgradWorkTile const& work) { return (work.rows + kTileK - 1) / kTileK; }
+
+  // An empty expert's tile is all zeros; accumulating, it adds nothing and is skipped altogether.
+  CUTLASS_DEVICE static bool skipped(Params const& params, WgradWorkTile const& work) {
+    return params.accumulate && work.rows == 0;
+  }
+
+  // TMA warp: takes tiles from the counter, publishes them to the MMA warpgroups, and loads the
+  // k-blocks of the expert's rows of L and R.
+  CUTLASS_DEVICE
+  static void produce(Params const& params, Sm90MoeWgradScheduler& scheduler, MainloopPipeline& pipeline,
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage) {
+    bool const is_leader = cute::elect_one_sync();
+    PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
+    TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
+    auto* smem_l = shared_storage.tensors.smem_A.data();
+    auto* smem_r = shared_storage.tensors.smem_B.data();
+    constexpr int kStageL = kTileP * kTileK, kStageR = kTileQ * kTileK;
+    for (int64_t tile = blockIdx.x;;) {
+      tile_pipeline.producer_acquire(tile_write);
+      if (is_leader) {
+        shared_storage.tile_slots[tile_write.index()] = tile;
+        tile_pipeline.producer_commit(tile_write);
+      }
+      ++tile_write;
+      WgradWorkTile const work = scheduler.get_work_tile(tile);
+      if (!work.valid) {
+        break;
+      }
+      int const k_tiles = skipped(params, work) ? 0 : k_blocks(work);
+      // Ragged coordinates (see the header comment): window start and base row of the expert.
+      int32_t const row_end = int32_t(work.row_start + work.rows);
+      int32_t const wrap = kRaggedWindow;  // a register: the copies take their coordinates by reference
+      int32_t const window0 = kRaggedWindow - work.rows;
+      int32_t const p0 = work.p_block * kTileP, q0 = work.q_block * kTileQ;
+      if (is_leader) {
+        PipelineState state = write_state;
+        for (int k = 0; k < k_tiles; ++k) {
+          pipeline.producer_acquire(state);
+          uint64_t* barrier = pipeline.producer_get_barrier(state);
+          int32_t const window_row = window0 + k * kTileK;
+          auto* stage_l = smem_l + state.index() * kStageL;
+          auto* stage_r = smem_r + state.index() * kStageR;
+          CUTLASS_PRAGMA_UNROLL
+          for (int box = 0; box < kTileP / kBoxCols; ++box) {
+            cute::SM90_TMA_LOAD_4D::copy(&params.tma_l, barrier, kCacheHint, stage_l + box * kBoxElements,
+                                         p0 + box * kBoxCols, window_row, row_end, wrap);
+          }
+          CUTLASS_PRAGMA_UNROLL
+          for (int box = 0; box < kTileQ / kBoxCols; ++box) {
+            cute::SM90_TMA_LOAD_4D::copy(&params.tma_r, barrier, kCacheHint, stage_r + box * kBoxElements,
+                                         q0 + box * kBoxCols, window_row, row_end, wrap);
+          }
+          ++state;
+        }
+      }
+      write_state.advance(k_tiles);
+      int next = 0;
+      if (threadIdx.x % 32 == 0) {
+        next = atomicAdd(params.tile_counter, 1);
+      }
+      tile = int64_t(__shfl_sync(0xffffffff, next, 0)) + gridDim.x;
+    }
+    if (is_leader) {
+      pipeline.producer_tail(write_state);
+    }
+  }
+
+  CUTLASS_DEVICE
+  static void consume(Params const& params, Sm90MoeWgradScheduler& scheduler, MainloopPipeline& pipeline,
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx) {
+    using namespace cute;
+    CollectiveMainloop collective_mainloop;
+    TiledMma tiled_mma;
+    PipelineState read_state;
+    TilePipelineState tile_read;
+    int store_count = 0;
+    typename CollectiveMainloop::Params unused_mainloop_params{};
+    while (true) {
+      tile_pipeline.consumer_wait(tile_read);
+      int64_t const tile = shared_storage.tile_slots[tile_read.index()];
+      tile_pipeline.consumer_release(tile_read);
+      ++tile_read;
+      WgradWorkTile const work = scheduler.get_work_tile(tile);
+      if (!work.valid) {
+        break;
+      }
+      if (skipped(params, work)) {
+        continue;
+      }
+      int const k_tiles = k_blocks(work);
+      Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
+      if (k_tiles > 0) {
+        collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
+                                shared_storage.tensors, unused_mainloop_params);
+        collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
+        read_state.advance(k_tiles);
+      } else {
+        clear(accumulators);  // a sum over no rows
+      }
+      store_tile(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);
+    }
+    if (mma_thread_idx == 0) {
+      tma_store_wait<0>();
+    }
+  }
+
+  // Registers -> swizzled shared memory -> TMA store (or reduce-add), kEpiN columns at a time.
+  template <class Accumulators>
+  CUTLASS_DEVICE static void store_tile(Params const& params, WgradWorkTile const& work,
+                                        Accumulators const& accumulators, TiledMma const& tiled_mma,
+                                        int mma_thread_idx, SharedStorage& shared_storage, int& store_count) {
+    using namespace cute;
+    static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
+                  size<0, 2>(Accumulators{}) == kTileQ / 8 && size<2>(Accumulators{}) == 1);
+    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
+    Tensor cD = make_identity_tensor(make_shape(Int<kTileP>{}, Int<kTileQ>{}));
+    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(cD);
+    int32_t const p0 = work.p_block * kTileP;
+    int32_t const q0 = work.q_block * kTileQ;
+    using Pair = cutlass::Array<ElementD, 2>;
+    cutlass::NumericArrayConverter<ElementD, float, 2> convert;
+    cutlass::arch::NamedBarrier epilogue_barrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int chunk = 0; chunk < kTileQ / kEpiN; ++chunk) {
+      int const buffer = (store_count + chunk) % kEpiBuffers;
+      if (mma_thread_idx == 0) {
+        tma_store_wait<kEpiBuffers - 1>();
+      }
+      epilogue_barrier.arrive_and_wait();
+      CUTLASS_PRAGMA_UNROLL
+      for (int m = 0; m < size<1>(accumulators); ++m) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < kEpiN / 8; ++g) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int half = 0; half < 2; ++half) {
+            int const group = chunk * (kEpiN / 8) + g;
+            auto const first = make_coord(make_coord(0, half, group), m, 0);
+            auto const second = make_coord(make_coord(1, half, group), m, 0);
+            auto const coord = tCcD(first);
+            cutlass::Array<float, 2> values;
+            values[0] = accumulators(first);
+            values[1] = accumulators(second);
+            *reinterpret_cast<Pair*>(&sD(get<0>(coord), get<1>(coord) - chunk * kEpiN, buffer)) = convert(values);
+          }
+        }
+      }
+      tma_store_fence();
+      epilogue_barrier.arrive_and_wait();
+      if (mma_thread_idx == 0) {
+        void const* smem = &sD(0, 0, buffer);
+        int32_t const q = q0 + chunk * kEpiN;
+        if (params.accumulate) {
+          cute::SM90_TMA_REDUCE_ADD_3D::copy(&params.tma_d, smem, q, p0, work.expert);
+        } else {
+          cute::SM90_TMA_STORE_3D::copy(&params.tma_d, smem, q, p0, work.expert);
+        }
+        tma_store_arrive();
+      }
+    }
+    store_count += kTileQ / kEpiN;
+  }
+};
+
+}  // namespace moe_gemm

@@ -1,0 +1,211 @@
+"""Backward benchmark (``python -m moe_gemm.bench --backward``): the two backward GEMMs of each suite shape and the
+whole forward+backward under autograd, moe_gemm against ``torch._grouped_mm`` in the same process.
+
+Per shape (x ``[M, K]``, weight ``[E, N, K]``, grad_y ``[M, N]``):
+
+- wgrad: ``grad_W[e] = grad_y_e.T @ x_e``, a K-grouped GEMM. moe_gemm's kernel reads the sizes on the GPU;
+  ``torch._grouped_mm(grad_y.T, x, offs)`` is the same grouping in torch. Its floor counts all ``E * N * K``
+  gradient elements written (experts without rows get zeros) plus both inputs read.
+- dgrad: ``grad_x = grad_y @ W[e]``: the forward kernel reading the weight in the other layout, against
+  ``torch._grouped_mm(grad_y, W, offs)``.
+- fwd+bwd: ``grouped_forward(x, W, sizes)`` then ``.backward(grad_y)`` against the same with ``torch._grouped_mm``.
+
+The wgrad output is checked first: every element finite (the output buffer is NaN-poisoned) and the relative
+error against a float32 reference on 16 experts spread over the range. Speedup = torch ms / moe_gemm ms.
+"""
+
+import json
+import math
+
+import torch
+
+import moe_gemm
+from moe_gemm import bench
+
+# (header, row key, width, format)
+COLUMNS = (
+    ("model", "model", 18, "s"),
+    ("tokens", "tokens", 6, "d"),
+    ("gemm", "gemm", 4, "s"),
+    ("M", "M", 7, "d"),
+    ("N", "N", 6, "d"),
+    ("K", "K", 6, "d"),
+    ("wgrad_ms", "wgrad_ms", 8, ".3f"),
+    ("x_floor", "wgrad_x_floor", 7, ".2f"),
+    ("gmm_ms", "wgrad_torch_ms", 8, ".3f"),
+    ("speedup", "wgrad_speedup", 7, ".2f"),
+    ("dgrad_ms", "dgrad_ms", 8, ".3f"),
+    ("gmm_ms", "dgrad_torch_ms", 8, ".3f"),
+    ("speedup", "dgrad_speedup", 7, ".2f"),
+    ("fwdbwd_ms", "train_ms", 9, ".3f"),
+    ("gmm_ms", "train_torch_ms", 8, ".3f"),
+    ("speedup", "train_speedup", 7, ".2f"),
+    ("check", "check", 5, "s"),
+)
+SPEEDUPS = ("wgrad_speedup", "dgrad_speedup", "train_speedup")
+
+
+def format_header() -> str:
+    return " ".join(f"{h:<{w}}" if f == "s" else f"{h:>{w}}" for h, _, w, f in COLUMNS)
+
+
+def format_row(row: dict) -> str:
+    cells = []
+    for _, key, width, fmt in COLUMNS:
+        value = row.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            cells.append(f"{'-':>{width}}")
+        else:
+            cells.append(f"{value:<{width}{fmt}}" if fmt == "s" else f"{value:>{width}{fmt}}")
+    return " ".join(cells)
+
+
+def wgrad_floor_ms(m: int, n: int, k: int, num_experts: int, ceilings, itemsize: int = 2) -> float:
+    """Floor of the weight gradient: reads x and grad_y once, writes every expert's [N, K] gradient once."""
+    num_bytes = (m * k + m * n + num_experts * n * k) * itemsize
+    return bench.floor_ms(2.0 * m * n * k, num_bytes, *ceilings)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Geometric-mean speedups of wgrad, dgrad and fwd+bwd: over all rows, >= 256 tokens, and per token count."""
+    selections = {"all": rows, "tokens>=256": [r for r in rows if r["tokens"] >= 256]}
+    for tokens in sorted({r["tokens"] for r in rows}):
+        selections[f"tokens={tokens}"] = [r for r in rows if r["tokens"] == tokens]
+    return {
+        label: {key: bench.geomean(r.get(key) for r in selected) for key in SPEEDUPS} | {"shapes": len(selected)}
+        for label, selected in selections.items()
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["geometric-mean speedups over torch._grouped_mm (wgrad, dgrad, forward+backward):"]
+    for label, stats in summary.items():
+        values = "  ".join(f"{key.removesuffix('_speedup')} {stats[key]:5.2f}" for key in SPEEDUPS)
+        lines.append(f"  {label:<14} shapes {stats['shapes']:3d}  {values}")
+    return "\n".join(lines)
+
+
+def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, counts: torch.Tensor, ceilings) -> dict:
+    host_counts = counts.tolist()
+    num_experts, n, k = weight.shape
+    m = sum(host_counts)
+    row = {"model": model, "tokens": tokens, "gemm": gemm, "E": num_experts, "M": m, "N": n, "K": k}
+    x = torch.randn(m, k, device=weight.device, dtype=weight.dtype)
+    grad_y = torch.randn(m, n, device=weight.device, dtype=weight.dtype)
+    m_sizes = counts.to(weight.device)
+    offs = torch.cumsum(m_sizes, 0).to(torch.int32)
+    wgrad_op = torch.ops.moe_gemm.grouped_mm_wgrad.default
+    problem = None
+    try:
+        poison = torch.full((num_experts, n, k), math.nan, dtype=weight.dtype, device=weight.device)
+        del poison  # the op's output gets this NaN-filled block: unwritten elements show up
+        grad_w = wgrad_op(x, grad_y, m_sizes, False)
+        row["rel_error"] = _sampled_wgrad_error(grad_w, x, grad_y, host_counts)
+        del grad_w
+        if not math.isfinite(row["rel_error"]) or row["rel_error"] > bench.MAX_REL_ERROR:
+            problem = f"wgrad relative error {row['rel_error']:.2e} (or unwritten elements)"
+        else:
+            row["wgrad_ms"] = bench.bench_ms(lambda: wgrad_op(x, grad_y, m_sizes, False))
+            row["wgrad_x_floor"] = row["wgrad_ms"] / wgrad_floor_ms(m, n, k, num_experts, ceilings)
+            dgrad_op = torch.ops.moe_gemm.grouped_mm.default
+            row["dgrad_ms"] = bench.bench_ms(lambda: dgrad_op(grad_y, weight, m_sizes, True))
+            row["train_ms"] = _train_ms(lambda a, w: moe_gemm.grouped_forward(a, w, m_sizes), x, weight, grad_y)
+    except RuntimeError as error:
+        problem = f"moe_gemm failed: {str(error).splitlines()[0][:160]}"
+    row["check"] = "ok" if problem is None else "FAIL"
+    row["problem"] = problem
+
+    if weight.dtype == torch.bfloat16:  # torch._grouped_mm supports bfloat16 only
+        row["wgrad_torch_ms"] = bench.bench_ms(lambda: torch._grouped_mm(grad_y.t(), x, offs=offs))
+        row["dgrad_torch_ms"] = bench.bench_ms(lambda: torch._grouped_mm(grad_y, weight, offs=offs))
+        row["train_torch_ms"] = _train_ms(
+            lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), x, weight, grad_y
+        )
+    for kind in ("wgrad", "dgrad", "train"):
+        ours, theirs = row.get(f"{kind}_ms"), row.get(f"{kind}_torch_ms")
+        if ours and theirs:
+            row[f"{kind}_speedup"] = theirs / ours
+    return row
+
+
+def _sampled_wgrad_error(grad_w, x, grad_y, host_counts, samples: int = 16) -> float:
+    """Relative error of ``grad_w`` against the float32 reference on ``samples`` experts spread over the range (a
+    full float32 reference of DeepSeek-V3's gradient would take 30 GB); NaN when any element is not finite."""
+    if not torch.isfinite(grad_w).all():
+        return math.nan
+    num_experts = len(host_counts)
+    experts = sorted({round(i * (num_experts - 1) / max(samples - 1, 1)) for i in range(min(samples, num_experts))})
+    starts = [0]
+    for count in host_counts:
+        starts.append(starts[-1] + count)
+    error = norm = 0.0
+    for expert in experts:
+        rows = slice(starts[expert], starts[expert + 1])
+        expected = grad_y[rows].float().t() @ x[rows].float()
+        error += torch.linalg.vector_norm(grad_w[expert].float() - expected).item() ** 2
+        norm += torch.linalg.vector_norm(expected).item() ** 2
+    return math.sqrt(error) / max(math.sqrt(norm), 1e-30)
+
+
+def _train_ms(forward, x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor) -> float:
+    """Forward and backward (both gradients) of ``forward(x, weight)`` under autograd."""
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+
+    def step():
+        x.grad = weight.grad = None
+        forward(x, weight).backward(grad_y)
+
+    return bench.bench_ms(step)
+
+
+def run(args, suite: dict) -> int:
+    dtype = getattr(torch, args.dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    ceilings = bench.measure_ceilings()
+    print(f"# {moe_gemm.build_info()}; device {torch.cuda.get_device_name()}")
+    print(f"# ceilings: dense bf16 8192^3 matmul {ceilings[0]:.0f} TFLOP/s, d2d copy {ceilings[1]:.2f} TB/s")
+    print(f"# backward; routing {args.routing}, dtype {args.dtype}, seed {args.seed}")
+    progress = bench._progress(len(args.models) * len(args.tokens) * len(args.gemms))
+    progress.write(format_header())
+    rows = []
+    for name in args.models:
+        model = suite["models"][name]
+        for tokens in args.tokens:
+            counts = bench.routing_counts(tokens, model["experts"], model["top_k"], args.routing, generator)
+            for gemm in args.gemms:
+                shape = (model["experts"], *bench.gemm_shape(model, gemm))
+                weight = torch.randn(shape, device="cuda", dtype=dtype).mul_(0.02)
+                row = measure_shape(name, tokens, gemm, weight, counts, ceilings)
+                rows.append(row)
+                progress.write(format_row(row) + (f"  {row['problem']}" if row["problem"] else ""))
+                progress.update()
+                del weight
+                torch.cuda.empty_cache()
+    progress.close()
+    summary = summarize(rows)
+    print(format_summary(summary))
+    failures = [r for r in rows if r["check"] != "ok"]
+    if failures:
+        print(f"{len(failures)} of {len(rows)} shapes FAILED the check against the reference")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(
+                {
+                    "mode": "backward",
+                    "build": moe_gemm.build_info(),
+                    "device": torch.cuda.get_device_name(),
+                    "routing": args.routing,
+                    "dtype": args.dtype,
+                    "seed": args.seed,
+                    "peak_tflops": ceilings[0],
+                    "bandwidth_tbs": ceilings[1],
+                    "rows": rows,
+                    "summary": summary,
+                },
+                out,
+                indent=1,
+            )
+        print(f"results written to {args.json}")
+    return 1 if failures else 0
