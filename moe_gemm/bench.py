@@ -179,6 +179,13 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the rows, ceilings and summary as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of the speedup per shape (needs matplotlib)")
+    parser.add_argument(
+        "--layer", action="store_true", help="the whole experts layer vs transformers, and the routing kernel"
+    )
+    parser.add_argument("--decode", action="store_true", help="the decode table, 1 to 64 tokens (bench_decode.py)")
+    parser.add_argument(
+        "--backward", action="store_true", help="time wgrad, dgrad and forward+backward instead (bench_backward.py)"
+    )
     return parser.parse_args(argv)
 
 
@@ -454,6 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"moe_gemm.bench needs a CUDA GPU and the built moe_gemm kernels: {reason}", file=sys.stderr)
         return 2
+    if args.layer:  # moe_gemm/bench_layer.py
+        return importlib.import_module("moe_gemm.bench_layer").run(args, suite)
+    if args.decode:  # moe_gemm/bench_decode.py
+        return importlib.import_module("moe_gemm.bench_decode").run(args, suite)
+    if args.backward:
+        from moe_gemm import bench_backward
+
+        return bench_backward.run(args, suite)
     return run(args, suite)
 
 

@@ -8,11 +8,16 @@
 - ``"sigmoid"`` (DeepSeek-V3): biased grouped top-k, see ``route``.
 
 Every top-k here is a stable descending sort, so equal scores go to the lower expert index (``torch.topk`` promises
-no order among ties) and ids come out in descending score order. Everything is tensor ops on the logits' device with
-shapes that depend only on input shapes: no host sync, CUDA-graph capturable.
+no order among ties) and ids come out in descending score order. On CUDA, where the extension is built, ``route`` is
+one launch of the fused kernel behind ``torch.ops.moe_gemm.route`` (``csrc/moe_routing.cu``, registered in
+``_routing_ops.py``), which picks exactly the ids of the tensor ops here; elsewhere, and beyond the kernel's limits
+(``E > 1024``, ``top_k > 32``, ``n_group > 32``), it is ``route_torch_ops``. Either way shapes depend only on input
+shapes: no host sync, CUDA-graph capturable.
 """
 
 import torch
+
+from moe_gemm import _routing_ops
 
 SCORINGS = ("softmax", "softmax_topk", "sigmoid")
 
@@ -88,8 +93,45 @@ def route(
     groups). NaN logits count as -inf: under the softmax scorings a NaN expert is never chosen over one with a
     non-NaN logit and gets weight 0, and under ``"sigmoid"`` it scores ``s = 0``. Weights follow float32
     arithmetic otherwise: a row whose logits are all -inf (or NaN), or that holds +inf, gets NaN softmax weights.
+    The weights are differentiable in ``router_logits``; the bias only steers the choice and gets no gradient.
     """
     _check_arguments(router_logits, top_k, scoring, n_group, topk_group, e_score_correction_bias)
+    if _routing_ops.kernel_applies(router_logits, top_k, n_group):
+        return torch.ops.moe_gemm.route(
+            router_logits,
+            top_k,
+            scoring,
+            renormalize,
+            n_group,
+            topk_group,
+            e_score_correction_bias,
+            float(routed_scaling_factor),
+        )
+    return route_torch_ops(
+        router_logits,
+        top_k,
+        scoring=scoring,
+        renormalize=renormalize,
+        n_group=n_group,
+        topk_group=topk_group,
+        e_score_correction_bias=e_score_correction_bias,
+        routed_scaling_factor=routed_scaling_factor,
+    )
+
+
+def route_torch_ops(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    e_score_correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route`` in PyTorch tensor ops on any device (arguments not checked): the path off CUDA, the reference of the
+    fused kernel, and the kernel of ``torch.ops.moe_gemm.route`` on CPU. Differentiable in the logits."""
     logits = torch.nan_to_num(router_logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     if scoring == "softmax":
         _, ids = topk_lowest_index_first(logits, top_k)
