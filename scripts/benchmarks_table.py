@@ -1,4 +1,4 @@
-"""Markdown tables for BENCHMARKS.md from the JSON of `python -m moe_gemm.bench --json PATH`.
+"""Markdown tables for BENCHMARKS.md from the JSON of `python -m moe_gemm.bench [--backward] --json PATH`.
 
     python3 scripts/benchmarks_table.py bench.json
 """
@@ -10,8 +10,34 @@ def fmt(value, spec):
     return "—" if value is None else format(value, spec)
 
 
+def backward_tables(result: dict) -> None:
+    print("| selection | shapes | wgrad | dgrad | forward+backward |")
+    print("|---|---|---|---|---|")
+    for label, stats in result["summary"].items():
+        print(f"| {label} | {stats['shapes']} | {stats['wgrad_speedup']:.2f} | {stats['dgrad_speedup']:.2f} | "
+              f"{stats['train_speedup']:.2f} |")
+    print("\n| model | tokens | gemm | M | N | K | wgrad ms | x floor | torch ms | speedup | dgrad ms | torch ms | "
+          "speedup | fwd+bwd ms | torch ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        cells = [r["model"], r["tokens"], r["gemm"], r["M"], r["N"], r["K"]]
+        for key, spec in (("wgrad_ms", ".3f"), ("wgrad_x_floor", ".2f"), ("wgrad_torch_ms", ".3f"),
+                          ("wgrad_speedup", ".2f"), ("dgrad_ms", ".3f"), ("dgrad_torch_ms", ".3f"),
+                          ("dgrad_speedup", ".2f"), ("train_ms", ".3f"), ("train_torch_ms", ".3f"),
+                          ("train_speedup", ".2f")):
+            cells.append(fmt(r.get(key), spec))
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
 def main(path: str) -> None:
     result = json.load(open(path))
+    if result.get("mode") == "backward":
+        print(f"Device: {result['device']}; {result['build']}. Ceilings measured in the same run: dense bf16 "
+              f"8192^3 matmul {result['peak_tflops']:.0f} TFLOP/s, device-to-device copy "
+              f"{result['bandwidth_tbs']:.2f} TB/s. Routing {result['routing']}, {result['dtype']}, "
+              f"seed {result['seed']}.\n")
+        backward_tables(result)
+        return
     print(f"Device: {result['device']}; {result['build']}. Ceilings measured in the same run: dense bf16 "
           f"8192^3 matmul {result['peak_tflops']:.0f} TFLOP/s, device-to-device copy {result['bandwidth_tbs']:.2f} TB/s. "
           f"Routing {result['routing']}, {result['dtype']}, seed {result['seed']}.\n")
