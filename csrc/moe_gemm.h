@@ -38,22 +38,40 @@ struct GroupedGemmParams {
   int sm_count = 0;               // persistent grid size; 0 = query the current device
   TileConfig config = TileConfig::kAuto;
   int group_m = 0;                // m-blocks per raster group (L2 locality); 0 = the configuration's default
-  // Device memory of grouped_gemm_workspace_bytes(params) bytes, zeroed by the caller before each
-  // launch (stream-ordered, e.g. cudaMemsetAsync); null when that size is 0.
+  // Device memory of grouped_gemm_workspace_bytes(params) bytes whose first
+  // grouped_gemm_workspace_zeroed_bytes(params) bytes the caller zeroes before each launch
+  // (stream-ordered, e.g. cudaMemsetAsync); null when the size is 0.
   void* workspace = nullptr;
   int dynamic_schedule = -1;      // 1: tile counter in the workspace, 0: static striding, -1: heuristic
+  // Splits of the K loop per output tile, reduced deterministically through the workspace:
+  // 0 = choose_split_k(), 1 = off. Values above the number of 64-wide k-blocks are clamped to it;
+  // only the 128x128 configuration splits (the others run 1).
+  int split_k = 0;
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto).
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count);
 
+// The split-K factor the heuristic picks for these shapes and a resolved (not kAuto) configuration:
+// 1 unless the tiles are too few to keep every SM streaming weights (decode).
+int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, TileConfig config);
+
 // Checks what the kernel can read (alignment, strides, sizes); returns nullptr when it can,
 // else a sentence saying what is wrong.
 char const* check_grouped_gemm(GroupedGemmParams const& params);
 
-// Bytes of zeroed device workspace run_grouped_gemm needs for these params (0 or 4: the counter of
-// dynamic tile scheduling, used for problems of several waves of tiles).
+// Bytes of device workspace run_grouped_gemm needs for these params: the counter of dynamic tile
+// scheduling (4 bytes, problems of several waves of tiles), and for split-K a counter per tile and
+// the fp32 partial tiles (csrc/moe_gemm_workspace.h). 0 when none is needed.
 size_t grouped_gemm_workspace_bytes(GroupedGemmParams const& params);
+
+// The leading bytes of that workspace to zero before each launch (the counters; at most
+// grouped_gemm_workspace_bytes). The rest, the partials, needs no initialization.
+size_t grouped_gemm_workspace_zeroed_bytes(GroupedGemmParams const& params);
+
+// The choices run_grouped_gemm makes for these params: split-K factor (>= 1) and tile schedule.
+int resolved_split_k(GroupedGemmParams const& params);
+bool resolved_dynamic_schedule(GroupedGemmParams const& params);
 
 // Launches the grouped GEMM on `stream`. Asynchronous; returns the launch status.
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t stream);

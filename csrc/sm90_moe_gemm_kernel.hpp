@@ -11,7 +11,12 @@
 //     asynchronous TMA stores (64 columns at a time, double-buffered, so the next tile's MMAs start
 //     while the store drains); the expert's last, partial m-block is stored from registers with a
 //     row predicate, because A rows loaded past the expert's end belong to the next expert and
-//     must never be written. Finally the CTAs zero the rows of D that no expert covers.
+//     must never be written. Finally the CTAs zero the rows of D that no expert covers;
+//   - split-K (kSplitK, a separate instantiation) for problems of few tiles (decode): the work unit
+//     is (tile, split), each unit runs the mainloop over its share of the k-blocks, writes its fp32
+//     partial tile to the workspace and counts itself on the tile's arrival counter; the unit that
+//     arrives last sums the partials in split order (deterministic) and stores D. Without kSplitK
+//     none of it is compiled in: the big problems run the code they ran before.
 #pragma once
 
 #include "cute/arch/copy_sm90_tma.hpp"
@@ -21,6 +26,7 @@
 #include "cutlass/arch/barrier.h"
 #include "cutlass/arch/reg_reconfig.h"
 #include "cutlass/cutlass.h"
+#include "cutlass/fast_math.h"
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
@@ -34,7 +40,7 @@ constexpr int epilogue_smem_bytes(int tile_m) {
   return 2 * tile_m * 64 * int(sizeof(ElementD));
 }
 
-template <class CollectiveMainloop_, class ElementD_>
+template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -54,6 +60,10 @@ class Sm90MoeGemmKernel {
   static constexpr int kClusterM = cute::size<0>(ClusterShape{});
   static_assert(cute::size<1>(ClusterShape{}) == 1 && cute::size<2>(ClusterShape{}) == 1, "clusters along M only");
   using Scheduler = Sm90MoeTileScheduler<kTileM * kClusterM>;
+  // Split-K needs static or dynamic scheduling of single CTAs: both CTAs of a cluster would have to
+  // take the same split.
+  static constexpr bool kSplitK = kSplitK_;
+  static_assert(!kSplitK || kClusterM == 1, "split-K runs without clusters");
 
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
   static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
@@ -88,6 +98,7 @@ class Sm90MoeGemmKernel {
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
     int64_t tile_slots[kTileSlots];
+    int split_k_last_arrival;  // split-K: thread 0 tells the MMA warpgroups whether they reduce the tile
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
   static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
@@ -96,14 +107,27 @@ class Sm90MoeGemmKernel {
     MainloopParams mainloop;
     TmaStoreD tma_store_d;
     MoeSchedulerParams scheduler;
-    // Zeroed before the launch; null for static striding (tile = first + i * num_clusters). With a
-    // counter, CTA b starts with tile b and then takes gridDim + atomicAdd(counter, 1): tiles start in
+    // Zeroed before the launch; null for static striding (unit = first + i * num_clusters). With a
+    // counter, CTA b starts with unit b and then takes gridDim + atomicAdd(counter, 1): units start in
     // order of time, so the CTAs that share a weight tile load it from L2 together.
     int* tile_counter;
     ElementD* ptr_d;
     int64_t ldd;
     int32_t N;
     int32_t K;
+    // Split-K (kSplitK only; split_k >= 2). Unit u is split u % split_k of tile
+    // u / split_k: the splits of a tile are neighbours in the unit sequence, so they run in the same
+    // wave on different SMs, each streaming its own slice of the weight tile, and the partials are
+    // read back from L2 soon after they were written. Units are counted in 32 bits (the host splits
+    // only problems of fewer than 2^30 units); the producer warp has 40 registers, so the division
+    // is precomputed: k-blocks per split = base, the first `remainder` splits one more.
+    int32_t split_k;
+    cutlass::FastDivmod split_k_divmod;
+    int32_t k_blocks_per_split;
+    int32_t k_blocks_remainder;
+    int32_t partial_rows;  // rows of each partial tile in the workspace: min(kTileM, M)
+    int* tile_arrivals;    // [tile slots] splits done per tile, zeroed before the launch
+    float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
   };
 
   // D as a TMA store descriptor (M, N); host side.
@@ -191,6 +215,34 @@ class Sm90MoeGemmKernel {
   CUTLASS_DEVICE static int64_t first_cluster_tile() { return blockIdx.x / kClusterM; }
   CUTLASS_DEVICE static int64_t num_clusters() { return gridDim.x / kClusterM; }
 
+  // Work unit `unit` is split unit % split_k of the scheduler's tile unit / split_k. Producer and
+  // consumers derive the same tile and k-block range from the unit index.
+  struct KBlockRange {
+    int32_t split;
+    int32_t begin;
+    int32_t count;
+  };
+
+  CUTLASS_DEVICE static int64_t unit_tile(Params const& params, int64_t unit) {
+    if constexpr (!kSplitK) {
+      return unit;
+    } else {
+      return params.split_k_divmod.div(int(unit));
+    }
+  }
+
+  // The k-blocks are dealt evenly (the host keeps split_k <= k-blocks, so none is empty). Computed
+  // after the scheduler's call, so that fewer values live across it in the 40-register producer.
+  CUTLASS_DEVICE static KBlockRange k_block_range(Params const& params, int64_t unit, int64_t tile, int32_t k_tiles) {
+    if constexpr (!kSplitK) {
+      return {0, 0, k_tiles};
+    } else {
+      int32_t const split = int32_t(unit) - int32_t(tile) * params.split_k;
+      return {split, split * params.k_blocks_per_split + min(split, params.k_blocks_remainder),
+              params.k_blocks_per_split + (split < params.k_blocks_remainder ? 1 : 0)};
+    }
+  }
+
   // TMA warp: for each tile, K-blocks of A (the expert's rows) and of B[e] into the smem stages.
   CUTLASS_DEVICE
   static void produce(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
@@ -219,19 +271,21 @@ class Sm90MoeGemmKernel {
     bool const dynamic = params.tile_counter != nullptr;
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
     TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
-    for (int64_t tile = first_cluster_tile();;) {
-      if (dynamic) {  // publish the tile (an invalid one tells the consumers to stop)
+    for (int64_t unit = first_cluster_tile();;) {
+      if (dynamic) {  // publish the unit (an invalid one tells the consumers to stop)
         tile_pipeline.producer_acquire(tile_write);
         if (is_leader) {
-          shared_storage.tile_slots[tile_write.index()] = tile;
+          shared_storage.tile_slots[tile_write.index()] = unit;
           tile_pipeline.producer_commit(tile_write);
         }
         ++tile_write;
       }
+      int64_t const tile = unit_tile(params, unit);
       MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {
         break;
       }
+      KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
       // The expert's rows start at an arbitrary row, not a multiple of the tile: offset the
       // coordinates, not the descriptor.
       int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
@@ -243,23 +297,24 @@ class Sm90MoeGemmKernel {
       Tensor tBgB = cta_tma_b.partition_S(gB);
       if (is_leader) {
         PipelineState state = write_state;
-        for (int k = 0; k < k_tiles; ++k) {
+        for (int k = 0; k < k_blocks.count; ++k) {
           pipeline.producer_acquire(state);
           auto* barrier = pipeline.producer_get_barrier(state);
-          copy(tma_a.with(*barrier, 0), tAgA(_, _, _, k), tAsA(_, _, _, state.index()));
-          copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k), tBsB(_, _, _, state.index()));
+          int const k_block = k_blocks.begin + k;
+          copy(tma_a.with(*barrier, 0), tAgA(_, _, _, k_block), tAsA(_, _, _, state.index()));
+          copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k_block), tBsB(_, _, _, state.index()));
           ++state;
         }
       }
-      write_state.advance(k_tiles);
+      write_state.advance(k_blocks.count);
       if (dynamic) {
         int next = 0;
         if (threadIdx.x % 32 == 0) {
           next = atomicAdd(params.tile_counter, 1);
         }
-        tile = int64_t(__shfl_sync(0xffffffff, next, 0)) + num_clusters();
+        unit = int64_t(__shfl_sync(0xffffffff, next, 0)) + num_clusters();
       } else {
-        tile += num_clusters();
+        unit += num_clusters();
       }
     }
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
@@ -281,22 +336,29 @@ class Sm90MoeGemmKernel {
 
     bool const dynamic = params.tile_counter != nullptr;
     TilePipelineState tile_read;
-    for (int64_t tile = first_cluster_tile();; tile += dynamic ? 0 : num_clusters()) {
+    for (int64_t unit = first_cluster_tile();; unit += dynamic ? 0 : num_clusters()) {
       if (dynamic) {
         tile_pipeline.consumer_wait(tile_read);
-        tile = shared_storage.tile_slots[tile_read.index()];
+        unit = shared_storage.tile_slots[tile_read.index()];
         tile_pipeline.consumer_release(tile_read);
         ++tile_read;
       }
+      int64_t const tile = unit_tile(params, unit);
       MoeWorkTile const work = next_tile(scheduler, tile);
       if (!work.valid) {
         break;
       }
+      KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
       Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
-      collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
+      collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                               shared_storage.tensors, params.mainloop);
-      collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
-      read_state.advance(k_tiles);
+      collective_mainloop.mma_tail(pipeline, read_state, k_blocks.count);
+      read_state.advance(k_blocks.count);
+      if constexpr (kSplitK) {
+        store_split_and_reduce(params, work, tile, k_blocks.split, accumulators, tiled_mma, mma_thread_idx,
+                               shared_storage);
+        continue;
+      }
       // In a cluster, a CTA past the expert's last m-block still loads and multiplies (its peers need
       // its share of B) but stores nothing: its rows_left is <= 0.
       bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
@@ -403,6 +465,80 @@ class Sm90MoeGemmKernel {
         values[1] = accumulators(i + 1);
         *reinterpret_cast<Pair*>(&tCgD(i)) = convert(values);
       }
+    }
+  }
+
+  // Split-K epilogue. Each unit writes the valid rows and columns of its fp32 partial tile to its own
+  // workspace slot, then counts itself on the tile's arrival counter (threadfence before, so the
+  // partial is visible to whoever sees the count). The unit that arrives last sums the partials of
+  // splits 0, 1, ..., split_k - 1 in that order, all from memory (its own included), so the result
+  // does not depend on which CTA finishes last: bitwise the same from run to run.
+  template <class Accumulators>
+  CUTLASS_DEVICE static void store_split_and_reduce(Params const& params, MoeWorkTile const& work,
+                                                    int64_t tile, int32_t split, Accumulators const& accumulators,
+                                                    TiledMma const& tiled_mma, int mma_thread_idx,
+                                                    SharedStorage& shared_storage) {
+    using namespace cute;
+    int32_t const col0 = work.n_block * kTileN;
+    int32_t const rows_left = min(kTileM, work.rows - work.m_block * kTileM);
+    int32_t const cols_left = min(kTileN, params.N - col0);
+    int64_t const split_stride = int64_t(params.partial_rows) * kTileN;
+    float* const tile_partials = params.partials + tile * params.split_k * split_stride;
+    float* const own_partial = tile_partials + split * split_stride;
+
+    Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
+    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(cD);
+    static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(accumulators); i += 2) {
+      auto const coord = tCcD(i);
+      int const row = get<0>(coord), col = get<1>(coord);
+      if (row < rows_left && col < cols_left) {
+        // .cg: through L2 only, where the reducing CTA (maybe on another SM) reads it.
+        __stcg(reinterpret_cast<float2*>(own_partial + row * kTileN + col), make_float2(accumulators(i), accumulators(i + 1)));
+      }
+    }
+    __threadfence();
+    cutlass::arch::NamedBarrier epilogue_barrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+    epilogue_barrier.arrive_and_wait();
+    if (mma_thread_idx == 0) {
+      int const arrived_before = atomicAdd(params.tile_arrivals + tile, 1);
+      shared_storage.split_k_last_arrival = arrived_before == params.split_k - 1;
+    }
+    epilogue_barrier.arrive_and_wait();
+    // Read by all before thread 0 can write it again: that needs the barrier above of the next unit.
+    if (!shared_storage.split_k_last_arrival) {
+      return;
+    }
+    __threadfence();
+
+    // Linear thread mapping over the valid region, 4 columns per thread (N is a multiple of 8):
+    // coalesced, and all 256 threads busy even for a 1-row tile.
+    ElementD* const tile_d = params.ptr_d + (work.row_start + int64_t(work.m_block) * kTileM) * params.ldd + col0;
+    int32_t const vectors_per_row = cols_left / 4;
+    int32_t const vectors = rows_left * vectors_per_row;
+    cutlass::NumericArrayConverter<ElementD, float, 4> convert;
+#pragma unroll 1
+    for (int32_t v = mma_thread_idx; v < vectors; v += kNumMmaThreads) {
+      int32_t const row = v / vectors_per_row;
+      int32_t const col = (v - row * vectors_per_row) * 4;
+      float const* partial = tile_partials + row * kTileN + col;
+      float4 sum = __ldcg(reinterpret_cast<float4 const*>(partial));
+#pragma unroll 4  // several partials in flight; the adds stay in split order
+      for (int32_t other = 1; other < params.split_k; ++other) {
+        float4 const part = __ldcg(reinterpret_cast<float4 const*>(partial + other * split_stride));
+        sum.x += part.x;
+        sum.y += part.y;
+        sum.z += part.z;
+        sum.w += part.w;
+      }
+      cutlass::Array<float, 4> values;
+      values[0] = sum.x;
+      values[1] = sum.y;
+      values[2] = sum.z;
+      values[3] = sum.w;
+      cutlass::Array<ElementD, 4> const converted = convert(values);
+      *reinterpret_cast<uint2*>(tile_d + row * params.ldd + col) = *reinterpret_cast<uint2 const*>(&converted);
     }
   }
 

@@ -15,6 +15,7 @@
 #include "cutlass/numeric_types.h"
 
 #include "moe_gemm.h"
+#include "moe_gemm_workspace.h"
 #include "sm90_moe_gemm_kernel.hpp"
 
 namespace moe_gemm {
@@ -57,14 +58,22 @@ struct Sm90MoeGemmConfig {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(cute::size<0>(TileShape{}))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element>;
+  template <bool kSplitK>
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK>;
 };
 
-template <DType kDType, bool kBNMajor, TileConfig kConfig>
-cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
+// Split-K has its own kernel, for 128x128 tiles only: the heuristic splits problems of few rows per
+// expert, which get 128x128 tiles anyway, and one extra instantiation per file keeps the build short.
+template <TileConfig kConfig>
+constexpr bool kHasSplitKKernel = kConfig == TileConfig::k128x128;
+
+// `p` comes resolved from run_grouped_gemm: dynamic_schedule is 0 or 1, split_k >= 1 (1 unless
+// kHasSplitKKernel), and the workspace, when needed, is laid out as workspace_layout() says.
+template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kSplitK>
+cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
   using namespace cute;
   using Config = Sm90MoeGemmConfig<kDType, kBNMajor, kConfig>;
-  using Kernel = typename Config::Kernel;
+  using Kernel = typename Config::template Kernel<kSplitK>;
   using Mainloop = typename Config::CollectiveMainloop;
   using Element = typename Config::Element;
   using StrideA = typename Mainloop::StrideA;
@@ -101,11 +110,26 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
   params.scheduler.rows_total = p.M;
   params.scheduler.tiles_n = (N + kTileN - 1) / kTileN;
   params.scheduler.group_m = p.group_m > 0 ? p.group_m : TileTraits<kConfig>::kGroupM;
-  params.tile_counter = Kernel::kClusterM == 1 ? static_cast<int*>(p.workspace) : nullptr;
+  bool const dynamic = Kernel::kClusterM == 1 && p.dynamic_schedule == 1;
+  int const split_k = kSplitK ? p.split_k : 1;
+  WorkspaceLayout const layout = workspace_layout(p.M, p.N, p.E, Kernel::kTileM, kTileN, dynamic, split_k);
+  if (layout.total_bytes > 0 && p.workspace == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  char* const workspace = static_cast<char*>(p.workspace);
+  params.tile_counter = dynamic ? reinterpret_cast<int*>(workspace + layout.tile_counter_offset) : nullptr;
   params.ptr_d = static_cast<Element*>(p.d);
   params.ldd = p.ldd;
   params.N = N;
   params.K = K;
+  params.split_k = split_k;
+  params.split_k_divmod = cutlass::FastDivmod(split_k);
+  int32_t const k_blocks = (K + Kernel::kTileK - 1) / Kernel::kTileK;
+  params.k_blocks_per_split = k_blocks / split_k;
+  params.k_blocks_remainder = k_blocks % split_k;
+  params.partial_rows = int32_t(layout.partial_rows);
+  params.tile_arrivals = split_k > 1 ? reinterpret_cast<int*>(workspace + layout.arrivals_offset) : nullptr;
+  params.partials = split_k > 1 ? reinterpret_cast<float*>(workspace + layout.partials_offset) : nullptr;
 
   auto* kernel = &cutlass::device_kernel<Kernel>;
   int const smem_bytes = Kernel::SharedStorageSize;
@@ -149,12 +173,13 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
     ctas = std::min(ctas, p.sm_count / kClusterM * kClusterM);
   }
 
-  // Persistent grid: as many CTAs as are resident at once, fewer when even the most tiles the sizes
-  // allow cannot fill them. Each expert adds at most one partial m-block of the cluster's
-  // kTileM * kClusterM rows: cluster tiles <= (ceil(M / (BM * cM)) + min(E, M)) * tiles_n.
+  // Persistent grid: as many CTAs as are resident at once, fewer when even the most work units the
+  // sizes allow cannot fill them. Each expert adds at most one partial m-block of the cluster's
+  // kTileM * kClusterM rows: cluster tiles <= (ceil(M / (BM * cM)) + min(E, M)) * tiles_n, each
+  // split_k units.
   int64_t const cluster_rows = int64_t(Kernel::kTileM) * kClusterM;
-  int64_t const max_m_blocks = (p.M + cluster_rows - 1) / cluster_rows + std::min<int64_t>(p.E, p.M);
-  int64_t const max_clusters = std::max<int64_t>(1, max_m_blocks * params.scheduler.tiles_n);
+  int64_t const cluster_m_blocks = (p.M + cluster_rows - 1) / cluster_rows + std::min<int64_t>(p.E, p.M);
+  int64_t const max_clusters = std::max<int64_t>(1, cluster_m_blocks * params.scheduler.tiles_n * split_k);
   int64_t const clusters = std::min<int64_t>(std::max(ctas / kClusterM, 1), max_clusters);
 
   cudaLaunchConfig_t config = {};
@@ -172,6 +197,16 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
     return status;
   }
   return cudaGetLastError();
+}
+
+template <DType kDType, bool kBNMajor, TileConfig kConfig>
+cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream) {
+  if constexpr (kHasSplitKKernel<kConfig>) {
+    if (p.split_k > 1) {
+      return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, true>(p, stream);
+    }
+  }
+  return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, false>(p, stream);
 }
 
 }  // namespace moe_gemm

@@ -13,6 +13,8 @@
 //
 // Each warp keeps its own cursor (current expert, its first tile and first row). Persistent CTAs
 // only move forward, so the cursor advances 32 experts at a time with a warp-wide scan.
+// With split-K the kernel's work units are (tile, split) and it asks for tile unit / split_k: still
+// non-decreasing along a CTA's units, so the cursor logic is the same.
 #pragma once
 
 #include <cstdint>

@@ -50,6 +50,7 @@ struct Options {
   std::string config = "auto";   // auto | 128x256 | 128x128 | 128x256c2
   int group_m = 0;               // m-blocks per raster group; 0 = the configuration's default
   int dynamic = -1;              // tile scheduling: 1 dynamic, 0 static, -1 by problem size
+  int split_k = 0;               // K splits per tile: 0 by problem size, 1 none
   int iterations = 50;
   int warmup = 5;
   bool verify = true;
@@ -73,6 +74,7 @@ struct Options {
     cmd.get_cmd_line_argument("config", config);
     cmd.get_cmd_line_argument("group_m", group_m);
     cmd.get_cmd_line_argument("dynamic", dynamic);
+    cmd.get_cmd_line_argument("split_k", split_k);
     cmd.get_cmd_line_argument("iterations", iterations);
     cmd.get_cmd_line_argument("warmup", warmup);
     cmd.get_cmd_line_argument("verify", verify, true);
@@ -94,6 +96,7 @@ struct Options {
         "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2\n"
         "  --group_m=G                       m-blocks per raster group (L2 locality)\n"
         "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
+        "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic)\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n");
   }
@@ -200,6 +203,7 @@ int run(Options const& opt) {
   params.ldd = N;
   params.group_m = opt.group_m;
   params.dynamic_schedule = opt.dynamic;
+  params.split_k = opt.split_k;
   if (!moe_gemm::parse_tile_config(opt.config.c_str(), &params.config)) {
     std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
     return 1;
@@ -215,14 +219,18 @@ int run(Options const& opt) {
                                           ? params.config
                                           : moe_gemm::choose_tile_config(M, N, K, E, sm_count);
 
-  // Dynamic tile scheduling needs a zeroed counter before every launch.
+  // Dynamic tile scheduling and split-K need counters zeroed before every launch (the start of the
+  // workspace); split-K's partial tiles follow them.
   size_t const workspace_bytes = moe_gemm::grouped_gemm_workspace_bytes(params);
+  size_t const zeroed_bytes = moe_gemm::grouped_gemm_workspace_zeroed_bytes(params);
   if (workspace_bytes > 0) {
     CHECK_CUDA(cudaMalloc(&params.workspace, workspace_bytes));
+    // Poison the partials: a split that reads a partial nobody wrote shows up as NaN.
+    CHECK_CUDA(cudaMemset(params.workspace, 0xFF, workspace_bytes));
   }
   auto launch = [&]() {
-    if (workspace_bytes > 0) {
-      CHECK_CUDA(cudaMemsetAsync(params.workspace, 0, workspace_bytes, nullptr));
+    if (zeroed_bytes > 0) {
+      CHECK_CUDA(cudaMemsetAsync(params.workspace, 0, zeroed_bytes, nullptr));
     }
     CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
   };
@@ -280,9 +288,10 @@ int run(Options const& opt) {
   double const ms = total_ms / std::max(1, opt.iterations);
   double const flops = 2.0 * rows_routed * N * K;
   double const bytes = (double(experts_hit) * N * K + double(M) * K + double(M) * N) * sizeof(Element);
-  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s schedule=%s\n", E, experts_hit,
-              (long long)M, (long long)N, (long long)K, opt.dtype.c_str(), opt.layout.c_str(),
-              moe_gemm::tile_config_name(chosen), workspace_bytes > 0 ? "dynamic" : "static");
+  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s schedule=%s split_k=%d\n", E,
+              experts_hit, (long long)M, (long long)N, (long long)K, opt.dtype.c_str(), opt.layout.c_str(),
+              moe_gemm::tile_config_name(chosen), moe_gemm::resolved_dynamic_schedule(params) ? "dynamic" : "static",
+              moe_gemm::resolved_split_k(params));
   std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms,
               flops / ms / 1e9, bytes / ms / 1e6);
 
