@@ -42,23 +42,80 @@ class _GatherTokens(torch.autograd.Function):
     """``hidden[token of each row]``, whose gradient sums each token's ``top_k`` rows by a gather, in slot order.
 
     Autograd's own gradient of the indexing is ``index_put_(accumulate=True)``, which on CUDA adds a token's rows
-    with atomics, in no fixed order.
+    with atomics, in no fixed order. ``forward`` takes ``ctx`` rather than a ``setup_context``: ``apply`` of the
+    latter binds arguments through ``inspect.signature`` at every call, more host time than the gather.
     """
 
     @staticmethod
-    def forward(hidden, pair_of_row, row_of_pair, top_k):
-        return hidden[pair_of_row // top_k]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
-        ctx.top_k = inputs[3]
+    def forward(ctx, hidden, pair_of_row, row_of_pair, top_k):
+        ctx.save_for_backward(row_of_pair)
+        ctx.top_k = top_k
+        return gather_tokens(hidden, pair_of_row, top_k)
 
     @staticmethod
     def backward(ctx, grad_rows):
         (row_of_pair,) = ctx.saved_tensors
-        grad_pairs = grad_rows[row_of_pair].view(-1, ctx.top_k, grad_rows.shape[1])
-        return grad_pairs.sum(dim=1), None, None, None
+        return sum_token_rows(grad_rows, row_of_pair, ctx.top_k), None, None, None
+
+
+def gather_tokens(hidden: torch.Tensor, pair_of_row: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``x_sorted``: row ``r`` is the hidden state of the token of pair ``pair_of_row[r]``."""
+    return hidden.index_select(0, pair_of_row // top_k)
+
+
+def sum_token_rows(grad_rows: torch.Tensor, row_of_pair: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The gradient of ``gather_tokens``: each token's ``top_k`` rows summed in slot order, ``[T, H]``."""
+    return grad_rows.index_select(0, row_of_pair).view(-1, top_k, grad_rows.shape[1]).sum(dim=1)
+
+
+# torch.arange results reused across calls, keyed by (length, device): one launch fewer each on CUDA.
+_ARANGE_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+_ARANGE_CACHE_MAX_ENTRIES = 64
+
+
+def cached_arange(length: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(length, device=device)`` (int64), read-only by convention, shared across calls.
+
+    Not cached where a stored tensor would be wrong: under torch.compile (a global tensor would be baked into the
+    graph) and while a CUDA graph is captured (its values are written only when the graph replays).
+    """
+    if torch.compiler.is_compiling():
+        return torch.arange(length, device=device)
+    key = (length, device)
+    cached = _ARANGE_CACHE.get(key)
+    if cached is not None:
+        return cached
+    values = torch.arange(length, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return values
+    if len(_ARANGE_CACHE) >= _ARANGE_CACHE_MAX_ENTRIES:
+        _ARANGE_CACHE.clear()
+    _ARANGE_CACHE[key] = values
+    return values
+
+
+def sort_pairs(
+    ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair)`` of ``DispatchInfo`` for ``ids [T, k]``."""
+    ids = ids.to(torch.int64)
+    valid_pair = (ids >= 0) & (ids < num_experts)
+    expert_of_pair = torch.where(valid_pair, ids, num_experts).reshape(-1)
+    # Stable: within an expert, pairs keep their (token, slot) order, so the layout is a function of ids alone.
+    expert_of_row, pair_of_row = torch.sort(expert_of_pair, stable=True)
+    # The sorted ids are non-decreasing: expert e's rows start at the number of ids below e.
+    group_starts = torch.searchsorted(expert_of_row, cached_arange(num_experts + 1, ids.device))
+    m_sizes = torch.diff(group_starts)
+    rows = cached_arange(pair_of_row.shape[0], ids.device)
+    row_of_pair = torch.empty_like(pair_of_row).scatter_(0, pair_of_row, rows)
+    return m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair
+
+
+def check_dispatch_arguments(hidden: torch.Tensor, ids: torch.Tensor) -> None:
+    if hidden.dim() != 2 or ids.dim() != 2 or ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"need hidden [T, H] and ids [T, top_k], got {tuple(hidden.shape)} and {tuple(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
 
 
 def dispatch(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int) -> DispatchInfo:
@@ -71,22 +128,12 @@ def dispatch(hidden: torch.Tensor, ids: torch.Tensor, num_experts: int) -> Dispa
             zeros, and ``combine`` ignores them.
         num_experts: ``E``.
     """
-    if hidden.dim() != 2 or ids.dim() != 2 or ids.shape[0] != hidden.shape[0]:
-        raise ValueError(f"need hidden [T, H] and ids [T, top_k], got {tuple(hidden.shape)} and {tuple(ids.shape)}")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
-    ids = ids.to(torch.int64)
-    valid_pair = (ids >= 0) & (ids < num_experts)
-    expert_of_pair = torch.where(valid_pair, ids, num_experts).flatten()
-    # Stable: within an expert, pairs keep their (token, slot) order, so the layout is a function of ids alone.
-    expert_of_row, pair_of_row = torch.sort(expert_of_pair, stable=True)
-    # The sorted ids are non-decreasing: expert e's rows end where the first id greater than e starts.
-    experts = torch.arange(num_experts, device=ids.device)
-    group_ends = torch.searchsorted(expert_of_row, experts, right=True)
-    m_sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1))
-    rows = torch.arange(pair_of_row.shape[0], device=ids.device)
-    row_of_pair = torch.empty_like(pair_of_row).scatter_(0, pair_of_row, rows)
-    x_sorted = _GatherTokens.apply(hidden, pair_of_row, row_of_pair, ids.shape[1])
+    check_dispatch_arguments(hidden, ids)
+    m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair = sort_pairs(ids, num_experts)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        x_sorted = _GatherTokens.apply(hidden, pair_of_row, row_of_pair, ids.shape[1])
+    else:
+        x_sorted = gather_tokens(hidden, pair_of_row, ids.shape[1])
     return DispatchInfo(x_sorted, m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair)
 
 
@@ -105,6 +152,6 @@ def combine(y_sorted: torch.Tensor, info: DispatchInfo, weights: torch.Tensor) -
         )
     acc_dtype = torch.float64 if torch.float64 in (y_sorted.dtype, weights.dtype) else torch.float32
     # A gather and a sum over top_k rather than index_add_: no atomics, so the result is bitwise reproducible.
-    y_pairs = y_sorted[info.row_of_pair].view(num_tokens, top_k, -1).to(acc_dtype)
+    y_pairs = y_sorted.index_select(0, info.row_of_pair).view(num_tokens, top_k, -1).to(acc_dtype)
     weighted = torch.where(info.valid_pair[..., None], y_pairs * weights.to(acc_dtype)[..., None], 0)
     return weighted.sum(dim=1).to(y_sorted.dtype)

@@ -26,12 +26,72 @@ def grouped_forward(
     Returns:
         ``[M, N]`` in the dtype of ``x``; rows past ``sum(m_sizes)`` are zero. Differentiable in ``x`` and ``weight``.
     """
-    cuda_kernel = isinstance(x, torch.Tensor) and x.device.type == "cuda" and _ops.cuda_available()
+    cuda_kernel = isinstance(x, torch.Tensor) and x.is_cuda and _ops.cuda_available()
     weight, weight_transposed = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=cuda_kernel)
+    m_sizes = m_sizes.contiguous()
+    if torch.compiler.is_compiling():
+        return torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes, weight_transposed)
     # The check needs the sizes' values, which a torch.compile trace does not have: it runs in eager mode only.
-    if os.environ.get("MOE_GEMM_CHECK") == "1" and not torch.compiler.is_compiling():
+    if os.environ.get("MOE_GEMM_CHECK") == "1":
         _validation.check_sizes_on_host(m_sizes, x.shape[0])
-    return torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes.contiguous(), weight_transposed)
+    return grouped_mm_eager(x, weight, m_sizes, weight_transposed)
+
+
+def call_below_autograd(op, *args):
+    """``op(*args)`` straight to its CPU or CUDA kernel, skipping its Autograd kernel: for eager calls whose
+    gradient is handled by the caller's own autograd.Function. The Autograd kernel that torch.library.register_autograd
+    installs is Python (a generated Function and a redispatch) and costs more host time than the CUDA launch."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``moe_gemm::grouped_mm`` with the backward of ``_ops._backward``, in one thin Function: eager calls pay for
+    one autograd node rather than the op's generated Function around a Python redispatch.
+
+    ``forward`` takes ``ctx`` (no ``setup_context``) on purpose: for Functions with ``setup_context``, ``apply``
+    binds default arguments through ``inspect.signature`` on every call, which costs more than the rest. (The op's
+    generated Function has no ``setup_context`` either: torch.func transforms refuse both alike.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, m_sizes, weight_transposed):
+        needs_grad_x, needs_grad_w = ctx.needs_input_grad[:2]
+        # grad_x reads the weight, grad_W reads x: keep only what the requested gradients need.
+        ctx.save_for_backward(x if needs_grad_w else None, weight if needs_grad_x else None, m_sizes)
+        ctx.weight_transposed = weight_transposed
+        return call_below_autograd(torch.ops.moe_gemm.grouped_mm.default, x, weight, m_sizes, weight_transposed)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, m_sizes = ctx.saved_tensors
+        grad_x, grad_w = grouped_mm_backward(
+            grad_y, x, weight, m_sizes, ctx.weight_transposed, *ctx.needs_input_grad[:2]
+        )
+        return grad_x, grad_w, None, None
+
+
+def grouped_mm_backward(grad_y, x, weight, m_sizes, weight_transposed, needs_grad_x, needs_grad_w):
+    """``(grad_x, grad_W)`` of ``y = grouped_mm(x, weight, m_sizes, weight_transposed)``, None where not needed."""
+    # The kernels read rows with unit inner stride; autograd may hand over an expanded or strided gradient.
+    grad_y = grad_y.contiguous()
+    # With create_graph the ops' own autograd must record the backward; otherwise skip it.
+    run = (lambda op, *args: op(*args)) if torch.is_grad_enabled() else call_below_autograd
+    grad_x = grad_w = None
+    if needs_grad_x:
+        # y = x @ W[e].T  =>  grad_x = grad_y @ W[e]: the same op reading the weight in the other layout.
+        grad_x = run(torch.ops.moe_gemm.grouped_mm.default, grad_y, weight, m_sizes, not weight_transposed)
+    if needs_grad_w:
+        grad_w = run(torch.ops.moe_gemm.grouped_mm_wgrad.default, x, grad_y, m_sizes, weight_transposed)
+    return grad_x, grad_w
+
+
+def grouped_mm_eager(x, weight, m_sizes, weight_transposed):
+    """``moe_gemm::grouped_mm`` on validated arguments (``weight`` with unit inner stride, ``m_sizes`` contiguous),
+    in eager mode: the op's kernel directly when no gradient is wanted, ``_GroupedMM`` otherwise."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _GroupedMM.apply(x, weight, m_sizes, weight_transposed)
+    return call_below_autograd(torch.ops.moe_gemm.grouped_mm.default, x, weight, m_sizes, weight_transposed)
 
 
 def grouped_weight_grad(

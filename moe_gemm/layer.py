@@ -7,14 +7,28 @@ with the host; ``grouped_forward`` does not either where its CUDA kernels are bu
 """
 
 import math
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_gemm.dispatch import DispatchInfo, combine, dispatch
-from moe_gemm.functional import grouped_forward
+from moe_gemm import _ops, _validation
+from moe_gemm.dispatch import (
+    DispatchInfo,
+    check_dispatch_arguments,
+    combine,
+    dispatch,
+    gather_tokens,
+    sort_pairs,
+    sum_token_rows,
+)
+from moe_gemm.functional import (
+    call_below_autograd,
+    grouped_forward,
+    grouped_mm_backward,
+)
 from moe_gemm.routing import route
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -82,11 +96,200 @@ def experts_forward(
     """
     if top_k_weights.shape != top_k_index.shape:
         raise ValueError(f"top_k_weights {tuple(top_k_weights.shape)} != top_k_index {tuple(top_k_index.shape)}")
+    if isinstance(act, str) and _fused_path_applies(hidden, gate_up_proj, down_proj, gate_up_bias, down_bias):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {act!r}")
+        check_dispatch_arguments(hidden, top_k_index)
+        arguments = (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, top_k_index)
+        options = (act, concatenated, weight_transposed)
+        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in arguments)
+        if wants_grad:
+            return _FusedExperts.apply(*arguments, options)
+        return _FusedExperts.run(None, *arguments, options)
     info = dispatch(hidden, top_k_index, gate_up_proj.shape[0])
     gate_up = _grouped_linear(info.x_sorted, gate_up_proj, gate_up_bias, info, weight_transposed)
     activated = act(gate_up) if callable(act) else gated_activation(gate_up, act, concatenated)
     y_sorted = _grouped_linear(activated, down_proj, down_bias, info, weight_transposed)
     return combine(y_sorted, info, top_k_weights)
+
+
+def _fused_path_applies(hidden, gate_up_proj, down_proj, gate_up_bias, down_bias) -> bool:
+    """Whether ``experts_forward`` runs as ``_FusedExperts``: in eager mode (torch.compile traces the composition of
+    ops, which it fuses itself), for tensor biases of the hidden dtype (others promote the GEMM outputs). Arguments
+    of the wrong type take the composed path, whose checks name them."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(isinstance(t, torch.Tensor) for t in (hidden, gate_up_proj, down_proj))
+        and (gate_up_bias is None or (isinstance(gate_up_bias, torch.Tensor) and gate_up_bias.dtype == hidden.dtype))
+        and (down_bias is None or (isinstance(down_bias, torch.Tensor) and down_bias.dtype == hidden.dtype))
+    )
+
+
+def _bias_grad(bias: torch.Tensor, expert_of_row: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    # What autograd does for ``bias[expert_of_row]``: an accumulating index_put_, reproducible under
+    # torch.use_deterministic_algorithms(True).
+    return torch.zeros_like(bias).index_put_((expert_of_row,), grad_rows, accumulate=True)
+
+
+class _FusedExperts(torch.autograd.Function):
+    """``experts_forward`` for a named activation as one autograd node, computing what the composition of
+    ``dispatch``, ``grouped_forward``, the activation and ``combine`` computes, op for op, in the forward and the
+    backward (the backward spells out autograd's formulas for each step), so results are the same bits.
+
+    Why: at decode sizes the layer's cost is host time, and autograd's per-op bookkeeping (about 25 nodes, each a
+    few microseconds forward and backward) was most of it. ``forward`` takes ``ctx`` rather than a
+    ``setup_context``, whose ``apply`` binds arguments through ``inspect.signature`` at every call.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options):
+        return _FusedExperts.run(
+            ctx, hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options
+        )
+
+    @staticmethod
+    def run(ctx, hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options):
+        """The forward; saves what the backward needs on ``ctx`` unless it is None (no gradient wanted)."""
+        act, concatenated, weight_transposed = options
+        num_tokens, top_k = ids.shape
+        num_experts = gate_up_proj.shape[0]
+        m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair = sort_pairs(ids, num_experts)
+        x_sorted = gather_tokens(hidden, pair_of_row, top_k)
+        cuda_kernel = hidden.is_cuda and _ops.cuda_available()
+        gate_up_weight, gate_up_flag = _validation.validate(
+            x_sorted, gate_up_proj, m_sizes, weight_transposed, cuda_kernel=cuda_kernel
+        )
+        if os.environ.get("MOE_GEMM_CHECK") == "1":
+            _validation.check_sizes_on_host(m_sizes, x_sorted.shape[0])
+        grouped_mm = torch.ops.moe_gemm.grouped_mm.default
+        gate_up = call_below_autograd(grouped_mm, x_sorted, gate_up_weight, m_sizes, gate_up_flag)
+        # Dropped rows (expert E) borrow the last expert's bias: combine ignores them and gives them zero gradient.
+        bias_row = None
+        if gate_up_bias is not None or down_bias is not None:
+            bias_row = expert_of_row.clamp_max(num_experts - 1)
+        if gate_up_bias is not None:
+            gate_up = gate_up + gate_up_bias[bias_row]
+        gate, up = gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
+        activated_gate = ACTIVATIONS[act](gate)
+        activated = activated_gate * up
+        down_weight, down_flag = _validation.validate(
+            activated, down_proj, m_sizes, weight_transposed, cuda_kernel=cuda_kernel
+        )
+        y_sorted = call_below_autograd(grouped_mm, activated, down_weight, m_sizes, down_flag)
+        if down_bias is not None:
+            y_sorted = y_sorted + down_bias[bias_row]
+        # combine, as dispatch.combine computes it.
+        acc_dtype = torch.float64 if torch.float64 in (y_sorted.dtype, top_k_weights.dtype) else torch.float32
+        y_pairs = y_sorted.index_select(0, row_of_pair).view(num_tokens, top_k, -1).to(acc_dtype)
+        weights = top_k_weights.to(acc_dtype)[..., None]
+        out = torch.where(valid_pair[..., None], y_pairs * weights, 0).sum(dim=1).to(y_sorted.dtype)
+        if ctx is not None:
+            ctx.save_for_backward(
+                x_sorted,
+                gate_up_weight,
+                gate_up,
+                activated_gate,
+                activated,
+                down_weight,
+                m_sizes,
+                bias_row,
+                pair_of_row,
+                row_of_pair,
+                valid_pair,
+                y_pairs,
+                weights,
+                gate_up_bias,
+                down_bias,
+            )
+            ctx.options = (act, concatenated, gate_up_flag, down_flag)
+            # A weight read through its transposed view gets its gradient transposed back.
+            ctx.weights_viewed = (gate_up_weight is not gate_up_proj, down_weight is not down_proj)
+            ctx.dtypes = (y_sorted.dtype, top_k_weights.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (
+            x_sorted,
+            gate_up_weight,
+            gate_up,
+            activated_gate,
+            activated,
+            down_weight,
+            m_sizes,
+            bias_row,
+            pair_of_row,
+            row_of_pair,
+            valid_pair,
+            y_pairs,
+            weights,
+            gate_up_bias,
+            down_bias,
+        ) = ctx.saved_tensors
+        act, concatenated, gate_up_flag, down_flag = ctx.options
+        y_dtype, weights_dtype = ctx.dtypes
+        needs = ctx.needs_input_grad
+        grad_hidden = grad_weights = grad_gate_up_proj = grad_down_proj = grad_gate_up_bias = grad_down_bias = None
+
+        # combine: out = sum_j where(valid, y_pairs * w, 0).to(dtype)
+        grad_products = torch.where(valid_pair[..., None], grad_out.to(y_pairs.dtype).unsqueeze(1), 0)
+        if needs[1]:
+            grad_weights = (grad_products * y_pairs).sum(dim=2, keepdim=True).squeeze(-1).to(weights_dtype)
+        needs_below_combine = any(needs[0:1] + needs[2:6])
+        if not needs_below_combine:
+            return grad_hidden, grad_weights, None, None, None, None, None, None
+        grad_pairs = (grad_products * weights).to(y_dtype)
+        grad_y_sorted = grad_pairs.view(-1, grad_pairs.shape[-1]).index_select(0, pair_of_row)
+
+        if needs[5]:
+            grad_down_bias = _bias_grad(down_bias, bias_row, grad_y_sorted)
+        grad_activated, grad_down_proj = grouped_mm_backward(
+            grad_y_sorted,
+            activated,
+            down_weight,
+            m_sizes,
+            down_flag,
+            any(needs[0:1] + needs[2:3] + needs[4:5]),
+            needs[3],
+        )
+        if grad_down_proj is not None and ctx.weights_viewed[1]:
+            grad_down_proj = grad_down_proj.transpose(-1, -2)
+        if grad_activated is None:
+            return (grad_hidden, grad_weights, None, grad_down_proj, None, grad_down_bias, None, None)
+
+        # activated = act(gate) * up
+        gate, up = gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
+        grad_activated_gate = grad_activated * up
+        grad_up = grad_activated * activated_gate
+        if act == "silu":
+            grad_gate = torch.ops.aten.silu_backward(grad_activated_gate, gate)
+        else:
+            approximate = "tanh" if act == "gelu_tanh" else "none"
+            grad_gate = torch.ops.aten.gelu_backward(grad_activated_gate, gate, approximate=approximate)
+        if concatenated:
+            grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)
+        else:
+            grad_gate_up = torch.stack([grad_gate, grad_up], dim=-1).view(grad_gate.shape[0], -1)
+
+        if needs[4]:
+            grad_gate_up_bias = _bias_grad(gate_up_bias, bias_row, grad_gate_up)
+        grad_x_sorted, grad_gate_up_proj = grouped_mm_backward(
+            grad_gate_up, x_sorted, gate_up_weight, m_sizes, gate_up_flag, needs[0], needs[2]
+        )
+        if grad_gate_up_proj is not None and ctx.weights_viewed[0]:
+            grad_gate_up_proj = grad_gate_up_proj.transpose(-1, -2)
+        if grad_x_sorted is not None:
+            grad_hidden = sum_token_rows(grad_x_sorted, row_of_pair, valid_pair.shape[1])
+        return (
+            grad_hidden,
+            grad_weights,
+            grad_gate_up_proj,
+            grad_down_proj,
+            grad_gate_up_bias,
+            grad_down_bias,
+            None,
+            None,
+        )
 
 
 class MoEExperts(nn.Module):

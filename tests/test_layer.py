@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import assert_close_to_reference
 
 import moe_gemm
+from moe_gemm.layer import gated_activation
 from moe_gemm.reference import experts_forward_reference, route_reference
 
 
@@ -147,6 +148,52 @@ def test_experts_forward_is_deterministic():
         grads = torch.autograd.grad(out.float().square().sum(), (inputs["hidden"], inputs["top_k_weights"]))
         runs.append((out, *grads))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("weights_dtype", [None, torch.float32], ids=["weights_same", "weights_f32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("concatenated", [True, False], ids=["concatenated", "interleaved"])
+@pytest.mark.parametrize("layout", ["nk", "kn", "nk_viewed"])
+def test_fused_experts_forward_matches_the_composed_ops_bitwise(layout, concatenated, bias, act, dtype, weights_dtype):
+    # Eager experts_forward with a named activation runs as one autograd Function (host time at decode); a callable
+    # activation takes the composition of dispatch, grouped_forward and combine. Both must give the same bits,
+    # forward and every gradient.
+    inputs, options = make_experts_problem(transposed=layout == "kn", bias=bias, dtype=dtype)
+    if layout == "nk_viewed":  # weights stored [E, K, N], passed as their [E, N, K] views
+        for name in ("gate_up_proj", "down_proj"):
+            inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+    if weights_dtype is not None:
+        inputs["top_k_weights"] = inputs["top_k_weights"].to(weights_dtype)
+    options.update(concatenated=concatenated)
+    differentiable = [name for name in inputs if name != "top_k_index"]
+    for name in differentiable:
+        inputs[name].requires_grad_()
+    grad_out = torch.randn(inputs["hidden"].shape, dtype=dtype)
+
+    def run(act_option):
+        out = moe_gemm.experts_forward(**inputs, **options, act=act_option)
+        return (out, *torch.autograd.grad(out, [inputs[name] for name in differentiable], grad_out))
+
+    fused = run(act)
+    composed = run(lambda gate_up: gated_activation(gate_up, act, concatenated))
+    for name, a, b in zip(["out", *differentiable], fused, composed):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(moe_gemm.experts_forward(**inputs, **options, act=act), fused[0])
+
+
+def test_fused_experts_forward_computes_only_requested_gradients():
+    inputs, options = make_experts_problem(bias=True)
+    inputs["down_proj"].requires_grad_()
+    out = moe_gemm.experts_forward(**inputs, **options)
+    (grad_down,) = torch.autograd.grad(out.sum(), inputs["down_proj"])
+    inputs["hidden"].requires_grad_()
+    inputs["down_proj"].requires_grad_(False)
+    out = moe_gemm.experts_forward(**inputs, **options)
+    (grad_hidden,) = torch.autograd.grad(out.sum(), inputs["hidden"])
+    assert grad_down.shape == inputs["down_proj"].shape and grad_hidden.shape == inputs["hidden"].shape
 
 
 def test_experts_forward_rejects_bad_activation_and_mismatched_routing():
