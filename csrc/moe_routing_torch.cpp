@@ -1,8 +1,8 @@
-// The torch binding of the fused routing kernel: the schema of moe_gemm::route (a fragment of the
-// library that moe_gemm_torch.cpp opens) and its CUDA kernel. The CPU kernel, the fallback while the
-// extension is absent, the fake kernel and autograd are registered in Python (moe_gemm/_routing_ops.py).
+// The torch binding of the fused routing kernel: moe_gemm::_route_kernel (a fragment of the library that
+// moe_gemm_torch.cpp opens), CUDA only. The public op moe_gemm::route is defined in Python
+// (moe_gemm/_routing_ops.py), whose CUDA kernel checks every argument and then calls this one; its CPU
+// kernel, fake kernel and autograd live there too. The checks below repeat those as a last guard.
 #include <optional>
-#include <string_view>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -15,11 +15,12 @@
 
 namespace {
 
-moe_gemm::RoutingScoring to_scoring(std::string_view scoring) {
-  if (scoring == "softmax") return moe_gemm::RoutingScoring::kSoftmax;
-  if (scoring == "softmax_topk") return moe_gemm::RoutingScoring::kSoftmaxTopK;
-  TORCH_CHECK(scoring == "sigmoid", "moe_gemm.route: scoring must be softmax, softmax_topk or sigmoid, got ", scoring);
-  return moe_gemm::RoutingScoring::kSigmoid;
+// 0 softmax, 1 softmax_topk, 2 sigmoid: the order of moe_gemm.routing.SCORINGS.
+moe_gemm::RoutingScoring to_scoring(int64_t scoring) {
+  TORCH_CHECK(scoring >= 0 && scoring <= 2, "moe_gemm.route: unknown scoring code ", scoring);
+  return scoring == 0 ? moe_gemm::RoutingScoring::kSoftmax
+         : scoring == 1 ? moe_gemm::RoutingScoring::kSoftmaxTopK
+                        : moe_gemm::RoutingScoring::kSigmoid;
 }
 
 moe_gemm::RoutingLogitsDType to_logits_dtype(at::ScalarType type) {
@@ -31,19 +32,20 @@ moe_gemm::RoutingLogitsDType to_logits_dtype(at::ScalarType type) {
     case at::kHalf:
       return moe_gemm::RoutingLogitsDType::kFloat16;
     default:
-      TORCH_CHECK(false, "moe_gemm.route: the CUDA kernel takes float32, bfloat16 or float16 logits, got ", type);
+      break;
   }
+  TORCH_CHECK(false, "moe_gemm.route: the CUDA kernel takes float32, bfloat16 or float16 logits, got ", type);
+  return moe_gemm::RoutingLogitsDType::kFloat32;  // not reached: the check throws
 }
 
 // (weights float32 [T, top_k], ids int64 [T, top_k]) of router_logits [T, E].
-std::tuple<at::Tensor, at::Tensor> route_cuda(at::Tensor const& router_logits, int64_t top_k,
-                                              c10::string_view scoring, bool renormalize,
-                                              std::optional<int64_t> n_group, std::optional<int64_t> topk_group,
+// n_group = topk_group = 0: no groups.
+std::tuple<at::Tensor, at::Tensor> route_cuda(at::Tensor const& router_logits, int64_t top_k, int64_t scoring,
+                                              bool renormalize, int64_t n_group, int64_t topk_group,
                                               std::optional<at::Tensor> const& e_score_correction_bias,
                                               double routed_scaling_factor) {
   TORCH_CHECK(router_logits.dim() == 2, "moe_gemm.route: router_logits must be [T, E], got ", router_logits.sizes());
   TORCH_CHECK(router_logits.is_cuda(), "moe_gemm.route: router_logits must be a CUDA tensor");
-  TORCH_CHECK(n_group.has_value() == topk_group.has_value(), "moe_gemm.route: n_group and topk_group go together");
   int64_t const T = router_logits.size(0), E = router_logits.size(1);
   TORCH_CHECK(E <= moe_gemm::kRoutingMaxExperts && top_k <= moe_gemm::kRoutingMaxTopK,
               "moe_gemm.route: the CUDA kernel takes up to ", moe_gemm::kRoutingMaxExperts, " experts and top_k up to ",
@@ -76,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(at::Tensor const& router_logits, i
   params.top_k = static_cast<int32_t>(top_k);
   params.scoring = to_scoring(scoring);
   params.renormalize = renormalize;
-  params.n_group = static_cast<int32_t>(n_group.value_or(0));
-  params.topk_group = static_cast<int32_t>(topk_group.value_or(0));
+  params.n_group = static_cast<int32_t>(n_group);
+  params.topk_group = static_cast<int32_t>(topk_group);
   params.routed_scaling_factor = static_cast<float>(routed_scaling_factor);
   char const* problem = moe_gemm::check_routing(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.route: ", problem);
@@ -88,13 +90,12 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(at::Tensor const& router_logits, i
 
 }  // namespace
 
-// The schema is also in moe_gemm/_routing_ops.py (defined there when the extension is absent): keep both equal.
 TORCH_LIBRARY_FRAGMENT(moe_gemm, m) {
   m.def(
-      "route(Tensor router_logits, int top_k, str scoring, bool renormalize, int? n_group, int? topk_group, "
+      "_route_kernel(Tensor router_logits, int top_k, int scoring, bool renormalize, int n_group, int topk_group, "
       "Tensor? e_score_correction_bias, float routed_scaling_factor) -> (Tensor weights, Tensor ids)");
 }
 
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
-  m.impl("route", &route_cuda);
+  m.impl("_route_kernel", &route_cuda);
 }

@@ -1,10 +1,13 @@
 """Registration of ``torch.ops.moe_gemm.route``: the fused routing kernel, its fallbacks, fake kernel and autograd.
 
 ``moe_gemm::route(router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias,
-routed_scaling_factor) -> (weights float32 [T, k], ids int64 [T, k])`` computes ``moe_gemm.route``. Its CUDA kernel
-(``csrc/moe_routing.cu``) is in ``moe_gemm._C``, whose ``csrc/moe_routing_torch.cpp`` defines the schema; when the
-extension is absent (or was built without it) this module defines the same schema and serves CPU and CUDA tensors
-with ``route_torch_ops``. Either way CPU tensors take ``route_torch_ops``.
+routed_scaling_factor) -> (weights float32 [T, k], ids int64 [T, k])`` computes ``moe_gemm.route``; this module
+defines it. On CUDA, where ``moe_gemm._C`` has the fused kernel (``csrc/moe_routing.cu``, bound as
+``moe_gemm::_route_kernel`` by ``csrc/moe_routing_torch.cpp``), the op checks every argument here, raising
+``RuntimeError`` for what the kernel does not take, and launches it; otherwise (and always on CPU) it runs
+``route_torch_ops``. The checks are in Python on purpose: an error thrown from inside that kernel's binding crashed
+the process on the H100 (a segfault while unwinding, not diagnosed yet), so the binding is only ever handed
+arguments it accepts.
 
 Autograd: the weights are differentiable in the logits, the ids are not. The backward is written out below from the
 ids and the logits, in the tensor ops of ``route_torch_ops``'s own backward, so both paths give the same gradients.
@@ -12,10 +15,9 @@ ids and the logits, in the tensor ops of ``route_torch_ops``'s own backward, so 
 
 import torch
 
-# Loads moe_gemm._C first, whose library fragment defines the op with its CUDA kernel.
+# Loads moe_gemm._C first, whose library fragment defines the kernel's op.
 from moe_gemm import _ops  # noqa: F401
 
-# Keep equal to the schema in csrc/moe_routing_torch.cpp.
 ROUTE_SCHEMA = (
     "(Tensor router_logits, int top_k, str scoring, bool renormalize, int? n_group, int? topk_group, "
     "Tensor? e_score_correction_bias, float routed_scaling_factor) -> (Tensor, Tensor)"
@@ -27,9 +29,12 @@ KERNEL_MAX_GROUPS = 32
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+SCORING_CODES = {"softmax": 0, "softmax_topk": 1, "sigmoid": 2}  # as csrc/moe_routing_torch.cpp reads them
+
+
 def _defined_by_extension() -> bool:
     try:
-        torch.ops.moe_gemm.route  # noqa: B018  (the lookup raises when no library defined the op)
+        torch.ops.moe_gemm._route_kernel  # noqa: B018  (the lookup raises when no library defined the op)
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -55,8 +60,59 @@ def kernel_applies(router_logits: torch.Tensor, top_k: int, n_group: int | None)
     )
 
 
-if not ROUTING_KERNEL_BUILT:
-    torch.library.define("moe_gemm::route", ROUTE_SCHEMA)
+torch.library.define("moe_gemm::route", ROUTE_SCHEMA)
+
+
+def _kernel_argument_problem(
+    router_logits, top_k, scoring, n_group, topk_group, e_score_correction_bias
+) -> str | None:
+    """What the CUDA kernel cannot take in these arguments, or None."""
+    if router_logits.dim() != 2:
+        return f"router_logits must be [T, E], got {tuple(router_logits.shape)}"
+    if router_logits.dtype not in KERNEL_DTYPES:
+        return f"the CUDA kernel takes float32, bfloat16 or float16 logits, got {router_logits.dtype}"
+    num_experts = router_logits.shape[1]
+    if num_experts > KERNEL_MAX_EXPERTS or top_k > KERNEL_MAX_TOP_K:
+        return (
+            f"the CUDA kernel takes up to {KERNEL_MAX_EXPERTS} experts and top_k up to {KERNEL_MAX_TOP_K}, got "
+            f"E = {num_experts}, top_k = {top_k} (moe_gemm.route falls back to PyTorch ops there)"
+        )
+    if not 1 <= top_k <= num_experts:
+        return f"top_k must be in [1, {num_experts}], got {top_k}"
+    if scoring not in SCORING_CODES:
+        return f"scoring must be one of {tuple(SCORING_CODES)}, got {scoring!r}"
+    if (n_group is None) != (topk_group is None):
+        return "n_group and topk_group go together"
+    if scoring != "sigmoid" and (n_group is not None or e_score_correction_bias is not None):
+        return "n_group, topk_group and e_score_correction_bias apply to scoring='sigmoid' only"
+    if n_group is not None:
+        if not 1 <= n_group <= KERNEL_MAX_GROUPS or num_experts % n_group != 0:
+            return f"the CUDA kernel takes n_group dividing E = {num_experts}, at most {KERNEL_MAX_GROUPS}, got {n_group}"
+        if not 1 <= topk_group <= n_group:
+            return f"topk_group must be in [1, n_group = {n_group}], got {topk_group}"
+    bias = e_score_correction_bias
+    if bias is not None and (tuple(bias.shape) != (num_experts,) or bias.device != router_logits.device):
+        return f"e_score_correction_bias must be [{num_experts}] on the logits' device, got {tuple(bias.shape)}"
+    return None
+
+
+def _route_cuda(
+    router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias, routed_scaling_factor
+):
+    """The fused kernel, after checking everything its binding would."""
+    problem = _kernel_argument_problem(router_logits, top_k, scoring, n_group, topk_group, e_score_correction_bias)
+    if problem is not None:
+        raise RuntimeError(f"moe_gemm.route: {problem}")
+    return torch.ops.moe_gemm._route_kernel(
+        router_logits,
+        top_k,
+        SCORING_CODES[scoring],
+        renormalize,
+        n_group or 0,
+        topk_group or 0,
+        e_score_correction_bias,
+        routed_scaling_factor,
+    )
 
 
 def _route_eager(
@@ -80,7 +136,8 @@ def _route_eager(
     return weights.contiguous(), ids.contiguous()
 
 
-torch.library.register_kernel("moe_gemm::route", ("cpu",) if ROUTING_KERNEL_BUILT else ("cpu", "cuda"), _route_eager)
+torch.library.register_kernel("moe_gemm::route", "cpu", _route_eager)
+torch.library.register_kernel("moe_gemm::route", "cuda", _route_cuda if ROUTING_KERNEL_BUILT else _route_eager)
 
 
 @torch.library.register_fake("moe_gemm::route")

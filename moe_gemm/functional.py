@@ -115,6 +115,16 @@ def grouped_weight_grad(
     Returns:
         ``grad_W`` in the dtype of ``x``, or ``main_grad``. Experts without rows get exact zeros (add nothing).
     """
+    _check_weight_grad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad)
+    grad_y = grad_y.contiguous()
+    if main_grad is None:
+        return torch.ops.moe_gemm.grouped_mm_wgrad(x, grad_y, m_sizes.contiguous(), weight_transposed)
+    torch.ops.moe_gemm.grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes.contiguous(), weight_transposed)
+    return main_grad
+
+
+def _check_weight_grad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad) -> None:
+    """Everything the CUDA kernel's binding checks, checked here first so that errors name the argument."""
     for name, value in (("x", x), ("grad_y", grad_y), ("m_sizes", m_sizes)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
@@ -124,10 +134,23 @@ def grouped_weight_grad(
         )
     if grad_y.dtype != x.dtype:
         raise TypeError(f"grad_y: expected the dtype of x ({x.dtype}), got {grad_y.dtype}")
-    grad_y = grad_y.contiguous()
-    if main_grad is None:
-        return torch.ops.moe_gemm.grouped_mm_wgrad(x, grad_y, m_sizes.contiguous(), weight_transposed)
-    if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32:
-        raise TypeError(f"main_grad: expected a torch.float32 tensor, got {getattr(main_grad, 'dtype', main_grad)}")
-    torch.ops.moe_gemm.grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes.contiguous(), weight_transposed)
-    return main_grad
+    if m_sizes.dim() != 1 or m_sizes.dtype not in _validation.SIZE_DTYPES:
+        raise TypeError(f"m_sizes: expected a 1-D int32 or int64 tensor, got {m_sizes.dtype} {tuple(m_sizes.shape)}")
+    if len({t.device for t in (x, grad_y, m_sizes)}) != 1:
+        raise ValueError(f"x, grad_y and m_sizes must be on one device, got {x.device}, {grad_y.device}, {m_sizes.device}")
+    expected = (m_sizes.shape[0], x.shape[1], grad_y.shape[1])
+    expected = expected if weight_transposed else (expected[0], expected[2], expected[1])
+    if main_grad is not None:
+        if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32:
+            raise TypeError(f"main_grad: expected a torch.float32 tensor, got {getattr(main_grad, 'dtype', main_grad)}")
+        if tuple(main_grad.shape) != expected or main_grad.device != x.device:
+            raise ValueError(
+                f"main_grad: expected shape {expected} on {x.device}, got {tuple(main_grad.shape)} on {main_grad.device}"
+            )
+    if x.device.type == "cuda" and _ops.cuda_available():
+        if x.dtype not in _validation.KERNEL_DTYPES:
+            raise TypeError(f"x: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}")
+        for name, tensor in (("x", x), ("grad_y", grad_y.contiguous()), ("main_grad", main_grad)):
+            problem = None if tensor is None else _validation.kernel_layout_problem(tensor)
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")

@@ -159,3 +159,13 @@ def test_torch_compile_fullgraph(backend, transposed, monkeypatch):
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(x.grad, problem.x.grad)
     torch.testing.assert_close(weight.grad, problem.weight.grad)
+
+
+def test_grouped_weight_grad_names_bad_arguments():
+    x, grad_y = torch.randn(6, 16), torch.randn(6, 24)
+    with pytest.raises(TypeError, match="m_sizes"):
+        moe_gemm.grouped_weight_grad(x, grad_y, torch.tensor([6.0]))
+    with pytest.raises(TypeError, match="grad_y"):
+        moe_gemm.grouped_weight_grad(x, grad_y.double(), torch.tensor([6]))
+    with pytest.raises(ValueError, match=r"main_grad: expected shape \(1, 16, 24\)"):
+        moe_gemm.grouped_weight_grad(x, grad_y, torch.tensor([6]), weight_transposed=True, main_grad=torch.zeros(1, 24, 16))
