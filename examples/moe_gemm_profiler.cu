@@ -5,6 +5,7 @@
 //   cmake -S . -B build && cmake --build build -j
 //   ./build/moe_gemm_profiler --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048
 //   ./build/moe_gemm_profiler --sizes=0,5,300,0,17 --n=256 --k=512 --layout=kn --dtype=fp16
+//   ./build/moe_gemm_profiler --wgrad --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048   (weight gradient)
 //   ncu --set full ./build/moe_gemm_profiler --tokens=16384 --ncu     (one launch, nothing else)
 //
 // Inputs are small random integers, so the float32 accumulation is exact and the output must equal
@@ -55,6 +56,8 @@ struct Options {
   int warmup = 5;
   bool verify = true;
   bool ncu = false;              // a single launch for Nsight Compute: no warm-up, no verification
+  bool wgrad = false;            // the weight gradient grad_W[e] = grad_y_e^T @ x_e instead of the forward
+  bool accumulate = false;       // --wgrad: add into a float32 gradient (main-grad) instead of writing one
   int seed = 0;
   bool help = false;
 
@@ -80,6 +83,8 @@ struct Options {
     cmd.get_cmd_line_argument("verify", verify, true);
     cmd.get_cmd_line_argument("seed", seed);
     ncu = cmd.check_cmd_line_flag("ncu");
+    wgrad = cmd.check_cmd_line_flag("wgrad");
+    accumulate = cmd.check_cmd_line_flag("accumulate");
     if (!sizes.empty()) {
       experts = int(sizes.size());
     }
@@ -98,7 +103,10 @@ struct Options {
         "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
         "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic)\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
-        "  --ncu                             one launch, for profiling under ncu\n");
+        "  --ncu                             one launch, for profiling under ncu\n"
+        "  --wgrad [--accumulate]            the weight gradient grad_W[e] = grad_y_e^T x_e ([E, N, K], [E, K, N]\n"
+        "                                    with --layout=kn), K-grouped over each expert's rows; --accumulate\n"
+        "                                    adds it into a float32 buffer\n");
   }
 };
 
@@ -303,6 +311,152 @@ int run(Options const& opt) {
   return passed ? 0 : 1;
 }
 
+// grad_W[e][p][q] = sum over the expert's rows of L[row][p] * R[row][q]; one thread per gradient element.
+template <class Element>
+__global__ void reference_grouped_wgrad(Element const* l, Element const* r, float* d, int64_t const* row_start,
+                                        int const* sizes, int E, int64_t P, int64_t Q) {
+  int64_t const idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= int64_t(E) * P * Q) return;
+  int const e = int(idx / (P * Q));
+  int64_t const p = idx / Q % P, q = idx % Q;
+  float sum = 0.f;
+  for (int64_t row = row_start[e]; row < row_start[e] + sizes[e]; ++row) {
+    sum += float(l[row * P + p]) * float(r[row * Q + q]);
+  }
+  d[idx] = sum;
+}
+
+// --wgrad: the K-grouped weight-gradient kernel. x [M, K] and grad_y [M, N]; the gradient is [E, N, K]
+// (L = grad_y, R = x), or [E, K, N] with --layout=kn (L = x, R = grad_y).
+template <class Element>
+int run_wgrad(Options const& opt) {
+  std::mt19937 rng(opt.seed);
+  std::vector<int> sizes = route(opt, rng);
+  int const E = int(sizes.size());
+  int64_t const rows_routed = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
+  int64_t const M = rows_routed + opt.extra_rows;
+  bool const transposed = opt.layout == "kn";
+  int64_t const P = transposed ? opt.k : opt.n, Q = transposed ? opt.n : opt.k;
+  std::vector<int64_t> row_start(std::max(E, 1), 0);
+  for (int e = 1; e < E; ++e) row_start[e] = row_start[e - 1] + sizes[e - 1];
+
+  Element *l, *r;
+  float* d32 = nullptr;
+  Element* d16 = nullptr;
+  int* m_sizes;
+  int64_t const d_count = int64_t(E) * P * Q;
+  CHECK_CUDA(cudaMalloc(&l, std::max<int64_t>(1, M * P) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&r, std::max<int64_t>(1, M * Q) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&m_sizes, std::max(1, E) * sizeof(int)));
+  if (opt.accumulate) {
+    CHECK_CUDA(cudaMalloc(&d32, std::max<int64_t>(1, d_count) * sizeof(float)));
+    CHECK_CUDA(cudaMemset(d32, 0, d_count * sizeof(float)));  // the main-grad the first launch adds into
+  } else {
+    CHECK_CUDA(cudaMalloc(&d16, std::max<int64_t>(1, d_count) * sizeof(Element)));
+    CHECK_CUDA(cudaMemset(d16, 0xFF, d_count * sizeof(Element)));  // NaN: unwritten elements show up
+  }
+  fill_small_integers<<<1024, 256>>>(l, M * P, uint32_t(opt.seed) * 2 + 1);
+  fill_small_integers<<<1024, 256>>>(r, M * Q, uint32_t(opt.seed) * 2 + 2);
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaMemcpy(m_sizes, sizes.data(), E * sizeof(int), cudaMemcpyHostToDevice));
+
+  moe_gemm::GroupedWgradParams params;
+  params.l = l;
+  params.r = r;
+  params.d = opt.accumulate ? static_cast<void*>(d32) : static_cast<void*>(d16);
+  params.m_sizes = m_sizes;
+  params.dtype = std::is_same_v<Element, cutlass::bfloat16_t> ? moe_gemm::DType::kBFloat16 : moe_gemm::DType::kFloat16;
+  params.d_float32 = opt.accumulate;
+  params.accumulate = opt.accumulate;
+  params.M = M;
+  params.P = P;
+  params.Q = Q;
+  params.E = E;
+  params.ldl = P;
+  params.ldr = Q;
+  params.ldd = Q;
+  params.batch_stride_d = P * Q;
+  if (char const* problem = moe_gemm::check_grouped_wgrad(params)) {
+    std::fprintf(stderr, "cannot run: %s\n", problem);
+    return 1;
+  }
+  size_t const workspace_bytes = moe_gemm::grouped_wgrad_workspace_bytes(params);
+  if (workspace_bytes > 0) CHECK_CUDA(cudaMalloc(&params.workspace, workspace_bytes));
+  auto launch = [&]() {
+    if (workspace_bytes > 0) CHECK_CUDA(cudaMemsetAsync(params.workspace, 0, workspace_bytes, nullptr));
+    CHECK_CUDA(moe_gemm::run_grouped_wgrad(params, nullptr));
+  };
+  launch();
+  CHECK_CUDA(cudaDeviceSynchronize());
+  if (opt.ncu) {
+    std::printf("one launch done (--ncu)\n");
+    return 0;
+  }
+
+  bool passed = true;
+  if (opt.verify && d_count > 0) {
+    float* ref;
+    int64_t* dev_row_start;
+    CHECK_CUDA(cudaMalloc(&ref, d_count * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&dev_row_start, E * sizeof(int64_t)));
+    CHECK_CUDA(cudaMemcpy(dev_row_start, row_start.data(), E * sizeof(int64_t), cudaMemcpyHostToDevice));
+    reference_grouped_wgrad<<<unsigned((d_count + 255) / 256), 256>>>(l, r, ref, dev_row_start, m_sizes, E, P, Q);
+    CHECK_CUDA(cudaGetLastError());
+    std::vector<float> host_ref(d_count), host_d(d_count);
+    CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, d_count * sizeof(float), cudaMemcpyDeviceToHost));
+    if (opt.accumulate) {
+      CHECK_CUDA(cudaMemcpy(host_d.data(), d32, d_count * sizeof(float), cudaMemcpyDeviceToHost));
+    } else {
+      std::vector<Element> out(d_count);
+      CHECK_CUDA(cudaMemcpy(out.data(), d16, d_count * sizeof(Element), cudaMemcpyDeviceToHost));
+      for (int64_t i = 0; i < d_count; ++i) host_d[i] = float(out[i]);
+    }
+    int64_t mismatches = 0;
+    for (int64_t i = 0; i < d_count; ++i) {
+      // Integer sums are exact in float32: the float32 gradient must match exactly, the 16-bit one after rounding.
+      float const expected = opt.accumulate ? host_ref[i] : float(Element(host_ref[i]));
+      if (!(host_d[i] == expected)) {
+        if (mismatches < 5) {
+          std::printf("  mismatch at expert %lld p %lld q %lld: got %f expected %f\n", (long long)(i / (P * Q)),
+                      (long long)(i / Q % P), (long long)(i % Q), host_d[i], expected);
+        }
+        ++mismatches;
+      }
+    }
+    passed = mismatches == 0;
+    std::printf("verification: %s (%lld of %lld elements differ)\n", passed ? "PASSED" : "FAILED",
+                (long long)mismatches, (long long)d_count);
+    CHECK_CUDA(cudaFree(ref));
+    CHECK_CUDA(cudaFree(dev_row_start));
+  }
+
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  for (int i = 0; i < opt.warmup; ++i) launch();
+  CHECK_CUDA(cudaEventRecord(start));
+  for (int i = 0; i < opt.iterations; ++i) launch();
+  CHECK_CUDA(cudaEventRecord(stop));
+  CHECK_CUDA(cudaEventSynchronize(stop));
+  float total_ms = 0.f;
+  CHECK_CUDA(cudaEventElapsedTime(&total_ms, start, stop));
+  double const ms = total_ms / std::max(1, opt.iterations);
+  double const flops = 2.0 * rows_routed * P * Q;
+  size_t const d_element = opt.accumulate ? sizeof(float) : sizeof(Element);
+  double const bytes = double(M) * (P + Q) * sizeof(Element) + double(d_count) * d_element;
+  std::printf("wgrad experts=%d M=%lld gradient=[%d, %lld, %lld] dtype=%s%s\n", E, (long long)M, E, (long long)P,
+              (long long)Q, opt.dtype.c_str(), opt.accumulate ? " accumulated into float32" : "");
+  std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms, flops / ms / 1e9,
+              bytes / ms / 1e6);
+  CHECK_CUDA(cudaFree(l));
+  CHECK_CUDA(cudaFree(r));
+  CHECK_CUDA(cudaFree(m_sizes));
+  if (d32) CHECK_CUDA(cudaFree(d32));
+  if (d16) CHECK_CUDA(cudaFree(d16));
+  if (params.workspace) CHECK_CUDA(cudaFree(params.workspace));
+  return passed ? 0 : 1;
+}
+
 int main(int argc, char const** argv) {
   Options opt;
   opt.parse(argc, argv);
@@ -310,8 +464,13 @@ int main(int argc, char const** argv) {
     Options::usage();
     return 0;
   }
-  if (opt.dtype == "fp16") return run<cutlass::half_t>(opt);
-  if (opt.dtype == "bf16") return run<cutlass::bfloat16_t>(opt);
+  if (opt.wgrad) {
+    if (opt.dtype == "fp16") return run_wgrad<cutlass::half_t>(opt);
+    if (opt.dtype == "bf16") return run_wgrad<cutlass::bfloat16_t>(opt);
+  } else {
+    if (opt.dtype == "fp16") return run<cutlass::half_t>(opt);
+    if (opt.dtype == "bf16") return run<cutlass::bfloat16_t>(opt);
+  }
   std::fprintf(stderr, "unknown --dtype=%s (bf16 or fp16)\n", opt.dtype.c_str());
   return 1;
 }

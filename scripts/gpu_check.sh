@@ -52,7 +52,12 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
   for args in "--sizes=0,5,300,0,17 --n=256 --k=512 --extra_rows=9" \
               "--sizes=129,0,0,1000 --n=136 --k=72 --layout=kn --dtype=fp16" \
               "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed" \
-              "--experts=256 --tokens=1024 --topk=8 --n=4096 --k=7168 --config=128x128"; do
+              "--experts=256 --tokens=1024 --topk=8 --n=4096 --k=7168 --config=128x128" \
+              "--sizes=0,1,0,1,0,0,0,0 --n=4096 --k=14336" \
+              "--sizes=300,0,129,5 --n=264 --k=2504 --split_k=7 --layout=kn --dtype=fp16 --extra_rows=9" \
+              "--wgrad --sizes=0,5,300,0,17 --n=256 --k=520 --extra_rows=9" \
+              "--wgrad --accumulate --sizes=64,0,129,1000 --n=136 --k=264 --layout=kn --dtype=fp16" \
+              "--wgrad --experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed"; do
     echo "-- $args" >>"$log"
     $p $args --iterations=3 >>"$log" 2>&1 || { echo "profiler FAILED: $args" | tee -a "$log"; status=1; }
   done
