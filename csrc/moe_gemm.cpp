@@ -1,5 +1,6 @@
 // Host dispatch: argument checks, the tile-configuration heuristic, and the switch over the
 // explicit kernel instantiations. Plain C++ (no CUTLASS, no torch) so it compiles in seconds.
+#include "cuda_context.h"
 #include "moe_gemm.h"
 
 #include <algorithm>
@@ -205,21 +206,8 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
     // Nothing to multiply: every row is either an empty sum or past the last expert.
     return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);
   }
-  // Building the TMA descriptors calls the driver API, which needs a current context in this thread.
-  // A fresh thread (PyTorch's autograd workers) may have none yet: cudaSetDevice makes the primary
-  // context current, once per thread and device.
-  int device = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status != cudaSuccess) {
-    return status;
-  }
-  thread_local int context_device = -1;
-  if (context_device != device) {
-    status = cudaSetDevice(device);
-    if (status != cudaSuccess) {
-      return status;
-    }
-    context_device = device;
+  if (cudaError_t status = make_device_context_current(); status != cudaSuccess) {
+    return status;  // the TMA descriptors are encoded through the driver API
   }
   if (grouped_gemm_workspace_bytes(params) > 0 && params.workspace == nullptr) {
     return cudaErrorInvalidValue;  // the caller must provide the workspace, its counters zeroed

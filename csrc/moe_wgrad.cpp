@@ -2,6 +2,7 @@
 // the explicit instantiations (csrc/instantiations/sm90_moe_wgrad_*.cu). Plain C++.
 #include <cstdint>
 
+#include "cuda_context.h"
 #include "moe_gemm.h"
 
 namespace moe_gemm {
@@ -74,19 +75,8 @@ cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, cudaStream_t stream) 
   if (p.workspace == nullptr) {
     return cudaErrorInvalidValue;  // the caller must provide the zeroed tile counter
   }
-  // The TMA descriptors are encoded through the driver API, which needs a current context.
-  int device = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status != cudaSuccess) {
-    return status;
-  }
-  thread_local int context_device = -1;
-  if (context_device != device) {
-    status = cudaSetDevice(device);
-    if (status != cudaSuccess) {
-      return status;
-    }
-    context_device = device;
+  if (cudaError_t status = make_device_context_current(); status != cudaSuccess) {
+    return status;  // the TMA descriptors are encoded through the driver API
   }
   if (p.dtype == DType::kBFloat16) {
     return p.d_float32 ? run_sm90_moe_wgrad<DType::kBFloat16, true>(p, stream)

@@ -30,6 +30,7 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
+#include "sm90_moe_epilogue.hpp"
 #include "sm90_moe_tile_scheduler.hpp"
 
 namespace moe_gemm {
@@ -382,56 +383,18 @@ class Sm90MoeGemmKernel {
                                             Accumulators const& accumulators, TiledMma const& tiled_mma,
                                             int mma_thread_idx, SharedStorage& shared_storage, int& store_count) {
     using namespace cute;
-    // The loops below walk the WGMMA accumulator layout: ((2 columns, 2 row halves, kTileN / 8 column
-    // groups), MMA_M, MMA_N) with the whole tile width in one instruction.
-    static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
-                  size<0, 2>(Accumulators{}) == kTileN / 8 && size<2>(Accumulators{}) == 1);
     Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_M, EPI_N, BUF)
-    Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
-    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(cD);
     Tensor mD = params.tma_store_d.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.N));
     int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
     int32_t const col0 = work.n_block * kTileN;
-    auto cta_tma = params.tma_store_d.get_slice(0);
-    using Pair = cutlass::Array<ElementD, 2>;
-    cutlass::NumericArrayConverter<ElementD, float, 2> convert;
-    cutlass::arch::NamedBarrier epilogue_barrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
-
-    CUTLASS_PRAGMA_UNROLL
-    for (int chunk = 0; chunk < kTileN / kEpiN; ++chunk) {
-      int const buffer = (store_count + chunk) % kEpiBuffers;
-      if (mma_thread_idx == 0) {
-        tma_store_wait<kEpiBuffers - 1>();
-      }
-      epilogue_barrier.arrive_and_wait();
-      CUTLASS_PRAGMA_UNROLL
-      for (int m = 0; m < size<1>(accumulators); ++m) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int g = 0; g < kEpiN / 8; ++g) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int half = 0; half < 2; ++half) {
-            int const group = chunk * (kEpiN / 8) + g;
-            auto const first = make_coord(make_coord(0, half, group), m, 0);
-            auto const second = make_coord(make_coord(1, half, group), m, 0);
-            auto const coord = tCcD(first);
-            cutlass::Array<float, 2> values;
-            values[0] = accumulators(first);
-            values[1] = accumulators(second);
-            *reinterpret_cast<Pair*>(&sD(get<0>(coord), get<1>(coord) - chunk * kEpiN, buffer)) = convert(values);
-          }
-        }
-      }
-      // Generic-proxy writes must be visible to the TMA (async proxy) before it reads them.
-      tma_store_fence();
-      epilogue_barrier.arrive_and_wait();
-      if (mma_thread_idx == 0) {
-        Tensor gD = local_tile(domain_offset(make_coord(row0, col0 + chunk * kEpiN), mD),
-                               make_shape(Int<kTileM>{}, Int<kEpiN>{}), make_coord(0, 0));
-        copy(params.tma_store_d, cta_tma.partition_S(sD(_, _, buffer)), cta_tma.partition_D(gD));
-        tma_store_arrive();
-      }
-    }
-    store_count += kTileN / kEpiN;
+    store_tile_through_smem<kTileN, kEpiN, kEpiBuffers, kNumMmaThreads>(
+        sD, accumulators, tiled_mma, mma_thread_idx, store_count, [&](int chunk, auto const& sD_buffer) {
+          auto cta_tma = params.tma_store_d.get_slice(0);
+          Tensor gD = local_tile(domain_offset(make_coord(row0, col0 + chunk * kEpiN), mD),
+                                 make_shape(Int<kTileM>{}, Int<kEpiN>{}), make_coord(0, 0));
+          copy(params.tma_store_d, cta_tma.partition_S(sD_buffer), cta_tma.partition_D(gD));
+          tma_store_arrive();
+        });
   }
 
   // Partial tiles: direct stores from the accumulator registers. Each thread owns pairs of adjacent

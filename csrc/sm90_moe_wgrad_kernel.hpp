@@ -31,6 +31,8 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
+#include "sm90_moe_epilogue.hpp"
+
 namespace moe_gemm {
 
 // The window of the ragged operand descriptors: an expert may have up to this many rows.
@@ -372,55 +374,20 @@ class Sm90MoeWgradKernel {
                                         Accumulators const& accumulators, TiledMma const& tiled_mma,
                                         int mma_thread_idx, SharedStorage& shared_storage, int& store_count) {
     using namespace cute;
-    static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
-                  size<0, 2>(Accumulators{}) == kTileQ / 8 && size<2>(Accumulators{}) == 1);
     Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
-    Tensor cD = make_identity_tensor(make_shape(Int<kTileP>{}, Int<kTileQ>{}));
-    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(cD);
     int32_t const p0 = work.p_block * kTileP;
     int32_t const q0 = work.q_block * kTileQ;
-    using Pair = cutlass::Array<ElementD, 2>;
-    cutlass::NumericArrayConverter<ElementD, float, 2> convert;
-    cutlass::arch::NamedBarrier epilogue_barrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
-
-    CUTLASS_PRAGMA_UNROLL
-    for (int chunk = 0; chunk < kTileQ / kEpiN; ++chunk) {
-      int const buffer = (store_count + chunk) % kEpiBuffers;
-      if (mma_thread_idx == 0) {
-        tma_store_wait<kEpiBuffers - 1>();
-      }
-      epilogue_barrier.arrive_and_wait();
-      CUTLASS_PRAGMA_UNROLL
-      for (int m = 0; m < size<1>(accumulators); ++m) {
-        CUTLASS_PRAGMA_UNROLL
-        for (int g = 0; g < kEpiN / 8; ++g) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int half = 0; half < 2; ++half) {
-            int const group = chunk * (kEpiN / 8) + g;
-            auto const first = make_coord(make_coord(0, half, group), m, 0);
-            auto const second = make_coord(make_coord(1, half, group), m, 0);
-            auto const coord = tCcD(first);
-            cutlass::Array<float, 2> values;
-            values[0] = accumulators(first);
-            values[1] = accumulators(second);
-            *reinterpret_cast<Pair*>(&sD(get<0>(coord), get<1>(coord) - chunk * kEpiN, buffer)) = convert(values);
+    store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers, kNumMmaThreads>(
+        sD, accumulators, tiled_mma, mma_thread_idx, store_count, [&](int chunk, auto const& sD_buffer) {
+          void const* smem = raw_pointer_cast(sD_buffer.data());
+          int32_t const q = q0 + chunk * kEpiN;
+          if (params.accumulate) {
+            cute::SM90_TMA_REDUCE_ADD_3D::copy(&params.tma_d, smem, q, p0, work.expert);
+          } else {
+            cute::SM90_TMA_STORE_3D::copy(&params.tma_d, smem, q, p0, work.expert);
           }
-        }
-      }
-      tma_store_fence();
-      epilogue_barrier.arrive_and_wait();
-      if (mma_thread_idx == 0) {
-        void const* smem = &sD(0, 0, buffer);
-        int32_t const q = q0 + chunk * kEpiN;
-        if (params.accumulate) {
-          cute::SM90_TMA_REDUCE_ADD_3D::copy(&params.tma_d, smem, q, p0, work.expert);
-        } else {
-          cute::SM90_TMA_STORE_3D::copy(&params.tma_d, smem, q, p0, work.expert);
-        }
-        tma_store_arrive();
-      }
-    }
-    store_count += kTileQ / kEpiN;
+          tma_store_arrive();
+        });
   }
 };
 

@@ -1,0 +1,72 @@
+// The TMA-store epilogue both sm90 kernels share: a tile of float accumulators, as WGMMA leaves them in
+// the registers of the MMA warpgroups, goes out kEpiN columns (128-byte rows) at a time through
+// kEpiBuffers swizzled shared-memory buffers. Each buffer is rewritten only after the store issued from it
+// kEpiBuffers chunks earlier has read it, so a tile's stores drain while the next tile's MMAs run.
+#pragma once
+
+#include "cute/arch/copy_sm90_tma.hpp"
+#include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/cutlass.h"
+#include "cutlass/numeric_conversion.h"
+
+namespace moe_gemm {
+
+// smem_d: (kTileM rows, kEpiN columns, kEpiBuffers) in the layout of the TMA store's descriptor.
+// issue_store(chunk, buffer_tensor) runs on one thread once chunk `chunk` is in shared memory and must
+// issue its TMA store (or reduce-add) and commit it (tma_store_arrive). store_count counts chunks issued
+// so far by this CTA (it picks the buffer) and is advanced past this tile's.
+template <int kTileN, int kEpiN, int kEpiBuffers, int kNumThreads, class SmemTensorD, class Accumulators,
+          class TiledMma, class IssueStore>
+CUTLASS_DEVICE void store_tile_through_smem(SmemTensorD const& smem_d, Accumulators const& accumulators,
+                                            TiledMma const& tiled_mma, int thread_idx, int& store_count,
+                                            IssueStore&& issue_store) {
+  using namespace cute;
+  using ElementD = typename SmemTensorD::value_type;
+  constexpr int kTileM = size<0>(SmemTensorD{});
+  // The loops below walk the WGMMA accumulator layout: ((2 columns, 2 row halves, kTileN / 8 column
+  // groups), MMA_M, MMA_N) with the whole tile width in one instruction.
+  static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
+                size<0, 2>(Accumulators{}) == kTileN / 8 && size<2>(Accumulators{}) == 1);
+  static_assert(kTileN % kEpiN == 0 && size<1>(SmemTensorD{}) == kEpiN && size<2>(SmemTensorD{}) == kEpiBuffers);
+  Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
+  Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(cD);
+  using Pair = cutlass::Array<ElementD, 2>;
+  cutlass::NumericArrayConverter<ElementD, float, 2> convert;
+  cutlass::arch::NamedBarrier epilogue_barrier(kNumThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+
+  CUTLASS_PRAGMA_UNROLL
+  for (int chunk = 0; chunk < kTileN / kEpiN; ++chunk) {
+    int const buffer = (store_count + chunk) % kEpiBuffers;
+    if (thread_idx == 0) {
+      tma_store_wait<kEpiBuffers - 1>();
+    }
+    epilogue_barrier.arrive_and_wait();
+    CUTLASS_PRAGMA_UNROLL
+    for (int m = 0; m < size<1>(accumulators); ++m) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int g = 0; g < kEpiN / 8; ++g) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int half = 0; half < 2; ++half) {
+          int const group = chunk * (kEpiN / 8) + g;
+          auto const first = make_coord(make_coord(0, half, group), m, 0);
+          auto const second = make_coord(make_coord(1, half, group), m, 0);
+          auto const coord = tCcD(first);
+          cutlass::Array<float, 2> values;
+          values[0] = accumulators(first);
+          values[1] = accumulators(second);
+          *reinterpret_cast<Pair*>(&smem_d(get<0>(coord), get<1>(coord) - chunk * kEpiN, buffer)) = convert(values);
+        }
+      }
+    }
+    // Generic-proxy writes must be visible to the TMA (async proxy) before it reads them.
+    tma_store_fence();
+    epilogue_barrier.arrive_and_wait();
+    if (thread_idx == 0) {
+      issue_store(chunk, smem_d(_, _, buffer));
+    }
+  }
+  store_count += kTileN / kEpiN;
+}
+
+}  // namespace moe_gemm
