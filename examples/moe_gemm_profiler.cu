@@ -166,6 +166,24 @@ __global__ void reference_grouped_gemm(Element const* a, Element const* b, float
   d[idx] = sum;
 }
 
+// Mean time of one launch over opt.iterations back-to-back launches, after opt.warmup, by CUDA events.
+template <class Launch>
+double time_launches(Options const& opt, Launch&& launch) {
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  for (int i = 0; i < opt.warmup; ++i) launch();
+  CHECK_CUDA(cudaEventRecord(start));
+  for (int i = 0; i < opt.iterations; ++i) launch();
+  CHECK_CUDA(cudaEventRecord(stop));
+  CHECK_CUDA(cudaEventSynchronize(stop));
+  float total_ms = 0.f;
+  CHECK_CUDA(cudaEventElapsedTime(&total_ms, start, stop));
+  CHECK_CUDA(cudaEventDestroy(start));
+  CHECK_CUDA(cudaEventDestroy(stop));
+  return total_ms / std::max(1, opt.iterations);
+}
+
 template <class Element>
 int run(Options const& opt) {
   std::mt19937 rng(opt.seed);
@@ -283,17 +301,7 @@ int run(Options const& opt) {
     CHECK_CUDA(cudaFree(dev_row_expert));
   }
 
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < opt.warmup; ++i) launch();
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < opt.iterations; ++i) launch();
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float total_ms = 0.f;
-  CHECK_CUDA(cudaEventElapsedTime(&total_ms, start, stop));
-  double const ms = total_ms / std::max(1, opt.iterations);
+  double const ms = time_launches(opt, launch);
   double const flops = 2.0 * rows_routed * N * K;
   double const bytes = (double(experts_hit) * N * K + double(M) * K + double(M) * N) * sizeof(Element);
   std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s schedule=%s split_k=%d\n", E,
@@ -430,17 +438,7 @@ int run_wgrad(Options const& opt) {
     CHECK_CUDA(cudaFree(dev_row_start));
   }
 
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < opt.warmup; ++i) launch();
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < opt.iterations; ++i) launch();
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float total_ms = 0.f;
-  CHECK_CUDA(cudaEventElapsedTime(&total_ms, start, stop));
-  double const ms = total_ms / std::max(1, opt.iterations);
+  double const ms = time_launches(opt, launch);
   double const flops = 2.0 * rows_routed * P * Q;
   size_t const d_element = opt.accumulate ? sizeof(float) : sizeof(Element);
   double const bytes = double(M) * (P + Q) * sizeof(Element) + double(d_count) * d_element;

@@ -136,13 +136,15 @@ COLUMNS = (
 )
 
 
-def format_header() -> str:
-    return " ".join(f"{header:<{width}}" if fmt == "s" else f"{header:>{width}}" for header, _, width, fmt in COLUMNS)
+def format_header(columns=COLUMNS) -> str:
+    """The header line of a table of ``columns`` ((header, row key, width, format) each); this module's by default."""
+    return " ".join(f"{header:<{width}}" if fmt == "s" else f"{header:>{width}}" for header, _, width, fmt in columns)
 
 
-def format_row(row: dict) -> str:
+def format_row(row: dict, columns=COLUMNS) -> str:
+    """One table line: the ``columns`` of ``row``, '-' for a missing or NaN value."""
     cells = []
-    for _, key, width, fmt in COLUMNS:
+    for _, key, width, fmt in columns:
         value = row.get(key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             cells.append(f"{'-':>{width}}")
@@ -422,26 +424,24 @@ def run(args: argparse.Namespace, suite: dict) -> int:
     if failures:
         print(f"{len(failures)} of {len(rows)} shapes FAILED the check against the reference")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(
-                {
-                    "build": moe_gemm.build_info(),
-                    "device": torch.cuda.get_device_name(),
-                    "routing": args.routing,
-                    "dtype": args.dtype,
-                    "seed": args.seed,
-                    "peak_tflops": ceilings[0],
-                    "bandwidth_tbs": ceilings[1],
-                    "rows": rows,
-                    "summary": summary,
-                },
-                out,
-                indent=1,
-            )
-        print(f"results written to {args.json}")
+        write_json(args.json, args, rows=rows, summary=summary, peak_tflops=ceilings[0], bandwidth_tbs=ceilings[1])
     if args.plot:
         plot_speedups(rows, args.plot)
     return 1 if failures else 0
+
+
+def write_json(path: str, args: argparse.Namespace, **results) -> None:
+    """The results of a run as JSON, with what identifies the run: build, device, routing, dtype and seed."""
+    identity = {
+        "build": moe_gemm.build_info(),
+        "device": torch.cuda.get_device_name(),
+        "routing": args.routing,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
+    with open(path, "w") as out:
+        json.dump(identity | results, out, indent=1)
+    print(f"results written to {path}")
 
 
 def cuda_path_unavailable_reason() -> str | None:

@@ -14,7 +14,6 @@ The wgrad output is checked first: every element finite (the output buffer is Na
 error against a float32 reference on 16 experts spread over the range. Speedup = torch ms / moe_gemm ms.
 """
 
-import json
 import math
 
 import torch
@@ -46,18 +45,11 @@ SPEEDUPS = ("wgrad_speedup", "dgrad_speedup", "train_speedup")
 
 
 def format_header() -> str:
-    return " ".join(f"{h:<{w}}" if f == "s" else f"{h:>{w}}" for h, _, w, f in COLUMNS)
+    return bench.format_header(COLUMNS)
 
 
 def format_row(row: dict) -> str:
-    cells = []
-    for _, key, width, fmt in COLUMNS:
-        value = row.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            cells.append(f"{'-':>{width}}")
-        else:
-            cells.append(f"{value:<{width}{fmt}}" if fmt == "s" else f"{value:>{width}{fmt}}")
-    return " ".join(cells)
+    return bench.format_row(row, COLUMNS)
 
 
 def wgrad_floor_ms(m: int, n: int, k: int, num_experts: int, ceilings, itemsize: int = 2) -> float:
@@ -190,22 +182,7 @@ def run(args, suite: dict) -> int:
     if failures:
         print(f"{len(failures)} of {len(rows)} shapes FAILED the check against the reference")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(
-                {
-                    "mode": "backward",
-                    "build": moe_gemm.build_info(),
-                    "device": torch.cuda.get_device_name(),
-                    "routing": args.routing,
-                    "dtype": args.dtype,
-                    "seed": args.seed,
-                    "peak_tflops": ceilings[0],
-                    "bandwidth_tbs": ceilings[1],
-                    "rows": rows,
-                    "summary": summary,
-                },
-                out,
-                indent=1,
-            )
-        print(f"results written to {args.json}")
+        bench.write_json(
+            args.json, args, mode="backward", rows=rows, summary=summary, peak_tflops=ceilings[0], bandwidth_tbs=ceilings[1]
+        )
     return 1 if failures else 0

@@ -23,7 +23,6 @@ The pure parts (token counts, problems, summary, table) run on CPU.
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import time
@@ -157,18 +156,11 @@ COLUMNS = (
 
 
 def format_header() -> str:
-    return " ".join(f"{header:<{width}}" if fmt == "s" else f"{header:>{width}}" for header, _, width, fmt in COLUMNS)
+    return bench.format_header(COLUMNS)
 
 
 def format_row(row: dict) -> str:
-    cells = []
-    for _, key, width, fmt in COLUMNS:
-        value = row.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            cells.append(f"{'-':>{width}}")
-        else:
-            cells.append(f"{value:<{width}{fmt}}" if fmt == "s" else f"{value:>{width}{fmt}}")
-    return " ".join(cells)
+    return bench.format_row(row, COLUMNS)
 
 
 def format_summary(summary: dict) -> str:
@@ -353,22 +345,7 @@ def run(args: argparse.Namespace, suite: dict) -> int:
     if failures:
         print(f"{len(failures)} of {len(rows)} shapes FAILED the check against the reference")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(
-                {
-                    "mode": "decode",
-                    "build": moe_gemm.build_info(),
-                    "device": torch.cuda.get_device_name(),
-                    "routing": args.routing,
-                    "dtype": args.dtype,
-                    "seed": args.seed,
-                    "peak_tflops": ceilings[0],
-                    "bandwidth_tbs": ceilings[1],
-                    "rows": rows,
-                    "summary": summary,
-                },
-                out,
-                indent=1,
-            )
-        print(f"results written to {args.json}")
+        bench.write_json(
+            args.json, args, mode="decode", rows=rows, summary=summary, peak_tflops=ceilings[0], bandwidth_tbs=ceilings[1]
+        )
     return 1 if failures else 0

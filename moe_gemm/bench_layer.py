@@ -15,7 +15,6 @@ equal. Times are medians with L2 flushed (``bench.bench_ms``).
 """
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 import moe_gemm
-from moe_gemm import _routing_ops
+from moe_gemm import _routing_ops, bench
 from moe_gemm.bench import MAX_REL_ERROR, _progress, bench_ms, geomean
 from moe_gemm.routing import route_torch_ops
 
@@ -84,19 +83,12 @@ ROUTING_COLUMNS = (
 
 
 def format_header(columns=COLUMNS) -> str:
-    return " ".join(f"{header:<{width}}" if fmt == "s" else f"{header:>{width}}" for header, _, width, fmt in columns)
+    return bench.format_header(columns)
 
 
 def format_row(row: dict, columns=COLUMNS) -> str:
-    cells = []
-    for _, key, width, fmt in columns:
-        value = row.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            cells.append(f"{'-':>{width}}")
-        else:
-            cells.append(f"{value:<{width}{fmt}}" if fmt == "s" else f"{value:>{width}{fmt}}")
     notes = "; ".join(row.get("notes", []))
-    return " ".join(cells) + (f"  {notes}" if notes else "")
+    return bench.format_row(row, columns) + (f"  {notes}" if notes else "")
 
 
 def add_speedups(row: dict) -> dict:
@@ -344,21 +336,14 @@ def run(args: argparse.Namespace, suite: dict) -> int:
     if failures:
         print(f"{len(failures)} rows FAILED their check")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(
-                {
-                    "build": moe_gemm.build_info(),
-                    "device": torch.cuda.get_device_name(),
-                    "transformers": transformers.__version__,
-                    "dtype": args.dtype,
-                    "seed": args.seed,
-                    "rows": rows,
-                    "routing_rows": routing_rows,
-                    "summary": summary,
-                },
-                out,
-                indent=1,
-            )
-        print(f"results written to {args.json}")
+        bench.write_json(
+            args.json,
+            args,
+            mode="layer",
+            transformers=transformers.__version__,
+            rows=rows,
+            routing_rows=routing_rows,
+            summary=summary,
+        )
     return 1 if failures else 0
 
