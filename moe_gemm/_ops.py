@@ -123,16 +123,32 @@ def _setup_context(ctx, inputs, output):
     ctx.weight_transposed = weight_transposed
 
 
-def _backward(ctx, grad_y):
-    x, weight, m_sizes = ctx.saved_tensors
+def call_below_autograd(op, *args):
+    """``op(*args)`` straight to its CPU or CUDA kernel, skipping its Autograd kernel: for eager calls whose
+    gradient is handled by the caller's own autograd.Function. The Autograd kernel that torch.library.register_autograd
+    installs is Python (a generated Function and a redispatch) and costs more host time than the CUDA launch."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def grouped_mm_backward(grad_y, x, weight, m_sizes, weight_transposed, needs_grad_x, needs_grad_w):
+    """``(grad_x, grad_W)`` of ``y = grouped_mm(x, weight, m_sizes, weight_transposed)``, None where not needed."""
     # The kernels read rows with unit inner stride; autograd may hand over an expanded or strided gradient.
     grad_y = grad_y.contiguous()
+    # With create_graph the ops' own autograd must record the backward; otherwise skip it.
+    run = (lambda op, *args: op(*args)) if torch.is_grad_enabled() else call_below_autograd
     grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
+    if needs_grad_x:
         # y = x @ W[e].T  =>  grad_x = grad_y @ W[e]: the same op reading the weight in the other layout.
-        grad_x = torch.ops.moe_gemm.grouped_mm(grad_y, weight, m_sizes, not ctx.weight_transposed)
-    if ctx.needs_input_grad[1]:
-        grad_w = torch.ops.moe_gemm.grouped_mm_wgrad(x, grad_y, m_sizes, ctx.weight_transposed)
+        grad_x = run(torch.ops.moe_gemm.grouped_mm.default, grad_y, weight, m_sizes, not weight_transposed)
+    if needs_grad_w:
+        grad_w = run(torch.ops.moe_gemm.grouped_mm_wgrad.default, x, grad_y, m_sizes, weight_transposed)
+    return grad_x, grad_w
+
+
+def _backward(ctx, grad_y):
+    x, weight, m_sizes = ctx.saved_tensors
+    grad_x, grad_w = grouped_mm_backward(grad_y, x, weight, m_sizes, ctx.weight_transposed, *ctx.needs_input_grad[:2])
     return grad_x, grad_w, None, None
 
 

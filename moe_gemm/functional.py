@@ -6,6 +6,7 @@ import os
 import torch
 
 from moe_gemm import _ops, _validation
+from moe_gemm._ops import call_below_autograd, grouped_mm_backward
 
 
 def grouped_forward(
@@ -37,14 +38,6 @@ def grouped_forward(
     return grouped_mm_eager(x, weight, m_sizes, weight_transposed)
 
 
-def call_below_autograd(op, *args):
-    """``op(*args)`` straight to its CPU or CUDA kernel, skipping its Autograd kernel: for eager calls whose
-    gradient is handled by the caller's own autograd.Function. The Autograd kernel that torch.library.register_autograd
-    installs is Python (a generated Function and a redispatch) and costs more host time than the CUDA launch."""
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
-
-
 class _GroupedMM(torch.autograd.Function):
     """``moe_gemm::grouped_mm`` with the backward of ``_ops._backward``, in one thin Function: eager calls pay for
     one autograd node rather than the op's generated Function around a Python redispatch.
@@ -69,21 +62,6 @@ class _GroupedMM(torch.autograd.Function):
             grad_y, x, weight, m_sizes, ctx.weight_transposed, *ctx.needs_input_grad[:2]
         )
         return grad_x, grad_w, None, None
-
-
-def grouped_mm_backward(grad_y, x, weight, m_sizes, weight_transposed, needs_grad_x, needs_grad_w):
-    """``(grad_x, grad_W)`` of ``y = grouped_mm(x, weight, m_sizes, weight_transposed)``, None where not needed."""
-    # The kernels read rows with unit inner stride; autograd may hand over an expanded or strided gradient.
-    grad_y = grad_y.contiguous()
-    # With create_graph the ops' own autograd must record the backward; otherwise skip it.
-    run = (lambda op, *args: op(*args)) if torch.is_grad_enabled() else call_below_autograd
-    grad_x = grad_w = None
-    if needs_grad_x:
-        # y = x @ W[e].T  =>  grad_x = grad_y @ W[e]: the same op reading the weight in the other layout.
-        grad_x = run(torch.ops.moe_gemm.grouped_mm.default, grad_y, weight, m_sizes, not weight_transposed)
-    if needs_grad_w:
-        grad_w = run(torch.ops.moe_gemm.grouped_mm_wgrad.default, x, grad_y, m_sizes, weight_transposed)
-    return grad_x, grad_w
 
 
 def grouped_mm_eager(x, weight, m_sizes, weight_transposed):
