@@ -114,6 +114,9 @@ def check_kernel_layout(x: torch.Tensor, weight: torch.Tensor, weight_transposed
             f"weight: the CUDA kernel needs N to be a multiple of {align} (16-byte rows), got N = {n} in weight "
             f"{_weight_layout(weight_transposed)} of shape {tuple(weight.shape)}"
         )
+    # TMA coordinates are 32-bit.
+    if x.shape[0] >= 2**31 or n >= 2**31 or k >= 2**31:
+        raise ValueError(f"x: the CUDA kernel takes M, N and K below 2**31, got M = {x.shape[0]}, N = {n}, K = {k}")
     for name, value in (("x", x), ("weight", weight)):
         problem = kernel_layout_problem(value)
         if problem is not None:

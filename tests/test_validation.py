@@ -139,3 +139,12 @@ def test_cuda_kernel_validation_accepts_other_layout_and_empty_x():
 
 def test_kernel_layout_problem_names_nothing_for_a_contiguous_matrix():
     assert _validation.kernel_layout_problem(torch.empty(4, 16, dtype=torch.bfloat16)) is None
+
+
+def test_cuda_kernel_validation_rejects_dimensions_past_32_bit_coordinates():
+    # An expanded view: 2**31 rows of x without the memory.
+    x = torch.zeros(1, 8, dtype=torch.bfloat16).expand(2**31, 8)
+    weight = torch.zeros(1, 8, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError) as error:
+        _validation.check_kernel_layout(x, weight, False)
+    assert_names_argument(error.value, "x", "below 2**31")
