@@ -1,8 +1,10 @@
 """The MoE expert layer on ``grouped_forward``: ``experts_forward``, and the modules ``MoEExperts`` and ``MoE``.
 
 ``experts_forward`` = ``dispatch`` -> gate/up grouped GEMM (+ bias) -> gated activation -> down grouped GEMM (+ bias)
--> ``combine``. It is made of differentiable torch ops and ``grouped_forward`` only, so autograd differentiates it in
-the hidden states, the routing weights, the expert weights and the biases. Routing, dispatch and combine never sync
+-> ``combine``, differentiable in the hidden states, the routing weights, the expert weights and the biases. Under
+torch.compile (and for callable activations) it is that composition of torch ops and ``grouped_forward``; in eager
+mode with a named activation it runs as one autograd node, ``_FusedExperts``, whose backward writes out the same
+ops' gradients (identical results, far less host time at decode sizes). Routing, dispatch and combine never sync
 with the host; ``grouped_forward`` does not either where its CUDA kernels are built.
 """
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_gemm import _ops, _validation
+from moe_gemm._ops import call_below_autograd, grouped_mm_backward
 from moe_gemm.dispatch import (
     DispatchInfo,
     check_dispatch_arguments,
@@ -24,11 +27,7 @@ from moe_gemm.dispatch import (
     sort_pairs,
     sum_token_rows,
 )
-from moe_gemm.functional import (
-    call_below_autograd,
-    grouped_forward,
-    grouped_mm_backward,
-)
+from moe_gemm.functional import grouped_forward
 from moe_gemm.routing import route
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
