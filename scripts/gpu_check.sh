@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_check_out)
 #
 # Environment: MOE_GEMM_BENCH_ARGS (extra arguments for `python -m moe_gemm.bench`),
+# MOE_GEMM_BENCH_MODES (benchmarks to run, default "forward"; any of forward backward decode layer),
 # MOE_GEMM_SKIP_BENCH=1, MOE_GEMM_SANITIZE=1 (also run the GPU tests under compute-sanitizer),
 # WHEELS_DIR (local wheels to install first, e.g. nvidia-cutlass; default .wheels).
 set -uo pipefail
@@ -72,17 +73,24 @@ if [ "${MOE_GEMM_SANITIZE:-0}" = 1 ]; then
   step "compute-sanitizer memcheck on the GPU tests"
   # Everything but the slow cases (the 4 GB input, torch.compile, the scaled suite): the same kernels and edges.
   compute-sanitizer --tool memcheck --error-exitcode 1 $python -m pytest -q -x tests/test_cuda_kernel.py \
-    -k "not beyond_2_pow_31 and not compile and not suite_shapes" \
+    tests/test_cuda_wgrad.py tests/test_decode.py -k "not beyond_2_pow_31 and not compile and not suite_shapes" \
     >"$out/sanitizer.log" 2>&1 && echo "memcheck clean" | tee -a "$log" ||
     { tail -30 "$out/sanitizer.log" | tee -a "$log"; status=1; }
 fi
 
 if [ "${MOE_GEMM_SKIP_BENCH:-0}" != 1 ]; then
-  step "benchmark"
-  # shellcheck disable=SC2086
-  $python -m moe_gemm.bench --json "$out/bench.json" --plot "$out/bench.png" ${MOE_GEMM_BENCH_ARGS:-} \
-    2>&1 | tee "$out/bench.log" | grep -v '%|' | tail -80 | tee -a "$log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for mode in ${MOE_GEMM_BENCH_MODES:-forward}; do
+    step "benchmark: $mode"
+    case "$mode" in
+      forward) flags=(--plot "$out/bench.png") ;;
+      *) flags=(--"$mode") ;;
+    esac
+    name=$([ "$mode" = forward ] && echo bench || echo "bench_$mode")
+    # shellcheck disable=SC2086
+    $python -m moe_gemm.bench "${flags[@]}" --json "$out/$name.json" ${MOE_GEMM_BENCH_ARGS:-} \
+      2>&1 | tee "$out/$name.log" | grep -v '%|' | tail -80 | tee -a "$log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 fi
 
 step "done, status $status"
