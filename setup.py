@@ -38,6 +38,11 @@ NVCC_FLAGS = [
 # No -std for the host compiler: torch's cpp_extension adds the standard its headers need (C++20 from torch 2.12 or
 # 2.13 on). The kernels (nvcc) are torch-free and keep C++17, as in the CMake build of the profiler.
 CXX_FLAGS = ["-O3", "-DNDEBUG"]
+# A toolchain that has only libstdc++.a (no libstdc++.so) links a static copy of the C++ runtime into the extension.
+# Exported, its symbols mix with those of the libstdc++ that torch loaded, and the first error message that formats an
+# integer crashes (two copies of the locale tables). Hidden, the copy stays private; with a shared libstdc++ this
+# changes nothing.
+LINK_FLAGS = ["-Wl,--exclude-libs,ALL"]
 # One CUTLASS translation unit takes about 3-4 GB of memory to compile.
 GIB_PER_COMPILE_JOB = 4
 
@@ -125,6 +130,7 @@ def extensions() -> list:
             sources=sources,
             include_dirs=[os.path.join(ROOT, "csrc"), *cutlass_include_dirs()],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + ARCH_FLAGS},
+            extra_link_args=LINK_FLAGS,
         )
     ]
 

@@ -24,19 +24,32 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // routing an expert gets r = M / min(E, M) rows and does 2 * r * N * K FLOPs on 2 * N * K bytes of
 // weights: r FLOPs per weight byte. Below the H100's ridge point (~790 TFLOP/s / 3 TB/s ~ 260) the
 // GEMM streams weights and the smaller 128x128 tile wins: twice as many CTAs keep loads in flight.
-// Above it, 128x256 tiles reuse each loaded byte twice as often and win.
+// Above it, 128x256 tiles reuse each loaded byte twice as often and win. Between 256 and 1024 rows
+// (a few m-blocks per expert, the prefill of many-expert models) clusters of two CTAs on neighbouring
+// n-blocks sharing the A tile win too: a sixth less traffic from L2, in a kernel that is power-bound
+// there. Not when N has an odd number of 256-column blocks below 20, where the pair rounds N up by
+// more than 5%; not for longer experts, where it measured no better (Mixtral, Qwen3 at 16k tokens).
 // Examples: Qwen3 at 2048 tokens (M = 16384, E = 128): r = 128 -> 128x128 (0.355 ms vs 0.374);
-// DeepSeek-V3 at 16k tokens (M = 131072, E = 256): r = 512 -> 128x256 (14.4 ms vs 16.2), measured on
-// an H100 with scripts/compare_tile_configs.sh. The cluster config is never picked: it measured
-// slower than 128x256 on most suite shapes (see BENCHMARKS.md).
+// Mixtral at 16k tokens (M = 32768, E = 8): r = 4096 -> 128x256;
+// DeepSeek-V3 at 16k tokens (M = 131072, E = 256, N = 4096 / 7168): r = 512 -> 128x256c1x2
+// (13.5 ms vs 13.8 up, 7.6 vs 7.8 down), measured on an H100 in bf16 with randn data
+// (scripts/compare_tile_configs.sh; BENCHMARKS.md, "Tile configurations").
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
-  (void)N;
   (void)K;
   (void)sm_count;
   constexpr int64_t kRidgeRowsPerExpert = 256;
+  constexpr int64_t kLongExpertRows = 1024;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
   int64_t const rows_per_expert = M / experts_hit;
-  return rows_per_expert < kRidgeRowsPerExpert ? TileConfig::k128x128 : TileConfig::k128x256;
+  if (rows_per_expert < kRidgeRowsPerExpert) {
+    return TileConfig::k128x128;
+  }
+  int64_t const n_blocks = (N + 255) / 256;
+  bool const pairs_fit_n = n_blocks % 2 == 0 || n_blocks >= 20;
+  if (rows_per_expert < kLongExpertRows && n_blocks >= 2 && pairs_fit_n) {
+    return TileConfig::k128x256Cluster1x2;
+  }
+  return TileConfig::k128x256;
 }
 
 namespace {
@@ -94,16 +107,12 @@ TileConfig resolved_config(GroupedGemmParams const& p) {
 
 // Dynamic scheduling pays when tiles come in several waves (CTAs drift apart over the waves, and a
 // weight tile shared by CTAs that no longer run together is read from DRAM again); a one-wave decode
-// problem skips the counter and its memset. Clusters keep static striding (both CTAs of a cluster
-// must take the same tile).
+// problem skips the counter and its memset. In a cluster, rank 0 takes the units for both CTAs.
 bool use_dynamic_schedule(GroupedGemmParams const& p) {
   if (p.dynamic_schedule >= 0) {
-    return p.dynamic_schedule == 1 && resolved_config(p) != TileConfig::k128x256Cluster2;
+    return p.dynamic_schedule == 1;
   }
   TileConfig const config = resolved_config(p);
-  if (config == TileConfig::k128x256Cluster2) {
-    return false;
-  }
   int64_t const tile_n = tile_n_of(config);
   int64_t const tiles_upper = ((p.M + 127) / 128 + std::min<int64_t>(p.E, p.M)) * ((p.N + tile_n - 1) / tile_n);
   int const sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
@@ -154,7 +163,8 @@ bool parse_tile_config(char const* name, TileConfig* config) {
   static Named const names[] = {{"auto", TileConfig::kAuto},
                                 {"128x256", TileConfig::k128x256},
                                 {"128x128", TileConfig::k128x128},
-                                {"128x256c2", TileConfig::k128x256Cluster2}};
+                                {"128x256c2x1", TileConfig::k128x256Cluster2x1},
+                                {"128x256c1x2", TileConfig::k128x256Cluster1x2}};
   for (Named const& named : names) {
     if (std::strcmp(name, named.name) == 0) {
       *config = named.config;
@@ -168,7 +178,8 @@ char const* tile_config_name(TileConfig config) {
   switch (config) {
     case TileConfig::k128x256: return "128x256";
     case TileConfig::k128x128: return "128x128";
-    case TileConfig::k128x256Cluster2: return "128x256c2";
+    case TileConfig::k128x256Cluster2x1: return "128x256c2x1";
+    case TileConfig::k128x256Cluster1x2: return "128x256c1x2";
     default: return "auto";
   }
 }
@@ -223,8 +234,10 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
   switch (config) {                                                                           \
     case TileConfig::k128x128:                                                                \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128>(p, stream);  \
-    case TileConfig::k128x256Cluster2:                                                        \
-      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster2>(p, stream); \
+    case TileConfig::k128x256Cluster2x1:                                                      \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster2x1>(p, stream); \
+    case TileConfig::k128x256Cluster1x2:                                                      \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster1x2>(p, stream); \
     default:                                                                                  \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256>(p, stream);  \
   }

@@ -11,11 +11,13 @@ namespace moe_gemm {
 enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 
 // Tile configurations of the sm90 kernel. kAuto lets choose_tile_config() pick from host-known shapes.
-// k128x256Cluster2: clusters of two CTAs on consecutive m-blocks of one expert share (multicast)
-// each B tile, halving the weight traffic from L2. Only on request: it measured slower so far.
-enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2, k128x256Cluster2 = 3 };
+// Clusters of two CTAs of 128x256 tiles: k128x256Cluster2x1 on consecutive m-blocks of one expert
+// shares (multicasts) each B tile, k128x256Cluster1x2 on consecutive n-blocks each A tile, cutting the
+// traffic from L2 by a third or a sixth.
+enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2, k128x256Cluster2x1 = 3, k128x256Cluster1x2 = 4 };
 
-// "auto", "128x256", "128x128", "128x256c2" <-> TileConfig; parse returns false for an unknown name.
+// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2" <-> TileConfig; parse returns false for an
+// unknown name.
 bool parse_tile_config(char const* name, TileConfig* config);
 char const* tile_config_name(TileConfig config);
 

@@ -5,6 +5,9 @@
 //   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
 //     tiles are handed out statically (CTA b takes b, b + grid, ...) or, for problems of several
 //     waves, dynamically from a global counter, so that CTAs sharing a weight tile start it together;
+//   - clusters of two CTAs, along M (they share, and multicast, the B tile) or along N (the A tile);
+//     with dynamic scheduling the cluster's rank-0 producer takes each unit from the counter and
+//     broadcasts it to the other CTA's shared memory (ClusterUnitSlots);
 //   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
 //   - the epilogue: a tile that lies wholly inside its expert goes out through shared memory and
@@ -56,15 +59,24 @@ class Sm90MoeGemmKernel {
   static constexpr int kTileM = cute::size<0>(TileShape{});
   static constexpr int kTileN = cute::size<1>(TileShape{});
   static constexpr int kTileK = cute::size<2>(TileShape{});
-  // A cluster of kClusterM CTAs takes kClusterM consecutive m-blocks of one expert and one n-block:
-  // each CTA loads 1/kClusterM of the B tile and multicasts it to the others.
+  // A cluster of kClusterM x kClusterN CTAs takes kClusterM consecutive m-blocks of one expert and
+  // kClusterN consecutive n-blocks: the CTAs of one n-block load 1/kClusterM of its B tile each and
+  // multicast it to the others, those of one m-block share A the same way. The scheduler counts
+  // cluster tiles (kTileM * kClusterM rows by kTileN * kClusterN columns). CTA rank r in the cluster
+  // is (m = r % kClusterM, n = r / kClusterM), CuTe's order; the cluster is launched as 1-D.
   static constexpr int kClusterM = cute::size<0>(ClusterShape{});
-  static_assert(cute::size<1>(ClusterShape{}) == 1 && cute::size<2>(ClusterShape{}) == 1, "clusters along M only");
+  static constexpr int kClusterN = cute::size<1>(ClusterShape{});
+  static constexpr int kClusterSize = kClusterM * kClusterN;
+  static_assert(cute::size<2>(ClusterShape{}) == 1);
+  // The mainloop pipeline sees the 1-D launch shape: consumers release every CTA of the cluster,
+  // all of which multicast into them when the cluster is 2x1 or 1x2.
+  static_assert(kClusterSize <= 2, "clusters of more than two CTAs would need the 2-D pipeline shape");
+  using LaunchClusterShape = cute::Shape<cute::Int<kClusterSize>, cute::_1, cute::_1>;
   using Scheduler = Sm90MoeTileScheduler<kTileM * kClusterM>;
   // Split-K needs static or dynamic scheduling of single CTAs: both CTAs of a cluster would have to
   // take the same split.
   static constexpr bool kSplitK = kSplitK_;
-  static_assert(!kSplitK || kClusterM == 1, "split-K runs without clusters");
+  static_assert(!kSplitK || kClusterSize == 1, "split-K runs without clusters");
 
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
   static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
@@ -92,6 +104,17 @@ class Sm90MoeGemmKernel {
   static constexpr int kTileSlots = 4;
   using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
   using TilePipelineState = typename TilePipeline::PipelineState;
+  // In a cluster, rank 0's producer warp writes each unit into unit[slot] of every CTA with st.async,
+  // which completes the transaction on that CTA's full[slot] (whose one arrival is its own producer
+  // warp's expect-tx). Every reader, each CTA's MMA warps and its producer warp, then arrives on
+  // rank 0's empty[slot], which frees the slot for the round after.
+  static constexpr uint32_t kMmaWarps = kNumMmaThreads / 32;
+  struct ClusterUnitSlots {
+    alignas(8) uint64_t full[kTileSlots];
+    alignas(8) uint64_t empty[kTileSlots];
+    int64_t unit[kTileSlots];
+  };
+  using UnitSlotState = cutlass::PipelineState<kTileSlots>;
 
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
@@ -99,6 +122,7 @@ class Sm90MoeGemmKernel {
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
     int64_t tile_slots[kTileSlots];
+    alignas(16) ClusterUnitSlots cluster_units;
     int split_k_last_arrival;  // split-K: thread 0 tells the MMA warpgroups whether they reduce the tile
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
@@ -169,7 +193,7 @@ class Sm90MoeGemmKernel {
     pipeline_params.num_consumers = kNumMmaThreads;
     pipeline_params.num_producers = 1;
     pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
-    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, ClusterShape{});
+    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, LaunchClusterShape{});
 
     typename TilePipeline::Params tile_pipeline_params;
     tile_pipeline_params.role = warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
@@ -178,9 +202,20 @@ class Sm90MoeGemmKernel {
     tile_pipeline_params.producer_arv_count = 1;
     tile_pipeline_params.consumer_arv_count = kNumMmaThreads;
     TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
+    if constexpr (kClusterSize > 1) {
+      if (thread_idx == 0) {
+        ClusterUnitSlots& slots = shared_storage.cluster_units;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kTileSlots; ++i) {
+          cutlass::arch::ClusterBarrier::init(&slots.full[i], 1);
+          cutlass::arch::ClusterBarrier::init(&slots.empty[i], kClusterSize * (kMmaWarps + 1));
+        }
+        cutlass::arch::fence_barrier_init();
+      }
+    }
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
-    if constexpr (kClusterM > 1) {
+    if constexpr (kClusterSize > 1) {
       cute::cluster_arrive_relaxed();
       cute::cluster_wait();
     } else {
@@ -206,15 +241,73 @@ class Sm90MoeGemmKernel {
   }
 
  private:
-  // The CTA's own tile within the cluster's: the scheduler counts m-blocks of kTileM * kClusterM rows.
+  // The CTA's own tile within the cluster's.
   CUTLASS_DEVICE static MoeWorkTile next_tile(Scheduler& scheduler, int64_t cluster_tile) {
     MoeWorkTile work = scheduler.get_work_tile(cluster_tile);
-    work.m_block = work.m_block * kClusterM + int(cute::block_rank_in_cluster()) % kClusterM;
+    if constexpr (kClusterSize > 1) {
+      int const rank = int(cute::block_rank_in_cluster());
+      work.m_block = work.m_block * kClusterM + rank % kClusterM;
+      work.n_block = work.n_block * kClusterN + rank / kClusterM;
+    }
     return work;
   }
 
-  CUTLASS_DEVICE static int64_t first_cluster_tile() { return blockIdx.x / kClusterM; }
-  CUTLASS_DEVICE static int64_t num_clusters() { return gridDim.x / kClusterM; }
+  CUTLASS_DEVICE static int64_t first_cluster_tile() { return blockIdx.x / kClusterSize; }
+  CUTLASS_DEVICE static int64_t num_clusters() { return gridDim.x / kClusterSize; }
+
+  // Rank 0's producer warp: publishes `unit` to every CTA of the cluster (see ClusterUnitSlots).
+  CUTLASS_DEVICE static void publish_unit(ClusterUnitSlots& slots, UnitSlotState state, int64_t unit,
+                                          bool is_leader) {
+    if (!is_leader) {
+      return;
+    }
+    int const i = state.index();
+    cutlass::arch::ClusterBarrier::wait(&slots.empty[i], state.phase() ^ 1);
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&slots.full[i], sizeof(int64_t));
+    uint32_t const unit_addr = cute::cast_smem_ptr_to_uint(&slots.unit[i]);
+    uint32_t const full_addr = cute::cast_smem_ptr_to_uint(&slots.full[i]);
+    CUTLASS_PRAGMA_UNROLL
+    for (uint32_t cta = 0; cta < kClusterSize; ++cta) {
+      asm volatile(
+          "{\n\t.reg .b32 remote_unit, remote_full;\n\t"
+          "mapa.shared::cluster.u32 remote_unit, %0, %2;\n\t"
+          "mapa.shared::cluster.u32 remote_full, %1, %2;\n\t"
+          "st.async.shared::cluster.mbarrier::complete_tx::bytes.s64 [remote_unit], %3, [remote_full];\n\t}"
+          :
+          : "r"(unit_addr), "r"(full_addr), "r"(cta), "l"(unit)
+          : "memory");
+    }
+    cutlass::arch::ClusterBarrier::arrive(&slots.empty[i]);
+  }
+
+  // Every other reader (a whole warp): waits for the unit of this round, then frees the slot on rank 0.
+  // A producer warp of rank > 0 first arrives on its own full barrier, expecting the unit's bytes.
+  CUTLASS_DEVICE static int64_t receive_unit(ClusterUnitSlots& slots, UnitSlotState state, bool expect_tx) {
+    int const i = state.index();
+    bool const leader = threadIdx.x % 32 == 0;
+    if (expect_tx && leader) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&slots.full[i], sizeof(int64_t));
+    }
+    cutlass::arch::ClusterBarrier::wait(&slots.full[i], state.phase());
+    asm volatile("" ::: "memory");  // the wait has no memory clobber: keep the read after it
+    int64_t const unit = *reinterpret_cast<int64_t volatile*>(&slots.unit[i]);
+    __syncwarp();
+    cutlass::arch::ClusterBarrier::arrive(&slots.empty[i], 0u, uint32_t(leader));
+    return unit;
+  }
+
+  // Rank 0's producer warp, after its last unit: wait until every slot has been read, so that no
+  // arrival from a peer lands on this CTA's shared memory after it exits.
+  CUTLASS_DEVICE static void unit_slots_tail(ClusterUnitSlots& slots, UnitSlotState state, bool is_leader) {
+    if (!is_leader) {
+      return;
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kTileSlots; ++i) {
+      cutlass::arch::ClusterBarrier::wait(&slots.empty[state.index()], state.phase() ^ 1);
+      ++state;
+    }
+  }
 
   // Work unit `unit` is split unit % split_k of the scheduler's tile unit / split_k. Producer and
   // consumers derive the same tile and k-block range from the unit index.
@@ -259,10 +352,17 @@ class Sm90MoeGemmKernel {
                             typename CollectiveMainloop::SmemLayoutA{});  // (BLK_M, BLK_K, PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_storage.tensors.smem_B.data()),
                             typename CollectiveMainloop::SmemLayoutB{});  // (BLK_N, BLK_K, PIPE)
-    int const rank_m = int(cute::block_rank_in_cluster()) % kClusterM;
-    auto cta_tma_a = tma_a.get_slice(0);
-    auto cta_tma_b = tma_b.get_slice(rank_m);  // this CTA's 1/kClusterM of each B tile
-    uint16_t const mcast_mask_b = uint16_t((1u << kClusterM) - 1);  // ranks 0..kClusterM-1 share B
+    int const rank = int(cute::block_rank_in_cluster());
+    int const rank_m = rank % kClusterM, rank_n = rank / kClusterM;
+    auto cta_tma_a = tma_a.get_slice(rank_n);  // this CTA's 1/kClusterN of each A tile
+    auto cta_tma_b = tma_b.get_slice(rank_m);  // and 1/kClusterM of each B tile
+    // A goes to the CTAs of the same m rank, B to those of the same n rank.
+    uint16_t mcast_mask_a = 0;
+    CUTLASS_PRAGMA_UNROLL
+    for (int n = 0; n < kClusterN; ++n) {
+      mcast_mask_a |= uint16_t(1u << (rank_m + n * kClusterM));
+    }
+    uint16_t const mcast_mask_b = uint16_t(((1u << kClusterM) - 1) << (rank_n * kClusterM));
     Tensor tAsA = cta_tma_a.partition_D(sA);
     Tensor tBsB = cta_tma_b.partition_D(sB);
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
@@ -272,14 +372,24 @@ class Sm90MoeGemmKernel {
     bool const dynamic = params.tile_counter != nullptr;
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
     TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
+    UnitSlotState unit_state;
     for (int64_t unit = first_cluster_tile();;) {
       if (dynamic) {  // publish the unit (an invalid one tells the consumers to stop)
-        tile_pipeline.producer_acquire(tile_write);
-        if (is_leader) {
-          shared_storage.tile_slots[tile_write.index()] = unit;
-          tile_pipeline.producer_commit(tile_write);
+        if constexpr (kClusterSize == 1) {
+          tile_pipeline.producer_acquire(tile_write);
+          if (is_leader) {
+            shared_storage.tile_slots[tile_write.index()] = unit;
+            tile_pipeline.producer_commit(tile_write);
+          }
+          ++tile_write;
+        } else {
+          if (rank == 0) {
+            publish_unit(shared_storage.cluster_units, unit_state, unit, is_leader);
+          } else {
+            unit = receive_unit(shared_storage.cluster_units, unit_state, /*expect_tx=*/true);
+          }
+          ++unit_state;
         }
-        ++tile_write;
       }
       int64_t const tile = unit_tile(params, unit);
       MoeWorkTile const work = next_tile(scheduler, tile);
@@ -302,20 +412,25 @@ class Sm90MoeGemmKernel {
           pipeline.producer_acquire(state);
           auto* barrier = pipeline.producer_get_barrier(state);
           int const k_block = k_blocks.begin + k;
-          copy(tma_a.with(*barrier, 0), tAgA(_, _, _, k_block), tAsA(_, _, _, state.index()));
+          copy(tma_a.with(*barrier, mcast_mask_a), tAgA(_, _, _, k_block), tAsA(_, _, _, state.index()));
           copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k_block), tBsB(_, _, _, state.index()));
           ++state;
         }
       }
       write_state.advance(k_blocks.count);
-      if (dynamic) {
+      if (dynamic) {  // in a cluster, rank 0 takes the next unit for all (the others receive it)
         int next = 0;
-        if (threadIdx.x % 32 == 0) {
+        if (threadIdx.x % 32 == 0 && rank == 0) {
           next = atomicAdd(params.tile_counter, 1);
         }
         unit = int64_t(__shfl_sync(0xffffffff, next, 0)) + num_clusters();
       } else {
         unit += num_clusters();
+      }
+    }
+    if constexpr (kClusterSize > 1) {
+      if (dynamic && rank == 0) {
+        unit_slots_tail(shared_storage.cluster_units, unit_state, is_leader);
       }
     }
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
@@ -337,12 +452,18 @@ class Sm90MoeGemmKernel {
 
     bool const dynamic = params.tile_counter != nullptr;
     TilePipelineState tile_read;
+    UnitSlotState unit_state;
     for (int64_t unit = first_cluster_tile();; unit += dynamic ? 0 : num_clusters()) {
       if (dynamic) {
-        tile_pipeline.consumer_wait(tile_read);
-        unit = shared_storage.tile_slots[tile_read.index()];
-        tile_pipeline.consumer_release(tile_read);
-        ++tile_read;
+        if constexpr (kClusterSize == 1) {
+          tile_pipeline.consumer_wait(tile_read);
+          unit = shared_storage.tile_slots[tile_read.index()];
+          tile_pipeline.consumer_release(tile_read);
+          ++tile_read;
+        } else {
+          unit = receive_unit(shared_storage.cluster_units, unit_state, /*expect_tx=*/false);
+          ++unit_state;
+        }
       }
       int64_t const tile = unit_tile(params, unit);
       MoeWorkTile const work = next_tile(scheduler, tile);
@@ -360,8 +481,8 @@ class Sm90MoeGemmKernel {
                                shared_storage);
         continue;
       }
-      // In a cluster, a CTA past the expert's last m-block still loads and multiplies (its peers need
-      // its share of B) but stores nothing: its rows_left is <= 0.
+      // In a cluster, a CTA past the expert's last m-block (or past N) still loads and multiplies (its
+      // peers need its share of the tiles) but stores nothing: its rows_left (cols_left) is <= 0.
       bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
       if (full_tile) {
         store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);

@@ -31,11 +31,19 @@ template <> struct TileTraits<TileConfig::k128x256> {
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kGroupM = 8;
 };
-// Long experts: the same tile, two CTAs per cluster multicasting B (groups of 4 cluster m-blocks = 8 CTA m-blocks).
-template <> struct TileTraits<TileConfig::k128x256Cluster2> {
+// Long experts: the same tile, two CTAs per cluster on consecutive m-blocks multicasting B (groups of
+// 4 cluster m-blocks = 8 CTA m-blocks). Each CTA reads 32 KB per k-block from L2 instead of 48.
+template <> struct TileTraits<TileConfig::k128x256Cluster2x1> {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
   static constexpr int kGroupM = 4;
+};
+// The same tile, two CTAs on consecutive n-blocks multicasting A: 40 KB per k-block from L2, and no
+// m-block is rounded up to a pair (short experts waste nothing; N rounds up to 512 columns instead).
+template <> struct TileTraits<TileConfig::k128x256Cluster1x2> {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
+  static constexpr int kGroupM = 8;
 };
 // Short experts or narrow N: half the columns per tile, so twice the tiles to spread over the SMs.
 template <> struct TileTraits<TileConfig::k128x128> {
@@ -81,6 +89,8 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
   using InternalA = typename Mainloop::InternalElementA;
   using InternalB = typename Mainloop::InternalElementB;
   constexpr int kTileN = Kernel::kTileN;
+  constexpr int kClusterM = Kernel::kClusterM;
+  constexpr int kClusterSize = Kernel::kClusterSize;
 
   // A: (M, K, 1) row-major. B: (N, K, E) with either K or N contiguous.
   auto const M = int32_t(p.M), N = int32_t(p.N), K = int32_t(p.K), E = int32_t(p.E);
@@ -108,9 +118,9 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
   params.scheduler.m_sizes_int64 = p.m_sizes_int64;
   params.scheduler.num_experts = E;
   params.scheduler.rows_total = p.M;
-  params.scheduler.tiles_n = (N + kTileN - 1) / kTileN;
+  params.scheduler.tiles_n = (N + kTileN * Kernel::kClusterN - 1) / (kTileN * Kernel::kClusterN);  // cluster n-blocks
   params.scheduler.group_m = p.group_m > 0 ? p.group_m : TileTraits<kConfig>::kGroupM;
-  bool const dynamic = Kernel::kClusterM == 1 && p.dynamic_schedule == 1;
+  bool const dynamic = p.dynamic_schedule == 1;
   int const split_k = kSplitK ? p.split_k : 1;
   WorkspaceLayout const layout = workspace_layout(p.M, p.N, p.E, Kernel::kTileM, kTileN, dynamic, split_k);
   if (layout.total_bytes > 0 && p.workspace == nullptr) {
@@ -133,7 +143,6 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
 
   auto* kernel = &cutlass::device_kernel<Kernel>;
   int const smem_bytes = Kernel::SharedStorageSize;
-  constexpr int kClusterM = Kernel::kClusterM;
   int device = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status != cudaSuccess) {
@@ -150,12 +159,12 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
       return status;
     }
     cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, device);
-    if constexpr (kClusterM > 1) {
+    if constexpr (kClusterSize > 1) {
       cudaLaunchConfig_t config = {};
       cudaLaunchAttribute cluster = {};
       cluster.id = cudaLaunchAttributeClusterDimension;
-      cluster.val.clusterDim = {unsigned(kClusterM), 1, 1};
-      config.gridDim = dim3(unsigned(ctas / kClusterM * kClusterM));
+      cluster.val.clusterDim = {unsigned(kClusterSize), 1, 1};
+      config.gridDim = dim3(unsigned(ctas / kClusterSize * kClusterSize));
       config.blockDim = dim3(Kernel::MaxThreadsPerBlock);
       config.dynamicSmemBytes = smem_bytes;
       config.attrs = &cluster;
@@ -165,33 +174,33 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
       if (status != cudaSuccess || clusters <= 0) {
         return status != cudaSuccess ? status : cudaErrorInvalidConfiguration;
       }
-      ctas = clusters * kClusterM;
+      ctas = clusters * kClusterSize;
     }
     resident_ctas[device % 64].store(ctas, std::memory_order_relaxed);
   }
   if (p.sm_count > 0) {
-    ctas = std::min(ctas, p.sm_count / kClusterM * kClusterM);
+    ctas = std::min(ctas, p.sm_count / kClusterSize * kClusterSize);
   }
 
   // Persistent grid: as many CTAs as are resident at once, fewer when even the most work units the
   // sizes allow cannot fill them. Each expert adds at most one partial m-block of the cluster's
-  // kTileM * kClusterM rows: cluster tiles <= (ceil(M / (BM * cM)) + min(E, M)) * tiles_n, each
-  // split_k units.
+  // kTileM * kClusterM rows: cluster tiles <= (ceil(M / (BM * cM)) + min(E, M)) * cluster n-blocks,
+  // each split_k units.
   int64_t const cluster_rows = int64_t(Kernel::kTileM) * kClusterM;
   int64_t const cluster_m_blocks = (p.M + cluster_rows - 1) / cluster_rows + std::min<int64_t>(p.E, p.M);
   int64_t const max_clusters = std::max<int64_t>(1, cluster_m_blocks * params.scheduler.tiles_n * split_k);
-  int64_t const clusters = std::min<int64_t>(std::max(ctas / kClusterM, 1), max_clusters);
+  int64_t const clusters = std::min<int64_t>(std::max(ctas / kClusterSize, 1), max_clusters);
 
   cudaLaunchConfig_t config = {};
   cudaLaunchAttribute cluster = {};
   cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim = {unsigned(kClusterM), 1, 1};
-  config.gridDim = dim3(unsigned(clusters * kClusterM));
+  cluster.val.clusterDim = {unsigned(kClusterSize), 1, 1};  // 1-D: see the kernel's LaunchClusterShape
+  config.gridDim = dim3(unsigned(clusters * kClusterSize));
   config.blockDim = dim3(Kernel::MaxThreadsPerBlock);
   config.dynamicSmemBytes = smem_bytes;
   config.stream = stream;
   config.attrs = &cluster;
-  config.numAttrs = kClusterM > 1 ? 1 : 0;
+  config.numAttrs = kClusterSize > 1 ? 1 : 0;
   status = cudaLaunchKernelEx(&config, kernel, params);
   if (status != cudaSuccess) {
     return status;

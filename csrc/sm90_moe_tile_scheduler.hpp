@@ -3,23 +3,24 @@
 // pointer arrays: the row offset of each expert is a prefix sum computed on the fly.
 //
 // The math, once:
-//   rows[e]   = the rows of expert e after clamping to the buffer: sizes < 0 count as 0 and
-//               rows at or past M are dropped, so offs[e] = min(sum_{j<e} max(size_j, 0), M).
+//   rows[e]   = the rows of expert e after clamping to the buffer (moe_expert_rows.hpp).
 //   tiles[e]  = ceil(rows[e] / kTileM) * tiles_n           (0 for an empty expert: it costs nothing)
 //   tile t    = belongs to the expert e with start[e] <= t < start[e] + tiles[e], start = prefix(tiles)
 //   inside e  = m-blocks are taken group_m at a time; within a group the n-block is the slow index,
 //               so the CTAs running together read group_m blocks of A and a few B tiles from L2.
 //   pointers  = A + (offs[e] + m_block * kTileM) * lda,  B + e * ldb_e,  D + (offs[e] + m_block * kTileM) * ldd.
 //
-// Each warp keeps its own cursor (current expert, its first tile and first row). Persistent CTAs
-// only move forward, so the cursor advances 32 experts at a time with a warp-wide scan.
-// With split-K the kernel's work units are (tile, split) and it asks for tile unit / split_k: still
-// non-decreasing along a CTA's units, so the cursor logic is the same.
+// Each warp builds its own table when it constructs the scheduler: lane l holds the first row and the
+// tile range of its block of experts (ExpertRows: all sizes loaded at once, two warp scans). A tile
+// then costs a ballot to find the lane whose block holds it and a walk of that block by the lane,
+// except when it falls in the expert of the previous call, which is cached. Any order of tiles works.
 #pragma once
 
 #include <cstdint>
 
 #include <cuda_runtime.h>
+
+#include "moe_expert_rows.hpp"
 
 namespace moe_gemm {
 
@@ -46,19 +47,37 @@ class Sm90MoeTileScheduler {
  public:
   using Params = MoeSchedulerParams;
 
-  CUTLASS_DEVICE explicit Sm90MoeTileScheduler(Params const& params) : params_(params) {}
+  // Warp-collective: all 32 lanes of the warp.
+  CUTLASS_DEVICE explicit Sm90MoeTileScheduler(Params const& params) : params_(params) {
+    ExpertRows const sizes = expert_rows();
+    int const lane = threadIdx.x % 32;
+    int64_t const lane_rows = sizes.block_rows(lane);
+    int64_t const rows_end = warp_inclusive_scan(lane_rows, lane);
+    lane_row_start_ = rows_end - lane_rows;
+    rows_covered_ = min(__shfl_sync(0xffffffff, rows_end, 31), params_.rows_total);
 
-  // The tile this CTA works on for the given linear index. Must be called by all 32 lanes of a
-  // warp with the same, non-decreasing, linear_idx.
+    int64_t row = lane_row_start_;
+    int64_t lane_tiles = 0;
+    int32_t const end = sizes.block_end(lane);
+    for (int32_t e = sizes.block_begin(lane); e < end; ++e) {  // sizes now come from L1
+      int64_t const size = sizes.size(e);
+      lane_tiles += tiles_of(row, size);
+      row += size;
+    }
+    lane_tile_end_ = warp_inclusive_scan(lane_tiles, lane);
+    lane_tile_start_ = lane_tile_end_ - lane_tiles;
+  }
+
+  // The tile this CTA works on for the given linear index. Warp-collective, with the same linear_idx
+  // on every lane.
   CUTLASS_DEVICE MoeWorkTile get_work_tile(int64_t linear_idx) {
-    while (linear_idx >= expert_tile_start_ + expert_tiles_ && next_expert_ < params_.num_experts) {
-      advance_chunk(linear_idx);
-    }
     MoeWorkTile work{};
-    work.valid = linear_idx >= expert_tile_start_ && linear_idx < expert_tile_start_ + expert_tiles_;
-    if (!work.valid) {
-      return work;
+    if (linear_idx < expert_tile_start_ || linear_idx >= expert_tile_start_ + expert_tiles_) {
+      if (!locate(linear_idx)) {
+        return work;  // past the last tile
+      }
     }
+    work.valid = true;
     int32_t const tiles_n = params_.tiles_n;
     int32_t const m_blocks = (expert_rows_ + kTileM - 1) / kTileM;
     int32_t const local = static_cast<int32_t>(linear_idx - expert_tile_start_);
@@ -75,68 +94,64 @@ class Sm90MoeTileScheduler {
     return work;
   }
 
-  // Rows covered by all experts: min(sum(max(size, 0)), M). Scans the experts not visited yet.
-  CUTLASS_DEVICE int64_t rows_covered() {
-    while (next_expert_ < params_.num_experts) {
-      advance_chunk(INT64_MAX);
-    }
-    return expert_row_start_ + expert_rows_;
-  }
+  // Rows covered by all experts: min(sum(max(size, 0)), M).
+  CUTLASS_DEVICE int64_t rows_covered() const { return rows_covered_; }
 
  private:
-  CUTLASS_DEVICE int64_t load_size(int32_t expert) const {
-    if (expert >= params_.num_experts) {
-      return 0;
-    }
-    int64_t size = params_.m_sizes_int64 ? static_cast<int64_t const*>(params_.m_sizes)[expert]
-                                         : static_cast<int32_t const*>(params_.m_sizes)[expert];
-    return size > 0 ? size : 0;
+  CUTLASS_DEVICE ExpertRows expert_rows() const {
+    return {params_.m_sizes, params_.m_sizes_int64, params_.num_experts, params_.rows_total};
   }
 
-  template <class T>
-  CUTLASS_DEVICE static T warp_inclusive_scan(T value, int lane) {
-    CUTLASS_PRAGMA_UNROLL
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      T other = __shfl_up_sync(0xffffffff, value, offset);
-      if (lane >= offset) {
-        value += other;
+  // Tiles of an expert whose unclamped rows start at `row`.
+  CUTLASS_DEVICE int64_t tiles_of(int64_t row, int64_t size) const {
+    int64_t const begin = min(row, params_.rows_total);
+    int64_t const end = min(row + size, params_.rows_total);
+    return (end - begin + kTileM - 1) / kTileM * params_.tiles_n;
+  }
+
+  // Points the cache at the expert holding tile linear_idx; false when no expert does.
+  CUTLASS_DEVICE bool locate(int64_t linear_idx) {
+    int const lane = threadIdx.x % 32;
+    uint32_t const owners = __ballot_sync(0xffffffff, lane_tile_start_ <= linear_idx && linear_idx < lane_tile_end_);
+    if (owners == 0) {
+      return false;
+    }
+    int const owner = __ffs(owners) - 1;
+    int32_t expert = 0;
+    int64_t tile_start = 0, tiles = 0, row = 0, size = 0;
+    if (lane == owner) {
+      ExpertRows const sizes = expert_rows();
+      tile_start = lane_tile_start_;
+      row = lane_row_start_;
+      int32_t const end = sizes.block_end(lane);
+      for (expert = sizes.block_begin(lane); expert < end; ++expert) {
+        size = sizes.size(expert);
+        tiles = tiles_of(row, size);
+        if (linear_idx < tile_start + tiles) {
+          break;
+        }
+        tile_start += tiles;
+        row += size;
       }
     }
-    return value;
-  }
-
-  // Looks at the next 32 experts. Stops the cursor at the first one whose tiles contain
-  // linear_idx, or at the last of the 32 when none does.
-  CUTLASS_DEVICE void advance_chunk(int64_t linear_idx) {
-    int const lane = threadIdx.x % 32;
-    int32_t const expert = next_expert_ + lane;
-    int64_t const rows_before_chunk = expert_row_start_ + expert_rows_;
-    int64_t const tiles_before_chunk = expert_tile_start_ + expert_tiles_;
-
-    // Clamp to the buffer: an expert's rows end at min(prefix, M).
-    int64_t const size = load_size(expert);
-    int64_t const end_unclamped = rows_before_chunk + warp_inclusive_scan(size, lane);
-    int64_t const end = min(end_unclamped, params_.rows_total);
-    int64_t const begin = min(end_unclamped - size, params_.rows_total);
-    int32_t const rows = static_cast<int32_t>(end - begin);
-    int64_t const tiles = static_cast<int64_t>((rows + kTileM - 1) / kTileM) * params_.tiles_n;
-    int64_t const tiles_end = tiles_before_chunk + warp_inclusive_scan(tiles, lane);
-
-    int32_t const experts_in_chunk = min(32, params_.num_experts - next_expert_);
-    uint32_t const hit = __ballot_sync(0xffffffff, lane < experts_in_chunk && tiles_end > linear_idx);
-    int const stop_lane = hit ? __ffs(hit) - 1 : experts_in_chunk - 1;
-
-    expert_ = next_expert_ + stop_lane;
-    expert_row_start_ = __shfl_sync(0xffffffff, begin, stop_lane);
-    expert_rows_ = __shfl_sync(0xffffffff, rows, stop_lane);
-    expert_tiles_ = __shfl_sync(0xffffffff, tiles, stop_lane);
-    expert_tile_start_ = __shfl_sync(0xffffffff, tiles_end, stop_lane) - expert_tiles_;
-    next_expert_ = expert_ + 1;
+    expert_ = __shfl_sync(0xffffffff, expert, owner);
+    expert_tile_start_ = __shfl_sync(0xffffffff, tile_start, owner);
+    expert_tiles_ = __shfl_sync(0xffffffff, tiles, owner);
+    row = __shfl_sync(0xffffffff, row, owner);
+    size = __shfl_sync(0xffffffff, size, owner);
+    expert_row_start_ = min(row, params_.rows_total);
+    expert_rows_ = static_cast<int32_t>(min(row + size, params_.rows_total) - expert_row_start_);
+    return true;
   }
 
   Params params_;
+  // This lane's block of experts: unclamped first row, and its tiles [start, end) in the sequence.
+  int64_t lane_row_start_ = 0;
+  int64_t lane_tile_start_ = 0;
+  int64_t lane_tile_end_ = 0;
+  int64_t rows_covered_ = 0;
+  // The expert of the last tile looked up.
   int32_t expert_ = -1;
-  int32_t next_expert_ = 0;
   int64_t expert_tile_start_ = 0;
   int64_t expert_tiles_ = 0;
   int64_t expert_row_start_ = 0;

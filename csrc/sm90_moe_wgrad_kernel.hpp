@@ -6,7 +6,7 @@
 // What is ours:
 //   - tiles: every expert has the same ceil(P / 128) x ceil(Q / 256) output tiles, so the tile -> expert
 //     map is a division; the expert's first row and row count (the reduction range) come from a
-//     prefix sum of m_sizes computed on the fly by a warp-wide scan, cached as the CTA moves forward.
+//     prefix sum of m_sizes computed on the fly (all sizes loaded at once, a warp-wide scan), cached.
 //     Tiles are handed out from a global counter (ragged experts take unequal times).
 //   - the reduction range ends inside a k-block: rows past the expert's end must load as zeros.
 //     Each operand has one "ragged" TMA descriptor (cols, window, end row, wrap) whose window and
@@ -31,6 +31,7 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
+#include "moe_expert_rows.hpp"
 #include "sm90_moe_epilogue.hpp"
 
 namespace moe_gemm {
@@ -57,12 +58,16 @@ struct WgradWorkTile {
   bool valid;
 };
 
-// Tile t -> (expert t / tiles_per_expert, p-block, q-block); each warp keeps a cursor over the
-// experts' row ranges and moves it forward 32 experts at a time. Warp-collective; the linear index
-// must not decrease from one call to the next.
+// Tile t -> (expert t / tiles_per_expert, p-block, q-block). The expert's row range comes from the
+// warp's table of m_sizes (moe_expert_rows.hpp: lane l holds the first row of its block of experts),
+// built when the scheduler is constructed; the expert of the previous call is cached. Warp-collective.
 class Sm90MoeWgradScheduler {
  public:
-  CUTLASS_DEVICE explicit Sm90MoeWgradScheduler(WgradSchedulerParams const& params) : params_(params) {}
+  CUTLASS_DEVICE explicit Sm90MoeWgradScheduler(WgradSchedulerParams const& params) : params_(params) {
+    int const lane = threadIdx.x % 32;
+    int64_t const lane_rows = expert_rows().block_rows(lane);
+    lane_row_start_ = warp_inclusive_scan(lane_rows, lane) - lane_rows;
+  }
 
   CUTLASS_DEVICE WgradWorkTile get_work_tile(int64_t linear_idx) {
     int64_t const tiles_per_expert = int64_t(params_.tiles_p) * params_.tiles_q;
@@ -72,8 +77,8 @@ class Sm90MoeWgradScheduler {
       return work;
     }
     int32_t const expert = int32_t(linear_idx / tiles_per_expert);
-    while (expert >= next_expert_) {
-      advance_chunk(expert);
+    if (expert != expert_) {
+      locate(expert);
     }
     // Within the expert, groups of group_p p-blocks; the q-block is the slow index inside a group,
     // so the CTAs running together read a few column blocks of L and R.
@@ -86,54 +91,40 @@ class Sm90MoeWgradScheduler {
     work.expert = expert;
     work.q_block = in_group / group_size;
     work.p_block = group_p0 + in_group % group_size;
-    int const lane = expert - chunk_first_;
-    work.row_start = __shfl_sync(0xffffffff, chunk_begin_, lane);
-    work.rows = __shfl_sync(0xffffffff, chunk_rows_, lane);
+    work.row_start = expert_row_start_;
+    work.rows = expert_rows_;
     return work;
   }
 
  private:
-  // Loads the row ranges of the 32 experts from the one containing `expert` on (lane i holds
-  // expert chunk_first_ + i), skipping whole chunks before it.
-  CUTLASS_DEVICE void advance_chunk(int32_t expert) {
-    int const lane = threadIdx.x % 32;
-    while (true) {
-      int32_t const e = next_expert_ + lane;
-      int64_t size = 0;
-      if (e < params_.num_experts) {
-        size = params_.m_sizes_int64 ? static_cast<int64_t const*>(params_.m_sizes)[e]
-                                     : static_cast<int32_t const*>(params_.m_sizes)[e];
-        size = size > 0 ? size : 0;
+  CUTLASS_DEVICE ExpertRows expert_rows() const {
+    return {params_.m_sizes, params_.m_sizes_int64, params_.num_experts, params_.rows_total};
+  }
+
+  // The lane owning `expert` walks its block up to it, from L1, and shares the clamped row range.
+  CUTLASS_DEVICE void locate(int32_t expert) {
+    ExpertRows const sizes = expert_rows();
+    int const owner = expert / sizes.per_lane();
+    int64_t row = 0, size = 0;
+    if (int(threadIdx.x % 32) == owner) {
+      row = lane_row_start_;
+      for (int32_t e = sizes.block_begin(owner); e < expert; ++e) {
+        row += sizes.size(e);
       }
-      int64_t inclusive = size;
-      CUTLASS_PRAGMA_UNROLL
-      for (int offset = 1; offset < 32; offset <<= 1) {
-        int64_t const other = __shfl_up_sync(0xffffffff, inclusive, offset);
-        if (lane >= offset) {
-          inclusive += other;
-        }
-      }
-      // Clamp to the buffer: an expert's rows end at min(prefix, M).
-      int64_t const end_unclamped = rows_before_ + inclusive;
-      int64_t const end = min(end_unclamped, params_.rows_total);
-      int64_t const begin = min(end_unclamped - size, params_.rows_total);
-      chunk_first_ = next_expert_;
-      chunk_begin_ = begin;
-      chunk_rows_ = int32_t(end - begin);
-      rows_before_ = __shfl_sync(0xffffffff, end_unclamped, 31);
-      next_expert_ += 32;
-      if (expert < next_expert_) {
-        return;
-      }
+      size = sizes.size(expert);
     }
+    row = __shfl_sync(0xffffffff, row, owner);
+    size = __shfl_sync(0xffffffff, size, owner);
+    expert_ = expert;
+    expert_row_start_ = min(row, params_.rows_total);
+    expert_rows_ = int32_t(min(row + size, params_.rows_total) - expert_row_start_);
   }
 
   WgradSchedulerParams params_;
-  int32_t next_expert_ = 0;   // first expert not loaded yet
-  int32_t chunk_first_ = 0;   // expert held by lane 0
-  int64_t chunk_begin_ = 0;   // this lane's expert: first row
-  int32_t chunk_rows_ = 0;    // this lane's expert: rows
-  int64_t rows_before_ = 0;   // unclamped rows of the experts before next_expert_
+  int64_t lane_row_start_ = 0;  // unclamped first row of this lane's block of experts
+  int32_t expert_ = -1;         // the expert of the last call, cached
+  int64_t expert_row_start_ = 0;
+  int32_t expert_rows_ = 0;
 };
 
 // Shared memory of the epilogue: two buffers of kTileP rows x 128 bytes.

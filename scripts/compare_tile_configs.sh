@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-$PWD/gpu_check_out}}"
 shift || true
 tmp=$(mktemp -d)
-for config in auto 128x256 128x128 128x256c2; do
+configs="${MOE_GEMM_CONFIGS:-auto 128x256 128x128 128x256c2x1 128x256c1x2}"
+for config in $configs; do
   MOE_GEMM_TILE_CONFIG=$config python3 -m moe_gemm.bench --json "$tmp/$config.json" "$@" >"$tmp/$config.log" 2>&1 ||
     { tail -5 "$tmp/$config.log"; exit 1; }
 done
@@ -15,7 +16,7 @@ python3 - "$tmp" "$out/tile_configs.json" <<'PY'
 import json, sys, pathlib
 tmp, dest = pathlib.Path(sys.argv[1]), sys.argv[2]
 runs = {p.stem: json.loads(p.read_text()) for p in tmp.glob("*.json")}
-configs = ["auto", "128x256", "128x128", "128x256c2"]
+configs = [c for c in ["auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2"] if (tmp / f"{c}.json").exists()]
 key = lambda r: (r["model"], r["tokens"], r["gemm"])
 table = {}
 for config in configs:
@@ -23,7 +24,7 @@ for config in configs:
         table.setdefault(key(row), {"grouped_mm_ms": row.get("grouped_mm_ms")})[config] = row.get("moe_gemm_ms")
 print(f"{'model':18s} {'tokens':>6s} {'gemm':4s} " + " ".join(f"{c:>10s}" for c in configs) + "  torch  best")
 for (model, tokens, gemm), times in table.items():
-    best = min(configs[1:], key=lambda c: times[c] or 1e9)
+    best = min([c for c in configs if c != "auto"], key=lambda c: times[c] or 1e9)
     print(f"{model:18s} {tokens:6d} {gemm:4s} " + " ".join(f"{times[c] or float('nan'):10.4f}" for c in configs)
           + f" {times['grouped_mm_ms'] or float('nan'):6.4f} {best}")
 json.dump({"configs": configs, "rows": [dict(model=k[0], tokens=k[1], gemm=k[2], **v) for k, v in table.items()]},
