@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_gemm import _layer_kernels
+
 
 @dataclass
 class DispatchInfo:
@@ -97,9 +99,15 @@ def cached_arange(length: int, device: torch.device) -> torch.Tensor:
 def sort_pairs(
     ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair)`` of ``DispatchInfo`` for ``ids [T, k]``."""
+    """``(m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair)`` of ``DispatchInfo`` for ``ids [T, k]``.
+
+    On CUDA, where the extension is built, one counting-sort kernel computes the same layout (``_layer_kernels``).
+    """
     ids = ids.to(torch.int64)
     valid_pair = (ids >= 0) & (ids < num_experts)
+    if _layer_kernels.dispatch_kernel_applies(ids, num_experts):
+        m_sizes, expert_of_row, pair_of_row, _, row_of_pair = _layer_kernels.dispatch_pairs(ids, num_experts)
+        return m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair
     expert_of_pair = torch.where(valid_pair, ids, num_experts).reshape(-1)
     # Stable: within an expert, pairs keep their (token, slot) order, so the layout is a function of ids alone.
     expert_of_row, pair_of_row = torch.sort(expert_of_pair, stable=True)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_gemm import _ops, _validation
+from moe_gemm import _layer_kernels, _ops, _validation
 from moe_gemm._ops import call_below_autograd, grouped_mm_backward
 from moe_gemm.dispatch import (
     DispatchInfo,
@@ -130,13 +130,38 @@ def _bias_grad(bias: torch.Tensor, expert_of_row: torch.Tensor, grad_rows: torch
     return torch.zeros_like(bias).index_put_((expert_of_row,), grad_rows, accumulate=True)
 
 
+def _valid_pairs(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return (ids >= 0) & (ids < num_experts)
+
+
+def _weighted_pair_operands(
+    y_sorted: torch.Tensor, row_of_pair: torch.Tensor, top_k_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``combine``'s operands in its accumulation dtype: ``y_pairs [T, k, H]`` and ``weights [T, k, 1]``."""
+    num_tokens, top_k = top_k_weights.shape
+    acc_dtype = torch.float64 if torch.float64 in (y_sorted.dtype, top_k_weights.dtype) else torch.float32
+    y_pairs = y_sorted.index_select(0, row_of_pair).view(num_tokens, top_k, -1).to(acc_dtype)
+    return y_pairs, top_k_weights.to(acc_dtype)[..., None]
+
+
+def _combine_pairs(
+    y_sorted: torch.Tensor, row_of_pair: torch.Tensor, valid_pair: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """``combine``, as ``dispatch.combine`` computes it."""
+    y_pairs, weights = _weighted_pair_operands(y_sorted, row_of_pair, top_k_weights)
+    return torch.where(valid_pair[..., None], y_pairs * weights, 0).sum(dim=1).to(y_sorted.dtype)
+
+
 class _FusedExperts(torch.autograd.Function):
     """``experts_forward`` for a named activation as one autograd node, computing what the composition of
     ``dispatch``, ``grouped_forward``, the activation and ``combine`` computes, op for op, in the forward and the
-    backward (the backward spells out autograd's formulas for each step), so results are the same bits.
+    backward (the backward spells out autograd's formulas for each step), so results are the same bits. On CUDA,
+    where the extension is built, dispatch, the activation and combine are one kernel each (``_layer_kernels``):
+    the same rows and the same roundings, except that combine sums each token's slots in order, which PyTorch's
+    reduction may not (a last-bit difference at most).
 
     Why: at decode sizes the layer's cost is host time, and autograd's per-op bookkeeping (about 25 nodes, each a
-    few microseconds forward and backward) was most of it. ``forward`` takes ``ctx`` rather than a
+    few microseconds forward and backward) was most of it; the kernels then replace about twenty ops by three. ``forward`` takes ``ctx`` rather than a
     ``setup_context``, whose ``apply`` binds arguments through ``inspect.signature`` at every call.
     """
 
@@ -150,10 +175,17 @@ class _FusedExperts(torch.autograd.Function):
     def run(ctx, hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options):
         """The forward; saves what the backward needs on ``ctx`` unless it is None (no gradient wanted)."""
         act, concatenated, weight_transposed = options
-        num_tokens, top_k = ids.shape
+        top_k = ids.shape[1]
         num_experts = gate_up_proj.shape[0]
-        m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair = sort_pairs(ids, num_experts)
-        x_sorted = gather_tokens(hidden, pair_of_row, top_k)
+        if _layer_kernels.dispatch_kernel_applies(ids, num_experts):
+            # One launch for the sort, and the token of each row comes with it.
+            m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair = _layer_kernels.dispatch_pairs(
+                ids, num_experts
+            )
+            x_sorted = hidden.index_select(0, token_of_row)
+        else:
+            m_sizes, expert_of_row, pair_of_row, row_of_pair, _ = sort_pairs(ids, num_experts)
+            x_sorted = gather_tokens(hidden, pair_of_row, top_k)
         cuda_kernel = hidden.is_cuda and _ops.cuda_available()
         gate_up_weight, gate_up_flag = _validation.validate(
             x_sorted, gate_up_proj, m_sizes, weight_transposed, cuda_kernel=cuda_kernel
@@ -168,42 +200,40 @@ class _FusedExperts(torch.autograd.Function):
             bias_row = expert_of_row.clamp_max(num_experts - 1)
         if gate_up_bias is not None:
             gate_up = gate_up + gate_up_bias[bias_row]
-        gate, up = gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
-        activated_gate = ACTIVATIONS[act](gate)
-        activated = activated_gate * up
+        if _layer_kernels.activation_kernel_applies(gate_up, act):
+            activated = _layer_kernels.gated_activation(gate_up, act, concatenated)
+        else:
+            activated = gated_activation(gate_up, act, concatenated)
         down_weight, down_flag = _validation.validate(
             activated, down_proj, m_sizes, weight_transposed, cuda_kernel=cuda_kernel
         )
         y_sorted = call_below_autograd(grouped_mm, activated, down_weight, m_sizes, down_flag)
         if down_bias is not None:
             y_sorted = y_sorted + down_bias[bias_row]
-        # combine, as dispatch.combine computes it.
-        acc_dtype = torch.float64 if torch.float64 in (y_sorted.dtype, top_k_weights.dtype) else torch.float32
-        y_pairs = y_sorted.index_select(0, row_of_pair).view(num_tokens, top_k, -1).to(acc_dtype)
-        weights = top_k_weights.to(acc_dtype)[..., None]
-        out = torch.where(valid_pair[..., None], y_pairs * weights, 0).sum(dim=1).to(y_sorted.dtype)
+        if _layer_kernels.combine_kernel_applies(y_sorted, top_k_weights, ids):
+            out = _layer_kernels.combine(y_sorted, row_of_pair, top_k_weights, ids, num_experts)
+        else:
+            out = _combine_pairs(y_sorted, row_of_pair, _valid_pairs(ids, num_experts), top_k_weights)
         if ctx is not None:
             ctx.save_for_backward(
                 x_sorted,
                 gate_up_weight,
                 gate_up,
-                activated_gate,
                 activated,
                 down_weight,
                 m_sizes,
                 bias_row,
                 pair_of_row,
                 row_of_pair,
-                valid_pair,
-                y_pairs,
-                weights,
+                ids,
+                y_sorted,
+                top_k_weights,
                 gate_up_bias,
                 down_bias,
             )
-            ctx.options = (act, concatenated, gate_up_flag, down_flag)
+            ctx.options = (act, concatenated, gate_up_flag, down_flag, num_experts)
             # A weight read through its transposed view gets its gradient transposed back.
             ctx.weights_viewed = (gate_up_weight is not gate_up_proj, down_weight is not down_proj)
-            ctx.dtypes = (y_sorted.dtype, top_k_weights.dtype)
         return out
 
     @staticmethod
@@ -212,32 +242,32 @@ class _FusedExperts(torch.autograd.Function):
             x_sorted,
             gate_up_weight,
             gate_up,
-            activated_gate,
             activated,
             down_weight,
             m_sizes,
             bias_row,
             pair_of_row,
             row_of_pair,
-            valid_pair,
-            y_pairs,
-            weights,
+            ids,
+            y_sorted,
+            top_k_weights,
             gate_up_bias,
             down_bias,
         ) = ctx.saved_tensors
-        act, concatenated, gate_up_flag, down_flag = ctx.options
-        y_dtype, weights_dtype = ctx.dtypes
+        act, concatenated, gate_up_flag, down_flag, num_experts = ctx.options
         needs = ctx.needs_input_grad
         grad_hidden = grad_weights = grad_gate_up_proj = grad_down_proj = grad_gate_up_bias = grad_down_bias = None
 
         # combine: out = sum_j where(valid, y_pairs * w, 0).to(dtype)
+        valid_pair = _valid_pairs(ids, num_experts)
+        y_pairs, weights = _weighted_pair_operands(y_sorted, row_of_pair, top_k_weights)
         grad_products = torch.where(valid_pair[..., None], grad_out.to(y_pairs.dtype).unsqueeze(1), 0)
         if needs[1]:
-            grad_weights = (grad_products * y_pairs).sum(dim=2, keepdim=True).squeeze(-1).to(weights_dtype)
+            grad_weights = (grad_products * y_pairs).sum(dim=2, keepdim=True).squeeze(-1).to(top_k_weights.dtype)
         needs_below_combine = any(needs[0:1] + needs[2:6])
         if not needs_below_combine:
             return grad_hidden, grad_weights, None, None, None, None, None, None
-        grad_pairs = (grad_products * weights).to(y_dtype)
+        grad_pairs = (grad_products * weights).to(y_sorted.dtype)
         grad_y_sorted = grad_pairs.view(-1, grad_pairs.shape[-1]).index_select(0, pair_of_row)
 
         if needs[5]:
@@ -258,6 +288,7 @@ class _FusedExperts(torch.autograd.Function):
 
         # activated = act(gate) * up
         gate, up = gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
+        activated_gate = ACTIVATIONS[act](gate)  # recomputed: one elementwise op, not a saved [rows, I] tensor
         grad_activated_gate = grad_activated * up
         grad_up = grad_activated * activated_gate
         if act == "silu":

@@ -1,4 +1,4 @@
-"""Markdown tables for BENCHMARKS.md from the JSON of `python -m moe_gemm.bench [--backward] --json PATH`.
+"""Markdown tables for BENCHMARKS.md from the JSON of `python -m moe_gemm.bench [--backward | --layer] --json PATH`.
 
     python3 scripts/benchmarks_table.py bench.json
 """
@@ -29,8 +29,30 @@ def backward_tables(result: dict) -> None:
         print("| " + " | ".join(map(str, cells)) + " |")
 
 
+def layer_tables(result: dict) -> None:
+    summary = result["summary"]
+    for mode, stats in summary.items():
+        if isinstance(stats, dict):
+            print(f"- {mode}: {stats['speedup_grouped_mm_tokens_ge_256']:.2f}x `grouped_mm` at >= 256 tokens, "
+                  f"{stats['speedup_best_tokens_le_32']:.2f}x the faster of `batched_mm`/`grouped_mm` at <= 32 tokens")
+    print(f"- routing kernel: {summary['routing_speedup']:.1f}x the PyTorch ops\n")
+    print("| model | tokens | mode | moe_gemm ms | eager ms | batched_mm ms | grouped_mm ms | vs grouped_mm | vs best |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        cells = [r["model"], r["tokens"], r["mode"]]
+        for key, spec in (("moe_gemm_ms", ".3f"), ("eager_ms", ".3f"), ("batched_mm_ms", ".3f"),
+                          ("grouped_mm_ms", ".3f"), ("speedup_grouped_mm", ".2f"), ("speedup_best", ".2f")):
+            cells.append(fmt(r.get(key), spec))
+        print("| " + " | ".join(map(str, cells)) + " |")
+
+
 def main(path: str) -> None:
-    result = json.load(open(path))
+    with open(path) as file:
+        result = json.load(file)
+    if "routing_rows" in result:
+        print(f"Device: {result['device']}; {result['build']}; transformers {result['transformers']}.\n")
+        layer_tables(result)
+        return
     if result.get("mode") == "backward":
         print(f"Device: {result['device']}; {result['build']}. Ceilings measured in the same run: dense bf16 "
               f"8192^3 matmul {result['peak_tflops']:.0f} TFLOP/s, device-to-device copy "

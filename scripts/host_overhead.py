@@ -18,8 +18,9 @@ keeps them. Rows:
 - ``grouped_mm op``: ``torch.ops.moe_gemm.grouped_mm`` called directly, the floor of one GEMM call.
 - ``grouped_forward``: the public wrapper (validation + op); ``fwd+bwd`` takes the gradients of ``x`` and ``weight``.
 - ``torch._grouped_mm``: the same GEMM through PyTorch's op, for comparison (CUDA only; skipped where unsupported).
-- ``experts_forward``: dispatch, gate/up GEMM, SwiGLU, down GEMM, combine; ``fwd+bwd`` takes the gradients of the
-  hidden states, the routing weights and both expert weights.
+- ``experts_forward``: dispatch, gate/up GEMM, SwiGLU, down GEMM, combine; ``fwd`` with gradients wanted later,
+  ``fwd, no_grad`` for inference, ``fwd+bwd`` takes the gradients of the hidden states, the routing weights and both
+  expert weights.
 """
 
 import argparse
@@ -83,6 +84,11 @@ def ops_per_call(fn: Callable[[], object]) -> int:
     return len(prof.events())
 
 
+def _no_grad(fn: Callable[[], object]) -> object:
+    with torch.no_grad():
+        return fn()
+
+
 def make_cases(tokens: int, experts: int, args, device: torch.device) -> dict[str, Callable[[], object]]:
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
@@ -120,6 +126,7 @@ def make_cases(tokens: int, experts: int, args, device: torch.device) -> dict[st
             torch._grouped_mm(x, weight_kn, offs=offs), (x, weight_kn), grad_y
         ),
         "experts_forward fwd": experts_fwd,
+        "experts_forward fwd, no_grad": lambda: _no_grad(experts_fwd),
         "experts_forward fwd+bwd": lambda: torch.autograd.grad(
             experts_fwd(), (hidden, routing, gate_up_proj, down_proj), grad_out
         ),

@@ -1,0 +1,345 @@
+// The MoE layer's small kernels: dispatch (a stable counting sort of the (token, slot) pairs by expert),
+// the gated activation, and combine. See moe_layer_kernels.h for what each computes.
+//
+// NOTES: at decode sizes these replace about twenty-five PyTorch ops (each a few microseconds of host time)
+// by three launches; at prefill sizes they read and write each activation once instead of once per op.
+// The arithmetic follows PyTorch's ops (float32 math, rounding to the element type where they round), so
+// results agree with the composition of ops to the last bit or nearly: combine sums the slots in order,
+// which PyTorch's reduction may not.
+#include "moe_layer_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace moe_gemm {
+
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kDispatchMaxWarps = 32;
+// Elements per thread and vector access in the elementwise kernels: 16 bytes of a 16-bit type.
+constexpr int kVector = 8;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename Element>
+__device__ __forceinline__ Element from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <typename Element>
+struct alignas(sizeof(Element) * kVector) Vector {
+  Element values[kVector];
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dispatch
+
+// The bucket of pair p: its expert, or E for dropped ids.
+__device__ __forceinline__ int bucket_of(int64_t id, int num_experts) {
+  return (id >= 0 && id < num_experts) ? static_cast<int>(id) : num_experts;
+}
+
+// Block-wide exclusive scan of values[0, count) in place; returns the total. All threads call it.
+__device__ int block_exclusive_scan(int* values, int count) {
+  __shared__ int warp_totals[kDispatchMaxWarps];
+  int const per_thread = (count + blockDim.x - 1) / blockDim.x;
+  int const begin = min(count, static_cast<int>(threadIdx.x) * per_thread);
+  int const end = min(count, begin + per_thread);
+  int sum = 0;
+  for (int i = begin; i < end; ++i) {
+    sum += values[i];
+  }
+  // Inclusive scan of the thread sums: within each warp, then over the warps.
+  int const lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  int inclusive = sum;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    int const other = __shfl_up_sync(kFullMask, inclusive, offset);
+    inclusive += lane >= offset ? other : 0;
+  }
+  if (lane == kWarpSize - 1) {
+    warp_totals[warp] = inclusive;
+  }
+  __syncthreads();
+  int const num_warps = blockDim.x / kWarpSize;
+  int warp_offset = 0, total = 0;
+  for (int w = 0; w < num_warps; ++w) {
+    warp_offset += w < warp ? warp_totals[w] : 0;
+    total += warp_totals[w];
+  }
+  int running = warp_offset + inclusive - sum;
+  for (int i = begin; i < end; ++i) {
+    int const value = values[i];
+    values[i] = running;
+    running += value;
+  }
+  __syncthreads();
+  return total;
+}
+
+// One CTA. Warp w owns the pairs [w * chunk, (w + 1) * chunk) and the counters counts[w][0..E]; totals[b]
+// ends up as the first row of bucket b.
+__global__ void moe_dispatch_kernel(DispatchParams const params, int64_t const chunk) {
+  extern __shared__ int shared[];
+  int const num_buckets = params.E + 1;
+  int const num_warps = blockDim.x / kWarpSize;
+  int const lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  int* counts = shared + warp * num_buckets;
+  int* totals = shared + num_warps * num_buckets;
+
+  for (int i = threadIdx.x; i < (num_warps + 1) * num_buckets; i += blockDim.x) {
+    shared[i] = 0;
+  }
+  __syncthreads();
+
+  int64_t const chunk_begin = min(params.P, warp * chunk);
+  int64_t const chunk_end = min(params.P, chunk_begin + chunk);
+  // 1. Each warp's histogram of its chunk.
+  for (int64_t p = chunk_begin + lane; p < chunk_end; p += kWarpSize) {
+    atomicAdd(&counts[bucket_of(params.ids[p], params.E)], 1);
+  }
+  __syncthreads();
+
+  // 2. Per bucket, the exclusive prefix over the warps (in warp order, which is pair order) and the total.
+  for (int b = threadIdx.x; b < num_buckets; b += blockDim.x) {
+    int running = 0;
+    for (int w = 0; w < num_warps; ++w) {
+      int const count = shared[w * num_buckets + b];
+      shared[w * num_buckets + b] = running;
+      running += count;
+    }
+    totals[b] = running;
+    if (b < params.E) {
+      params.m_sizes[b] = running;
+    }
+  }
+  __syncthreads();
+
+  // 3. The first row of each bucket.
+  block_exclusive_scan(totals, num_buckets);
+
+  // 4. Each warp places its pairs in order: a pair's row is its bucket's first row, plus the pairs of earlier
+  //    warps and earlier steps in that bucket (counts), plus the lower lanes of this step in that bucket.
+  unsigned const lower_lanes = (1u << lane) - 1u;
+  for (int64_t step = chunk_begin; step < chunk_end; step += kWarpSize) {
+    int64_t const p = step + lane;
+    bool const active = p < chunk_end;
+    // Inactive lanes take a bucket of their own, so that every lane can join the match.
+    int const bucket = active ? bucket_of(params.ids[p], params.E) : num_buckets + lane;
+    unsigned const peers = __match_any_sync(kFullMask, bucket);
+    if (active) {
+      int64_t const row = int64_t(totals[bucket]) + counts[bucket] + __popc(peers & lower_lanes);
+      params.pair_of_row[row] = p;
+      params.token_of_row[row] = p / params.top_k;
+      params.expert_of_row[row] = bucket;
+      params.row_of_pair[p] = row;
+    }
+    __syncwarp();
+    if (active && __ffs(peers) - 1 == lane) {
+      counts[bucket] += __popc(peers);
+    }
+    __syncwarp();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gated activation
+
+template <GatedActivation kAct>
+__device__ __forceinline__ float activate(float x) {
+  if constexpr (kAct == GatedActivation::kSilu) {
+    return x / (1.0f + expf(-x));  // PyTorch's CUDA silu
+  } else if constexpr (kAct == GatedActivation::kGelu) {
+    return x * 0.5f * (1.0f + erff(x * float(M_SQRT1_2)));  // PyTorch's CUDA gelu, approximate="none"
+  } else {
+    constexpr float kBeta = float(M_SQRT2 * M_2_SQRTPI * 0.5);
+    constexpr float kKappa = 0.044715f;
+    float const inner = kBeta * (x + kKappa * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(inner));  // PyTorch's CUDA gelu, approximate="tanh"
+  }
+}
+
+template <typename Element, GatedActivation kAct, bool kConcatenated>
+__global__ void moe_gated_activation_kernel(GatedActivationParams const params) {
+  int64_t const vectors_per_row = params.I / kVector;
+  int64_t const num_vectors = params.rows * vectors_per_row;
+  auto const* gate_up = static_cast<Element const*>(params.gate_up);
+  auto* out = static_cast<Element*>(params.out);
+  for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < num_vectors;
+       v += int64_t(gridDim.x) * blockDim.x) {
+    int64_t const row = v / vectors_per_row, column = (v % vectors_per_row) * kVector;
+    Element const* row_in = gate_up + row * 2 * params.I;
+    Element gate[kVector], up[kVector];
+    if constexpr (kConcatenated) {
+      auto const gate_vector = *reinterpret_cast<Vector<Element> const*>(row_in + column);
+      auto const up_vector = *reinterpret_cast<Vector<Element> const*>(row_in + params.I + column);
+#pragma unroll
+      for (int i = 0; i < kVector; ++i) {
+        gate[i] = gate_vector.values[i];
+        up[i] = up_vector.values[i];
+      }
+    } else {
+      auto const first = *reinterpret_cast<Vector<Element> const*>(row_in + 2 * column);
+      auto const second = *reinterpret_cast<Vector<Element> const*>(row_in + 2 * column + kVector);
+#pragma unroll
+      for (int i = 0; i < kVector / 2; ++i) {
+        gate[i] = first.values[2 * i];
+        up[i] = first.values[2 * i + 1];
+        gate[i + kVector / 2] = second.values[2 * i];
+        up[i + kVector / 2] = second.values[2 * i + 1];
+      }
+    }
+    Vector<Element> result;
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) {
+      // Rounded after the activation, then after the product: act(gate) * up in the element type.
+      Element const activated = from_float<Element>(activate<kAct>(to_float(gate[i])));
+      result.values[i] = from_float<Element>(to_float(activated) * to_float(up[i]));
+    }
+    *reinterpret_cast<Vector<Element>*>(out + row * params.I + column) = result;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Combine
+
+template <typename Element, typename Weight>
+__global__ void moe_combine_kernel(CombineParams const params) {
+  int64_t const token = blockIdx.x;
+  int64_t const column = (int64_t(blockIdx.y) * blockDim.x + threadIdx.x) * kVector;
+  if (column >= params.H) {
+    return;
+  }
+  auto const* y = static_cast<Element const*>(params.y);
+  auto const* weights = static_cast<Weight const*>(params.weights);
+  float sum[kVector] = {};
+  for (int j = 0; j < params.top_k; ++j) {
+    int64_t const pair = token * params.top_k + j;
+    int64_t const id = params.ids[pair];
+    if (id < 0 || id >= params.E) {
+      continue;  // a dropped pair adds nothing, whatever its row holds
+    }
+    float const weight = to_float(weights[pair]);
+    auto const rows = *reinterpret_cast<Vector<Element> const*>(y + params.row_of_pair[pair] * params.H + column);
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) {
+      // Product then sum, each rounded (no fused multiply-add), as PyTorch's mul and sum are.
+      sum[i] = __fadd_rn(sum[i], __fmul_rn(to_float(rows.values[i]), weight));
+    }
+  }
+  Vector<Element> result;
+#pragma unroll
+  for (int i = 0; i < kVector; ++i) {
+    result.values[i] = from_float<Element>(sum[i]);
+  }
+  *reinterpret_cast<Vector<Element>*>(static_cast<Element*>(params.out) + token * params.H + column) = result;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Type dispatch
+
+template <typename Function>
+cudaError_t with_element(LayerDType dtype, Function&& function) {
+  switch (dtype) {
+    case LayerDType::kFloat32:
+      return function(float{});
+    case LayerDType::kBFloat16:
+      return function(__nv_bfloat16{});
+    case LayerDType::kFloat16:
+      return function(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+int elementwise_blocks(int64_t num_vectors, int threads) {
+  // A grid-stride loop; a few waves of blocks are enough to keep every SM busy.
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((num_vectors + threads - 1) / threads, 8192)));
+}
+
+}  // namespace
+
+cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream) {
+  if (params.P == 0) {
+    if (params.E > 0) {
+      return cudaMemsetAsync(params.m_sizes, 0, sizeof(int64_t) * params.E, stream);
+    }
+    return cudaSuccess;
+  }
+  if (params.E < 0 || params.E > kDispatchMaxExperts || params.top_k < 1 || params.P > 0x7fffffff) {
+    return cudaErrorInvalidValue;
+  }
+  int const num_buckets = params.E + 1;
+  // As many warps as the counters of (warps + 1) buckets rows fit in shared memory, and the pairs need.
+  int64_t const warps_for_pairs = (params.P + kWarpSize - 1) / kWarpSize;
+  int const warps_that_fit = kDispatchSharedBytes / (4 * num_buckets) - 1;
+  int const num_warps = static_cast<int>(std::min<int64_t>({kDispatchMaxWarps, warps_that_fit, warps_for_pairs}));
+  int64_t const chunk = (params.P + num_warps - 1) / num_warps;
+  size_t const shared_bytes = sizeof(int) * size_t(num_warps + 1) * num_buckets;
+  moe_dispatch_kernel<<<1, num_warps * kWarpSize, shared_bytes, stream>>>(params, chunk);
+  return cudaGetLastError();
+}
+
+cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream_t stream) {
+  if (params.rows == 0 || params.I == 0) {
+    return cudaSuccess;
+  }
+  if (params.I % kVector != 0) {
+    return cudaErrorInvalidValue;
+  }
+  constexpr int kThreads = 256;
+  int const blocks = elementwise_blocks(params.rows * (params.I / kVector), kThreads);
+  return with_element(params.dtype, [&](auto element) {
+    using Element = decltype(element);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, kThreads, 0, stream>>>(params);
+      return cudaGetLastError();
+    };
+    switch (params.act) {
+      case GatedActivation::kSilu:
+        return params.concatenated ? launch(moe_gated_activation_kernel<Element, GatedActivation::kSilu, true>)
+                                   : launch(moe_gated_activation_kernel<Element, GatedActivation::kSilu, false>);
+      case GatedActivation::kGelu:
+        return params.concatenated ? launch(moe_gated_activation_kernel<Element, GatedActivation::kGelu, true>)
+                                   : launch(moe_gated_activation_kernel<Element, GatedActivation::kGelu, false>);
+      case GatedActivation::kGeluTanh:
+        return params.concatenated
+                   ? launch(moe_gated_activation_kernel<Element, GatedActivation::kGeluTanh, true>)
+                   : launch(moe_gated_activation_kernel<Element, GatedActivation::kGeluTanh, false>);
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
+cudaError_t run_combine(CombineParams const& params, cudaStream_t stream) {
+  if (params.T == 0 || params.H == 0) {
+    return cudaSuccess;
+  }
+  if (params.H % kVector != 0 || params.T > 0x7fffffff || params.top_k < 1) {
+    return cudaErrorInvalidValue;
+  }
+  constexpr int kThreads = 128;
+  int64_t const column_blocks = (params.H / kVector + kThreads - 1) / kThreads;
+  dim3 const grid(static_cast<unsigned>(params.T), static_cast<unsigned>(column_blocks));
+  return with_element(params.dtype, [&](auto element) {
+    using Element = decltype(element);
+    return with_element(params.weights_dtype, [&](auto weight) {
+      using Weight = decltype(weight);
+      moe_combine_kernel<Element, Weight><<<grid, kThreads, 0, stream>>>(params);
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace moe_gemm

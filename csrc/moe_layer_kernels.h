@@ -1,0 +1,72 @@
+// The seam of the MoE layer's small kernels (moe_layer_kernels.cu): dispatch, gated activation and combine,
+// with plain pointers and sizes, no torch types. They compute what moe_gemm/dispatch.py and
+// moe_gemm/layer.py compute with tensor ops, in one launch each, so that a decode step of
+// moe_gemm.experts_forward costs a handful of launches instead of about twenty-five ops.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace moe_gemm {
+
+enum class LayerDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Sorts the P = T * top_k (token, slot) pairs by expert, stably, in one CTA (a counting sort: a histogram per
+// warp, a scan, then each warp places its pairs in order with __match_any_sync). Pair p = t * top_k + j has
+// expert ids[p]; ids outside [0, E) are dropped and go last, as expert E. All outputs int64, contiguous.
+struct DispatchParams {
+  int64_t const* ids = nullptr;  // [P]
+  int64_t* m_sizes = nullptr;     // [E] rows per expert
+  int64_t* expert_of_row = nullptr;  // [P] expert of each row, E for dropped pairs
+  int64_t* pair_of_row = nullptr;    // [P] row r holds pair pair_of_row[r]
+  int64_t* token_of_row = nullptr;   // [P] pair_of_row / top_k
+  int64_t* row_of_pair = nullptr;    // [P] the inverse permutation
+  int64_t P = 0;
+  int32_t E = 0;
+  int32_t top_k = 1;
+};
+
+// The kernel keeps (warps + 1) * (E + 1) int32 counters in kDispatchSharedBytes of shared memory (under the
+// 48 KB a launch gets without opting in), at least one warp's worth.
+constexpr int kDispatchSharedBytes = 46 * 1024;
+constexpr int kDispatchMaxExperts = kDispatchSharedBytes / 4 / 2 - 1;
+
+enum class GatedActivation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
+// out[r, i] = act(gate[r, i]) * up[r, i], rounded to the element type after the activation and after the
+// product, as PyTorch's ops round. gate_up is [rows, 2I] contiguous: [gate; up] halves when concatenated,
+// else interleaved columns gate0, up0, gate1, up1, ...; out is [rows, I] contiguous. I % 8 == 0.
+struct GatedActivationParams {
+  void const* gate_up = nullptr;
+  void* out = nullptr;
+  int64_t rows = 0;
+  int64_t I = 0;
+  LayerDType dtype = LayerDType::kBFloat16;
+  GatedActivation act = GatedActivation::kSilu;
+  bool concatenated = true;
+};
+
+// out[t, :] = sum over j in slot order of (valid(t, j) ? y[row_of_pair[t * top_k + j], :] * w[t, j] : 0), in
+// float32, rounded to y's type once. valid(t, j): 0 <= ids[t, j] < E. y is [P, H] contiguous, out [T, H]
+// contiguous, weights [T, top_k] contiguous of weights_dtype. H % 8 == 0. No atomics: bitwise reproducible.
+struct CombineParams {
+  void const* y = nullptr;
+  int64_t const* row_of_pair = nullptr;
+  void const* weights = nullptr;
+  int64_t const* ids = nullptr;
+  void* out = nullptr;
+  int64_t T = 0;
+  int64_t H = 0;
+  int32_t top_k = 1;
+  int32_t E = 0;
+  LayerDType dtype = LayerDType::kBFloat16;
+  LayerDType weights_dtype = LayerDType::kFloat32;
+};
+
+// Asynchronous launches on `stream` (nothing for empty inputs); each returns the launch status.
+cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream);
+cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream_t stream);
+cudaError_t run_combine(CombineParams const& params, cudaStream_t stream);
+
+}  // namespace moe_gemm
