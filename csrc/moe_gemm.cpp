@@ -57,7 +57,9 @@ namespace {
 constexpr int64_t kTileM = 128;  // every configuration's
 constexpr int64_t kTileK = 64;
 
-int64_t tile_n_of(TileConfig config) { return config == TileConfig::k128x128 ? 128 : 256; }
+int64_t tile_n_of(TileConfig config) {
+  return config == TileConfig::k128x128 || config == TileConfig::k128x128Pingpong ? 128 : 256;
+}
 
 }  // namespace
 
@@ -164,7 +166,8 @@ bool parse_tile_config(char const* name, TileConfig* config) {
                                 {"128x256", TileConfig::k128x256},
                                 {"128x128", TileConfig::k128x128},
                                 {"128x256c2x1", TileConfig::k128x256Cluster2x1},
-                                {"128x256c1x2", TileConfig::k128x256Cluster1x2}};
+                                {"128x256c1x2", TileConfig::k128x256Cluster1x2},
+                                {"128x128pp", TileConfig::k128x128Pingpong}};
   for (Named const& named : names) {
     if (std::strcmp(name, named.name) == 0) {
       *config = named.config;
@@ -180,6 +183,7 @@ char const* tile_config_name(TileConfig config) {
     case TileConfig::k128x128: return "128x128";
     case TileConfig::k128x256Cluster2x1: return "128x256c2x1";
     case TileConfig::k128x256Cluster1x2: return "128x256c1x2";
+    case TileConfig::k128x128Pingpong: return "128x128pp";
     default: return "auto";
   }
 }
@@ -238,6 +242,8 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster2x1>(p, stream); \
     case TileConfig::k128x256Cluster1x2:                                                      \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster1x2>(p, stream); \
+    case TileConfig::k128x128Pingpong:                                                        \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128Pingpong>(p, stream); \
     default:                                                                                  \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256>(p, stream);  \
   }

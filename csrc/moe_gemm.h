@@ -13,11 +13,19 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 // Tile configurations of the sm90 kernel. kAuto lets choose_tile_config() pick from host-known shapes.
 // Clusters of two CTAs of 128x256 tiles: k128x256Cluster2x1 on consecutive m-blocks of one expert
 // shares (multicasts) each B tile, k128x256Cluster1x2 on consecutive n-blocks each A tile, cutting the
-// traffic from L2 by a third or a sixth.
-enum class TileConfig : int { kAuto = 0, k128x256 = 1, k128x128 = 2, k128x256Cluster2x1 = 3, k128x256Cluster1x2 = 4 };
+// traffic from L2 by a third or a sixth. k128x128Pingpong: each consumer warpgroup computes its own
+// 128x128 tile, alternating with the other, so that one's epilogue overlaps the other's MMAs.
+enum class TileConfig : int {
+  kAuto = 0,
+  k128x256 = 1,
+  k128x128 = 2,
+  k128x256Cluster2x1 = 3,
+  k128x256Cluster1x2 = 4,
+  k128x128Pingpong = 5,
+};
 
-// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2" <-> TileConfig; parse returns false for an
-// unknown name.
+// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp" <-> TileConfig; parse returns
+// false for an unknown name.
 bool parse_tile_config(char const* name, TileConfig* config);
 char const* tile_config_name(TileConfig config);
 

@@ -15,11 +15,13 @@ namespace moe_gemm {
 // smem_d: (kTileM rows, kEpiN columns, kEpiBuffers) in the layout of the TMA store's descriptor.
 // issue_store(chunk, buffer_tensor) runs on one thread once chunk `chunk` is in shared memory and must
 // issue its TMA store (or reduce-add) and commit it (tma_store_arrive). store_count counts chunks issued
-// so far by this CTA (it picks the buffer) and is advanced past this tile's.
-template <int kTileN, int kEpiN, int kEpiBuffers, int kNumThreads, class SmemTensorD, class Accumulators,
-          class TiledMma, class IssueStore>
+// so far by these threads (it picks the buffer) and is advanced past this tile's. epilogue_barrier spans
+// the threads that hold the tile (thread_idx 0 .. its count - 1).
+template <int kTileN, int kEpiN, int kEpiBuffers, class SmemTensorD, class Accumulators, class TiledMma,
+          class IssueStore>
 CUTLASS_DEVICE void store_tile_through_smem(SmemTensorD const& smem_d, Accumulators const& accumulators,
-                                            TiledMma const& tiled_mma, int thread_idx, int& store_count,
+                                            TiledMma const& tiled_mma, int thread_idx,
+                                            cutlass::arch::NamedBarrier const& epilogue_barrier, int& store_count,
                                             IssueStore&& issue_store) {
   using namespace cute;
   using ElementD = typename SmemTensorD::value_type;
@@ -33,7 +35,6 @@ CUTLASS_DEVICE void store_tile_through_smem(SmemTensorD const& smem_d, Accumulat
   Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(cD);
   using Pair = cutlass::Array<ElementD, 2>;
   cutlass::NumericArrayConverter<ElementD, float, 2> convert;
-  cutlass::arch::NamedBarrier epilogue_barrier(kNumThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
 
   CUTLASS_PRAGMA_UNROLL
   for (int chunk = 0; chunk < kTileN / kEpiN; ++chunk) {

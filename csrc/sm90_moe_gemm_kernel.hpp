@@ -1,5 +1,7 @@
-// The sm90 MoE grouped GEMM kernel: persistent, warp-specialized, cooperative (two consumer
-// warpgroups share a tile), TMA loads and WGMMA through CUTLASS's sm90 collective mainloop.
+// The sm90 MoE grouped GEMM kernel: persistent, warp-specialized, TMA loads and WGMMA through
+// CUTLASS's sm90 collective mainloop. Two consumer warpgroups either share each tile (cooperative: a
+// TiledMma of 256 threads) or take every other tile on their own (ping-pong: a TiledMma of 128
+// threads), so that one warpgroup's epilogue runs while the other's MMAs keep the tensor cores busy.
 //
 // What is MoE-specific, and ours:
 //   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
@@ -38,10 +40,11 @@
 
 namespace moe_gemm {
 
-// Shared memory of the TMA-store epilogue: two buffers of kTileM x 64 outputs.
+// Shared memory of the TMA-store epilogue: two buffers of kTileM x 64 outputs per consumer group
+// (one group when the warpgroups share tiles, two in ping-pong).
 template <class ElementD>
-constexpr int epilogue_smem_bytes(int tile_m) {
-  return 2 * tile_m * 64 * int(sizeof(ElementD));
+constexpr int epilogue_smem_bytes(int tile_m, int consumer_groups = 1) {
+  return consumer_groups * 2 * tile_m * 64 * int(sizeof(ElementD));
 }
 
 template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false>
@@ -78,14 +81,20 @@ class Sm90MoeGemmKernel {
   static constexpr bool kSplitK = kSplitK_;
   static_assert(!kSplitK || kClusterSize == 1, "split-K runs without clusters");
 
+  // The threads that compute one tile: both consumer warpgroups (cooperative) or one (ping-pong).
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
-  static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
+  static constexpr bool kPingpong = kNumMmaThreads == cutlass::NumThreadsPerWarpGroup;
+  static_assert(kNumMmaThreads == 2 * cutlass::NumThreadsPerWarpGroup || kPingpong);
+  // Tiles a CTA works on at once, each with its own epilogue buffers.
+  static constexpr int kConsumerGroups = kPingpong ? 2 : 1;
+  static constexpr uint32_t kNumConsumerThreads = 2 * cutlass::NumThreadsPerWarpGroup;
+  static constexpr uint32_t MaxThreadsPerBlock = kNumConsumerThreads + cutlass::NumThreadsPerWarpGroup;
+  // Ping-pong takes the tiles of single CTAs, whole (every tile has the same k-blocks).
+  static_assert(!kPingpong || (kClusterSize == 1 && !kSplitK), "ping-pong runs without clusters or split-K");
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
   // The producer warpgroup only issues TMA; give its registers to the MMA warpgroups.
   static constexpr uint32_t kLoadRegisters = 40;
   static constexpr uint32_t kMmaRegisters = 232;
-
-  static_assert(kNumMmaThreads == 256, "cooperative kernel: two consumer warpgroups");
 
   // Epilogue chunks: kTileM x 64 outputs = 128-byte rows, the widest TMA swizzle (no bank conflicts).
   static constexpr int kEpiN = 64;
@@ -94,6 +103,7 @@ class Sm90MoeGemmKernel {
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
+  static constexpr int kSmemDElements = cute::cosize_v<SmemLayoutD>;
   using GmemLayoutD = cute::Layout<cute::Shape<int32_t, int32_t>, cute::Stride<int64_t, cute::_1>>;
   using TmaStoreD = decltype(cute::make_tma_copy(
       cute::SM90_TMA_STORE{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<ElementD*>(nullptr)), GmemLayoutD{}),
@@ -108,7 +118,7 @@ class Sm90MoeGemmKernel {
   // which completes the transaction on that CTA's full[slot] (whose one arrival is its own producer
   // warp's expect-tx). Every reader, each CTA's MMA warps and its producer warp, then arrives on
   // rank 0's empty[slot], which frees the slot for the round after.
-  static constexpr uint32_t kMmaWarps = kNumMmaThreads / 32;
+  static constexpr uint32_t kMmaWarps = kNumConsumerThreads / 32;
   struct ClusterUnitSlots {
     alignas(8) uint64_t full[kTileSlots];
     alignas(8) uint64_t empty[kTileSlots];
@@ -118,7 +128,7 @@ class Sm90MoeGemmKernel {
 
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
-    alignas(1024) cute::array_aligned<ElementD, cute::cosize_v<SmemLayoutD>, 1024> smem_d;
+    alignas(1024) cute::array_aligned<ElementD, kSmemDElements * kConsumerGroups, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
     int64_t tile_slots[kTileSlots];
@@ -200,7 +210,7 @@ class Sm90MoeGemmKernel {
                                 : warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
                                                                           : TilePipeline::ThreadCategory::NonParticipant;
     tile_pipeline_params.producer_arv_count = 1;
-    tile_pipeline_params.consumer_arv_count = kNumMmaThreads;
+    tile_pipeline_params.consumer_arv_count = kNumConsumerThreads;  // both warpgroups read every unit
     TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
     if constexpr (kClusterSize > 1) {
       if (thread_idx == 0) {
@@ -231,7 +241,9 @@ class Sm90MoeGemmKernel {
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
+      int const consumer_group = kPingpong ? int(warp_group_role) - int(WarpGroupRole::Consumer0) : 0;
+      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx, consumer_group,
+              thread_idx - int(cutlass::NumThreadsPerWarpGroup));
     }
 #else
     if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -439,21 +451,31 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate.
+  // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate. In ping-pong,
+  // consumer group g (a warpgroup) takes the units at positions g, g + 2, ... of the CTA's sequence and
+  // steps over the other group's k-blocks in the pipeline, which the producer loaded in between.
   CUTLASS_DEVICE
   static void consume(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx) {
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx,
+                      int consumer_group, int consumer_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
     PipelineState read_state;
     int store_count = 0;  // TMA-store chunks issued: picks the epilogue buffer
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
+    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data() + consumer_group * kSmemDElements),
+                            SmemLayoutD{});  // (BLK_M, EPI_N, BUF)
+    // Cooperative: the reserved epilogue barrier over both warpgroups; ping-pong: one per warpgroup.
+    cutlass::arch::NamedBarrier const epilogue_barrier =
+        kPingpong ? cutlass::arch::NamedBarrier(kNumMmaThreads, uint32_t(consumer_group))
+                  : cutlass::arch::NamedBarrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
 
     bool const dynamic = params.tile_counter != nullptr;
     TilePipelineState tile_read;
     UnitSlotState unit_state;
-    for (int64_t unit = first_cluster_tile();; unit += dynamic ? 0 : num_clusters()) {
+    int64_t position = 0;  // of the unit in this CTA's sequence
+    for (int64_t unit = first_cluster_tile();; unit += dynamic ? 0 : num_clusters(), ++position) {
       if (dynamic) {
         if constexpr (kClusterSize == 1) {
           tile_pipeline.consumer_wait(tile_read);
@@ -470,6 +492,10 @@ class Sm90MoeGemmKernel {
       if (!work.valid) {
         break;
       }
+      if (kPingpong && position % kConsumerGroups != consumer_group) {
+        read_state.advance(k_tiles);  // the other warpgroup's tile
+        continue;
+      }
       KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
       Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
@@ -485,12 +511,12 @@ class Sm90MoeGemmKernel {
       // peers need its share of the tiles) but stores nothing: its rows_left (cols_left) is <= 0.
       bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
       if (full_tile) {
-        store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);
+        store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier, store_count);
       } else {
         store_tile_predicated(params, work, accumulators, tiled_mma, mma_thread_idx);
       }
     }
-    zero_uncovered_rows(params, scheduler.rows_covered(), mma_thread_idx);
+    zero_uncovered_rows(params, scheduler.rows_covered(), consumer_thread_idx);
     // Shared memory must outlive the TMA stores that read it.
     if (mma_thread_idx == 0) {
       tma_store_wait<0>();
@@ -499,17 +525,18 @@ class Sm90MoeGemmKernel {
 
   // Full tiles: registers -> swizzled shared memory -> TMA store, 64 columns at a time. Each of the
   // two buffers is reused only after the store issued from it two chunks ago has read it.
-  template <class Accumulators>
+  template <class Accumulators, class SmemTensorD>
   CUTLASS_DEVICE static void store_tile_tma(Params const& params, MoeWorkTile const& work,
                                             Accumulators const& accumulators, TiledMma const& tiled_mma,
-                                            int mma_thread_idx, SharedStorage& shared_storage, int& store_count) {
+                                            int mma_thread_idx, SmemTensorD const& sD,
+                                            cutlass::arch::NamedBarrier const& epilogue_barrier, int& store_count) {
     using namespace cute;
-    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_M, EPI_N, BUF)
     Tensor mD = params.tma_store_d.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.N));
     int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
     int32_t const col0 = work.n_block * kTileN;
-    store_tile_through_smem<kTileN, kEpiN, kEpiBuffers, kNumMmaThreads>(
-        sD, accumulators, tiled_mma, mma_thread_idx, store_count, [&](int chunk, auto const& sD_buffer) {
+    store_tile_through_smem<kTileN, kEpiN, kEpiBuffers>(
+        sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
+        [&](int chunk, auto const& sD_buffer) {
           auto cta_tma = params.tma_store_d.get_slice(0);
           Tensor gD = local_tile(domain_offset(make_coord(row0, col0 + chunk * kEpiN), mD),
                                  make_shape(Int<kTileM>{}, Int<kEpiN>{}), make_coord(0, 0));
@@ -626,8 +653,9 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // Rows [rows_covered, M) belong to no expert: every CTA writes zeros to its share of them.
-  CUTLASS_DEVICE static void zero_uncovered_rows(Params const& params, int64_t rows_covered, int mma_thread_idx) {
+  // Rows [rows_covered, M) belong to no expert: every CTA writes zeros to its share of them, with all
+  // its consumer threads (index 0 .. kNumConsumerThreads - 1).
+  CUTLASS_DEVICE static void zero_uncovered_rows(Params const& params, int64_t rows_covered, int consumer_thread_idx) {
     int64_t const rows = params.scheduler.rows_total - rows_covered;
     if (rows <= 0) {
       return;
@@ -637,8 +665,8 @@ class Sm90MoeGemmKernel {
     int64_t const total = rows * vectors_per_row;
     Vector zeros;
     zeros.fill(ElementD(0));
-    for (int64_t v = int64_t(blockIdx.x) * kNumMmaThreads + mma_thread_idx; v < total;
-         v += int64_t(gridDim.x) * kNumMmaThreads) {
+    for (int64_t v = int64_t(blockIdx.x) * kNumConsumerThreads + consumer_thread_idx; v < total;
+         v += int64_t(gridDim.x) * kNumConsumerThreads) {
       int64_t const row = rows_covered + v / vectors_per_row;
       int64_t const col = (v % vectors_per_row) * 8;
       *reinterpret_cast<Vector*>(params.ptr_d + row * params.ldd + col) = zeros;

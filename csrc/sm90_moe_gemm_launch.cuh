@@ -24,29 +24,44 @@ template <DType kDType> struct CutlassElement;
 template <> struct CutlassElement<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
 template <> struct CutlassElement<DType::kFloat16> { using type = cutlass::half_t; };
 
+// Kernel schedule: both consumer warpgroups on each tile unless a configuration says otherwise.
+struct CooperativeTraits {
+  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  static constexpr int kConsumerGroups = 1;
+};
+
 template <TileConfig kConfig> struct TileTraits;
 // Large experts: 128x256 output tiles, 4 pipeline stages of 48 KB.
-template <> struct TileTraits<TileConfig::k128x256> {
+template <> struct TileTraits<TileConfig::k128x256> : CooperativeTraits {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kGroupM = 8;
 };
+// Ping-pong: each consumer warpgroup computes its own 128x128 tile, alternating with the other, so
+// the epilogue of one overlaps the MMAs of the other (short K, where the epilogue is a larger share).
+template <> struct TileTraits<TileConfig::k128x128Pingpong> {
+  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  static constexpr int kConsumerGroups = 2;
+  static constexpr int kGroupM = 8;
+};
 // Long experts: the same tile, two CTAs per cluster on consecutive m-blocks multicasting B (groups of
 // 4 cluster m-blocks = 8 CTA m-blocks). Each CTA reads 32 KB per k-block from L2 instead of 48.
-template <> struct TileTraits<TileConfig::k128x256Cluster2x1> {
+template <> struct TileTraits<TileConfig::k128x256Cluster2x1> : CooperativeTraits {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
   static constexpr int kGroupM = 4;
 };
 // The same tile, two CTAs on consecutive n-blocks multicasting A: 40 KB per k-block from L2, and no
 // m-block is rounded up to a pair (short experts waste nothing; N rounds up to 512 columns instead).
-template <> struct TileTraits<TileConfig::k128x256Cluster1x2> {
+template <> struct TileTraits<TileConfig::k128x256Cluster1x2> : CooperativeTraits {
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
   static constexpr int kGroupM = 8;
 };
 // Short experts or narrow N: half the columns per tile, so twice the tiles to spread over the SMs.
-template <> struct TileTraits<TileConfig::k128x128> {
+template <> struct TileTraits<TileConfig::k128x128> : CooperativeTraits {
   using TileShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kGroupM = 8;
@@ -64,8 +79,9 @@ struct Sm90MoeGemmConfig {
       Element, cutlass::layout::RowMajor, 8,
       Element, LayoutB, 8,
       float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(cute::size<0>(TileShape{}))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(
+          cute::size<0>(TileShape{}), TileTraits<kConfig>::kConsumerGroups)>,
+      typename TileTraits<kConfig>::Schedule>::CollectiveOp;
   template <bool kSplitK>
   using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK>;
 };

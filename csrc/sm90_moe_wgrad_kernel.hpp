@@ -368,8 +368,11 @@ class Sm90MoeWgradKernel {
     Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
     int32_t const p0 = work.p_block * kTileP;
     int32_t const q0 = work.q_block * kTileQ;
-    store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers, kNumMmaThreads>(
-        sD, accumulators, tiled_mma, mma_thread_idx, store_count, [&](int chunk, auto const& sD_buffer) {
+    cutlass::arch::NamedBarrier const epilogue_barrier(kNumMmaThreads,
+                                                        cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+    store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers>(
+        sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
+        [&](int chunk, auto const& sD_buffer) {
           void const* smem = raw_pointer_cast(sD_buffer.data());
           int32_t const q = q0 + chunk * kEpiN;
           if (params.accumulate) {

@@ -57,6 +57,8 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x256c1x2 --dynamic=1" \
               "--sizes=0,5,300,0,17,1000,0,260 --n=5760 --k=2880 --config=128x256c1x2 --extra_rows=9" \
               "--sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x256c2x1 --dynamic=1 --layout=kn --dtype=fp16" \
+              "--sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x128pp --extra_rows=9" \
+              "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x128pp --dynamic=1 --layout=kn" \
               "--experts=512 --tokens=300 --topk=8 --n=256 --k=512 --routing=skewed" \
               "--sizes=0,1,0,1,0,0,0,0 --n=4096 --k=14336" \
               "--sizes=300,0,129,5 --n=264 --k=2504 --split_k=7 --layout=kn --dtype=fp16 --extra_rows=9" \
