@@ -125,6 +125,11 @@ class Sm90MoeGemmKernel {
     int64_t unit[kTileSlots];
   };
   using UnitSlotState = cutlass::PipelineState<kTileSlots>;
+  // Ping-pong: the warpgroups take turns at the mainloop (group 0, 1, 0, ...). Besides keeping the
+  // tensor cores on one tile at a time, this is what makes the pipeline's phase bits unambiguous: a
+  // warpgroup starts waiting for its tile's stages only once the other has consumed everything loaded
+  // before them, so no wait can match a fill of an earlier lap of the ring.
+  using MathOrderBarrier = cutlass::OrderedSequenceBarrier<1, 2>;
 
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
@@ -133,6 +138,7 @@ class Sm90MoeGemmKernel {
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
     int64_t tile_slots[kTileSlots];
     alignas(16) ClusterUnitSlots cluster_units;
+    alignas(16) typename MathOrderBarrier::SharedStorage math_order;
     int split_k_last_arrival;  // split-K: thread 0 tells the MMA warpgroups whether they reduce the tile
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
@@ -212,6 +218,10 @@ class Sm90MoeGemmKernel {
     tile_pipeline_params.producer_arv_count = 1;
     tile_pipeline_params.consumer_arv_count = kNumConsumerThreads;  // both warpgroups read every unit
     TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
+    typename MathOrderBarrier::Params math_order_params;
+    math_order_params.group_id = warp_group_role == WarpGroupRole::Consumer1 ? 1 : 0;
+    math_order_params.group_size = cutlass::NumThreadsPerWarpGroup;
+    MathOrderBarrier math_order(shared_storage.math_order, math_order_params);
     if constexpr (kClusterSize > 1) {
       if (thread_idx == 0) {
         ClusterUnitSlots& slots = shared_storage.cluster_units;
@@ -242,8 +252,8 @@ class Sm90MoeGemmKernel {
     } else {
       cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
       int const consumer_group = kPingpong ? int(warp_group_role) - int(WarpGroupRole::Consumer0) : 0;
-      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx, consumer_group,
-              thread_idx - int(cutlass::NumThreadsPerWarpGroup));
+      consume(params, scheduler, pipeline, tile_pipeline, math_order, shared_storage, mma_thread_idx,
+              consumer_group, thread_idx - int(cutlass::NumThreadsPerWarpGroup));
     }
 #else
     if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -456,8 +466,8 @@ class Sm90MoeGemmKernel {
   // steps over the other group's k-blocks in the pipeline, which the producer loaded in between.
   CUTLASS_DEVICE
   static void consume(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx,
-                      int consumer_group, int consumer_thread_idx) {
+                      TilePipeline& tile_pipeline, MathOrderBarrier& math_order, SharedStorage& shared_storage,
+                      int mma_thread_idx, int consumer_group, int consumer_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
@@ -498,8 +508,14 @@ class Sm90MoeGemmKernel {
       }
       KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
       Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
+      if constexpr (kPingpong) {
+        math_order.wait();
+      }
       collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                               shared_storage.tensors, params.mainloop);
+      if constexpr (kPingpong) {
+        math_order.arrive();  // the other warpgroup's turn
+      }
       collective_mainloop.mma_tail(pipeline, read_state, k_blocks.count);
       read_state.advance(k_blocks.count);
       if constexpr (kSplitK) {

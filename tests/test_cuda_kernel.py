@@ -83,6 +83,12 @@ def test_ragged_and_empty_experts(sizes, transposed, tile_config):
     check(make_problem(sizes, 264, 200, torch.bfloat16, "cuda", transposed))
 
 
+def test_several_tiles_per_cta(tile_config):
+    # Hundreds of tiles over the 132 SMs: every CTA runs several in a row, under both schedules (in ping-pong
+    # both warpgroups get tiles), through partial m- and n-blocks and the rows past the last expert.
+    check(make_problem([0, 5, 300, 0, 17, 1000, 0, 260], 2880, 576, torch.bfloat16, "cuda", num_rows=1591))
+
+
 @pytest.mark.parametrize("n, k", [(8, 8), (8, 4096), (4104, 8), (24, 72)])
 def test_n_and_k_at_the_alignment_limit(n, k, tile_config):
     check(make_problem([3, 0, 130, 1], n, k, torch.bfloat16, "cuda"))
