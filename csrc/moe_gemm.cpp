@@ -34,13 +34,25 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // DeepSeek-V3 at 16k tokens (M = 131072, E = 256, N = 4096 / 7168): r = 512 -> 128x256c1x2
 // (13.5 ms vs 13.8 up, 7.6 vs 7.8 down), measured on an H100 in bf16 with randn data
 // (scripts/compare_tile_configs.sh; BENCHMARKS.md, "Tile configurations").
+//
+// Decode (at most 8 rows per expert): each tile streams a block of one expert's weights, and the
+// 128x256 tile keeps more weight bytes in flight per SM (4 stages of 32 KB against 6 of 16 KB). It
+// wins once the 128x128 tiles would take more than 1.25 waves; below that, 128x128 (and split-K)
+// put more SMs to work. Measured on an H100 (2026-11-22, scripts/compare_tile_configs.sh, bf16):
+// GPT-OSS up at 1 token (4 experts x 45 tiles of 128 columns = 180 > 165): 70.5 us vs 77.6;
+// Mixtral up at 32 tokens: 0.686 ms vs 0.751; Qwen3 up at 1 token (96 tiles): 128x128, 34.6 us vs 35.4.
+// From 16 rows per expert on, 128x128 measured faster again (Qwen3 at 256 tokens: 0.302 ms vs 0.307).
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
   (void)K;
-  (void)sm_count;
   constexpr int64_t kRidgeRowsPerExpert = 256;
   constexpr int64_t kLongExpertRows = 1024;
+  constexpr int64_t kDecodeRowsPerExpert = 8;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
   int64_t const rows_per_expert = M / experts_hit;
+  if (rows_per_expert <= kDecodeRowsPerExpert) {
+    int64_t const tiles_128 = experts_hit * ((N + 127) / 128);
+    return 4 * tiles_128 > 5 * int64_t(sm_count) ? TileConfig::k128x256 : TileConfig::k128x128;
+  }
   if (rows_per_expert < kRidgeRowsPerExpert) {
     return TileConfig::k128x128;
   }
