@@ -7,10 +7,11 @@ weight-gradient kernel for ``grad_W`` (``grouped_weight_grad``, which can also a
 Importing the package registers the ops ``torch.ops.moe_gemm.grouped_mm``, ``grouped_mm_wgrad`` and
 ``grouped_mm_wgrad_accumulate_``.
 
-The MoE layer around it is pure PyTorch and never syncs with the host: ``route`` (top-k routing), ``dispatch`` and
-``combine`` (tokens to expert-sorted rows and back), ``experts_forward`` and the modules ``MoEExperts`` and ``MoE``;
-``fuse_experts`` moves models whose experts are an ``nn.ModuleList`` of MLPs onto it. ``route`` is one fused CUDA
-kernel (``torch.ops.moe_gemm.route``) where the extension is built.
+The MoE layer around it never syncs with the host: ``route`` (top-k routing), ``dispatch`` and ``combine`` (tokens to
+expert-sorted rows and back), ``experts_forward`` and the modules ``MoEExperts`` and ``MoE``; ``fuse_experts`` moves
+models whose experts are an ``nn.ModuleList`` of MLPs onto it. It is PyTorch ops, with CUDA kernels where the
+extension is built: ``route`` is one fused kernel (``torch.ops.moe_gemm.route``), and ``experts_forward``'s eager path
+runs dispatch, the gated activation and combine as one kernel each (``_layer_kernels``).
 """
 
 import torch
