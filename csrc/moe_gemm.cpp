@@ -35,23 +35,25 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // (13.5 ms vs 13.8 up, 7.6 vs 7.8 down), measured on an H100 in bf16 with randn data
 // (scripts/compare_tile_configs.sh; BENCHMARKS.md, "Tile configurations").
 //
-// Decode (at most 8 rows per expert): each tile streams a block of one expert's weights, and the
-// 128x256 tile keeps more weight bytes in flight per SM (4 stages of 32 KB against 6 of 16 KB). It
-// wins once the 128x128 tiles would take more than 1.25 waves; below that, 128x128 (and split-K)
-// put more SMs to work. Measured on an H100 (2026-11-22, scripts/compare_tile_configs.sh, bf16):
-// GPT-OSS up at 1 token (4 experts x 45 tiles of 128 columns = 180 > 165): 70.5 us vs 77.6;
-// Mixtral up at 32 tokens: 0.686 ms vs 0.751; Qwen3 up at 1 token (96 tiles): 128x128, 34.6 us vs 35.4.
-// From 16 rows per expert on, 128x128 measured faster again (Qwen3 at 256 tokens: 0.302 ms vs 0.307).
+// Decode (at most 16 rows per expert): each tile streams a block of one expert's weights, and what
+// counts is how many weight bytes each SM keeps in flight. The swapped 16x128 tile loads 16 token rows
+// per stage instead of 128, so its 12 stages hold 192 KB of weights (128x128: 6 stages, 96 KB;
+// 128x256: 4 stages, 128 KB). Measured on an H100 (2026-11-22, bf16, in CUDA graphs,
+// `MOE_GEMM_CONFIGS="auto 16x128s" scripts/compare_tile_configs.sh OUT --decode`), it beat the
+// previous choice (128x128, or 128x256 above 1.25 waves of 128x128 tiles) on 69 of the 70 decode
+// shapes, 1 to 64 tokens, by 3-15%: Qwen3 up at 1 token 31.6 us vs 34.7, GPT-OSS down at 4 tokens
+// 98 us vs 117, Mixtral up at 64 tokens (16 rows per expert) 0.673 ms vs 0.723; Mixtral down at 64
+// tokens was even (0.362 vs 0.361).
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
   (void)K;
+  (void)sm_count;
+  constexpr int64_t kDecodeRowsPerExpert = 16;
   constexpr int64_t kRidgeRowsPerExpert = 256;
   constexpr int64_t kLongExpertRows = 1024;
-  constexpr int64_t kDecodeRowsPerExpert = 8;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
   int64_t const rows_per_expert = M / experts_hit;
   if (rows_per_expert <= kDecodeRowsPerExpert) {
-    int64_t const tiles_128 = experts_hit * ((N + 127) / 128);
-    return 4 * tiles_128 > 5 * int64_t(sm_count) ? TileConfig::k128x256 : TileConfig::k128x128;
+    return TileConfig::k16x128SwapAB;
   }
   if (rows_per_expert < kRidgeRowsPerExpert) {
     return TileConfig::k128x128;
@@ -66,24 +68,33 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
 
 namespace {
 
-constexpr int64_t kTileM = 128;  // every configuration's
-constexpr int64_t kTileK = 64;
+constexpr int64_t kTileK = 64;  // every configuration's
 
+// Rows and columns of a configuration's output tile.
+int64_t tile_m_of(TileConfig config) { return config == TileConfig::k16x128SwapAB ? 16 : 128; }
 int64_t tile_n_of(TileConfig config) {
-  return config == TileConfig::k128x128 || config == TileConfig::k128x128Pingpong ? 128 : 256;
+  return config == TileConfig::k128x128 || config == TileConfig::k128x128Pingpong ||
+                 config == TileConfig::k16x128SwapAB
+             ? 128
+             : 256;
+}
+
+bool has_split_k(TileConfig config) {
+  return config == TileConfig::k128x128 || config == TileConfig::k16x128SwapAB;
 }
 
 }  // namespace
 
-// Split-K, from host-known shapes only, for 128x128 tiles (the only configuration with a split-K
-// instantiation; the tile heuristic picks it for the few rows per expert that split-K is for). With
-// few rows per expert each tile is one SM streaming a tile_n x K block of weights. Splitting pays
+// Split-K, from host-known shapes only, for the 16x128s and 128x128 tiles (the configurations with a
+// split-K instantiation; the tile heuristic picks 16x128s for the few rows per expert that split-K is
+// for). With few rows per expert each tile is one SM streaming a 128 x K block of weights. Splitting pays
 // only when the tiles leave at least half the SMs idle: measured on an H100 (bench --decode,
 // 2026-11-22, in CUDA graphs), the partial-tile traffic and the last split's reduction cost more than
 // what the idle SMs would add above that. T is the most tiles the sizes allow
 // (max_m_blocks x ceil(N / 128): min(E, M) experts hit for small M); S = floor(SMs / T), with at least
 // 4 k-blocks of 64 per split and S <= 16.
-// Measured examples (132 SMs, in a CUDA graph, split vs no split):
+// Measured examples (132 SMs, in a CUDA graph, split vs no split; 128x128 tiles in session 3, which
+// make as many tiles as 16x128s at these sizes):
 //   Mixtral-8x7B down, 1 token (M = 2, E = 8, N = 4096, K = 14336): T = 2 x 32 = 64 -> S = 2: 104 us vs 146.
 //   Qwen1.5-MoE down, 1 token (M = 4, E = 60, N = 2048, K = 1408): T = 64 -> S = 2: 22.6 us vs 23.5.
 //   Qwen3-30B up, 1 token (M = 8, E = 128, N = 1536): T = 96 -> no split (split 4 measured 43 us vs 36).
@@ -91,10 +102,10 @@ int64_t tile_n_of(TileConfig config) {
 int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, TileConfig config) {
   constexpr int64_t kMaxSplitK = 16;
   constexpr int64_t kMinKBlocksPerSplit = 4;
-  if (config != TileConfig::k128x128 || M <= 0 || N <= 0 || K <= 0 || E <= 0 || sm_count <= 0) {
+  if (!has_split_k(config) || M <= 0 || N <= 0 || K <= 0 || E <= 0 || sm_count <= 0) {
     return 1;
   }
-  int64_t const tiles = max_m_blocks(M, E, kTileM) * ((N + tile_n_of(config) - 1) / tile_n_of(config));
+  int64_t const tiles = max_m_blocks(M, E, tile_m_of(config)) * ((N + tile_n_of(config) - 1) / tile_n_of(config));
   if (2 * tiles > int64_t(sm_count)) {
     return 1;
   }
@@ -127,8 +138,8 @@ bool use_dynamic_schedule(GroupedGemmParams const& p) {
     return p.dynamic_schedule == 1;
   }
   TileConfig const config = resolved_config(p);
-  int64_t const tile_n = tile_n_of(config);
-  int64_t const tiles_upper = ((p.M + 127) / 128 + std::min<int64_t>(p.E, p.M)) * ((p.N + tile_n - 1) / tile_n);
+  int64_t const tile_m = tile_m_of(config), tile_n = tile_n_of(config);
+  int64_t const tiles_upper = ((p.M + tile_m - 1) / tile_m + std::min<int64_t>(p.E, p.M)) * ((p.N + tile_n - 1) / tile_n);
   int const sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
   return tiles_upper >= 4 * int64_t(sm_count);
 }
@@ -139,16 +150,17 @@ WorkspaceLayout resolved_workspace_layout(GroupedGemmParams const& p) {
   if (nothing_to_multiply(p)) {
     return WorkspaceLayout{};
   }
-  return workspace_layout(p.M, p.N, p.E, int(kTileM), int(tile_n_of(resolved_config(p))), use_dynamic_schedule(p),
+  TileConfig const config = resolved_config(p);
+  return workspace_layout(p.M, p.N, p.E, int(tile_m_of(config)), int(tile_n_of(config)), use_dynamic_schedule(p),
                           resolved_split_k(p));
 }
 
 }  // namespace
 
-// An explicit split is clamped to the k-blocks (no empty split); only 128x128 tiles split.
+// An explicit split is clamped to the k-blocks (no empty split); only the decode tiles split.
 int resolved_split_k(GroupedGemmParams const& p) {
   TileConfig const config = resolved_config(p);
-  if (config != TileConfig::k128x128 || nothing_to_multiply(p)) {
+  if (!has_split_k(config) || nothing_to_multiply(p)) {
     return 1;
   }
   int64_t const split = p.split_k > 0 ? p.split_k
@@ -156,7 +168,8 @@ int resolved_split_k(GroupedGemmParams const& p) {
                                                        p.sm_count > 0 ? p.sm_count : current_sm_count(), config);
   int64_t const clamped = std::clamp<int64_t>(split, 1, (p.K + kTileK - 1) / kTileK);
   // The kernel counts work units in 32 bits.
-  int64_t const tile_slots = max_m_blocks(p.M, p.E, kTileM) * ((p.N + tile_n_of(config) - 1) / tile_n_of(config));
+  int64_t const tile_slots =
+      max_m_blocks(p.M, p.E, tile_m_of(config)) * ((p.N + tile_n_of(config) - 1) / tile_n_of(config));
   return tile_slots * clamped < (int64_t(1) << 30) ? int(clamped) : 1;
 }
 
@@ -179,7 +192,8 @@ bool parse_tile_config(char const* name, TileConfig* config) {
                                 {"128x128", TileConfig::k128x128},
                                 {"128x256c2x1", TileConfig::k128x256Cluster2x1},
                                 {"128x256c1x2", TileConfig::k128x256Cluster1x2},
-                                {"128x128pp", TileConfig::k128x128Pingpong}};
+                                {"128x128pp", TileConfig::k128x128Pingpong},
+                                {"16x128s", TileConfig::k16x128SwapAB}};
   for (Named const& named : names) {
     if (std::strcmp(name, named.name) == 0) {
       *config = named.config;
@@ -196,6 +210,7 @@ char const* tile_config_name(TileConfig config) {
     case TileConfig::k128x256Cluster2x1: return "128x256c2x1";
     case TileConfig::k128x256Cluster1x2: return "128x256c1x2";
     case TileConfig::k128x128Pingpong: return "128x128pp";
+    case TileConfig::k16x128SwapAB: return "16x128s";
     default: return "auto";
   }
 }
@@ -256,6 +271,8 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256Cluster1x2>(p, stream); \
     case TileConfig::k128x128Pingpong:                                                        \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128Pingpong>(p, stream); \
+    case TileConfig::k16x128SwapAB:                                                           \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k16x128SwapAB>(p, stream);  \
     default:                                                                                  \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256>(p, stream);  \
   }

@@ -15,6 +15,8 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 // shares (multicasts) each B tile, k128x256Cluster1x2 on consecutive n-blocks each A tile, cutting the
 // traffic from L2 by a third or a sixth. k128x128Pingpong: each consumer warpgroup computes its own
 // 128x128 tile, alternating with the other, so that one's epilogue overlaps the other's MMAs.
+// k16x128SwapAB (decode): tiles of 16 rows x 128 columns, computed with the weights as WGMMA's A
+// operand and the tokens along its N, so that the stages hold weights, not 128 rows of tokens.
 enum class TileConfig : int {
   kAuto = 0,
   k128x256 = 1,
@@ -22,10 +24,11 @@ enum class TileConfig : int {
   k128x256Cluster2x1 = 3,
   k128x256Cluster1x2 = 4,
   k128x128Pingpong = 5,
+  k16x128SwapAB = 6,
 };
 
-// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp" <-> TileConfig; parse returns
-// false for an unknown name.
+// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s" <-> TileConfig;
+// parse returns false for an unknown name.
 bool parse_tile_config(char const* name, TileConfig* config);
 char const* tile_config_name(TileConfig config);
 
@@ -55,7 +58,7 @@ struct GroupedGemmParams {
   int dynamic_schedule = -1;      // 1: tile counter in the workspace, 0: static striding, -1: heuristic
   // Splits of the K loop per output tile, reduced deterministically through the workspace:
   // 0 = choose_split_k(), 1 = off. Values above the number of 64-wide k-blocks are clamped to it;
-  // only the 128x128 configuration splits (the others run 1).
+  // only the 128x128 and 16x128s configurations split (the others run 1).
   int split_k = 0;
 };
 

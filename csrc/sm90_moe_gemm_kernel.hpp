@@ -17,6 +17,9 @@
 //     while the store drains); the expert's last, partial m-block is stored from registers with a
 //     row predicate, because A rows loaded past the expert's end belong to the next expert and
 //     must never be written. Finally the CTAs zero the rows of D that no expert covers;
+//   - decode tiles with the operands swapped (kSwapAB): the weights are WGMMA's A operand and a few
+//     tokens its B, so the stages hold weights rather than 128 token rows of which one is used; the
+//     tile is stored transposed from registers;
 //   - split-K (kSplitK, a separate instantiation) for problems of few tiles (decode): the work unit
 //     is (tile, split), each unit runs the mainloop over its share of the k-blocks, writes its fp32
 //     partial tile to the workspace and counts itself on the tile's arrival counter; the unit that
@@ -47,7 +50,7 @@ constexpr int epilogue_smem_bytes(int tile_m, int consumer_groups = 1) {
   return consumer_groups * 2 * tile_m * 64 * int(sizeof(ElementD));
 }
 
-template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false>
+template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -59,8 +62,13 @@ class Sm90MoeGemmKernel {
   using PipelineState = typename CollectiveMainloop::PipelineState;
 
   using ClusterShape = typename CollectiveMainloop::DispatchPolicy::ClusterShape;
-  static constexpr int kTileM = cute::size<0>(TileShape{});
-  static constexpr int kTileN = cute::size<1>(TileShape{});
+  // The output tile is kTileM rows (an expert's tokens) by kTileN columns. Normally the tokens are the
+  // MMA's A operand and the tile is the MMA's. Swapped (kSwapAB, for decode) the weights are A: the
+  // MMA computes the kTileN x kTileM transpose, with the tokens along WGMMA's N, which may be as
+  // small as 8, so that a stage holds a few token rows instead of 128 rows of which 1 is used.
+  static constexpr bool kSwapAB = kSwapAB_;
+  static constexpr int kTileM = cute::size<kSwapAB ? 1 : 0>(TileShape{});
+  static constexpr int kTileN = cute::size<kSwapAB ? 0 : 1>(TileShape{});
   static constexpr int kTileK = cute::size<2>(TileShape{});
   // A cluster of kClusterM x kClusterN CTAs takes kClusterM consecutive m-blocks of one expert and
   // kClusterN consecutive n-blocks: the CTAs of one n-block load 1/kClusterM of its B tile each and
@@ -91,6 +99,8 @@ class Sm90MoeGemmKernel {
   static constexpr uint32_t MaxThreadsPerBlock = kNumConsumerThreads + cutlass::NumThreadsPerWarpGroup;
   // Ping-pong takes the tiles of single CTAs, whole (every tile has the same k-blocks).
   static_assert(!kPingpong || (kClusterSize == 1 && !kSplitK), "ping-pong runs without clusters or split-K");
+  // Swapped tiles are stored from registers (transposed, with the row predicate); no clusters.
+  static_assert(!kSwapAB || (kClusterSize == 1 && !kPingpong), "swapped tiles run cooperative, without clusters");
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
   // The producer warpgroup only issues TMA; give its registers to the MMA warpgroups.
   static constexpr uint32_t kLoadRegisters = 40;
@@ -367,9 +377,12 @@ class Sm90MoeGemmKernel {
     auto const& tma_a = params.mainloop.tma_load_a;
     auto const& tma_b = params.mainloop.tma_load_b;
     int32_t const num_experts = params.scheduler.num_experts;
-    // Coordinate tensors of the TMA descriptors: A is (M, K, 1), B is (N, K, E).
-    Tensor mA = tma_a.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.K, 1));
-    Tensor mB = tma_b.get_tma_tensor(make_shape(params.N, params.K, num_experts));
+    // Coordinate tensors of the TMA descriptors: the tokens are (M, K, 1), the weights (N, K, E); A is
+    // the tokens and B the weights, or the other way round when swapped.
+    auto const tokens_shape = make_shape(int32_t(params.scheduler.rows_total), params.K, 1);
+    auto const weights_shape = make_shape(params.N, params.K, num_experts);
+    Tensor mA = tma_a.get_tma_tensor(kSwapAB ? weights_shape : tokens_shape);
+    Tensor mB = tma_b.get_tma_tensor(kSwapAB ? tokens_shape : weights_shape);
     Tensor sA = make_tensor(make_smem_ptr(shared_storage.tensors.smem_A.data()),
                             typename CollectiveMainloop::SmemLayoutA{});  // (BLK_M, BLK_K, PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_storage.tensors.smem_B.data()),
@@ -422,10 +435,19 @@ class Sm90MoeGemmKernel {
       // The expert's rows start at an arbitrary row, not a multiple of the tile: offset the
       // coordinates, not the descriptor.
       int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
-      Tensor gA = local_tile(domain_offset(make_coord(row0, 0), mA(_, _, 0)),
-                             select<0, 2>(TileShape{}), make_coord(0, _));       // (BLK_M, BLK_K, k)
-      Tensor gB = local_tile(mB(_, _, work.expert), select<1, 2>(TileShape{}),
-                             make_coord(work.n_block, _));                        // (BLK_N, BLK_K, k)
+      auto token_tiles = [&](auto const& m) {  // (kTileM, BLK_K, k)
+        return local_tile(domain_offset(make_coord(row0, 0), m(_, _, 0)), make_shape(Int<kTileM>{}, Int<kTileK>{}),
+                          make_coord(0, _));
+      };
+      auto weight_tiles = [&](auto const& m) {  // (kTileN, BLK_K, k)
+        return local_tile(m(_, _, work.expert), make_shape(Int<kTileN>{}, Int<kTileK>{}), make_coord(work.n_block, _));
+      };
+      Tensor gA = [&] {
+        if constexpr (kSwapAB) { return weight_tiles(mA); } else { return token_tiles(mA); }
+      }();
+      Tensor gB = [&] {
+        if constexpr (kSwapAB) { return token_tiles(mB); } else { return weight_tiles(mB); }
+      }();
       Tensor tAgA = cta_tma_a.partition_S(gA);
       Tensor tBgB = cta_tma_b.partition_S(gB);
       if (is_leader) {
@@ -521,15 +543,17 @@ class Sm90MoeGemmKernel {
       if constexpr (kSplitK) {
         store_split_and_reduce(params, work, tile, k_blocks.split, accumulators, tiled_mma, mma_thread_idx,
                                shared_storage);
-        continue;
-      }
-      // In a cluster, a CTA past the expert's last m-block (or past N) still loads and multiplies (its
-      // peers need its share of the tiles) but stores nothing: its rows_left (cols_left) is <= 0.
-      bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
-      if (full_tile) {
-        store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier, store_count);
-      } else {
+      } else if constexpr (kSwapAB) {
         store_tile_predicated(params, work, accumulators, tiled_mma, mma_thread_idx);
+      } else {
+        // In a cluster, a CTA past the expert's last m-block (or past N) still loads and multiplies (its
+        // peers need its share of the tiles) but stores nothing: its rows_left (cols_left) is <= 0.
+        bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
+        if (full_tile) {
+          store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier, store_count);
+        } else {
+          store_tile_predicated(params, work, accumulators, tiled_mma, mma_thread_idx);
+        }
       }
     }
     zero_uncovered_rows(params, scheduler.rows_covered(), consumer_thread_idx);
@@ -561,8 +585,10 @@ class Sm90MoeGemmKernel {
         });
   }
 
-  // Partial tiles: direct stores from the accumulator registers. Each thread owns pairs of adjacent
-  // columns, written as one 32-bit store; rows past the expert and columns past N are skipped.
+  // Partial tiles (and every swapped tile): direct stores from the accumulator registers; rows past
+  // the expert and columns past N are skipped. Each thread owns pairs of adjacent MMA columns: one
+  // 32-bit store, or two 16-bit ones to two rows when swapped (decode: the output is a small part of
+  // the bytes moved).
   template <class Accumulators>
   CUTLASS_DEVICE static void store_tile_predicated(Params const& params, MoeWorkTile const& work,
                                         Accumulators const& accumulators, TiledMma const& tiled_mma,
@@ -573,13 +599,22 @@ class Sm90MoeGemmKernel {
     int32_t const rows_left = min(kTileM, work.rows - work.m_block * kTileM);
     int32_t const cols_left = min(kTileN, params.N - col0);
     ElementD* tile_ptr = params.ptr_d + row0 * params.ldd + col0;
+    auto thread_mma = tiled_mma.get_thread_slice(mma_thread_idx);
+    Tensor tCcD = thread_mma.partition_C(make_identity_tensor(take<0, 2>(TileShape{})));  // MMA coordinates
+    static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
+    if constexpr (kSwapAB) {  // MMA (column, row) of D
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(accumulators); ++i) {
+        int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));
+        if (row < rows_left && col < cols_left) {
+          tile_ptr[int64_t(row) * params.ldd + col] = ElementD(accumulators(i));
+        }
+      }
+      return;
+    }
     Tensor gD = make_tensor(make_gmem_ptr(tile_ptr),
                             make_layout(make_shape(Int<kTileM>{}, Int<kTileN>{}), make_stride(params.ldd, _1{})));
-    Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
-    auto thread_mma = tiled_mma.get_thread_slice(mma_thread_idx);
     Tensor tCgD = thread_mma.partition_C(gD);
-    Tensor tCcD = thread_mma.partition_C(cD);
-    static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
 
     using Pair = cutlass::Array<ElementD, 2>;
     cutlass::NumericArrayConverter<ElementD, float, 2> convert;
@@ -613,16 +648,26 @@ class Sm90MoeGemmKernel {
     float* const tile_partials = params.partials + tile * params.split_k * split_stride;
     float* const own_partial = tile_partials + split * split_stride;
 
-    Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
-    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(cD);
+    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
     static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(accumulators); i += 2) {
-      auto const coord = tCcD(i);
-      int const row = get<0>(coord), col = get<1>(coord);
-      if (row < rows_left && col < cols_left) {
-        // .cg: through L2 only, where the reducing CTA (maybe on another SM) reads it.
-        __stcg(reinterpret_cast<float2*>(own_partial + row * kTileN + col), make_float2(accumulators(i), accumulators(i + 1)));
+    // .cg: through L2 only, where the reducing CTA (maybe on another SM) reads it. The partial is laid
+    // out as the D tile (kTileM x kTileN) either way.
+    if constexpr (kSwapAB) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(accumulators); ++i) {
+        int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));
+        if (row < rows_left && col < cols_left) {
+          __stcg(own_partial + row * kTileN + col, accumulators(i));
+        }
+      }
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(accumulators); i += 2) {
+        int const row = get<0>(tCcD(i)), col = get<1>(tCcD(i));
+        if (row < rows_left && col < cols_left) {
+          __stcg(reinterpret_cast<float2*>(own_partial + row * kTileN + col),
+                 make_float2(accumulators(i), accumulators(i + 1)));
+        }
       }
     }
     __threadfence();

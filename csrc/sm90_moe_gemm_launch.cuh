@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
@@ -28,6 +29,7 @@ template <> struct CutlassElement<DType::kFloat16> { using type = cutlass::half_
 struct CooperativeTraits {
   using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   static constexpr int kConsumerGroups = 1;
+  static constexpr bool kSwapAB = false;  // the tokens are the MMA's A operand
 };
 
 template <TileConfig kConfig> struct TileTraits;
@@ -45,6 +47,16 @@ template <> struct TileTraits<TileConfig::k128x128Pingpong> {
   using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   static constexpr int kConsumerGroups = 2;
   static constexpr int kGroupM = 8;
+  static constexpr bool kSwapAB = false;
+};
+// Decode: output tiles of 16 rows x 128 columns, computed as their transpose (the MMA tile below is
+// 128 weight columns x 16 tokens), so a stage is 16 KB of weights and 2 KB of tokens: 12 stages, all
+// of an SM's weights in flight at once for the small models at one token.
+template <> struct TileTraits<TileConfig::k16x128SwapAB> : CooperativeTraits {
+  using TileShape = cute::Shape<cute::_128, cute::_16, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  static constexpr int kGroupM = 8;
+  static constexpr bool kSwapAB = true;
 };
 // Long experts: the same tile, two CTAs per cluster on consecutive m-blocks multicasting B (groups of
 // 4 cluster m-blocks = 8 CTA m-blocks). Each CTA reads 32 KB per k-block from L2 instead of 48.
@@ -72,24 +84,32 @@ struct Sm90MoeGemmConfig {
   using Element = typename CutlassElement<kDType>::type;
   using TileShape = typename TileTraits<kConfig>::TileShape;
   using ClusterShape = typename TileTraits<kConfig>::ClusterShape;
-  // CUTLASS names B's layout as a K x N matrix: ColumnMajor = K contiguous = the [E, N, K] weight.
-  using LayoutB = cute::conditional_t<kBNMajor, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+  static constexpr bool kSwapAB = TileTraits<kConfig>::kSwapAB;
+  // CUTLASS names A as an M x K matrix and B as K x N. The tokens are K-contiguous: RowMajor as A,
+  // ColumnMajor as B. The [E, N, K] weight is K-contiguous too, the [E, K, N] one (kBNMajor) is not.
+  using LayoutTokens = cute::conditional_t<kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using LayoutWeights = cute::conditional_t<kSwapAB != kBNMajor, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+  using LayoutA = cute::conditional_t<kSwapAB, LayoutWeights, LayoutTokens>;
+  using LayoutB = cute::conditional_t<kSwapAB, LayoutTokens, LayoutWeights>;
+  // Rows of the output tile, which the epilogue's shared memory holds.
+  static constexpr int kTileRows = cute::size<kSwapAB ? 1 : 0>(TileShape{});
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
-      Element, cutlass::layout::RowMajor, 8,
+      Element, LayoutA, 8,
       Element, LayoutB, 8,
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(
-          cute::size<0>(TileShape{}), TileTraits<kConfig>::kConsumerGroups)>,
+          kTileRows, TileTraits<kConfig>::kConsumerGroups)>,
       typename TileTraits<kConfig>::Schedule>::CollectiveOp;
   template <bool kSplitK>
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK>;
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK, kSwapAB>;
 };
 
-// Split-K has its own kernel, for 128x128 tiles only: the heuristic splits problems of few rows per
-// expert, which get 128x128 tiles anyway, and one extra instantiation per file keeps the build short.
+// Split-K has its own kernel, for the decode tiles only (128x128 and the swapped 16x128): the
+// heuristic splits problems of few rows per expert, which get those tiles, and one extra
+// instantiation per file keeps the build short.
 template <TileConfig kConfig>
-constexpr bool kHasSplitKKernel = kConfig == TileConfig::k128x128;
+constexpr bool kHasSplitKKernel = kConfig == TileConfig::k128x128 || kConfig == TileConfig::k16x128SwapAB;
 
 // `p` comes resolved from run_grouped_gemm: dynamic_schedule is 0 or 1, split_k >= 1 (1 unless
 // kHasSplitKKernel), and the workspace, when needed, is laid out as workspace_layout() says.
@@ -108,17 +128,27 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
   constexpr int kClusterM = Kernel::kClusterM;
   constexpr int kClusterSize = Kernel::kClusterSize;
 
-  // A: (M, K, 1) row-major. B: (N, K, E) with either K or N contiguous.
+  // The tokens: (M, K, 1) row-major. The weights: (N, K, E) with either K or N contiguous. They are A
+  // and B, or B and A when swapped.
   auto const M = int32_t(p.M), N = int32_t(p.N), K = int32_t(p.K), E = int32_t(p.E);
-  StrideA const stride_a = make_stride(p.lda, Int<1>{}, int64_t(0));
-  StrideB stride_b;
+  constexpr bool kSwapAB = Config::kSwapAB;
+  using StrideTokens = cute::conditional_t<kSwapAB, StrideB, StrideA>;
+  using StrideWeights = cute::conditional_t<kSwapAB, StrideA, StrideB>;
+  StrideTokens const stride_tokens = make_stride(p.lda, Int<1>{}, int64_t(0));
+  StrideWeights stride_weights;
   if constexpr (kBNMajor) {
-    stride_b = make_stride(Int<1>{}, p.ldb, p.batch_stride_b);
+    stride_weights = make_stride(Int<1>{}, p.ldb, p.batch_stride_b);
   } else {
-    stride_b = make_stride(p.ldb, Int<1>{}, p.batch_stride_b);
+    stride_weights = make_stride(p.ldb, Int<1>{}, p.batch_stride_b);
   }
-  Tensor tensor_a = make_tensor(static_cast<InternalA const*>(p.a), make_layout(make_shape(M, K, int32_t(1)), stride_a));
-  Tensor tensor_b = make_tensor(static_cast<InternalB const*>(p.b), make_layout(make_shape(N, K, E), stride_b));
+  static_assert(std::is_same_v<InternalA, InternalB>);
+  Tensor tokens = make_tensor(static_cast<InternalA const*>(p.a), make_layout(make_shape(M, K, int32_t(1)), stride_tokens));
+  Tensor weights = make_tensor(static_cast<InternalB const*>(p.b), make_layout(make_shape(N, K, E), stride_weights));
+  auto const operands = [&] {
+    if constexpr (kSwapAB) { return cute::make_tuple(weights, tokens); } else { return cute::make_tuple(tokens, weights); }
+  }();
+  auto const& tensor_a = get<0>(operands);
+  auto const& tensor_b = get<1>(operands);
 
   typename Kernel::Params params{};
   params.mainloop = {
