@@ -35,19 +35,21 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // (13.5 ms vs 13.8 up, 7.6 vs 7.8 down), measured on an H100 in bf16 with randn data
 // (scripts/compare_tile_configs.sh; BENCHMARKS.md, "Tile configurations").
 //
-// Decode (at most 16 rows per expert): each tile streams a block of one expert's weights, and what
+// Decode (at most 20 rows per expert): each tile streams a block of one expert's weights, and what
 // counts is how many weight bytes each SM keeps in flight. The swapped 16x128 tile loads 16 token rows
-// per stage instead of 128, so its 12 stages hold 192 KB of weights (128x128: 6 stages, 96 KB;
+// per stage instead of 128, so its 6 stages hold 192 KB of weights (128x128: 6 stages, 96 KB;
 // 128x256: 4 stages, 128 KB). Measured on an H100 (2026-11-22, bf16, in CUDA graphs,
 // `MOE_GEMM_CONFIGS="auto 16x128s" scripts/compare_tile_configs.sh OUT --decode`), it beat the
-// previous choice (128x128, or 128x256 above 1.25 waves of 128x128 tiles) on 69 of the 70 decode
-// shapes, 1 to 64 tokens, by 3-15%: Qwen3 up at 1 token 31.6 us vs 34.7, GPT-OSS down at 4 tokens
-// 98 us vs 117, Mixtral up at 64 tokens (16 rows per expert) 0.673 ms vs 0.723; Mixtral down at 64
-// tokens was even (0.362 vs 0.361).
+// previous choice (128x128, or 128x256 above 1.25 waves of 128x128 tiles) on all 70 decode shapes, 1
+// to 64 tokens, by 3-18%: Qwen3 up at 1 token 31.0 us vs 34.7, GPT-OSS down at 4 tokens 95 us vs
+// 117, Mixtral up at 64 tokens (16 rows per expert) 0.663 ms vs 0.723. Above: Qwen1.5 at 256 tokens
+// (17 rows per expert) 0.255 ms vs 0.262 for 128x128; Mixtral at 256 tokens (64 rows, each weight
+// tile read by 4 m-blocks) 1.05 ms vs 0.70. Between 17 and 64 rows it is unmeasured; the threshold
+// sits in between.
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
   (void)K;
   (void)sm_count;
-  constexpr int64_t kDecodeRowsPerExpert = 16;
+  constexpr int64_t kDecodeRowsPerExpert = 20;
   constexpr int64_t kRidgeRowsPerExpert = 256;
   constexpr int64_t kLongExpertRows = 1024;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
@@ -68,20 +70,16 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
 
 namespace {
 
-constexpr int64_t kTileK = 64;  // every configuration's
+bool is_swapped(TileConfig config) { return config == TileConfig::k16x128SwapAB; }
 
-// Rows and columns of a configuration's output tile.
-int64_t tile_m_of(TileConfig config) { return config == TileConfig::k16x128SwapAB ? 16 : 128; }
+// Rows, columns and k-block of a configuration's tile.
+int64_t tile_m_of(TileConfig config) { return is_swapped(config) ? 16 : 128; }
 int64_t tile_n_of(TileConfig config) {
-  return config == TileConfig::k128x128 || config == TileConfig::k128x128Pingpong ||
-                 config == TileConfig::k16x128SwapAB
-             ? 128
-             : 256;
+  return config == TileConfig::k128x128 || config == TileConfig::k128x128Pingpong || is_swapped(config) ? 128 : 256;
 }
+int64_t tile_k_of(TileConfig config) { return is_swapped(config) ? 128 : 64; }
 
-bool has_split_k(TileConfig config) {
-  return config == TileConfig::k128x128 || config == TileConfig::k16x128SwapAB;
-}
+bool has_split_k(TileConfig config) { return config == TileConfig::k128x128 || is_swapped(config); }
 
 }  // namespace
 
@@ -92,7 +90,7 @@ bool has_split_k(TileConfig config) {
 // 2026-11-22, in CUDA graphs), the partial-tile traffic and the last split's reduction cost more than
 // what the idle SMs would add above that. T is the most tiles the sizes allow
 // (max_m_blocks x ceil(N / 128): min(E, M) experts hit for small M); S = floor(SMs / T), with at least
-// 4 k-blocks of 64 per split and S <= 16.
+// 4 k-blocks per split and S <= 16.
 // Measured examples (132 SMs, in a CUDA graph, split vs no split; 128x128 tiles in session 3, which
 // make as many tiles as 16x128s at these sizes):
 //   Mixtral-8x7B down, 1 token (M = 2, E = 8, N = 4096, K = 14336): T = 2 x 32 = 64 -> S = 2: 104 us vs 146.
@@ -109,7 +107,7 @@ int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, Til
   if (2 * tiles > int64_t(sm_count)) {
     return 1;
   }
-  int64_t const k_blocks = (K + kTileK - 1) / kTileK;
+  int64_t const k_blocks = (K + tile_k_of(config) - 1) / tile_k_of(config);
   int64_t const max_split = std::max<int64_t>(1, std::min(kMaxSplitK, k_blocks / kMinKBlocksPerSplit));
   return int(std::min(max_split, int64_t(sm_count) / std::max<int64_t>(tiles, 1)));
 }
@@ -166,7 +164,7 @@ int resolved_split_k(GroupedGemmParams const& p) {
   int64_t const split = p.split_k > 0 ? p.split_k
                                       : choose_split_k(p.M, p.N, p.K, p.E,
                                                        p.sm_count > 0 ? p.sm_count : current_sm_count(), config);
-  int64_t const clamped = std::clamp<int64_t>(split, 1, (p.K + kTileK - 1) / kTileK);
+  int64_t const clamped = std::clamp<int64_t>(split, 1, (p.K + tile_k_of(config) - 1) / tile_k_of(config));
   // The kernel counts work units in 32 bits.
   int64_t const tile_slots =
       max_m_blocks(p.M, p.E, tile_m_of(config)) * ((p.N + tile_n_of(config) - 1) / tile_n_of(config));

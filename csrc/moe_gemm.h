@@ -57,7 +57,7 @@ struct GroupedGemmParams {
   void* workspace = nullptr;
   int dynamic_schedule = -1;      // 1: tile counter in the workspace, 0: static striding, -1: heuristic
   // Splits of the K loop per output tile, reduced deterministically through the workspace:
-  // 0 = choose_split_k(), 1 = off. Values above the number of 64-wide k-blocks are clamped to it;
+  // 0 = choose_split_k(), 1 = off. Values above the number of k-blocks (64 or 128 wide) are clamped to it;
   // only the 128x128 and 16x128s configurations split (the others run 1).
   int split_k = 0;
 };
