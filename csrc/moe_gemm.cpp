@@ -90,16 +90,17 @@ bool has_split_k(TileConfig config) { return config == TileConfig::k128x128 || i
 // 2026-11-22, in CUDA graphs), the partial-tile traffic and the last split's reduction cost more than
 // what the idle SMs would add above that. T is the most tiles the sizes allow
 // (max_m_blocks x ceil(N / 128): min(E, M) experts hit for small M); S = floor(SMs / T), with at least
-// 4 k-blocks per split and S <= 16.
-// Measured examples (132 SMs, in a CUDA graph, split vs no split; 128x128 tiles in session 3, which
-// make as many tiles as 16x128s at these sizes):
-//   Mixtral-8x7B down, 1 token (M = 2, E = 8, N = 4096, K = 14336): T = 2 x 32 = 64 -> S = 2: 104 us vs 146.
-//   Qwen1.5-MoE down, 1 token (M = 4, E = 60, N = 2048, K = 1408): T = 64 -> S = 2: 22.6 us vs 23.5.
+// 1024 of K per split and S <= 16.
+// Measured examples (132 SMs, in a CUDA graph, split vs no split):
+//   Mixtral-8x7B down, 1 token (M = 2, E = 8, N = 4096, K = 14336): T = 2 x 32 = 64 -> S = 2: 97 us vs 100
+//     (16x128s; 104 us vs 146 with 128x128 tiles, which keep half the weight bytes in flight).
+//   Qwen1.5-MoE down, 1 token (M = 4, E = 60, N = 2048, K = 1408): T = 64 but K < 2 x 1024 -> no split: with
+//     16x128s tiles a split of 2 measured 21.8 us vs 19.1 (with 128x128 tiles it had gained, 22.6 vs 23.5).
 //   Qwen3-30B up, 1 token (M = 8, E = 128, N = 1536): T = 96 -> no split (split 4 measured 43 us vs 36).
 //   GPT-OSS down, 1 token (M = 4, N = 2880): T = 92 -> no split (split 4 measured 59 us vs 45).
 int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, TileConfig config) {
   constexpr int64_t kMaxSplitK = 16;
-  constexpr int64_t kMinKBlocksPerSplit = 4;
+  constexpr int64_t kMinKPerSplit = 1024;
   if (!has_split_k(config) || M <= 0 || N <= 0 || K <= 0 || E <= 0 || sm_count <= 0) {
     return 1;
   }
@@ -107,8 +108,7 @@ int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, Til
   if (2 * tiles > int64_t(sm_count)) {
     return 1;
   }
-  int64_t const k_blocks = (K + tile_k_of(config) - 1) / tile_k_of(config);
-  int64_t const max_split = std::max<int64_t>(1, std::min(kMaxSplitK, k_blocks / kMinKBlocksPerSplit));
+  int64_t const max_split = std::max<int64_t>(1, std::min(kMaxSplitK, K / kMinKPerSplit));
   return int(std::min(max_split, int64_t(sm_count) / std::max<int64_t>(tiles, 1)));
 }
 

@@ -18,10 +18,10 @@ pytestmark = [pytest.mark.gpu, requires_cuda_op]
 DTYPES = [torch.bfloat16, torch.float16]
 LAYOUTS = [False, True]  # weight_transposed
 TOKENS = [1, 2, 3, 8, 17, 32, 64]
-# Few experts' worth of 128-column tiles and 40 k-blocks of 64 (the last one partial): the heuristic splits these,
-# and N = 264 leaves an 8-column last tile.
+# Few experts' worth of 128-column tiles and K = 2504 (40 k-blocks of 64, 20 of 128, the last one partial, and at
+# least 1024 per split): the heuristic splits these, and N = 264 leaves an 8-column last tile.
 EXPERTS, N, K = 64, 264, 2504
-SPLITS = ["auto", "1", "2", "3", "7", "64"]  # 64 is more than the 40 k-blocks: clamped to 40
+SPLITS = ["auto", "1", "2", "3", "7", "64"]  # 64 is more than the k-blocks: clamped to them
 PATTERNS = ["one_expert", "distinct_experts", "many_empty", "routed"]
 
 
