@@ -39,10 +39,10 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // counts is how many weight bytes each SM keeps in flight. The swapped 16x128 tile loads 16 token rows
 // per stage instead of 128, so its 6 stages hold 192 KB of weights (128x128: 6 stages, 96 KB;
 // 128x256: 4 stages, 128 KB). Measured on an H100 (2026-11-22, bf16, in CUDA graphs,
-// `MOE_GEMM_CONFIGS="auto 16x128s" scripts/compare_tile_configs.sh OUT --decode`), it beat the
-// previous choice (128x128, or 128x256 above 1.25 waves of 128x128 tiles) on all 70 decode shapes, 1
-// to 64 tokens, by 3-18%: Qwen3 up at 1 token 31.0 us vs 34.7, GPT-OSS down at 4 tokens 95 us vs
-// 117, Mixtral up at 64 tokens (16 rows per expert) 0.663 ms vs 0.723. Above: Qwen1.5 at 256 tokens
+// `MOE_GEMM_CONFIGS="auto 16x128s" scripts/compare_tile_configs.sh OUT --decode`, two runs), it beat
+// the previous choice (128x128, or 128x256 above 1.25 waves of 128x128 tiles) on all 70 decode
+// shapes, 1 to 64 tokens, by 3-23%: Qwen3 up at 1 token 31.0 us vs 34.7, GPT-OSS down at 4 tokens
+// 95 us vs 117, Mixtral up at 64 tokens (16 rows per expert) 0.663 ms vs 0.723. Above: Qwen1.5 at 256 tokens
 // (17 rows per expert) 0.255 ms vs 0.262 for 128x128; Mixtral at 256 tokens (64 rows, each weight
 // tile read by 4 m-blocks) 1.05 ms vs 0.70. Between 17 and 64 rows it is unmeasured; the threshold
 // sits in between.
