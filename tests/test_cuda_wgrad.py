@@ -1,5 +1,7 @@
 """The sm90 weight-gradient kernel (K-grouped: the reduction runs over each expert's rows, read on the GPU) against
-the float64 reference, on fresh random data; plus accumulation into float32 main-grads and CUDA-graph replay."""
+the float64 reference, on fresh random data; plus accumulation into float32 main-grads and CUDA-graph replay. Every
+test runs under both schedules of the kernel (cooperative 128x256 tiles, ping-pong 128x128 tiles), forced through
+MOE_GEMM_WGRAD_PINGPONG, which the op reads at each call."""
 
 import pytest
 import torch
@@ -12,6 +14,12 @@ pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
 DTYPES = [torch.bfloat16, torch.float16]
 LAYOUTS = [False, True]  # weight_transposed
+
+
+@pytest.fixture(autouse=True, params=["cooperative", "pingpong"])
+def wgrad_schedule(request, monkeypatch):
+    monkeypatch.setenv("MOE_GEMM_WGRAD_PINGPONG", "1" if request.param == "pingpong" else "0")
+    return request.param
 
 
 def make_inputs(sizes, n, k, dtype, num_rows=None, sizes_dtype=torch.int64):
@@ -110,6 +118,26 @@ def test_accumulate_into_float32_main_grad(transposed):
     assert error <= 1e-5 * torch.linalg.vector_norm(expected)
     for expert in (0, 3):  # no rows: left exactly as they were
         assert torch.equal(main_grad[expert], before[expert])
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_several_tiles_per_cta_with_empty_experts(accumulate):
+    # Hundreds of tiles, so every CTA takes several (in ping-pong, both warpgroups get tiles and the stage ring
+    # wraps many times), with empty experts in between: written as zeros, or skipped when accumulating.
+    generator = torch.Generator().manual_seed(3)
+    sizes = [0 if i % 3 == 1 else int(s) for i, s in enumerate(torch.randint(1, 300, (96,), generator=generator))]
+    x, grad_y, m_sizes = make_inputs(sizes, 384, 512, torch.bfloat16)
+    expected = grouped_mm_wgrad_reference(x, grad_y, sizes)
+    if not accumulate:
+        out = wgrad_poisoned(x, grad_y, m_sizes, False)
+        assert_close_to_reference(out, expected)
+        assert torch.equal(out[1::3], torch.zeros_like(out[1::3]))
+        return
+    main_grad = torch.randn(len(sizes), 384, 512, device="cuda")
+    before = main_grad.clone()
+    moe_gemm.grouped_weight_grad(x, grad_y, m_sizes, main_grad=main_grad)
+    assert_close_to_reference(main_grad - before, expected, dtype=torch.bfloat16)
+    assert torch.equal(main_grad[1::3], before[1::3])
 
 
 def test_accumulate_into_a_strided_main_grad():
