@@ -109,13 +109,7 @@ struct GroupedWgradParams {
   int sm_count = 0;               // persistent grid size; 0 = query the current device
   // Device memory of grouped_wgrad_workspace_bytes(params) bytes, zeroed by the caller before each launch.
   void* workspace = nullptr;
-  // 1: ping-pong schedule (a 128x128 tile per consumer warpgroup, one's epilogue under the other's
-  // MMAs), 0: cooperative (128x256 tiles), -1: choose_wgrad_pingpong().
-  int pingpong = -1;
 };
-
-// The weight-gradient schedule the heuristic picks for these host-known shapes.
-bool choose_wgrad_pingpong(int64_t M, int64_t P, int64_t Q, int32_t E);
 
 // Nullptr when the kernel can run these params, else a sentence saying what is wrong.
 char const* check_grouped_wgrad(GroupedWgradParams const& params);

@@ -145,10 +145,6 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   params.ldd = out.stride(1);
   params.batch_stride_d = out.stride(0);
   params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // MOE_GEMM_WGRAD_PINGPONG=0|1 forces the cooperative or the ping-pong schedule (for tuning and tests).
-  if (char const* pingpong = std::getenv("MOE_GEMM_WGRAD_PINGPONG")) {
-    params.pingpong = std::atoi(pingpong) != 0;
-  }
   char const* problem = moe_gemm::check_grouped_wgrad(params);
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
 

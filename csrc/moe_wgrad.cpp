@@ -7,7 +7,7 @@
 
 namespace moe_gemm {
 
-template <DType kDType, bool kFloat32Out, bool kPingpong>
+template <DType kDType, bool kFloat32Out>
 cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& params, cudaStream_t stream);
 
 namespace {
@@ -41,15 +41,6 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
     return "m_sizes is null";
   }
   return nullptr;
-}
-
-// Not yet measured: cooperative everywhere (the schedule of sessions 2 to 4) until the benchmark says otherwise.
-bool choose_wgrad_pingpong(int64_t M, int64_t P, int64_t Q, int32_t E) {
-  (void)M;
-  (void)P;
-  (void)Q;
-  (void)E;
-  return false;
 }
 
 size_t grouped_wgrad_workspace_bytes(GroupedWgradParams const& p) {
@@ -87,21 +78,12 @@ cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, cudaStream_t stream) 
   if (cudaError_t status = make_device_context_current(); status != cudaSuccess) {
     return status;  // the TMA descriptors are encoded through the driver API
   }
-  bool const pingpong = p.pingpong >= 0 ? p.pingpong == 1 : choose_wgrad_pingpong(p.M, p.P, p.Q, p.E);
   if (p.dtype == DType::kBFloat16) {
-    if (pingpong) {
-      return p.d_float32 ? run_sm90_moe_wgrad<DType::kBFloat16, true, true>(p, stream)
-                         : run_sm90_moe_wgrad<DType::kBFloat16, false, true>(p, stream);
-    }
-    return p.d_float32 ? run_sm90_moe_wgrad<DType::kBFloat16, true, false>(p, stream)
-                       : run_sm90_moe_wgrad<DType::kBFloat16, false, false>(p, stream);
+    return p.d_float32 ? run_sm90_moe_wgrad<DType::kBFloat16, true>(p, stream)
+                       : run_sm90_moe_wgrad<DType::kBFloat16, false>(p, stream);
   }
-  if (pingpong) {
-    return p.d_float32 ? run_sm90_moe_wgrad<DType::kFloat16, true, true>(p, stream)
-                       : run_sm90_moe_wgrad<DType::kFloat16, false, true>(p, stream);
-  }
-  return p.d_float32 ? run_sm90_moe_wgrad<DType::kFloat16, true, false>(p, stream)
-                     : run_sm90_moe_wgrad<DType::kFloat16, false, false>(p, stream);
+  return p.d_float32 ? run_sm90_moe_wgrad<DType::kFloat16, true>(p, stream)
+                     : run_sm90_moe_wgrad<DType::kFloat16, false>(p, stream);
 }
 
 }  // namespace moe_gemm

@@ -1,10 +1,7 @@
 // The sm90 MoE weight-gradient kernel: a K-grouped GEMM, D[e] (P x Q) = L_e^T @ R_e, whose
 // reduction runs over expert e's rows (see GroupedWgradParams in moe_gemm.h). Persistent,
-// warp-specialized; TMA loads and WGMMA through CUTLASS's sm90 collective mainloop, both operands
-// MN-major (P and Q are the contiguous dimensions of L and R). Two schedules, from the TiledMma:
-// cooperative (both consumer warpgroups on each 128x256 tile) or ping-pong (each warpgroup on every
-// other 128x128 tile, taking turns at the mainloop, so one's epilogue runs under the other's MMAs:
-// short reductions, where each tile's k-blocks are few and its epilogue is a large share).
+// warp-specialized, cooperative; TMA loads and WGMMA through CUTLASS's sm90 collective mainloop,
+// both operands MN-major (P and Q are the contiguous dimensions of L and R).
 //
 // What is ours:
 //   - tiles: every expert has the same ceil(P / 128) x ceil(Q / 256) output tiles, so the tile -> expert
@@ -130,10 +127,8 @@ class Sm90MoeWgradScheduler {
   int32_t expert_rows_ = 0;
 };
 
-// Shared memory of the epilogue: two buffers of kTileP rows x 128 bytes per consumer group.
-constexpr int wgrad_epilogue_smem_bytes(int tile_p, int consumer_groups = 1) {
-  return consumer_groups * 2 * tile_p * 128;
-}
+// Shared memory of the epilogue: two buffers of kTileP rows x 128 bytes.
+constexpr int wgrad_epilogue_smem_bytes(int tile_p) { return 2 * tile_p * 128; }
 
 template <class CollectiveMainloop_, class ElementD_>
 class Sm90MoeWgradKernel {
@@ -149,16 +144,12 @@ class Sm90MoeWgradKernel {
   static constexpr int kTileP = cute::size<0>(TileShape{});
   static constexpr int kTileQ = cute::size<1>(TileShape{});
   static constexpr int kTileK = cute::size<2>(TileShape{});
-  // The threads that compute one tile: both consumer warpgroups (cooperative) or one (ping-pong).
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
-  static constexpr bool kPingpong = kNumMmaThreads == cutlass::NumThreadsPerWarpGroup;
-  static_assert(kNumMmaThreads == 2 * cutlass::NumThreadsPerWarpGroup || kPingpong);
-  static constexpr int kConsumerGroups = kPingpong ? 2 : 1;  // tiles in flight, each with its epilogue buffers
-  static constexpr uint32_t kNumConsumerThreads = 2 * cutlass::NumThreadsPerWarpGroup;
-  static constexpr uint32_t MaxThreadsPerBlock = kNumConsumerThreads + cutlass::NumThreadsPerWarpGroup;
+  static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
   static constexpr uint32_t kLoadRegisters = 40;
   static constexpr uint32_t kMmaRegisters = 232;
+  static_assert(kNumMmaThreads == 256, "cooperative kernel: two consumer warpgroups");
 
   // The operand tiles in shared memory are 64 x 64 boxes (128-byte swizzled rows of 64 columns,
   // one row per reduction index): the MN-major layout CUTLASS's collective expects, checked here.
@@ -180,21 +171,15 @@ class Sm90MoeWgradKernel {
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileP>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
 
-  static constexpr int kSmemDElements = cute::cosize_v<SmemLayoutD>;
-
   static constexpr int kTileSlots = 4;
   using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
   using TilePipelineState = typename TilePipeline::PipelineState;
-  // Ping-pong: the warpgroups take turns at the mainloop (as in the forward kernel: this also keeps a
-  // warpgroup that runs ahead from matching a stage barrier's phase of an earlier lap of the ring).
-  using MathOrderBarrier = cutlass::OrderedSequenceBarrier<1, 2>;
 
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
-    alignas(1024) cute::array_aligned<ElementD, kSmemDElements * kConsumerGroups, 1024> smem_d;
+    alignas(1024) cute::array_aligned<ElementD, cute::cosize_v<SmemLayoutD>, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
-    alignas(16) typename MathOrderBarrier::SharedStorage math_order;
     int64_t tile_slots[kTileSlots];
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
@@ -245,12 +230,8 @@ class Sm90MoeWgradKernel {
                                 : warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
                                                                           : TilePipeline::ThreadCategory::NonParticipant;
     tile_pipeline_params.producer_arv_count = 1;
-    tile_pipeline_params.consumer_arv_count = kNumConsumerThreads;  // both warpgroups read every tile
+    tile_pipeline_params.consumer_arv_count = kNumMmaThreads;
     TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
-    typename MathOrderBarrier::Params math_order_params;
-    math_order_params.group_id = warp_group_role == WarpGroupRole::Consumer1 ? 1 : 0;
-    math_order_params.group_size = cutlass::NumThreadsPerWarpGroup;
-    MathOrderBarrier math_order(shared_storage.math_order, math_order_params);
     __syncthreads();
 
     Sm90MoeWgradScheduler scheduler(params.scheduler);
@@ -261,8 +242,7 @@ class Sm90MoeWgradKernel {
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      int const consumer_group = kPingpong ? int(warp_group_role) - int(WarpGroupRole::Consumer0) : 0;
-      consume(params, scheduler, pipeline, tile_pipeline, math_order, shared_storage, mma_thread_idx, consumer_group);
+      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
     }
 #else
     if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -340,19 +320,15 @@ class Sm90MoeWgradKernel {
     }
   }
 
-  // MMA warpgroups. In ping-pong, consumer group g takes the tiles at positions g, g + 2, ... of the
-  // CTA's sequence of tiles that are not skipped, and steps over the other group's k-blocks.
   CUTLASS_DEVICE
   static void consume(Params const& params, Sm90MoeWgradScheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, MathOrderBarrier& math_order, SharedStorage& shared_storage,
-                      int mma_thread_idx, int consumer_group) {
+                      TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
     PipelineState read_state;
     TilePipelineState tile_read;
     int store_count = 0;
-    int64_t position = 0;
     typename CollectiveMainloop::Params unused_mainloop_params{};
     while (true) {
       tile_pipeline.consumer_wait(tile_read);
@@ -367,34 +343,19 @@ class Sm90MoeWgradKernel {
         continue;
       }
       int const k_tiles = k_blocks(work);
-      bool const mine = !kPingpong || position % kConsumerGroups == consumer_group;
-      ++position;
-      if (!mine) {
-        read_state.advance(k_tiles);  // the other warpgroup's tile
-        continue;
-      }
-      // Each path below issues the MMAs and waits for them (mma_tail) without a branch in between:
-      // otherwise the compiler cannot tell that clear() never runs while WGMMAs are in flight and
-      // inserts a wait on them (ptxas warning C7517), which cost the kernel up to 1.7x.
+      // Issue the MMAs and wait for them (mma_tail) in one branch: with a branch in between, ptxas cannot
+      // tell that clear() never runs while WGMMAs are in flight and inserts waits on them (advisory C7517,
+      // which CI checks for); a version that did ran up to 1.7x slower.
       Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
-      if constexpr (kPingpong) {
-        math_order.wait();
-      }
       if (k_tiles > 0) {
         collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
                                 shared_storage.tensors, unused_mainloop_params);
-        if constexpr (kPingpong) {
-          math_order.arrive();  // the other warpgroup's turn
-        }
         collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
         read_state.advance(k_tiles);
       } else {
-        if constexpr (kPingpong) {
-          math_order.arrive();
-        }
         clear(accumulators);  // a sum over no rows
       }
-      store_tile(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, consumer_group, store_count);
+      store_tile(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);
     }
     if (mma_thread_idx == 0) {
       tma_store_wait<0>();
@@ -405,17 +366,13 @@ class Sm90MoeWgradKernel {
   template <class Accumulators>
   CUTLASS_DEVICE static void store_tile(Params const& params, WgradWorkTile const& work,
                                         Accumulators const& accumulators, TiledMma const& tiled_mma,
-                                        int mma_thread_idx, SharedStorage& shared_storage, int consumer_group,
-                                        int& store_count) {
+                                        int mma_thread_idx, SharedStorage& shared_storage, int& store_count) {
     using namespace cute;
-    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data() + consumer_group * kSmemDElements),
-                            SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
+    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
     int32_t const p0 = work.p_block * kTileP;
     int32_t const q0 = work.q_block * kTileQ;
-    // Cooperative: the reserved epilogue barrier over both warpgroups; ping-pong: one per warpgroup.
-    cutlass::arch::NamedBarrier const epilogue_barrier =
-        kPingpong ? cutlass::arch::NamedBarrier(kNumMmaThreads, uint32_t(consumer_group))
-                  : cutlass::arch::NamedBarrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+    cutlass::arch::NamedBarrier const epilogue_barrier(kNumMmaThreads,
+                                                        cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
     store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers>(
         sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
         [&](int chunk, auto const& sD_buffer) {

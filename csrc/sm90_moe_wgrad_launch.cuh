@@ -21,15 +21,11 @@
 
 namespace moe_gemm {
 
-// kPingpong: 128x128 tiles, one per consumer warpgroup, alternating; else 128x256 tiles shared by both.
-template <DType kDType, bool kFloat32Out, bool kPingpong>
+template <DType kDType, bool kFloat32Out>
 struct Sm90MoeWgradConfig {
   using Element = cute::conditional_t<kDType == DType::kBFloat16, cutlass::bfloat16_t, cutlass::half_t>;
   using ElementD = cute::conditional_t<kFloat32Out, float, Element>;
-  using TileShape = cute::Shape<cute::_128, cute::conditional_t<kPingpong, cute::_128, cute::_256>, cute::_64>;
-  static constexpr int kConsumerGroups = kPingpong ? 2 : 1;
-  using Schedule = cute::conditional_t<kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
-                                       cutlass::gemm::KernelTmaWarpSpecializedCooperative>;
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   // Operand A is L^T (P x rows) and B is R (rows x Q in CUTLASS's K x N naming): both contiguous
   // along P and Q, i.e. A column-major and B row-major.
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
@@ -37,8 +33,8 @@ struct Sm90MoeWgradConfig {
       Element, cutlass::layout::ColumnMajor, 8,
       Element, cutlass::layout::RowMajor, 8,
       float, TileShape, cute::Shape<cute::_1, cute::_1, cute::_1>,
-      cutlass::gemm::collective::StageCountAutoCarveout<wgrad_epilogue_smem_bytes(128, kConsumerGroups)>,
-      Schedule>::CollectiveOp;
+      cutlass::gemm::collective::StageCountAutoCarveout<wgrad_epilogue_smem_bytes(128)>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
   using Kernel = Sm90MoeWgradKernel<CollectiveMainloop, ElementD>;
 };
 
@@ -87,9 +83,9 @@ cudaError_t encode_ragged_operand(CUtensorMap* map, void const* base, int64_t co
 
 }  // namespace detail
 
-template <DType kDType, bool kFloat32Out, bool kPingpong>
+template <DType kDType, bool kFloat32Out>
 cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream) {
-  using Config = Sm90MoeWgradConfig<kDType, kFloat32Out, kPingpong>;
+  using Config = Sm90MoeWgradConfig<kDType, kFloat32Out>;
   using Kernel = typename Config::Kernel;
   using Element = typename Config::Element;
   using ElementD = typename Config::ElementD;
@@ -148,6 +144,6 @@ cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream)
 
 }  // namespace moe_gemm
 
-#define MOE_GEMM_INSTANTIATE_WGRAD(DTYPE, FLOAT32_OUT, PINGPONG)                                  \
-  template cudaError_t moe_gemm::run_sm90_moe_wgrad<moe_gemm::DType::DTYPE, FLOAT32_OUT, PINGPONG>( \
+#define MOE_GEMM_INSTANTIATE_WGRAD(DTYPE, FLOAT32_OUT)                                            \
+  template cudaError_t moe_gemm::run_sm90_moe_wgrad<moe_gemm::DType::DTYPE, FLOAT32_OUT>(         \
       moe_gemm::GroupedWgradParams const&, cudaStream_t);

@@ -58,7 +58,6 @@ struct Options {
   bool ncu = false;              // a single launch for Nsight Compute: no warm-up, no verification
   bool wgrad = false;            // the weight gradient grad_W[e] = grad_y_e^T @ x_e instead of the forward
   bool accumulate = false;       // --wgrad: add into a float32 gradient (main-grad) instead of writing one
-  int pingpong = -1;             // --wgrad: 1 ping-pong, 0 cooperative, -1 the heuristic
   int seed = 0;
   bool help = false;
 
@@ -86,7 +85,6 @@ struct Options {
     ncu = cmd.check_cmd_line_flag("ncu");
     wgrad = cmd.check_cmd_line_flag("wgrad");
     accumulate = cmd.check_cmd_line_flag("accumulate");
-    cmd.get_cmd_line_argument("pingpong", pingpong);
     if (!sizes.empty()) {
       experts = int(sizes.size());
     }
@@ -108,8 +106,7 @@ struct Options {
         "  --ncu                             one launch, for profiling under ncu\n"
         "  --wgrad [--accumulate]            the weight gradient grad_W[e] = grad_y_e^T x_e ([E, N, K], [E, K, N]\n"
         "                                    with --layout=kn), K-grouped over each expert's rows; --accumulate\n"
-        "                                    adds it into a float32 buffer\n"
-        "  --pingpong=1|0                    --wgrad: ping-pong 128x128 or cooperative 128x256 tiles\n");
+        "                                    adds it into a float32 buffer\n");
   }
 };
 
@@ -387,7 +384,6 @@ int run_wgrad(Options const& opt) {
   params.ldr = Q;
   params.ldd = Q;
   params.batch_stride_d = P * Q;
-  params.pingpong = opt.pingpong;
   if (char const* problem = moe_gemm::check_grouped_wgrad(params)) {
     std::fprintf(stderr, "cannot run: %s\n", problem);
     return 1;

@@ -1,7 +1,5 @@
 """The sm90 weight-gradient kernel (K-grouped: the reduction runs over each expert's rows, read on the GPU) against
-the float64 reference, on fresh random data; plus accumulation into float32 main-grads and CUDA-graph replay. Every
-test runs under both schedules of the kernel (cooperative 128x256 tiles, ping-pong 128x128 tiles), forced through
-MOE_GEMM_WGRAD_PINGPONG, which the op reads at each call."""
+the float64 reference, on fresh random data; plus accumulation into float32 main-grads and CUDA-graph replay."""
 
 import pytest
 import torch
@@ -14,12 +12,6 @@ pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
 DTYPES = [torch.bfloat16, torch.float16]
 LAYOUTS = [False, True]  # weight_transposed
-
-
-@pytest.fixture(autouse=True, params=["cooperative", "pingpong"])
-def wgrad_schedule(request, monkeypatch):
-    monkeypatch.setenv("MOE_GEMM_WGRAD_PINGPONG", "1" if request.param == "pingpong" else "0")
-    return request.param
 
 
 def make_inputs(sizes, n, k, dtype, num_rows=None, sizes_dtype=torch.int64):
@@ -122,8 +114,8 @@ def test_accumulate_into_float32_main_grad(transposed):
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
 def test_several_tiles_per_cta_with_empty_experts(accumulate):
-    # Hundreds of tiles, so every CTA takes several (in ping-pong, both warpgroups get tiles and the stage ring
-    # wraps many times), with empty experts in between: written as zeros, or skipped when accumulating.
+    # Hundreds of tiles, so every CTA takes several and the stage ring wraps many times, with empty experts in
+    # between: written as zeros, or skipped when accumulating.
     generator = torch.Generator().manual_seed(3)
     sizes = [0 if i % 3 == 1 else int(s) for i, s in enumerate(torch.randint(1, 300, (96,), generator=generator))]
     x, grad_y, m_sizes = make_inputs(sizes, 384, 512, torch.bfloat16)
