@@ -42,10 +42,12 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // `MOE_GEMM_CONFIGS="auto 16x128s" scripts/compare_tile_configs.sh OUT --decode`, two runs), it beat
 // the previous choice (128x128, or 128x256 above 1.25 waves of 128x128 tiles) on all 70 decode
 // shapes, 1 to 64 tokens, by 3-23%: Qwen3 up at 1 token 31.0 us vs 34.7, GPT-OSS down at 4 tokens
-// 95 us vs 117, Mixtral up at 64 tokens (16 rows per expert) 0.663 ms vs 0.723. Above: Qwen1.5 at 256 tokens
-// (17 rows per expert) 0.255 ms vs 0.262 for 128x128; Mixtral at 256 tokens (64 rows, each weight
-// tile read by 4 m-blocks) 1.05 ms vs 0.70. Between 17 and 64 rows it is unmeasured; the threshold
-// sits in between.
+// 95 us vs 117, Mixtral up at 64 tokens (16 rows per expert) 0.663 ms vs 0.723. Against 128x128
+// above decode (`--tokens 128 512 1024`): at 16-17 rows per expert it wins or ties (GPT-OSS at 512
+// tokens 1.468 ms vs 1.497, Qwen1.5 at 256 tokens 0.255 vs 0.262, DeepSeek-V3 up at 512 tokens 5.23
+// vs 5.21), at 32-34 rows 128x128 wins on 6 of 8 GEMMs (Qwen3 at 512 tokens 0.328 vs 0.308, GPT-OSS
+// up at 1024 tokens 1.64 vs 1.52), and from 64 rows on by a third or more (each weight tile is read
+// by 4 or more m-blocks). Hence 20.
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
   (void)K;
   (void)sm_count;
