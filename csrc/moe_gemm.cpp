@@ -45,7 +45,7 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // 95 us vs 117, Mixtral up at 64 tokens (16 rows per expert) 0.663 ms vs 0.723. Against 128x128
 // above decode (`--tokens 128 512 1024`): at 16-17 rows per expert it wins or ties (GPT-OSS at 512
 // tokens 1.468 ms vs 1.497, Qwen1.5 at 256 tokens 0.255 vs 0.262, DeepSeek-V3 up at 512 tokens 5.23
-// vs 5.21), at 32-34 rows 128x128 wins on 6 of 8 GEMMs (Qwen3 at 512 tokens 0.328 vs 0.308, GPT-OSS
+// vs 5.21), at 32-34 rows 128x128 wins on 9 of 10 GEMMs (Qwen3 at 512 tokens 0.328 vs 0.308, GPT-OSS
 // up at 1024 tokens 1.64 vs 1.52), and from 64 rows on by a third or more (each weight tile is read
 // by 4 or more m-blocks). Hence 20.
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
