@@ -12,11 +12,13 @@
 //     broadcasts it to the other CTA's shared memory (ClusterUnitSlots);
 //   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
-//   - the epilogue: a tile that lies wholly inside its expert goes out through shared memory and
-//     asynchronous TMA stores (64 columns at a time, double-buffered, so the next tile's MMAs start
-//     while the store drains); the expert's last, partial m-block is stored from registers with a
-//     row predicate, because A rows loaded past the expert's end belong to the next expert and
-//     must never be written. Finally the CTAs zero the rows of D that no expert covers;
+//   - the epilogue: tiles go out through shared memory and asynchronous TMA stores (64 columns at
+//     a time, double-buffered, so the next tile's MMAs start while the store drains). D's descriptor
+//     is ragged (sm90_ragged_tma.hpp): the store of an expert's last, partial m-block drops the rows
+//     past the expert's end, which the MMA computed from the next expert's A rows and which must
+//     never be written. Finally the CTAs zero the rows of D that no expert covers;
+//   - an expert's tail of at most 64 rows is multiplied by one warpgroup (idle_warp_group), at the
+//     full rate of the tensor cores, instead of by both at half rate each;
 //   - decode tiles with the operands swapped (kSwapAB): the weights are WGMMA's A operand and a few
 //     tokens its B, so the stages hold weights rather than 128 token rows of which one is used; the
 //     tile is stored transposed from registers;
@@ -26,6 +28,8 @@
 //     arrives last sums the partials in split order (deterministic) and stores D. Without kSplitK
 //     none of it is compiled in: the big problems run the code they ran before.
 #pragma once
+
+#include <cuda.h>
 
 #include "cute/arch/copy_sm90_tma.hpp"
 #include "cute/atom/copy_traits_sm90_tma.hpp"
@@ -40,6 +44,7 @@
 
 #include "sm90_moe_epilogue.hpp"
 #include "sm90_moe_tile_scheduler.hpp"
+#include "sm90_ragged_tma.hpp"
 
 namespace moe_gemm {
 
@@ -114,10 +119,6 @@ class Sm90MoeGemmKernel {
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
   static constexpr int kSmemDElements = cute::cosize_v<SmemLayoutD>;
-  using GmemLayoutD = cute::Layout<cute::Shape<int32_t, int32_t>, cute::Stride<int64_t, cute::_1>>;
-  using TmaStoreD = decltype(cute::make_tma_copy(
-      cute::SM90_TMA_STORE{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<ElementD*>(nullptr)), GmemLayoutD{}),
-      SmemLayoutD{}(cute::_, cute::_, cute::Int<0>{})));
 
   // Dynamic scheduling: the producer warp takes the next tile from a global counter and hands its
   // index to the MMA warpgroups through this small pipeline.
@@ -156,7 +157,7 @@ class Sm90MoeGemmKernel {
 
   struct Params {
     MainloopParams mainloop;
-    TmaStoreD tma_store_d;
+    CUtensorMap tma_store_d;  // ragged view of D, boxes of kEpiN columns x kTileM rows
     MoeSchedulerParams scheduler;
     // Zeroed before the launch; null for static striding (unit = first + i * num_clusters). With a
     // counter, CTA b starts with unit b and then takes gridDim + atomicAdd(counter, 1): units start in
@@ -181,13 +182,6 @@ class Sm90MoeGemmKernel {
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
   };
 
-  // D as a TMA store descriptor (M, N); host side.
-  static TmaStoreD make_tma_store_d(ElementD* ptr_d, int32_t M, int32_t N, int64_t ldd) {
-    using namespace cute;
-    Tensor tensor_d = make_tensor(make_gmem_ptr(ptr_d), GmemLayoutD(make_shape(M, N), make_stride(ldd, _1{})));
-    return make_tma_copy(SM90_TMA_STORE{}, tensor_d, SmemLayoutD{}(_, _, Int<0>{}));
-  }
-
   CUTLASS_DEVICE
   void operator()(Params const& params, char* smem_buf) {
     using namespace cute;
@@ -204,7 +198,7 @@ class Sm90MoeGemmKernel {
 
     if (warp_idx == 0 && lane_predicate) {
       CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
-      cute::prefetch_tma_descriptor(params.tma_store_d.get_tma_descriptor());
+      cute::prefetch_tma_descriptor(&params.tma_store_d);
     }
 
     // Pipeline between the TMA warp (producer) and the two MMA warpgroups (consumers).
@@ -530,30 +524,32 @@ class Sm90MoeGemmKernel {
       }
       KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
       Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
-      if constexpr (kPingpong) {
-        math_order.wait();
+      if (idle_warp_group(work, mma_thread_idx)) {
+        // Its rows are past the expert: the epilogues below store none of them.
+        release_stages(pipeline, read_state, k_blocks.count);
+        read_state.advance(k_blocks.count);
+        clear(accumulators);
+      } else {
+        if constexpr (kPingpong) {
+          math_order.wait();
+        }
+        collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
+                                shared_storage.tensors, params.mainloop);
+        if constexpr (kPingpong) {
+          math_order.arrive();  // the other warpgroup's turn
+        }
+        collective_mainloop.mma_tail(pipeline, read_state, k_blocks.count);
+        read_state.advance(k_blocks.count);
       }
-      collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
-                              shared_storage.tensors, params.mainloop);
-      if constexpr (kPingpong) {
-        math_order.arrive();  // the other warpgroup's turn
-      }
-      collective_mainloop.mma_tail(pipeline, read_state, k_blocks.count);
-      read_state.advance(k_blocks.count);
       if constexpr (kSplitK) {
         store_split_and_reduce(params, work, tile, k_blocks.split, accumulators, tiled_mma, mma_thread_idx,
                                shared_storage);
       } else if constexpr (kSwapAB) {
-        store_tile_predicated(params, work, accumulators, tiled_mma, mma_thread_idx);
-      } else {
-        // In a cluster, a CTA past the expert's last m-block (or past N) still loads and multiplies (its
-        // peers need its share of the tiles) but stores nothing: its rows_left (cols_left) is <= 0.
-        bool const full_tile = (work.m_block + 1) * kTileM <= work.rows && (work.n_block + 1) * kTileN <= params.N;
-        if (full_tile) {
-          store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier, store_count);
-        } else {
-          store_tile_predicated(params, work, accumulators, tiled_mma, mma_thread_idx);
-        }
+        store_tile_transposed(params, work, accumulators, tiled_mma, mma_thread_idx);
+      } else if (work.m_block * kTileM < work.rows && work.n_block * kTileN < params.N) {
+        // (In a cluster, a CTA past the expert's last m-block or past N loads its share of the peers'
+        // tiles, but has no output.)
+        store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier, store_count);
       }
     }
     zero_uncovered_rows(params, scheduler.rows_covered(), consumer_thread_idx);
@@ -563,34 +559,67 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // Full tiles: registers -> swizzled shared memory -> TMA store, 64 columns at a time. Each of the
-  // two buffers is reused only after the store issued from it two chunks ago has read it.
+  // Cooperative tiles: warpgroup w multiplies rows [64 w, 64 w + 64) of the tile. When none of them
+  // belongs to the expert (its last m-block has at most 64 rows, or a cluster CTA is past it), the
+  // warpgroup skips the MMAs and only frees the stages: the other one then has the tensor cores to
+  // itself, and an expert's tail of <= 64 rows costs half a tile instead of a whole one.
+  CUTLASS_DEVICE static bool idle_warp_group(MoeWorkTile const& work, int mma_thread_idx) {
+    if constexpr (kPingpong || kSwapAB) {
+      return false;  // one warpgroup holds all the tile's rows, or the rows are the MMA's N
+    } else {
+      using namespace cute;
+      static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) == 2 && size<2>(typename TiledMma::ThrLayoutVMNK{}) == 1 &&
+                        size<0>(typename TiledMma::AtomShape_MNK{}) * 2 == kTileM,
+                    "cooperative tiles are split in two along M, one half per warpgroup");
+      int const rows_in_tile = work.rows - work.m_block * kTileM;
+      int const first_row = mma_thread_idx / int(cutlass::NumThreadsPerWarpGroup) * (kTileM / 2);
+      return rows_in_tile <= first_row;
+    }
+  }
+
+  // The skipping warpgroup's side of the mainloop: wait for each stage, then free it. Its release
+  // counts as one of the two the producer waits for, so the stage is refilled only once the
+  // multiplying warpgroup has freed it as well.
+  CUTLASS_DEVICE static void release_stages(MainloopPipeline& pipeline, PipelineState state, int k_tile_count) {
+    for (int k = 0; k < k_tile_count; ++k) {
+      pipeline.consumer_wait(state);
+      pipeline.consumer_release(state);
+      ++state;
+    }
+  }
+
+  // Registers -> swizzled shared memory -> TMA store, 64 columns at a time. Each of the two buffers
+  // is reused only after the store issued from it two chunks ago has read it. The ragged descriptor
+  // drops the rows at or past the expert's end, and TMA's bounds check the columns past N.
   template <class Accumulators, class SmemTensorD>
   CUTLASS_DEVICE static void store_tile_tma(Params const& params, MoeWorkTile const& work,
                                             Accumulators const& accumulators, TiledMma const& tiled_mma,
                                             int mma_thread_idx, SmemTensorD const& sD,
                                             cutlass::arch::NamedBarrier const& epilogue_barrier, int& store_count) {
     using namespace cute;
-    Tensor mD = params.tma_store_d.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.N));
+    // Ragged coordinates (sm90_ragged_tma.hpp) of the box at row0, for a group that ends rows_here
+    // rows later (at most the tile: rows further on are inside the box's reach either way).
     int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
+    int32_t const rows_here = min(kTileM, work.rows - work.m_block * kTileM);
+    int32_t const window_row = kRaggedWindow - rows_here;
+    int32_t const row_end = row0 + rows_here;
+    int32_t const wrap = kRaggedWindow;  // a register: the copies take their coordinates by reference
     int32_t const col0 = work.n_block * kTileN;
     store_tile_through_smem<kTileN, kEpiN, kEpiBuffers>(
         sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
         [&](int chunk, auto const& sD_buffer) {
-          auto cta_tma = params.tma_store_d.get_slice(0);
-          Tensor gD = local_tile(domain_offset(make_coord(row0, col0 + chunk * kEpiN), mD),
-                                 make_shape(Int<kTileM>{}, Int<kEpiN>{}), make_coord(0, 0));
-          copy(params.tma_store_d, cta_tma.partition_S(sD_buffer), cta_tma.partition_D(gD));
+          int32_t const col = col0 + chunk * kEpiN;
+          cute::SM90_TMA_STORE_4D::copy(&params.tma_store_d, raw_pointer_cast(sD_buffer.data()), col, window_row,
+                                        row_end, wrap);
           tma_store_arrive();
         });
   }
 
-  // Partial tiles (and every swapped tile): direct stores from the accumulator registers; rows past
-  // the expert and columns past N are skipped. Each thread owns pairs of adjacent MMA columns: one
-  // 32-bit store, or two 16-bit ones to two rows when swapped (decode: the output is a small part of
-  // the bytes moved).
+  // Swapped tiles: direct stores from the accumulator registers, transposed; rows past the expert and
+  // columns past N are skipped. Each thread owns pairs of adjacent MMA columns, i.e. two rows of D:
+  // two 16-bit stores (decode: the output is a small part of the bytes moved).
   template <class Accumulators>
-  CUTLASS_DEVICE static void store_tile_predicated(Params const& params, MoeWorkTile const& work,
+  CUTLASS_DEVICE static void store_tile_transposed(Params const& params, MoeWorkTile const& work,
                                         Accumulators const& accumulators, TiledMma const& tiled_mma,
                                         int mma_thread_idx) {
     using namespace cute;
@@ -602,30 +631,12 @@ class Sm90MoeGemmKernel {
     auto thread_mma = tiled_mma.get_thread_slice(mma_thread_idx);
     Tensor tCcD = thread_mma.partition_C(make_identity_tensor(take<0, 2>(TileShape{})));  // MMA coordinates
     static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
-    if constexpr (kSwapAB) {  // MMA (column, row) of D
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(accumulators); ++i) {
-        int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));
-        if (row < rows_left && col < cols_left) {
-          tile_ptr[int64_t(row) * params.ldd + col] = ElementD(accumulators(i));
-        }
-      }
-      return;
-    }
-    Tensor gD = make_tensor(make_gmem_ptr(tile_ptr),
-                            make_layout(make_shape(Int<kTileM>{}, Int<kTileN>{}), make_stride(params.ldd, _1{})));
-    Tensor tCgD = thread_mma.partition_C(gD);
-
-    using Pair = cutlass::Array<ElementD, 2>;
-    cutlass::NumericArrayConverter<ElementD, float, 2> convert;
+    static_assert(kSwapAB, "unswapped tiles go out through shared memory (store_tile_tma)");
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(accumulators); i += 2) {
-      auto const coord = tCcD(i);
-      if (get<0>(coord) < rows_left && get<1>(coord) < cols_left) {
-        cutlass::Array<float, 2> values;
-        values[0] = accumulators(i);
-        values[1] = accumulators(i + 1);
-        *reinterpret_cast<Pair*>(&tCgD(i)) = convert(values);
+    for (int i = 0; i < size(accumulators); ++i) {
+      int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));  // MMA (column, row) of D
+      if (row < rows_left && col < cols_left) {
+        tile_ptr[int64_t(row) * params.ldd + col] = ElementD(accumulators(i));
       }
     }
   }

@@ -18,6 +18,7 @@
 #include "moe_gemm.h"
 #include "moe_gemm_workspace.h"
 #include "sm90_moe_gemm_kernel.hpp"
+#include "sm90_ragged_tma.hpp"
 
 namespace moe_gemm {
 
@@ -160,7 +161,11 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
                            typename Mainloop::SmemLayoutB{}(_, _, Int<0>{}),
                            typename Config::TileShape{}, typename Config::ClusterShape{}),
       Mainloop::TmaTransactionBytes, Mainloop::TmaTransactionBytesMK, Mainloop::TmaTransactionBytesNK};
-  params.tma_store_d = Kernel::make_tma_store_d(static_cast<Element*>(p.d), M, N, p.ldd);
+  if (cudaError_t status = detail::encode_ragged<Element>(&params.tma_store_d, p.d, N, p.ldd, Kernel::kEpiN,
+                                                          Kernel::kTileM);
+      status != cudaSuccess) {
+    return status;
+  }
   params.scheduler.m_sizes = p.m_sizes;
   params.scheduler.m_sizes_int64 = p.m_sizes_int64;
   params.scheduler.num_experts = E;

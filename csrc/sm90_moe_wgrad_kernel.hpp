@@ -9,10 +9,8 @@
 //     prefix sum of m_sizes computed on the fly (all sizes loaded at once, a warp-wide scan), cached.
 //     Tiles are handed out from a global counter (ragged experts take unequal times).
 //   - the reduction range ends inside a k-block: rows past the expert's end must load as zeros.
-//     Each operand has one "ragged" TMA descriptor (cols, window, end row, wrap) whose window and
-//     end-row dimensions both step one row, and whose wrap dimension at coordinate W = 2^30 moves the
-//     address W rows back (its stride wraps around 2^64; see sm90_moe_wgrad_launch.cuh). A k-block of
-//     expert [r0, r1) is loaded at (col, W - (r1 - r0) + 64 kb, r1, W): element j lands on row
+//     Each operand has one ragged TMA descriptor (sm90_ragged_tma.hpp). A k-block of expert
+//     [r0, r1) is loaded at (col, W - (r1 - r0) + 64 kb, r1, W): element j lands on row
 //     r0 + 64 kb + j, and TMA's bounds check on the window dimension (coordinate < W) zero-fills
 //     exactly the rows at or past r1. No per-expert descriptor, no masking in shared memory.
 //   - the epilogue: registers -> swizzled shared memory -> TMA store of 128 B-wide column chunks
@@ -32,12 +30,10 @@
 #include "cutlass/pipeline/pipeline.hpp"
 
 #include "moe_expert_rows.hpp"
+#include "sm90_ragged_tma.hpp"
 #include "sm90_moe_epilogue.hpp"
 
 namespace moe_gemm {
-
-// The window of the ragged operand descriptors: an expert may have up to this many rows.
-constexpr int32_t kRaggedWindow = int32_t(1) << 30;
 
 struct WgradSchedulerParams {
   void const* m_sizes = nullptr;  // [num_experts] int32 or int64, device memory

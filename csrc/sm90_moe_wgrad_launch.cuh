@@ -6,10 +6,7 @@
 #include <atomic>
 #include <cstdint>
 
-#include <cuda.h>
-
 #include "cute/tensor.hpp"
-#include "cutlass/cuda_host_adapter.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/device_kernel.h"
 #include "cutlass/gemm/collective/collective_builder.hpp"
@@ -18,6 +15,7 @@
 
 #include "moe_gemm.h"
 #include "sm90_moe_wgrad_kernel.hpp"
+#include "sm90_ragged_tma.hpp"
 
 namespace moe_gemm {
 
@@ -38,51 +36,6 @@ struct Sm90MoeWgradConfig {
   using Kernel = Sm90MoeWgradKernel<CollectiveMainloop, ElementD>;
 };
 
-namespace detail {
-
-// A tiled TMA descriptor over `rank` dimensions (dimension 0 contiguous), 128-byte swizzle.
-inline cudaError_t encode_tma(CUtensorMap* map, CUtensorMapDataType type, int element_bytes, void const* base,
-                              int rank, uint64_t const* dims, uint64_t const* strides_elements,
-                              uint32_t const* box) {
-  cuuint64_t global_dims[4];
-  cuuint64_t global_strides[3];  // bytes, for dimensions 1..rank-1
-  cuuint32_t box_dims[4];
-  cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  for (int i = 0; i < rank; ++i) {
-    global_dims[i] = dims[i];
-    box_dims[i] = box[i];
-    if (i > 0) {
-      global_strides[i - 1] = strides_elements[i] * element_bytes;  // wraps modulo 2^64 like the addresses
-    }
-  }
-  CUresult result = CUTLASS_CUDA_DRIVER_WRAPPER_CALL(cuTensorMapEncodeTiled)(
-      map, type, rank, const_cast<void*>(base), global_dims, global_strides, box_dims, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
-template <class T> constexpr CUtensorMapDataType tma_type();
-template <> constexpr CUtensorMapDataType tma_type<cutlass::bfloat16_t>() { return CU_TENSOR_MAP_DATA_TYPE_BFLOAT16; }
-template <> constexpr CUtensorMapDataType tma_type<cutlass::half_t>() { return CU_TENSOR_MAP_DATA_TYPE_FLOAT16; }
-template <> constexpr CUtensorMapDataType tma_type<float>() { return CU_TENSOR_MAP_DATA_TYPE_FLOAT32; }
-
-// The ragged view of a [M, cols] operand (see sm90_moe_wgrad_kernel.hpp): (cols, window, end row, wrap).
-// The window and end-row dimensions both step one row; the wrap dimension's stride, 2^34 - ld elements, taken
-// kWindow = 2^30 times, wraps the 64-bit address around to kWindow rows before the tensor (the trick of
-// Triton's ragged TMA), so the descriptor's base stays the tensor's own address.
-template <class T>
-cudaError_t encode_ragged_operand(CUtensorMap* map, void const* base, int64_t cols, int64_t ld, uint32_t box_cols,
-                                  uint32_t box_rows) {
-  constexpr uint64_t kMaxDim = 0x7fff0000;
-  uint64_t const dims[4] = {uint64_t(cols), uint64_t(kRaggedWindow), kMaxDim, kMaxDim};
-  uint64_t const strides[4] = {1, uint64_t(ld), uint64_t(ld), (uint64_t(1) << 34) - uint64_t(ld)};
-  uint32_t const box[4] = {box_cols, box_rows, 1, 1};
-  return encode_tma(map, tma_type<T>(), int(sizeof(T)), base, 4, dims, strides, box);
-}
-
-}  // namespace detail
-
 template <DType kDType, bool kFloat32Out>
 cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream) {
   using Config = Sm90MoeWgradConfig<kDType, kFloat32Out>;
@@ -92,9 +45,9 @@ cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream)
 
   typename Kernel::Params params{};
   cudaError_t status =
-      detail::encode_ragged_operand<Element>(&params.tma_l, p.l, p.P, p.ldl, Kernel::kBoxCols, Kernel::kTileK);
+      detail::encode_ragged<Element>(&params.tma_l, p.l, p.P, p.ldl, Kernel::kBoxCols, Kernel::kTileK);
   if (status == cudaSuccess) {
-    status = detail::encode_ragged_operand<Element>(&params.tma_r, p.r, p.Q, p.ldr, Kernel::kBoxCols, Kernel::kTileK);
+    status = detail::encode_ragged<Element>(&params.tma_r, p.r, p.Q, p.ldr, Kernel::kBoxCols, Kernel::kTileK);
   }
   if (status == cudaSuccess) {
     uint64_t const dims[3] = {uint64_t(p.Q), uint64_t(p.P), uint64_t(p.E)};

@@ -75,6 +75,7 @@ def tile_config(request, monkeypatch):
         [0, 0, 0, 1000],             # all rows in the last expert
         [1000, 0, 0, 0],             # all rows in the first expert
         [128, 256, 129, 127, 1],     # at and around the 128-row tile
+        [64, 65, 192, 193, 63],      # tails at and around 64 rows: one warpgroup multiplies, or both
         [7],                         # E = 1
         [0, 0, 0],                   # no rows routed at all
     ],
