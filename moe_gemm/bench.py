@@ -14,7 +14,8 @@ Two ceilings are measured first in the same process: a dense 8192^3 matmul (TFLO
 the experts that got tokens + input rows + output rows) * 2: reading and writing each once. 'x floor' is how far a
 kernel is from it; 'speedup' is torch._grouped_mm time / moe_gemm time.
 
-Times are medians with L2 flushed between runs (``bench_ms``). The moe_gemm time is that of the op
+Times are medians with L2 flushed between runs; moe_gemm and torch._grouped_mm are timed in turn, run by run
+(``bench_interleaved_ms``), so that both see the same clock. The moe_gemm time is that of the op
 ``torch.ops.moe_gemm.grouped_mm`` (the public wrapper's Python-side validation is not timed), comparable to the
 ``torch._grouped_mm`` call beside it. The pure parts (suite, routing, floor, table, geometric means) run on CPU.
 """
@@ -205,6 +206,43 @@ def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
     return _bench_ms_cuda_events(fn, warmup_ms, rep_ms)
 
 
+def bench_interleaved_ms(fns: list[Callable[[], object]], warmup_ms: float = 25, rep_ms: float = 100) -> list[float]:
+    """Median times (ms) of functions that are compared with one another, timed in turn (a, b, a, b, ...) with L2
+    flushed before each run.
+
+    At boost clocks the large GEMMs are power-bound and the clock settles over tens of milliseconds, so timing one
+    function after the other (each with ``bench_ms``) charges whichever runs first, right after the float32
+    reference check, with the clock's transient. In turn, every function sees the same clock history.
+    """
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    estimates = []
+    for fn in fns:  # a few flushed runs each, as do_bench does, to turn the ms budgets into counts
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            flush.zero_()
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimates.append(max(start.elapsed_time(end) / 5, 1e-3))
+    round_ms = sum(estimates)
+    for _ in range(max(1, int(warmup_ms * len(fns) / round_ms))):
+        for fn in fns:
+            fn()
+    events: list[list] = [[] for _ in fns]
+    for _ in range(max(1, int(rep_ms * len(fns) / round_ms))):
+        for fn, fn_events in zip(fns, events):
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            fn_events.append((start, end))
+    torch.cuda.synchronize()
+    return [statistics.median(start.elapsed_time(end) for start, end in fn_events) for fn_events in events]
+
+
 def _bench_ms_cuda_events(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
     """``do_bench`` without triton: CUDA events around each run, a 256 MB write between runs to flush L2."""
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
@@ -311,20 +349,25 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
     }
     x = torch.randn(m, k, device=weight.device, dtype=weight.dtype)
     m_sizes = counts.to(weight.device)
+    timed = {}  # row key -> function; timed in turn (bench_interleaved_ms)
     try:
         row["rel_error"], problem = check_against_reference(x, weight, m_sizes, host_counts)
         if problem is None:
             op = torch.ops.moe_gemm.grouped_mm.default
-            row["moe_gemm_ms"] = bench_ms(lambda: op(x, weight, m_sizes, False))
+            timed["moe_gemm_ms"] = lambda: op(x, weight, m_sizes, False)
     except RuntimeError as error:  # a kernel error on one shape should not hide the other rows
         problem = f"moe_gemm failed: {str(error).splitlines()[0][:160]}"
-    row["check"] = "ok" if problem is None else "FAIL"
-    row["problem"] = problem
-
     if weight.dtype == torch.bfloat16:  # torch._grouped_mm supports bfloat16 only
         offs = torch.cumsum(m_sizes, 0).to(torch.int32)
         weight_kn = weight.transpose(-2, -1)
-        row["grouped_mm_ms"] = bench_ms(lambda: torch._grouped_mm(x, weight_kn, offs=offs))
+        timed["grouped_mm_ms"] = lambda: torch._grouped_mm(x, weight_kn, offs=offs)
+    try:
+        row.update(zip(timed, bench_interleaved_ms(list(timed.values()))))
+    except RuntimeError as error:
+        problem = problem or f"moe_gemm failed while timed: {str(error).splitlines()[0][:160]}"
+        row.pop("moe_gemm_ms", None)
+    row["check"] = "ok" if problem is None else "FAIL"
+    row["problem"] = problem
     row["loop_ms"] = _time_loop(x, weight, host_counts)
 
     if row.get("moe_gemm_ms"):

@@ -11,10 +11,12 @@ Per shape (x ``[M, K]``, weight ``[E, N, K]``, grad_y ``[M, N]``):
 - fwd+bwd: ``grouped_forward(x, W, sizes)`` then ``.backward(grad_y)`` against the same with ``torch._grouped_mm``.
 
 The wgrad output is checked first: every element finite (the output buffer is NaN-poisoned) and the relative
-error against a float32 reference on 16 experts spread over the range. Speedup = torch ms / moe_gemm ms.
+error against a float32 reference on 16 experts spread over the range. Speedup = torch ms / moe_gemm ms; each pair
+is timed in turn, run by run (``bench.bench_interleaved_ms``).
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -87,6 +89,8 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
     m_sizes = counts.to(weight.device)
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
     wgrad_op = torch.ops.moe_gemm.grouped_mm_wgrad.default
+    dgrad_op = torch.ops.moe_gemm.grouped_mm.default
+    ours, theirs = {}, {}  # kind -> function; each pair is timed in turn (bench.bench_interleaved_ms)
     problem = None
     try:
         poison = torch.full((num_experts, n, k), math.nan, dtype=weight.dtype, device=weight.device)
@@ -97,26 +101,31 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
         if not math.isfinite(row["rel_error"]) or row["rel_error"] > bench.MAX_REL_ERROR:
             problem = f"wgrad relative error {row['rel_error']:.2e} (or unwritten elements)"
         else:
-            row["wgrad_ms"] = bench.bench_ms(lambda: wgrad_op(x, grad_y, m_sizes, False))
-            row["wgrad_x_floor"] = row["wgrad_ms"] / wgrad_floor_ms(m, n, k, num_experts, ceilings)
-            dgrad_op = torch.ops.moe_gemm.grouped_mm.default
-            row["dgrad_ms"] = bench.bench_ms(lambda: dgrad_op(grad_y, weight, m_sizes, True))
-            row["train_ms"] = _train_ms(lambda a, w: moe_gemm.grouped_forward(a, w, m_sizes), x, weight, grad_y)
+            ours["wgrad"] = lambda: wgrad_op(x, grad_y, m_sizes, False)
+            ours["dgrad"] = lambda: dgrad_op(grad_y, weight, m_sizes, True)
+            ours["train"] = _train_step(lambda a, w: moe_gemm.grouped_forward(a, w, m_sizes), x, weight, grad_y)
     except RuntimeError as error:
         problem = f"moe_gemm failed: {str(error).splitlines()[0][:160]}"
-    row["check"] = "ok" if problem is None else "FAIL"
-    row["problem"] = problem
-
     if weight.dtype == torch.bfloat16:  # torch._grouped_mm supports bfloat16 only
-        row["wgrad_torch_ms"] = bench.bench_ms(lambda: torch._grouped_mm(grad_y.t(), x, offs=offs))
-        row["dgrad_torch_ms"] = bench.bench_ms(lambda: torch._grouped_mm(grad_y, weight, offs=offs))
-        row["train_torch_ms"] = _train_ms(
+        theirs["wgrad"] = lambda: torch._grouped_mm(grad_y.t(), x, offs=offs)
+        theirs["dgrad"] = lambda: torch._grouped_mm(grad_y, weight, offs=offs)
+        theirs["train"] = _train_step(
             lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), x, weight, grad_y
         )
     for kind in ("wgrad", "dgrad", "train"):
-        ours, theirs = row.get(f"{kind}_ms"), row.get(f"{kind}_torch_ms")
-        if ours and theirs:
-            row[f"{kind}_speedup"] = theirs / ours
+        timed = {key: fns[kind] for key, fns in ((f"{kind}_ms", ours), (f"{kind}_torch_ms", theirs)) if kind in fns}
+        try:
+            row.update(zip(timed, bench.bench_interleaved_ms(list(timed.values()))))
+        except RuntimeError as error:
+            problem = problem or f"moe_gemm failed while timed: {str(error).splitlines()[0][:160]}"
+    if row.get("wgrad_ms"):
+        row["wgrad_x_floor"] = row["wgrad_ms"] / wgrad_floor_ms(m, n, k, num_experts, ceilings)
+    row["check"] = "ok" if problem is None else "FAIL"
+    row["problem"] = problem
+    for kind in ("wgrad", "dgrad", "train"):
+        ours_ms, theirs_ms = row.get(f"{kind}_ms"), row.get(f"{kind}_torch_ms")
+        if ours_ms and theirs_ms:
+            row[f"{kind}_speedup"] = theirs_ms / ours_ms
     return row
 
 
@@ -139,8 +148,8 @@ def _sampled_wgrad_error(grad_w, x, grad_y, host_counts, samples: int = 16) -> f
     return math.sqrt(error) / max(math.sqrt(norm), 1e-30)
 
 
-def _train_ms(forward, x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor) -> float:
-    """Forward and backward (both gradients) of ``forward(x, weight)`` under autograd."""
+def _train_step(forward, x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward (both gradients) of ``forward(x, weight)`` under autograd, as one call."""
     x = x.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
 
@@ -148,7 +157,7 @@ def _train_ms(forward, x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Tens
         x.grad = weight.grad = None
         forward(x, weight).backward(grad_y)
 
-    return bench.bench_ms(step)
+    return step
 
 
 def run(args, suite: dict) -> int:

@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from moe_gemm import bench_backward
 
@@ -35,3 +36,23 @@ def test_table_row_has_a_cell_per_column_and_dashes_for_missing_values():
     cells = bench_backward.format_row(row).split()
     assert len(cells) == len(bench_backward.COLUMNS) == len(bench_backward.format_header().split())
     assert cells[6] == "0.500" and cells[7] == "-"
+
+
+def test_measure_shape_on_cpu_times_each_pair_together(monkeypatch):
+    # Every pair (ours, torch's) goes to the timer in one call, ours first; each function runs (0.5 ms each).
+    calls = []
+
+    def fake_interleaved(fns):
+        calls.append(len(fns))
+        for fn in fns:
+            fn()
+        return [0.5, 1.0][: len(fns)]
+
+    monkeypatch.setattr(bench_backward.bench, "bench_interleaved_ms", fake_interleaved)
+    weight = torch.randn(4, 16, 32).bfloat16()
+    row = bench_backward.measure_shape("tiny", 5, "up", weight, torch.tensor([3, 0, 5, 2]), (791.0, 3.02))
+    assert row["check"] == "ok" and row["problem"] is None and row["rel_error"] < 1e-2
+    assert calls == [2, 2, 2]
+    for kind in ("wgrad", "dgrad", "train"):
+        assert row[f"{kind}_ms"] == 0.5 and row[f"{kind}_torch_ms"] == 1.0 and row[f"{kind}_speedup"] == 2.0
+    assert row["wgrad_x_floor"] > 0

@@ -135,13 +135,14 @@ def test_main_without_gpu_exits_2(capsys):
 
 @pytest.fixture
 def fake_timer(monkeypatch):
-    """bench_ms that runs the function once and reports 0.5 ms."""
+    """bench_ms and bench_interleaved_ms that run each function once and report 0.5 ms."""
 
     def fake_bench_ms(fn):
         fn()
         return 0.5
 
     monkeypatch.setattr(bench, "bench_ms", fake_bench_ms)
+    monkeypatch.setattr(bench, "bench_interleaved_ms", lambda fns: [fake_bench_ms(fn) for fn in fns])
 
 
 def test_measure_shape_on_cpu(fake_timer):
