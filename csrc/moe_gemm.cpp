@@ -29,8 +29,12 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // n-blocks sharing the A tile win too: a sixth less traffic from L2, in a kernel that is power-bound
 // there. Not when N has an odd number of 256-column blocks below 20, where the pair rounds N up by
 // more than 5%; not for longer experts, where it measured no better (Mixtral, Qwen3 at 16k tokens).
+// From 2048 rows (16 or more m-blocks per expert, so that pairing m-blocks almost never leaves a CTA
+// without rows) clusters on neighbouring m-blocks sharing the B tile: 1-2% faster than 128x256 on
+// Mixtral at 16k tokens, but 3-8% slower at 1024-1092 rows (Qwen3 and Qwen1.5 at 16k tokens), timed
+// in turn with torch._grouped_mm (BENCHMARKS.md, "Tile configurations").
 // Examples: Qwen3 at 2048 tokens (M = 16384, E = 128): r = 128 -> 128x128 (0.355 ms vs 0.374);
-// Mixtral at 16k tokens (M = 32768, E = 8): r = 4096 -> 128x256;
+// Mixtral at 16k tokens (M = 32768, E = 8): r = 4096 -> 128x256c2x1 (up 11.25 ms vs 11.45);
 // DeepSeek-V3 at 16k tokens (M = 131072, E = 256, N = 4096 / 7168): r = 512 -> 128x256c1x2
 // (13.5 ms vs 13.8 up, 7.6 vs 7.8 down), measured on an H100 in bf16 with randn data
 // (scripts/compare_tile_configs.sh; BENCHMARKS.md, "Tile configurations").
@@ -54,6 +58,7 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
   constexpr int64_t kDecodeRowsPerExpert = 20;
   constexpr int64_t kRidgeRowsPerExpert = 256;
   constexpr int64_t kLongExpertRows = 1024;
+  constexpr int64_t kVeryLongExpertRows = 2048;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
   int64_t const rows_per_expert = M / experts_hit;
   if (rows_per_expert <= kDecodeRowsPerExpert) {
@@ -67,7 +72,7 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
   if (rows_per_expert < kLongExpertRows && n_blocks >= 2 && pairs_fit_n) {
     return TileConfig::k128x256Cluster1x2;
   }
-  return TileConfig::k128x256;
+  return rows_per_expert >= kVeryLongExpertRows ? TileConfig::k128x256Cluster2x1 : TileConfig::k128x256;
 }
 
 namespace {
