@@ -107,6 +107,7 @@ struct GroupedWgradParams {
   int32_t E = 0;
   int64_t ldl = 0, ldr = 0, ldd = 0, batch_stride_d = 0;
   int sm_count = 0;               // persistent grid size; 0 = query the current device
+  int group_p = 0;                // 128-row blocks of D per raster group (L2 locality); 0 = 8
   // Device memory of grouped_wgrad_workspace_bytes(params) bytes, zeroed by the caller before each launch.
   void* workspace = nullptr;
 };

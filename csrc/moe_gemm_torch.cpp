@@ -145,6 +145,10 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   params.ldd = out.stride(1);
   params.batch_stride_d = out.stride(0);
   params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // MOE_GEMM_GROUP_P=n: 128-row blocks of the gradient per raster group, for tuning L2 locality.
+  if (char const* group_p = std::getenv("MOE_GEMM_GROUP_P")) {
+    params.group_p = std::atoi(group_p);
+  }
   char const* problem = moe_gemm::check_grouped_wgrad(params);
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
 

@@ -40,6 +40,9 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
   if (p.E > 0 && p.m_sizes == nullptr) {
     return "m_sizes is null";
   }
+  if (p.group_p < 0) {
+    return "group_p must be >= 0";
+  }
   return nullptr;
 }
 

@@ -2,6 +2,9 @@
 // the registers of the MMA warpgroups, goes out kEpiN columns (128-byte rows) at a time through
 // kEpiBuffers swizzled shared-memory buffers. Each buffer is rewritten only after the store issued from it
 // kEpiBuffers chunks earlier has read it, so a tile's stores drain while the next tile's MMAs run.
+// Each warpgroup stores the rows it holds on its own (its barrier, its TMA stores, its wait on them): the
+// two warpgroups of a cooperative tile never wait for each other here, and one whose rows are all past the
+// expert's end can skip the epilogue.
 // 16-bit outputs are written to shared memory with stmatrix (16 x 16 values per instruction): for short
 // reductions (a wgrad tile of 8 k-blocks) the epilogue is on the critical path, and this one has a quarter
 // of the store instructions of per-pair stores.
@@ -16,20 +19,32 @@
 
 namespace moe_gemm {
 
+// Rows of the tile each warpgroup of the TiledMma holds (the warpgroups split the tile along M): 64 when
+// two share a 128-row tile, the whole tile when one holds it. Each warpgroup's TMA store box has these rows.
+template <class TiledMma, int kTileM>
+constexpr int kRowsPerWarpGroup = kTileM * int(cutlass::NumThreadsPerWarpGroup) / int(cute::size(TiledMma{}));
+
 // smem_d: (kTileM rows, kEpiN columns, kEpiBuffers) in the layout of the TMA store's descriptor.
-// issue_store(chunk, buffer_tensor) runs on one thread once chunk `chunk` is in shared memory and must
-// issue its TMA store (or reduce-add) and commit it (tma_store_arrive). store_count counts chunks issued
-// so far by these threads (it picks the buffer) and is advanced past this tile's. epilogue_barrier spans
-// the threads that hold the tile (thread_idx 0 .. its count - 1).
+// issue_store(chunk, smem_box, row_offset) runs on the first thread of each warpgroup once the warpgroup's
+// rows [row_offset, row_offset + kRowsPerWarpGroup) of chunk `chunk` are in shared memory at smem_box, and
+// must issue their TMA store (or reduce-add) and commit it (tma_store_arrive). store_count counts chunks
+// issued so far by this warpgroup (it picks the buffer) and is advanced past this tile's.
+// warp_group_barrier spans the 128 threads of the calling warpgroup; thread_idx runs over the TiledMma's.
 template <int kTileN, int kEpiN, int kEpiBuffers, class SmemTensorD, class Accumulators, class TiledMma,
           class IssueStore>
 CUTLASS_DEVICE void store_tile_through_smem(SmemTensorD const& smem_d, Accumulators const& accumulators,
                                             TiledMma const& tiled_mma, int thread_idx,
-                                            cutlass::arch::NamedBarrier const& epilogue_barrier, int& store_count,
+                                            cutlass::arch::NamedBarrier const& warp_group_barrier, int& store_count,
                                             IssueStore&& issue_store) {
   using namespace cute;
   using ElementD = typename SmemTensorD::value_type;
   constexpr int kTileM = size<0>(SmemTensorD{});
+  constexpr int kGroupRows = kRowsPerWarpGroup<TiledMma, kTileM>;
+  static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) * kGroupRows == kTileM &&
+                    size<2>(typename TiledMma::ThrLayoutVMNK{}) == 1,
+                "the warpgroups split the tile along M");
+  int const group_row0 = thread_idx / int(cutlass::NumThreadsPerWarpGroup) * kGroupRows;
+  bool const group_leader = thread_idx % int(cutlass::NumThreadsPerWarpGroup) == 0;
   // The loops below walk the WGMMA accumulator layout: ((2 columns, 2 row halves, kTileN / 8 column
   // groups), MMA_M, MMA_N) with the whole tile width in one instruction.
   static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
@@ -44,10 +59,10 @@ CUTLASS_DEVICE void store_tile_through_smem(SmemTensorD const& smem_d, Accumulat
   CUTLASS_PRAGMA_UNROLL
   for (int chunk = 0; chunk < kTileN / kEpiN; ++chunk) {
     int const buffer = (store_count + chunk) % kEpiBuffers;
-    if (thread_idx == 0) {
-      tma_store_wait<kEpiBuffers - 1>();
+    if (group_leader) {
+      tma_store_wait<kEpiBuffers - 1>();  // this warpgroup's store from the buffer has read it
     }
-    epilogue_barrier.arrive_and_wait();
+    warp_group_barrier.arrive_and_wait();
     CUTLASS_PRAGMA_UNROLL
     for (int m = 0; m < size<1>(accumulators); ++m) {
       if constexpr (sizeof(ElementD) == 2) {
@@ -93,9 +108,9 @@ CUTLASS_DEVICE void store_tile_through_smem(SmemTensorD const& smem_d, Accumulat
     }
     // Generic-proxy writes must be visible to the TMA (async proxy) before it reads them.
     tma_store_fence();
-    epilogue_barrier.arrive_and_wait();
-    if (thread_idx == 0) {
-      issue_store(chunk, smem_d(_, _, buffer));
+    warp_group_barrier.arrive_and_wait();
+    if (group_leader) {
+      issue_store(chunk, &smem_d(group_row0, 0, buffer), group_row0);
     }
   }
   store_count += kTileN / kEpiN;

@@ -114,6 +114,8 @@ class Sm90MoeGemmKernel {
   // Epilogue chunks: kTileM x 64 outputs = 128-byte rows, the widest TMA swizzle (no bank conflicts).
   static constexpr int kEpiN = 64;
   static constexpr int kEpiBuffers = 2;
+  // Rows of D's TMA store box: those of one warpgroup (64 cooperative, 128 ping-pong).
+  static constexpr int kStoreRows = kSwapAB ? kTileM : kRowsPerWarpGroup<TiledMma, kTileM>;
   static_assert(kTileN % kEpiN == 0);
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
@@ -492,10 +494,9 @@ class Sm90MoeGemmKernel {
     int const k_tiles = (params.K + kTileK - 1) / kTileK;
     Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data() + consumer_group * kSmemDElements),
                             SmemLayoutD{});  // (BLK_M, EPI_N, BUF)
-    // Cooperative: the reserved epilogue barrier over both warpgroups; ping-pong: one per warpgroup.
-    cutlass::arch::NamedBarrier const epilogue_barrier =
-        kPingpong ? cutlass::arch::NamedBarrier(kNumMmaThreads, uint32_t(consumer_group))
-                  : cutlass::arch::NamedBarrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+    // Each consumer warpgroup stores its own rows, behind its own barrier (sm90_moe_epilogue.hpp).
+    cutlass::arch::NamedBarrier const epilogue_barrier(cutlass::NumThreadsPerWarpGroup,
+                                                       uint32_t(consumer_thread_idx) / cutlass::NumThreadsPerWarpGroup);
 
     bool const dynamic = params.tile_counter != nullptr;
     TilePipelineState tile_read;
@@ -546,23 +547,24 @@ class Sm90MoeGemmKernel {
                                shared_storage);
       } else if constexpr (kSwapAB) {
         store_tile_transposed(params, work, accumulators, tiled_mma, mma_thread_idx);
-      } else if (work.m_block * kTileM < work.rows && work.n_block * kTileN < params.N) {
+      } else if (work.m_block * kTileM < work.rows && work.n_block * kTileN < params.N &&
+                 !idle_warp_group(work, mma_thread_idx)) {
         // (In a cluster, a CTA past the expert's last m-block or past N loads its share of the peers'
-        // tiles, but has no output.)
+        // tiles, but has no output; nor has a warpgroup whose rows are all past the expert.)
         store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier, store_count);
       }
     }
     zero_uncovered_rows(params, scheduler.rows_covered(), consumer_thread_idx);
-    // Shared memory must outlive the TMA stores that read it.
-    if (mma_thread_idx == 0) {
+    // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
+    if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {
       tma_store_wait<0>();
     }
   }
 
   // Cooperative tiles: warpgroup w multiplies rows [64 w, 64 w + 64) of the tile. When none of them
   // belongs to the expert (its last m-block has at most 64 rows, or a cluster CTA is past it), the
-  // warpgroup skips the MMAs and only frees the stages: the other one then has the tensor cores to
-  // itself, and an expert's tail of <= 64 rows costs half a tile instead of a whole one.
+  // warpgroup skips the MMAs (it only frees the stages) and the epilogue: the other one then has the
+  // tensor cores to itself, and an expert's tail of <= 64 rows costs half a tile instead of a whole one.
   CUTLASS_DEVICE static bool idle_warp_group(MoeWorkTile const& work, int mma_thread_idx) {
     if constexpr (kPingpong || kSwapAB) {
       return false;  // one warpgroup holds all the tile's rows, or the rows are the MMA's N
@@ -588,29 +590,31 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // Registers -> swizzled shared memory -> TMA store, 64 columns at a time. Each of the two buffers
-  // is reused only after the store issued from it two chunks ago has read it. The ragged descriptor
-  // drops the rows at or past the expert's end, and TMA's bounds check the columns past N.
+  // Registers -> swizzled shared memory -> TMA store, 64 columns at a time, each warpgroup its own rows
+  // (kStoreRows). Each of the two buffers is reused only after the store issued from it two chunks ago
+  // has read it. The ragged descriptor drops the rows at or past the expert's end, and TMA's bounds
+  // check the columns past N.
   template <class Accumulators, class SmemTensorD>
   CUTLASS_DEVICE static void store_tile_tma(Params const& params, MoeWorkTile const& work,
                                             Accumulators const& accumulators, TiledMma const& tiled_mma,
                                             int mma_thread_idx, SmemTensorD const& sD,
                                             cutlass::arch::NamedBarrier const& epilogue_barrier, int& store_count) {
     using namespace cute;
-    // Ragged coordinates (sm90_ragged_tma.hpp) of the box at row0, for a group that ends rows_here
-    // rows later (at most the tile: rows further on are inside the box's reach either way).
-    int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
-    int32_t const rows_here = min(kTileM, work.rows - work.m_block * kTileM);
-    int32_t const window_row = kRaggedWindow - rows_here;
-    int32_t const row_end = row0 + rows_here;
+    int32_t const tile_row0 = int32_t(work.row_start) + work.m_block * kTileM;
+    int32_t const tile_rows = work.rows - work.m_block * kTileM;  // of the expert, from the tile's first
     int32_t const wrap = kRaggedWindow;  // a register: the copies take their coordinates by reference
     int32_t const col0 = work.n_block * kTileN;
     store_tile_through_smem<kTileN, kEpiN, kEpiBuffers>(
         sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
-        [&](int chunk, auto const& sD_buffer) {
+        [&](int chunk, auto* smem_box, int row_offset) {
+          // Ragged coordinates (sm90_ragged_tma.hpp) of the box at row0, for a group that ends rows_here
+          // rows later (at most the box: rows further on are inside its reach either way). The caller
+          // skips warpgroups with no rows, so rows_here >= 1.
+          int32_t const rows_here = min(kStoreRows, tile_rows - row_offset);
+          int32_t const window_row = kRaggedWindow - rows_here;
+          int32_t const row_end = tile_row0 + row_offset + rows_here;
           int32_t const col = col0 + chunk * kEpiN;
-          cute::SM90_TMA_STORE_4D::copy(&params.tma_store_d, raw_pointer_cast(sD_buffer.data()), col, window_row,
-                                        row_end, wrap);
+          cute::SM90_TMA_STORE_4D::copy(&params.tma_store_d, smem_box, col, window_row, row_end, wrap);
           tma_store_arrive();
         });
   }

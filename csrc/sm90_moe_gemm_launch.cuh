@@ -162,7 +162,7 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
                            typename Config::TileShape{}, typename Config::ClusterShape{}),
       Mainloop::TmaTransactionBytes, Mainloop::TmaTransactionBytesMK, Mainloop::TmaTransactionBytesNK};
   if (cudaError_t status = detail::encode_ragged<Element>(&params.tma_store_d, p.d, N, p.ldd, Kernel::kEpiN,
-                                                          Kernel::kTileM);
+                                                          Kernel::kStoreRows);
       status != cudaSuccess) {
     return status;
   }

@@ -13,9 +13,10 @@
 //     [r0, r1) is loaded at (col, W - (r1 - r0) + 64 kb, r1, W): element j lands on row
 //     r0 + 64 kb + j, and TMA's bounds check on the window dimension (coordinate < W) zero-fills
 //     exactly the rows at or past r1. No per-expert descriptor, no masking in shared memory.
-//   - the epilogue: registers -> swizzled shared memory -> TMA store of 128 B-wide column chunks
-//     into a 3-D (Q, P, E) descriptor that clips at the P and Q edges; when accumulating, a TMA
-//     reduce-add (D += tile) instead, so a float32 main-grad buffer is updated without reading it.
+//   - the epilogue: registers -> swizzled shared memory -> TMA store of 128 B-wide column chunks, each
+//     warpgroup its 64 rows, into a 3-D (Q, P, E) descriptor that clips at the P and Q edges; when
+//     accumulating, a TMA reduce-add (D += tile) instead, so a float32 main-grad buffer is updated
+//     without reading it.
 #pragma once
 
 #include <cuda.h>
@@ -163,6 +164,7 @@ class Sm90MoeWgradKernel {
   static constexpr int kEpiN = 128 / int(sizeof(ElementD));
   static constexpr int kEpiBuffers = 2;
   static_assert(kTileQ % kEpiN == 0);
+  static constexpr int kStoreRows = kRowsPerWarpGroup<TiledMma, kTileP>;  // of D's TMA store box
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileP>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
@@ -184,7 +186,8 @@ class Sm90MoeWgradKernel {
   struct Params {
     CUtensorMap tma_l;  // ragged view of L, see the header comment
     CUtensorMap tma_r;  // ragged view of R
-    CUtensorMap tma_d;  // (Q, P, E) view of D
+    CUtensorMap tma_d;  // (Q, P, E) view of D, boxes of kEpiN x kStoreRows
+    int32_t P;
     WgradSchedulerParams scheduler;
     int* tile_counter;  // zeroed before the launch
     bool accumulate;
@@ -351,9 +354,14 @@ class Sm90MoeWgradKernel {
       } else {
         clear(accumulators);  // a sum over no rows
       }
-      store_tile(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);
+      // Each warpgroup stores its own rows; none when they are all past P.
+      int const group_row0 = mma_thread_idx / int(cutlass::NumThreadsPerWarpGroup) * kStoreRows;
+      if (work.p_block * kTileP + group_row0 < params.P) {
+        store_tile(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);
+      }
     }
-    if (mma_thread_idx == 0) {
+    // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
+    if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {
       tma_store_wait<0>();
     }
   }
@@ -367,17 +375,16 @@ class Sm90MoeWgradKernel {
     Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
     int32_t const p0 = work.p_block * kTileP;
     int32_t const q0 = work.q_block * kTileQ;
-    cutlass::arch::NamedBarrier const epilogue_barrier(kNumMmaThreads,
-                                                        cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+    cutlass::arch::NamedBarrier const epilogue_barrier(cutlass::NumThreadsPerWarpGroup,
+                                                        uint32_t(mma_thread_idx) / cutlass::NumThreadsPerWarpGroup);
     store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers>(
         sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
-        [&](int chunk, auto const& sD_buffer) {
-          void const* smem = raw_pointer_cast(sD_buffer.data());
+        [&](int chunk, auto* smem_box, int row_offset) {
           int32_t const q = q0 + chunk * kEpiN;
           if (params.accumulate) {
-            cute::SM90_TMA_REDUCE_ADD_3D::copy(&params.tma_d, smem, q, p0, work.expert);
+            cute::SM90_TMA_REDUCE_ADD_3D::copy(&params.tma_d, smem_box, q, p0 + row_offset, work.expert);
           } else {
-            cute::SM90_TMA_STORE_3D::copy(&params.tma_d, smem, q, p0, work.expert);
+            cute::SM90_TMA_STORE_3D::copy(&params.tma_d, smem_box, q, p0 + row_offset, work.expert);
           }
           tma_store_arrive();
         });

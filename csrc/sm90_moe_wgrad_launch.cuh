@@ -52,20 +52,21 @@ cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream)
   if (status == cudaSuccess) {
     uint64_t const dims[3] = {uint64_t(p.Q), uint64_t(p.P), uint64_t(p.E)};
     uint64_t const strides[3] = {1, uint64_t(p.ldd), uint64_t(p.batch_stride_d)};
-    uint32_t const box[3] = {uint32_t(Kernel::kEpiN), uint32_t(Kernel::kTileP), 1};
+    uint32_t const box[3] = {uint32_t(Kernel::kEpiN), uint32_t(Kernel::kStoreRows), 1};
     status = detail::encode_tma(&params.tma_d, detail::tma_type<ElementD>(), int(sizeof(ElementD)), p.d, 3, dims,
                                 strides, box);
   }
   if (status != cudaSuccess) {
     return status;
   }
+  params.P = int32_t(p.P);
   params.scheduler.m_sizes = p.m_sizes;
   params.scheduler.m_sizes_int64 = p.m_sizes_int64;
   params.scheduler.num_experts = p.E;
   params.scheduler.rows_total = p.M;
   params.scheduler.tiles_p = int32_t((p.P + Kernel::kTileP - 1) / Kernel::kTileP);
   params.scheduler.tiles_q = int32_t((p.Q + Kernel::kTileQ - 1) / Kernel::kTileQ);
-  params.scheduler.group_p = 8;
+  params.scheduler.group_p = p.group_p > 0 ? p.group_p : 8;
   params.tile_counter = static_cast<int*>(p.workspace);
   params.accumulate = p.accumulate;
 

@@ -99,7 +99,8 @@ struct Options {
         "  --n=N --k=K                       GEMM sizes (multiples of 8)\n"
         "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
         "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2x1|128x256c1x2|128x128pp|16x128s\n"
-        "  --group_m=G                       m-blocks per raster group (L2 locality)\n"
+        "  --group_m=G                       m-blocks per raster group (L2 locality; --wgrad: blocks of 128 rows of\n"
+        "                                    the gradient)\n"
         "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
         "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic)\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
@@ -384,6 +385,7 @@ int run_wgrad(Options const& opt) {
   params.ldr = Q;
   params.ldd = Q;
   params.batch_stride_d = P * Q;
+  params.group_p = opt.group_m;  // --group_m: the gradient's 128-row blocks per raster group
   if (char const* problem = moe_gemm::check_grouped_wgrad(params)) {
     std::fprintf(stderr, "cannot run: %s\n", problem);
     return 1;

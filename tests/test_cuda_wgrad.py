@@ -190,3 +190,17 @@ def test_compile_fullgraph_forward_and_backward():
         results.append((x_.grad, w_.grad))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("group_p", ["1", "3"])
+def test_raster_group_sizes(group_p, monkeypatch):
+    # MOE_GEMM_GROUP_P only reorders the tiles: 5 blocks of 128 gradient rows, groups that do not divide them.
+    monkeypatch.setenv("MOE_GEMM_GROUP_P", group_p)
+    check([0, 90, 300, 7], n=520, k=640)
+
+
+def test_negative_group_p_is_refused(monkeypatch):
+    monkeypatch.setenv("MOE_GEMM_GROUP_P", "-1")
+    x, grad_y, m_sizes = make_inputs([4, 5], 64, 64, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="group_p must be >= 0"):
+        moe_gemm.grouped_weight_grad(x, grad_y, m_sizes)
