@@ -187,7 +187,7 @@ class Sm90MoeWgradKernel {
     CUtensorMap tma_l;  // ragged view of L, see the header comment
     CUtensorMap tma_r;  // ragged view of R
     CUtensorMap tma_d;  // (Q, P, E) view of D, boxes of kEpiN x kStoreRows
-    int32_t P;
+    int32_t P;          // rows of each expert's gradient: a warpgroup whose rows start past them stores nothing
     WgradSchedulerParams scheduler;
     int* tile_counter;  // zeroed before the launch
     bool accumulate;
