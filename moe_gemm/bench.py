@@ -206,13 +206,23 @@ def bench_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 10
     return _bench_ms_cuda_events(fn, warmup_ms, rep_ms)
 
 
+def interleaved_order(count: int, round_index: int) -> list[int]:
+    """The functions' indices in round ``round_index`` of ``bench_interleaved_ms``: in order on even rounds, reversed
+    on odd ones (a, b | b, a | a, b ...), so that each of two functions runs after itself as often as after the
+    other."""
+    order = list(range(count))
+    return order[::-1] if round_index % 2 else order
+
+
 def bench_interleaved_ms(fns: list[Callable[[], object]], warmup_ms: float = 25, rep_ms: float = 100) -> list[float]:
-    """Median times (ms) of functions that are compared with one another, timed in turn (a, b, a, b, ...) with L2
-    flushed before each run.
+    """Median times (ms) of functions that are compared with one another, timed in turn with L2 flushed before each
+    run, the order reversed every round (a, b, b, a, a, b, ...).
 
     At boost clocks the large GEMMs are power-bound and the clock settles over tens of milliseconds, so timing one
     function after the other (each with ``bench_ms``) charges whichever runs first, right after the float32
-    reference check, with the clock's transient. In turn, every function sees the same clock history.
+    reference check, with the clock's transient. In turn, every function sees the same clock history; reversing the
+    order makes each follow itself as often as the other, so that neither is timed only in the power state the
+    other leaves behind.
     """
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     estimates = []
@@ -231,8 +241,10 @@ def bench_interleaved_ms(fns: list[Callable[[], object]], warmup_ms: float = 25,
         for fn in fns:
             fn()
     events: list[list] = [[] for _ in fns]
-    for _ in range(max(1, int(rep_ms * len(fns) / round_ms))):
-        for fn, fn_events in zip(fns, events):
+    rounds = max(2, int(rep_ms * len(fns) / round_ms))
+    for round_index in range(rounds + rounds % 2):  # an even count: both orders equally often
+        for i in interleaved_order(len(fns), round_index):
+            fn, fn_events = fns[i], events[i]
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -65,6 +65,21 @@ def test_floor_matches_the_anchor_table():
     assert floor == pytest.approx(9.733, rel=1e-3)
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_interleaved_order_reverses_every_round(count):
+    rounds = [bench.interleaved_order(count, r) for r in range(4)]
+    assert rounds[0] == rounds[2] == list(range(count))
+    assert rounds[1] == rounds[3] == list(range(count))[::-1]
+
+
+def test_interleaved_order_gives_two_functions_each_predecessor_equally_often():
+    sequence = [i for r in range(10) for i in bench.interleaved_order(2, r)]
+    follows = [(before, after) for before, after in zip(sequence, sequence[1:])]
+    for fn in (0, 1):
+        after_self, after_other = follows.count((fn, fn)), follows.count((1 - fn, fn))
+        assert abs(after_self - after_other) <= 1 and after_self >= 4
+
+
 def test_geomean():
     assert bench.geomean([1.0, 4.0]) == pytest.approx(2.0)
     assert bench.geomean([2.0, None, math.nan, 0.0, 8.0]) == pytest.approx(4.0)
