@@ -60,6 +60,9 @@ struct GroupedGemmParams {
   // 0 = choose_split_k(), 1 = off. Values above the number of k-blocks (64 or 128 wide) are clamped to it;
   // only the 128x128 and 16x128s configurations split (the others run 1).
   int split_k = 0;
+  // 16-bit outputs of the cooperative configurations: store each tile under the next tile's MMAs (true)
+  // or right after its own (false; for A/B measurements).
+  bool overlap_epilogue = true;
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto).
@@ -108,6 +111,7 @@ struct GroupedWgradParams {
   int64_t ldl = 0, ldr = 0, ldd = 0, batch_stride_d = 0;
   int sm_count = 0;               // persistent grid size; 0 = query the current device
   int group_p = 0;                // 128-row blocks of D per raster group (L2 locality); 0 = 8
+  bool overlap_epilogue = true;   // 16-bit D: store each tile under the next tile's MMAs (as in GroupedGemmParams)
   // Device memory of grouped_wgrad_workspace_bytes(params) bytes, zeroed by the caller before each launch.
   void* workspace = nullptr;
 };

@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include <cstdlib>
+#include <string>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -21,6 +22,13 @@ moe_gemm::DType to_dtype(at::ScalarType type) {
 }
 
 // D = grouped GEMM of x [M, K] with weight [E, N, K] (or [E, K, N] when weight_transposed).
+// MOE_GEMM_OVERLAP_EPILOGUE=0 stores each 16-bit tile right after its MMAs instead of under the next
+// tile's (both kernels; for A/B measurements). Anything else, or unset: overlapped.
+bool overlap_epilogue_enabled() {
+  char const* value = std::getenv("MOE_GEMM_OVERLAP_EPILOGUE");
+  return value == nullptr || std::string(value) != "0";
+}
+
 at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& m_sizes,
                            bool weight_transposed) {
   TORCH_CHECK(x.dim() == 2, "moe_gemm.grouped_mm: x must be 2-D [M, K], got ", x.sizes());
@@ -82,6 +90,7 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
     params.split_k = std::atoi(split_k);
     TORCH_CHECK(params.split_k >= 0, "moe_gemm.grouped_mm: MOE_GEMM_SPLIT_K must be >= 0, got ", split_k);
   }
+  params.overlap_epilogue = overlap_epilogue_enabled();
   char const* problem = moe_gemm::check_grouped_gemm(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
 
@@ -149,6 +158,7 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   if (char const* group_p = std::getenv("MOE_GEMM_GROUP_P")) {
     params.group_p = std::atoi(group_p);
   }
+  params.overlap_epilogue = overlap_epilogue_enabled();
   char const* problem = moe_gemm::check_grouped_wgrad(params);
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
 

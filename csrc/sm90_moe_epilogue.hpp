@@ -7,7 +7,9 @@
 // expert's end can skip the epilogue.
 // 16-bit outputs are written to shared memory with stmatrix (16 x 16 values per instruction): for short
 // reductions (a wgrad tile of 8 k-blocks) the epilogue is on the critical path, and this one has a quarter
-// of the store instructions of per-pair stores.
+// of the store instructions of per-pair stores. Either a whole tile at once (store_tile_through_smem) or,
+// packed to 16 bits and held in registers, a chunk at a time under the next tile's MMAs (pack_tile,
+// store_packed_chunk; sm90_moe_mainloop.hpp).
 #pragma once
 
 #include "cute/arch/copy_sm90.hpp"
@@ -23,6 +25,118 @@ namespace moe_gemm {
 // two share a 128-row tile, the whole tile when one holds it. Each warpgroup's TMA store box has these rows.
 template <class TiledMma, int kTileM>
 constexpr int kRowsPerWarpGroup = kTileM * int(cutlass::NumThreadsPerWarpGroup) / int(cute::size(TiledMma{}));
+
+// The 16-bit tile, packed: each thread's accumulators converted to pairs of 16-bit values (one 32-bit
+// register per pair) in the order the stmatrix stores below take them, chunk by chunk: half the registers
+// of the float accumulators. A tile held this way can wait in registers while the next tile's MMAs run,
+// and be stored under them (sm90_moe_mainloop.hpp).
+template <class ElementD, class Accumulators>
+struct PackedTile {
+  static_assert(sizeof(ElementD) == 2, "stmatrix stores 16-bit tiles");
+  static constexpr int kRowBlocks = cute::size<1>(Accumulators{});  // WGMMA's 64-row blocks per warpgroup
+  uint32_t regs[cute::size(Accumulators{}) / 2];
+};
+
+// The register of PackedTile that holds matrix j (0..3) of stmatrix number `store` (over the chunk's
+// 16-column blocks) of row block m in chunk `chunk`.
+template <int kEpiN, int kRowBlocks>
+constexpr int packed_index(int chunk, int m, int store, int j) {
+  return ((chunk * kRowBlocks + m) * (kEpiN / 16) + store) * 4 + j;
+}
+
+// Accumulators -> PackedTile. Register j of each stmatrix.x4 holds the thread's pair of matrix j = (row
+// half j % 2, column group j / 2), the layout WGMMA leaves them in. The loops walk the WGMMA accumulator
+// layout: ((2 columns, 2 row halves, kTileN / 8 column groups), MMA_M, MMA_N), the whole tile width in one
+// instruction.
+template <int kTileN, int kEpiN, class ElementD, class Accumulators>
+CUTLASS_DEVICE void pack_tile(Accumulators const& accumulators, PackedTile<ElementD, Accumulators>& packed) {
+  using namespace cute;
+  static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
+                size<0, 2>(Accumulators{}) == kTileN / 8 && size<2>(Accumulators{}) == 1);
+  static_assert(kTileN % kEpiN == 0 && kEpiN % 16 == 0, "stmatrix.x4 stores 16-column blocks");
+  constexpr int kRowBlocks = size<1>(Accumulators{});
+  cutlass::NumericArrayConverter<ElementD, float, 2> convert;
+  CUTLASS_PRAGMA_UNROLL
+  for (int chunk = 0; chunk < kTileN / kEpiN; ++chunk) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int m = 0; m < kRowBlocks; ++m) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int store = 0; store < kEpiN / 16; ++store) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+          int const group = chunk * (kEpiN / 8) + 2 * store + j / 2;
+          cutlass::Array<float, 2> values;
+          values[0] = accumulators(make_coord(make_coord(0, j % 2, group), m, 0));
+          values[1] = accumulators(make_coord(make_coord(1, j % 2, group), m, 0));
+          cutlass::Array<ElementD, 2> const pair = convert(values);
+          packed.regs[packed_index<kEpiN, kRowBlocks>(chunk, m, store, j)] = reinterpret_cast<uint32_t const&>(pair);
+        }
+      }
+    }
+  }
+}
+
+// store_packed_chunk and store_tile_through_smem take smem_d, issue_store, store_count and
+// warp_group_barrier as described at store_tile_through_smem below.
+// Chunk kChunk of a packed tile: wait until the buffer's previous store has read it, stmatrix, then TMA.
+template <int kChunk, int kTileN, int kEpiN, int kEpiBuffers, class SmemTensorD, class Packed, class TiledMma,
+          class IssueStore>
+CUTLASS_DEVICE void store_packed_chunk(SmemTensorD const& smem_d, Packed const& packed, TiledMma const& tiled_mma,
+                                       int thread_idx, cutlass::arch::NamedBarrier const& warp_group_barrier,
+                                       int& store_count, IssueStore&& issue_store) {
+  using namespace cute;
+  constexpr int kTileM = size<0>(SmemTensorD{});
+  constexpr int kGroupRows = kRowsPerWarpGroup<TiledMma, kTileM>;
+  static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) * kGroupRows == kTileM &&
+                    size<2>(typename TiledMma::ThrLayoutVMNK{}) == 1,
+                "the warpgroups split the tile along M");
+  static_assert(size<1>(SmemTensorD{}) == kEpiN && size<2>(SmemTensorD{}) == kEpiBuffers);
+  constexpr int kRowBlocks = Packed::kRowBlocks;
+  int const group_row0 = thread_idx / int(cutlass::NumThreadsPerWarpGroup) * kGroupRows;
+  bool const group_leader = thread_idx % int(cutlass::NumThreadsPerWarpGroup) == 0;
+  int const buffer = store_count % kEpiBuffers;
+  ++store_count;
+  if (group_leader) {
+    tma_store_wait<kEpiBuffers - 1>();  // this warpgroup's store from the buffer has read it
+  }
+  warp_group_barrier.arrive_and_wait();
+  // Lane l gives the address of row l % 8 of matrix l / 8 (rows 8 ((l / 8) % 2) + l % 8 of the warp's 16,
+  // columns 8 (l / 16) of the 16-column block); the warp's first row comes from the MMA's C partition.
+  Tensor cD = make_identity_tensor(make_shape(Int<kTileM>{}, Int<kTileN>{}));
+  Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(cD);
+  int const lane = thread_idx % 32;
+  CUTLASS_PRAGMA_UNROLL
+  for (int m = 0; m < kRowBlocks; ++m) {
+    int const warp_row0 = get<0>(tCcD(make_coord(make_coord(0, 0, 0), m, 0))) - lane / 4;
+    int const address_row = warp_row0 + 8 * ((lane / 8) % 2) + lane % 8;
+    CUTLASS_PRAGMA_UNROLL
+    for (int store = 0; store < kEpiN / 16; ++store) {
+      int const address_col = (2 * store + lane / 16) * 8;
+      uint32_t const* regs = &packed.regs[packed_index<kEpiN, kRowBlocks>(kChunk, m, store, 0)];
+      cute::SM90_U32x4_STSM_N::copy(regs[0], regs[1], regs[2], regs[3],
+                                    reinterpret_cast<cute::uint128_t&>(smem_d(address_row, address_col, buffer)));
+    }
+  }
+  // Generic-proxy writes must be visible to the TMA (async proxy) before it reads them.
+  tma_store_fence();
+  warp_group_barrier.arrive_and_wait();
+  if (group_leader) {
+    issue_store(kChunk, &smem_d(group_row0, 0, buffer), group_row0);
+  }
+}
+
+// Calls f(Int<i>{}) for the one compile-time i in [0, kCount) equal to the runtime `index` (none if out of
+// range): a runtime chunk index for code that must index registers at compile time.
+template <int kCount, int kFirst = 0, class F>
+CUTLASS_DEVICE void with_static_index(int index, F&& f) {
+  if constexpr (kFirst < kCount) {
+    if (index == kFirst) {
+      f(cute::Int<kFirst>{});
+    } else {
+      with_static_index<kCount, kFirst + 1>(index, static_cast<F&&>(f));
+    }
+  }
+}
 
 // smem_d: (kTileM rows, kEpiN columns, kEpiBuffers) in the layout of the TMA store's descriptor.
 // issue_store(chunk, smem_box, row_offset) runs on the first thread of each warpgroup once the warpgroup's

@@ -13,10 +13,12 @@
 //   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
 //   - the epilogue: tiles go out through shared memory and asynchronous TMA stores (64 columns at
-//     a time, double-buffered, so the next tile's MMAs start while the store drains). D's descriptor
-//     is ragged (sm90_ragged_tma.hpp): the store of an expert's last, partial m-block drops the rows
-//     past the expert's end, which the MMA computed from the next expert's A rows and which must
-//     never be written. Finally the CTAs zero the rows of D that no expert covers;
+//     a time, double-buffered, so the next tile's MMAs start while the store drains); 16-bit tiles of
+//     the cooperative configurations wait in registers and are stored under the next tile's MMAs
+//     (sm90_moe_mainloop.hpp). D's descriptor is ragged (sm90_ragged_tma.hpp): the store of an
+//     expert's last, partial m-block drops the rows past the expert's end, which the MMA computed
+//     from the next expert's A rows and which must never be written. Finally the CTAs zero the rows
+//     of D that no expert covers;
 //   - an expert's tail of at most 64 rows is multiplied by one warpgroup (idle_warp_group), at the
 //     full rate of the tensor cores, instead of by both at half rate each;
 //   - decode tiles with the operands swapped (kSwapAB): the weights are WGMMA's A operand and a few
@@ -43,6 +45,7 @@
 #include "cutlass/pipeline/pipeline.hpp"
 
 #include "sm90_moe_epilogue.hpp"
+#include "sm90_moe_mainloop.hpp"
 #include "sm90_moe_tile_scheduler.hpp"
 #include "sm90_ragged_tma.hpp"
 
@@ -117,6 +120,10 @@ class Sm90MoeGemmKernel {
   // Rows of D's TMA store box: those of one warpgroup (64 cooperative, 128 ping-pong).
   static constexpr int kStoreRows = kSwapAB ? kTileM : kRowsPerWarpGroup<TiledMma, kTileM>;
   static_assert(kTileN % kEpiN == 0);
+  static constexpr int kChunks = kTileN / kEpiN;
+  // 16-bit tiles of the cooperative kernel are stored under the next tile's MMAs (consume()); ping-pong
+  // overlaps its epilogues already, and the swapped and split-K tiles store from registers or partials.
+  static constexpr bool kDeferStore = !kPingpong && !kSwapAB && !kSplitK && sizeof(ElementD) == 2;
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
@@ -180,6 +187,7 @@ class Sm90MoeGemmKernel {
     int32_t k_blocks_per_split;
     int32_t k_blocks_remainder;
     int32_t partial_rows;  // rows of each partial tile in the workspace: min(kTileM, M)
+    bool overlap_epilogue;  // kDeferStore: each tile stored under the next one's MMAs (else right away)
     int* tile_arrivals;    // [tile slots] splits done per tile, zeroed before the launch
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
   };
@@ -498,6 +506,30 @@ class Sm90MoeGemmKernel {
     cutlass::arch::NamedBarrier const epilogue_barrier(cutlass::NumThreadsPerWarpGroup,
                                                        uint32_t(consumer_thread_idx) / cutlass::NumThreadsPerWarpGroup);
 
+    using Accumulators = decltype(partition_fragment_C(tiled_mma, take<0, 2>(TileShape{})));
+    // kDeferStore: the finished tile waits in registers, packed to 16 bits, and is stored a chunk per
+    // k-block under the next tile's MMAs (sm90_moe_mainloop.hpp). Every path through a tile below stores
+    // what is pending before the tile's own output becomes pending.
+    bool const defer = kDeferStore && params.overlap_epilogue;
+    StoreTarget pending{};
+    cute::conditional_t<kDeferStore, PackedTile<ElementD, Accumulators>, cute::tuple<>> packed;
+    auto const store_pending_chunk = [&](int chunk) {
+      if constexpr (kDeferStore) {
+        if (pending.active) {
+          with_static_index<kChunks>(chunk, [&](auto static_chunk) {
+            store_packed_chunk<decltype(static_chunk)::value, kTileN, kEpiN, kEpiBuffers>(
+                sD, packed, tiled_mma, mma_thread_idx, epilogue_barrier, store_count, issue_store(params, pending));
+          });
+        }
+      }
+    };
+    auto const store_pending_from = [&](int first_chunk) {
+      for (int chunk = first_chunk; chunk < kChunks; ++chunk) {
+        store_pending_chunk(chunk);
+      }
+      pending.active = false;
+    };
+
     bool const dynamic = params.tile_counter != nullptr;
     TilePipelineState tile_read;
     UnitSlotState unit_state;
@@ -524,22 +556,29 @@ class Sm90MoeGemmKernel {
         continue;
       }
       KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
-      Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
+      Accumulators accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       if (idle_warp_group(work, mma_thread_idx)) {
         // Its rows are past the expert: the epilogues below store none of them.
         release_stages(pipeline, read_state, k_blocks.count);
         read_state.advance(k_blocks.count);
         clear(accumulators);
+        store_pending_from(0);
       } else {
         if constexpr (kPingpong) {
           math_order.wait();
         }
-        collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
-                                shared_storage.tensors, params.mainloop);
-        if constexpr (kPingpong) {
-          math_order.arrive();  // the other warpgroup's turn
+        if (defer) {
+          mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count,
+                                                     mma_thread_idx, shared_storage.tensors, store_pending_chunk);
+          store_pending_from(k_blocks.count);  // the chunks fewer k-blocks than chunks left over
+        } else {
+          collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
+                                  shared_storage.tensors, params.mainloop);
+          if constexpr (kPingpong) {
+            math_order.arrive();  // the other warpgroup's turn
+          }
+          collective_mainloop.mma_tail(pipeline, read_state, k_blocks.count);
         }
-        collective_mainloop.mma_tail(pipeline, read_state, k_blocks.count);
         read_state.advance(k_blocks.count);
       }
       if constexpr (kSplitK) {
@@ -551,9 +590,22 @@ class Sm90MoeGemmKernel {
                  !idle_warp_group(work, mma_thread_idx)) {
         // (In a cluster, a CTA past the expert's last m-block or past N loads its share of the peers'
         // tiles, but has no output; nor has a warpgroup whose rows are all past the expert.)
-        store_tile_tma(params, work, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier, store_count);
+        StoreTarget const target{int32_t(work.row_start) + work.m_block * kTileM, work.rows - work.m_block * kTileM,
+                                 work.n_block * kTileN, true};
+        if (defer && k_blocks.count >= kChunks) {
+          if constexpr (kDeferStore) {
+            pack_tile<kTileN, kEpiN>(accumulators, packed);
+            pending = target;
+          }
+        } else {
+          // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs: storing
+          // them now measured faster (the weight gradient, experts of 64 to 128 rows).
+          store_tile_tma(params, target, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier,
+                         store_count);
+        }
       }
     }
+    store_pending_from(0);
     zero_uncovered_rows(params, scheduler.rows_covered(), consumer_thread_idx);
     // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
     if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {
@@ -590,33 +642,42 @@ class Sm90MoeGemmKernel {
     }
   }
 
+  // Where a tile goes: its first row of D, the expert's rows from there on (at least 1) and its first
+  // column; `active` when the warpgroup has rows of it to store.
+  struct StoreTarget {
+    int32_t tile_row0;
+    int32_t tile_rows;
+    int32_t col0;
+    bool active;
+  };
+
+  // The epilogue's issue_store for a tile: the warpgroup's box of chunk `chunk` through the ragged
+  // descriptor, which drops the rows at or past the expert's end (TMA's bounds check the columns past N).
+  CUTLASS_DEVICE static auto issue_store(Params const& params, StoreTarget const& target) {
+    return [&params, target](int chunk, auto* smem_box, int row_offset) {
+      // Ragged coordinates (sm90_ragged_tma.hpp) of the box at row0, for a group that ends rows_here rows
+      // later (at most the box: rows further on are inside its reach either way). Warpgroups with no rows
+      // store nothing, so rows_here >= 1.
+      int32_t const wrap = kRaggedWindow;  // a register: the copies take their coordinates by reference
+      int32_t const rows_here = min(kStoreRows, target.tile_rows - row_offset);
+      int32_t const window_row = kRaggedWindow - rows_here;
+      int32_t const row_end = target.tile_row0 + row_offset + rows_here;
+      int32_t const col = target.col0 + chunk * kEpiN;
+      cute::SM90_TMA_STORE_4D::copy(&params.tma_store_d, smem_box, col, window_row, row_end, wrap);
+      cute::tma_store_arrive();
+    };
+  }
+
   // Registers -> swizzled shared memory -> TMA store, 64 columns at a time, each warpgroup its own rows
   // (kStoreRows). Each of the two buffers is reused only after the store issued from it two chunks ago
-  // has read it. The ragged descriptor drops the rows at or past the expert's end, and TMA's bounds
-  // check the columns past N.
+  // has read it.
   template <class Accumulators, class SmemTensorD>
-  CUTLASS_DEVICE static void store_tile_tma(Params const& params, MoeWorkTile const& work,
+  CUTLASS_DEVICE static void store_tile_tma(Params const& params, StoreTarget const& target,
                                             Accumulators const& accumulators, TiledMma const& tiled_mma,
                                             int mma_thread_idx, SmemTensorD const& sD,
                                             cutlass::arch::NamedBarrier const& epilogue_barrier, int& store_count) {
-    using namespace cute;
-    int32_t const tile_row0 = int32_t(work.row_start) + work.m_block * kTileM;
-    int32_t const tile_rows = work.rows - work.m_block * kTileM;  // of the expert, from the tile's first
-    int32_t const wrap = kRaggedWindow;  // a register: the copies take their coordinates by reference
-    int32_t const col0 = work.n_block * kTileN;
-    store_tile_through_smem<kTileN, kEpiN, kEpiBuffers>(
-        sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
-        [&](int chunk, auto* smem_box, int row_offset) {
-          // Ragged coordinates (sm90_ragged_tma.hpp) of the box at row0, for a group that ends rows_here
-          // rows later (at most the box: rows further on are inside its reach either way). The caller
-          // skips warpgroups with no rows, so rows_here >= 1.
-          int32_t const rows_here = min(kStoreRows, tile_rows - row_offset);
-          int32_t const window_row = kRaggedWindow - rows_here;
-          int32_t const row_end = tile_row0 + row_offset + rows_here;
-          int32_t const col = col0 + chunk * kEpiN;
-          cute::SM90_TMA_STORE_4D::copy(&params.tma_store_d, smem_box, col, window_row, row_end, wrap);
-          tma_store_arrive();
-        });
+    store_tile_through_smem<kTileN, kEpiN, kEpiBuffers>(sD, accumulators, tiled_mma, mma_thread_idx,
+                                                        epilogue_barrier, store_count, issue_store(params, target));
   }
 
   // Swapped tiles: direct stores from the accumulator registers, transposed; rows past the expert and

@@ -185,6 +185,7 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
   params.N = N;
   params.K = K;
   params.split_k = split_k;
+  params.overlap_epilogue = p.overlap_epilogue;
   params.split_k_divmod = cutlass::FastDivmod(split_k);
   int32_t const k_blocks = (K + Kernel::kTileK - 1) / Kernel::kTileK;
   params.k_blocks_per_split = k_blocks / split_k;

@@ -14,7 +14,8 @@
 //     r0 + 64 kb + j, and TMA's bounds check on the window dimension (coordinate < W) zero-fills
 //     exactly the rows at or past r1. No per-expert descriptor, no masking in shared memory.
 //   - the epilogue: registers -> swizzled shared memory -> TMA store of 128 B-wide column chunks, each
-//     warpgroup its 64 rows, into a 3-D (Q, P, E) descriptor that clips at the P and Q edges; when
+//     warpgroup its 64 rows, into a 3-D (Q, P, E) descriptor that clips at the P and Q edges (16-bit
+//     tiles of 4 or more k-blocks under the next tile's MMAs, sm90_moe_mainloop.hpp); when
 //     accumulating, a TMA reduce-add (D += tile) instead, so a float32 main-grad buffer is updated
 //     without reading it.
 #pragma once
@@ -33,6 +34,7 @@
 #include "moe_expert_rows.hpp"
 #include "sm90_ragged_tma.hpp"
 #include "sm90_moe_epilogue.hpp"
+#include "sm90_moe_mainloop.hpp"
 
 namespace moe_gemm {
 
@@ -165,6 +167,9 @@ class Sm90MoeWgradKernel {
   static constexpr int kEpiBuffers = 2;
   static_assert(kTileQ % kEpiN == 0);
   static constexpr int kStoreRows = kRowsPerWarpGroup<TiledMma, kTileP>;  // of D's TMA store box
+  static constexpr int kChunks = kTileQ / kEpiN;
+  // 16-bit tiles are stored under the next tile's MMAs (consume()).
+  static constexpr bool kDeferStore = sizeof(ElementD) == 2;
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileP>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
@@ -191,6 +196,7 @@ class Sm90MoeWgradKernel {
     WgradSchedulerParams scheduler;
     int* tile_counter;  // zeroed before the launch
     bool accumulate;
+    bool overlap_epilogue;  // kDeferStore: each tile stored under the next one's MMAs (else right away)
   };
 
   CUTLASS_DEVICE
@@ -329,6 +335,32 @@ class Sm90MoeWgradKernel {
     TilePipelineState tile_read;
     int store_count = 0;
     typename CollectiveMainloop::Params unused_mainloop_params{};
+    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
+    cutlass::arch::NamedBarrier const epilogue_barrier(cutlass::NumThreadsPerWarpGroup,
+                                                        uint32_t(mma_thread_idx) / cutlass::NumThreadsPerWarpGroup);
+    int const group_row0 = mma_thread_idx / int(cutlass::NumThreadsPerWarpGroup) * kStoreRows;
+    using Accumulators = decltype(partition_fragment_C(tiled_mma, take<0, 2>(TileShape{})));
+    // 16-bit outputs: the finished tile waits in registers, packed, and is stored a chunk per k-block
+    // under the next tile's MMAs (sm90_moe_mainloop.hpp). Float outputs are stored right away.
+    bool const defer = kDeferStore && params.overlap_epilogue;
+    StoreTarget pending{};
+    cute::conditional_t<kDeferStore, PackedTile<ElementD, Accumulators>, cute::tuple<>> packed;
+    auto const store_pending_chunk = [&](int chunk) {
+      if constexpr (kDeferStore) {
+        if (pending.active) {
+          with_static_index<kChunks>(chunk, [&](auto static_chunk) {
+            store_packed_chunk<decltype(static_chunk)::value, kTileQ, kEpiN, kEpiBuffers>(
+                sD, packed, tiled_mma, mma_thread_idx, epilogue_barrier, store_count, issue_store(params, pending));
+          });
+        }
+      }
+    };
+    auto const store_pending_from = [&](int first_chunk) {
+      for (int chunk = first_chunk; chunk < kChunks; ++chunk) {
+        store_pending_chunk(chunk);
+      }
+      pending.active = false;
+    };
     while (true) {
       tile_pipeline.consumer_wait(tile_read);
       int64_t const tile = shared_storage.tile_slots[tile_read.index()];
@@ -342,52 +374,64 @@ class Sm90MoeWgradKernel {
         continue;
       }
       int const k_tiles = k_blocks(work);
-      // Issue the MMAs and wait for them (mma_tail) in one branch: with a branch in between, ptxas cannot
-      // tell that clear() never runs while WGMMAs are in flight and inserts waits on them (advisory C7517,
-      // which CI checks for); a version that did ran up to 1.7x slower.
-      Tensor accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
+      // Issue the MMAs and wait for them in one branch: with a branch in between, ptxas cannot tell that
+      // clear() never runs while WGMMAs are in flight and inserts waits on them (advisory C7517, which CI
+      // checks for); a version that did ran up to 1.7x slower.
+      Accumulators accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       if (k_tiles > 0) {
-        collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
-                                shared_storage.tensors, unused_mainloop_params);
-        collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
+        if (defer) {
+          mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
+                                                     shared_storage.tensors, store_pending_chunk);
+        } else {
+          collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
+                                  shared_storage.tensors, unused_mainloop_params);
+          collective_mainloop.mma_tail(pipeline, read_state, k_tiles);
+        }
         read_state.advance(k_tiles);
       } else {
         clear(accumulators);  // a sum over no rows
       }
+      store_pending_from(k_tiles);  // what the k-blocks' hooks did not store (all of it without MMAs)
       // Each warpgroup stores its own rows; none when they are all past P.
-      int const group_row0 = mma_thread_idx / int(cutlass::NumThreadsPerWarpGroup) * kStoreRows;
-      if (work.p_block * kTileP + group_row0 < params.P) {
-        store_tile(params, work, accumulators, tiled_mma, mma_thread_idx, shared_storage, store_count);
+      StoreTarget const target{work.p_block * kTileP, work.q_block * kTileQ, work.expert,
+                               work.p_block * kTileP + group_row0 < params.P};
+      if (defer && k_tiles >= kChunks) {
+        if constexpr (kDeferStore) {
+          pack_tile<kTileQ, kEpiN>(accumulators, packed);
+          pending = target;
+        }
+      } else if (target.active) {
+        // Not deferred, or a short reduction: the next tile (most likely of the same expert) would have too
+        // few k-blocks to cover the stores, and splitting them around its MMAs measured slower.
+        store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers>(sD, accumulators, tiled_mma, mma_thread_idx,
+                                                            epilogue_barrier, store_count, issue_store(params, target));
       }
     }
+    store_pending_from(0);
     // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
     if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {
       tma_store_wait<0>();
     }
   }
 
-  // Registers -> swizzled shared memory -> TMA store (or reduce-add), kEpiN columns at a time.
-  template <class Accumulators>
-  CUTLASS_DEVICE static void store_tile(Params const& params, WgradWorkTile const& work,
-                                        Accumulators const& accumulators, TiledMma const& tiled_mma,
-                                        int mma_thread_idx, SharedStorage& shared_storage, int& store_count) {
-    using namespace cute;
-    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_P, EPI_N, BUF)
-    int32_t const p0 = work.p_block * kTileP;
-    int32_t const q0 = work.q_block * kTileQ;
-    cutlass::arch::NamedBarrier const epilogue_barrier(cutlass::NumThreadsPerWarpGroup,
-                                                        uint32_t(mma_thread_idx) / cutlass::NumThreadsPerWarpGroup);
-    store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers>(
-        sD, accumulators, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
-        [&](int chunk, auto* smem_box, int row_offset) {
-          int32_t const q = q0 + chunk * kEpiN;
-          if (params.accumulate) {
-            cute::SM90_TMA_REDUCE_ADD_3D::copy(&params.tma_d, smem_box, q, p0 + row_offset, work.expert);
-          } else {
-            cute::SM90_TMA_STORE_3D::copy(&params.tma_d, smem_box, q, p0 + row_offset, work.expert);
-          }
-          tma_store_arrive();
-        });
+  // Where a tile goes, and whether this warpgroup has rows of it to store.
+  struct StoreTarget {
+    int32_t p0, q0, expert;
+    bool active;
+  };
+
+  // The epilogue's issue_store for a tile of D: a TMA store of the warpgroup's box at (q, p, expert), or
+  // a reduce-add when accumulating into a float32 gradient.
+  CUTLASS_DEVICE static auto issue_store(Params const& params, StoreTarget const& target) {
+    return [&params, target](int chunk, auto* smem_box, int row_offset) {
+      int32_t const q = target.q0 + chunk * kEpiN;
+      if (params.accumulate) {
+        cute::SM90_TMA_REDUCE_ADD_3D::copy(&params.tma_d, smem_box, q, target.p0 + row_offset, target.expert);
+      } else {
+        cute::SM90_TMA_STORE_3D::copy(&params.tma_d, smem_box, q, target.p0 + row_offset, target.expert);
+      }
+      cute::tma_store_arrive();
+    };
   }
 };
 

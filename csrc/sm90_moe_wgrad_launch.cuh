@@ -69,6 +69,7 @@ cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream)
   params.scheduler.group_p = p.group_p > 0 ? p.group_p : 8;
   params.tile_counter = static_cast<int*>(p.workspace);
   params.accumulate = p.accumulate;
+  params.overlap_epilogue = p.overlap_epilogue;
 
   auto* kernel = &cutlass::device_kernel<Kernel>;
   int const smem_bytes = Kernel::SharedStorageSize;

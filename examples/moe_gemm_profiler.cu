@@ -52,6 +52,7 @@ struct Options {
   int group_m = 0;               // m-blocks per raster group; 0 = the configuration's default
   int dynamic = -1;              // tile scheduling: 1 dynamic, 0 static, -1 by problem size
   int split_k = 0;               // K splits per tile: 0 by problem size, 1 none
+  int overlap_epilogue = 1;      // 16-bit tiles stored under the next tile's MMAs (1) or right away (0)
   int iterations = 50;
   int warmup = 5;
   bool verify = true;
@@ -78,6 +79,7 @@ struct Options {
     cmd.get_cmd_line_argument("group_m", group_m);
     cmd.get_cmd_line_argument("dynamic", dynamic);
     cmd.get_cmd_line_argument("split_k", split_k);
+    cmd.get_cmd_line_argument("overlap_epilogue", overlap_epilogue);
     cmd.get_cmd_line_argument("iterations", iterations);
     cmd.get_cmd_line_argument("warmup", warmup);
     cmd.get_cmd_line_argument("verify", verify, true);
@@ -103,6 +105,7 @@ struct Options {
         "                                    the gradient)\n"
         "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
         "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic)\n"
+        "  --overlap_epilogue=1|0            store 16-bit tiles under the next tile's MMAs (default) or right away\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n"
         "  --wgrad [--accumulate]            the weight gradient grad_W[e] = grad_y_e^T x_e ([E, N, K], [E, K, N]\n"
@@ -231,6 +234,7 @@ int run(Options const& opt) {
   params.group_m = opt.group_m;
   params.dynamic_schedule = opt.dynamic;
   params.split_k = opt.split_k;
+  params.overlap_epilogue = opt.overlap_epilogue != 0;
   if (!moe_gemm::parse_tile_config(opt.config.c_str(), &params.config)) {
     std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
     return 1;
@@ -386,6 +390,7 @@ int run_wgrad(Options const& opt) {
   params.ldd = Q;
   params.batch_stride_d = P * Q;
   params.group_p = opt.group_m;  // --group_m: the gradient's 128-row blocks per raster group
+  params.overlap_epilogue = opt.overlap_epilogue != 0;
   if (char const* problem = moe_gemm::check_grouped_wgrad(params)) {
     std::fprintf(stderr, "cannot run: %s\n", problem);
     return 1;

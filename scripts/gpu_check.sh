@@ -66,7 +66,9 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--sizes=300,0,129,5 --n=264 --k=2504 --config=16x128s --split_k=7 --layout=kn --dtype=fp16 --extra_rows=9" \
               "--wgrad --sizes=0,5,300,0,17 --n=256 --k=520 --extra_rows=9" \
               "--wgrad --accumulate --sizes=64,0,129,1000 --n=136 --k=264 --layout=kn --dtype=fp16" \
-              "--wgrad --experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed"; do
+              "--wgrad --experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed" \
+              "--experts=128 --tokens=4096 --topk=8 --n=1536 --k=768 --overlap_epilogue=0" \
+              "--wgrad --experts=64 --tokens=4096 --topk=8 --n=1024 --k=768 --overlap_epilogue=0"; do
     echo "-- $args" >>"$log"
     $p $args --iterations=3 >>"$log" 2>&1 || { echo "profiler FAILED: $args" | tee -a "$log"; status=1; }
   done

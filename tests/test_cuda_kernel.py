@@ -90,6 +90,18 @@ def test_several_tiles_per_cta(tile_config):
     check(make_problem([0, 5, 300, 0, 17, 1000, 0, 260], 2880, 576, torch.bfloat16, "cuda", num_rows=1591))
 
 
+@pytest.mark.parametrize("k", [128, 576])
+def test_overlapped_epilogue_is_bitwise_the_plain_one(k, tile_config, monkeypatch):
+    # By default a 16-bit tile waits in registers and is stored under the next tile's MMAs (when its K loop has
+    # at least a k-block per store chunk: 576 does for every tile, 128 for 128 columns only); with
+    # MOE_GEMM_OVERLAP_EPILOGUE=0 it is stored right away. Same sums, so the same bits, over several tiles per CTA.
+    problem = make_problem([0, 5, 300, 0, 17, 1000, 0, 260], 2880, k, torch.bfloat16, "cuda", num_rows=1591)
+    overlapped = check(problem)
+    monkeypatch.setenv("MOE_GEMM_OVERLAP_EPILOGUE", "0")
+    plain = check(problem)
+    assert torch.equal(overlapped, plain)
+
+
 @pytest.mark.parametrize("n, k", [(8, 8), (8, 4096), (4104, 8), (24, 72)])
 def test_n_and_k_at_the_alignment_limit(n, k, tile_config):
     check(make_problem([3, 0, 130, 1], n, k, torch.bfloat16, "cuda"))

@@ -132,6 +132,20 @@ def test_several_tiles_per_cta_with_empty_experts(accumulate):
     assert torch.equal(main_grad[1::3], before[1::3])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_overlapped_epilogue_is_bitwise_the_plain_one(dtype, monkeypatch):
+    # Long reductions (a tile stored under the next tile's MMAs, the default) and short ones (stored at once:
+    # fewer k-blocks than store chunks) in turn, empty experts between; 640 tiles, so every CTA runs several.
+    # MOE_GEMM_OVERLAP_EPILOGUE=0 stores every tile right away: the same sums, so the same bits.
+    sizes = [700, 3, 0, 256, 255, 64, 1000, 0, 190, 513]
+    x, grad_y, m_sizes = make_inputs(sizes, 1024, 2048, dtype)
+    overlapped = wgrad_poisoned(x, grad_y, m_sizes, False)
+    assert_close_to_reference(overlapped, grouped_mm_wgrad_reference(x, grad_y, sizes))
+    monkeypatch.setenv("MOE_GEMM_OVERLAP_EPILOGUE", "0")
+    plain = wgrad_poisoned(x, grad_y, m_sizes, False)
+    assert torch.equal(overlapped, plain)
+
+
 def test_accumulate_into_a_strided_main_grad():
     # main_grad is a column slice of a wider buffer: rows and experts are not contiguous.
     sizes = [40, 0, 90]

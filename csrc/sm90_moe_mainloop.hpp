@@ -1,0 +1,81 @@
+// The consumer side of CUTLASS's sm90 warp-specialized mainloop (its collective's mma() then
+// mma_tail(), one k-block of WGMMAs in flight while the next is issued), with a hook: after the MMAs of
+// k-block k are issued, while they run, hook(k) is called for k < kHookSteps.
+//
+// Why: a cooperative kernel's two warpgroups hold one 128x256 float accumulator set between them (128
+// registers a thread); a second set, to run the next tile while storing this one, does not fit. So the
+// epilogue stalls the tensor cores, a large share of the time when a tile has few k-blocks (the weight
+// gradient of 512-row experts: 8). A 16-bit copy of the finished tile does fit (64 registers,
+// PackedTile in sm90_moe_epilogue.hpp): the hook stores it a chunk per k-block under the next tile's MMAs.
+#pragma once
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+
+namespace moe_gemm {
+
+// Overwrites `accumulators` with the tile's product over k_tiles >= 1 k-blocks, starting at read_state
+// (taken by value: the caller advances its own by k_tiles, as with CUTLASS's mma()), and frees every
+// stage it read. thread_idx runs over the TiledMma's threads.
+template <int kHookSteps, class CollectiveMainloop, class Accumulators, class Hook>
+CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline& pipeline,
+                                  typename CollectiveMainloop::PipelineState read_state, Accumulators& accumulators,
+                                  int k_tiles, int thread_idx, typename CollectiveMainloop::TensorStorage& tensors,
+                                  Hook&& hook) {
+  using namespace cute;
+  using TiledMma = typename CollectiveMainloop::TiledMma;
+  Tensor sA = make_tensor(make_smem_ptr(tensors.smem_A.data()), typename CollectiveMainloop::SmemLayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(tensors.smem_B.data()), typename CollectiveMainloop::SmemLayoutB{});
+  constexpr int kWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+  auto const warp_group_layout = make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+  int const warp_group = __shfl_sync(0xffffffff, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+  TiledMma tiled_mma;
+  auto thread_mma = tiled_mma.get_slice(warp_group_layout(warp_group));
+  Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, PIPE)
+  Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, PIPE)
+  auto release_state = read_state;
+
+  // k-block 0 overwrites the accumulators.
+  warpgroup_fence_operand(accumulators);
+  {
+    auto const token = pipeline.consumer_try_wait(read_state);
+    pipeline.consumer_wait(read_state, token);
+    int const stage = read_state.index();
+    warpgroup_arrive();
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTLASS_PRAGMA_UNROLL
+    for (int k_block = 0; k_block < size<2>(tCrA); ++k_block) {
+      cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accumulators);
+      tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    ++read_state;
+  }
+  warpgroup_fence_operand(accumulators);
+  if constexpr (kHookSteps > 0) {
+    hook(0);
+  }
+  CUTLASS_PRAGMA_NO_UNROLL
+  for (int k = 1; k < k_tiles; ++k) {
+    auto const token = pipeline.consumer_try_wait(read_state);
+    pipeline.consumer_wait(read_state, token);
+    int const stage = read_state.index();
+    warpgroup_fence_operand(accumulators);
+    warpgroup_arrive();
+    cute::gemm(tiled_mma, tCrA(_, _, _, stage), tCrB(_, _, _, stage), accumulators);
+    warpgroup_commit_batch();
+    if (k < kHookSteps) {
+      hook(k);  // k-blocks k - 1 and k in flight
+    }
+    warpgroup_wait<1>();  // k-block k - 1 is done: free its stage
+    warpgroup_fence_operand(accumulators);
+    pipeline.consumer_release(release_state);
+    ++read_state;
+    ++release_state;
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(accumulators);
+  pipeline.consumer_release(release_state);
+}
+
+}  // namespace moe_gemm
