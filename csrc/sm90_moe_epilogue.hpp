@@ -138,6 +138,55 @@ CUTLASS_DEVICE void with_static_index(int index, F&& f) {
   }
 }
 
+// A finished 16-bit tile held in registers, packed, until it is stored a chunk at a time (under the next tile's
+// MMAs), and where it goes: Target is the kernel's, with a member `active` (false: nothing to store).
+template <int kTileN, int kEpiN, int kEpiBuffers, class ElementD, class Accumulators, class Target>
+class PendingTile {
+ public:
+  static constexpr int kChunks = kTileN / kEpiN;
+
+  CUTLASS_DEVICE void hold(Accumulators const& accumulators, Target const& target) {
+    pack_tile<kTileN, kEpiN>(accumulators, packed_);
+    target_ = target;
+  }
+
+  // Stores chunks [first, last) of the held tile, if any; once the last chunk is out, holds none. make_issue(target)
+  // returns the issue_store of store_tile_through_smem (below), whose other arguments these are too.
+  template <class SmemTensorD, class TiledMma, class MakeIssue>
+  CUTLASS_DEVICE void store(int first, int last, SmemTensorD const& smem_d, TiledMma const& tiled_mma, int thread_idx,
+                            cutlass::arch::NamedBarrier const& warp_group_barrier, int& store_count,
+                            MakeIssue const& make_issue) {
+    if (!target_.active) {
+      return;
+    }
+    for (int chunk = first; chunk < last; ++chunk) {
+      with_static_index<kChunks>(chunk, [&](auto static_chunk) {
+        store_packed_chunk<decltype(static_chunk)::value, kTileN, kEpiN, kEpiBuffers>(
+            smem_d, packed_, tiled_mma, thread_idx, warp_group_barrier, store_count, make_issue(target_));
+      });
+    }
+    if (last >= kChunks) {
+      target_.active = false;
+    }
+  }
+
+ private:
+  PackedTile<ElementD, Accumulators> packed_;
+  Target target_{};
+};
+
+// What a kernel holds when it does not defer its stores: nothing, and stores nothing.
+struct NoPendingTile {
+  template <class... Args>
+  CUTLASS_DEVICE void hold(Args const&...) {}
+  template <class... Args>
+  CUTLASS_DEVICE void store(Args&&...) {}
+};
+
+template <bool kDefer, int kTileN, int kEpiN, int kEpiBuffers, class ElementD, class Accumulators, class Target>
+using MaybePendingTile =
+    cute::conditional_t<kDefer, PendingTile<kTileN, kEpiN, kEpiBuffers, ElementD, Accumulators, Target>, NoPendingTile>;
+
 // smem_d: (kTileM rows, kEpiN columns, kEpiBuffers) in the layout of the TMA store's descriptor.
 // issue_store(chunk, smem_box, row_offset) runs on the first thread of each warpgroup once the warpgroup's
 // rows [row_offset, row_offset + kRowsPerWarpGroup) of chunk `chunk` are in shared memory at smem_box, and

@@ -511,23 +511,10 @@ class Sm90MoeGemmKernel {
     // k-block under the next tile's MMAs (sm90_moe_mainloop.hpp). Every path through a tile below stores
     // what is pending before the tile's own output becomes pending.
     bool const defer = kDeferStore && params.overlap_epilogue;
-    StoreTarget pending{};
-    cute::conditional_t<kDeferStore, PackedTile<ElementD, Accumulators>, cute::tuple<>> packed;
-    auto const store_pending_chunk = [&](int chunk) {
-      if constexpr (kDeferStore) {
-        if (pending.active) {
-          with_static_index<kChunks>(chunk, [&](auto static_chunk) {
-            store_packed_chunk<decltype(static_chunk)::value, kTileN, kEpiN, kEpiBuffers>(
-                sD, packed, tiled_mma, mma_thread_idx, epilogue_barrier, store_count, issue_store(params, pending));
-          });
-        }
-      }
-    };
-    auto const store_pending_from = [&](int first_chunk) {
-      for (int chunk = first_chunk; chunk < kChunks; ++chunk) {
-        store_pending_chunk(chunk);
-      }
-      pending.active = false;
+    MaybePendingTile<kDeferStore, kTileN, kEpiN, kEpiBuffers, ElementD, Accumulators, StoreTarget> pending;
+    auto const store_pending = [&](int first_chunk, int last_chunk) {
+      pending.store(first_chunk, last_chunk, sD, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
+                    [&](StoreTarget const& target) { return issue_store(params, target); });
     };
 
     bool const dynamic = params.tile_counter != nullptr;
@@ -562,15 +549,16 @@ class Sm90MoeGemmKernel {
         release_stages(pipeline, read_state, k_blocks.count);
         read_state.advance(k_blocks.count);
         clear(accumulators);
-        store_pending_from(0);
+        store_pending(0, kChunks);
       } else {
         if constexpr (kPingpong) {
           math_order.wait();
         }
         if (defer) {
           mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count,
-                                                     mma_thread_idx, shared_storage.tensors, store_pending_chunk);
-          store_pending_from(k_blocks.count);  // the chunks fewer k-blocks than chunks left over
+                                                     mma_thread_idx, shared_storage.tensors,
+                                                     [&](int k) { store_pending(k, k + 1); });
+          store_pending(k_blocks.count, kChunks);  // the chunks fewer k-blocks than chunks left over
         } else {
           collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                                   shared_storage.tensors, params.mainloop);
@@ -593,10 +581,7 @@ class Sm90MoeGemmKernel {
         StoreTarget const target{int32_t(work.row_start) + work.m_block * kTileM, work.rows - work.m_block * kTileM,
                                  work.n_block * kTileN, true};
         if (defer && k_blocks.count >= kChunks) {
-          if constexpr (kDeferStore) {
-            pack_tile<kTileN, kEpiN>(accumulators, packed);
-            pending = target;
-          }
+          pending.hold(accumulators, target);
         } else {
           // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs: storing
           // them now measured faster (the weight gradient, experts of 64 to 128 rows).
@@ -605,7 +590,7 @@ class Sm90MoeGemmKernel {
         }
       }
     }
-    store_pending_from(0);
+    store_pending(0, kChunks);
     zero_uncovered_rows(params, scheduler.rows_covered(), consumer_thread_idx);
     // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
     if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {

@@ -343,23 +343,10 @@ class Sm90MoeWgradKernel {
     // 16-bit outputs: the finished tile waits in registers, packed, and is stored a chunk per k-block
     // under the next tile's MMAs (sm90_moe_mainloop.hpp). Float outputs are stored right away.
     bool const defer = kDeferStore && params.overlap_epilogue;
-    StoreTarget pending{};
-    cute::conditional_t<kDeferStore, PackedTile<ElementD, Accumulators>, cute::tuple<>> packed;
-    auto const store_pending_chunk = [&](int chunk) {
-      if constexpr (kDeferStore) {
-        if (pending.active) {
-          with_static_index<kChunks>(chunk, [&](auto static_chunk) {
-            store_packed_chunk<decltype(static_chunk)::value, kTileQ, kEpiN, kEpiBuffers>(
-                sD, packed, tiled_mma, mma_thread_idx, epilogue_barrier, store_count, issue_store(params, pending));
-          });
-        }
-      }
-    };
-    auto const store_pending_from = [&](int first_chunk) {
-      for (int chunk = first_chunk; chunk < kChunks; ++chunk) {
-        store_pending_chunk(chunk);
-      }
-      pending.active = false;
+    MaybePendingTile<kDeferStore, kTileQ, kEpiN, kEpiBuffers, ElementD, Accumulators, StoreTarget> pending;
+    auto const store_pending = [&](int first_chunk, int last_chunk) {
+      pending.store(first_chunk, last_chunk, sD, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
+                    [&](StoreTarget const& target) { return issue_store(params, target); });
     };
     while (true) {
       tile_pipeline.consumer_wait(tile_read);
@@ -381,7 +368,7 @@ class Sm90MoeWgradKernel {
       if (k_tiles > 0) {
         if (defer) {
           mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
-                                                     shared_storage.tensors, store_pending_chunk);
+                                                     shared_storage.tensors, [&](int k) { store_pending(k, k + 1); });
         } else {
           collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
                                   shared_storage.tensors, unused_mainloop_params);
@@ -391,15 +378,12 @@ class Sm90MoeWgradKernel {
       } else {
         clear(accumulators);  // a sum over no rows
       }
-      store_pending_from(k_tiles);  // what the k-blocks' hooks did not store (all of it without MMAs)
+      store_pending(k_tiles, kChunks);  // what the k-blocks' hooks did not store (all of it without MMAs)
       // Each warpgroup stores its own rows; none when they are all past P.
       StoreTarget const target{work.p_block * kTileP, work.q_block * kTileQ, work.expert,
                                work.p_block * kTileP + group_row0 < params.P};
       if (defer && k_tiles >= kChunks) {
-        if constexpr (kDeferStore) {
-          pack_tile<kTileQ, kEpiN>(accumulators, packed);
-          pending = target;
-        }
+        pending.hold(accumulators, target);
       } else if (target.active) {
         // Not deferred, or a short reduction: the next tile (most likely of the same expert) would have too
         // few k-blocks to cover the stores, and splitting them around its MMAs measured slower.
@@ -407,7 +391,7 @@ class Sm90MoeWgradKernel {
                                                             epilogue_barrier, store_count, issue_store(params, target));
       }
     }
-    store_pending_from(0);
+    store_pending(0, kChunks);
     // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
     if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {
       tma_store_wait<0>();
