@@ -583,8 +583,8 @@ class Sm90MoeGemmKernel {
         if (defer && k_blocks.count >= kChunks) {
           pending.hold(accumulators, target);
         } else {
-          // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs: storing
-          // them now measured faster (the weight gradient, experts of 64 to 128 rows).
+          // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs (deferring
+          // such tiles too looked slower in the weight gradient; BENCHMARKS.md).
           store_tile_tma(params, target, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier,
                          store_count);
         }
