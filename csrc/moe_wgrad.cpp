@@ -43,6 +43,10 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
   if (p.group_p < 0) {
     return "group_p must be >= 0";
   }
+  // The scheduler numbers the 128x256 tiles of all experts' gradients with int32s.
+  if (((p.P + 127) / 128) * ((p.Q + 255) / 256) * int64_t(p.E) >= (int64_t(1) << 31) - (int64_t(1) << 20)) {
+    return "the gradient has too many tiles (over 2^31 of 128 x 256 elements)";
+  }
   return nullptr;
 }
 

@@ -7,7 +7,9 @@
 //   - tiles: every expert has the same ceil(P / 128) x ceil(Q / 256) output tiles, so the tile -> expert
 //     map is a division; the expert's first row and row count (the reduction range) come from a
 //     prefix sum of m_sizes computed on the fly (all sizes loaded at once, a warp-wide scan), cached.
-//     Tiles are handed out from a global counter (ragged experts take unequal times).
+//     Tiles are handed out from a global counter (ragged experts take unequal times). The TMA warp
+//     decodes each tile and hands it to the MMA warpgroups through shared memory, so that they go from
+//     one tile's MMAs to the next without a decode in between (2-3% faster at 2048 and 16k tokens).
 //   - the reduction range ends inside a k-block: rows past the expert's end must load as zeros.
 //     Each operand has one ragged TMA descriptor (sm90_ragged_tma.hpp). A k-block of expert
 //     [r0, r1) is loaded at (col, W - (r1 - r0) + 64 kb, r1, W): element j lands on row
@@ -28,6 +30,7 @@
 #include "cutlass/arch/barrier.h"
 #include "cutlass/arch/reg_reconfig.h"
 #include "cutlass/cutlass.h"
+#include "cutlass/fast_math.h"
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
@@ -44,8 +47,32 @@ struct WgradSchedulerParams {
   int32_t num_experts = 0;
   int64_t rows_total = 0;         // M: rows of L and R
   int32_t tiles_p = 0;            // ceil(P / kTileP)
-  int32_t tiles_q = 0;            // ceil(Q / kTileQ)
   int32_t group_p = 8;            // p-blocks per raster group
+  // Divisors of the tile -> (expert, p-block, q-block) map, precomputed (a tile costs multiplies, not
+  // divisions): tiles_p * tiles_q tiles per expert, group_p * tiles_q per raster group, and the group
+  // sizes: group_p, and tiles_p % group_p for the last group when smaller.
+  cutlass::FastDivmod tiles_per_expert{1};
+  cutlass::FastDivmod tiles_per_group{1};
+  cutlass::FastDivmod group_size{1};
+  cutlass::FastDivmod last_group_size{1};
+
+  // All of the above from the tile counts; the caller checks that tiles_p * tiles_q * num_experts
+  // fits in an int32.
+  static WgradSchedulerParams make(void const* m_sizes, bool m_sizes_int64, int32_t num_experts,
+                                   int64_t rows_total, int32_t tiles_p, int32_t tiles_q, int32_t group_p) {
+    WgradSchedulerParams params;
+    params.m_sizes = m_sizes;
+    params.m_sizes_int64 = m_sizes_int64;
+    params.num_experts = num_experts;
+    params.rows_total = rows_total;
+    params.tiles_p = tiles_p;
+    params.group_p = group_p;
+    params.tiles_per_expert = cutlass::FastDivmod(tiles_p * tiles_q);
+    params.tiles_per_group = cutlass::FastDivmod(group_p * tiles_q);
+    params.group_size = cutlass::FastDivmod(group_p);
+    params.last_group_size = cutlass::FastDivmod(tiles_p % group_p != 0 ? tiles_p % group_p : group_p);
+    return params;
+  }
 };
 
 struct WgradWorkTile {
@@ -60,6 +87,7 @@ struct WgradWorkTile {
 // Tile t -> (expert t / tiles_per_expert, p-block, q-block). The expert's row range comes from the
 // warp's table of m_sizes (moe_expert_rows.hpp: lane l holds the first row of its block of experts),
 // built when the scheduler is constructed; the expert of the previous call is cached. Warp-collective.
+// Only the TMA warp runs it (40 registers): `params` stays in the kernel's parameter space.
 class Sm90MoeWgradScheduler {
  public:
   CUTLASS_DEVICE explicit Sm90MoeWgradScheduler(WgradSchedulerParams const& params) : params_(params) {
@@ -68,28 +96,26 @@ class Sm90MoeWgradScheduler {
     lane_row_start_ = warp_inclusive_scan(lane_rows, lane) - lane_rows;
   }
 
-  CUTLASS_DEVICE WgradWorkTile get_work_tile(int64_t linear_idx) {
-    int64_t const tiles_per_expert = int64_t(params_.tiles_p) * params_.tiles_q;
+  CUTLASS_DEVICE WgradWorkTile get_work_tile(int32_t linear_idx) {
     WgradWorkTile work{};
-    work.valid = linear_idx < tiles_per_expert * params_.num_experts;
+    int expert, local;
+    params_.tiles_per_expert(expert, local, linear_idx);
+    work.valid = expert < params_.num_experts;
     if (!work.valid) {
       return work;
     }
-    int32_t const expert = int32_t(linear_idx / tiles_per_expert);
     if (expert != expert_) {
       locate(expert);
     }
     // Within the expert, groups of group_p p-blocks; the q-block is the slow index inside a group,
     // so the CTAs running together read a few column blocks of L and R.
-    int32_t const local = int32_t(linear_idx - expert * tiles_per_expert);
-    int32_t const group_span = params_.group_p * params_.tiles_q;
-    int32_t const group = local / group_span;
-    int32_t const in_group = local - group * group_span;
+    int group, in_group, p_in_group;
+    params_.tiles_per_group(group, in_group, local);
     int32_t const group_p0 = group * params_.group_p;
-    int32_t const group_size = min(params_.group_p, params_.tiles_p - group_p0);
+    bool const last_group = group_p0 + params_.group_p > params_.tiles_p;
+    (last_group ? params_.last_group_size : params_.group_size)(work.q_block, p_in_group, in_group);
     work.expert = expert;
-    work.q_block = in_group / group_size;
-    work.p_block = group_p0 + in_group % group_size;
+    work.p_block = group_p0 + p_in_group;
     work.row_start = expert_row_start_;
     work.rows = expert_rows_;
     return work;
@@ -119,7 +145,7 @@ class Sm90MoeWgradScheduler {
     expert_rows_ = int32_t(min(row + size, params_.rows_total) - expert_row_start_);
   }
 
-  WgradSchedulerParams params_;
+  WgradSchedulerParams const& params_;
   int64_t lane_row_start_ = 0;  // unclamped first row of this lane's block of experts
   int32_t expert_ = -1;         // the expert of the last call, cached
   int64_t expert_row_start_ = 0;
@@ -183,7 +209,7 @@ class Sm90MoeWgradKernel {
     alignas(1024) cute::array_aligned<ElementD, cute::cosize_v<SmemLayoutD>, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
-    int64_t tile_slots[kTileSlots];
+    WgradWorkTile tile_slots[kTileSlots];  // decoded by the TMA warp
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
   static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
@@ -239,15 +265,15 @@ class Sm90MoeWgradKernel {
     TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
     __syncthreads();
 
-    Sm90MoeWgradScheduler scheduler(params.scheduler);
     if (warp_group_role == WarpGroupRole::Producer) {
       cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
       if (warp_idx_in_warp_group == 0) {
+        Sm90MoeWgradScheduler scheduler(params.scheduler);
         produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      consume(params, scheduler, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
+      consume(params, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
     }
 #else
     if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -275,14 +301,20 @@ class Sm90MoeWgradKernel {
     auto* smem_l = shared_storage.tensors.smem_A.data();
     auto* smem_r = shared_storage.tensors.smem_B.data();
     constexpr int kStageL = kTileP * kTileK, kStageR = kTileQ * kTileK;
-    for (int64_t tile = blockIdx.x;;) {
+    for (int32_t tile = blockIdx.x;;) {
+      WgradWorkTile const work = scheduler.get_work_tile(tile);
+      // The next tile is taken now: the atomic's round trip passes while this tile's loads are issued.
+      int next = 0;
+      if (threadIdx.x % 32 == 0 && work.valid) {
+        next = atomicAdd(params.tile_counter, 1);
+      }
+      // The MMA warpgroups get the tile decoded (an invalid one tells them to stop).
       tile_pipeline.producer_acquire(tile_write);
       if (is_leader) {
-        shared_storage.tile_slots[tile_write.index()] = tile;
+        shared_storage.tile_slots[tile_write.index()] = work;
         tile_pipeline.producer_commit(tile_write);
       }
       ++tile_write;
-      WgradWorkTile const work = scheduler.get_work_tile(tile);
       if (!work.valid) {
         break;
       }
@@ -314,11 +346,7 @@ class Sm90MoeWgradKernel {
         }
       }
       write_state.advance(k_tiles);
-      int next = 0;
-      if (threadIdx.x % 32 == 0) {
-        next = atomicAdd(params.tile_counter, 1);
-      }
-      tile = int64_t(__shfl_sync(0xffffffff, next, 0)) + gridDim.x;
+      tile = __shfl_sync(0xffffffff, next, 0) + int32_t(gridDim.x);
     }
     if (is_leader) {
       pipeline.producer_tail(write_state);
@@ -326,7 +354,7 @@ class Sm90MoeWgradKernel {
   }
 
   CUTLASS_DEVICE
-  static void consume(Params const& params, Sm90MoeWgradScheduler& scheduler, MainloopPipeline& pipeline,
+  static void consume(Params const& params, MainloopPipeline& pipeline,
                       TilePipeline& tile_pipeline, SharedStorage& shared_storage, int mma_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
@@ -350,10 +378,9 @@ class Sm90MoeWgradKernel {
     };
     while (true) {
       tile_pipeline.consumer_wait(tile_read);
-      int64_t const tile = shared_storage.tile_slots[tile_read.index()];
+      WgradWorkTile const work = shared_storage.tile_slots[tile_read.index()];
       tile_pipeline.consumer_release(tile_read);
       ++tile_read;
-      WgradWorkTile const work = scheduler.get_work_tile(tile);
       if (!work.valid) {
         break;
       }

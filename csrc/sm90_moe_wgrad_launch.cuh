@@ -60,13 +60,10 @@ cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream)
     return status;
   }
   params.P = int32_t(p.P);
-  params.scheduler.m_sizes = p.m_sizes;
-  params.scheduler.m_sizes_int64 = p.m_sizes_int64;
-  params.scheduler.num_experts = p.E;
-  params.scheduler.rows_total = p.M;
-  params.scheduler.tiles_p = int32_t((p.P + Kernel::kTileP - 1) / Kernel::kTileP);
-  params.scheduler.tiles_q = int32_t((p.Q + Kernel::kTileQ - 1) / Kernel::kTileQ);
-  params.scheduler.group_p = p.group_p > 0 ? p.group_p : 8;
+  int32_t const tiles_p = int32_t((p.P + Kernel::kTileP - 1) / Kernel::kTileP);
+  int32_t const tiles_q = int32_t((p.Q + Kernel::kTileQ - 1) / Kernel::kTileQ);
+  params.scheduler = WgradSchedulerParams::make(p.m_sizes, p.m_sizes_int64, p.E, p.M, tiles_p, tiles_q,
+                                                std::min(p.group_p > 0 ? p.group_p : 8, tiles_p));
   params.tile_counter = static_cast<int*>(p.workspace);
   params.accumulate = p.accumulate;
   params.overlap_epilogue = p.overlap_epilogue;
@@ -91,7 +88,7 @@ cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& p, cudaStream_t stream)
   if (p.sm_count > 0) {
     ctas = std::min(ctas, p.sm_count);
   }
-  int64_t const tiles = int64_t(params.scheduler.tiles_p) * params.scheduler.tiles_q * p.E;
+  int64_t const tiles = int64_t(tiles_p) * tiles_q * p.E;
   unsigned const grid = unsigned(std::max<int64_t>(1, std::min<int64_t>(ctas, tiles)));
   kernel<<<grid, Kernel::MaxThreadsPerBlock, smem_bytes, stream>>>(params);
   return cudaGetLastError();
