@@ -6,7 +6,8 @@
 // What is MoE-specific, and ours:
 //   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
 //     tiles are handed out statically (CTA b takes b, b + grid, ...) or, for problems of several
-//     waves, dynamically from a global counter, so that CTAs sharing a weight tile start it together;
+//     waves, dynamically from a global counter, so that CTAs sharing a weight tile start it together.
+//     The TMA warp decodes each one and hands it to the MMA warpgroups (DecodedUnit);
 //   - clusters of two CTAs, along M (they share, and multicast, the B tile) or along N (the A tile);
 //     with dynamic scheduling the cluster's rank-0 producer takes each unit from the counter and
 //     broadcasts it to the other CTA's shared memory (ClusterUnitSlots);
@@ -129,16 +130,27 @@ class Sm90MoeGemmKernel {
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
   static constexpr int kSmemDElements = cute::cosize_v<SmemLayoutD>;
 
-  // Dynamic scheduling: the producer warp takes the next tile from a global counter and hands its
-  // index to the MMA warpgroups through this small pipeline.
+  // Split-K: work unit u is split u % split_k of tile u / split_k, and runs k-blocks [begin, begin + count).
+  struct KBlockRange {
+    int32_t split;
+    int32_t begin;
+    int32_t count;
+  };
+  // The producer warp decodes each work unit (whatever the schedule) and hands it to the MMA warpgroups
+  // through this small pipeline, so that they go from one tile's MMAs to the next without a decode in
+  // between. An invalid `work` tells them to stop; its row_start is then the rows covered by all experts.
+  struct DecodedUnit {
+    MoeWorkTile work;
+    KBlockRange k_blocks;
+    int64_t tile;  // the scheduler's tile (split-K: of the arrival counter and the partials)
+  };
   static constexpr int kTileSlots = 4;
   using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
   using TilePipelineState = typename TilePipeline::PipelineState;
-  // In a cluster, rank 0's producer warp writes each unit into unit[slot] of every CTA with st.async,
-  // which completes the transaction on that CTA's full[slot] (whose one arrival is its own producer
-  // warp's expect-tx). Every reader, each CTA's MMA warps and its producer warp, then arrives on
-  // rank 0's empty[slot], which frees the slot for the round after.
-  static constexpr uint32_t kMmaWarps = kNumConsumerThreads / 32;
+  // Dynamic scheduling in a cluster: rank 0's producer warp takes each unit from the counter and writes
+  // it into unit[slot] of every CTA with st.async, which completes the transaction on that CTA's
+  // full[slot] (whose one arrival is its own producer warp's expect-tx). Each other producer warp then
+  // arrives on rank 0's empty[slot], as rank 0's does, which frees the slot for the round after.
   struct ClusterUnitSlots {
     alignas(8) uint64_t full[kTileSlots];
     alignas(8) uint64_t empty[kTileSlots];
@@ -156,7 +168,7 @@ class Sm90MoeGemmKernel {
     alignas(1024) cute::array_aligned<ElementD, kSmemDElements * kConsumerGroups, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
-    int64_t tile_slots[kTileSlots];
+    DecodedUnit tile_slots[kTileSlots];
     alignas(16) ClusterUnitSlots cluster_units;
     alignas(16) typename MathOrderBarrier::SharedStorage math_order;
     int split_k_last_arrival;  // split-K: thread 0 tells the MMA warpgroups whether they reduce the tile
@@ -242,7 +254,7 @@ class Sm90MoeGemmKernel {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kTileSlots; ++i) {
           cutlass::arch::ClusterBarrier::init(&slots.full[i], 1);
-          cutlass::arch::ClusterBarrier::init(&slots.empty[i], kClusterSize * (kMmaWarps + 1));
+          cutlass::arch::ClusterBarrier::init(&slots.empty[i], kClusterSize);
         }
         cutlass::arch::fence_barrier_init();
       }
@@ -256,18 +268,17 @@ class Sm90MoeGemmKernel {
       __syncthreads();
     }
 
-    Scheduler scheduler(params.scheduler);
-
     if (warp_group_role == WarpGroupRole::Producer) {
       cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
       if (warp_idx_in_warp_group == 0) {
+        Scheduler scheduler(params.scheduler);
         produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
       }
     } else {
       cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
       int const consumer_group = kPingpong ? int(warp_group_role) - int(WarpGroupRole::Consumer0) : 0;
-      consume(params, scheduler, pipeline, tile_pipeline, math_order, shared_storage, mma_thread_idx,
-              consumer_group, thread_idx - int(cutlass::NumThreadsPerWarpGroup));
+      consume(params, pipeline, tile_pipeline, math_order, shared_storage, mma_thread_idx, consumer_group,
+              thread_idx - int(cutlass::NumThreadsPerWarpGroup));
     }
 #else
     if (threadIdx.x == 0 && blockIdx.x == 0) {
@@ -316,12 +327,12 @@ class Sm90MoeGemmKernel {
     cutlass::arch::ClusterBarrier::arrive(&slots.empty[i]);
   }
 
-  // Every other reader (a whole warp): waits for the unit of this round, then frees the slot on rank 0.
-  // A producer warp of rank > 0 first arrives on its own full barrier, expecting the unit's bytes.
-  CUTLASS_DEVICE static int64_t receive_unit(ClusterUnitSlots& slots, UnitSlotState state, bool expect_tx) {
+  // The producer warp of a CTA of rank > 0: arrives on its own full barrier, expecting the unit's bytes,
+  // waits for the unit of this round, then frees the slot on rank 0.
+  CUTLASS_DEVICE static int64_t receive_unit(ClusterUnitSlots& slots, UnitSlotState state) {
     int const i = state.index();
     bool const leader = threadIdx.x % 32 == 0;
-    if (expect_tx && leader) {
+    if (leader) {
       cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&slots.full[i], sizeof(int64_t));
     }
     cutlass::arch::ClusterBarrier::wait(&slots.full[i], state.phase());
@@ -345,14 +356,7 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // Work unit `unit` is split unit % split_k of the scheduler's tile unit / split_k. Producer and
-  // consumers derive the same tile and k-block range from the unit index.
-  struct KBlockRange {
-    int32_t split;
-    int32_t begin;
-    int32_t count;
-  };
-
+  // Work unit `unit` is split unit % split_k of the scheduler's tile unit / split_k.
   CUTLASS_DEVICE static int64_t unit_tile(Params const& params, int64_t unit) {
     if constexpr (!kSplitK) {
       return unit;
@@ -413,29 +417,31 @@ class Sm90MoeGemmKernel {
     TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
     UnitSlotState unit_state;
     for (int64_t unit = first_cluster_tile();;) {
-      if (dynamic) {  // publish the unit (an invalid one tells the consumers to stop)
-        if constexpr (kClusterSize == 1) {
-          tile_pipeline.producer_acquire(tile_write);
-          if (is_leader) {
-            shared_storage.tile_slots[tile_write.index()] = unit;
-            tile_pipeline.producer_commit(tile_write);
-          }
-          ++tile_write;
-        } else {
+      if constexpr (kClusterSize > 1) {
+        if (dynamic) {  // rank 0 took the unit from the counter (an invalid one stops the cluster)
           if (rank == 0) {
             publish_unit(shared_storage.cluster_units, unit_state, unit, is_leader);
           } else {
-            unit = receive_unit(shared_storage.cluster_units, unit_state, /*expect_tx=*/true);
+            unit = receive_unit(shared_storage.cluster_units, unit_state);
           }
           ++unit_state;
         }
       }
       int64_t const tile = unit_tile(params, unit);
-      MoeWorkTile const work = next_tile(scheduler, tile);
+      MoeWorkTile work = next_tile(scheduler, tile);
+      KBlockRange const k_blocks = work.valid ? k_block_range(params, unit, tile, k_tiles) : KBlockRange{};
+      if (!work.valid) {
+        work.row_start = scheduler.rows_covered();
+      }
+      tile_pipeline.producer_acquire(tile_write);
+      if (is_leader) {
+        shared_storage.tile_slots[tile_write.index()] = DecodedUnit{work, k_blocks, tile};
+        tile_pipeline.producer_commit(tile_write);
+      }
+      ++tile_write;
       if (!work.valid) {
         break;
       }
-      KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
       // The expert's rows start at an arbitrary row, not a multiple of the tile: offset the
       // coordinates, not the descriptor.
       int32_t const row0 = int32_t(work.row_start) + work.m_block * kTileM;
@@ -466,7 +472,11 @@ class Sm90MoeGemmKernel {
         }
       }
       write_state.advance(k_blocks.count);
-      if (dynamic) {  // in a cluster, rank 0 takes the next unit for all (the others receive it)
+      // The next unit is taken once this one's loads are issued, not before: a CTA claims work only when
+      // it is about to start on it, which balances the last wave (taking it at the start of the tile,
+      // as the weight gradient does, made Mixtral's 2048-token GEMMs up to 7% slower). In a cluster,
+      // rank 0 takes it for all (the others receive it).
+      if (dynamic) {
         int next = 0;
         if (threadIdx.x % 32 == 0 && rank == 0) {
           next = atomicAdd(params.tile_counter, 1);
@@ -491,9 +501,9 @@ class Sm90MoeGemmKernel {
   // consumer group g (a warpgroup) takes the units at positions g, g + 2, ... of the CTA's sequence and
   // steps over the other group's k-blocks in the pipeline, which the producer loaded in between.
   CUTLASS_DEVICE
-  static void consume(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, MathOrderBarrier& math_order, SharedStorage& shared_storage,
-                      int mma_thread_idx, int consumer_group, int consumer_thread_idx) {
+  static void consume(Params const& params, MainloopPipeline& pipeline, TilePipeline& tile_pipeline,
+                      MathOrderBarrier& math_order, SharedStorage& shared_storage, int mma_thread_idx,
+                      int consumer_group, int consumer_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
@@ -517,32 +527,20 @@ class Sm90MoeGemmKernel {
                     [&](StoreTarget const& target) { return issue_store(params, target); });
     };
 
-    bool const dynamic = params.tile_counter != nullptr;
     TilePipelineState tile_read;
-    UnitSlotState unit_state;
-    int64_t position = 0;  // of the unit in this CTA's sequence
-    for (int64_t unit = first_cluster_tile();; unit += dynamic ? 0 : num_clusters(), ++position) {
-      if (dynamic) {
-        if constexpr (kClusterSize == 1) {
-          tile_pipeline.consumer_wait(tile_read);
-          unit = shared_storage.tile_slots[tile_read.index()];
-          tile_pipeline.consumer_release(tile_read);
-          ++tile_read;
-        } else {
-          unit = receive_unit(shared_storage.cluster_units, unit_state, /*expect_tx=*/false);
-          ++unit_state;
-        }
-      }
-      int64_t const tile = unit_tile(params, unit);
-      MoeWorkTile const work = next_tile(scheduler, tile);
+    int64_t rows_covered = 0;
+    for (int64_t position = 0;; ++position) {  // of the unit in this CTA's sequence
+      DecodedUnit const unit = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
+      MoeWorkTile const& work = unit.work;
+      KBlockRange const& k_blocks = unit.k_blocks;
       if (!work.valid) {
+        rows_covered = work.row_start;
         break;
       }
       if (kPingpong && position % kConsumerGroups != consumer_group) {
         read_state.advance(k_tiles);  // the other warpgroup's tile
         continue;
       }
-      KBlockRange const k_blocks = k_block_range(params, unit, tile, k_tiles);
       Accumulators accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       if (idle_warp_group(work, mma_thread_idx)) {
         // Its rows are past the expert: the epilogues below store none of them.
@@ -570,7 +568,7 @@ class Sm90MoeGemmKernel {
         read_state.advance(k_blocks.count);
       }
       if constexpr (kSplitK) {
-        store_split_and_reduce(params, work, tile, k_blocks.split, accumulators, tiled_mma, mma_thread_idx,
+        store_split_and_reduce(params, work, unit.tile, k_blocks.split, accumulators, tiled_mma, mma_thread_idx,
                                shared_storage);
       } else if constexpr (kSwapAB) {
         store_tile_transposed(params, work, accumulators, tiled_mma, mma_thread_idx);
@@ -591,7 +589,7 @@ class Sm90MoeGemmKernel {
       }
     }
     store_pending(0, kChunks);
-    zero_uncovered_rows(params, scheduler.rows_covered(), consumer_thread_idx);
+    zero_uncovered_rows(params, rows_covered, consumer_thread_idx);
     // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
     if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {
       tma_store_wait<0>();

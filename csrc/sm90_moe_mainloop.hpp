@@ -78,4 +78,19 @@ CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline&
   pipeline.consumer_release(release_state);
 }
 
+// The MMA warpgroups' side of the small pipeline through which the TMA warp hands them each decoded
+// tile: waits for slot `state`, copies it out, frees it. The compiler barriers keep the copy between
+// the wait and the release (the pipeline's asm does not tell the compiler it touches memory).
+template <class TilePipeline, class Slot, int kSlots>
+CUTLASS_DEVICE Slot take_tile_slot(TilePipeline& pipeline, typename TilePipeline::PipelineState& state,
+                                   Slot const (&slots)[kSlots]) {
+  pipeline.consumer_wait(state);
+  asm volatile("" ::: "memory");
+  Slot const slot = slots[state.index()];
+  asm volatile("" ::: "memory");
+  pipeline.consumer_release(state);
+  ++state;
+  return slot;
+}
+
 }  // namespace moe_gemm

@@ -10,10 +10,11 @@
 //               so the CTAs running together read group_m blocks of A and a few B tiles from L2.
 //   pointers  = A + (offs[e] + m_block * kTileM) * lda,  B + e * ldb_e,  D + (offs[e] + m_block * kTileM) * ldd.
 //
-// Each warp builds its own table when it constructs the scheduler: lane l holds the first row and the
+// The TMA warp builds the table when it constructs the scheduler: lane l holds the first row and the
 // tile range of its block of experts (ExpertRows: all sizes loaded at once, two warp scans). A tile
 // then costs a ballot to find the lane whose block holds it and a walk of that block by the lane,
 // except when it falls in the expert of the previous call, which is cached. Any order of tiles works.
+// The kernel hands each decoded tile to its MMA warpgroups.
 #pragma once
 
 #include <cstdint>
@@ -144,7 +145,7 @@ class Sm90MoeTileScheduler {
     return true;
   }
 
-  Params params_;
+  Params const& params_;  // in the kernel's parameter space: no registers in the 40-register TMA warp
   // This lane's block of experts: unclamped first row, and its tiles [start, end) in the sequence.
   int64_t lane_row_start_ = 0;
   int64_t lane_tile_start_ = 0;

@@ -377,10 +377,7 @@ class Sm90MoeWgradKernel {
                     [&](StoreTarget const& target) { return issue_store(params, target); });
     };
     while (true) {
-      tile_pipeline.consumer_wait(tile_read);
-      WgradWorkTile const work = shared_storage.tile_slots[tile_read.index()];
-      tile_pipeline.consumer_release(tile_read);
-      ++tile_read;
+      WgradWorkTile const work = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
       if (!work.valid) {
         break;
       }
