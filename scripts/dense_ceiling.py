@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe_gemm import bench  # noqa: E402
+from moe_gemm.bench_decode import environment  # noqa: E402
 
 # name: (experts, rows per expert, N, K); the suite's 16k-token GEMMs with uniform routing, and one dense square.
 SHAPES = {
@@ -31,19 +32,11 @@ SHAPES = {
 
 
 def with_env(name: str, value: str | None, fn):
+    """fn, run with os.environ[name] = value (unset for None)."""
+
     def run():
-        saved = os.environ.get(name)
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-        try:
+        with environment(name, value):
             return fn()
-        finally:
-            if saved is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = saved
 
     return run
 
