@@ -22,12 +22,17 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 // The heuristic, from host-known shapes only (the per-expert sizes stay on the GPU). With balanced
 // routing an expert gets r = M / min(E, M) rows and does 2 * r * N * K FLOPs on 2 * N * K bytes of
-// weights: r FLOPs per weight byte. Below the H100's ridge point (~790 TFLOP/s / 3 TB/s ~ 260) the
-// GEMM streams weights and the smaller 128x128 tile wins: twice as many CTAs keep loads in flight.
-// Above it, 128x256 tiles reuse each loaded byte twice as often and win. Between 256 and 1024 rows
-// (a few m-blocks per expert, the prefill of many-expert models) clusters of two CTAs on neighbouring
-// n-blocks sharing the A tile win too: a sixth less traffic from L2, in a kernel that is power-bound
-// there. Not when N has an odd number of 256-column blocks below 20, where the pair rounds N up by
+// weights: r FLOPs per weight byte. Up to one m-block per expert (r <= 128) the GEMM streams weights
+// and the smaller 128x128 tile wins: twice as many CTAs keep loads in flight. Beyond it, 128x256 tiles
+// reuse each loaded byte twice as often and win, already at 136 rows, below the H100's ridge point
+// (~790 TFLOP/s / 3 TB/s ~ 260): Qwen1.5 at 2048 tokens (M = 8192, E = 60, r = 136, N = 2816 / 2048),
+// forward 1.070x / 1.102x torch._grouped_mm against 1.008x / 1.084x with 128x128, dgrad 1.077x / 1.096x
+// against 1.025x / 1.075x; at r = 128 (Qwen3, 2048 tokens) the two tie (within 3% either way), at
+// r = 64 (DeepSeek-V3, GPT-OSS) 128x128 leads by 1-3% (H100, 2026-11-23, scripts/ab_env.py
+// MOE_GEMM_TILE_CONFIG=auto MOE_GEMM_TILE_CONFIG=128x128 MOE_GEMM_TILE_CONFIG=128x256 --tokens 2048).
+// Between 256 and 1024 rows (a few m-blocks per expert, the prefill of many-expert models) clusters of
+// two CTAs on neighbouring n-blocks sharing the A tile win too: a sixth less traffic from L2, in a
+// kernel that is power-bound there. Not when N has an odd number of 256-column blocks below 20, where the pair rounds N up by
 // more than 5%; not for longer experts, where it measured no better (Mixtral, Qwen3 at 16k tokens).
 // From 2048 rows (16 or more m-blocks per expert, so that pairing m-blocks almost never leaves a CTA
 // without rows) clusters on neighbouring m-blocks sharing the B tile: 1-2% faster than 128x256 on
@@ -56,7 +61,8 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
   (void)K;
   (void)sm_count;
   constexpr int64_t kDecodeRowsPerExpert = 20;
-  constexpr int64_t kRidgeRowsPerExpert = 256;
+  constexpr int64_t kOneMBlock = 128;
+  constexpr int64_t kClusterRowsPerExpert = 256;
   constexpr int64_t kLongExpertRows = 1024;
   constexpr int64_t kVeryLongExpertRows = 2048;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
@@ -64,8 +70,11 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
   if (rows_per_expert <= kDecodeRowsPerExpert) {
     return TileConfig::k16x128SwapAB;
   }
-  if (rows_per_expert < kRidgeRowsPerExpert) {
+  if (rows_per_expert <= kOneMBlock) {
     return TileConfig::k128x128;
+  }
+  if (rows_per_expert < kClusterRowsPerExpert) {
+    return TileConfig::k128x256;  // (clusters of two measured slower at 136 rows: 1.044x against 1.070x)
   }
   int64_t const n_blocks = (N + 255) / 256;
   bool const pairs_fit_n = n_blocks % 2 == 0 || n_blocks >= 20;
