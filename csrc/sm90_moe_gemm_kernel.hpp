@@ -412,7 +412,9 @@ class Sm90MoeGemmKernel {
 
     // The whole warp walks the tiles (the scheduler is warp-collective); one lane issues the copies.
     bool const is_leader = cute::elect_one_sync();
+    int const leader_lane = __ffs(__ballot_sync(0xffffffff, is_leader)) - 1;
     bool const dynamic = params.tile_counter != nullptr;
+    bool const claims = dynamic && rank == 0;  // in a cluster, rank 0 takes the units for all (see below)
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
     TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
     UnitSlotState unit_state;
@@ -460,9 +462,18 @@ class Sm90MoeGemmKernel {
       }();
       Tensor tAgA = cta_tma_a.partition_S(gA);
       Tensor tBgB = cta_tma_b.partition_S(gB);
+      // The next unit is claimed from the counter as the tile's last k-block is about to be loaded: its
+      // round trip then passes while the producer waits for that stage. Not earlier: a CTA claims work only
+      // when it is about to start on it, which balances the last wave (claiming at the start of the tile,
+      // as the weight gradient does, made Mixtral's 2048-token GEMMs up to 7% slower; one k-block ahead
+      // instead of after the last load was 0.7% faster at 16k tokens, BENCHMARKS.md).
+      int next = 0;
       if (is_leader) {
         PipelineState state = write_state;
         for (int k = 0; k < k_blocks.count; ++k) {
+          if (claims && k == k_blocks.count - 1) {
+            next = atomicAdd(params.tile_counter, 1);
+          }
           pipeline.producer_acquire(state);
           auto* barrier = pipeline.producer_get_barrier(state);
           int const k_block = k_blocks.begin + k;
@@ -470,18 +481,14 @@ class Sm90MoeGemmKernel {
           copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k_block), tBsB(_, _, _, state.index()));
           ++state;
         }
-      }
-      write_state.advance(k_blocks.count);
-      // The next unit is taken once this one's loads are issued, not before: a CTA claims work only when
-      // it is about to start on it, which balances the last wave (taking it at the start of the tile,
-      // as the weight gradient does, made Mixtral's 2048-token GEMMs up to 7% slower). In a cluster,
-      // rank 0 takes it for all (the others receive it).
-      if (dynamic) {
-        int next = 0;
-        if (threadIdx.x % 32 == 0 && rank == 0) {
+        if (claims && k_blocks.count == 0) {
           next = atomicAdd(params.tile_counter, 1);
         }
-        unit = int64_t(__shfl_sync(0xffffffff, next, 0)) + num_clusters();
+      }
+      write_state.advance(k_blocks.count);
+      // In a cluster, rank 0 claims the unit for all (the others receive it at the top of the loop).
+      if (dynamic) {
+        unit = int64_t(__shfl_sync(0xffffffff, next, leader_lane)) + num_clusters();
       } else {
         unit += num_clusters();
       }
