@@ -32,8 +32,12 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // MOE_GEMM_TILE_CONFIG=auto MOE_GEMM_TILE_CONFIG=128x128 MOE_GEMM_TILE_CONFIG=128x256 --tokens 2048).
 // Between 256 and 1024 rows (a few m-blocks per expert, the prefill of many-expert models) clusters of
 // two CTAs on neighbouring n-blocks sharing the A tile win too: a sixth less traffic from L2, in a
-// kernel that is power-bound there. Not when N has an odd number of 256-column blocks below 20, where the pair rounds N up by
-// more than 5%; not for longer experts, where it measured no better (Mixtral, Qwen3 at 16k tokens).
+// kernel that is power-bound there (DeepSeek-V3 at 16k tokens: forward 1.153x / 1.174x torch against
+// 1.023x / 1.113x with 128x256, dgrad 1.147x / 1.130x against 1.049x / 1.015x). Not when N has an odd
+// number of 256-column blocks, which the pairs round up by one more: then clusters on neighbouring
+// m-blocks (GPT-OSS up at 16k tokens, N = 5760 in 23 blocks: 1.105x against 1.077x, and 1.104x
+// against 1.061x in an earlier session). Not for longer experts either, where it measured no better
+// (Mixtral, Qwen3 at 16k tokens).
 // From 2048 rows (16 or more m-blocks per expert, so that pairing m-blocks almost never leaves a CTA
 // without rows) clusters on neighbouring m-blocks sharing the B tile: 1-2% faster than 128x256 on
 // Mixtral at 16k tokens, but 3-8% slower at 1024-1092 rows (Qwen3 and Qwen1.5 at 16k tokens), timed
@@ -77,9 +81,8 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
     return TileConfig::k128x256;  // (clusters of two measured slower at 136 rows: 1.044x against 1.070x)
   }
   int64_t const n_blocks = (N + 255) / 256;
-  bool const pairs_fit_n = n_blocks % 2 == 0 || n_blocks >= 20;
-  if (rows_per_expert < kLongExpertRows && n_blocks >= 2 && pairs_fit_n) {
-    return TileConfig::k128x256Cluster1x2;
+  if (rows_per_expert < kLongExpertRows && n_blocks >= 2) {
+    return n_blocks % 2 == 0 ? TileConfig::k128x256Cluster1x2 : TileConfig::k128x256Cluster2x1;
   }
   return rows_per_expert >= kVeryLongExpertRows ? TileConfig::k128x256Cluster2x1 : TileConfig::k128x256;
 }
