@@ -1,7 +1,7 @@
 """A/B of moe_gemm's runtime knobs in one process: each setting and torch._grouped_mm, timed in turn (GPU only).
 
     python scripts/ab_env.py MOE_GEMM_OVERLAP_EPILOGUE=0 MOE_GEMM_OVERLAP_EPILOGUE=1 \\
-        [--kinds forward wgrad dgrad] [--tokens 256 2048 16384] [--models NAME ...] [--json PATH]
+        [--kinds forward wgrad dgrad] [--tokens 256 2048 16384] [--models NAME ...] [--balanced] [--json PATH]
 
 A setting is one or more NAME=VALUE pairs joined by commas (e.g. MOE_GEMM_TILE_CONFIG=128x256,MOE_GEMM_GROUP_M=16);
 the op reads them at every call, so all settings run against the same inputs in the same process, in turn with
@@ -69,6 +69,8 @@ def main() -> int:
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     parser.add_argument("--tokens", nargs="+", type=int, default=[256, 2048, 16384])
     parser.add_argument("--models", nargs="+")
+    parser.add_argument("--balanced", action="store_true",
+                        help="every expert gets the same rows (tokens * top_k / experts), not the suite's routed counts")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not hasattr(torch.ops.moe_gemm, "grouped_mm_wgrad"):
@@ -82,6 +84,8 @@ def main() -> int:
         model = suite["models"][model_name]
         for tokens in args.tokens:
             counts = bench.routing_counts(tokens, model["experts"], model["top_k"], "uniform", generator)
+            if args.balanced:
+                counts = torch.full_like(counts, tokens * model["top_k"] // model["experts"])
             m_sizes = counts.cuda()
             offs = torch.cumsum(m_sizes, 0).to(torch.int32)
             m = int(counts.sum())
