@@ -14,21 +14,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_gemm import bench
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_env import with_setting  # noqa: E402
+from moe_gemm import bench  # noqa: E402
 
 # name: (experts, N, K), the forward GEMMs of three suite models (DeepSeek-V3 with 64 of its 256 experts).
 SHAPES = {"ds-up": (64, 4096, 7168), "qwen3-up": (128, 1536, 2048), "gptoss-up": (128, 5760, 2880)}
-
-
-def forced_config(config, fn):
-    def run():
-        os.environ["MOE_GEMM_TILE_CONFIG"] = config
-        try:
-            return fn()
-        finally:
-            os.environ.pop("MOE_GEMM_TILE_CONFIG", None)
-
-    return run
 
 
 def main() -> int:
@@ -50,8 +41,8 @@ def main() -> int:
             offs = torch.cumsum(m_sizes, 0).to(torch.int32)
             x = torch.randn(experts * rows, k, device="cuda", dtype=torch.bfloat16)
             fns = [lambda: torch._grouped_mm(x, weight_kn, offs=offs)]
-            fns += [forced_config(c, lambda: torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes, False))
-                    for c in args.configs]
+            ours = lambda: torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes, False)  # noqa: E731
+            fns += [with_setting({"MOE_GEMM_TILE_CONFIG": c}, ours) for c in args.configs]
             times = bench.bench_interleaved_ms(fns)
             per_row = [t / rows for t in times]
             first = first or per_row
