@@ -63,6 +63,9 @@ struct GroupedGemmParams {
   // 16-bit outputs of the cooperative configurations: store each tile under the next tile's MMAs (true)
   // or right after its own (false; for A/B measurements).
   bool overlap_epilogue = true;
+  // An expert's last m-block of at most half a tile of rows loads only the token rows it multiplies
+  // (true) or the whole token tile (false; for A/B measurements).
+  bool partial_token_loads = true;
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto).

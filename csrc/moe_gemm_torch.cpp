@@ -29,6 +29,13 @@ bool overlap_epilogue_enabled() {
   return value == nullptr || std::string(value) != "0";
 }
 
+// MOE_GEMM_PARTIAL_TOKEN_LOADS=0 loads the whole token tile for an expert's tail of <= 64 rows too
+// (for A/B measurements). Anything else, or unset: only the rows the tail multiplies.
+bool partial_token_loads_enabled() {
+  char const* value = std::getenv("MOE_GEMM_PARTIAL_TOKEN_LOADS");
+  return value == nullptr || std::string(value) != "0";
+}
+
 at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& m_sizes,
                            bool weight_transposed) {
   TORCH_CHECK(x.dim() == 2, "moe_gemm.grouped_mm: x must be 2-D [M, K], got ", x.sizes());
@@ -91,6 +98,7 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
     TORCH_CHECK(params.split_k >= 0, "moe_gemm.grouped_mm: MOE_GEMM_SPLIT_K must be >= 0, got ", split_k);
   }
   params.overlap_epilogue = overlap_epilogue_enabled();
+  params.partial_token_loads = partial_token_loads_enabled();
   char const* problem = moe_gemm::check_grouped_gemm(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
 

@@ -21,7 +21,8 @@
 //     from the next expert's A rows and which must never be written. Finally the CTAs zero the rows
 //     of D that no expert covers;
 //   - an expert's tail of at most 64 rows is multiplied by one warpgroup (idle_warp_group), at the
-//     full rate of the tensor cores, instead of by both at half rate each;
+//     full rate of the tensor cores, instead of by both at half rate each, and loads only those 64
+//     token rows (kPartialTokenLoads: such a tile is bound by its loads, not its MMAs);
 //   - decode tiles with the operands swapped (kSwapAB): the weights are WGMMA's A operand and a few
 //     tokens its B, so the stages hold weights rather than 128 token rows of which one is used; the
 //     tile is stored transposed from registers;
@@ -58,6 +59,26 @@ template <class ElementD>
 constexpr int epilogue_smem_bytes(int tile_m, int consumer_groups = 1) {
   return consumer_groups * 2 * tile_m * 64 * int(sizeof(ElementD));
 }
+
+// The token tile's first kRows rows (of a K-major A): their shared-memory layout, the prefix of each
+// stage of the mainloop's SmemLayoutA (tile_to_shape fills M first), and a TMA load of such boxes.
+template <bool kEnabled, class Mainloop, int kRows, int kCols>
+struct HalfTokenTiles {
+  using SmemLayout = decltype(cute::tile_to_shape(typename Mainloop::SmemLayoutAtomA{},
+                                                  cute::make_shape(cute::Int<kRows>{}, cute::Int<kCols>{}),
+                                                  cute::Step<cute::_1, cute::_2>{}));
+  using Element = typename Mainloop::InternalElementA;
+  using Stride = typename Mainloop::StrideA;
+  using Tma = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(static_cast<Element const*>(nullptr), cute::repeat_like(Stride{}, int32_t(0)), Stride{}),
+      SmemLayout{}, cute::make_shape(cute::Int<kRows>{}, cute::Int<kCols>{}), cute::_1{}));
+};
+template <class Mainloop, int kRows, int kCols>
+struct HalfTokenTiles<false, Mainloop, kRows, kCols> {
+  using SmemLayout = void;
+  struct Tma {};
+};
 
 template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false>
 class Sm90MoeGemmKernel {
@@ -130,6 +151,20 @@ class Sm90MoeGemmKernel {
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
   static constexpr int kSmemDElements = cute::cosize_v<SmemLayoutD>;
 
+  // An expert's tail of at most kTileM / 2 rows is multiplied by the first warpgroup alone
+  // (idle_warp_group), which reads only the first half of the token tile: the producer loads just that
+  // half, a sixth of a 128x256 stage's bytes (a quarter of a 128x128 one's), since a tail is bound by its
+  // loads rather than its MMAs. In a 1x2 cluster that half is rank 0's multicast share of the token tile,
+  // so rank 1 skips its own; otherwise a second descriptor loads half-tile boxes. A cluster CTA past the
+  // expert's last m-block (2x1) loads no tokens at all. The stage's barrier still expects the whole
+  // tile; the producer completes the bytes it did not load by hand (mbarrier complete_tx).
+  static constexpr bool kPartialTokenLoads = !kSwapAB && !kPingpong && kTileM == 128;
+  static constexpr uint32_t kTokenTileBytes =
+      uint32_t(kTileM * kTileK * sizeof(typename CollectiveMainloop::InternalElementA));
+  using HalfTokens = HalfTokenTiles<kPartialTokenLoads, CollectiveMainloop, kTileM / 2, kTileK>;
+  using SmemLayoutHalfTokens = typename HalfTokens::SmemLayout;
+  using TmaHalfTokens = typename HalfTokens::Tma;
+
   // Split-K: work unit u is split u % split_k of tile u / split_k, and runs k-blocks [begin, begin + count).
   struct KBlockRange {
     int32_t split;
@@ -200,6 +235,8 @@ class Sm90MoeGemmKernel {
     int32_t k_blocks_remainder;
     int32_t partial_rows;  // rows of each partial tile in the workspace: min(kTileM, M)
     bool overlap_epilogue;  // kDeferStore: each tile stored under the next one's MMAs (else right away)
+    bool partial_token_loads;  // kPartialTokenLoads: a tail of <= kTileM / 2 rows loads only those rows
+    TmaHalfTokens tma_load_half_tokens;  // kPartialTokenLoads without A multicast: boxes of kTileM / 2 rows
     int* tile_arrivals;    // [tile slots] splits done per tile, zeroed before the launch
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
   };
@@ -462,6 +499,10 @@ class Sm90MoeGemmKernel {
       }();
       Tensor tAgA = cta_tma_a.partition_S(gA);
       Tensor tBgB = cta_tma_b.partition_S(gB);
+      // Token rows of the expert in this CTA's m-block (<= 0 for a 2x1 cluster's CTA past its end).
+      int32_t const token_rows = kPartialTokenLoads && params.partial_token_loads
+                                     ? work.rows - work.m_block * kTileM
+                                     : int32_t(kTileM);
       // The next unit is claimed from the counter as the tile's last k-block is about to be loaded: its
       // round trip then passes while the producer waits for that stage. Not earlier: a CTA claims work only
       // when it is about to start on it, which balances the last wave (claiming at the start of the tile,
@@ -477,7 +518,12 @@ class Sm90MoeGemmKernel {
           pipeline.producer_acquire(state);
           auto* barrier = pipeline.producer_get_barrier(state);
           int const k_block = k_blocks.begin + k;
-          copy(tma_a.with(*barrier, mcast_mask_a), tAgA(_, _, _, k_block), tAsA(_, _, _, state.index()));
+          if (token_rows > kTileM / 2) {
+            copy(tma_a.with(*barrier, mcast_mask_a), tAgA(_, _, _, k_block), tAsA(_, _, _, state.index()));
+          } else if constexpr (kPartialTokenLoads) {
+            load_token_rows(params, token_rows, *barrier, tAgA, tAsA, row0, k_block, state.index(), rank,
+                            mcast_mask_a, shared_storage);
+          }
           copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k_block), tBsB(_, _, _, state.index()));
           ++state;
         }
@@ -501,6 +547,43 @@ class Sm90MoeGemmKernel {
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
     if (is_leader) {
       pipeline.producer_tail(write_state);
+    }
+  }
+
+  // The token tile of a k-block whose m-block has at most kTileM / 2 of the expert's rows (see
+  // kPartialTokenLoads): its first half, or nothing; the bytes not loaded are completed by hand on every
+  // barrier that expects them. Rank 1 of a 1x2 cluster may complete them on rank 0's barrier before rank
+  // 0's producer has armed it: the transaction count may run negative until then, as with multicast
+  // data that arrives early.
+  template <class TensorGA, class TensorSA>
+  CUTLASS_DEVICE static void load_token_rows(Params const& params, int32_t token_rows, uint64_t& barrier,
+                                             TensorGA const& tAgA, TensorSA const& tAsA, int32_t row0,
+                                             int k_block, int stage, int rank, uint16_t mcast_mask_a,
+                                             SharedStorage& shared_storage) {
+    using namespace cute;
+    using cutlass::arch::ClusterTransactionBarrier;
+    constexpr uint32_t kHalfBytes = kTokenTileBytes / 2;
+    if constexpr (kClusterN == 2) {
+      // Rank 0's share of the multicast token tile is its first half: load that, skip rank 1's.
+      static_assert(kClusterM == 1);
+      if (rank == 0) {
+        copy(params.mainloop.tma_load_a.with(barrier, mcast_mask_a), tAgA(_, _, _, k_block), tAsA(_, _, _, stage));
+      } else {
+        ClusterTransactionBarrier::complete_transaction(&barrier, 0, kHalfBytes);
+        ClusterTransactionBarrier::complete_transaction(&barrier, 1, kHalfBytes);
+      }
+    } else if (token_rows > 0) {
+      auto const& tma = params.tma_load_half_tokens;
+      Tensor mA = tma.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.K, 1));
+      Tensor gA = local_tile(domain_offset(make_coord(row0, 0), mA(_, _, 0)),
+                             make_shape(Int<kTileM / 2>{}, Int<kTileK>{}), make_coord(0, k_block));
+      Tensor sA = make_tensor(make_smem_ptr(shared_storage.tensors.smem_A.data() + stage * (kTileM * kTileK)),
+                              SmemLayoutHalfTokens{});
+      auto cta_tma = tma.get_slice(0);
+      copy(tma.with(barrier), cta_tma.partition_S(gA), cta_tma.partition_D(sA));
+      ClusterTransactionBarrier::complete_transaction(&barrier, uint32_t(rank), kHalfBytes);
+    } else {
+      ClusterTransactionBarrier::complete_transaction(&barrier, uint32_t(rank), kTokenTileBytes);
     }
   }
 

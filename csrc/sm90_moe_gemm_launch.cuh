@@ -161,6 +161,12 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, cudaStream_t stream
                            typename Mainloop::SmemLayoutB{}(_, _, Int<0>{}),
                            typename Config::TileShape{}, typename Config::ClusterShape{}),
       Mainloop::TmaTransactionBytes, Mainloop::TmaTransactionBytesMK, Mainloop::TmaTransactionBytesNK};
+  if constexpr (Kernel::kPartialTokenLoads) {
+    params.tma_load_half_tokens =
+        make_tma_copy(SM90_TMA_LOAD{}, tensor_a, typename Kernel::SmemLayoutHalfTokens{},
+                      make_shape(Int<Kernel::kTileM / 2>{}, Int<Kernel::kTileK>{}), Int<1>{});
+  }
+  params.partial_token_loads = p.partial_token_loads;
   if (cudaError_t status = detail::encode_ragged<Element>(&params.tma_store_d, p.d, N, p.ldd, Kernel::kEpiN,
                                                           Kernel::kStoreRows);
       status != cudaSuccess) {

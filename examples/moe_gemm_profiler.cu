@@ -53,6 +53,7 @@ struct Options {
   int dynamic = -1;              // tile scheduling: 1 dynamic, 0 static, -1 by problem size
   int split_k = 0;               // K splits per tile: 0 by problem size, 1 none
   int overlap_epilogue = 1;      // 16-bit tiles stored under the next tile's MMAs (1) or right away (0)
+  int partial_token_loads = 1;   // tails of <= 64 rows load only those token rows (1) or the whole tile (0)
   int iterations = 50;
   int warmup = 5;
   bool verify = true;
@@ -80,6 +81,7 @@ struct Options {
     cmd.get_cmd_line_argument("dynamic", dynamic);
     cmd.get_cmd_line_argument("split_k", split_k);
     cmd.get_cmd_line_argument("overlap_epilogue", overlap_epilogue);
+    cmd.get_cmd_line_argument("partial_token_loads", partial_token_loads);
     cmd.get_cmd_line_argument("iterations", iterations);
     cmd.get_cmd_line_argument("warmup", warmup);
     cmd.get_cmd_line_argument("verify", verify, true);
@@ -106,6 +108,8 @@ struct Options {
         "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
         "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic)\n"
         "  --overlap_epilogue=1|0            store 16-bit tiles under the next tile's MMAs (default) or right away\n"
+        "  --partial_token_loads=1|0         an expert's tail of <= 64 rows loads only those rows (default) or the\n"
+        "                                    whole token tile\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n"
         "  --wgrad [--accumulate]            the weight gradient grad_W[e] = grad_y_e^T x_e ([E, N, K], [E, K, N]\n"
@@ -235,6 +239,7 @@ int run(Options const& opt) {
   params.dynamic_schedule = opt.dynamic;
   params.split_k = opt.split_k;
   params.overlap_epilogue = opt.overlap_epilogue != 0;
+  params.partial_token_loads = opt.partial_token_loads != 0;
   if (!moe_gemm::parse_tile_config(opt.config.c_str(), &params.config)) {
     std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
     return 1;

@@ -56,6 +56,7 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--experts=256 --tokens=1024 --topk=8 --n=4096 --k=7168 --config=128x128" \
               "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x256c1x2 --dynamic=1" \
               "--sizes=0,5,300,0,17,1000,0,260 --n=5760 --k=2880 --config=128x256c1x2 --extra_rows=9" \
+              "--sizes=1,64,65,300,2,193,63 --n=2880 --k=576 --config=128x256c1x2 --partial_token_loads=0" \
               "--sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x256c2x1 --dynamic=1 --layout=kn --dtype=fp16" \
               "--sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x128pp --extra_rows=9" \
               "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x128pp --dynamic=1 --layout=kn" \

@@ -3,6 +3,8 @@ past multiples of 128, and each tile configuration (and torch._grouped_mm) is ti
 
     python scripts/tail_cost.py [--rows 512 513 576 577 640 641] [--configs 128x256c1x2 128x256] [--shapes ds-up ...]
 
+A config may carry other settings after a comma (e.g. 128x256c1x2,MOE_GEMM_PARTIAL_TOKEN_LOADS=0).
+
 Prints the time and the time per row relative to the first r (1.000: a row costs what it costs with whole m-blocks;
 r = 513 at 1.125 would mean the one-row tail costs half a tile, as the idle-warpgroup path intends).
 """
@@ -15,11 +17,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ab_env import with_setting  # noqa: E402
+from ab_env import parse_setting, with_setting  # noqa: E402
 from moe_gemm import bench  # noqa: E402
 
 # name: (experts, N, K), the forward GEMMs of three suite models (DeepSeek-V3 with 64 of its 256 experts).
 SHAPES = {"ds-up": (64, 4096, 7168), "qwen3-up": (128, 1536, 2048), "gptoss-up": (128, 5760, 2880)}
+
+
+def config_setting(text: str) -> dict[str, str]:
+    """'128x256c1x2' or '128x256c1x2,NAME=VALUE,...' -> the environment of that run."""
+    config, _, rest = text.partition(",")
+    return {"MOE_GEMM_TILE_CONFIG": config, **(parse_setting(rest) if rest else {})}
 
 
 def main() -> int:
@@ -42,7 +50,7 @@ def main() -> int:
             x = torch.randn(experts * rows, k, device="cuda", dtype=torch.bfloat16)
             fns = [lambda: torch._grouped_mm(x, weight_kn, offs=offs)]
             ours = lambda: torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes, False)  # noqa: E731
-            fns += [with_setting({"MOE_GEMM_TILE_CONFIG": c}, ours) for c in args.configs]
+            fns += [with_setting(config_setting(c), ours) for c in args.configs]
             times = bench.bench_interleaved_ms(fns)
             per_row = [t / rows for t in times]
             first = first or per_row

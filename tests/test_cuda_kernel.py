@@ -102,6 +102,19 @@ def test_overlapped_epilogue_is_bitwise_the_plain_one(k, tile_config, monkeypatc
     assert torch.equal(overlapped, plain)
 
 
+def test_partial_token_loads_are_bitwise_the_whole_ones(tile_config, monkeypatch):
+    # An expert's last m-block of <= 64 rows loads only the token rows it multiplies (its second warpgroup is
+    # idle; a 2x1 cluster's CTA past the expert loads none); with MOE_GEMM_PARTIAL_TOKEN_LOADS=0 it loads the
+    # whole token tile. The rows stored come from the same products, so the same bits. Tails of 1, 2, 63, 64
+    # and 65 rows after 0 to 7 whole m-blocks, several tiles per CTA (shared memory holds older tiles' rows).
+    sizes = [1, 0, 129, 191, 64, 65, 300, 2, 511, 1000, 0, 193, 384, 63]
+    problem = make_problem(sizes, 2880, 576, torch.bfloat16, "cuda", num_rows=sum(sizes) + 20)
+    partial = check(problem)
+    monkeypatch.setenv("MOE_GEMM_PARTIAL_TOKEN_LOADS", "0")
+    whole = check(problem)
+    assert torch.equal(partial, whole)
+
+
 @pytest.mark.parametrize("n, k", [(8, 8), (8, 4096), (4104, 8), (24, 72)])
 def test_n_and_k_at_the_alignment_limit(n, k, tile_config):
     check(make_problem([3, 0, 130, 1], n, k, torch.bfloat16, "cuda"))
