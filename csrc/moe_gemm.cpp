@@ -61,9 +61,17 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // vs 5.21), at 32-34 rows 128x128 wins on 9 of 10 GEMMs (Qwen3 at 512 tokens 0.328 vs 0.308, GPT-OSS
 // up at 1024 tokens 1.64 vs 1.52), and from 64 rows on by a third or more (each weight tile is read
 // by 4 or more m-blocks). Hence 20.
+//
+// Few waves of long tiles at up to one m-block per expert: ping-pong 128x128. When the 128x128 tiles
+// are at most two per SM (but more than the half of the SMs below which split-K takes over), ping-pong
+// measured faster on the two such GEMMs of the suite, Mixtral at 256 tokens (64 rows per expert, 256
+// tiles): forward down (K = 14336) 1.031x torch._grouped_mm against 0.975x, dgrad up (K = 28672) 1.014x
+// against 0.976x, the same within 0.5% in three runs in one process (H100, 2026-11-23, scripts/ab_env.py
+// MOE_GEMM_TILE_CONFIG=auto MOE_GEMM_TILE_CONFIG=128x128pp --tokens 256 --models mixtral-8x7b; session
+// 12 had forward down at +3.8%). With many waves it is no better (forward at 2048 tokens, DeepSeek-V3,
+// GPT-OSS and Qwen3: 1.103x against 1.109x; Mixtral up at 256 tokens, 1792 tiles: 1.058x against 1.062x).
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
   (void)K;
-  (void)sm_count;
   constexpr int64_t kDecodeRowsPerExpert = 20;
   constexpr int64_t kOneMBlock = 128;
   constexpr int64_t kClusterRowsPerExpert = 256;
@@ -75,7 +83,9 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
     return TileConfig::k16x128SwapAB;
   }
   if (rows_per_expert <= kOneMBlock) {
-    return TileConfig::k128x128;
+    int64_t const tiles = experts_hit * ((N + 127) / 128);
+    bool const few_waves = sm_count > 0 && 2 * tiles > sm_count && tiles <= 2 * int64_t(sm_count);
+    return few_waves ? TileConfig::k128x128Pingpong : TileConfig::k128x128;
   }
   if (rows_per_expert < kClusterRowsPerExpert) {
     return TileConfig::k128x256;  // (clusters of two measured slower at 136 rows: 1.044x against 1.070x)
