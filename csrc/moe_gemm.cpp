@@ -48,19 +48,25 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // (13.5 ms vs 13.8 up, 7.6 vs 7.8 down), measured on an H100 in bf16 with randn data
 // (scripts/compare_tile_configs.sh; BENCHMARKS.md, "Tile configurations").
 //
-// Decode (at most 20 rows per expert): each tile streams a block of one expert's weights, and what
+// Decode (at most 4 rows per expert): each tile streams a block of one expert's weights, and what
 // counts is how many weight bytes each SM keeps in flight. The swapped 16x128 tile loads 16 token rows
 // per stage instead of 128, so its 6 stages hold 192 KB of weights (128x128: 6 stages, 96 KB;
 // 128x256: 4 stages, 128 KB). Measured on an H100 (2026-11-22, bf16, in CUDA graphs,
 // `MOE_GEMM_CONFIGS="auto 16x128s" scripts/compare_tile_configs.sh OUT --decode`, two runs), it beat
 // the previous choice (128x128, or 128x256 above 1.25 waves of 128x128 tiles) on all 70 decode
 // shapes, 1 to 64 tokens, by 3-23%: Qwen3 up at 1 token 31.0 us vs 34.7, GPT-OSS down at 4 tokens
-// 95 us vs 117, Mixtral up at 64 tokens (16 rows per expert) 0.663 ms vs 0.723. Against 128x128
-// above decode (`--tokens 128 512 1024`): at 16-17 rows per expert it wins or ties (GPT-OSS at 512
-// tokens 1.468 ms vs 1.497, Qwen1.5 at 256 tokens 0.255 vs 0.262, DeepSeek-V3 up at 512 tokens 5.23
-// vs 5.21), at 32-34 rows 128x128 wins on 9 of 10 GEMMs (Qwen3 at 512 tokens 0.328 vs 0.308, GPT-OSS
-// up at 1024 tokens 1.64 vs 1.52), and from 64 rows on by a third or more (each weight tile is read
-// by 4 or more m-blocks). Hence 20.
+// 95 us vs 117.
+// Between 4 and 32 rows per expert, routed experts often have more than 16 rows, which the 16-row tile
+// takes in two m-blocks, each streaming the weights. The swapped 32x128 tile (5 stages of 32 KB of
+// weights and 8 KB of tokens) takes them in one. Measured on an H100 (2026-11-23, scripts/ab_env.py
+// MOE_GEMM_TILE_CONFIG=auto MOE_GEMM_TILE_CONFIG=16x128s MOE_GEMM_TILE_CONFIG=32x128s
+// MOE_GEMM_TILE_CONFIG=128x128 --kinds forward dgrad --tokens 1 32 192 384 640 768 1280, and 128 to 1024;
+// BENCHMARKS.md, "Session 14"), on geometric mean over the GEMMs of 5 to 31 rows per expert: forward
+// ([E, N, K] weights) 0.4% and 3.6% faster than 16x128s below and above 16 rows, 2.2% faster than
+// 128x128 (DeepSeek-V3 up at 640 tokens, 20 rows: 1.075x torch._grouped_mm against 0.972x and 1.041x);
+// the input gradient ([E, K, N] weights) 0.6% and 5% faster than 16x128s, within 0.5% of 128x128.
+// At 1 token it is 1-3% slower than 16x128s, at 32 rows no better than 128x128 (forward +0.2%, input
+// gradient -3%), and from 40 rows on slower. Hence 16x128s up to 4 rows, 32x128s below 32.
 //
 // Few waves of long tiles at up to one m-block per expert: ping-pong 128x128. When the 128x128 tiles
 // are at most two per SM (but more than the half of the SMs below which split-K takes over), ping-pong
@@ -70,9 +76,13 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // MOE_GEMM_TILE_CONFIG=auto MOE_GEMM_TILE_CONFIG=128x128pp --tokens 256 --models mixtral-8x7b; session
 // 12 had forward down at +3.8%). With many waves it is no better (forward at 2048 tokens, DeepSeek-V3,
 // GPT-OSS and Qwen3: 1.103x against 1.109x; Mixtral up at 256 tokens, 1792 tiles: 1.058x against 1.062x).
+// Nor with fewer rows: at 8 to 32 rows per expert it was 3-5% slower than 128x128 on Mixtral's few-wave
+// GEMMs (input gradient of up at 32, 64 and 128 tokens: 1.000x against 1.058x, 1.064x against 1.117x,
+// 1.055x against 1.085x; forward down at 128 tokens 1.010x against 1.057x), so only above 32 rows.
 TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
   (void)K;
-  constexpr int64_t kDecodeRowsPerExpert = 20;
+  constexpr int64_t kDecodeRowsPerExpert = 4;
+  constexpr int64_t kSwapped32RowsBelow = 32;
   constexpr int64_t kOneMBlock = 128;
   constexpr int64_t kClusterRowsPerExpert = 256;
   constexpr int64_t kLongExpertRows = 1024;
@@ -82,10 +92,13 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
   if (rows_per_expert <= kDecodeRowsPerExpert) {
     return TileConfig::k16x128SwapAB;
   }
+  if (rows_per_expert < kSwapped32RowsBelow) {
+    return TileConfig::k32x128SwapAB;
+  }
   if (rows_per_expert <= kOneMBlock) {
     int64_t const tiles = experts_hit * ((N + 127) / 128);
     bool const few_waves = sm_count > 0 && 2 * tiles > sm_count && tiles <= 2 * int64_t(sm_count);
-    return few_waves ? TileConfig::k128x128Pingpong : TileConfig::k128x128;
+    return few_waves && rows_per_expert > kSwapped32RowsBelow ? TileConfig::k128x128Pingpong : TileConfig::k128x128;
   }
   if (rows_per_expert < kClusterRowsPerExpert) {
     return TileConfig::k128x256;  // (clusters of two measured slower at 136 rows: 1.044x against 1.070x)
@@ -99,10 +112,14 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
 
 namespace {
 
-bool is_swapped(TileConfig config) { return config == TileConfig::k16x128SwapAB; }
+bool is_swapped(TileConfig config) {
+  return config == TileConfig::k16x128SwapAB || config == TileConfig::k32x128SwapAB;
+}
 
 // Rows, columns and k-block of a configuration's tile.
-int64_t tile_m_of(TileConfig config) { return is_swapped(config) ? 16 : 128; }
+int64_t tile_m_of(TileConfig config) {
+  return config == TileConfig::k16x128SwapAB ? 16 : config == TileConfig::k32x128SwapAB ? 32 : 128;
+}
 int64_t tile_n_of(TileConfig config) {
   return config == TileConfig::k128x128 || config == TileConfig::k128x128Pingpong || is_swapped(config) ? 128 : 256;
 }
@@ -220,7 +237,8 @@ bool parse_tile_config(char const* name, TileConfig* config) {
                                 {"128x256c2x1", TileConfig::k128x256Cluster2x1},
                                 {"128x256c1x2", TileConfig::k128x256Cluster1x2},
                                 {"128x128pp", TileConfig::k128x128Pingpong},
-                                {"16x128s", TileConfig::k16x128SwapAB}};
+                                {"16x128s", TileConfig::k16x128SwapAB},
+                                {"32x128s", TileConfig::k32x128SwapAB}};
   for (Named const& named : names) {
     if (std::strcmp(name, named.name) == 0) {
       *config = named.config;
@@ -238,6 +256,7 @@ char const* tile_config_name(TileConfig config) {
     case TileConfig::k128x256Cluster1x2: return "128x256c1x2";
     case TileConfig::k128x128Pingpong: return "128x128pp";
     case TileConfig::k16x128SwapAB: return "16x128s";
+    case TileConfig::k32x128SwapAB: return "32x128s";
     default: return "auto";
   }
 }
@@ -300,6 +319,8 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t strea
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x128Pingpong>(p, stream); \
     case TileConfig::k16x128SwapAB:                                                           \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k16x128SwapAB>(p, stream);  \
+    case TileConfig::k32x128SwapAB:                                                           \
+      return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k32x128SwapAB>(p, stream);  \
     default:                                                                                  \
       return run_sm90_moe_gemm<DType::DTYPE, N_MAJOR, TileConfig::k128x256>(p, stream);  \
   }

@@ -17,6 +17,7 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 // 128x128 tile, alternating with the other, so that one's epilogue overlaps the other's MMAs.
 // k16x128SwapAB (decode): tiles of 16 rows x 128 columns, computed with the weights as WGMMA's A
 // operand and the tokens along its N, so that the stages hold weights, not 128 rows of tokens.
+// k32x128SwapAB: the same with 32 token rows per tile, for about 16 to 32 rows per expert.
 enum class TileConfig : int {
   kAuto = 0,
   k128x256 = 1,
@@ -25,9 +26,10 @@ enum class TileConfig : int {
   k128x256Cluster1x2 = 4,
   k128x128Pingpong = 5,
   k16x128SwapAB = 6,
+  k32x128SwapAB = 7,
 };
 
-// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s" <-> TileConfig;
+// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "32x128s" <-> TileConfig;
 // parse returns false for an unknown name.
 bool parse_tile_config(char const* name, TileConfig* config);
 char const* tile_config_name(TileConfig config);

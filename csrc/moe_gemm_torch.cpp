@@ -79,10 +79,10 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   params.batch_stride_b = weight.stride(0);
   params.ldd = out.stride(0);
   params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // MOE_GEMM_TILE_CONFIG=128x256|128x128|128x256c2x1|128x256c1x2|128x128pp|16x128s overrides the heuristic (for tuning and tests).
+  // MOE_GEMM_TILE_CONFIG=128x256|128x128|128x256c2x1|128x256c1x2|128x128pp|16x128s|32x128s overrides the heuristic (for tuning and tests).
   if (char const* forced = std::getenv("MOE_GEMM_TILE_CONFIG")) {
     TORCH_CHECK(moe_gemm::parse_tile_config(forced, &params.config),
-                "moe_gemm.grouped_mm: MOE_GEMM_TILE_CONFIG must be auto, 128x256, 128x128, 128x256c2x1, 128x256c1x2, 128x128pp or 16x128s, got ", forced);
+                "moe_gemm.grouped_mm: MOE_GEMM_TILE_CONFIG must be auto, 128x256, 128x128, 128x256c2x1, 128x256c1x2, 128x128pp, 16x128s or 32x128s, got ", forced);
   }
   // MOE_GEMM_GROUP_M=n: m-blocks per raster group, for tuning L2 locality.
   if (char const* group_m = std::getenv("MOE_GEMM_GROUP_M")) {

@@ -60,6 +60,14 @@ template <> struct TileTraits<TileConfig::k16x128SwapAB> : CooperativeTraits {
   static constexpr int kGroupM = 8;
   static constexpr bool kSwapAB = true;
 };
+// Decode-sized experts of up to 32 rows (about 16 to 32): the same with 32 tokens per tile, 32 KB of
+// weights and 8 KB of tokens per stage, so that an expert of 17 to 32 rows streams its weights once.
+template <> struct TileTraits<TileConfig::k32x128SwapAB> : CooperativeTraits {
+  using TileShape = cute::Shape<cute::_128, cute::_32, cute::_128>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  static constexpr int kGroupM = 8;
+  static constexpr bool kSwapAB = true;
+};
 // Long experts: the same tile, two CTAs per cluster on consecutive m-blocks multicasting B (groups of
 // 4 cluster m-blocks = 8 CTA m-blocks). Each CTA reads 32 KB per k-block from L2 instead of 48.
 template <> struct TileTraits<TileConfig::k128x256Cluster2x1> : CooperativeTraits {

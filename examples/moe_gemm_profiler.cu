@@ -48,7 +48,7 @@ struct Options {
   std::string dtype = "bf16";    // bf16 | fp16
   std::string layout = "nk";     // nk: weight [E, N, K];  kn: weight [E, K, N]
   std::string routing = "uniform";  // uniform | skewed
-  std::string config = "auto";   // auto | 128x256 | 128x128 | 128x256c2x1 | 128x256c1x2 | 128x128pp | 16x128s
+  std::string config = "auto";   // auto | 128x256 | 128x128 | 128x256c2x1 | 128x256c1x2 | 128x128pp | 16x128s | 32x128s
   int group_m = 0;               // m-blocks per raster group; 0 = the configuration's default
   int dynamic = -1;              // tile scheduling: 1 dynamic, 0 static, -1 by problem size
   int split_k = 0;               // K splits per tile: 0 by problem size, 1 none
@@ -102,7 +102,7 @@ struct Options {
         "  --sizes=a,b,c                     explicit rows per expert instead of routing\n"
         "  --n=N --k=K                       GEMM sizes (multiples of 8)\n"
         "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
-        "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2x1|128x256c1x2|128x128pp|16x128s\n"
+        "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2x1|128x256c1x2|128x128pp|16x128s|32x128s\n"
         "  --group_m=G                       m-blocks per raster group (L2 locality; --wgrad: blocks of 128 rows of\n"
         "                                    the gradient)\n"
         "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"

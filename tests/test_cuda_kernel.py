@@ -55,8 +55,9 @@ def test_suite_shapes_scaled_down(name, experts, top_k, hidden, inter, tokens, d
     check(make_problem(sizes, hidden, inter, dtype, "cuda", transposed))      # down
 
 
-@pytest.fixture(params=["auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "128x256-dynamic",
-            "128x128-dynamic", "128x256c2x1-dynamic", "128x256c1x2-dynamic", "128x128pp-dynamic", "16x128s-dynamic"])
+@pytest.fixture(params=["auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "32x128s",
+                        "128x256-dynamic", "128x128-dynamic", "128x256c2x1-dynamic", "128x256c1x2-dynamic",
+                        "128x128pp-dynamic", "16x128s-dynamic", "32x128s-dynamic"])
 def tile_config(request, monkeypatch):
     """Every tile configuration and both tile schedules, forced through MOE_GEMM_TILE_CONFIG and
     MOE_GEMM_DYNAMIC (read by the op at each call); "auto" leaves both to the heuristics."""

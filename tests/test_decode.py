@@ -135,7 +135,7 @@ def test_split_k_with_full_tiles(sizes, split_k):
     assert_close_to_reference(run_poisoned(problem), problem.reference())
 
 
-@pytest.mark.parametrize("config", ["128x128", "128x256", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s"])
+@pytest.mark.parametrize("config", ["128x128", "128x256", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "32x128s"])
 @pytest.mark.parametrize("dynamic", ["0", "1"])
 @pytest.mark.parametrize("split", ["1", "4"])
 def test_split_k_with_every_config_and_schedule(config, dynamic, split, monkeypatch):
