@@ -17,7 +17,7 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 // 128x128 tile, alternating with the other, so that one's epilogue overlaps the other's MMAs.
 // k16x128SwapAB (decode): tiles of 16 rows x 128 columns, computed with the weights as WGMMA's A
 // operand and the tokens along its N, so that the stages hold weights, not 128 rows of tokens.
-// k32x128SwapAB: the same with 32 token rows per tile, for about 16 to 32 rows per expert.
+// k32x128SwapAB: the same with 32 token rows per tile (the heuristic takes it from 5 to 31 rows per expert).
 enum class TileConfig : int {
   kAuto = 0,
   k128x256 = 1,

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-$PWD/gpu_check_out}}"
 shift || true
 tmp=$(mktemp -d)
-configs="${MOE_GEMM_CONFIGS:-auto 128x256 128x128 128x256c2x1 128x256c1x2 128x128pp 16x128s}"
+configs="${MOE_GEMM_CONFIGS:-auto 128x256 128x128 128x256c2x1 128x256c1x2 128x128pp 16x128s 32x128s}"
 for config in $configs; do
   MOE_GEMM_TILE_CONFIG=$config python3 -m moe_gemm.bench --json "$tmp/$config.json" "$@" >"$tmp/$config.log" 2>&1 ||
     { tail -5 "$tmp/$config.log"; exit 1; }
@@ -17,7 +17,7 @@ python3 - "$tmp" "$out/tile_configs.json" <<'PY'
 import json, sys, pathlib
 tmp, dest = pathlib.Path(sys.argv[1]), sys.argv[2]
 runs = {p.stem: json.loads(p.read_text()) for p in tmp.glob("*.json")}
-configs = [c for c in ["auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s"]
+configs = [c for c in ["auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "32x128s"]
            if (tmp / f"{c}.json").exists()]
 key = lambda r: (r["model"], r["tokens"], r["gemm"])
 
