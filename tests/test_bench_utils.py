@@ -171,6 +171,13 @@ def test_measure_shape_on_cpu(fake_timer):
     assert row["tflops"] == pytest.approx(2 * 10 * 16 * 32 / 0.5 / 1e9)
 
 
+def test_measure_shape_skips_a_slow_loop(fake_timer, monkeypatch):
+    monkeypatch.setattr(bench, "LOOP_MAX_MS", -1.0)
+    weight = torch.randn(3, 16, 32).bfloat16()
+    row = bench.measure_shape("tiny", 4, "up", weight, torch.tensor([1, 4, 3]), ANCHOR_CEILINGS)
+    assert row["check"] == "ok" and row["loop_ms"] is None and row["moe_gemm_ms"] == 0.5
+
+
 def test_measure_shape_marks_a_wrong_result(fake_timer, monkeypatch):
     monkeypatch.setattr(moe_gemm, "grouped_forward", lambda x, w, m_sizes: torch.zeros(x.shape[0], w.shape[1]))
     weight = torch.randn(2, 16, 32).bfloat16()
