@@ -41,12 +41,12 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // From 2048 rows (16 or more m-blocks per expert, so that pairing m-blocks almost never leaves a CTA
 // without rows) clusters on neighbouring m-blocks sharing the B tile: 1-2% faster than 128x256 on
 // Mixtral at 16k tokens, but 3-8% slower at 1024-1092 rows (Qwen3 and Qwen1.5 at 16k tokens), timed
-// in turn with torch._grouped_mm (BENCHMARKS.md, "Tile configurations").
+// in turn with torch._grouped_mm (docs/benchmark_history.md, "Tile configurations").
 // Examples: Qwen3 at 2048 tokens (M = 16384, E = 128): r = 128 -> 128x128 (0.355 ms vs 0.374);
 // Mixtral at 16k tokens (M = 32768, E = 8): r = 4096 -> 128x256c2x1 (up 11.25 ms vs 11.45);
 // DeepSeek-V3 at 16k tokens (M = 131072, E = 256, N = 4096 / 7168): r = 512 -> 128x256c1x2
 // (13.5 ms vs 13.8 up, 7.6 vs 7.8 down), measured on an H100 in bf16 with randn data
-// (scripts/compare_tile_configs.sh; BENCHMARKS.md, "Tile configurations").
+// (scripts/compare_tile_configs.sh; docs/benchmark_history.md, "Tile configurations").
 //
 // Decode (at most 4 rows per expert): each tile streams a block of one expert's weights, and what
 // counts is how many weight bytes each SM keeps in flight. The swapped 16x128 tile loads 16 token rows
@@ -61,7 +61,7 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 // weights and 8 KB of tokens) takes them in one. Measured on an H100 (2026-11-23, scripts/ab_env.py
 // MOE_GEMM_TILE_CONFIG=auto MOE_GEMM_TILE_CONFIG=16x128s MOE_GEMM_TILE_CONFIG=32x128s
 // MOE_GEMM_TILE_CONFIG=128x128 --kinds forward dgrad --tokens 1 32 192 384 640 768 1280, and 128 to 1024;
-// BENCHMARKS.md, "Session 14"), on geometric mean over the GEMMs of 5 to 31 rows per expert: forward
+// docs/benchmark_history.md, "Session 14"), on geometric mean over the GEMMs of 5 to 31 rows per expert: forward
 // ([E, N, K] weights) 0.4% and 3.6% faster than 16x128s below and above 16 rows, 2.2% faster than
 // 128x128 (DeepSeek-V3 up at 640 tokens, 20 rows: 1.075x torch._grouped_mm against 0.972x and 1.041x);
 // the input gradient ([E, K, N] weights) 0.6% and 5% faster than 16x128s, within 0.5% of 128x128.

@@ -507,7 +507,7 @@ class Sm90MoeGemmKernel {
       // round trip then passes while the producer waits for that stage. Not earlier: a CTA claims work only
       // when it is about to start on it, which balances the last wave (claiming at the start of the tile,
       // as the weight gradient does, made Mixtral's 2048-token GEMMs up to 7% slower; one k-block ahead
-      // instead of after the last load was 0.7% faster at 16k tokens, BENCHMARKS.md).
+      // instead of after the last load was 0.7% faster at 16k tokens, docs/benchmark_history.md).
       int next = 0;
       if (is_leader) {
         PipelineState state = write_state;
@@ -672,7 +672,7 @@ class Sm90MoeGemmKernel {
           pending.hold(accumulators, target);
         } else {
           // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs (deferring
-          // such tiles too looked slower in the weight gradient; BENCHMARKS.md).
+          // such tiles too looked slower in the weight gradient; docs/benchmark_history.md).
           store_tile_tma(params, target, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier,
                          store_count);
         }

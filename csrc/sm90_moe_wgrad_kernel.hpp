@@ -411,7 +411,7 @@ class Sm90MoeWgradKernel {
       } else if (target.active) {
         // Not deferred, or a short reduction: the next tile (most likely of the same expert) would have too
         // few k-blocks to cover the stores (a first version that deferred these looked up to 13% slower at
-        // 256 and 2048 tokens, measured on another machine; BENCHMARKS.md).
+        // 256 and 2048 tokens, measured on another machine; docs/benchmark_history.md).
         store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers>(sD, accumulators, tiled_mma, mma_thread_idx,
                                                             epilogue_barrier, store_count, issue_store(params, target));
       }

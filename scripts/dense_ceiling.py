@@ -7,9 +7,13 @@ moe_gemm (its heuristic, and each configuration forced through MOE_GEMM_TILE_CON
 
     python scripts/dense_ceiling.py [--configs auto 128x256 128x256c2x1 128x256c1x2] [--shapes NAME ...]
     python scripts/dense_ceiling.py --wgrad [--shapes NAME ...]   (the weight gradient: grad_W[e] = grad_y_e^T x_e)
+    python scripts/dense_ceiling.py --suite 256 2048 16384 --configs auto --json ceiling.json
+        (every suite model's GEMMs at those token counts, each expert given tokens * top_k / experts rows)
 """
 
 import argparse
+import json
+import math
 import os
 import sys
 
@@ -59,8 +63,20 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor, chunk: int = 1 <<
     return (error / norm) ** 0.5
 
 
-def measure(name: str, args: argparse.Namespace) -> None:
-    """Times one shape and prints its lines."""
+def suite_shapes(token_counts: list[int]) -> dict:
+    """The suite's GEMMs at these token counts with equal-sized experts: "model-gemm-T" -> (experts, rows, N, K)."""
+    shapes = {}
+    for model, config in bench.load_suite()["models"].items():
+        for tokens in token_counts:
+            for gemm in bench.GEMMS:
+                n, k = bench.gemm_shape(config, gemm)
+                rows = max(1, tokens * config["top_k"] // config["experts"])
+                shapes[f"{model}-{gemm}-{tokens}"] = (config["experts"], rows, n, k)
+    return shapes
+
+
+def measure(name: str, args: argparse.Namespace) -> dict:
+    """Times one shape, prints its lines and returns {label: ms}."""
     experts, rows, n, k = SHAPES[name]
     x = torch.randn(experts * rows, k, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(experts, n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
@@ -99,6 +115,7 @@ def measure(name: str, args: argparse.Namespace) -> None:
         print(f"  {label:24s} {ms:8.3f} ms  {flops / ms / 1e9:6.0f} TFLOP/s  {times[0] / ms:5.3f}x bmm")
     for label in ("torch.bmm", "torch._grouped_mm"):
         print(f"  {label} kernels: {', '.join(kernel_names(fns[label]))}")
+    return dict(zip(fns, times))
 
 
 def main() -> None:
@@ -106,16 +123,33 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["auto", "128x256", "128x256c2x1", "128x256c1x2"])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--wgrad", action="store_true", help="time the weight gradient instead of the forward")
+    parser.add_argument("--suite", nargs="+", type=int, metavar="TOKENS",
+                        help="instead of --shapes: the suite's GEMMs at these token counts, equal-sized experts")
+    parser.add_argument("--json", help="write {shape: {label: ms}} and the geometric means here")
     parser.add_argument("--rep-ms", type=float, default=200)
     args = parser.parse_args()
+    if args.suite:
+        SHAPES.update(suite_shapes(args.suite))
+        args.shapes = list(suite_shapes(args.suite))
 
     import moe_gemm  # noqa: F401  (registers torch.ops.moe_gemm)
 
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    results = {}
     for name in args.shapes:
-        measure(name, args)
+        results[name] = measure(name, args)
         torch.cuda.empty_cache()
+    # Geometric mean of each label's speedup over torch._grouped_mm.
+    means = {
+        label: math.exp(sum(math.log(t["torch._grouped_mm"] / t[label]) for t in results.values()) / len(results))
+        for label in next(iter(results.values()))
+    }
+    print("\ngeometric-mean speedup over torch._grouped_mm: " + ", ".join(f"{l} {v:.3f}" for l, v in means.items()))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"device": torch.cuda.get_device_name(), "shapes": {n: SHAPES[n] for n in results}, "ms": results, "speedup": means}, out,
+                      indent=1)
 
 
 if __name__ == "__main__":

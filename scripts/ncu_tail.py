@@ -6,7 +6,7 @@ so the times compare work rather than power states).
 
 Prints per case the kernel time, the L2 sectors read by the SMs (TMA loads included), how busy L2 was, and the DRAM
 bytes read. With whole m-blocks (r = 512) CTAs that share a weight tile load it in step, and L2 serves fewer sectors
-than the tiles ask for; see BENCHMARKS.md, "Session 12".
+than the tiles ask for; see docs/benchmark_history.md, "Session 12".
 """
 
 import argparse
