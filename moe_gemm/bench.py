@@ -373,8 +373,8 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
         offs = torch.cumsum(m_sizes, 0).to(torch.int32)
         weight_kn = weight.transpose(-2, -1)
         timed["grouped_mm_ms"] = lambda: torch._grouped_mm(x, weight_kn, offs=offs)
-    # The loop is timed in the same rounds: timed on its own, it ran in another power state (session 15: Mixtral
-    # down at 16k tokens, alone 5.29 ms against moe_gemm's 6.09; in turn 5.37 against 5.24).
+    # The loop is timed in the same rounds: timed on its own, it ran in another power state (Mixtral down at 16k
+    # tokens: alone 5.29 ms against moe_gemm's 6.09 in session 14; in turn, session 15, 5.75 against 5.74).
     loop = _loop_if_fast(x, weight, host_counts)
     if loop is not None:
         timed["loop_ms"] = loop

@@ -129,8 +129,9 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=float, default=200)
     args = parser.parse_args()
     if args.suite:
-        SHAPES.update(suite_shapes(args.suite))
-        args.shapes = list(suite_shapes(args.suite))
+        shapes = suite_shapes(args.suite)
+        SHAPES.update(shapes)
+        args.shapes = list(shapes)
 
     import moe_gemm  # noqa: F401  (registers torch.ops.moe_gemm)
 
