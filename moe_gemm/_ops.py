@@ -180,7 +180,11 @@ def _torch_grouped_mm_applies(a: torch.Tensor, b: torch.Tensor, out_columns: int
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``out = a @ b`` in place; through a recorded copy while autograd records (``out=`` is not differentiable)."""
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+    if a.dtype == torch.float16 and a.device.type == "cpu":
+        # CPUs without float16 matrix instructions (most of them) multiply float16 matrices more slowly than float32
+        # ones, the weight gradient's transposed operand most of all; the float32 products round the same or better.
+        out.copy_(a.float() @ b.float())
+    elif torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         out.copy_(a @ b)
     else:
         torch.mm(a, b, out=out)
@@ -189,9 +193,9 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def grouped_mm_torch(x, weight, m_sizes, weight_transposed=False):
     """``moe_gemm::grouped_mm`` in PyTorch ops: the op's CPU kernel, and its CUDA kernel where ``_C`` cannot run.
 
-    Each expert's rows are one ``torch.mm`` in the dtype of ``x`` (which accumulates 16-bit inputs in float32). On
-    CUDA, ``torch._grouped_mm`` does it in one launch where it applies, with no host sync; otherwise the loop reads
-    the sizes on the host.
+    Each expert's rows are one ``torch.mm`` in the dtype of ``x``, which accumulates 16-bit inputs in float32 (float16
+    on CPU multiplies in float32). On CUDA, ``torch._grouped_mm`` does it in one launch where it applies, with no host
+    sync; otherwise the loop reads the sizes on the host.
     """
     weight, weight_transposed = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=False)
     num_rows, n = x.shape[0], weight.shape[2] if weight_transposed else weight.shape[1]
