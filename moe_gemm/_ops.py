@@ -204,9 +204,10 @@ def grouped_mm_torch(x, weight, m_sizes, weight_transposed=False):
     if weight.shape[0] > 0 and _torch_grouped_mm_applies(x, weight, n):
         ends = clamped_group_ends(m_sizes, num_rows)
         out = torch._grouped_mm(x, rhs, offs=ends.to(torch.int32))
-        # torch._grouped_mm leaves the rows past the last group unwritten.
-        past_the_end = torch.arange(num_rows, device=x.device) >= ends[-1]
-        return out.masked_fill_(past_the_end[:, None], 0)
+        # torch._grouped_mm leaves the rows past the last group unwritten; the ends never decrease, so the last is
+        # the largest.
+        past_the_end = torch.arange(num_rows, device=x.device) >= ends.max()
+        return out.masked_fill_(past_the_end.unsqueeze(1), 0)
     out = x.new_empty(num_rows, n)
     end = 0
     for expert, start, end in expert_row_ranges(m_sizes, num_rows):
@@ -226,8 +227,9 @@ def grouped_mm_wgrad_torch(x, grad_y, m_sizes, weight_transposed=False):
         ends = clamped_group_ends(m_sizes, x.shape[0])
         grad_w = torch._grouped_mm(a.t(), b, offs=ends.to(torch.int32))
         # Experts without rows must get exact zeros, whatever torch._grouped_mm writes for an empty group.
-        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        return grad_w.masked_fill_((ends == starts)[:, None, None], 0)
+        sizes = m_sizes.to(torch.int64).clamp_min(0)
+        starts = (sizes.cumsum(0) - sizes).clamp_max(x.shape[0])
+        return grad_w.masked_fill_((ends == starts).view(num_experts, 1, 1), 0)
     grad_w = x.new_zeros(num_experts, a.shape[1], b.shape[1])
     for expert, start, end in expert_row_ranges(m_sizes, x.shape[0]):
         _mm_into(grad_w[expert], a[start:end].t(), b[start:end])
