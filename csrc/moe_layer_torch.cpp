@@ -2,6 +2,7 @@
 // kernels are Python, in moe_gemm/_ops.py): the MoE layer's small kernels of moe_layer_kernels.cu. The layer calls
 // them only where moe_gemm/_ops.py's *_applies say they take the arguments; the checks here guard direct calls.
 #include <algorithm>
+#include <array>
 #include <tuple>
 #include <utility>
 
@@ -19,16 +20,11 @@ namespace {
 
 constexpr char const* kOp = "moe_gemm";
 
-moe_gemm::GatedActivation to_activation(c10::string_view act) {
-  if (act == "silu") {
-    return moe_gemm::GatedActivation::kSilu;
-  }
-  if (act == "gelu") {
-    return moe_gemm::GatedActivation::kGelu;
-  }
-  TORCH_CHECK(act == "gelu_tanh", "moe_gemm.gated_activation: act must be silu, gelu or gelu_tanh, got ", act);
-  return moe_gemm::GatedActivation::kGeluTanh;
-}
+constexpr std::array<std::pair<c10::string_view, moe_gemm::GatedActivation>, 3> kActivations{{
+    {"silu", moe_gemm::GatedActivation::kSilu},
+    {"gelu", moe_gemm::GatedActivation::kGelu},
+    {"gelu_tanh", moe_gemm::GatedActivation::kGeluTanh},
+}};
 
 void check_cuda_contiguous(at::Tensor const& tensor, char const* name) {
   TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "moe_gemm: ", name, " must be a contiguous CUDA tensor");
@@ -81,7 +77,7 @@ at::Tensor gated_activation_cuda(at::Tensor const& gate_up, c10::string_view act
   params.rows = gate_up.size(0);
   params.I = gate_up.size(1) / 2;
   params.dtype = moe_gemm::to_dtype(gate_up.scalar_type(), kOp, "gate_up");
-  params.act = to_activation(act);
+  params.act = moe_gemm::from_name(act, kActivations, "moe_gemm.gated_activation", "act");
   params.concatenated = concatenated;
   C10_CUDA_CHECK(moe_gemm::run_gated_activation(params, c10::cuda::getCurrentCUDAStream()));
   return out;

@@ -1,8 +1,10 @@
 // The CUDA kernel of the op moe_gemm::route (its schema, CPU kernel, fake kernel and autograd are Python, in
 // moe_gemm/_ops.py): the fused routing kernel of moe_routing.cu. moe_gemm.route checks its arguments before it calls
 // the op, so that users see errors that name them; the checks here guard direct calls of the op.
+#include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,16 +20,11 @@ namespace {
 
 constexpr char const* kOp = "moe_gemm.route";
 
-moe_gemm::RoutingScoring to_scoring(c10::string_view scoring) {
-  if (scoring == "softmax") {
-    return moe_gemm::RoutingScoring::kSoftmax;
-  }
-  if (scoring == "softmax_topk") {
-    return moe_gemm::RoutingScoring::kSoftmaxTopK;
-  }
-  TORCH_CHECK(scoring == "sigmoid", kOp, ": scoring must be softmax, softmax_topk or sigmoid, got ", scoring);
-  return moe_gemm::RoutingScoring::kSigmoid;
-}
+constexpr std::array<std::pair<c10::string_view, moe_gemm::RoutingScoring>, 3> kScorings{{
+    {"softmax", moe_gemm::RoutingScoring::kSoftmax},
+    {"softmax_topk", moe_gemm::RoutingScoring::kSoftmaxTopK},
+    {"sigmoid", moe_gemm::RoutingScoring::kSigmoid},
+}};
 
 // (weights float32 [T, top_k], ids int64 [T, top_k]) of router_logits [T, E].
 std::tuple<at::Tensor, at::Tensor> route_cuda(at::Tensor const& router_logits, int64_t top_k,
@@ -77,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(at::Tensor const& router_logits, i
   params.T = T;
   params.E = static_cast<int32_t>(E);
   params.top_k = static_cast<int32_t>(top_k);
-  params.scoring = to_scoring(scoring);
+  params.scoring = moe_gemm::from_name(scoring, kScorings, kOp, "scoring");
   params.renormalize = renormalize;
   // 0: no groups.
   params.n_group = static_cast<int32_t>(n_group.value_or(0));

@@ -1,13 +1,17 @@
 // What the torch bindings of the routing and layer kernels (moe_routing_torch.cpp, moe_layer_torch.cpp) check
-// alike: the element type a kernel takes, and the GPU it would run on.
+// alike: the element type a kernel takes, the enum a string argument names, and the GPU it would run on.
 #pragma once
 
 #include <array>
 #include <atomic>
+#include <cstddef>
+#include <string>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAMacros.h>
+#include <c10/util/string_view.h>
 #include <cuda_runtime.h>
 
 #include "moe_dtype.h"
@@ -28,6 +32,23 @@ inline DType to_dtype(at::ScalarType type, char const* op, char const* what) {
   }
   TORCH_CHECK(false, op, ": the CUDA kernel takes float32, bfloat16 or float16 ", what, ", got ", type);
   return DType::kFloat32;  // not reached: the check throws
+}
+
+// The enum value that `name` names in `names` (the strings of an op's schema); any other name fails the check.
+template <typename Enum, std::size_t N>
+Enum from_name(c10::string_view name, std::array<std::pair<c10::string_view, Enum>, N> const& names, char const* op,
+               char const* what) {
+  for (auto const& [candidate, value] : names) {
+    if (name == candidate) {
+      return value;
+    }
+  }
+  std::string choices;
+  for (auto const& [candidate, value] : names) {
+    choices += (choices.empty() ? "" : ", ") + std::string(candidate);
+  }
+  TORCH_CHECK(false, op, ": ", what, " must be one of ", choices, "; got ", name);
+  return names[0].second;  // not reached: the check throws
 }
 
 // The kernels are compiled for sm_90a only, which no other GPU can run: refuse any other device before a launch.

@@ -222,16 +222,16 @@ def check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, *, cuda
     if m_sizes.dim() != 1 or m_sizes.dtype not in SIZE_DTYPES:
         raise TypeError(f"m_sizes: expected a 1-D int32 or int64 tensor, got {m_sizes.dtype} {tuple(m_sizes.shape)}")
     if len({t.device for t in (x, grad_y, m_sizes)}) != 1:
-        raise ValueError(f"x, grad_y and m_sizes must be on one device, got {x.device}, {grad_y.device}, {m_sizes.device}")
+        devices = f"{x.device}, {grad_y.device}, {m_sizes.device}"
+        raise ValueError(f"x, grad_y and m_sizes must be on one device, got {devices}")
     expected = (m_sizes.shape[0], x.shape[1], grad_y.shape[1])
     expected = expected if weight_transposed else (expected[0], expected[2], expected[1])
     if main_grad is not None:
         if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32:
             raise TypeError(f"main_grad: expected a torch.float32 tensor, got {getattr(main_grad, 'dtype', main_grad)}")
         if tuple(main_grad.shape) != expected or main_grad.device != x.device:
-            raise ValueError(
-                f"main_grad: expected shape {expected} on {x.device}, got {tuple(main_grad.shape)} on {main_grad.device}"
-            )
+            got = f"{tuple(main_grad.shape)} on {main_grad.device}"
+            raise ValueError(f"main_grad: expected shape {expected} on {x.device}, got {got}")
     if cuda_kernel:
         if x.dtype not in KERNEL_DTYPES:
             raise TypeError(f"x: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}")

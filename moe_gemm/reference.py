@@ -39,7 +39,8 @@ def clamped_group_ends(m_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
 def expert_row_ranges(m_sizes: torch.Tensor | Sequence[int], num_rows: int) -> list[tuple[int, int, int]]:
     """``[(expert, start, end)]`` of the experts that own rows, following the rule above (reads sizes on the host)."""
     sizes = m_sizes.tolist() if isinstance(m_sizes, torch.Tensor) else m_sizes
-    return [(expert, start, end) for expert, (start, end) in enumerate(clamped_row_ranges(sizes, num_rows)) if end > start]
+    ranges = clamped_row_ranges(sizes, num_rows)
+    return [(expert, start, end) for expert, (start, end) in enumerate(ranges) if end > start]
 
 
 def _expert_weight(weight: torch.Tensor, expert: int, weight_transposed: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -79,7 +80,8 @@ def grouped_mm_wgrad_reference(
     exactly zero.
     """
     num_experts, n, k = len(m_sizes), grad_y.shape[1], x.shape[1]
-    grad_w = torch.zeros((num_experts, k, n) if weight_transposed else (num_experts, n, k), dtype=dtype, device=x.device)
+    shape = (num_experts, k, n) if weight_transposed else (num_experts, n, k)
+    grad_w = torch.zeros(shape, dtype=dtype, device=x.device)
     for expert, start, end in expert_row_ranges(m_sizes, x.shape[0]):
         x_e, grad_y_e = x[start:end].to(dtype), grad_y[start:end].to(dtype)
         grad_w[expert] = x_e.t() @ grad_y_e if weight_transposed else grad_y_e.t() @ x_e

@@ -30,7 +30,7 @@ CASES = {
     # message formats a string argument
     "route scoring": (
         "torch.ops.moe_gemm.route(torch.randn(4, 16, device='cuda'), 2, 'relu', False, None, None, None, 1.0)",
-        "scoring must be softmax, softmax_topk or sigmoid, got relu",
+        "scoring must be one of softmax, softmax_topk, sigmoid; got relu",
     ),
     # message formats plain integers
     "route groups cannot supply top_k": (
@@ -39,7 +39,7 @@ CASES = {
     ),
     "gated_activation act": (
         "torch.ops.moe_gemm.gated_activation(torch.randn(4, 32, device='cuda'), 'relu', True)",
-        "act must be silu, gelu or gelu_tanh, got relu",
+        "act must be one of silu, gelu, gelu_tanh; got relu",
     ),
     # message formats dtypes
     "grouped_mm dtypes differ": (
