@@ -18,13 +18,13 @@
 
 namespace {
 
+// Prefixes the messages of the checks that the three kernels share.
 constexpr char const* kOp = "moe_gemm";
 
-constexpr std::array<std::pair<c10::string_view, moe_gemm::GatedActivation>, 3> kActivations{{
-    {"silu", moe_gemm::GatedActivation::kSilu},
-    {"gelu", moe_gemm::GatedActivation::kGelu},
-    {"gelu_tanh", moe_gemm::GatedActivation::kGeluTanh},
-}};
+// The values of gated_activation's `str act` (moe_gemm._ops.ACTIVATIONS).
+using moe_gemm::GatedActivation;
+constexpr std::array<std::pair<c10::string_view, GatedActivation>, 3> kActivations{
+    {{"silu", GatedActivation::kSilu}, {"gelu", GatedActivation::kGelu}, {"gelu_tanh", GatedActivation::kGeluTanh}}};
 
 void check_cuda_contiguous(at::Tensor const& tensor, char const* name) {
   TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "moe_gemm: ", name, " must be a contiguous CUDA tensor");

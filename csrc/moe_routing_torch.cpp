@@ -20,11 +20,11 @@ namespace {
 
 constexpr char const* kOp = "moe_gemm.route";
 
-constexpr std::array<std::pair<c10::string_view, moe_gemm::RoutingScoring>, 3> kScorings{{
-    {"softmax", moe_gemm::RoutingScoring::kSoftmax},
-    {"softmax_topk", moe_gemm::RoutingScoring::kSoftmaxTopK},
-    {"sigmoid", moe_gemm::RoutingScoring::kSigmoid},
-}};
+// The values of the schema's `str scoring`, as moe_gemm.routing.SCORINGS spells them.
+using moe_gemm::RoutingScoring;
+constexpr std::array<std::pair<c10::string_view, RoutingScoring>, 3> kScorings{
+    {{"softmax", RoutingScoring::kSoftmax}, {"softmax_topk", RoutingScoring::kSoftmaxTopK},
+     {"sigmoid", RoutingScoring::kSigmoid}}};
 
 // (weights float32 [T, top_k], ids int64 [T, top_k]) of router_logits [T, E].
 std::tuple<at::Tensor, at::Tensor> route_cuda(at::Tensor const& router_logits, int64_t top_k,

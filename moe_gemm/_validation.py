@@ -18,16 +18,7 @@ def _weight_layout(weight_transposed: bool) -> str:
     return "[E, K, N] (weight_transposed=True)" if weight_transposed else "[E, N, K] (weight_transposed=False)"
 
 
-def check_grouped_inputs(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    m_sizes: torch.Tensor,
-    weight_transposed: bool,
-    *,
-    cuda_kernel: bool,
-    x_name: str = "x",
-    weight_name: str = "weight",
-) -> None:
+def check_grouped_inputs(x, weight, m_sizes, weight_transposed, *, cuda_kernel, x_name="x", weight_name="weight"):
     """Check types, dtypes, ranks, shapes and devices; raise TypeError or ValueError naming the argument.
 
     ``cuda_kernel`` restricts the dtypes to what the CUDA kernel supports; the PyTorch path takes any float.

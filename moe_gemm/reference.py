@@ -49,16 +49,11 @@ def _expert_weight(weight: torch.Tensor, expert: int, weight_transposed: bool, d
     return w if weight_transposed else w.t()
 
 
-def grouped_mm_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    m_sizes: torch.Tensor | Sequence[int],
-    weight_transposed: bool = False,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+def grouped_mm_reference(x, weight, m_sizes, weight_transposed=False, dtype=torch.float64) -> torch.Tensor:
     """Return ``y`` in ``dtype``: ``y[rows of e] = x[rows of e] @ W[e].T`` (``@ W[e]`` when ``weight_transposed``).
 
-    ``weight`` is ``[E, N, K]``, or ``[E, K, N]`` when ``weight_transposed``. Rows past the last group are zero.
+    ``weight`` is ``[E, N, K]``, or ``[E, K, N]`` when ``weight_transposed``; ``m_sizes`` a tensor or a sequence of
+    ints. Rows past the last group are zero.
     """
     n = weight.shape[2] if weight_transposed else weight.shape[1]
     out = torch.zeros(x.shape[0], n, dtype=dtype, device=x.device)
@@ -67,13 +62,7 @@ def grouped_mm_reference(
     return out
 
 
-def grouped_mm_wgrad_reference(
-    x: torch.Tensor,
-    grad_y: torch.Tensor,
-    m_sizes: torch.Tensor | Sequence[int],
-    weight_transposed: bool = False,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+def grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed=False, dtype=torch.float64) -> torch.Tensor:
     """Return the weight gradient in ``dtype``: ``grad_W[e] = grad_y_e.T @ x_e``, shaped like the weight.
 
     That is ``[E, N, K]``, or ``[E, K, N]`` (``x_e.T @ grad_y_e``) when ``weight_transposed``. Experts without rows get

@@ -3,6 +3,7 @@ PyTorch path on a CUDA GPU that is not sm_90 (simulated on CPU with fake CUDA te
 the ops' PyTorch kernels checking their inputs as the CUDA kernels do, the fake kernels of the CUDA-only ops, and the
 layer's private GEMM entry points."""
 
+import contextlib
 import inspect
 import warnings
 
@@ -74,13 +75,14 @@ def test_the_fallback_warns_once_per_process_naming_the_gpu(gpu):
         assert not _ops.use_kernels(torch.device("cpu"))
 
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """A FakeTensorMode in which tensors can live on "cuda" without a GPU; any host read of a value (a sync) raises.
-    Fake tensors have no data pointer, so the alignment check takes the (16-byte aligned) allocations as aligned."""
+@contextlib.contextmanager
+def fake_cuda_mode(monkeypatch):
+    """Enters a FakeTensorMode, in which tensors live on "cuda" without a GPU and any host read of a value (a sync)
+    raises, and returns ``make(*shape, dtype=torch.bfloat16)``. Fake tensors have no data pointer: the alignment
+    check takes them as aligned, as the allocator's blocks are."""
     monkeypatch.setattr(_validation, "_is_aligned", lambda tensor: True)
-    with FakeTensorMode() as mode:
-        yield mode
+    with FakeTensorMode():
+        yield lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="cuda")
 
 
 def _spy(monkeypatch, module, name):
@@ -100,15 +102,12 @@ def test_grouped_forward_on_a_non_sm90_gpu_takes_torch_grouped_mm_without_a_sync
     gpu((8, 0))
     torch_path = _spy(monkeypatch, _ops, "grouped_mm_torch")
     torch_grouped_mm = _spy(monkeypatch, torch, "_grouped_mm")
-    with FakeTensorMode():
-        monkeypatch.setattr(_validation, "_is_aligned", lambda tensor: True)
-        x = torch.empty(64, 32, dtype=torch.bfloat16, device="cuda")
-        weight = torch.empty((4, 32, 16) if transposed else (4, 16, 32), dtype=torch.bfloat16, device="cuda")
-        m_sizes = torch.empty(4, dtype=torch.int64, device="cuda")
+    with fake_cuda_mode(monkeypatch) as make:
+        x, m_sizes = make(64, 32), make(4, dtype=torch.int64)
+        weight = make(4, 32, 16) if transposed else make(4, 16, 32)
         with pytest.warns(RuntimeWarning, match="compute capability 8.0"):
             y = moe_gemm.grouped_forward(x, weight, m_sizes, weight_transposed=transposed)
-        grad_w = moe_gemm.grouped_weight_grad(x, torch.empty(64, 16, dtype=torch.bfloat16, device="cuda"), m_sizes,
-                                              weight_transposed=transposed)  # fmt: skip
+        grad_w = moe_gemm.grouped_weight_grad(x, make(64, 16), m_sizes, weight_transposed=transposed)
     assert y.shape == (64, 16) and y.device.type == "cuda"
     assert grad_w.shape == weight.shape
     assert torch_path == ["grouped_mm_torch"] and torch_grouped_mm == ["_grouped_mm", "_grouped_mm"]
@@ -119,13 +118,9 @@ def test_backward_on_a_non_sm90_gpu_takes_the_torch_path(gpu, monkeypatch):
     gpu((8, 0))
     forward_calls = _spy(monkeypatch, _ops, "grouped_mm_torch")
     wgrad_calls = _spy(monkeypatch, _ops, "grouped_mm_wgrad_torch")
-    with FakeTensorMode():
-        monkeypatch.setattr(_validation, "_is_aligned", lambda tensor: True)
-        x = torch.empty(64, 32, dtype=torch.bfloat16, device="cuda")
-        weight = torch.empty(4, 16, 32, dtype=torch.bfloat16, device="cuda")
-        m_sizes = torch.empty(4, dtype=torch.int64, device="cuda")
-        grad_x, grad_w = _ops.grouped_mm_backward(torch.empty(64, 16, dtype=torch.bfloat16, device="cuda"), x, weight,
-                                                  m_sizes, False, True, True)  # fmt: skip
+    with fake_cuda_mode(monkeypatch) as make:
+        x, weight, m_sizes = make(64, 32), make(4, 16, 32), make(4, dtype=torch.int64)
+        grad_x, grad_w = _ops.grouped_mm_backward(make(64, 16), x, weight, m_sizes, False, True, True)
     assert grad_x.shape == x.shape and grad_w.shape == weight.shape
     assert forward_calls == ["grouped_mm_torch"] and wgrad_calls == ["grouped_mm_wgrad_torch"]
 
