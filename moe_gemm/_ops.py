@@ -157,7 +157,7 @@ def use_kernels(device: torch.device) -> bool:
     global _fallback_warned
     if _C is not None and not _fallback_warned:
         _fallback_warned = True
-        warnings.warn(f"moe_gemm: {problem}; using PyTorch ops instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"moe_gemm: {problem}; using PyTorch ops instead", RuntimeWarning, stacklevel=4)
     return False
 
 
