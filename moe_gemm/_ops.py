@@ -172,7 +172,7 @@ def _torch_grouped_mm_applies(a: torch.Tensor, b: torch.Tensor, out_columns: int
     return (
         a.is_cuda
         and a.dtype == torch.bfloat16
-        and a.shape[0] < 2**31
+        and 0 < a.shape[0] < 2**31
         and out_columns % 8 == 0
         and all(_validation.kernel_layout_problem(t) is None for t in (a, b))
     )

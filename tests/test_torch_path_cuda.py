@@ -15,9 +15,14 @@ from moe_gemm.reference import grouped_mm_wgrad_reference, route_reference
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
-# Expert 1 is empty, expert 3 has a negative size, expert 5 starts past M = 48 and rows 40.. belong to no expert
-# in the second case.
-SIZES = {"ragged": ([9, 0, 17, -4, 22, 6], 48), "rows_past_the_end": ([9, 0, 17, 3, 11], 48)}
+# Expert 1 is empty and expert 3 has a negative size; in "ragged" expert 5 starts past M = 48, in "rows_past_the_end"
+# rows 40.. belong to no expert.
+SIZES = {
+    "ragged": ([9, 0, 17, -4, 22, 6], 48),
+    "rows_past_the_end": ([9, 0, 17, 3, 11], 48),
+    "no_expert_owns_a_row": ([0, 0, 0, -1, 0], 16),
+    "no_rows": ([0, 0, 0, 0], 0),
+}
 
 
 @pytest.fixture
