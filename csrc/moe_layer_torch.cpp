@@ -1,36 +1,34 @@
-// The torch bindings of the MoE layer's small kernels (moe_layer_kernels.cu), CUDA only, as private ops of
-// the library that moe_gemm_torch.cpp opens: moe_gemm::_dispatch_kernel, _gated_activation_kernel and
-// _combine_kernel. moe_gemm/_layer_ops.py decides when they apply and checks the arguments first; the checks
-// below repeat that as a last guard.
+// The CUDA kernels of the ops moe_gemm::dispatch_pairs, gated_activation and combine_rows (their schemas and fake
+// kernels are Python, in moe_gemm/_ops.py): the MoE layer's small kernels of moe_layer_kernels.cu. The layer calls
+// them only where moe_gemm/_ops.py's *_applies say they take the arguments; the checks here guard direct calls.
+#include <algorithm>
+#include <array>
 #include <tuple>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/string_view.h>
 #include <torch/library.h>
 
 #include "moe_layer_kernels.h"
+#include "moe_torch_checks.h"
 
 namespace {
 
-moe_gemm::LayerDType to_layer_dtype(at::ScalarType type, char const* what) {
-  switch (type) {
-    case at::kFloat:
-      return moe_gemm::LayerDType::kFloat32;
-    case at::kBFloat16:
-      return moe_gemm::LayerDType::kBFloat16;
-    case at::kHalf:
-      return moe_gemm::LayerDType::kFloat16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, "moe_gemm: the layer kernels take float32, bfloat16 or float16 ", what, ", got ", type);
-  return moe_gemm::LayerDType::kFloat32;  // not reached: the check throws
-}
+// Prefixes the messages of the checks that the three kernels share.
+constexpr char const* kOp = "moe_gemm";
+
+// The values of gated_activation's `str act` (moe_gemm._ops.ACTIVATIONS).
+using moe_gemm::GatedActivation;
+constexpr std::array<std::pair<c10::string_view, GatedActivation>, 3> kActivations{
+    {{"silu", GatedActivation::kSilu}, {"gelu", GatedActivation::kGelu}, {"gelu_tanh", GatedActivation::kGeluTanh}}};
 
 void check_cuda_contiguous(at::Tensor const& tensor, char const* name) {
   TORCH_CHECK(tensor.is_cuda() && tensor.is_contiguous(), "moe_gemm: ", name, " must be a contiguous CUDA tensor");
+  moe_gemm::check_sm90(tensor.device(), kOp);
 }
 
 // (m_sizes [E], expert_of_row [P], pair_of_row [P], token_of_row [P], row_of_pair [P]) of ids [T, top_k].
@@ -66,12 +64,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_
   return {m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair};
 }
 
-// act(gate) * up of gate_up [rows, 2I]: act 0 silu, 1 gelu, 2 gelu_tanh (moe_gemm/_layer_ops.py's codes).
-at::Tensor gated_activation_cuda(at::Tensor const& gate_up, int64_t act, bool concatenated) {
+// act(gate) * up of gate_up [rows, 2I].
+at::Tensor gated_activation_cuda(at::Tensor const& gate_up, c10::string_view act, bool concatenated) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 16 == 0,
               "moe_gemm: gate_up must be [rows, 2I] with I a multiple of 8, got ", gate_up.sizes());
   check_cuda_contiguous(gate_up, "gate_up");
-  TORCH_CHECK(act >= 0 && act <= 2, "moe_gemm: unknown activation code ", act);
   c10::cuda::CUDAGuard device_guard(gate_up.device());
   at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
   moe_gemm::GatedActivationParams params;
@@ -79,8 +76,8 @@ at::Tensor gated_activation_cuda(at::Tensor const& gate_up, int64_t act, bool co
   params.out = out.data_ptr();
   params.rows = gate_up.size(0);
   params.I = gate_up.size(1) / 2;
-  params.dtype = to_layer_dtype(gate_up.scalar_type(), "gate_up");
-  params.act = static_cast<moe_gemm::GatedActivation>(act);
+  params.dtype = moe_gemm::to_dtype(gate_up.scalar_type(), kOp, "gate_up");
+  params.act = moe_gemm::from_name(act, kActivations, "moe_gemm.gated_activation", "act");
   params.concatenated = concatenated;
   C10_CUDA_CHECK(moe_gemm::run_gated_activation(params, c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -92,14 +89,14 @@ at::Tensor combine_cuda(at::Tensor const& y, at::Tensor const& row_of_pair, at::
   TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong, "moe_gemm: ids must be int64 [T, top_k]");
   int64_t const T = ids.size(0), top_k = ids.size(1);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == T * top_k && y.size(1) % 8 == 0,
-              "moe_gemm: y must be [T * top_k, H] with H a multiple of 8, got ", y.sizes());
+              "moe_gemm: y_sorted must be [T * top_k, H] with H a multiple of 8, got ", y.sizes());
   TORCH_CHECK(weights.sizes() == ids.sizes(), "moe_gemm: weights must be [T, top_k] like ids");
   TORCH_CHECK(row_of_pair.dim() == 1 && row_of_pair.size(0) == T * top_k && row_of_pair.scalar_type() == at::kLong,
               "moe_gemm: row_of_pair must be int64 [T * top_k]");
-  for (auto const& [tensor, name] : {std::pair{&y, "y"}, std::pair{&row_of_pair, "row_of_pair"},
+  for (auto const& [tensor, name] : {std::pair{&y, "y_sorted"}, std::pair{&row_of_pair, "row_of_pair"},
                                      std::pair{&weights, "weights"}, std::pair{&ids, "ids"}}) {
     check_cuda_contiguous(*tensor, name);
-    TORCH_CHECK(tensor->device() == y.device(), "moe_gemm: ", name, " must be on the device of y");
+    TORCH_CHECK(tensor->device() == y.device(), "moe_gemm: ", name, " must be on the device of y_sorted");
   }
   TORCH_CHECK(T <= INT32_MAX, "moe_gemm: the combine kernel takes fewer than 2^31 tokens");
   c10::cuda::CUDAGuard device_guard(y.device());
@@ -114,24 +111,16 @@ at::Tensor combine_cuda(at::Tensor const& y, at::Tensor const& row_of_pair, at::
   params.H = y.size(1);
   params.top_k = static_cast<int32_t>(std::max<int64_t>(1, top_k));
   params.E = static_cast<int32_t>(num_experts);
-  params.dtype = to_layer_dtype(y.scalar_type(), "y");
-  params.weights_dtype = to_layer_dtype(weights.scalar_type(), "weights");
+  params.dtype = moe_gemm::to_dtype(y.scalar_type(), kOp, "y_sorted");
+  params.weights_dtype = moe_gemm::to_dtype(weights.scalar_type(), kOp, "weights");
   C10_CUDA_CHECK(moe_gemm::run_combine(params, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(moe_gemm, m) {
-  m.def(
-      "_dispatch_kernel(Tensor ids, int num_experts) -> (Tensor m_sizes, Tensor expert_of_row, Tensor pair_of_row, "
-      "Tensor token_of_row, Tensor row_of_pair)");
-  m.def("_gated_activation_kernel(Tensor gate_up, int act, bool concatenated) -> Tensor");
-  m.def("_combine_kernel(Tensor y, Tensor row_of_pair, Tensor weights, Tensor ids, int num_experts) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
-  m.impl("_dispatch_kernel", &dispatch_cuda);
-  m.impl("_gated_activation_kernel", &gated_activation_cuda);
-  m.impl("_combine_kernel", &combine_cuda);
+  m.impl("dispatch_pairs", &dispatch_cuda);
+  m.impl("gated_activation", &gated_activation_cuda);
+  m.impl("combine_rows", &combine_cuda);
 }

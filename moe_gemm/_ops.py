@@ -1,18 +1,28 @@
-"""Registration of the ``moe_gemm`` operators with ``torch.library``.
+"""The registry of the ``moe_gemm`` operators: every schema, declared once here, and all that is Python about them.
 
-Two ops, both returning new tensors:
+The ops (``torch.ops.moe_gemm.<name>``):
 
-- ``moe_gemm::grouped_mm(x, weight, m_sizes, weight_transposed=False)``: ``y = x_e @ W[e].T`` per expert (``@ W[e]``
-  when ``weight_transposed``), ``[M, N]``.
-- ``moe_gemm::grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
+- ``grouped_mm(x, weight, m_sizes, weight_transposed=False)``: ``y = x_e @ W[e].T`` per expert (``@ W[e]`` when
+  ``weight_transposed``), ``[M, N]``, rows past the last expert zero.
+- ``grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
   (``x_e.T @ grad_y_e`` when ``weight_transposed``), shaped like the weight, in the dtype of ``x``.
-- ``moe_gemm::grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes, weight_transposed=False)``: the same
-  gradient added into a float32 buffer in place (a trainer's main-grad), nothing returned.
+- ``grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes, weight_transposed=False)``: the same gradient added
+  into a float32 buffer in place (a trainer's main-grad), nothing returned.
+- ``route(router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias,
+  routed_scaling_factor)``: ``moe_gemm.route``'s ``(weights float32 [T, k], ids int64 [T, k])``.
+- ``dispatch_pairs``, ``gated_activation`` and ``combine_rows``: the MoE layer's small kernels, CUDA only, called
+  through ``dispatch_kernel``, ``gated_activation_kernel`` and ``combine_kernel`` where their ``*_applies`` say so.
 
-``moe_gemm._C`` (``csrc/``) defines the schemas with ``TORCH_LIBRARY`` and registers the CUDA kernels; when it is
-absent, this module defines the same schemas. This module owns everything else: the pure-PyTorch kernels (CPU
-always, CUDA while ``_C`` is absent), the fake (meta) kernels that let ``torch.compile`` trace the ops, and autograd.
-Row ranges follow ``reference.py``.
+``moe_gemm._C`` (``csrc/*_torch.cpp``) only implements: its ``TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m)`` blocks register
+the CUDA kernels of these ops, and no C++ defines a schema. The extension is imported *before* the schemas are
+defined, on purpose. The dispatcher accepts a kernel for an op that has no schema yet and checks the kernel's C++
+signature against the schema when the schema arrives; in this order a mismatch raises a RuntimeError from
+``Library.define`` below. In the other order the check runs in the extension's static initialisers while it is being
+loaded, and a mismatch aborts the process (``terminate called after throwing an instance of 'c10::Error'``).
+
+This module owns the rest: the PyTorch kernels (CPU always; CUDA too while ``_C`` is absent), the fake kernels that
+let ``torch.compile`` trace the ops, autograd, and ``kernels_available(device)``, the one test of whether the CUDA
+kernels can run on a device. Row ranges follow ``reference.py``.
 """
 
 import importlib
@@ -20,17 +30,12 @@ import warnings
 
 import torch
 
-from moe_gemm.reference import grouped_mm_reference, grouped_mm_wgrad_reference
-
-GROUPED_MM_SCHEMA = "(Tensor x, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor"
-GROUPED_MM_WGRAD_SCHEMA = "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor"
-GROUPED_MM_WGRAD_ACCUMULATE_SCHEMA = (
-    "(Tensor(a!) main_grad, Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> ()"
-)
+from moe_gemm import _validation
+from moe_gemm.reference import clamped_group_ends, expert_row_ranges, grouped_mm_wgrad_reference
 
 
 def _load_extension():
-    """Import ``moe_gemm._C`` (registers the CUDA op); return ``(module or None, why it is unavailable)``."""
+    """Import ``moe_gemm._C`` (registers the CUDA kernels); return ``(module or None, why it is unavailable)``."""
     try:
         extension = importlib.import_module("moe_gemm._C")
     except ModuleNotFoundError as error:
@@ -49,52 +54,200 @@ def _load_extension():
     return extension, None
 
 
-_C, KERNELS_UNAVAILABLE_REASON = _load_extension()
+_C, _EXTENSION_UNAVAILABLE_REASON = _load_extension()
+
+SCHEMAS = {
+    "grouped_mm": "(Tensor x, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
+    "grouped_mm_wgrad": "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
+    "grouped_mm_wgrad_accumulate_": (
+        "(Tensor(a!) main_grad, Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> ()"
+    ),
+    "route": (
+        "(Tensor router_logits, int top_k, str scoring, bool renormalize, int? n_group, int? topk_group, "
+        "Tensor? e_score_correction_bias, float routed_scaling_factor) -> (Tensor weights, Tensor ids)"
+    ),
+    "dispatch_pairs": (
+        "(Tensor ids, int num_experts) -> (Tensor m_sizes, Tensor expert_of_row, Tensor pair_of_row, "
+        "Tensor token_of_row, Tensor row_of_pair)"
+    ),
+    "gated_activation": "(Tensor gate_up, str act, bool concatenated) -> Tensor",
+    "combine_rows": "(Tensor y_sorted, Tensor row_of_pair, Tensor weights, Tensor ids, int num_experts) -> Tensor",
+}
+
+# Registrations live as long as this object.
+_LIBRARY = torch.library.Library("moe_gemm", "FRAGMENT")
+for _name, _schema in SCHEMAS.items():
+    _LIBRARY.define(_name + _schema)
 
 
-def cuda_available() -> bool:
-    """True when the CUDA kernel of ``moe_gemm::grouped_mm`` is built and loaded."""
-    return _C is not None
+# ----------------------------------------------------------------------------------------------------------------------
+# Whether the CUDA kernels can run on a device.
+
+# The kernels are compiled for sm_90a only (TMA, WGMMA): another architecture cannot run them.
+KERNEL_CAPABILITY = (9, 0)
+# Device index -> why the kernels cannot run there (None: they can). Filled on first use of each device, never at
+# import: touching torch.cuda at import would initialise CUDA in the parent of a fork.
+_DEVICE_PROBLEMS: dict[int, str | None] = {}
+_fallback_warned = False
 
 
-if _C is None:
-    torch.library.define("moe_gemm::grouped_mm", GROUPED_MM_SCHEMA)
-    torch.library.define("moe_gemm::grouped_mm_wgrad", GROUPED_MM_WGRAD_SCHEMA)
-    torch.library.define("moe_gemm::grouped_mm_wgrad_accumulate_", GROUPED_MM_WGRAD_ACCUMULATE_SCHEMA)
+def _device_capability(index: int) -> tuple[int, int]:
+    """The compute capability of CUDA device ``index`` (a function of its own so that tests can replace it)."""
+    return torch.cuda.get_device_capability(index)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
-def _grouped_mm_eager(x, weight, m_sizes, weight_transposed=False):
-    """Pure-PyTorch forward: the per-expert loop in float32 (float64 for float64), cast back. Syncs on CUDA."""
-    out = grouped_mm_reference(x, weight, m_sizes, weight_transposed, dtype=_compute_dtype(x.dtype))
-    return out.to(x.dtype)
+def _device_problem(index: int) -> str | None:
+    try:
+        return _DEVICE_PROBLEMS[index]
+    except KeyError:
+        pass
+    capability = tuple(_device_capability(index))
+    problem = None
+    if capability != KERNEL_CAPABILITY:
+        problem = (
+            f"cuda:{index} is {_device_name(index)}, compute capability {capability[0]}.{capability[1]}, and the "
+            f"kernels are built for sm_90a (compute capability 9.0: H100, H200, GH200) only"
+        )
+    _DEVICE_PROBLEMS[index] = problem
+    return problem
 
 
-def _grouped_mm_wgrad_eager(x, grad_y, m_sizes, weight_transposed=False):
-    """Pure-PyTorch weight gradient, as ``_grouped_mm_eager``. Needs the sizes on the host, so it syncs on CUDA."""
-    grad_w = grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed, dtype=_compute_dtype(x.dtype))
-    return grad_w.to(x.dtype)
+def kernels_unavailable_reason(device: torch.device | str | None = None) -> str | None:
+    """Why the CUDA kernels of ``moe_gemm._C`` cannot run on ``device``, or None when they can.
+
+    They can where the extension is loaded and the device is a CUDA device of compute capability 9.0 (checked once
+    per device). ``device`` None: the current CUDA device, or why there is none.
+    """
+    if device is None:
+        if not torch.cuda.is_available():
+            unbuilt = "" if _C is not None else f"; the CUDA kernels are not built ({_EXTENSION_UNAVAILABLE_REASON})"
+            return "no CUDA GPU is visible" + unbuilt
+        index = torch.cuda.current_device()
+    else:
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
+        if device.type != "cuda":
+            return f"the kernels run on CUDA devices, got {device.type}"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    if _C is None:
+        return f"the CUDA kernels are not built ({_EXTENSION_UNAVAILABLE_REASON})"
+    return _device_problem(index)
 
 
-def _grouped_mm_wgrad_accumulate_eager(main_grad, x, grad_y, m_sizes, weight_transposed=False):
-    """Pure-PyTorch ``main_grad += grad_W`` (float32 sums). Syncs on CUDA."""
-    if main_grad.dtype != torch.float32:
-        raise TypeError(f"main_grad: expected a torch.float32 buffer, got {main_grad.dtype}")
-    expected = _grouped_mm_wgrad_fake(x, grad_y, m_sizes, weight_transposed).shape
-    if main_grad.shape != expected:
-        raise ValueError(f"main_grad: expected shape {tuple(expected)}, got {tuple(main_grad.shape)}")
+def kernels_available(device: torch.device | str | None = None) -> bool:
+    """True when the CUDA kernels are loaded and can run on ``device`` (None: the current CUDA device)."""
+    return kernels_unavailable_reason(device) is None
+
+
+def use_kernels(device: torch.device) -> bool:
+    """``kernels_available(device)`` for a tensor's device, as the entry points that fall back to PyTorch ops ask it.
+
+    Where the extension is built but the GPU is not sm_90, the first such call in the process warns, naming the GPU
+    and its compute capability: the calls still work, on the PyTorch path, but much slower.
+    """
+    if device.type != "cuda":
+        return False
+    problem = kernels_unavailable_reason(device)
+    if problem is None:
+        return True
+    global _fallback_warned
+    if _C is not None and not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(f"moe_gemm: {problem}; using PyTorch ops instead", RuntimeWarning, stacklevel=4)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The grouped GEMMs on the PyTorch path.
+
+
+def _torch_grouped_mm_applies(a: torch.Tensor, b: torch.Tensor, out_columns: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes the row-major ``a [M, *]`` and ``b`` (or their transposes) on a CUDA device:
+    bfloat16 only, unit inner strides, 16-byte aligned rows and pointers (the rules of this package's kernels too),
+    and an output whose rows are 16 bytes apart (otherwise torch pads them)."""
+    return (
+        a.is_cuda
+        and a.dtype == torch.bfloat16
+        and 0 < a.shape[0] < 2**31
+        and out_columns % 8 == 0
+        and all(_validation.kernel_layout_problem(t) is None for t in (a, b))
+    )
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` in place; through a recorded copy while autograd records (``out=`` is not differentiable)."""
+    if a.dtype == torch.float16 and a.device.type == "cpu":
+        # CPUs without float16 matrix instructions (most of them) multiply float16 matrices more slowly than float32
+        # ones, the weight gradient's transposed operand most of all; the float32 products round the same or better.
+        out.copy_(a.float() @ b.float())
+    elif torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        out.copy_(a @ b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def grouped_mm_torch(x, weight, m_sizes, weight_transposed=False):
+    """``moe_gemm::grouped_mm`` in PyTorch ops: the op's CPU kernel, and its CUDA kernel where ``_C`` cannot run.
+
+    Each expert's rows are one ``torch.mm`` in the dtype of ``x``, which accumulates 16-bit inputs in float32 (float16
+    on CPU multiplies in float32). On CUDA, ``torch._grouped_mm`` does it in one launch where it applies, with no host
+    sync; otherwise the loop reads the sizes on the host.
+    """
+    weight, weight_transposed = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=False)
+    num_rows, n = x.shape[0], weight.shape[2] if weight_transposed else weight.shape[1]
+    # Weight as the [E, K, N] right-hand side of x_e @ B.
+    rhs = weight if weight_transposed else weight.transpose(-1, -2)
+    if weight.shape[0] > 0 and _torch_grouped_mm_applies(x, weight, n):
+        ends = clamped_group_ends(m_sizes, num_rows)
+        out = torch._grouped_mm(x, rhs, offs=ends.to(torch.int32))
+        # torch._grouped_mm leaves the rows past the last group unwritten; the ends never decrease, so the last is
+        # the largest.
+        past_the_end = torch.arange(num_rows, device=x.device) >= ends.max()
+        return out.masked_fill_(past_the_end.unsqueeze(1), 0)
+    out = x.new_empty(num_rows, n)
+    end = 0
+    for expert, start, end in expert_row_ranges(m_sizes, num_rows):
+        _mm_into(out[start:end], x[start:end], rhs[expert])
+    out[end:].zero_()
+    return out
+
+
+def grouped_mm_wgrad_torch(x, grad_y, m_sizes, weight_transposed=False):
+    """``moe_gemm::grouped_mm_wgrad`` in PyTorch ops, as ``grouped_mm_torch``: one ``torch.mm`` per expert in the
+    dtype of ``x`` (float32 accumulation inside), or ``torch._grouped_mm`` on CUDA where it applies."""
+    _validation.check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, None, cuda_kernel=False)
+    # grad_W[e] = a_e @ b_e over the expert's rows: [N, rows] @ [rows, K], or [K, rows] @ [rows, N] when transposed.
+    a, b = (x, grad_y) if weight_transposed else (grad_y, x)
+    num_experts = m_sizes.shape[0]
+    if num_experts > 0 and _torch_grouped_mm_applies(a, b, b.shape[1]):
+        ends = clamped_group_ends(m_sizes, x.shape[0])
+        grad_w = torch._grouped_mm(a.t(), b, offs=ends.to(torch.int32))
+        # Experts without rows must get exact zeros, whatever torch._grouped_mm writes for an empty group.
+        sizes = m_sizes.to(torch.int64).clamp_min(0)
+        starts = (sizes.cumsum(0) - sizes).clamp_max(x.shape[0])
+        return grad_w.masked_fill_((ends == starts).view(num_experts, 1, 1), 0)
+    grad_w = x.new_zeros(num_experts, a.shape[1], b.shape[1])
+    for expert, start, end in expert_row_ranges(m_sizes, x.shape[0]):
+        _mm_into(grad_w[expert], a[start:end].t(), b[start:end])
+    return grad_w
+
+
+def grouped_mm_wgrad_accumulate_torch(main_grad, x, grad_y, m_sizes, weight_transposed=False):
+    """``main_grad += grad_W`` in PyTorch ops, with float32 products (reads the sizes on the host)."""
+    _validation.check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, cuda_kernel=False)
     main_grad += grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed, dtype=torch.float32)
 
 
-# With _C loaded its kernels serve CUDA tensors; without it the pure-PyTorch ones do (syncing on the sizes).
-_EAGER_DEVICES = ("cpu",) if cuda_available() else ("cpu", "cuda")
-torch.library.register_kernel("moe_gemm::grouped_mm", _EAGER_DEVICES, _grouped_mm_eager)
-torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", _EAGER_DEVICES, _grouped_mm_wgrad_eager)
+# With _C loaded, its kernels serve CUDA tensors; without it the PyTorch ones do.
+_TORCH_PATH_DEVICES = ("cpu",) if _C is not None else ("cpu", "cuda")
+torch.library.register_kernel("moe_gemm::grouped_mm", _TORCH_PATH_DEVICES, grouped_mm_torch)
+torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", _TORCH_PATH_DEVICES, grouped_mm_wgrad_torch)
 torch.library.register_kernel(
-    "moe_gemm::grouped_mm_wgrad_accumulate_", _EAGER_DEVICES, _grouped_mm_wgrad_accumulate_eager
+    "moe_gemm::grouped_mm_wgrad_accumulate_", _TORCH_PATH_DEVICES, grouped_mm_wgrad_accumulate_torch
 )
 
 
@@ -115,20 +268,27 @@ def _grouped_mm_wgrad_accumulate_fake(main_grad, x, grad_y, m_sizes, weight_tran
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, m_sizes, weight_transposed = inputs
-    needs_grad_x, needs_grad_w = ctx.needs_input_grad[:2]
-    # grad_x reads the weight, grad_W reads x: keep only what the requested gradients need.
-    ctx.save_for_backward(x if needs_grad_w else None, weight if needs_grad_x else None, m_sizes)
-    ctx.weight_transposed = weight_transposed
-
-
 def call_below_autograd(op, *args):
     """``op(*args)`` straight to its CPU or CUDA kernel, skipping its Autograd kernel: for eager calls whose
     gradient is handled by the caller's own autograd.Function. The Autograd kernel that torch.library.register_autograd
     installs is Python (a generated Function and a redispatch) and costs more host time than the CUDA launch."""
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
+
+
+def grouped_mm_function(device: torch.device):
+    """What computes ``moe_gemm::grouped_mm`` for tensors on ``device``: the op, or ``grouped_mm_torch`` on a CUDA
+    device where the extension is loaded but cannot run (the op's CUDA kernel there would refuse it)."""
+    if device.type == "cuda" and _C is not None and not kernels_available(device):
+        return grouped_mm_torch
+    return torch.ops.moe_gemm.grouped_mm.default
+
+
+def grouped_mm_wgrad_function(device: torch.device):
+    """As ``grouped_mm_function``, for ``moe_gemm::grouped_mm_wgrad``."""
+    if device.type == "cuda" and _C is not None and not kernels_available(device):
+        return grouped_mm_wgrad_torch
+    return torch.ops.moe_gemm.grouped_mm_wgrad.default
 
 
 def grouped_mm_backward(grad_y, x, weight, m_sizes, weight_transposed, needs_grad_x, needs_grad_w):
@@ -140,16 +300,257 @@ def grouped_mm_backward(grad_y, x, weight, m_sizes, weight_transposed, needs_gra
     grad_x = grad_w = None
     if needs_grad_x:
         # y = x @ W[e].T  =>  grad_x = grad_y @ W[e]: the same op reading the weight in the other layout.
-        grad_x = run(torch.ops.moe_gemm.grouped_mm.default, grad_y, weight, m_sizes, not weight_transposed)
+        grad_x = run(grouped_mm_function(grad_y.device), grad_y, weight, m_sizes, not weight_transposed)
     if needs_grad_w:
-        grad_w = run(torch.ops.moe_gemm.grouped_mm_wgrad.default, x, grad_y, m_sizes, weight_transposed)
+        grad_w = run(grouped_mm_wgrad_function(grad_y.device), x, grad_y, m_sizes, weight_transposed)
     return grad_x, grad_w
 
 
-def _backward(ctx, grad_y):
+def _grouped_mm_setup_context(ctx, inputs, output):
+    x, weight, m_sizes, weight_transposed = inputs
+    needs_grad_x, needs_grad_w = ctx.needs_input_grad[:2]
+    # grad_x reads the weight, grad_W reads x: keep only what the requested gradients need.
+    ctx.save_for_backward(x if needs_grad_w else None, weight if needs_grad_x else None, m_sizes)
+    ctx.weight_transposed = weight_transposed
+
+
+def _grouped_mm_autograd_backward(ctx, grad_y):
     x, weight, m_sizes = ctx.saved_tensors
     grad_x, grad_w = grouped_mm_backward(grad_y, x, weight, m_sizes, ctx.weight_transposed, *ctx.needs_input_grad[:2])
     return grad_x, grad_w, None, None
 
 
-torch.library.register_autograd("moe_gemm::grouped_mm", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "moe_gemm::grouped_mm", _grouped_mm_autograd_backward, setup_context=_grouped_mm_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Routing: the fused kernel's limits (csrc/moe_routing.h), the tensor-op kernel, the fake and autograd.
+
+ROUTE_KERNEL_MAX_EXPERTS = 1024
+ROUTE_KERNEL_MAX_TOP_K = 32
+ROUTE_KERNEL_MAX_GROUPS = 32
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def route_kernel_applies(router_logits: torch.Tensor, top_k: int, n_group: int | None) -> bool:
+    """Whether ``route`` runs the fused CUDA kernel for these (already checked) arguments."""
+    return (
+        router_logits.is_cuda
+        and router_logits.dtype in KERNEL_DTYPES
+        and router_logits.shape[1] <= ROUTE_KERNEL_MAX_EXPERTS
+        and top_k <= ROUTE_KERNEL_MAX_TOP_K
+        and (n_group is None or n_group <= ROUTE_KERNEL_MAX_GROUPS)
+        and use_kernels(router_logits.device)
+    )
+
+
+def topk_lowest_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` of the ``k`` largest entries along the last dim; ties go to the lower index."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def _mask_groups(biased: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """``biased`` with the experts outside the ``topk_group`` best groups set to -inf (``[T, E]``)."""
+    num_tokens, num_experts = biased.shape
+    grouped = biased.view(num_tokens, n_group, num_experts // n_group)
+    # A group's score is the sum of its two best biased scores (its only score when a group has one expert).
+    best_two, _ = topk_lowest_index_first(grouped, min(2, grouped.shape[-1]))
+    _, kept_groups = topk_lowest_index_first(best_two.sum(dim=-1), topk_group)
+    kept = torch.zeros(num_tokens, n_group, dtype=torch.bool, device=biased.device).scatter_(1, kept_groups, True)
+    return grouped.masked_fill(~kept[..., None], float("-inf")).view(num_tokens, num_experts)
+
+
+def route_torch(
+    router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias, routed_scaling_factor
+):
+    """``moe_gemm.route`` in PyTorch tensor ops on any device, arguments not checked: the path off the fused kernel
+    and the reference it is tested against. Differentiable in the logits."""
+    logits = torch.nan_to_num(router_logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    if scoring == "softmax":
+        _, ids = topk_lowest_index_first(logits, top_k)
+        weights = torch.softmax(logits, dim=-1).gather(1, ids)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    elif scoring == "softmax_topk":
+        top_logits, ids = topk_lowest_index_first(logits, top_k)
+        weights = torch.softmax(top_logits, dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+        biased = scores if e_score_correction_bias is None else scores + e_score_correction_bias.float()
+        if n_group is not None:
+            biased = _mask_groups(biased, n_group, topk_group)
+        _, ids = topk_lowest_index_first(biased, top_k)
+        weights = scores.gather(1, ids)
+        if renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids
+
+
+def _route_kernel_torch(
+    router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias, routed_scaling_factor
+):
+    """The op's kernel on the PyTorch path: checks its arguments as the CUDA kernel does, then ``route_torch``."""
+    _validation.check_route_arguments(router_logits, top_k, scoring, n_group, topk_group, e_score_correction_bias)
+    weights, ids = route_torch(
+        router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias, routed_scaling_factor
+    )
+    # Contiguous, like the CUDA kernel's outputs and the fake ones (the sorted ids are a slice).
+    return weights.contiguous(), ids.contiguous()
+
+
+torch.library.register_kernel("moe_gemm::route", _TORCH_PATH_DEVICES, _route_kernel_torch)
+
+
+@torch.library.register_fake("moe_gemm::route")
+def _route_fake(
+    router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias, routed_scaling_factor
+):
+    shape = (router_logits.shape[0], top_k)
+    return router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(shape, dtype=torch.int64)
+
+
+def _normalize_backward(grad_normalized: torch.Tensor, values: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Gradient in ``values`` of ``values / (values.sum(-1) + epsilon)``, given that of the result."""
+    denominator = values.sum(dim=-1, keepdim=True) + epsilon
+    normalized = values / denominator
+    return (grad_normalized - (grad_normalized * normalized).sum(dim=-1, keepdim=True)) / denominator
+
+
+def route_backward(grad_weights, router_logits, ids, scoring, renormalize, routed_scaling_factor):
+    """Gradient in ``router_logits`` of the weights of ``route`` (the ids fixed), given that of the weights: the
+    tensor ops of ``route_torch``'s own backward written out, so that the fused kernel's op and the tensor ops give the
+    same gradients."""
+    logits = torch.nan_to_num(router_logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    grad = grad_weights.float() * routed_scaling_factor
+    if scoring == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+        chosen = probs.gather(1, ids)
+        if renormalize:
+            grad = _normalize_backward(grad, chosen, 0.0)
+        # Softmax backward: p * (g - <g, p>), g being zero outside the chosen experts.
+        grad_full = torch.zeros_like(probs).scatter(1, ids, grad)
+        grad_logits = probs * (grad_full - (grad * chosen).sum(dim=-1, keepdim=True))
+    else:
+        chosen_logits = logits.gather(1, ids)
+        if scoring == "softmax_topk":
+            weights = torch.softmax(chosen_logits, dim=-1)
+            grad_chosen = weights * (grad - (grad * weights).sum(dim=-1, keepdim=True))
+        else:
+            scores = torch.sigmoid(chosen_logits)
+            if renormalize:
+                grad = _normalize_backward(grad, scores, 1e-20)
+            grad_chosen = grad * scores * (1 - scores)
+        grad_logits = torch.zeros_like(logits).scatter(1, ids, grad_chosen)
+    # nan_to_num passes gradients of finite logits only.
+    grad_logits = torch.where(torch.isfinite(router_logits), grad_logits, 0)
+    return grad_logits.to(router_logits.dtype)
+
+
+def _route_setup_context(ctx, inputs, output):
+    router_logits, _, scoring, renormalize, _, _, _, routed_scaling_factor = inputs
+    ctx.save_for_backward(router_logits, output[1])
+    ctx.scoring, ctx.renormalize, ctx.routed_scaling_factor = scoring, renormalize, routed_scaling_factor
+
+
+def _route_autograd_backward(ctx, grad_weights, _grad_ids):
+    router_logits, ids = ctx.saved_tensors
+    grad_logits = None
+    if ctx.needs_input_grad[0]:
+        grad_logits = route_backward(
+            grad_weights, router_logits, ids, ctx.scoring, ctx.renormalize, ctx.routed_scaling_factor
+        )
+    return grad_logits, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("moe_gemm::route", _route_autograd_backward, setup_context=_route_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The MoE layer's small kernels (csrc/moe_layer_kernels.cu): CUDA only, no autograd (the layer's own Function calls
+# them below autograd). Each *_applies says whether its kernel takes the arguments; the PyTorch ops run otherwise.
+
+# As csrc/moe_layer_kernels.h: (warps + 1) * (E + 1) int32 counters in 46 KB of shared memory.
+DISPATCH_MAX_EXPERTS = 46 * 1024 // 4 // 2 - 1
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+_INT32_MAX = 2**31 - 1
+
+
+def dispatch_kernel_applies(ids: torch.Tensor, num_experts: int) -> bool:
+    return (
+        ids.is_cuda
+        and not torch.compiler.is_compiling()
+        and 0 <= num_experts <= DISPATCH_MAX_EXPERTS
+        and ids.numel() <= _INT32_MAX
+        and (ids.shape[1] >= 1 or ids.shape[0] == 0)
+        and use_kernels(ids.device)
+    )
+
+
+def dispatch_kernel(ids: torch.Tensor, num_experts: int):
+    """``(m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair)`` of ``ids [T, k]``, all int64, as
+    ``dispatch.sort_pairs`` computes them (plus ``token_of_row = pair_of_row // k``); where
+    ``dispatch_kernel_applies``."""
+    if ids.dtype != torch.int64 or not ids.is_contiguous():
+        ids = ids.to(torch.int64).contiguous()
+    return torch.ops.moe_gemm.dispatch_pairs(ids, num_experts)
+
+
+def gated_activation_kernel_applies(gate_up: torch.Tensor, act: str) -> bool:
+    return (
+        gate_up.is_cuda
+        and gate_up.dim() == 2
+        and gate_up.dtype in KERNEL_DTYPES
+        and gate_up.shape[1] % 16 == 0
+        and gate_up.is_contiguous()
+        and act in ACTIVATIONS
+        and use_kernels(gate_up.device)
+    )
+
+
+def gated_activation_kernel(gate_up: torch.Tensor, act: str, concatenated: bool) -> torch.Tensor:
+    """``act(gate) * up`` of ``[rows, 2I]``, ``[rows, I]``; where ``gated_activation_kernel_applies``."""
+    return torch.ops.moe_gemm.gated_activation(gate_up, act, concatenated)
+
+
+def combine_kernel_applies(y_sorted: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> bool:
+    return (
+        y_sorted.is_cuda
+        and y_sorted.dim() == 2
+        and y_sorted.dtype in KERNEL_DTYPES
+        and weights.dtype in KERNEL_DTYPES
+        and y_sorted.shape[1] % 8 == 0
+        and y_sorted.is_contiguous()
+        and weights.device == y_sorted.device
+        and ids.device == y_sorted.device
+        and ids.shape[0] <= _INT32_MAX
+        and use_kernels(y_sorted.device)
+    )
+
+
+def combine_kernel(
+    y_sorted: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """``out[t] = sum_j [0 <= ids[t, j] < E] * weights[t, j] * y_sorted[row_of_pair[t * k + j]]`` in float32, ``[T, H]``
+    in the dtype of ``y_sorted``; where ``combine_kernel_applies``."""
+    if ids.dtype != torch.int64 or not ids.is_contiguous():
+        ids = ids.to(torch.int64).contiguous()
+    return torch.ops.moe_gemm.combine_rows(y_sorted, row_of_pair, weights.contiguous(), ids, num_experts)
+
+
+@torch.library.register_fake("moe_gemm::dispatch_pairs")
+def _dispatch_pairs_fake(ids, num_experts):
+    pairs = ids.numel()
+    return (ids.new_empty(num_experts, dtype=torch.int64), *(ids.new_empty(pairs, dtype=torch.int64) for _ in range(4)))
+
+
+@torch.library.register_fake("moe_gemm::gated_activation")
+def _gated_activation_fake(gate_up, act, concatenated):
+    return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
+@torch.library.register_fake("moe_gemm::combine_rows")
+def _combine_rows_fake(y_sorted, row_of_pair, weights, ids, num_experts):
+    return y_sorted.new_empty(ids.shape[0], y_sorted.shape[1])

@@ -1,5 +1,7 @@
-"""Input checks for ``grouped_forward``, run before the op so errors name the argument, what was expected and what
-was given. The C++ op checks again with ``TORCH_CHECK``; these messages are the ones users should see.
+"""Input checks of the public functions and of the ops' PyTorch kernels, run before any kernel so that errors name the
+argument, what was expected and what was given. The C++ kernels check again with ``TORCH_CHECK``, as a last guard;
+these messages are the ones users should see. Callers whose arguments have other names (the MoE layer's
+``gate_up_proj``, ``down_proj``) pass them as ``x_name`` and ``weight_name``.
 """
 
 import torch
@@ -7,6 +9,7 @@ import torch
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 SIZE_DTYPES = (torch.int32, torch.int64)
+SCORINGS = ("softmax", "softmax_topk", "sigmoid")
 # TMA loads need 16-byte aligned base addresses and row strides.
 ALIGN_BYTES = 16
 
@@ -15,51 +18,50 @@ def _weight_layout(weight_transposed: bool) -> str:
     return "[E, K, N] (weight_transposed=True)" if weight_transposed else "[E, N, K] (weight_transposed=False)"
 
 
-def check_grouped_inputs(
-    x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, weight_transposed: bool, *, cuda_kernel: bool
-) -> None:
+def check_grouped_inputs(x, weight, m_sizes, weight_transposed, *, cuda_kernel, x_name="x", weight_name="weight"):
     """Check types, dtypes, ranks, shapes and devices; raise TypeError or ValueError naming the argument.
 
-    ``cuda_kernel`` restricts the dtypes to what the CUDA kernel supports; the pure-PyTorch path takes any float.
+    ``cuda_kernel`` restricts the dtypes to what the CUDA kernel supports; the PyTorch path takes any float.
     """
-    for name, value in (("x", x), ("weight", weight), ("m_sizes", m_sizes)):
+    for name, value in ((x_name, x), (weight_name, weight), ("m_sizes", m_sizes)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
 
     if cuda_kernel and x.dtype not in KERNEL_DTYPES:
         raise TypeError(
-            f"x: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}; "
-            "convert with x.to(torch.bfloat16) (and the weight likewise)"
+            f"{x_name}: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}; "
+            f"convert with {x_name}.to(torch.bfloat16) (and {weight_name} likewise)"
         )
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: expected one of {', '.join(map(str, FLOAT_DTYPES))}, got {x.dtype}")
+        raise TypeError(f"{x_name}: expected one of {', '.join(map(str, FLOAT_DTYPES))}, got {x.dtype}")
     if weight.dtype != x.dtype:
-        raise TypeError(f"weight: expected the dtype of x ({x.dtype}), got {weight.dtype}")
+        raise TypeError(f"{weight_name}: expected the dtype of {x_name} ({x.dtype}), got {weight.dtype}")
     if m_sizes.dtype not in SIZE_DTYPES:
         raise TypeError(f"m_sizes: expected torch.int32 or torch.int64 row counts, got {m_sizes.dtype}")
 
     if x.dim() != 2:
-        raise ValueError(f"x: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
+        raise ValueError(f"{x_name}: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
     if weight.dim() != 3:
         raise ValueError(
-            f"weight: expected a 3-D tensor {_weight_layout(weight_transposed)}, got shape {tuple(weight.shape)}"
+            f"{weight_name}: expected a 3-D tensor {_weight_layout(weight_transposed)}, got shape {tuple(weight.shape)}"
         )
     if m_sizes.dim() != 1:
         raise ValueError(f"m_sizes: expected a 1-D tensor [E], got shape {tuple(m_sizes.shape)}")
 
-    for name, value in (("weight", weight), ("m_sizes", m_sizes)):
+    for name, value in ((weight_name, weight), ("m_sizes", m_sizes)):
         if value.device != x.device:
-            raise ValueError(f"{name}: expected a tensor on the device of x ({x.device}), got {value.device}")
+            raise ValueError(f"{name}: expected a tensor on the device of {x_name} ({x.device}), got {value.device}")
 
     k = weight.shape[1] if weight_transposed else weight.shape[2]
     if x.shape[1] != k:
         raise ValueError(
-            f"x: expected K = {k} columns to match weight {_weight_layout(weight_transposed)} of shape "
+            f"{x_name}: expected K = {k} columns to match {weight_name} {_weight_layout(weight_transposed)} of shape "
             f"{tuple(weight.shape)}, got {x.shape[1]}"
         )
     if m_sizes.shape[0] != weight.shape[0]:
         raise ValueError(
-            f"m_sizes: expected one size per expert, E = {weight.shape[0]} (weight.shape[0]), got {m_sizes.shape[0]}"
+            f"m_sizes: expected one size per expert, E = {weight.shape[0]} ({weight_name}.shape[0]), "
+            f"got {m_sizes.shape[0]}"
         )
 
 
@@ -98,7 +100,9 @@ def kernel_layout_problem(t: torch.Tensor) -> str | None:
     return None
 
 
-def check_kernel_layout(x: torch.Tensor, weight: torch.Tensor, weight_transposed: bool) -> None:
+def check_kernel_layout(
+    x: torch.Tensor, weight: torch.Tensor, weight_transposed: bool, *, x_name: str = "x", weight_name: str = "weight"
+) -> None:
     """Check what the CUDA kernel needs beyond ``check_grouped_inputs``: N and K multiples of 8 and readable strides.
 
     Call after ``normalize_weight_layout``.
@@ -107,17 +111,20 @@ def check_kernel_layout(x: torch.Tensor, weight: torch.Tensor, weight_transposed
     align = ALIGN_BYTES // x.element_size()
     if k % align:
         raise ValueError(
-            f"x: the CUDA kernel needs K (columns of x) to be a multiple of {align} (16-byte rows), got {k}"
+            f"{x_name}: the CUDA kernel needs K (columns of {x_name}) to be a multiple of {align} (16-byte rows), "
+            f"got {k}"
         )
     if n % align:
         raise ValueError(
-            f"weight: the CUDA kernel needs N to be a multiple of {align} (16-byte rows), got N = {n} in weight "
-            f"{_weight_layout(weight_transposed)} of shape {tuple(weight.shape)}"
+            f"{weight_name}: the CUDA kernel needs N to be a multiple of {align} (16-byte rows), got N = {n} in "
+            f"{weight_name} {_weight_layout(weight_transposed)} of shape {tuple(weight.shape)}"
         )
     # TMA coordinates are 32-bit.
     if x.shape[0] >= 2**31 or n >= 2**31 or k >= 2**31:
-        raise ValueError(f"x: the CUDA kernel takes M, N and K below 2**31, got M = {x.shape[0]}, N = {n}, K = {k}")
-    for name, value in (("x", x), ("weight", weight)):
+        raise ValueError(
+            f"{x_name}: the CUDA kernel takes M, N and K below 2**31, got M = {x.shape[0]}, N = {n}, K = {k}"
+        )
+    for name, value in ((x_name, x), (weight_name, weight)):
         problem = kernel_layout_problem(value)
         if problem is not None:
             raise ValueError(f"{name}: the CUDA kernel cannot read it in place: {problem}; pass {name}.contiguous()")
@@ -142,9 +149,18 @@ def _cache_key(x, weight, m_sizes, weight_transposed, cuda_kernel) -> tuple | No
 
 
 def validate(
-    x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, weight_transposed: bool, *, cuda_kernel: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    m_sizes: torch.Tensor,
+    weight_transposed: bool,
+    *,
+    cuda_kernel: bool,
+    x_name: str = "x",
+    weight_name: str = "weight",
 ) -> tuple[torch.Tensor, bool]:
-    """All checks of ``grouped_forward``; returns the weight and flag to pass on (see ``normalize_weight_layout``)."""
+    """All checks of ``grouped_forward``; returns the weight and flag to pass on (see ``normalize_weight_layout``).
+    Errors name ``x`` and ``weight`` as ``x_name`` and ``weight_name``."""
+    names = {"x_name": x_name, "weight_name": weight_name}
     compiling = torch.compiler.is_compiling()
     key = None if compiling else _cache_key(x, weight, m_sizes, weight_transposed, cuda_kernel)
     flipped = _PASSED.get(key) if key is not None else None
@@ -153,12 +169,12 @@ def validate(
             weight, weight_transposed = weight.transpose(-1, -2), not weight_transposed
         # Only the data pointers' alignment is not in the key.
         if cuda_kernel and not (_aligned_or_empty(x) and _aligned_or_empty(weight)):
-            check_kernel_layout(x, weight, weight_transposed)
+            check_kernel_layout(x, weight, weight_transposed, **names)
         return weight, weight_transposed
-    check_grouped_inputs(x, weight, m_sizes, weight_transposed, cuda_kernel=cuda_kernel)
+    check_grouped_inputs(x, weight, m_sizes, weight_transposed, cuda_kernel=cuda_kernel, **names)
     normalized, normalized_flag = normalize_weight_layout(weight, weight_transposed)
     if cuda_kernel:
-        check_kernel_layout(x, normalized, normalized_flag)
+        check_kernel_layout(x, normalized, normalized_flag, **names)
     if key is not None:
         if len(_PASSED) >= _PASSED_MAX_ENTRIES:
             _PASSED.clear()
@@ -178,3 +194,74 @@ def check_sizes_on_host(m_sizes: torch.Tensor, num_rows: int) -> None:
         raise ValueError(f"m_sizes: expected sizes >= 0, got negative sizes for experts {negative[:8]}")
     if sum(sizes) > num_rows:
         raise ValueError(f"m_sizes: expected sum(m_sizes) <= M = {num_rows} (rows of x), got {sum(sizes)}")
+
+
+def check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, *, cuda_kernel: bool) -> None:
+    """The checks of ``grouped_weight_grad`` and of the weight-gradient ops; ``cuda_kernel`` adds the CUDA kernel's
+    dtype and layout rules."""
+    for name, value in (("x", x), ("grad_y", grad_y), ("m_sizes", m_sizes)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
+        raise ValueError(
+            f"x [M, K] and grad_y [M, N] must be 2-D with the same rows, got {tuple(x.shape)} and {tuple(grad_y.shape)}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected one of {', '.join(map(str, FLOAT_DTYPES))}, got {x.dtype}")
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"grad_y: expected the dtype of x ({x.dtype}), got {grad_y.dtype}")
+    if m_sizes.dim() != 1 or m_sizes.dtype not in SIZE_DTYPES:
+        raise TypeError(f"m_sizes: expected a 1-D int32 or int64 tensor, got {m_sizes.dtype} {tuple(m_sizes.shape)}")
+    if len({t.device for t in (x, grad_y, m_sizes)}) != 1:
+        devices = f"{x.device}, {grad_y.device}, {m_sizes.device}"
+        raise ValueError(f"x, grad_y and m_sizes must be on one device, got {devices}")
+    expected = (m_sizes.shape[0], x.shape[1], grad_y.shape[1])
+    expected = expected if weight_transposed else (expected[0], expected[2], expected[1])
+    if main_grad is not None:
+        if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32:
+            raise TypeError(f"main_grad: expected a torch.float32 tensor, got {getattr(main_grad, 'dtype', main_grad)}")
+        if tuple(main_grad.shape) != expected or main_grad.device != x.device:
+            got = f"{tuple(main_grad.shape)} on {main_grad.device}"
+            raise ValueError(f"main_grad: expected shape {expected} on {x.device}, got {got}")
+    if cuda_kernel:
+        if x.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"x: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}")
+        for name, tensor in (("x", x), ("grad_y", grad_y), ("main_grad", main_grad)):
+            problem = None if tensor is None else kernel_layout_problem(tensor)
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")
+
+
+def check_route_arguments(router_logits, top_k, scoring, n_group, topk_group, e_score_correction_bias) -> None:
+    """The checks of ``route`` and of the route op's PyTorch kernel: ValueError saying what is wrong."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if router_logits.dim() != 2 or not router_logits.is_floating_point():
+        raise ValueError(f"router_logits must be a floating-point [T, E] tensor, got {tuple(router_logits.shape)}")
+    num_experts = router_logits.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+    if scoring != "sigmoid":
+        if n_group is not None or topk_group is not None or e_score_correction_bias is not None:
+            raise ValueError("n_group, topk_group and e_score_correction_bias apply to scoring='sigmoid' only")
+        return
+    if (n_group is None) != (topk_group is None):
+        raise ValueError("n_group and topk_group go together")
+    if n_group is not None:
+        if n_group < 1 or num_experts % n_group != 0 or not 1 <= topk_group <= n_group:
+            raise ValueError(
+                f"need n_group dividing {num_experts} and 1 <= topk_group <= n_group, got {n_group}, {topk_group}"
+            )
+        # Only the experts of the kept groups can be chosen; past them route would weight excluded experts.
+        group_size = num_experts // n_group
+        if top_k > topk_group * group_size:
+            raise ValueError(
+                f"top_k = {top_k} experts cannot come from topk_group = {topk_group} groups of E / n_group = "
+                f"{num_experts} / {n_group} = {group_size} experts (at most {topk_group * group_size})"
+            )
+    bias = e_score_correction_bias
+    if bias is not None and (tuple(bias.shape) != (num_experts,) or bias.device != router_logits.device):
+        raise ValueError(
+            f"e_score_correction_bias must be [{num_experts}] on the device of router_logits ({router_logits.device}), "
+            f"got {tuple(bias.shape)} on {bias.device}"
+        )

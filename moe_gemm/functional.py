@@ -1,5 +1,7 @@
-"""The public entry points: ``grouped_forward`` (validates its inputs and calls ``moe_gemm::grouped_mm``) and
-``grouped_weight_grad`` (the weight gradient on its own, for trainers that keep float32 main-grads)."""
+"""The public GEMM entry points, ``grouped_forward`` and ``grouped_weight_grad`` (the weight gradient on its own, for
+trainers that keep float32 main-grads), and the MoE layer's private ones, ``_expert_gemm`` and
+``_expert_gemm_backward``. All validate their inputs, then call ``moe_gemm::grouped_mm*``, or the PyTorch path where
+the CUDA kernels cannot run on the device (``_ops.kernels_available``)."""
 
 import os
 
@@ -9,13 +11,25 @@ from moe_gemm import _ops, _validation
 from moe_gemm._ops import call_below_autograd, grouped_mm_backward
 
 
+def _kernels_for(x) -> bool:
+    """Whether ``x`` is a CUDA tensor whose device runs the kernels (warns once where the GPU is not sm_90)."""
+    return isinstance(x, torch.Tensor) and x.is_cuda and _ops.use_kernels(x.device)
+
+
+def _check_sizes_if_asked(m_sizes: torch.Tensor, num_rows: int) -> None:
+    # MOE_GEMM_CHECK=1 (a documented debug switch) reads the sizes on the host: eager mode only, a torch.compile trace
+    # does not have their values.
+    if not torch.compiler.is_compiling() and os.environ.get("MOE_GEMM_CHECK") == "1":
+        _validation.check_sizes_on_host(m_sizes, num_rows)
+
+
 def grouped_forward(
     x: torch.Tensor, weight: torch.Tensor, m_sizes: torch.Tensor, *, weight_transposed: bool = False
 ) -> torch.Tensor:
     """Grouped GEMM of MoE experts: ``y[rows of e] = x[rows of e] @ W[e].T`` (``@ W[e]`` when ``weight_transposed``).
 
     Args:
-        x: ``[M, K]`` bfloat16 or float16 (any float on the pure-PyTorch path), rows grouped by expert in expert
+        x: ``[M, K]`` bfloat16 or float16 (any float on the PyTorch path), rows grouped by expert in expert
             order: expert ``e`` owns rows ``[offs[e], offs[e] + m_sizes[e])``, ``offs`` the exclusive prefix sum.
         weight: ``[E, N, K]`` (``nn.Linear`` layout), or ``[E, K, N]`` when ``weight_transposed``. Read in place. A
             weight whose memory is the other layout (``stride(-2) == 1``, e.g. ``w.transpose(-1, -2)`` of a
@@ -26,21 +40,23 @@ def grouped_forward(
 
     Returns:
         ``[M, N]`` in the dtype of ``x``; rows past ``sum(m_sizes)`` are zero. Differentiable in ``x`` and ``weight``.
+
+    On a CUDA GPU that is not sm_90 (the kernels are built for sm_90a only), the PyTorch path runs, with one warning
+    per process.
     """
-    cuda_kernel = isinstance(x, torch.Tensor) and x.is_cuda and _ops.cuda_available()
-    weight, weight_transposed = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=cuda_kernel)
+    kernels = _kernels_for(x)
+    weight, weight_transposed = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=kernels)
     m_sizes = m_sizes.contiguous()
-    if torch.compiler.is_compiling():
+    _check_sizes_if_asked(m_sizes, x.shape[0])
+    if torch.compiler.is_compiling() and _ops.grouped_mm_function(x.device) is not _ops.grouped_mm_torch:
+        # The op itself: its fake kernel and registered autograd let the trace see through it.
         return torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes, weight_transposed)
-    # The check needs the sizes' values, which a torch.compile trace does not have: it runs in eager mode only.
-    if os.environ.get("MOE_GEMM_CHECK") == "1":
-        _validation.check_sizes_on_host(m_sizes, x.shape[0])
-    return grouped_mm_eager(x, weight, m_sizes, weight_transposed)
+    return _grouped_mm_eager(x, weight, m_sizes, weight_transposed)
 
 
 class _GroupedMM(torch.autograd.Function):
-    """``moe_gemm::grouped_mm`` with the backward of ``_ops._backward``, in one thin Function: eager calls pay for
-    one autograd node rather than the op's generated Function around a Python redispatch.
+    """``moe_gemm::grouped_mm`` with the backward of ``_ops.grouped_mm_backward``, in one thin Function: eager calls
+    pay for one autograd node rather than the op's generated Function around a Python redispatch.
 
     ``forward`` takes ``ctx`` (no ``setup_context``) on purpose: for Functions with ``setup_context``, ``apply``
     binds default arguments through ``inspect.signature`` on every call, which costs more than the rest. (The op's
@@ -53,7 +69,7 @@ class _GroupedMM(torch.autograd.Function):
         # grad_x reads the weight, grad_W reads x: keep only what the requested gradients need.
         ctx.save_for_backward(x if needs_grad_w else None, weight if needs_grad_x else None, m_sizes)
         ctx.weight_transposed = weight_transposed
-        return call_below_autograd(torch.ops.moe_gemm.grouped_mm.default, x, weight, m_sizes, weight_transposed)
+        return call_below_autograd(_ops.grouped_mm_function(x.device), x, weight, m_sizes, weight_transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -64,12 +80,12 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def grouped_mm_eager(x, weight, m_sizes, weight_transposed):
+def _grouped_mm_eager(x, weight, m_sizes, weight_transposed):
     """``moe_gemm::grouped_mm`` on validated arguments (``weight`` with unit inner stride, ``m_sizes`` contiguous),
-    in eager mode: the op's kernel directly when no gradient is wanted, ``_GroupedMM`` otherwise."""
+    in eager mode: the kernel directly when no gradient is wanted, ``_GroupedMM`` otherwise."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _GroupedMM.apply(x, weight, m_sizes, weight_transposed)
-    return call_below_autograd(torch.ops.moe_gemm.grouped_mm.default, x, weight, m_sizes, weight_transposed)
+    return call_below_autograd(_ops.grouped_mm_function(x.device), x, weight, m_sizes, weight_transposed)
 
 
 def grouped_weight_grad(
@@ -93,42 +109,34 @@ def grouped_weight_grad(
     Returns:
         ``grad_W`` in the dtype of ``x``, or ``main_grad``. Experts without rows get exact zeros (add nothing).
     """
-    _check_weight_grad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad)
-    grad_y = grad_y.contiguous()
+    kernels = _kernels_for(x)
+    _validation.check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, cuda_kernel=kernels)
+    grad_y, m_sizes = grad_y.contiguous(), m_sizes.contiguous()
+    torch_path = x.is_cuda and not kernels
     if main_grad is None:
-        return torch.ops.moe_gemm.grouped_mm_wgrad(x, grad_y, m_sizes.contiguous(), weight_transposed)
-    torch.ops.moe_gemm.grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes.contiguous(), weight_transposed)
+        op = _ops.grouped_mm_wgrad_torch if torch_path else torch.ops.moe_gemm.grouped_mm_wgrad
+        return op(x, grad_y, m_sizes, weight_transposed)
+    op = _ops.grouped_mm_wgrad_accumulate_torch if torch_path else torch.ops.moe_gemm.grouped_mm_wgrad_accumulate_
+    op(main_grad, x, grad_y, m_sizes, weight_transposed)
     return main_grad
 
 
-def _check_weight_grad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad) -> None:
-    """Everything the CUDA kernel's binding checks, checked here first so that errors name the argument."""
-    for name, value in (("x", x), ("grad_y", grad_y), ("m_sizes", m_sizes)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if x.dim() != 2 or grad_y.dim() != 2 or x.shape[0] != grad_y.shape[0]:
-        raise ValueError(
-            f"x [M, K] and grad_y [M, N] must be 2-D with the same rows, got {tuple(x.shape)} and {tuple(grad_y.shape)}"
-        )
-    if grad_y.dtype != x.dtype:
-        raise TypeError(f"grad_y: expected the dtype of x ({x.dtype}), got {grad_y.dtype}")
-    if m_sizes.dim() != 1 or m_sizes.dtype not in _validation.SIZE_DTYPES:
-        raise TypeError(f"m_sizes: expected a 1-D int32 or int64 tensor, got {m_sizes.dtype} {tuple(m_sizes.shape)}")
-    if len({t.device for t in (x, grad_y, m_sizes)}) != 1:
-        raise ValueError(f"x, grad_y and m_sizes must be on one device, got {x.device}, {grad_y.device}, {m_sizes.device}")
-    expected = (m_sizes.shape[0], x.shape[1], grad_y.shape[1])
-    expected = expected if weight_transposed else (expected[0], expected[2], expected[1])
-    if main_grad is not None:
-        if not isinstance(main_grad, torch.Tensor) or main_grad.dtype != torch.float32:
-            raise TypeError(f"main_grad: expected a torch.float32 tensor, got {getattr(main_grad, 'dtype', main_grad)}")
-        if tuple(main_grad.shape) != expected or main_grad.device != x.device:
-            raise ValueError(
-                f"main_grad: expected shape {expected} on {x.device}, got {tuple(main_grad.shape)} on {main_grad.device}"
-            )
-    if x.device.type == "cuda" and _ops.cuda_available():
-        if x.dtype not in _validation.KERNEL_DTYPES:
-            raise TypeError(f"x: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}")
-        for name, tensor in (("x", x), ("grad_y", grad_y.contiguous()), ("main_grad", main_grad)):
-            problem = None if tensor is None else _validation.kernel_layout_problem(tensor)
-            if problem is not None:
-                raise ValueError(f"{name}: {problem}")
+def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_name="weight"):
+    """Validated forward, below autograd: returns ``(y, weight_read, weight_transposed_read)``; a weight whose memory
+    is the other layout is read through its transposed view (``weight_read`` is that view). Errors name ``x_name``
+    and ``weight_name``. Takes the PyTorch path where ``_ops.kernels_available(x.device)`` is False."""
+    kernels = _kernels_for(x)
+    weight_read, flag = _validation.validate(
+        x, weight, m_sizes, weight_transposed, cuda_kernel=kernels, x_name=x_name, weight_name=weight_name
+    )
+    _check_sizes_if_asked(m_sizes, x.shape[0])
+    y = call_below_autograd(_ops.grouped_mm_function(x.device), x, weight_read, m_sizes, flag)
+    return y, weight_read, flag
+
+
+def _expert_gemm_backward(grad_y, x, weight_read, m_sizes, weight_transposed_read, needs_grad_x, needs_grad_w):
+    """``(grad_x, grad_w)`` of ``y = _expert_gemm(...)[0]``; None where not needed. ``grad_w`` is the gradient of
+    ``weight_read`` (transpose it back for a weight that was read through its transposed view)."""
+    return grouped_mm_backward(
+        grad_y, x, weight_read, m_sizes, weight_transposed_read, needs_grad_x, needs_grad_w
+    )

@@ -9,8 +9,9 @@ clamped to the number of rows ``M``::
 so ``sum(m_sizes) > M`` drops the rows that would lie at or past ``M`` and nothing reads or writes out of bounds.
 Rows past ``end[E - 1]`` belong to no expert: their output rows are zero and they contribute nothing to ``grad_W``.
 
-The GEMM references compute in a wide dtype (float64 by default) and serve the tests, the benchmark and the CPU path.
-``route_reference`` and ``experts_forward_reference`` (float64, one token at a time) serve the tests of the MoE layer.
+The GEMM references compute in a wide dtype (float64 by default): the ground truth of the tests and the benchmark,
+and the float32 main-grad accumulation of the PyTorch path. ``route_reference`` and ``experts_forward_reference``
+(float64, one token at a time) are the ground truth of the MoE layer's tests.
 """
 
 from collections.abc import Sequence
@@ -35,52 +36,44 @@ def clamped_group_ends(m_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
     return m_sizes.to(torch.int64).clamp_min(0).cumsum(0).clamp_max(num_rows)
 
 
+def expert_row_ranges(m_sizes: torch.Tensor | Sequence[int], num_rows: int) -> list[tuple[int, int, int]]:
+    """``[(expert, start, end)]`` of the experts that own rows, following the rule above (reads sizes on the host)."""
+    sizes = m_sizes.tolist() if isinstance(m_sizes, torch.Tensor) else m_sizes
+    ranges = clamped_row_ranges(sizes, num_rows)
+    return [(expert, start, end) for expert, (start, end) in enumerate(ranges) if end > start]
+
+
 def _expert_weight(weight: torch.Tensor, expert: int, weight_transposed: bool, dtype: torch.dtype) -> torch.Tensor:
     """Weight of one expert as the ``[K, N]`` right-hand side of ``x_e @ B``."""
     w = weight[expert].to(dtype)
     return w if weight_transposed else w.t()
 
 
-def grouped_mm_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    m_sizes: torch.Tensor | Sequence[int],
-    weight_transposed: bool = False,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+def grouped_mm_reference(x, weight, m_sizes, weight_transposed=False, dtype=torch.float64) -> torch.Tensor:
     """Return ``y`` in ``dtype``: ``y[rows of e] = x[rows of e] @ W[e].T`` (``@ W[e]`` when ``weight_transposed``).
 
-    ``weight`` is ``[E, N, K]``, or ``[E, K, N]`` when ``weight_transposed``. Rows past the last group are zero.
+    ``weight`` is ``[E, N, K]``, or ``[E, K, N]`` when ``weight_transposed``; ``m_sizes`` a tensor or a sequence of
+    ints. Rows past the last group are zero.
     """
-    sizes = m_sizes.tolist() if isinstance(m_sizes, torch.Tensor) else list(m_sizes)
     n = weight.shape[2] if weight_transposed else weight.shape[1]
     out = torch.zeros(x.shape[0], n, dtype=dtype, device=x.device)
-    for expert, (start, end) in enumerate(clamped_row_ranges(sizes, x.shape[0])):
-        if end > start:
-            out[start:end] = x[start:end].to(dtype) @ _expert_weight(weight, expert, weight_transposed, dtype)
+    for expert, start, end in expert_row_ranges(m_sizes, x.shape[0]):
+        out[start:end] = x[start:end].to(dtype) @ _expert_weight(weight, expert, weight_transposed, dtype)
     return out
 
 
-def grouped_mm_wgrad_reference(
-    x: torch.Tensor,
-    grad_y: torch.Tensor,
-    m_sizes: torch.Tensor | Sequence[int],
-    weight_transposed: bool = False,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+def grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed=False, dtype=torch.float64) -> torch.Tensor:
     """Return the weight gradient in ``dtype``: ``grad_W[e] = grad_y_e.T @ x_e``, shaped like the weight.
 
     That is ``[E, N, K]``, or ``[E, K, N]`` (``x_e.T @ grad_y_e``) when ``weight_transposed``. Experts without rows get
     exactly zero.
     """
-    sizes = m_sizes.tolist() if isinstance(m_sizes, torch.Tensor) else list(m_sizes)
-    n, k = grad_y.shape[1], x.shape[1]
-    shape = (len(sizes), k, n) if weight_transposed else (len(sizes), n, k)
+    num_experts, n, k = len(m_sizes), grad_y.shape[1], x.shape[1]
+    shape = (num_experts, k, n) if weight_transposed else (num_experts, n, k)
     grad_w = torch.zeros(shape, dtype=dtype, device=x.device)
-    for expert, (start, end) in enumerate(clamped_row_ranges(sizes, x.shape[0])):
-        if end > start:
-            x_e, grad_y_e = x[start:end].to(dtype), grad_y[start:end].to(dtype)
-            grad_w[expert] = x_e.t() @ grad_y_e if weight_transposed else grad_y_e.t() @ x_e
+    for expert, start, end in expert_row_ranges(m_sizes, x.shape[0]):
+        x_e, grad_y_e = x[start:end].to(dtype), grad_y[start:end].to(dtype)
+        grad_w[expert] = x_e.t() @ grad_y_e if weight_transposed else grad_y_e.t() @ x_e
     return grad_w
 
 
@@ -89,22 +82,35 @@ def _ranked(scores: Sequence[float], count: int) -> list[int]:
     return sorted(range(len(scores)), key=lambda index: (-scores[index], index))[:count]
 
 
-def route_reference(
-    router_logits: torch.Tensor,
-    top_k: int,
-    *,
-    scoring: str = "softmax",
-    renormalize: bool = False,
-    n_group: int | None = None,
-    topk_group: int | None = None,
-    e_score_correction_bias: torch.Tensor | None = None,
-    routed_scaling_factor: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+# The keyword arguments of moe_gemm.route, in the order of the op's schema, with route's defaults (a test checks that
+# they agree with route's signature).
+ROUTE_OPTIONS = {
+    "scoring": "softmax",
+    "renormalize": False,
+    "n_group": None,
+    "topk_group": None,
+    "e_score_correction_bias": None,
+    "routed_scaling_factor": 1.0,
+}
+
+
+def route_options(options: dict) -> dict:
+    """``options`` completed with ``route``'s defaults, in ``ROUTE_OPTIONS`` order; TypeError for unknown keys."""
+    unknown = sorted(options.keys() - ROUTE_OPTIONS.keys())
+    if unknown:
+        raise TypeError(f"unexpected routing options {unknown}; route takes {list(ROUTE_OPTIONS)}")
+    return {name: options.get(name, default) for name, default in ROUTE_OPTIONS.items()}
+
+
+def route_reference(router_logits: torch.Tensor, top_k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """``moe_gemm.route`` one token at a time, selection in plain Python: ``(weights float32, ids int64)``, ``[T, k]``.
 
-    Scores come from the same float32 elementwise ops as ``route``; group scores are float32 sums (a float64 sum of
-    two float32 values rounds to the float32 sum exactly).
+    ``options`` are ``route``'s keyword arguments (``ROUTE_OPTIONS``). Scores come from the same float32 elementwise
+    ops as ``route``; group scores are float32 sums (a float64 sum of two float32 values rounds to the float32 sum
+    exactly).
     """
+    options = route_options(options)
+    scoring, renormalize, n_group, topk_group, e_score_correction_bias, routed_scaling_factor = options.values()
     logits = torch.nan_to_num(router_logits.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     num_experts = logits.shape[1]
     all_ids, all_weights = [], []

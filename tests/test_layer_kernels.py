@@ -9,15 +9,11 @@ import torch
 from helpers import assert_close_to_reference, requires_cuda_op
 
 import moe_gemm
-from moe_gemm import _layer_kernels
+from moe_gemm import _ops
 from moe_gemm.dispatch import sort_pairs
 from moe_gemm.layer import _combine_pairs, gated_activation
 
-pytestmark = [
-    pytest.mark.gpu,
-    requires_cuda_op,
-    pytest.mark.skipif(not _layer_kernels.LAYER_KERNELS_BUILT, reason="moe_gemm._C was built without the layer kernels"),
-]
+pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
 # One unit in the last place of each type, relative: what a different rounding order may cost.
 ULP = {torch.bfloat16: 2**-7, torch.float16: 2**-10, torch.float32: 2**-23}
@@ -61,8 +57,8 @@ def random_ids(num_tokens, top_k, num_experts, *, sentinels=0.0, skew=False):
 )
 def test_dispatch_kernel_matches_the_stable_sort(num_tokens, top_k, num_experts, sentinels, skew):
     ids = random_ids(num_tokens, top_k, num_experts, sentinels=sentinels, skew=skew)
-    assert _layer_kernels.dispatch_kernel_applies(ids, num_experts)
-    m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair = _layer_kernels.dispatch_pairs(ids, num_experts)
+    assert _ops.dispatch_kernel_applies(ids, num_experts)
+    m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair = _ops.dispatch_kernel(ids, num_experts)
     expected = sort_pairs(ids.cpu(), num_experts)  # the PyTorch ops on the CPU
     for name, got, want in zip(
         ["m_sizes", "expert_of_row", "pair_of_row", "row_of_pair"],
@@ -76,7 +72,7 @@ def test_dispatch_kernel_matches_the_stable_sort(num_tokens, top_k, num_experts,
 def test_dispatch_kernel_takes_int32_ids_and_all_pairs_in_one_expert():
     ids = torch.full((300, 4), 7, dtype=torch.int32, device="cuda")
     ids[::3, 1] = -5  # dropped
-    m_sizes, _, pair_of_row, _, row_of_pair = _layer_kernels.dispatch_pairs(ids, 9)
+    m_sizes, _, pair_of_row, _, row_of_pair = _ops.dispatch_kernel(ids, 9)
     expected = sort_pairs(ids.cpu(), 9)
     assert torch.equal(m_sizes.cpu(), expected[0]) and m_sizes[7].item() == 1200 - 100
     assert torch.equal(pair_of_row.cpu(), expected[2]) and torch.equal(row_of_pair.cpu(), expected[3])
@@ -87,9 +83,9 @@ def test_dispatch_kernel_takes_int32_ids_and_all_pairs_in_one_expert():
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 def test_gated_activation_kernel_matches_torch_ops(act, concatenated, dtype):
     gate_up = (torch.randn(333, 2 * 200, device="cuda") * 3).to(dtype)
-    assert _layer_kernels.activation_kernel_applies(gate_up, act)
+    assert _ops.gated_activation_kernel_applies(gate_up, act)
     poison_the_allocator(333 * 200 * gate_up.element_size())
-    out = _layer_kernels.gated_activation(gate_up, act, concatenated)
+    out = _ops.gated_activation_kernel(gate_up, act, concatenated)
     expected = gated_activation(gate_up, act, concatenated)
     assert out.dtype == dtype and out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=ULP[dtype], atol=1e-6)
@@ -103,13 +99,13 @@ def test_gated_activation_kernel_matches_torch_ops(act, concatenated, dtype):
 def test_combine_kernel_matches_torch_ops(num_tokens, top_k, num_experts, hidden, dtype, weights_dtype):
     ids = random_ids(num_tokens, top_k, num_experts, sentinels=0.2)
     ids[0, 0] = -1  # at least one dropped pair
-    _, expert_of_row, _, _, row_of_pair = _layer_kernels.dispatch_pairs(ids, num_experts)
+    _, expert_of_row, _, _, row_of_pair = _ops.dispatch_kernel(ids, num_experts)
     y_sorted = torch.randn(num_tokens * top_k, hidden, device="cuda").to(dtype)
     y_sorted[expert_of_row == num_experts] = float("nan")  # what dropped rows hold must add nothing
     weights = torch.rand(num_tokens, top_k, device="cuda").to(weights_dtype)
-    assert _layer_kernels.combine_kernel_applies(y_sorted, weights, ids)
+    assert _ops.combine_kernel_applies(y_sorted, weights, ids)
     poison_the_allocator(num_tokens * hidden * y_sorted.element_size())
-    out = _layer_kernels.combine(y_sorted, row_of_pair, weights, ids, num_experts)
+    out = _ops.combine_kernel(y_sorted, row_of_pair, weights, ids, num_experts)
     valid = (ids >= 0) & (ids < num_experts)
     expected = _combine_pairs(y_sorted, row_of_pair, valid, weights)
     assert torch.isfinite(out).all()
@@ -122,7 +118,7 @@ def test_combine_kernel_matches_torch_ops(num_tokens, top_k, num_experts, hidden
                 row = row_of_pair[token * top_k + slot]
                 host[token] += weights[token, slot].double().cpu() * y_sorted[row].double().cpu()
     assert_close_to_reference(out.cpu(), host)
-    assert torch.equal(_layer_kernels.combine(y_sorted, row_of_pair, weights, ids, num_experts), out)  # reproducible
+    assert torch.equal(_ops.combine_kernel(y_sorted, row_of_pair, weights, ids, num_experts), out)  # reproducible
 
 
 @pytest.mark.parametrize("concatenated", [True, False], ids=["concatenated", "interleaved"])

@@ -27,10 +27,19 @@ CASES = {
         "torch.ops.moe_gemm.grouped_mm_wgrad(x, torch.randn(9, 64, device='cuda', dtype=torch.bfloat16), m_sizes)",
         "must be 2-D with the same rows",
     ),
-    # message formats a plain integer
-    "route scoring code": (
-        "torch.ops.moe_gemm._route_kernel(torch.randn(4, 16, device='cuda'), 2, 7, False, 0, 0, None, 1.0)",
-        "unknown scoring code 7",
+    # message formats a string argument
+    "route scoring": (
+        "torch.ops.moe_gemm.route(torch.randn(4, 16, device='cuda'), 2, 'relu', False, None, None, None, 1.0)",
+        "scoring must be one of softmax, softmax_topk, sigmoid; got relu",
+    ),
+    # message formats plain integers
+    "route groups cannot supply top_k": (
+        "torch.ops.moe_gemm.route(torch.randn(4, 16, device='cuda'), 9, 'sigmoid', False, 4, 2, None, 1.0)",
+        "top_k = 9 experts cannot come from topk_group = 2 groups of 4 experts",
+    ),
+    "gated_activation act": (
+        "torch.ops.moe_gemm.gated_activation(torch.randn(4, 32, device='cuda'), 'relu', True)",
+        "act must be one of silu, gelu, gelu_tanh; got relu",
     ),
     # message formats dtypes
     "grouped_mm dtypes differ": (

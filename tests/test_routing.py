@@ -103,3 +103,13 @@ def test_nan_logits_score_zero_under_sigmoid():
 def test_route_rejects_bad_arguments(top_k, options, message):
     with pytest.raises(ValueError, match=message):
         moe_gemm.route(torch.randn(5, 8), top_k, **options)
+
+
+def test_route_refuses_groups_that_cannot_supply_top_k_experts():
+    # 2 kept groups of 16 / 4 = 4 experts hold 8 experts: top_k = 9 would have to weight experts outside them.
+    logits = torch.randn(5, 16)
+    message = r"top_k = 9 experts cannot come from topk_group = 2 groups of E / n_group = 16 / 4 = 4 experts \(at most 8"
+    with pytest.raises(ValueError, match=message):
+        moe_gemm.route(logits, 9, scoring="sigmoid", n_group=4, topk_group=2)
+    weights, ids = moe_gemm.route(logits, 8, scoring="sigmoid", n_group=4, topk_group=2)
+    assert torch.isfinite(weights).all() and len(set((ids // 4)[0].tolist())) == 2, "all 8 from the 2 kept groups"

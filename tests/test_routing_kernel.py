@@ -7,17 +7,10 @@ import torch
 from helpers import requires_cuda_op
 
 import moe_gemm
-from moe_gemm import _routing_ops
 from moe_gemm.reference import route_reference
 from moe_gemm.routing import route_torch_ops
 
-pytestmark = [
-    pytest.mark.gpu,
-    requires_cuda_op,
-    pytest.mark.skipif(
-        not _routing_ops.routing_kernel_available(), reason="moe_gemm._C was built without the routing kernel"
-    ),
-]
+pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
 SCORINGS = {
     "softmax": {"scoring": "softmax"},

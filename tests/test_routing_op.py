@@ -1,11 +1,11 @@
-"""``torch.ops.moe_gemm.route`` on CPU (the PyTorch-ops kernel registered in ``moe_gemm/_routing_ops.py``): ids and
+"""``torch.ops.moe_gemm.route`` on CPU (the PyTorch-ops kernel registered in ``moe_gemm/_ops.py``): ids and
 weights of ``route_reference``, its hand-written backward against autograd through the tensor ops, ``opcheck`` and a
 ``fullgraph`` trace. The CUDA kernel behind the same op is tested in ``test_routing_kernel.py``."""
 
 import pytest
 import torch
 
-from moe_gemm import _routing_ops
+from moe_gemm import _ops
 from moe_gemm.reference import route_reference
 from moe_gemm.routing import route_torch_ops
 
@@ -32,14 +32,14 @@ def as_keywords(args):
 
 def test_route_uses_the_op_only_where_the_cuda_kernel_applies():
     logits = torch.randn(4, 16)
-    assert not _routing_ops.kernel_applies(logits, 2, None), "CPU tensors take the tensor ops"
-    if logits.device.type == "cpu" and not torch.cuda.is_available():
+    assert not _ops.route_kernel_applies(logits, 2, None), "CPU tensors take the tensor ops"
+    if not torch.cuda.is_available():
         return
     cuda_logits = logits.cuda()
-    assert _routing_ops.kernel_applies(cuda_logits, 2, None) == _routing_ops.routing_kernel_available()
-    assert not _routing_ops.kernel_applies(torch.randn(4, 2048, device="cuda"), 2, None), "E > 1024"
-    assert not _routing_ops.kernel_applies(cuda_logits, 33, None), "top_k > 32"
-    assert not _routing_ops.kernel_applies(cuda_logits.double(), 2, None), "float64"
+    assert _ops.route_kernel_applies(cuda_logits, 2, None) == _ops.kernels_available(cuda_logits.device)
+    assert not _ops.route_kernel_applies(torch.randn(4, 2048, device="cuda"), 2, None), "E > 1024"
+    assert not _ops.route_kernel_applies(cuda_logits, 33, None), "top_k > 32"
+    assert not _ops.route_kernel_applies(cuda_logits.double(), 2, None), "float64"
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())

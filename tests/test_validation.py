@@ -148,3 +148,14 @@ def test_cuda_kernel_validation_rejects_dimensions_past_32_bit_coordinates():
     with pytest.raises(ValueError) as error:
         _validation.check_kernel_layout(x, weight, False)
     assert_names_argument(error.value, "x", "below 2**31")
+
+
+@pytest.mark.parametrize("case", {**GENERAL_CASES, **KERNEL_CASES})
+def test_validation_names_the_callers_arguments(case):
+    # The MoE layer passes its own names: every message names those instead of x and weight.
+    arguments, error_type, argument, detail = {**GENERAL_CASES, **KERNEL_CASES}[case]
+    names = {"x": "hidden", "weight": "gate_up_proj"}
+    with pytest.raises(error_type) as error:
+        _validation.validate(**arguments, cuda_kernel=True, x_name="hidden", weight_name="gate_up_proj")
+    assert_names_argument(error.value, names.get(argument, argument), detail)
+    assert not str(error.value).startswith(("x:", "weight:"))
