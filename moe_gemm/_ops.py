@@ -153,3 +153,28 @@ def _backward(ctx, grad_y):
 
 
 torch.library.register_autograd("moe_gemm::grouped_mm", _backward, setup_context=_setup_context)
+
+
+# --- TEMPORARY SHIM (lead drops this at merge) ---
+# The names of the one registry (PLAN.md), mapped to today's functions until helper B's _ops.py is merged.
+def kernels_available(device: torch.device | None = None) -> bool:
+    if _C is None or not torch.cuda.is_available():
+        return False
+    return device is None or torch.device(device).type == "cuda"
+
+
+def kernels_unavailable_reason(device: torch.device | None = None) -> str | None:
+    if _C is None:
+        return KERNELS_UNAVAILABLE_REASON
+    return None if kernels_available(device) else f"no CUDA device ({device})"
+
+
+from moe_gemm import _layer_kernels as _shim_layer_kernels  # noqa: E402
+
+dispatch_kernel_applies = _shim_layer_kernels.dispatch_kernel_applies
+dispatch_kernel = _shim_layer_kernels.dispatch_pairs
+gated_activation_kernel_applies = _shim_layer_kernels.activation_kernel_applies
+gated_activation_kernel = _shim_layer_kernels.gated_activation
+combine_kernel_applies = _shim_layer_kernels.combine_kernel_applies
+combine_kernel = _shim_layer_kernels.combine
+# --- END SHIM ---

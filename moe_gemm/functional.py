@@ -132,3 +132,29 @@ def _check_weight_grad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad) 
             problem = None if tensor is None else _validation.kernel_layout_problem(tensor)
             if problem is not None:
                 raise ValueError(f"{name}: {problem}")
+
+
+# --- TEMPORARY SHIM (lead drops this at merge) ---
+# The layer's private GEMM entry points (PLAN.md), built on today's functions until helper B's functional.py is
+# merged.
+def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_name="weight"):
+    cuda_kernel = x.is_cuda and _ops.cuda_available()
+    try:
+        weight_read, flag = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=cuda_kernel)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        for name, given in (("x", x_name), ("weight", weight_name)):
+            if message.startswith(f"{name}:"):
+                message = given + message[len(name) :]
+        raise type(error)(message) from None
+    if os.environ.get("MOE_GEMM_CHECK") == "1":
+        _validation.check_sizes_on_host(m_sizes, x.shape[0])
+    y = call_below_autograd(torch.ops.moe_gemm.grouped_mm.default, x, weight_read, m_sizes, flag)
+    return y, weight_read, flag
+
+
+def _expert_gemm_backward(grad_y, x, weight_read, m_sizes, weight_transposed_read, needs_grad_x, needs_grad_w):
+    return grouped_mm_backward(grad_y, x, weight_read, m_sizes, weight_transposed_read, needs_grad_x, needs_grad_w)
+
+
+# --- END SHIM ---

@@ -210,7 +210,7 @@ def experts_weights(experts: moe_gemm.MoEExperts) -> tuple[torch.Tensor, torch.T
 
 
 def test_moe_experts_module_uses_hugging_face_names_and_layouts():
-    experts = moe_gemm.MoEExperts(4, 16, 8, bias=True, dtype=torch.float64)
+    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=16, intermediate_size=8, bias=True, dtype=torch.float64)
     shapes = {name: tuple(p.shape) for name, p in experts.named_parameters()}
     expected = {"gate_up_proj": (4, 16, 16), "down_proj": (4, 16, 8), "gate_up_proj_bias": (4, 16)}
     assert shapes == {**expected, "down_proj_bias": (4, 16)}
@@ -230,7 +230,9 @@ def test_moe_experts_module_uses_hugging_face_names_and_layouts():
     ids=["qwen", "deepseek", "gpt_oss"],
 )
 def test_moe_layer_matches_routing_and_per_token_references(options):
-    layer = moe_gemm.MoE(16, 6, 8, 2, dtype=torch.float64, **options)
+    layer = moe_gemm.MoE(
+        hidden_size=16, num_experts=6, intermediate_size=8, top_k=2, dtype=torch.float64, **options
+    )
     if layer.e_score_correction_bias is not None:
         layer.e_score_correction_bias.normal_()
     hidden = torch.randn(3, 5, 16, dtype=torch.float64)

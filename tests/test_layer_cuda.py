@@ -76,13 +76,13 @@ def test_experts_forward_and_gradients_match_float32_reference(
 
 
 def test_moe_layer_with_fused_routing_matches_float32():
-    layer = moe_gemm.MoE(256, 256, 128, 8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
+    layer = moe_gemm.MoE(hidden_size=256, num_experts=256, intermediate_size=128, top_k=8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
                          routed_scaling_factor=2.5, device="cuda", dtype=torch.bfloat16)  # fmt: skip
     layer.e_score_correction_bias.normal_(0, 0.1)
     hidden = torch.randn(3, 50, 256, device="cuda", dtype=torch.bfloat16)
     out = layer(hidden)
     # The float32 twin runs on the CPU: the grouped GEMM's CUDA kernel takes 16-bit types only.
-    layer_fp32 = moe_gemm.MoE(256, 256, 128, 8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
+    layer_fp32 = moe_gemm.MoE(hidden_size=256, num_experts=256, intermediate_size=128, top_k=8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
                               routed_scaling_factor=2.5, dtype=torch.float32)  # fmt: skip
     layer_fp32.load_state_dict({name: t.float().cpu() for name, t in layer.state_dict().items()})
     ref = layer_fp32(hidden.float().cpu())
