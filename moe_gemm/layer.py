@@ -141,6 +141,8 @@ def experts_forward(
     info = dispatch(hidden, top_k_index, gate_up_proj.shape[0])
     gate_up = _grouped_linear(info.x_sorted, gate_up_proj, gate_up_bias, info, weight_transposed)
     activated = gated_activation(gate_up, act, concatenated) if named_act else act(gate_up)
+    if not named_act:
+        _check_activation_output(activated, down_proj, weight_transposed)
     y_sorted = _grouped_linear(activated, down_proj, down_bias, info, weight_transposed)
     return combine(y_sorted, info, top_k_weights)
 
@@ -229,6 +231,20 @@ def _check_expert_weights(
     ):
         if bias is not None and bias.shape != expected:
             raise ValueError(f"{name}: expected shape {layout}, {expected}, got {tuple(bias.shape)}")
+
+
+def _check_activation_output(activated, down_proj: torch.Tensor, weight_transposed: bool) -> None:
+    """The width a callable activation returns is the down projection's ``I``: check it so that the error names
+    ``down_proj`` rather than the GEMM's operands."""
+    if not isinstance(activated, torch.Tensor):
+        raise TypeError(f"act: expected the callable to return a torch.Tensor, got {type(activated).__name__}")
+    intermediate = down_proj.shape[1 if weight_transposed else 2]
+    if activated.dim() != 2 or activated.shape[1] != intermediate:
+        layout = "[E, I, H]" if weight_transposed else "[E, H, I]"
+        raise ValueError(
+            f"down_proj: expected shape {layout} (weight_transposed={weight_transposed}) with I = the width act "
+            f"returns, got I = {intermediate} in {tuple(down_proj.shape)} and act's output {tuple(activated.shape)}"
+        )
 
 
 def _bias_grad(bias: torch.Tensor, expert_of_row: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
