@@ -401,7 +401,7 @@ def is_expert_list(experts: nn.Module) -> bool:
     )
 
 
-def _activation_name(act_fn: Callable) -> str | None:
+def activation_name(act_fn: Callable) -> str | None:
     """The name in ``ACTIVATIONS`` of an activation module that ``experts_forward`` fuses, else None."""
     if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
         return "silu"
@@ -491,7 +491,7 @@ class MoEExperts(nn.Module):
             num_experts=len(experts),
             hidden_size=gate.in_features,
             intermediate_size=gate.out_features,
-            act=_activation_name(act_fn) or act_fn,
+            act=activation_name(act_fn) or act_fn,
             bias=all(has_bias),
             device="meta",
             dtype=gate.weight.dtype,
