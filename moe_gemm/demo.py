@@ -81,7 +81,10 @@ def run(device: torch.device) -> int:
     ref_out = experts_forward_reference(hidden.cpu(), ref_ids, ref_weights, gate_up_proj, down_proj)
     ids_equal = torch.equal(ids.cpu(), ref_ids)
 
-    where = f"{device}, CUDA kernels" if device.type == "cuda" else f"cpu, PyTorch path ({kernels_unavailable_reason()})"
+    if device.type == "cuda":
+        where = f"{device}, CUDA kernels"
+    else:
+        where = f"cpu, PyTorch path ({kernels_unavailable_reason()})"
     print(
         f"moe_gemm demo on {where}: qwen3-30b-a3b's expert layer scaled down to {TOKENS} tokens, top-{TOP_K} of "
         f"{EXPERTS} experts, hidden {HIDDEN}, intermediate {INTERMEDIATE}, {str(DTYPE).removeprefix('torch.')}"

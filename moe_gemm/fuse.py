@@ -49,9 +49,9 @@ def fuse_experts(model: nn.Module, route_fn: RouteFn | None = None) -> list[str]
     ``down_proj``, or Mixtral's ``w1``, ``w3``, ``w2``, all ``nn.Linear``, and an ``act_fn``). Its experts become
     ``MoEExperts.from_modules(block.experts)`` (the per-expert modules are dropped, their weights copied into the
     stacked parameters), and its forward becomes ``hidden [..., H] -> experts(tokens, ids, weights)`` of the same
-    shape, with ``(weights, ids) = route_fn(block, tokens [T, H])``. The default ``route_fn`` is ``softmax_top_k_router``; blocks that do more in
-    their forward (a shared expert, returning router logits) need their own forward calling ``block.experts(hidden,
-    top_k_index, top_k_weights)``.
+    shape, with ``(weights, ids) = route_fn(block, tokens [T, H])``. The default ``route_fn`` is
+    ``softmax_top_k_router``; blocks that do more in their forward (a shared expert, returning router logits) need
+    their own forward calling ``block.experts(hidden, top_k_index, top_k_weights)``.
 
     Returns the names of the blocks fused. Raises ``ValueError`` when the model has none.
     """

@@ -147,11 +147,62 @@ def experts_forward(
     return combine(y_sorted, info, top_k_weights)
 
 
-def _check_experts_arguments(
+_FLOAT_DTYPES = frozenset((torch.float64, torch.float32, torch.bfloat16, torch.float16))
+_INDEX_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+
+
+def _arguments_fit(
     hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed, named_act
-) -> None:
+) -> bool:
+    """Whether ``_explain_arguments`` would pass, in as little host time as possible (eager decode calls are
+    host-bound); False may also mean an unusual but valid argument, which ``_explain_arguments`` then accepts."""
+    try:
+        device, dtype = hidden.device, hidden.dtype
+        num_tokens, hidden_size = hidden.shape
+        index_shape = top_k_index.shape
+        num_experts, gate_up_n, gate_up_k = gate_up_proj.shape
+        down_experts, down_n, down_k = down_proj.shape
+    except (AttributeError, TypeError, ValueError):
+        return False
+    if weight_transposed:
+        gate_up_n, gate_up_k, down_n, down_k = gate_up_k, gate_up_n, down_k, down_n
+    return (
+        dtype in _FLOAT_DTYPES
+        and top_k_index.dtype in _INDEX_DTYPES
+        and top_k_weights.dtype in _FLOAT_DTYPES
+        and gate_up_proj.dtype == dtype
+        and down_proj.dtype == dtype
+        and len(index_shape) == 2
+        and index_shape[0] == num_tokens
+        and top_k_weights.shape == index_shape
+        and gate_up_k == hidden_size
+        and down_experts == num_experts
+        and down_n == hidden_size
+        and (not named_act or gate_up_n == 2 * down_k)
+        and top_k_index.device == device
+        and top_k_weights.device == device
+        and gate_up_proj.device == device
+        and down_proj.device == device
+        and (gate_up_bias is None or _bias_fits(gate_up_bias, (num_experts, gate_up_n), dtype, device))
+        and (down_bias is None or _bias_fits(down_bias, (num_experts, hidden_size), dtype, device))
+    )
+
+
+def _bias_fits(bias, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
+    return isinstance(bias, torch.Tensor) and bias.dtype == dtype and bias.shape == shape and bias.device == device
+
+
+def _check_experts_arguments(*arguments) -> None:
     """What only the layer knows: how its arguments fit together, checked before any GEMM so that errors name the
     caller's arguments. The GEMMs' own checks (what the kernels need of layouts and alignment) come after these."""
+    if not _arguments_fit(*arguments):
+        _explain_arguments(*arguments)
+
+
+def _explain_arguments(
+    hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed, named_act
+) -> None:
+    """Raise TypeError or ValueError naming the first argument that does not fit, or return when all fit."""
     tensors = (
         ("hidden", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
         ("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("gate_up_bias", gate_up_bias),

@@ -215,7 +215,11 @@ def _set(name, make):
 
 # Each case breaks one argument of experts_forward; the error must name that argument, never the GEMM's x or weight.
 BAD_ARGUMENTS = {
-    "gate_up_proj_shape": (_set("gate_up_proj", lambda i: i["gate_up_proj"][:, :, :-1]), ValueError, r"^gate_up_proj: "),
+    "gate_up_proj_shape": (
+        _set("gate_up_proj", lambda i: i["gate_up_proj"][:, :, :-1]),
+        ValueError,
+        r"^gate_up_proj: ",
+    ),
     "swapped_weights": (swapped_weights, ValueError, r"^gate_up_proj: .*swapped"),
     "other_layout": (
         _set("gate_up_proj", lambda i: i["gate_up_proj"].transpose(1, 2).contiguous()),
@@ -255,6 +259,24 @@ def test_experts_forward_errors_name_the_callers_arguments(case, path):
     act = "silu" if path == "fused" else (lambda gate_up: gated_activation(gate_up, "silu"))
     with pytest.raises(error, match=message):
         moe_gemm.experts_forward(**inputs, **options, act=act)
+
+
+def fast_check(inputs, transposed):
+    names = ("hidden", "top_k_index", "top_k_weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+    return moe_gemm.layer._arguments_fit(*[inputs.get(name) for name in names], transposed, True)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["nk", "kn"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_valid_arguments_take_the_fast_check(bias, transposed):
+    # The checks run on every eager call: valid arguments must pass the quick test, not only the one that explains,
+    # and every broken argument must fail it.
+    inputs, _ = make_experts_problem(hidden=16, intermediate=4, bias=bias, transposed=transposed)
+    assert fast_check(inputs, transposed)
+    for break_inputs, _, _ in BAD_ARGUMENTS.values() if bias else ():
+        broken = dict(inputs)
+        break_inputs(broken)
+        assert not fast_check(broken, transposed)
 
 
 def test_modules_take_their_sizes_by_keyword():
