@@ -609,8 +609,10 @@ class GatedMLP(nn.Module):
 class MoE(nn.Module):
     """A whole MoE layer: router ``Linear`` (run in float32) -> ``route`` -> ``MoEExperts`` (+ a shared expert).
 
-    ``forward(hidden [..., H])`` returns the same shape and dtype. ``scoring``, ``renormalize``, ``n_group``,
-    ``topk_group`` and ``routed_scaling_factor`` are passed to ``route``; ``scoring="sigmoid"`` adds the buffer
+    The sizes are keyword-only (``MoE(hidden_size=..., num_experts=..., intermediate_size=..., top_k=...)``), as in
+    ``MoEExperts``. ``forward(hidden [..., H])`` returns the same shape and dtype; ``hidden`` must have the dtype and
+    device of the parameters. ``scoring``, ``renormalize``, ``n_group``, ``topk_group`` and
+    ``routed_scaling_factor`` are passed to ``route``; ``scoring="sigmoid"`` adds the buffer
     ``e_score_correction_bias [E]`` (zeros). ``shared_intermediate_size`` adds ``shared_expert``, a ``GatedMLP``
     applied to every token and added to the routed output.
     """
