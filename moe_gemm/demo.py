@@ -55,15 +55,8 @@ def timed(fn, *args):
 @torch.no_grad()
 def run(device: torch.device) -> int:
     torch.manual_seed(0)
-    layer = moe_gemm.MoE(
-        hidden_size=HIDDEN,
-        num_experts=EXPERTS,
-        intermediate_size=INTERMEDIATE,
-        top_k=TOP_K,
-        renormalize=True,
-        device=device,
-        dtype=DTYPE,
-    )
+    sizes = {"hidden_size": HIDDEN, "num_experts": EXPERTS, "intermediate_size": INTERMEDIATE, "top_k": TOP_K}
+    layer = moe_gemm.MoE(**sizes, renormalize=True, device=device, dtype=DTYPE)
     hidden = torch.randn(TOKENS, HIDDEN, device=device, dtype=DTYPE)
 
     # The module: router (float32), route, experts.
