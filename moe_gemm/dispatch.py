@@ -181,9 +181,10 @@ def _gather_pairs(y_sorted: torch.Tensor, row_of_pair: torch.Tensor, weights: to
 def combine_pairs(
     y_sorted: torch.Tensor, row_of_pair: torch.Tensor, valid_pair: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """The formula of ``combine`` (and of ``_ops.combine_kernel``, which sums the slots in the same order), on
-    ``DispatchInfo``'s fields: ``out[t] = sum_j where(valid_pair[t, j], weights[t, j] * y_sorted[row_of_pair[t * k +
-    j]], 0)``, accumulated in float32 (float64 for float64 inputs), ``[T, N]`` in the dtype of ``y_sorted``."""
+    """The one formula of ``combine``, on ``DispatchInfo``'s fields: ``out[t] = sum_j where(valid_pair[t, j],
+    weights[t, j] * y_sorted[row_of_pair[t * k + j]], 0)``, accumulated in float32 (float64 for float64 inputs),
+    ``[T, N]`` in the dtype of ``y_sorted``. ``_ops.combine_kernel`` computes the same in one CUDA kernel, summing
+    each token's slots in slot order, which PyTorch's reduction may not (a last-bit difference at most)."""
     acc_weights = weights.to(_accumulation_dtype(y_sorted, weights))[..., None]
     # A gather and a sum over top_k rather than index_add_: no atomics, so the result is bitwise reproducible.
     weighted = torch.where(valid_pair[..., None], _gather_pairs(y_sorted, row_of_pair, weights) * acc_weights, 0)
