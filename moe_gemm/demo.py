@@ -1,106 +1,108 @@
-"""``python -m moe_gemm.demo``: the benchmark on a GPU with the kernels built, else a small MoE layer on CPU.
+"""``python -m moe_gemm.demo``: an MoE layer through moe_gemm's recommended API, checked against float64.
 
-With CUDA and the built kernels this runs ``moe_gemm.bench`` (arguments are passed through; default: the full
-suite). Otherwise it runs the expert layer of qwen3-30b-a3b scaled down (64 tokens, top-8 of 16 experts, hidden 256,
-intermediate 128, bfloat16) through ``grouped_forward`` on the pure-PyTorch path: tokens sorted by expert, the fused
-gate/up GEMM, SwiGLU, the down GEMM, and the weighted sum back per token. Each GEMM is checked against the float64
-reference and the whole layer against a float64 per-token loop that never groups rows.
+The expert layer of qwen3-30b-a3b scaled down (64 tokens, top-8 of 16 experts, hidden 256, intermediate 128,
+bfloat16) runs twice: as the module ``moe_gemm.MoE``, and as the two calls it is made of, ``moe_gemm.route`` (router
+logits to expert ids and weights) and ``moe_gemm.experts_forward`` (the experts' grouped GEMMs, activation and
+weighted sum). Each result is checked against the float64 references of ``moe_gemm.reference``, computed one token at a
+time. It runs on the GPU where ``moe_gemm.kernels_available()`` (the CUDA kernels built, an sm_90 device), else on the
+CPU through the PyTorch path. Exit status 1 when a check fails. The benchmark is ``python -m moe_gemm.bench``.
 """
 
+import argparse
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from moe_gemm import bench, grouped_forward
-from moe_gemm.reference import grouped_mm_reference
+import moe_gemm
+from moe_gemm._ops import kernels_available, kernels_unavailable_reason
+from moe_gemm.reference import experts_forward_reference, route_reference
 
 TOKENS, EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 64, 16, 8, 256, 128
 DTYPE = torch.bfloat16
+# bfloat16 keeps 8 bits of mantissa: a rounding error of about 2**-9 relative per element.
 MAX_REL_ERROR = 1e-2
 
+COLUMNS = f"""\
+  step             the call: the module MoE, or the two calls it is made of (route, then experts_forward)
+  output           the shape of what it returns: [tokens, top_k] routing weights, [tokens, hidden] layer outputs
+  rel. error       ||out - ref|| / ||ref|| (Frobenius) against the float64 reference, computed one token at a time;
+                   for route the error of the weights, the expert ids having to be equal
+  ms               wall time of one call after a warm-up call (the device synchronised)
+  check            ok when the error is at most {MAX_REL_ERROR:g} (and route's ids are equal), else FAIL"""
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (torch.linalg.vector_norm(out.double() - ref) / torch.linalg.vector_norm(ref)).item()
 
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double().cpu()
+    return (torch.linalg.vector_norm(out.double().cpu() - ref) / torch.linalg.vector_norm(ref)).item()
 
 
 def timed(fn, *args):
-    """(fn(*args), wall time in ms)."""
+    """``(fn(*args), wall time in ms)`` of a call after a warm-up call (the first call of a custom op imports
+    torch._dynamo, about a second)."""
+    fn(*args)
+    device = args[0].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     out = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out, (time.perf_counter() - start) * 1e3
 
 
-def moe_layer_per_token(x, router_probs, experts, w_up, w_down) -> torch.Tensor:
-    """Float64 reference of the layer, one token and one expert at a time."""
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for token in range(x.shape[0]):
-        for prob, expert in zip(router_probs[token].tolist(), experts[token].tolist()):
-            hidden = swiglu(x[token].double() @ w_up[expert].double().t())
-            out[token] += prob * (hidden @ w_down[expert].double().t())
-    return out
+@torch.no_grad()
+def run(device: torch.device) -> int:
+    torch.manual_seed(0)
+    sizes = {"hidden_size": HIDDEN, "num_experts": EXPERTS, "intermediate_size": INTERMEDIATE, "top_k": TOP_K}
+    layer = moe_gemm.MoE(**sizes, renormalize=True, device=device, dtype=DTYPE)
+    hidden = torch.randn(TOKENS, HIDDEN, device=device, dtype=DTYPE)
 
+    # The module: router (float32), route, experts.
+    out, layer_ms = timed(layer, hidden)
+    # The same layer as calls on tensors, as a model integration makes them.
+    logits = F.linear(hidden.float(), layer.router.weight.float())
+    (weights, ids), route_ms = timed(lambda x: moe_gemm.route(x, TOP_K, renormalize=True), logits)
+    experts = layer.experts
+    experts_out, experts_ms = timed(
+        lambda x: moe_gemm.experts_forward(x, ids, weights, experts.gate_up_proj, experts.down_proj), hidden
+    )
 
-def run_cpu_demo(reason: str) -> int:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(TOKENS, HIDDEN, generator=generator).to(DTYPE)
-    w_router = torch.randn(HIDDEN, EXPERTS, generator=generator) / HIDDEN**0.5
-    w_up = (torch.randn(EXPERTS, 2 * INTERMEDIATE, HIDDEN, generator=generator) / HIDDEN**0.5).to(DTYPE)
-    w_down = (torch.randn(EXPERTS, HIDDEN, INTERMEDIATE, generator=generator) / INTERMEDIATE**0.5).to(DTYPE)
+    ref_weights, ref_ids = route_reference(logits.cpu(), TOP_K, renormalize=True)
+    gate_up_proj, down_proj = experts.gate_up_proj.cpu(), experts.down_proj.cpu()
+    ref_out = experts_forward_reference(hidden.cpu(), ref_ids, ref_weights, gate_up_proj, down_proj)
+    ids_equal = torch.equal(ids.cpu(), ref_ids)
 
-    # Routing: softmax top-k, probabilities renormalised over the chosen experts.
-    router_probs, experts = torch.softmax(x.float() @ w_router, dim=-1).topk(TOP_K, dim=-1)
-    router_probs = router_probs / router_probs.sum(dim=-1, keepdim=True)
-    # Sort the (token, expert) pairs by expert: the grouped GEMMs need each expert's rows contiguous.
-    order = experts.flatten().argsort(stable=True)
-    token_of_row = order // TOP_K
-    m_sizes = torch.bincount(experts.flatten(), minlength=EXPERTS)
-
-    x_sorted = x[token_of_row]
-    # The first call of a custom op imports torch._dynamo (about a second): keep it out of the timings.
-    grouped_forward(x_sorted, w_up, m_sizes)
-    gate_up, up_ms = timed(grouped_forward, x_sorted, w_up, m_sizes)
-    hidden = swiglu(gate_up)
-    down, down_ms = timed(grouped_forward, hidden, w_down, m_sizes)
-    weighted = down.float() * router_probs.flatten()[order, None]
-    layer = torch.zeros(TOKENS, HIDDEN).index_add_(0, token_of_row, weighted).to(DTYPE)
-    rows = [
-        ("up", gate_up, grouped_mm_reference(x_sorted, w_up, m_sizes), up_ms),
-        ("down", down, grouped_mm_reference(hidden, w_down, m_sizes), down_ms),
-        ("layer", layer, moe_layer_per_token(x, router_probs, experts, w_up, w_down), None),
-    ]
-
+    if device.type == "cuda":
+        where = f"{device}, CUDA kernels"
+    else:
+        where = f"cpu, PyTorch path ({kernels_unavailable_reason()})"
     print(
-        f"moe_gemm demo, pure-PyTorch CPU path: qwen3-30b-a3b scaled down to {TOKENS} tokens, top-{TOP_K} of "
+        f"moe_gemm demo on {where}: qwen3-30b-a3b's expert layer scaled down to {TOKENS} tokens, top-{TOP_K} of "
         f"{EXPERTS} experts, hidden {HIDDEN}, intermediate {INTERMEDIATE}, {str(DTYPE).removeprefix('torch.')}"
     )
-    print(f"{'step':<6} {'rows':>5} {'cols':>5} {'experts hit':>11} {'rel. error vs float64':>21} {'ms':>7}  check")
+    print(f"{'step':<16} {'output':>10} {'rel. error':>11} {'ms':>8}  check")
+    rows = [
+        ("MoE", out, ref_out, layer_ms, True),
+        ("route", weights, ref_weights, route_ms, ids_equal),
+        ("experts_forward", experts_out, ref_out, experts_ms, True),
+    ]
     failed = False
-    hit = int((m_sizes > 0).sum())
-    for name, out, ref, ms in rows:
-        error = rel_error(out, ref)
-        ok = bool(torch.isfinite(out).all()) and error <= MAX_REL_ERROR
+    for step, result, ref, ms, extra_check in rows:
+        error = relative_error(result, ref)
+        ok = extra_check and bool(torch.isfinite(result).all()) and error <= MAX_REL_ERROR
         failed |= not ok
-        ms_cell = "-" if ms is None else f"{ms:.2f}"
-        print(
-            f"{name:<6} {out.shape[0]:>5} {out.shape[1]:>5} {hit:>11} {error:>21.2e} {ms_cell:>7}  "
-            f"{'ok' if ok else 'FAIL'}"
-        )
-    print(f"CUDA path not available: {reason}")
+        shape = "[" + ", ".join(map(str, result.shape)) + "]"
+        print(f"{step:<16} {shape:>10} {error:>11.2e} {ms:>8.2f}  {'ok' if ok else 'FAIL'}")
+    print("Columns:\n" + COLUMNS)
     return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    reason = bench.cuda_path_unavailable_reason()
-    if reason is None:
-        return bench.main(argv)
-    return run_cpu_demo(reason)
+    parser = argparse.ArgumentParser(prog="python -m moe_gemm.demo", description=__doc__.split("\n\n")[0])
+    parser.parse_args(argv)
+    return run(torch.device("cuda") if kernels_available() else torch.device("cpu"))
 
 
 if __name__ == "__main__":

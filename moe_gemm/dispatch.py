@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_gemm import _layer_kernels
+from moe_gemm import _ops
 
 
 @dataclass
@@ -96,17 +96,23 @@ def cached_arange(length: int, device: torch.device) -> torch.Tensor:
     return values
 
 
+def valid_pairs(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[T, top_k]`` bool: whether each pair's expert id lies in ``[0, num_experts)``."""
+    return (ids >= 0) & (ids < num_experts)
+
+
 def sort_pairs(
     ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair)`` of ``DispatchInfo`` for ``ids [T, k]``.
 
-    On CUDA, where the extension is built, one counting-sort kernel computes the same layout (``_layer_kernels``).
+    Where ``_ops.dispatch_kernel_applies`` (CUDA, the extension usable), one counting-sort kernel computes the same
+    layout.
     """
     ids = ids.to(torch.int64)
-    valid_pair = (ids >= 0) & (ids < num_experts)
-    if _layer_kernels.dispatch_kernel_applies(ids, num_experts):
-        m_sizes, expert_of_row, pair_of_row, _, row_of_pair = _layer_kernels.dispatch_pairs(ids, num_experts)
+    valid_pair = valid_pairs(ids, num_experts)
+    if _ops.dispatch_kernel_applies(ids, num_experts):
+        m_sizes, expert_of_row, pair_of_row, _, row_of_pair = _ops.dispatch_kernel(ids, num_experts)
         return m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair
     expert_of_pair = torch.where(valid_pair, ids, num_experts).reshape(-1)
     # Stable: within an expert, pairs keep their (token, slot) order, so the layout is a function of ids alone.
@@ -158,8 +164,53 @@ def combine(y_sorted: torch.Tensor, info: DispatchInfo, weights: torch.Tensor) -
             f"need y_sorted [{num_tokens * top_k}, N] and weights [{num_tokens}, {top_k}], "
             f"got {tuple(y_sorted.shape)} and {tuple(weights.shape)}"
         )
-    acc_dtype = torch.float64 if torch.float64 in (y_sorted.dtype, weights.dtype) else torch.float32
+    return combine_pairs(y_sorted, info.row_of_pair, info.valid_pair, weights)
+
+
+def _accumulation_dtype(y_sorted: torch.Tensor, weights: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (y_sorted.dtype, weights.dtype) else torch.float32
+
+
+def _gather_pairs(y_sorted: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``y_pairs [T, k, N]``: each pair's row, in the accumulation dtype."""
+    num_tokens, top_k = weights.shape
+    y_pairs = y_sorted.index_select(0, row_of_pair).view(num_tokens, top_k, -1)
+    return y_pairs.to(_accumulation_dtype(y_sorted, weights))
+
+
+def combine_pairs(
+    y_sorted: torch.Tensor, row_of_pair: torch.Tensor, valid_pair: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The one formula of ``combine``, on ``DispatchInfo``'s fields: ``out[t] = sum_j where(valid_pair[t, j],
+    weights[t, j] * y_sorted[row_of_pair[t * k + j]], 0)``, accumulated in float32 (float64 for float64 inputs),
+    ``[T, N]`` in the dtype of ``y_sorted``. ``_ops.combine_kernel`` computes the same in one CUDA kernel, summing
+    each token's slots in slot order, which PyTorch's reduction may not (a last-bit difference at most)."""
+    acc_weights = weights.to(_accumulation_dtype(y_sorted, weights))[..., None]
     # A gather and a sum over top_k rather than index_add_: no atomics, so the result is bitwise reproducible.
-    y_pairs = y_sorted.index_select(0, info.row_of_pair).view(num_tokens, top_k, -1).to(acc_dtype)
-    weighted = torch.where(info.valid_pair[..., None], y_pairs * weights.to(acc_dtype)[..., None], 0)
+    weighted = torch.where(valid_pair[..., None], _gather_pairs(y_sorted, row_of_pair, weights) * acc_weights, 0)
     return weighted.sum(dim=1).to(y_sorted.dtype)
+
+
+def combine_pairs_backward(
+    grad_out: torch.Tensor,
+    y_sorted: torch.Tensor,
+    row_of_pair: torch.Tensor,
+    pair_of_row: torch.Tensor,
+    valid_pair: torch.Tensor,
+    weights: torch.Tensor,
+    needs_grad_y: bool,
+    needs_grad_weights: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(grad_y_sorted, grad_weights)`` of ``combine_pairs``, None where not needed: autograd's formulas for its ops,
+    so the results are the bits autograd computes. The gradient of the gather by ``row_of_pair`` is the gather by
+    its inverse permutation ``pair_of_row`` (no atomics)."""
+    acc_dtype = _accumulation_dtype(y_sorted, weights)
+    grad_products = torch.where(valid_pair[..., None], grad_out.to(acc_dtype).unsqueeze(1), 0)
+    grad_y_sorted = grad_weights = None
+    if needs_grad_weights:
+        y_pairs = _gather_pairs(y_sorted, row_of_pair, weights)
+        grad_weights = (grad_products * y_pairs).sum(dim=2, keepdim=True).squeeze(-1).to(weights.dtype)
+    if needs_grad_y:
+        grad_pairs = (grad_products * weights.to(acc_dtype)[..., None]).to(y_sorted.dtype)
+        grad_y_sorted = grad_pairs.view(-1, grad_pairs.shape[-1]).index_select(0, pair_of_row)
+    return grad_y_sorted, grad_weights

@@ -3,31 +3,32 @@
 ``experts_forward`` = ``dispatch`` -> gate/up grouped GEMM (+ bias) -> gated activation -> down grouped GEMM (+ bias)
 -> ``combine``, differentiable in the hidden states, the routing weights, the expert weights and the biases. Under
 torch.compile (and for callable activations) it is that composition of torch ops and ``grouped_forward``; in eager
-mode with a named activation it runs as one autograd node, ``_FusedExperts``, whose backward writes out the same
+mode with a named activation it runs as one autograd node, ``_ExpertsFunction``, whose backward writes out the same
 ops' gradients (identical results, far less host time at decode sizes). Routing, dispatch and combine never sync
-with the host; ``grouped_forward`` does not either where its CUDA kernels are built.
+with the host; ``grouped_forward`` does not either where its CUDA kernels are usable.
 """
 
 import math
-import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_gemm import _layer_kernels, _ops, _validation
-from moe_gemm._ops import call_below_autograd, grouped_mm_backward
+from moe_gemm import _ops
 from moe_gemm.dispatch import (
     DispatchInfo,
-    check_dispatch_arguments,
     combine,
+    combine_pairs,
+    combine_pairs_backward,
     dispatch,
     gather_tokens,
     sort_pairs,
     sum_token_rows,
+    valid_pairs,
 )
-from moe_gemm.functional import grouped_forward
+from moe_gemm.functional import _expert_gemm, _expert_gemm_backward, grouped_forward
 from moe_gemm.routing import route
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -37,15 +38,41 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def _check_activation_name(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {act!r}")
+
+
+def _split_gate_up(gate_up: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
+
+
 def gated_activation(gate_up: torch.Tensor, act: str = "silu", concatenated: bool = True) -> torch.Tensor:
     """``act(gate) * up`` of ``[rows, 2I]``, returning ``[rows, I]``.
 
     ``concatenated``: the columns are ``[gate; up]`` halves; otherwise interleaved ``gate0, up0, gate1, up1, ...``.
     """
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {act!r}")
-    gate, up = gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
+    _check_activation_name(act)
+    gate, up = _split_gate_up(gate_up, concatenated)
     return ACTIVATIONS[act](gate) * up
+
+
+def _gated_activation_backward(
+    grad_activated: torch.Tensor, gate_up: torch.Tensor, act: str, concatenated: bool
+) -> torch.Tensor:
+    """The gradient of ``gated_activation`` in ``gate_up``, with autograd's formulas (the same bits)."""
+    gate, up = _split_gate_up(gate_up, concatenated)
+    activated_gate = ACTIVATIONS[act](gate)  # recomputed: one elementwise op, not a saved [rows, I] tensor
+    grad_activated_gate = grad_activated * up
+    grad_up = grad_activated * activated_gate
+    if act == "silu":
+        grad_gate = torch.ops.aten.silu_backward(grad_activated_gate, gate)
+    else:
+        approximate = "tanh" if act == "gelu_tanh" else "none"
+        grad_gate = torch.ops.aten.gelu_backward(grad_activated_gate, gate, approximate=approximate)
+    if concatenated:
+        return torch.cat([grad_gate, grad_up], dim=-1)
+    return torch.stack([grad_gate, grad_up], dim=-1).view(grad_gate.shape[0], -1)
 
 
 def _grouped_linear(
@@ -81,47 +108,194 @@ def experts_forward(
         hidden: ``[T, H]``.
         top_k_index: ``[T, k]`` integer expert ids; ids outside ``[0, E)`` (expert-parallel sentinels) contribute
             nothing.
-        top_k_weights: ``[T, k]`` routing weights.
-        gate_up_proj: ``[E, 2I, H]``, or ``[E, H, 2I]`` when ``weight_transposed``.
-        down_proj: ``[E, H, I]``, or ``[E, I, H]`` when ``weight_transposed``.
+        top_k_weights: ``[T, k]`` routing weights, any float dtype.
+        gate_up_proj: ``[E, 2I, H]``, or ``[E, H, 2I]`` when ``weight_transposed``; the dtype of ``hidden``.
+        down_proj: ``[E, H, I]``, or ``[E, I, H]`` when ``weight_transposed``; the dtype of ``hidden``.
         act: ``"silu"`` (SwiGLU), ``"gelu"`` (GeGLU, exact erf GELU) or ``"gelu_tanh"`` (GeGLU, tanh approximation),
             computed in the hidden dtype; or a callable mapping the ``[rows, 2I]`` gate/up output to the ``[rows, I]``
-            input of the down projection (then ``concatenated`` is not used).
+            input of the down projection (then ``concatenated`` is not used, and ``gate_up_proj``'s ``2I`` may be
+            any width).
         concatenated: ``[gate; up]`` halves along ``2I`` when True, interleaved columns ``gate0, up0, ...`` when False.
-        gate_up_bias, down_bias: optional ``[E, 2I]`` and ``[E, H]``.
+        gate_up_bias, down_bias: optional ``[E, 2I]`` and ``[E, H]``, the dtype of ``hidden``.
 
     Returns:
         ``[T, H]`` in the dtype of ``hidden``; the sum over ``k`` runs in float32 in a fixed order (deterministic).
+
+    Raises:
+        TypeError, ValueError: naming the argument, for types, dtypes, devices and shapes that do not fit together.
     """
-    if top_k_weights.shape != top_k_index.shape:
-        raise ValueError(f"top_k_weights {tuple(top_k_weights.shape)} != top_k_index {tuple(top_k_index.shape)}")
-    if isinstance(act, str) and _fused_path_applies(hidden, gate_up_proj, down_proj, gate_up_bias, down_bias):
-        if act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {act!r}")
-        check_dispatch_arguments(hidden, top_k_index)
+    named_act = isinstance(act, str)
+    if named_act:
+        _check_activation_name(act)
+    _check_experts_arguments(
+        hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed,
+        named_act,
+    )  # fmt: skip
+    if named_act and not torch.compiler.is_compiling():
+        # One autograd node in eager mode; torch.compile traces the composition below, which it fuses itself.
         arguments = (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, top_k_index)
         options = (act, concatenated, weight_transposed)
-        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in arguments)
-        if wants_grad:
-            return _FusedExperts.apply(*arguments, options)
-        return _FusedExperts.run(None, *arguments, options)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in arguments):
+            return _ExpertsFunction.apply(*arguments, options)
+        return _ExpertsFunction.run(None, *arguments, options)
     info = dispatch(hidden, top_k_index, gate_up_proj.shape[0])
     gate_up = _grouped_linear(info.x_sorted, gate_up_proj, gate_up_bias, info, weight_transposed)
-    activated = act(gate_up) if callable(act) else gated_activation(gate_up, act, concatenated)
+    activated = gated_activation(gate_up, act, concatenated) if named_act else act(gate_up)
+    if not named_act:
+        _check_activation_output(activated, down_proj, weight_transposed)
     y_sorted = _grouped_linear(activated, down_proj, down_bias, info, weight_transposed)
     return combine(y_sorted, info, top_k_weights)
 
 
-def _fused_path_applies(hidden, gate_up_proj, down_proj, gate_up_bias, down_bias) -> bool:
-    """Whether ``experts_forward`` runs as ``_FusedExperts``: in eager mode (torch.compile traces the composition of
-    ops, which it fuses itself), for tensor biases of the hidden dtype (others promote the GEMM outputs). Arguments
-    of the wrong type take the composed path, whose checks name them."""
+_FLOAT_DTYPES = frozenset((torch.float64, torch.float32, torch.bfloat16, torch.float16))
+_INDEX_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
+
+
+def _arguments_fit(
+    hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed, named_act
+) -> bool:
+    """Whether ``_explain_arguments`` would pass, in as little host time as possible (eager decode calls are
+    host-bound); False may also mean an unusual but valid argument, which ``_explain_arguments`` then accepts."""
+    try:
+        device, dtype = hidden.device, hidden.dtype
+        num_tokens, hidden_size = hidden.shape
+        index_shape = top_k_index.shape
+        num_experts, gate_up_n, gate_up_k = gate_up_proj.shape
+        down_experts, down_n, down_k = down_proj.shape
+    except (AttributeError, TypeError, ValueError):
+        return False
+    if weight_transposed:
+        gate_up_n, gate_up_k, down_n, down_k = gate_up_k, gate_up_n, down_k, down_n
     return (
-        not torch.compiler.is_compiling()
-        and all(isinstance(t, torch.Tensor) for t in (hidden, gate_up_proj, down_proj))
-        and (gate_up_bias is None or (isinstance(gate_up_bias, torch.Tensor) and gate_up_bias.dtype == hidden.dtype))
-        and (down_bias is None or (isinstance(down_bias, torch.Tensor) and down_bias.dtype == hidden.dtype))
+        dtype in _FLOAT_DTYPES
+        and top_k_index.dtype in _INDEX_DTYPES
+        and top_k_weights.dtype in _FLOAT_DTYPES
+        and gate_up_proj.dtype == dtype
+        and down_proj.dtype == dtype
+        and len(index_shape) == 2
+        and index_shape[0] == num_tokens
+        and top_k_weights.shape == index_shape
+        and gate_up_k == hidden_size
+        and down_experts == num_experts
+        and down_n == hidden_size
+        and (not named_act or gate_up_n == 2 * down_k)
+        and top_k_index.device == device
+        and top_k_weights.device == device
+        and gate_up_proj.device == device
+        and down_proj.device == device
+        and (gate_up_bias is None or _bias_fits(gate_up_bias, (num_experts, gate_up_n), dtype, device))
+        and (down_bias is None or _bias_fits(down_bias, (num_experts, hidden_size), dtype, device))
     )
+
+
+def _bias_fits(bias, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> bool:
+    return isinstance(bias, torch.Tensor) and bias.dtype == dtype and bias.shape == shape and bias.device == device
+
+
+def _check_experts_arguments(*arguments) -> None:
+    """What only the layer knows: how its arguments fit together, checked before any GEMM so that errors name the
+    caller's arguments. The GEMMs' own checks (what the kernels need of layouts and alignment) come after these."""
+    if not _arguments_fit(*arguments):
+        _explain_arguments(*arguments)
+
+
+def _explain_arguments(
+    hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed, named_act
+) -> None:
+    """Raise TypeError or ValueError naming the first argument that does not fit, or return when all fit."""
+    tensors = (
+        ("hidden", hidden), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
+        ("gate_up_proj", gate_up_proj), ("down_proj", down_proj), ("gate_up_bias", gate_up_bias),
+        ("down_bias", down_bias),
+    )  # fmt: skip
+    for name, value in tensors:
+        if value is None and name.endswith("_bias"):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        if value.device != hidden.device:
+            raise ValueError(f"{name}: expected a tensor on the device of hidden ({hidden.device}), got {value.device}")
+        if name.endswith(("_proj", "_bias")) and value.dtype != hidden.dtype:
+            raise TypeError(f"{name}: expected the dtype of hidden ({hidden.dtype}), got {value.dtype}")
+
+    if not hidden.dtype.is_floating_point:
+        raise TypeError(f"hidden: expected a floating-point tensor, got {hidden.dtype}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected shape [T, H], got {tuple(hidden.shape)}")
+    num_tokens, hidden_size = hidden.shape
+    if top_k_index.dtype.is_floating_point or top_k_index.dtype.is_complex or top_k_index.dtype == torch.bool:
+        raise TypeError(f"top_k_index: expected an integer tensor of expert ids, got {top_k_index.dtype}")
+    if top_k_index.dim() != 2 or top_k_index.shape[0] != num_tokens:
+        raise ValueError(
+            f"top_k_index: expected shape [T, top_k] with T = {num_tokens} (hidden [T, H]), "
+            f"got {tuple(top_k_index.shape)}"
+        )
+    if not top_k_weights.dtype.is_floating_point:
+        raise TypeError(f"top_k_weights: expected a floating-point tensor, got {top_k_weights.dtype}")
+    if top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"top_k_weights: expected the shape of top_k_index, {tuple(top_k_index.shape)}, "
+            f"got {tuple(top_k_weights.shape)}"
+        )
+    _check_expert_weights(hidden_size, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed, named_act)
+
+
+def _check_expert_weights(
+    hidden_size, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed, named_act
+) -> None:
+    """The shapes of the weights and biases against ``hidden [T, H]`` and each other (see ``experts_forward``)."""
+    # Weights are [E, N, K], read as x @ W[e].T, or [E, K, N] when weight_transposed.
+    n_dim, k_dim = (2, 1) if weight_transposed else (1, 2)
+    flag = f"(weight_transposed={weight_transposed})"
+    if gate_up_proj.dim() != 3 or gate_up_proj.shape[k_dim] != hidden_size:
+        hint = ""
+        if down_proj.dim() == 3 and down_proj.shape[k_dim] == hidden_size:
+            hint = "; are gate_up_proj and down_proj swapped?"
+        elif gate_up_proj.dim() == 3 and gate_up_proj.shape[n_dim] == hidden_size:
+            hint = f"; for weights stored the other way round pass weight_transposed={not weight_transposed}"
+        layout = "[E, H, 2I]" if weight_transposed else "[E, 2I, H]"
+        raise ValueError(
+            f"gate_up_proj: expected shape {layout} {flag} with H = {hidden_size} (hidden [T, H]), "
+            f"got {tuple(gate_up_proj.shape)}{hint}"
+        )
+    num_experts, gate_up_width = gate_up_proj.shape[0], gate_up_proj.shape[n_dim]
+    if named_act and gate_up_width % 2:
+        raise ValueError(
+            f"gate_up_proj: expected an even 2I (gate and up halves), got shape {tuple(gate_up_proj.shape)} {flag}"
+        )
+    # A callable activation may map 2I to any width: then only the down projection's E and H are known.
+    if named_act:
+        intermediate = gate_up_width // 2
+    else:
+        intermediate = down_proj.shape[k_dim] if down_proj.dim() == 3 else None
+    expected = [num_experts, intermediate, intermediate]
+    expected[n_dim] = hidden_size
+    if down_proj.shape != tuple(expected):
+        sizes = f"E = {num_experts} (gate_up_proj), H = {hidden_size} (hidden)"
+        if named_act:
+            sizes += f", I = {intermediate} (half of gate_up_proj's 2I)"
+        layout = "[E, I, H]" if weight_transposed else "[E, H, I]"
+        raise ValueError(f"down_proj: expected shape {layout} {flag} with {sizes}, got {tuple(down_proj.shape)}")
+    for name, bias, layout, expected in (
+        ("gate_up_bias", gate_up_bias, "[E, 2I] (as gate_up_proj)", (num_experts, gate_up_width)),
+        ("down_bias", down_bias, "[E, H] (as down_proj)", (num_experts, hidden_size)),
+    ):
+        if bias is not None and bias.shape != expected:
+            raise ValueError(f"{name}: expected shape {layout}, {expected}, got {tuple(bias.shape)}")
+
+
+def _check_activation_output(activated, down_proj: torch.Tensor, weight_transposed: bool) -> None:
+    """The width a callable activation returns is the down projection's ``I``: check it so that the error names
+    ``down_proj`` rather than the GEMM's operands."""
+    if not isinstance(activated, torch.Tensor):
+        raise TypeError(f"act: expected the callable to return a torch.Tensor, got {type(activated).__name__}")
+    intermediate = down_proj.shape[1 if weight_transposed else 2]
+    if activated.dim() != 2 or activated.shape[1] != intermediate:
+        layout = "[E, I, H]" if weight_transposed else "[E, H, I]"
+        raise ValueError(
+            f"down_proj: expected shape {layout} (weight_transposed={weight_transposed}) with I = the width act "
+            f"returns, got I = {intermediate} in {tuple(down_proj.shape)} and act's output {tuple(activated.shape)}"
+        )
 
 
 def _bias_grad(bias: torch.Tensor, expert_of_row: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
@@ -130,44 +304,42 @@ def _bias_grad(bias: torch.Tensor, expert_of_row: torch.Tensor, grad_rows: torch
     return torch.zeros_like(bias).index_put_((expert_of_row,), grad_rows, accumulate=True)
 
 
-def _valid_pairs(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return (ids >= 0) & (ids < num_experts)
+class _Saved(NamedTuple):
+    """What ``_ExpertsFunction.backward`` reads, in the order of ``ctx.saved_tensors``."""
+
+    x_sorted: torch.Tensor
+    gate_up_read: torch.Tensor  # gate_up_proj as the GEMM read it (its transposed view when flipped)
+    gate_up: torch.Tensor
+    activated: torch.Tensor
+    down_read: torch.Tensor
+    m_sizes: torch.Tensor
+    bias_row: torch.Tensor | None
+    pair_of_row: torch.Tensor
+    row_of_pair: torch.Tensor
+    ids: torch.Tensor
+    y_sorted: torch.Tensor
+    top_k_weights: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_bias: torch.Tensor | None
 
 
-def _weighted_pair_operands(
-    y_sorted: torch.Tensor, row_of_pair: torch.Tensor, top_k_weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``combine``'s operands in its accumulation dtype: ``y_pairs [T, k, H]`` and ``weights [T, k, 1]``."""
-    num_tokens, top_k = top_k_weights.shape
-    acc_dtype = torch.float64 if torch.float64 in (y_sorted.dtype, top_k_weights.dtype) else torch.float32
-    y_pairs = y_sorted.index_select(0, row_of_pair).view(num_tokens, top_k, -1).to(acc_dtype)
-    return y_pairs, top_k_weights.to(acc_dtype)[..., None]
-
-
-def _combine_pairs(
-    y_sorted: torch.Tensor, row_of_pair: torch.Tensor, valid_pair: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """``combine``, as ``dispatch.combine`` computes it."""
-    y_pairs, weights = _weighted_pair_operands(y_sorted, row_of_pair, top_k_weights)
-    return torch.where(valid_pair[..., None], y_pairs * weights, 0).sum(dim=1).to(y_sorted.dtype)
-
-
-class _FusedExperts(torch.autograd.Function):
+class _ExpertsFunction(torch.autograd.Function):
     """``experts_forward`` for a named activation as one autograd node, computing what the composition of
     ``dispatch``, ``grouped_forward``, the activation and ``combine`` computes, op for op, in the forward and the
-    backward (the backward spells out autograd's formulas for each step), so results are the same bits. On CUDA,
-    where the extension is built, dispatch, the activation and combine are one kernel each (``_layer_kernels``):
-    the same rows and the same roundings, except that combine sums each token's slots in order, which PyTorch's
+    backward (the backward spells out autograd's formulas for each step), so results are the same bits. Where the
+    ``_ops`` kernels apply (CUDA, the extension usable), dispatch, the activation and combine are one kernel each: the
+    same rows and the same roundings, except that combine sums each token's slots in order, which PyTorch's
     reduction may not (a last-bit difference at most).
 
     Why: at decode sizes the layer's cost is host time, and autograd's per-op bookkeeping (about 25 nodes, each a
-    few microseconds forward and backward) was most of it; the kernels then replace about twenty ops by three. ``forward`` takes ``ctx`` rather than a
-    ``setup_context``, whose ``apply`` binds arguments through ``inspect.signature`` at every call.
+    few microseconds forward and backward) was most of it; the kernels then replace about twenty ops by three.
+    ``forward`` takes ``ctx`` rather than a ``setup_context``, whose ``apply`` binds arguments through
+    ``inspect.signature`` at every call.
     """
 
     @staticmethod
     def forward(ctx, hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options):
-        return _FusedExperts.run(
+        return _ExpertsFunction.run(
             ctx, hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options
         )
 
@@ -177,179 +349,166 @@ class _FusedExperts(torch.autograd.Function):
         act, concatenated, weight_transposed = options
         top_k = ids.shape[1]
         num_experts = gate_up_proj.shape[0]
-        if _layer_kernels.dispatch_kernel_applies(ids, num_experts):
+        if _ops.dispatch_kernel_applies(ids, num_experts):
             # One launch for the sort, and the token of each row comes with it.
-            m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair = _layer_kernels.dispatch_pairs(
-                ids, num_experts
-            )
+            m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair = _ops.dispatch_kernel(ids, num_experts)
             x_sorted = hidden.index_select(0, token_of_row)
         else:
             m_sizes, expert_of_row, pair_of_row, row_of_pair, _ = sort_pairs(ids, num_experts)
             x_sorted = gather_tokens(hidden, pair_of_row, top_k)
-        cuda_kernel = hidden.is_cuda and _ops.cuda_available()
-        gate_up_weight, gate_up_flag = _validation.validate(
-            x_sorted, gate_up_proj, m_sizes, weight_transposed, cuda_kernel=cuda_kernel
+        gate_up, gate_up_read, gate_up_flag = _expert_gemm(
+            x_sorted, gate_up_proj, m_sizes, weight_transposed, x_name="hidden", weight_name="gate_up_proj"
         )
-        if os.environ.get("MOE_GEMM_CHECK") == "1":
-            _validation.check_sizes_on_host(m_sizes, x_sorted.shape[0])
-        grouped_mm = torch.ops.moe_gemm.grouped_mm.default
-        gate_up = call_below_autograd(grouped_mm, x_sorted, gate_up_weight, m_sizes, gate_up_flag)
         # Dropped rows (expert E) borrow the last expert's bias: combine ignores them and gives them zero gradient.
         bias_row = None
         if gate_up_bias is not None or down_bias is not None:
             bias_row = expert_of_row.clamp_max(num_experts - 1)
         if gate_up_bias is not None:
             gate_up = gate_up + gate_up_bias[bias_row]
-        if _layer_kernels.activation_kernel_applies(gate_up, act):
-            activated = _layer_kernels.gated_activation(gate_up, act, concatenated)
+        if _ops.gated_activation_kernel_applies(gate_up, act):
+            activated = _ops.gated_activation_kernel(gate_up, act, concatenated)
         else:
             activated = gated_activation(gate_up, act, concatenated)
-        down_weight, down_flag = _validation.validate(
-            activated, down_proj, m_sizes, weight_transposed, cuda_kernel=cuda_kernel
+        y_sorted, down_read, down_flag = _expert_gemm(
+            activated, down_proj, m_sizes, weight_transposed, x_name="the gated activation", weight_name="down_proj"
         )
-        y_sorted = call_below_autograd(grouped_mm, activated, down_weight, m_sizes, down_flag)
         if down_bias is not None:
             y_sorted = y_sorted + down_bias[bias_row]
-        if _layer_kernels.combine_kernel_applies(y_sorted, top_k_weights, ids):
-            out = _layer_kernels.combine(y_sorted, row_of_pair, top_k_weights, ids, num_experts)
+        if _ops.combine_kernel_applies(y_sorted, top_k_weights, ids):
+            out = _ops.combine_kernel(y_sorted, row_of_pair, top_k_weights, ids, num_experts)
         else:
-            out = _combine_pairs(y_sorted, row_of_pair, _valid_pairs(ids, num_experts), top_k_weights)
+            out = combine_pairs(y_sorted, row_of_pair, valid_pairs(ids, num_experts), top_k_weights)
         if ctx is not None:
-            ctx.save_for_backward(
-                x_sorted,
-                gate_up_weight,
-                gate_up,
-                activated,
-                down_weight,
-                m_sizes,
-                bias_row,
-                pair_of_row,
-                row_of_pair,
-                ids,
-                y_sorted,
-                top_k_weights,
-                gate_up_bias,
-                down_bias,
-            )
+            saved = _Saved(
+                x_sorted, gate_up_read, gate_up, activated, down_read, m_sizes, bias_row, pair_of_row, row_of_pair,
+                ids, y_sorted, top_k_weights, gate_up_bias, down_bias,
+            )  # fmt: skip
+            ctx.save_for_backward(*saved)
             ctx.options = (act, concatenated, gate_up_flag, down_flag, num_experts)
             # A weight read through its transposed view gets its gradient transposed back.
-            ctx.weights_viewed = (gate_up_weight is not gate_up_proj, down_weight is not down_proj)
+            ctx.weights_viewed = (gate_up_read is not gate_up_proj, down_read is not down_proj)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (
-            x_sorted,
-            gate_up_weight,
-            gate_up,
-            activated,
-            down_weight,
-            m_sizes,
-            bias_row,
-            pair_of_row,
-            row_of_pair,
-            ids,
-            y_sorted,
-            top_k_weights,
-            gate_up_bias,
-            down_bias,
-        ) = ctx.saved_tensors
+        saved = _Saved(*ctx.saved_tensors)
         act, concatenated, gate_up_flag, down_flag, num_experts = ctx.options
+        # The inputs: hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options.
         needs = ctx.needs_input_grad
-        grad_hidden = grad_weights = grad_gate_up_proj = grad_down_proj = grad_gate_up_bias = grad_down_bias = None
+        grads = [None] * 8
 
-        # combine: out = sum_j where(valid, y_pairs * w, 0).to(dtype)
-        valid_pair = _valid_pairs(ids, num_experts)
-        y_pairs, weights = _weighted_pair_operands(y_sorted, row_of_pair, top_k_weights)
-        grad_products = torch.where(valid_pair[..., None], grad_out.to(y_pairs.dtype).unsqueeze(1), 0)
-        if needs[1]:
-            grad_weights = (grad_products * y_pairs).sum(dim=2, keepdim=True).squeeze(-1).to(top_k_weights.dtype)
-        needs_below_combine = any(needs[0:1] + needs[2:6])
-        if not needs_below_combine:
-            return grad_hidden, grad_weights, None, None, None, None, None, None
-        grad_pairs = (grad_products * weights).to(y_sorted.dtype)
-        grad_y_sorted = grad_pairs.view(-1, grad_pairs.shape[-1]).index_select(0, pair_of_row)
+        valid_pair = valid_pairs(saved.ids, num_experts)
+        grad_y_sorted, grads[1] = combine_pairs_backward(
+            grad_out, saved.y_sorted, saved.row_of_pair, saved.pair_of_row, valid_pair, saved.top_k_weights,
+            needs_grad_y=any(needs[0:1] + needs[2:6]), needs_grad_weights=needs[1],
+        )  # fmt: skip
+        if grad_y_sorted is None:
+            return tuple(grads)
 
         if needs[5]:
-            grad_down_bias = _bias_grad(down_bias, bias_row, grad_y_sorted)
-        grad_activated, grad_down_proj = grouped_mm_backward(
-            grad_y_sorted,
-            activated,
-            down_weight,
-            m_sizes,
-            down_flag,
-            any(needs[0:1] + needs[2:3] + needs[4:5]),
-            needs[3],
+            grads[5] = _bias_grad(saved.down_bias, saved.bias_row, grad_y_sorted)
+        needs_grad_activated = needs[0] or needs[2] or needs[4]
+        grad_activated, grads[3] = _expert_gemm_backward(
+            grad_y_sorted, saved.activated, saved.down_read, saved.m_sizes, down_flag, needs_grad_activated, needs[3]
         )
-        if grad_down_proj is not None and ctx.weights_viewed[1]:
-            grad_down_proj = grad_down_proj.transpose(-1, -2)
+        if grads[3] is not None and ctx.weights_viewed[1]:
+            grads[3] = grads[3].transpose(-1, -2)
         if grad_activated is None:
-            return (grad_hidden, grad_weights, None, grad_down_proj, None, grad_down_bias, None, None)
+            return tuple(grads)
 
-        # activated = act(gate) * up
-        gate, up = gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
-        activated_gate = ACTIVATIONS[act](gate)  # recomputed: one elementwise op, not a saved [rows, I] tensor
-        grad_activated_gate = grad_activated * up
-        grad_up = grad_activated * activated_gate
-        if act == "silu":
-            grad_gate = torch.ops.aten.silu_backward(grad_activated_gate, gate)
-        else:
-            approximate = "tanh" if act == "gelu_tanh" else "none"
-            grad_gate = torch.ops.aten.gelu_backward(grad_activated_gate, gate, approximate=approximate)
-        if concatenated:
-            grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)
-        else:
-            grad_gate_up = torch.stack([grad_gate, grad_up], dim=-1).view(grad_gate.shape[0], -1)
-
+        grad_gate_up = _gated_activation_backward(grad_activated, saved.gate_up, act, concatenated)
         if needs[4]:
-            grad_gate_up_bias = _bias_grad(gate_up_bias, bias_row, grad_gate_up)
-        grad_x_sorted, grad_gate_up_proj = grouped_mm_backward(
-            grad_gate_up, x_sorted, gate_up_weight, m_sizes, gate_up_flag, needs[0], needs[2]
+            grads[4] = _bias_grad(saved.gate_up_bias, saved.bias_row, grad_gate_up)
+        grad_x_sorted, grads[2] = _expert_gemm_backward(
+            grad_gate_up, saved.x_sorted, saved.gate_up_read, saved.m_sizes, gate_up_flag, needs[0], needs[2]
         )
-        if grad_gate_up_proj is not None and ctx.weights_viewed[0]:
-            grad_gate_up_proj = grad_gate_up_proj.transpose(-1, -2)
+        if grads[2] is not None and ctx.weights_viewed[0]:
+            grads[2] = grads[2].transpose(-1, -2)
         if grad_x_sorted is not None:
-            grad_hidden = sum_token_rows(grad_x_sorted, row_of_pair, valid_pair.shape[1])
-        return (
-            grad_hidden,
-            grad_weights,
-            grad_gate_up_proj,
-            grad_down_proj,
-            grad_gate_up_bias,
-            grad_down_bias,
-            None,
-            None,
+            grads[0] = sum_token_rows(grad_x_sorted, saved.row_of_pair, valid_pair.shape[1])
+        return tuple(grads)
+
+
+# Names of the (gate, up, down) linear layers of one expert MLP: Llama/Qwen style, then Mixtral's w1, w3, w2.
+EXPERT_LAYER_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
+def _expert_layers(expert: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear] | None:
+    for names in EXPERT_LAYER_NAMES:
+        layers = [getattr(expert, name, None) for name in names]
+        if all(isinstance(layer, nn.Linear) for layer in layers):
+            return tuple(layers)
+    return None
+
+
+def is_expert_list(experts: nn.Module) -> bool:
+    """Whether ``experts`` is a non-empty ``nn.ModuleList`` of gated MLPs of one type, which
+    ``MoEExperts.from_modules`` stacks."""
+    return (
+        isinstance(experts, nn.ModuleList)
+        and len(experts) > 0
+        and len({type(expert) for expert in experts}) == 1
+        and all(_expert_layers(expert) is not None and hasattr(expert, "act_fn") for expert in experts)
+    )
+
+
+def activation_name(act_fn: Callable) -> str | None:
+    """The name in ``ACTIVATIONS`` of an activation module that ``experts_forward`` fuses, else None."""
+    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation":
+        return "silu"
+    if isinstance(act_fn, nn.GELU):
+        return "gelu_tanh" if act_fn.approximate == "tanh" else "gelu"
+    # transformers' GELUActivation wraps F.gelu (exact) in .act; GELUTanh is the tanh approximation.
+    if type(act_fn).__name__ == "GELUActivation" and getattr(act_fn, "act", None) is F.gelu:
+        return "gelu"
+    if type(act_fn).__name__ in ("GELUTanh", "PytorchGELUTanh"):
+        return "gelu_tanh"
+    return None
+
+
+def _check_module_input(module: nn.Module, hidden: torch.Tensor, parameter: torch.Tensor) -> None:
+    """A module's parameters and its input must agree in dtype and device: say so in the module's terms."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
+    name = type(module).__name__
+    if hidden.dtype != parameter.dtype:
+        raise TypeError(
+            f"{name} parameters are {parameter.dtype} but hidden is {hidden.dtype}: convert one of them, e.g. "
+            f"module.to({hidden.dtype}) or hidden.to({parameter.dtype})"
         )
+    if hidden.device != parameter.device:
+        raise ValueError(f"{name} parameters are on {parameter.device} but hidden is on {hidden.device}")
 
 
 class MoEExperts(nn.Module):
     """Expert weights in Hugging Face's names and layouts; ``forward(hidden, top_k_index, top_k_weights)``.
 
     ``gate_up_proj [E, 2I, H]`` (``[gate; up]`` halves), ``down_proj [E, H, I]``, and with ``bias=True``
-    ``gate_up_proj_bias [E, 2I]`` and ``down_proj_bias [E, H]``. Initialised as ``nn.Linear`` per expert.
+    ``gate_up_proj_bias [E, 2I]`` and ``down_proj_bias [E, H]``. Initialised as ``nn.Linear`` per expert. The sizes
+    are keyword-only, as in ``MoE``. ``act`` is a name of ``ACTIVATIONS`` (fused), or an elementwise activation (a
+    callable such as an ``nn.Module``) applied as ``act(gate) * up`` by PyTorch ops. ``from_modules`` stacks an
+    ``nn.ModuleList`` of expert MLPs.
     """
 
     def __init__(
         self,
+        *,
         num_experts: int,
         hidden_size: int,
         intermediate_size: int,
-        *,
-        act: str = "silu",
+        act: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
         bias: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {tuple(ACTIVATIONS)}, got {act!r}")
+        if isinstance(act, str):
+            _check_activation_name(act)
+        elif not callable(act):
+            raise TypeError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {type(act).__name__}")
         factory = {"device": device, "dtype": dtype}
-        self.num_experts, self.hidden_size, self.intermediate_size, self.act = (
-            num_experts,
-            hidden_size,
-            intermediate_size,
-            act,
-        )
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.act = act
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
         if bias:
@@ -360,6 +519,45 @@ class MoEExperts(nn.Module):
             self.register_parameter("down_proj_bias", None)
         self.reset_parameters()
 
+    @classmethod
+    def from_modules(cls, experts: nn.ModuleList) -> "MoEExperts":
+        """The experts of an ``nn.ModuleList`` of gated MLPs, stacked (copies; ``experts`` is left as it is).
+
+        Each expert has ``gate_proj``, ``up_proj`` and ``down_proj`` (or Mixtral's ``w1``, ``w3``, ``w2``), all
+        ``nn.Linear``, and an ``act_fn``; all experts are of one type. Biases (in all three layers or in none) become
+        ``gate_up_proj_bias`` and ``down_proj_bias``. The stacked parameters take the device, dtype and
+        ``requires_grad`` of the experts' layers. An ``act_fn`` that ``experts_forward`` does not fuse is kept and
+        applied as the experts did, ``act_fn(gate) * up``.
+        """
+        if not is_expert_list(experts):
+            raise ValueError("experts must be an nn.ModuleList of gated MLPs (gate/up/down nn.Linear and an act_fn)")
+        layers = [_expert_layers(expert) for expert in experts]
+        gate, _, down = layers[0]
+        has_bias = [layer.bias is not None for layer in layers[0]]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("MoEExperts.from_modules needs biases in all three layers of an expert or in none")
+        act_fn = experts[0].act_fn
+        # Built on the meta device: the parameters are replaced by the stacked weights below.
+        module = cls(
+            num_experts=len(experts),
+            hidden_size=gate.in_features,
+            intermediate_size=gate.out_features,
+            act=activation_name(act_fn) or act_fn,
+            bias=all(has_bias),
+            device="meta",
+            dtype=gate.weight.dtype,
+        )
+        with torch.no_grad():
+            gate_up = torch.stack([torch.cat([g.weight, u.weight]) for g, u, _ in layers])
+            module.gate_up_proj = nn.Parameter(gate_up, requires_grad=gate.weight.requires_grad)
+            module.down_proj = nn.Parameter(torch.stack([d.weight for _, _, d in layers]), down.weight.requires_grad)
+            if all(has_bias):
+                gate_up_bias = torch.stack([torch.cat([g.bias, u.bias]) for g, u, _ in layers])
+                module.gate_up_proj_bias = nn.Parameter(gate_up_bias, requires_grad=gate.bias.requires_grad)
+                down_bias = torch.stack([d.bias for _, _, d in layers])
+                module.down_proj_bias = nn.Parameter(down_bias, requires_grad=down.bias.requires_grad)
+        return module
+
     def reset_parameters(self) -> None:
         """Uniform in ``+-1/sqrt(fan_in)``, weights and biases, as ``nn.Linear``'s default."""
         for weight, bias in ((self.gate_up_proj, self.gate_up_proj_bias), (self.down_proj, self.down_proj_bias)):
@@ -368,22 +566,28 @@ class MoEExperts(nn.Module):
             if bias is not None:
                 nn.init.uniform_(bias, -bound, bound)
 
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        _check_module_input(self, hidden, self.gate_up_proj)
         return experts_forward(
             hidden,
             top_k_index,
             top_k_weights,
             self.gate_up_proj,
             self.down_proj,
-            act=self.act,
+            act=self.act if isinstance(self.act, str) else self._apply_gate,
             gate_up_bias=self.gate_up_proj_bias,
             down_bias=self.down_proj_bias,
         )
 
     def extra_repr(self) -> str:
+        act = repr(self.act) if isinstance(self.act, str) else type(self.act).__name__
         return (
             f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-            f"intermediate_size={self.intermediate_size}, act={self.act!r}, bias={self.down_proj_bias is not None}"
+            f"intermediate_size={self.intermediate_size}, act={act}, bias={self.down_proj_bias is not None}"
         )
 
 
@@ -405,19 +609,21 @@ class GatedMLP(nn.Module):
 class MoE(nn.Module):
     """A whole MoE layer: router ``Linear`` (run in float32) -> ``route`` -> ``MoEExperts`` (+ a shared expert).
 
-    ``forward(hidden [..., H])`` returns the same shape and dtype. ``scoring``, ``renormalize``, ``n_group``,
-    ``topk_group`` and ``routed_scaling_factor`` are passed to ``route``; ``scoring="sigmoid"`` adds the buffer
+    The sizes are keyword-only (``MoE(hidden_size=..., num_experts=..., intermediate_size=..., top_k=...)``), as in
+    ``MoEExperts``. ``forward(hidden [..., H])`` returns the same shape and dtype; ``hidden`` must have the dtype and
+    device of the parameters. ``scoring``, ``renormalize``, ``n_group``, ``topk_group`` and
+    ``routed_scaling_factor`` are passed to ``route``; ``scoring="sigmoid"`` adds the buffer
     ``e_score_correction_bias [E]`` (zeros). ``shared_intermediate_size`` adds ``shared_expert``, a ``GatedMLP``
     applied to every token and added to the routed output.
     """
 
     def __init__(
         self,
+        *,
         hidden_size: int,
         num_experts: int,
         intermediate_size: int,
         top_k: int,
-        *,
         scoring: str = "softmax",
         renormalize: bool = False,
         n_group: int | None = None,
@@ -445,7 +651,14 @@ class MoE(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, device=device))
         else:
             self.e_score_correction_bias = None
-        self.experts = MoEExperts(num_experts, hidden_size, intermediate_size, act=act, bias=expert_bias, **factory)
+        self.experts = MoEExperts(
+            num_experts=num_experts,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            act=act,
+            bias=expert_bias,
+            **factory,
+        )
         self.shared_expert = (
             None
             if shared_intermediate_size is None
@@ -453,7 +666,13 @@ class MoE(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        tokens = hidden.reshape(-1, hidden.shape[-1])
+        _check_module_input(self, hidden, self.experts.gate_up_proj)
+        hidden_size = self.experts.hidden_size
+        if hidden.dim() == 0 or hidden.shape[-1] != hidden_size:
+            raise ValueError(
+                f"hidden: expected shape [..., H] with H = {hidden_size} (MoE hidden_size), got {tuple(hidden.shape)}"
+            )
+        tokens = hidden.reshape(-1, hidden_size)
         router_bias = None if self.router.bias is None else self.router.bias.float()
         logits = F.linear(tokens.float(), self.router.weight.float(), router_bias)
         weights, ids = route(

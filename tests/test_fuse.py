@@ -7,33 +7,31 @@ import torch.nn.functional as F
 from torch import nn
 
 import moe_gemm
-from moe_gemm.fuse import FusedExperts
+from moe_gemm import MoEExperts
 
 
 class LlamaStyleMLP(nn.Module):
+    """A gated MLP with the layer names ``NAMES`` (gate, up, down)."""
+
+    NAMES = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, hidden, intermediate, act_fn, bias=False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        gate, up, down = self.NAMES
+        setattr(self, gate, nn.Linear(hidden, intermediate, bias=bias))
+        setattr(self, up, nn.Linear(hidden, intermediate, bias=bias))
+        setattr(self, down, nn.Linear(intermediate, hidden, bias=bias))
         self.act_fn = act_fn
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = (getattr(self, name) for name in self.NAMES)
+        return down(self.act_fn(gate(x)) * up(x))
 
 
-class MixtralStyleMLP(nn.Module):
+class MixtralStyleMLP(LlamaStyleMLP):
     """Mixtral's names before transformers 5: w1 (gate), w3 (up), w2 (down)."""
 
-    def __init__(self, hidden, intermediate, act_fn, bias=False):
-        super().__init__()
-        self.w1 = nn.Linear(hidden, intermediate, bias=bias)
-        self.w2 = nn.Linear(intermediate, hidden, bias=bias)
-        self.w3 = nn.Linear(hidden, intermediate, bias=bias)
-        self.act_fn = act_fn
-
-    def forward(self, x):
-        return self.w2(self.act_fn(self.w1(x)) * self.w3(x))
+    NAMES = ("w1", "w3", "w2")
 
 
 class LoopMoEBlock(nn.Module):
@@ -82,7 +80,7 @@ BLOCKS = {
 
 
 @pytest.mark.parametrize("options", BLOCKS.values(), ids=BLOCKS.keys())
-def test_fused_model_keeps_outputs_and_gradients(options):
+def test_fused_model_keeps_outputs_and_gradients(options, monkeypatch):
     model = TinyModel(options).double()
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     expected = model(x)
@@ -92,15 +90,12 @@ def test_fused_model_keeps_outputs_and_gradients(options):
 
     assert fused == ["layers.0", "layers.1"]
     for layer in model.layers:
-        assert isinstance(layer.experts, FusedExperts)
+        assert isinstance(layer.experts, MoEExperts)
         assert not any(isinstance(m, nn.Linear) for m in layer.experts.modules()), "the per-expert MLPs are gone"
     calls = []
-    original = moe_gemm.fuse.experts_forward
-    try:
-        moe_gemm.fuse.experts_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
-        out = model(x)
-    finally:
-        moe_gemm.fuse.experts_forward = original
+    original = moe_gemm.layer.experts_forward
+    monkeypatch.setattr(moe_gemm.layer, "experts_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    out = model(x)
     assert len(calls) == 2, "every block runs through experts_forward"
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
     grad = torch.autograd.grad(out.square().sum(), model.norm.weight)[0]
@@ -108,15 +103,33 @@ def test_fused_model_keeps_outputs_and_gradients(options):
     assert expected.abs().max() > 0.1
 
 
-def test_fused_experts_stack_weights_in_hugging_face_layout():
+def test_from_modules_stacks_weights_in_hugging_face_layout():
     block = LoopMoEBlock(16, 8, 3, 2, MixtralStyleMLP, nn.SiLU(), bias=True)
-    experts = FusedExperts(block.experts)
+    experts = MoEExperts.from_modules(block.experts)
     assert experts.act == "silu"
     assert tuple(experts.gate_up_proj.shape) == (3, 16, 16) and tuple(experts.down_proj.shape) == (3, 16, 8)
     mlp = block.experts[1]
     assert torch.equal(experts.gate_up_proj[1], torch.cat([mlp.w1.weight, mlp.w3.weight]))
     assert torch.equal(experts.down_proj[1], mlp.w2.weight)
     assert torch.equal(experts.gate_up_proj_bias[1], torch.cat([mlp.w1.bias, mlp.w3.bias]))
+
+
+def test_from_modules_keeps_dtype_requires_grad_and_an_activation_it_does_not_fuse():
+    block = LoopMoEBlock(16, 8, 3, 2, LlamaStyleMLP, nn.ReLU(), bias=True).double()
+    for mlp in block.experts:
+        mlp.down_proj.requires_grad_(False)
+    experts = MoEExperts.from_modules(block.experts)
+    assert experts.act is block.experts[0].act_fn and "act=ReLU" in repr(experts)
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in experts.parameters())
+    assert experts.gate_up_proj.requires_grad and experts.gate_up_proj_bias.requires_grad
+    assert not experts.down_proj.requires_grad and not experts.down_proj_bias.requires_grad
+
+    hidden, weights = torch.randn(5, 16, dtype=torch.float64), torch.rand(5, 2, dtype=torch.float64)
+    ids = torch.rand(5, 3).argsort(dim=1)[:, :2]
+    expected = torch.stack(
+        [sum(weights[t, j] * block.experts[ids[t, j]](hidden[t]) for j in range(2)) for t in range(5)]
+    )
+    torch.testing.assert_close(experts(hidden, ids, weights), expected)
 
 
 def test_custom_router():
@@ -153,7 +166,7 @@ def test_refuses_models_without_expert_lists_and_blocks_without_a_known_router()
         block(torch.randn(2, 16))
     mixed = nn.ModuleList([LlamaStyleMLP(4, 2, nn.SiLU()), MixtralStyleMLP(4, 2, nn.SiLU())])
     with pytest.raises(ValueError, match="ModuleList"):
-        FusedExperts(mixed)
+        MoEExperts.from_modules(mixed)
 
 
 def test_transformers_modulelist_model():
@@ -176,7 +189,7 @@ def test_transformers_modulelist_model():
     with torch.no_grad():
         expected = model(input_ids).logits
         for layer in model.model.layers:
-            layer.block_sparse_moe.experts = FusedExperts(layer.block_sparse_moe.experts)
+            layer.block_sparse_moe.experts = MoEExperts.from_modules(layer.block_sparse_moe.experts)
             block = layer.block_sparse_moe
             # Mixtral's block returns (hidden, router_logits): keep that contract.
             block.forward = lambda h, block=block: (

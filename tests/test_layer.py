@@ -13,13 +13,11 @@ from moe_gemm.layer import gated_activation
 from moe_gemm.reference import experts_forward_reference, route_reference
 
 
-def random_ids(num_tokens: int, top_k: int, num_experts: int, *, sentinels: bool = False) -> torch.Tensor:
-    """``[T, top_k]`` distinct experts per token; with ``sentinels``, about a quarter replaced by ``-1`` or ``E``."""
+def random_ids(num_tokens: int, top_k: int, num_experts: int, *, sentinels: float = 0.0) -> torch.Tensor:
+    """``[T, top_k]`` distinct experts per token; about a fraction ``sentinels`` of them replaced by ``-1`` or ``E``."""
     ids = torch.rand(num_tokens, num_experts).argsort(dim=1)[:, :top_k]
-    if sentinels:
-        drop = torch.rand(num_tokens, top_k) < 0.25
-        ids = torch.where(drop, torch.where(torch.rand(num_tokens, top_k) < 0.5, -1, num_experts), ids)
-    return ids
+    drop = torch.rand(num_tokens, top_k) < sentinels
+    return torch.where(drop, torch.where(torch.rand(num_tokens, top_k) < 0.5, -1, num_experts), ids)
 
 
 def test_dispatch_groups_rows_by_expert_stably_with_sentinels_last():
@@ -39,7 +37,7 @@ def test_dispatch_groups_rows_by_expert_stably_with_sentinels_last():
 
 def test_combine_sums_weighted_rows_and_ignores_dropped_pairs():
     num_tokens, top_k, num_experts = 6, 3, 4
-    ids = random_ids(num_tokens, top_k, num_experts, sentinels=True)
+    ids = random_ids(num_tokens, top_k, num_experts, sentinels=0.25)
     info = moe_gemm.dispatch(torch.randn(num_tokens, 2), ids, num_experts)
     y_sorted = torch.randn(num_tokens * top_k, 5, dtype=torch.float64)
     y_sorted[info.expert_of_row == num_experts] = float("nan")  # whatever dropped rows hold adds nothing
@@ -63,9 +61,12 @@ def make_experts_problem(
     transposed=False,
     bias=False,
     dtype=torch.float64,
+    sentinels=0.25,
+    device="cpu",
 ):
-    """Random inputs of ``experts_forward``; expert 1 never chosen, a quarter of the ids sentinels."""
-    ids = random_ids(num_tokens, top_k, num_experts - 1, sentinels=True)
+    """Random inputs of ``experts_forward`` (drawn in float32 on the CPU, then moved): expert 1 never chosen, about a
+    fraction ``sentinels`` of the ids -1 or E. Returns ``(inputs, {"weight_transposed": transposed})``."""
+    ids = random_ids(num_tokens, top_k, num_experts - 1, sentinels=sentinels)
     ids = torch.where(ids >= 1, ids + 1, ids)  # skip expert 1, keep -1 and move E - 1 to the sentinel E
     gate_up = torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5
     down = torch.randn(num_experts, hidden, intermediate) / intermediate**0.5
@@ -78,12 +79,14 @@ def make_experts_problem(
         "gate_up_proj": gate_up,
         "down_proj": down,
     }
-    options = {"weight_transposed": transposed}
     if bias:
-        inputs["gate_up_bias"] = torch.randn(num_experts, 2 * intermediate)
-        inputs["down_bias"] = torch.randn(num_experts, hidden)
-    inputs = {name: t if name == "top_k_index" else t.to(dtype) for name, t in inputs.items()}
-    return inputs, options
+        inputs["gate_up_bias"] = torch.randn(num_experts, 2 * intermediate) / 4
+        inputs["down_bias"] = torch.randn(num_experts, hidden) / 4
+    inputs = {
+        name: t.to(device=device) if name == "top_k_index" else t.to(device=device, dtype=dtype)
+        for name, t in inputs.items()
+    }
+    return inputs, {"weight_transposed": transposed}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -196,13 +199,102 @@ def test_fused_experts_forward_computes_only_requested_gradients():
     assert grad_down.shape == inputs["down_proj"].shape and grad_hidden.shape == inputs["hidden"].shape
 
 
-def test_experts_forward_rejects_bad_activation_and_mismatched_routing():
+def test_experts_forward_rejects_an_unknown_activation():
     inputs, options = make_experts_problem()
     with pytest.raises(ValueError, match="act"):
         moe_gemm.experts_forward(**inputs, **options, act="relu")
-    inputs["top_k_weights"] = inputs["top_k_weights"][:, :2]
-    with pytest.raises(ValueError, match="top_k_weights"):
-        moe_gemm.experts_forward(**inputs, **options)
+
+
+def swapped_weights(inputs):
+    inputs["gate_up_proj"], inputs["down_proj"] = inputs["down_proj"], inputs["gate_up_proj"]
+
+
+def _set(name, make):
+    return lambda inputs: inputs.__setitem__(name, make(inputs))
+
+
+# Each case breaks one argument of experts_forward; the error must name that argument, never the GEMM's x or weight.
+BAD_ARGUMENTS = {
+    "gate_up_proj_shape": (
+        _set("gate_up_proj", lambda i: i["gate_up_proj"][:, :, :-1]),
+        ValueError,
+        r"^gate_up_proj: ",
+    ),
+    "swapped_weights": (swapped_weights, ValueError, r"^gate_up_proj: .*swapped"),
+    "other_layout": (
+        _set("gate_up_proj", lambda i: i["gate_up_proj"].transpose(1, 2).contiguous()),
+        ValueError,
+        r"^gate_up_proj: .*weight_transposed=True",
+    ),
+    "down_proj_intermediate": (_set("down_proj", lambda i: i["down_proj"][:, :, :-1]), ValueError, r"^down_proj: "),
+    "down_proj_experts": (_set("down_proj", lambda i: i["down_proj"][:-1]), ValueError, r"^down_proj: .*E = 6"),
+    "gate_up_proj_dtype": (
+        _set("gate_up_proj", lambda i: i["gate_up_proj"].float()),
+        TypeError,
+        r"^gate_up_proj: expected the dtype of hidden \(torch.float64\), got torch.float32",
+    ),
+    "down_proj_dtype": (_set("down_proj", lambda i: i["down_proj"].bfloat16()), TypeError, r"^down_proj: .*dtype"),
+    "hidden_3d": (_set("hidden", lambda i: i["hidden"][None]), ValueError, r"^hidden: "),
+    "top_k_index_float": (_set("top_k_index", lambda i: i["top_k_index"].double()), TypeError, r"^top_k_index: "),
+    "top_k_index_tokens": (_set("top_k_index", lambda i: i["top_k_index"][:-1]), ValueError, r"^top_k_index: "),
+    "top_k_weights_shape": (
+        _set("top_k_weights", lambda i: i["top_k_weights"][:, :2]),
+        ValueError,
+        r"^top_k_weights: ",
+    ),
+    "top_k_weights_int": (_set("top_k_weights", lambda i: i["top_k_index"]), TypeError, r"^top_k_weights: "),
+    "gate_up_bias_shape": (_set("gate_up_bias", lambda i: i["gate_up_bias"][:, :-2]), ValueError, r"^gate_up_bias: "),
+    "down_bias_dtype": (_set("down_bias", lambda i: i["down_bias"].float()), TypeError, r"^down_bias: "),
+    "down_bias_list": (_set("down_bias", lambda i: i["down_bias"].tolist()), TypeError, r"^down_bias: "),
+}
+
+
+@pytest.mark.parametrize("path", ["fused", "composed"])
+@pytest.mark.parametrize("case", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_experts_forward_errors_name_the_callers_arguments(case, path):
+    inputs, options = make_experts_problem(hidden=16, intermediate=4, bias=True)  # H != 2I: a swap shows
+    break_inputs, error, message = case
+    break_inputs(inputs)
+    # A named activation runs as one autograd node; a callable takes the composition of ops: both check first.
+    act = "silu" if path == "fused" else (lambda gate_up: gated_activation(gate_up, "silu"))
+    with pytest.raises(error, match=message):
+        moe_gemm.experts_forward(**inputs, **options, act=act)
+
+
+def fast_check(inputs, transposed):
+    names = ("hidden", "top_k_index", "top_k_weights", "gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+    return moe_gemm.layer._arguments_fit(*[inputs.get(name) for name in names], transposed, True)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["nk", "kn"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_valid_arguments_take_the_fast_check(bias, transposed):
+    # The checks run on every eager call: valid arguments must pass the quick test, not only the one that explains,
+    # and every broken argument must fail it.
+    inputs, _ = make_experts_problem(hidden=16, intermediate=4, bias=bias, transposed=transposed)
+    assert fast_check(inputs, transposed)
+    for break_inputs, _, _ in BAD_ARGUMENTS.values() if bias else ():
+        broken = dict(inputs)
+        break_inputs(broken)
+        assert not fast_check(broken, transposed)
+
+
+def test_modules_take_their_sizes_by_keyword():
+    with pytest.raises(TypeError, match="positional"):
+        moe_gemm.MoEExperts(4, 16, 8)
+    with pytest.raises(TypeError, match="positional"):
+        moe_gemm.MoE(16, 4, 8, 2)
+
+
+def test_module_errors_name_the_modules_dtype_and_size():
+    layer = moe_gemm.MoE(hidden_size=16, num_experts=4, intermediate_size=8, top_k=2)
+    with pytest.raises(TypeError, match=r"^MoE parameters are torch.float32 but hidden is torch.bfloat16"):
+        layer(torch.randn(3, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"^hidden: expected shape \[..., H\] with H = 16"):
+        layer(torch.randn(3, 8))
+    ids, weights = random_ids(3, 2, 4), torch.rand(3, 2)
+    with pytest.raises(TypeError, match=r"^MoEExperts parameters are torch.float32 but hidden is torch.float64"):
+        layer.experts(torch.randn(3, 16, dtype=torch.float64), ids, weights)
 
 
 def experts_weights(experts: moe_gemm.MoEExperts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +302,7 @@ def experts_weights(experts: moe_gemm.MoEExperts) -> tuple[torch.Tensor, torch.T
 
 
 def test_moe_experts_module_uses_hugging_face_names_and_layouts():
-    experts = moe_gemm.MoEExperts(4, 16, 8, bias=True, dtype=torch.float64)
+    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=16, intermediate_size=8, bias=True, dtype=torch.float64)
     shapes = {name: tuple(p.shape) for name, p in experts.named_parameters()}
     expected = {"gate_up_proj": (4, 16, 16), "down_proj": (4, 16, 8), "gate_up_proj_bias": (4, 16)}
     assert shapes == {**expected, "down_proj_bias": (4, 16)}
@@ -230,7 +322,9 @@ def test_moe_experts_module_uses_hugging_face_names_and_layouts():
     ids=["qwen", "deepseek", "gpt_oss"],
 )
 def test_moe_layer_matches_routing_and_per_token_references(options):
-    layer = moe_gemm.MoE(16, 6, 8, 2, dtype=torch.float64, **options)
+    layer = moe_gemm.MoE(
+        hidden_size=16, num_experts=6, intermediate_size=8, top_k=2, dtype=torch.float64, **options
+    )
     if layer.e_score_correction_bias is not None:
         layer.e_score_correction_bias.normal_()
     hidden = torch.randn(3, 5, 16, dtype=torch.float64)

@@ -5,35 +5,12 @@ float16, both layouts, with sentinel ids and experts without tokens."""
 import pytest
 import torch
 from helpers import assert_close_to_reference, relative_error, requires_cuda_op
+from test_layer import make_experts_problem
 
 import moe_gemm
 from moe_gemm.reference import experts_forward_reference
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
-
-
-def make_problem(num_tokens, num_experts, top_k, hidden, intermediate, dtype, transposed=False, bias=False):
-    """Random inputs on the GPU; expert 1 never chosen, about a tenth of the ids sentinels (-1 or E)."""
-    ids = torch.rand(num_tokens, num_experts - 1).argsort(dim=1)[:, :top_k]
-    ids = torch.where(ids >= 1, ids + 1, ids)
-    drop = torch.rand(num_tokens, top_k) < 0.1
-    ids = torch.where(drop, torch.where(torch.rand(num_tokens, top_k) < 0.5, -1, num_experts), ids)
-    gate_up = torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5
-    down = torch.randn(num_experts, hidden, intermediate) / intermediate**0.5
-    if transposed:
-        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-    tensors = {
-        "hidden": torch.randn(num_tokens, hidden),
-        "top_k_weights": torch.rand(num_tokens, top_k),
-        "gate_up_proj": gate_up,
-        "down_proj": down,
-    }
-    if bias:
-        tensors["gate_up_bias"] = torch.randn(num_experts, 2 * intermediate) / 4
-        tensors["down_bias"] = torch.randn(num_experts, hidden) / 4
-    tensors = {name: t.to(device="cuda", dtype=dtype) for name, t in tensors.items()}
-    tensors["top_k_weights"] = tensors["top_k_weights"].float()
-    return ids.cuda(), tensors
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -46,7 +23,12 @@ def make_problem(num_tokens, num_experts, top_k, hidden, intermediate, dtype, tr
 def test_experts_forward_and_gradients_match_float32_reference(
     num_tokens, num_experts, top_k, hidden, intermediate, transposed, bias, dtype
 ):
-    ids, tensors = make_problem(num_tokens, num_experts, top_k, hidden, intermediate, dtype, transposed, bias)
+    tensors, _ = make_experts_problem(
+        num_tokens, num_experts, top_k, hidden, intermediate, transposed=transposed, bias=bias, dtype=dtype,
+        sentinels=0.1, device="cuda",
+    )  # fmt: skip
+    ids = tensors.pop("top_k_index")
+    tensors["top_k_weights"] = tensors["top_k_weights"].float()
     leaves = {name: t.requires_grad_() for name, t in tensors.items()}
     out = moe_gemm.experts_forward(top_k_index=ids, **leaves, weight_transposed=transposed)
     assert out.dtype == dtype and out.is_cuda
@@ -76,14 +58,14 @@ def test_experts_forward_and_gradients_match_float32_reference(
 
 
 def test_moe_layer_with_fused_routing_matches_float32():
-    layer = moe_gemm.MoE(256, 256, 128, 8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
-                         routed_scaling_factor=2.5, device="cuda", dtype=torch.bfloat16)  # fmt: skip
+    sizes = {"hidden_size": 256, "num_experts": 256, "intermediate_size": 128, "top_k": 8}
+    routing = {"scoring": "sigmoid", "renormalize": True, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5}
+    layer = moe_gemm.MoE(**sizes, **routing, device="cuda", dtype=torch.bfloat16)
     layer.e_score_correction_bias.normal_(0, 0.1)
     hidden = torch.randn(3, 50, 256, device="cuda", dtype=torch.bfloat16)
     out = layer(hidden)
     # The float32 twin runs on the CPU: the grouped GEMM's CUDA kernel takes 16-bit types only.
-    layer_fp32 = moe_gemm.MoE(256, 256, 128, 8, scoring="sigmoid", renormalize=True, n_group=8, topk_group=4,
-                              routed_scaling_factor=2.5, dtype=torch.float32)  # fmt: skip
+    layer_fp32 = moe_gemm.MoE(**sizes, **routing, dtype=torch.float32)
     layer_fp32.load_state_dict({name: t.float().cpu() for name, t in layer.state_dict().items()})
     ref = layer_fp32(hidden.float().cpu())
     assert_close_to_reference(out.float().cpu(), ref, dtype=torch.bfloat16)

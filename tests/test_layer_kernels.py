@@ -10,8 +10,8 @@ from helpers import assert_close_to_reference, requires_cuda_op
 
 import moe_gemm
 from moe_gemm import _ops
-from moe_gemm.dispatch import sort_pairs
-from moe_gemm.layer import _combine_pairs, gated_activation
+from moe_gemm.dispatch import combine_pairs, sort_pairs
+from moe_gemm.layer import gated_activation
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -107,7 +107,7 @@ def test_combine_kernel_matches_torch_ops(num_tokens, top_k, num_experts, hidden
     poison_the_allocator(num_tokens * hidden * y_sorted.element_size())
     out = _ops.combine_kernel(y_sorted, row_of_pair, weights, ids, num_experts)
     valid = (ids >= 0) & (ids < num_experts)
-    expected = _combine_pairs(y_sorted, row_of_pair, valid, weights)
+    expected = combine_pairs(y_sorted, row_of_pair, valid, weights)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=ULP[dtype], atol=1e-5)
     # float64 on the host, token by token.
@@ -152,7 +152,9 @@ def test_experts_forward_through_the_kernels_matches_the_composed_ops(act, conca
 
 def test_experts_forward_in_a_cuda_graph_follows_the_routing():
     num_tokens, top_k, num_experts, hidden, intermediate = 8, 2, 32, 256, 64
-    experts = moe_gemm.MoEExperts(num_experts, hidden, intermediate, device="cuda", dtype=torch.bfloat16)
+    experts = moe_gemm.MoEExperts(
+        num_experts=num_experts, hidden_size=hidden, intermediate_size=intermediate, device="cuda", dtype=torch.bfloat16
+    )
     hidden_states = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
     ids = random_ids(num_tokens, top_k, num_experts)
     weights = torch.rand(num_tokens, top_k, device="cuda")

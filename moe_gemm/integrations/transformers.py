@@ -13,30 +13,20 @@ or an activation other than SiLU or GELU, is gated by its own code.
 """
 
 import torch
-import torch.nn.functional as F
 
-from moe_gemm.layer import experts_forward
+from moe_gemm.layer import activation_name, experts_forward
 
 IMPLEMENTATION_NAME = "moe_gemm"
 
 
 def _fused_activation(module: torch.nn.Module) -> str | None:
-    """Our name for the module's gated activation when it is the default ``act_fn(gate) * up``, else None."""
-    from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
+    """The name of the module's gated activation when ``experts_forward`` fuses it and the module gates with the
+    default ``act_fn(gate) * up``, else None."""
     from transformers.integrations.moe import _default_apply_gate
 
     if type(module)._apply_gate is not _default_apply_gate:
         return None
-    act_fn = getattr(module, "act_fn", None)
-    if isinstance(act_fn, (SiLUActivation, torch.nn.SiLU)):
-        return "silu"
-    if isinstance(act_fn, GELUTanh) or (isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "tanh"):
-        return "gelu_tanh"
-    if (isinstance(act_fn, GELUActivation) and act_fn.act is F.gelu) or (
-        isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "none"
-    ):
-        return "gelu"
-    return None
+    return activation_name(getattr(module, "act_fn", None))
 
 
 def moe_gemm_experts_forward(
