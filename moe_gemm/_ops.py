@@ -153,3 +153,22 @@ def _backward(ctx, grad_y):
 
 
 torch.library.register_autograd("moe_gemm::grouped_mm", _backward, setup_context=_setup_context)
+
+
+# --- TEMPORARY SHIM (lead drops this at merge) ---
+# The names of the one registry (owner B), mapped to today's logic so that the bench and the tests can use them.
+def kernels_unavailable_reason(device: torch.device | None = None) -> str | None:
+    """Why the CUDA kernels cannot run here (no GPU, kernels not built), or None when they can."""
+    reasons = []
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA GPU is visible")
+    if not cuda_available():
+        reasons.append(f"the CUDA kernels are not built ({KERNELS_UNAVAILABLE_REASON})")
+    return "; ".join(reasons) or None
+
+
+def kernels_available(device: torch.device | None = None) -> bool:
+    return kernels_unavailable_reason(device) is None
+
+
+# --- END SHIM ---

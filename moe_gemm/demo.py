@@ -1,7 +1,6 @@
-"""``python -m moe_gemm.demo``: the benchmark on a GPU with the kernels built, else a small MoE layer on CPU.
+"""``python -m moe_gemm.demo``: a small MoE layer on CPU.
 
-With CUDA and the built kernels this runs ``moe_gemm.bench`` (arguments are passed through; default: the full
-suite). Otherwise it runs the expert layer of qwen3-30b-a3b scaled down (64 tokens, top-8 of 16 experts, hidden 256,
+It runs the expert layer of qwen3-30b-a3b scaled down (64 tokens, top-8 of 16 experts, hidden 256,
 intermediate 128, bfloat16) through ``grouped_forward`` on the pure-PyTorch path: tokens sorted by expert, the fused
 gate/up GEMM, SwiGLU, the down GEMM, and the weighted sum back per token. Each GEMM is checked against the float64
 reference and the whole layer against a float64 per-token loop that never groups rows.
@@ -13,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moe_gemm import bench, grouped_forward
+from moe_gemm import _ops, grouped_forward
 from moe_gemm.reference import grouped_mm_reference
 
 TOKENS, EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 64, 16, 8, 256, 128
@@ -97,10 +96,8 @@ def run_cpu_demo(reason: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    reason = bench.cuda_path_unavailable_reason()
-    if reason is None:
-        return bench.main(argv)
-    return run_cpu_demo(reason)
+    reason = _ops.kernels_unavailable_reason()
+    return run_cpu_demo(reason or "the kernels are available: `python -m moe_gemm.bench` times them")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ import sys
 import pytest
 
 import moe_gemm
-from moe_gemm import bench, demo
+from moe_gemm import _ops, demo
 
 
-@pytest.mark.skipif(bench.cuda_path_unavailable_reason() is None, reason="with the CUDA op the demo runs the bench")
+@pytest.mark.skipif(_ops.kernels_unavailable_reason() is None, reason="with the kernels the demo says so")
 def test_demo_runs_the_cpu_path(capsys):
     assert demo.main([]) == 0
     out = capsys.readouterr().out
