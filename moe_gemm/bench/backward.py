@@ -23,7 +23,7 @@ import torch
 
 import moe_gemm
 from moe_gemm.bench import report, timing
-from moe_gemm.bench.suite import MAX_REL_ERROR, floor_ms, gemm_cases, measure_ceilings
+from moe_gemm.bench.suite import MAX_REL_ERROR, floor_ms
 
 KINDS = ("wgrad", "dgrad", "train")
 SPEEDUPS = tuple(f"{kind}_speedup" for kind in KINDS)
@@ -142,11 +142,8 @@ def _train_step(forward, x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Te
 
 def run(args: argparse.Namespace, suite: dict) -> int:
     """The backward table for the arguments of ``python -m moe_gemm.bench``; exit status 1 when a shape fails."""
-    torch.manual_seed(args.seed)
-    ceilings = measure_ceilings()
-    report.print_preamble(f"backward; routing {args.routing}, dtype {args.dtype}, seed {args.seed}", ceilings)
-    total = len(args.models) * len(args.tokens) * len(args.gemms)
-    cases = gemm_cases(suite, args, args.tokens, weight_per_shape=True)
-    rows = report.measure_table(TABLE, cases, total, lambda *case: measure_shape(*case, ceilings))
+    rows, ceilings = report.measure_gemm_table(
+        "backward", TABLE, measure_shape, args, suite, args.tokens, weight_per_shape=True
+    )
     summary = summarize(rows)
     return report.finish(args, format_summary(summary), rows, mode="backward", summary=summary, ceilings=ceilings)

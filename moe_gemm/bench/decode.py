@@ -30,7 +30,7 @@ import torch
 import moe_gemm
 from moe_gemm.bench import report, timing
 from moe_gemm.bench.forward import check_against_reference
-from moe_gemm.bench.suite import QUICK_TOKENS, gemm_cases, gemm_cost, gemm_shape, measure_ceilings
+from moe_gemm.bench.suite import QUICK_TOKENS, gemm_cost, gemm_shape
 
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_QUICK_TOKENS = (1, 32)
@@ -228,18 +228,13 @@ def measure_decode_shape(problem: dict, weight: torch.Tensor, counts: torch.Tens
 
 def run(args: argparse.Namespace, suite: dict) -> int:
     """The decode table for the arguments of ``python -m moe_gemm.bench``; exit status 1 when a shape fails."""
-    torch.manual_seed(args.seed)
-    tokens = decode_tokens(args.tokens, suite)
-    ceilings = measure_ceilings()
-    details = f"decode; routing {args.routing}, dtype {args.dtype}, seed {args.seed}, times in us"
-    report.print_preamble(details, ceilings)
     if args.plot:
         print(f"--plot {args.plot}: no plot for the decode table")
 
-    def measure(name, count, gemm, weight, counts):
+    def measure(name, count, gemm, weight, counts, ceilings):
         return measure_decode_shape(decode_problem(suite, name, count, gemm), weight, counts, ceilings)
 
-    total = len(args.models) * len(tokens) * len(args.gemms)
-    rows = report.measure_table(TABLE, gemm_cases(suite, args, tokens), total, measure)
+    tokens = decode_tokens(args.tokens, suite)
+    rows, ceilings = report.measure_gemm_table("decode, times in us", TABLE, measure, args, suite, tokens)
     summary = summarize_decode(rows)
     return report.finish(args, format_summary(summary), rows, mode="decode", summary=summary, ceilings=ceilings)

@@ -17,7 +17,7 @@ import torch
 
 import moe_gemm
 from moe_gemm.bench import report, timing
-from moe_gemm.bench.suite import MAX_REL_ERROR, gemm_cases, gemm_cost, measure_ceilings
+from moe_gemm.bench.suite import MAX_REL_ERROR, gemm_cost
 from moe_gemm.reference import grouped_mm_reference
 
 # A per-expert loop slower than this on one call is not timed (DeepSeek-V3 runs 256 experts' matmuls).
@@ -136,12 +136,7 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
 
 def run(args: argparse.Namespace, suite: dict) -> int:
     """The forward table for the arguments of ``python -m moe_gemm.bench``; exit status 1 when a shape fails."""
-    torch.manual_seed(args.seed)
-    ceilings = measure_ceilings()
-    report.print_preamble(f"routing {args.routing}, dtype {args.dtype}, seed {args.seed}", ceilings)
-    total = len(args.models) * len(args.tokens) * len(args.gemms)
-    cases = gemm_cases(suite, args, args.tokens)
-    rows = report.measure_table(TABLE, cases, total, lambda *case: measure_shape(*case, ceilings))
+    rows, ceilings = report.measure_gemm_table("forward", TABLE, measure_shape, args, suite, args.tokens)
     summary = summarize(rows)
     status = report.finish(args, format_summary(summary), rows, mode="forward", summary=summary, ceilings=ceilings)
     if args.plot:

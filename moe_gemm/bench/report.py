@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 import moe_gemm
+from moe_gemm.bench.suite import gemm_cases, measure_ceilings
 
 
 class Column(NamedTuple):
@@ -160,6 +161,20 @@ def measure_table(
         bar.update()
     bar.close()
     return rows
+
+
+def measure_gemm_table(
+    what: str, table: tuple[str, ...], measure: Callable[..., dict], args: argparse.Namespace, suite: dict,
+    tokens: list[int], weight_per_shape: bool = False,
+) -> tuple[list[dict], tuple[float, float]]:
+    """The rows ``measure(model name, tokens, gemm, weight, counts, ceilings)`` of every GEMM of ``suite.gemm_cases``,
+    after the ceilings and a preamble saying ``what`` runs; the rows and the ceilings."""
+    torch.manual_seed(args.seed)
+    ceilings = measure_ceilings()
+    print_preamble(f"{what}; routing {args.routing}, dtype {args.dtype}, seed {args.seed}", ceilings)
+    total = len(args.models) * len(tokens) * len(args.gemms)
+    cases = gemm_cases(suite, args, tokens, weight_per_shape)
+    return measure_table(table, cases, total, lambda *case: measure(*case, ceilings)), ceilings
 
 
 def finish(
