@@ -18,7 +18,7 @@ reference (and the graph's output bitwise equal to the eager one), in microsecon
 - ``host``: CPU time per call of ``moe_gemm.grouped_forward`` (the public wrapper, validation included), and
   ``gmm_host`` of ``torch._grouped_mm``: ``time.perf_counter`` over ``timing.HOST_CALLS`` calls without a sync.
 
-The summary gives geometric means per token count and the issue's targets over tokens <= ``TARGET_MAX_TOKENS``.
+The summary gives geometric means per token count and the decode targets over tokens <= ``TARGET_MAX_TOKENS``.
 The pure parts (token counts, problems, summary, table) run on CPU.
 """
 
@@ -34,7 +34,7 @@ from moe_gemm.bench.suite import QUICK_TOKENS, gemm_cost, gemm_shape
 
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_QUICK_TOKENS = (1, 32)
-# The issue's targets: over tokens <= 32, time <= 1.3x the floor and >= 1.5x faster than torch._grouped_mm on
+# The decode targets: over tokens <= 32, time <= 1.3x the floor and >= 1.5x faster than torch._grouped_mm on
 # geometric mean, no shape slower than it; >= 80% of the copy bandwidth on weight-bound shapes with >= 64 experts hit.
 TARGET_MAX_TOKENS = 32
 TARGET_X_FLOOR = 1.3

@@ -78,7 +78,7 @@ def add_speedups(row: dict) -> dict:
 
 
 def summarize_layer(rows: list[dict], routing_rows: list[dict]) -> dict:
-    """The issue's targets: per mode, geomean over the suite of x grouped_mm at >= 256 tokens and of x the faster of
+    """The layer's targets: per mode, geomean over the suite of x grouped_mm at >= 256 tokens and of x the faster of
     batched_mm and grouped_mm at <= 32 tokens; and the routing kernel's geomean speedup."""
     summary = {}
     for mode in MODES:
