@@ -73,3 +73,42 @@ def test_mode_flags_pick_one_table():
     assert cli.mode_of(cli.parse_args(["--layer"])) is layer
     with pytest.raises(SystemExit):
         cli.parse_args(["--backward", "--decode"])
+
+
+@pytest.fixture
+def cpu_stand_ins(monkeypatch):
+    """The GPU-only pieces of a run replaced: weights on CPU, fixed ceilings, a timer that runs each function once."""
+    from moe_gemm.bench import report, suite, timing
+
+    random_weight = suite.random_weight
+
+    def cpu_weight(model, gemm, dtype, device="cuda"):
+        return random_weight(model, gemm, dtype, device="cpu")
+
+    def run_once(fns, *args, **kwargs):
+        for fn in fns:
+            fn()
+        return [0.5 * (i + 1) for i in range(len(fns))]
+
+    monkeypatch.setattr(suite, "random_weight", cpu_weight)
+    monkeypatch.setattr(report, "measure_ceilings", lambda: (791.0, 3.02))
+    monkeypatch.setattr(report.torch.cuda, "get_device_name", lambda *args: "cpu stand-in")
+    monkeypatch.setattr(timing, "bench_interleaved_ms", run_once)
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_a_whole_run_on_cpu_writes_its_table_and_json(mode, cpu_stand_ins, tmp_path, capsys):
+    import json
+
+    # A tiny suite: every path of a run (cases, table, summary, JSON) without a GPU.
+    suite = {"models": {"tiny": {"experts": 4, "hidden": 32, "moe_intermediate": 16, "top_k": 2}}, "tokens": [3, 8]}
+    argv = ["--models", "tiny", "--tokens", "3", "8", "--json", str(tmp_path / "out.json")]
+    args = cli.parse_args(argv + ([f"--{mode}"] if mode != "forward" else []), suite)
+    assert cli.mode_of(args).run(args, suite) == 0
+    out = capsys.readouterr().out
+    assert "# ceilings: dense bf16 8192^3 matmul 791 TFLOP/s" in out and "geometric" in out
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["mode"] == mode and result["peak_tflops"] == 791.0 and result["device"] == "cpu stand-in"
+    assert [(r["tokens"], r["gemm"]) for r in result["rows"]] == [(3, "up"), (3, "down"), (8, "up"), (8, "down")]
+    assert all(r["check"] == "ok" for r in result["rows"])
+    assert sum(line.startswith("tiny ") for line in out.splitlines()) == 4
