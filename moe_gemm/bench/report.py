@@ -155,6 +155,7 @@ def measure_table(
     rows = []
     for case in cases:
         measured = measure(*case)
+        del case  # a case may hold a weight of many GB: freed before the next one is made
         for row in measured if isinstance(measured, list) else [measured]:
             rows.append(row)
             bar.write(format_row(row, table))
