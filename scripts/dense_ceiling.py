@@ -2,8 +2,9 @@
 
 With every expert given the same number of rows, the grouped GEMM is a batched GEMM, which cuBLAS (`torch.bmm`) runs
 with its own tuned kernels: the practical ceiling for a grouped one. Times `torch.bmm`, `torch._grouped_mm` and
-moe_gemm (its heuristic, and each configuration forced through MOE_GEMM_TILE_CONFIG) in turn in one process
-(bench.bench_interleaved_ms), prints TFLOP/s per shape, and names the kernels cuBLAS and torch launch:
+moe_gemm (its heuristic, and each configuration forced through ``moe_gemm.testing.plan_override``) in turn in one
+process (``moe_gemm.bench.timing.bench_interleaved_ms``), prints TFLOP/s per shape, and names the kernels cuBLAS and
+torch launch:
 
     python scripts/dense_ceiling.py [--configs auto 128x256 128x256c2x1 128x256c1x2] [--shapes NAME ...]
     python scripts/dense_ceiling.py --wgrad [--shapes NAME ...]   (the weight gradient: grad_W[e] = grad_y_e^T x_e)
@@ -19,9 +20,10 @@ import sys
 
 import torch
 
+# Run as a file from a checkout, the package next to scripts/ is the one measured (installed or not).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from moe_gemm import bench  # noqa: E402
-from moe_gemm.bench_decode import environment  # noqa: E402
+from moe_gemm.bench.suite import GEMMS, gemm_shape, load_suite  # noqa: E402
+from moe_gemm.bench.timing import bench_interleaved_ms  # noqa: E402
 
 # name: (experts, rows per expert, N, K); the suite's 16k-token GEMMs with uniform routing, and one dense square.
 SHAPES = {
@@ -35,11 +37,12 @@ SHAPES = {
 }
 
 
-def with_env(name: str, value: str | None, fn):
-    """fn, run with os.environ[name] = value (unset for None)."""
+def with_tile_config(tile_config: str, fn):
+    """fn, run with the tile configuration ``tile_config`` ("auto": the heuristic's)."""
+    from moe_gemm.testing import plan_override
 
     def run():
-        with environment(name, value):
+        with plan_override(tile_config=tile_config):
             return fn()
 
     return run
@@ -66,10 +69,10 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor, chunk: int = 1 <<
 def suite_shapes(token_counts: list[int]) -> dict:
     """The suite's GEMMs at these token counts with equal-sized experts: "model-gemm-T" -> (experts, rows, N, K)."""
     shapes = {}
-    for model, config in bench.load_suite()["models"].items():
+    for model, config in load_suite()["models"].items():
         for tokens in token_counts:
-            for gemm in bench.GEMMS:
-                n, k = bench.gemm_shape(config, gemm)
+            for gemm in GEMMS:
+                n, k = gemm_shape(config, gemm)
                 rows = max(1, tokens * config["top_k"] // config["experts"])
                 shapes[f"{model}-{gemm}-{tokens}"] = (config["experts"], rows, n, k)
     return shapes
@@ -99,15 +102,14 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         }
         for config in args.configs:
             call = lambda: torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes, False)  # noqa: E731
-            setting = None if config == "auto" else config
-            fns[f"moe_gemm {config}"] = with_env("MOE_GEMM_TILE_CONFIG", setting, call)
+            fns[f"moe_gemm {config}"] = with_tile_config(config, call)
     reference = fns["torch.bmm"]().flatten()
     for label, fn in fns.items():
         if label.startswith("moe_gemm"):
             error = relative_error(fn().flatten(), reference)
             assert error < 1e-2, f"{name} {label}: relative error {error:.2e}"
     del reference
-    times = bench.bench_interleaved_ms(list(fns.values()), rep_ms=args.rep_ms)
+    times = bench_interleaved_ms(list(fns.values()), rep_ms=args.rep_ms)
     flops = 2.0 * experts * rows * n * k
     kind = "wgrad" if args.wgrad else "forward"
     print(f"\n{name} {kind}: {experts} experts x {rows} rows, N={n}, K={k}")

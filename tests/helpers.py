@@ -2,7 +2,8 @@
 
 pytest puts ``tests/`` on ``sys.path`` (the directory has no ``__init__.py``), so test modules import these with
 ``from helpers import make_problem, assert_close_to_reference, requires_cuda_op``. A GPU test module starts with
-``pytestmark = [pytest.mark.gpu, requires_cuda_op]``.
+``pytestmark = [pytest.mark.gpu, requires_cuda_op]``: where the kernels cannot run, ``conftest.py`` deselects the
+``gpu`` tests, and ``requires_cuda_op`` skips them with the reason when they are selected all the same.
 """
 
 from dataclasses import dataclass
@@ -11,12 +12,12 @@ import pytest
 import torch
 
 import moe_gemm
-from moe_gemm.bench import cuda_path_unavailable_reason
+from moe_gemm._ops import kernels_unavailable_reason
 from moe_gemm.reference import grouped_mm_reference
 
-_CUDA_OP_UNAVAILABLE = cuda_path_unavailable_reason()
+KERNELS_UNAVAILABLE = kernels_unavailable_reason()
 requires_cuda_op = pytest.mark.skipif(
-    _CUDA_OP_UNAVAILABLE is not None, reason=f"CUDA op unavailable: {_CUDA_OP_UNAVAILABLE}"
+    KERNELS_UNAVAILABLE is not None, reason=f"CUDA kernels unavailable: {KERNELS_UNAVAILABLE}"
 )
 
 # Relative Frobenius error allowed against the float64 reference. 16-bit outputs carry a rounding error of about

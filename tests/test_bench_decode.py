@@ -1,29 +1,31 @@
-"""The decode benchmark's CPU-testable parts: token counts, problems, ratios, summary and targets, table, the
-environment override, and its exit status without a GPU."""
+"""The decode benchmark's CPU-testable parts: token counts, problems, ratios, summary and targets, table, and its exit
+status without a GPU."""
 
 import math
-import os
 
 import pytest
 
-from moe_gemm import bench, bench_decode
+from moe_gemm import _ops
+from moe_gemm.bench import __main__ as cli
+from moe_gemm.bench import decode, report
+from moe_gemm.bench.suite import load_suite
 
 CEILINGS = (791.0, 3.02)
 
 
 def test_decode_flag_and_token_counts():
-    suite = bench.load_suite()
-    assert bench.parse_args([]).decode is False
-    args = bench.parse_args(["--decode"])
+    suite = load_suite()
+    assert cli.parse_args([]).decode is False
+    args = cli.parse_args(["--decode"])
     assert args.decode is True
-    assert bench_decode.decode_tokens(args.tokens, suite) == [1, 2, 4, 8, 16, 32, 64]
-    assert bench_decode.decode_tokens(bench.parse_args(["--decode", "--quick"]).tokens, suite) == [1, 32]
-    assert bench_decode.decode_tokens(bench.parse_args(["--decode", "--tokens", "3", "5"]).tokens, suite) == [3, 5]
+    assert decode.decode_tokens(args.tokens, suite) == [1, 2, 4, 8, 16, 32, 64]
+    assert decode.decode_tokens(cli.parse_args(["--decode", "--quick"]).tokens, suite) == [1, 32]
+    assert decode.decode_tokens(cli.parse_args(["--decode", "--tokens", "3", "5"]).tokens, suite) == [3, 5]
 
 
 def test_decode_problems():
-    suite = bench.load_suite()
-    problems = bench_decode.decode_problems(suite, list(suite["models"]), [1, 2, 64], ["up", "down"])
+    suite = load_suite()
+    problems = decode.decode_problems(suite, list(suite["models"]), [1, 2, 64], ["up", "down"])
     assert len(problems) == 5 * 3 * 2
     mixtral_down = [p for p in problems if p["model"] == "mixtral-8x7b" and p["tokens"] == 1 and p["gemm"] == "down"]
     assert mixtral_down == [
@@ -51,7 +53,7 @@ def make_row(tokens=1, active=2, moe_graph_us=20.0, gmm_graph_us=30.0, moe_us=25
         "host_us": 12.0,
         "check": "ok",
     }
-    return bench_decode.finish_row(row, CEILINGS[1])
+    return decode.finish_row(row, CEILINGS[1])
 
 
 def test_finish_row_ratios():
@@ -59,9 +61,9 @@ def test_finish_row_ratios():
     assert row["x_floor"] == pytest.approx(2.0) and row["x_floor_eager"] == pytest.approx(2.5)
     assert row["speedup_graph"] == pytest.approx(1.5) and row["speedup"] == pytest.approx(1.4)
     assert row["bw_fraction"] == pytest.approx(0.5) and row["bw_percent"] == pytest.approx(50.0)
-    failed = bench_decode.finish_row({"floor_us": 10.0, "bytes": 1.0, "check": "FAIL"}, CEILINGS[1])
+    failed = decode.finish_row({"floor_us": 10.0, "bytes": 1.0, "check": "FAIL"}, CEILINGS[1])
     assert "x_floor" not in failed and "speedup" not in failed and "speedup_graph" not in failed
-    assert bench_decode.weight_bandwidth_fraction({"bytes": 1.0}, CEILINGS[1]) is None
+    assert decode.weight_bandwidth_fraction({"bytes": 1.0}, CEILINGS[1]) is None
 
 
 def test_summary_and_targets():
@@ -70,7 +72,7 @@ def test_summary_and_targets():
         make_row(tokens=32, active=100, moe_graph_us=12.5, gmm_graph_us=25.0, moe_us=12.5, gmm_us=25.0),
         make_row(tokens=64, active=128, moe_graph_us=40.0, gmm_graph_us=20.0),  # slow, but past the target range
     ]
-    summary = bench_decode.summarize_decode(rows)
+    summary = decode.summarize_decode(rows)
     groups = summary["groups"]
     assert list(groups) == ["tokens=1", "tokens=32", "tokens=64", "tokens<=32", "all"]
     assert groups["tokens<=32"]["shapes"] == 2
@@ -80,38 +82,27 @@ def test_summary_and_targets():
     assert summary["targets"] == {"x_floor": True, "speedup": True, "no_shape_slower": True, "bandwidth": False}
     assert summary["bandwidth_shapes"] == 2  # the rows with >= 64 experts hit
     assert summary["bandwidth_fraction_min"] == pytest.approx(10.0 / 40.0)
-    text = bench_decode.format_summary(summary)
+    text = decode.format_summary(summary)
     assert "tokens<=32" in text and "NOT met" in text
 
 
 def test_summary_flags_a_slower_shape():
     rows = [make_row(tokens=1), make_row(tokens=2, moe_graph_us=20.0, gmm_graph_us=18.0)]
-    assert bench_decode.summarize_decode(rows)["targets"]["no_shape_slower"] is False
+    assert decode.summarize_decode(rows)["targets"]["no_shape_slower"] is False
 
 
 def test_table_columns_line_up():
     row = make_row()
-    header, line = bench_decode.format_header(), bench_decode.format_row(row)
+    header, line = report.format_header(decode.TABLE), report.format_row(row, decode.TABLE)
     assert len(header) == len(line)
     cells = line.split()
     assert cells[:7] == ["mixtral-8x7b", "1", "down", "2", "4096", "14336", "2"]
     assert cells[-1] == "ok"
-    failed = bench_decode.format_row({"model": "m", "tokens": 1, "gemm": "up", "check": "FAIL"})
+    failed = report.format_row({"model": "m", "tokens": 1, "gemm": "up", "check": "FAIL"}, decode.TABLE)
     assert len(failed) == len(header) and "FAIL" in failed
 
 
-def test_environment_sets_and_restores(monkeypatch):
-    monkeypatch.setenv("MOE_GEMM_SPLIT_K", "3")
-    with bench_decode.environment("MOE_GEMM_SPLIT_K", "1"):
-        assert os.environ["MOE_GEMM_SPLIT_K"] == "1"
-    assert os.environ["MOE_GEMM_SPLIT_K"] == "3"
-    monkeypatch.delenv("MOE_GEMM_SPLIT_K")
-    with bench_decode.environment("MOE_GEMM_SPLIT_K", "1"):
-        assert os.environ["MOE_GEMM_SPLIT_K"] == "1"
-    assert "MOE_GEMM_SPLIT_K" not in os.environ
-
-
-@pytest.mark.skipif(bench.cuda_path_unavailable_reason() is None, reason="a GPU with the kernels is present")
+@pytest.mark.skipif(_ops.kernels_unavailable_reason() is None, reason="a GPU with the kernels is present")
 def test_main_decode_without_gpu_exits_2(capsys):
-    assert bench.main(["--decode"]) == 2
+    assert cli.main(["--decode"]) == 2
     assert "needs a CUDA GPU and the built moe_gemm kernels" in capsys.readouterr().err

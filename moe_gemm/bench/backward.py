@@ -12,52 +12,31 @@ Per shape (x ``[M, K]``, weight ``[E, N, K]``, grad_y ``[M, N]``):
 
 The wgrad output is checked first: every element finite (the output buffer is NaN-poisoned) and the relative
 error against a float32 reference on 16 experts spread over the range. Speedup = torch ms / moe_gemm ms; each pair
-is timed in turn, run by run (``bench.bench_interleaved_ms``).
+is timed in turn, run by run (``timing.bench_interleaved_ms``).
 """
 
+import argparse
 import math
 from collections.abc import Callable
 
 import torch
 
 import moe_gemm
-from moe_gemm import bench
+from moe_gemm.bench import report, timing
+from moe_gemm.bench.suite import MAX_REL_ERROR, floor_ms
 
-# (header, row key, width, format)
-COLUMNS = (
-    ("model", "model", 18, "s"),
-    ("tokens", "tokens", 6, "d"),
-    ("gemm", "gemm", 4, "s"),
-    ("M", "M", 7, "d"),
-    ("N", "N", 6, "d"),
-    ("K", "K", 6, "d"),
-    ("wgrad_ms", "wgrad_ms", 8, ".3f"),
-    ("x_floor", "wgrad_x_floor", 7, ".2f"),
-    ("gmm_ms", "wgrad_torch_ms", 8, ".3f"),
-    ("speedup", "wgrad_speedup", 7, ".2f"),
-    ("dgrad_ms", "dgrad_ms", 8, ".3f"),
-    ("gmm_ms", "dgrad_torch_ms", 8, ".3f"),
-    ("speedup", "dgrad_speedup", 7, ".2f"),
-    ("fwdbwd_ms", "train_ms", 9, ".3f"),
-    ("gmm_ms", "train_torch_ms", 8, ".3f"),
-    ("speedup", "train_speedup", 7, ".2f"),
-    ("check", "check", 5, "s"),
-)
-SPEEDUPS = ("wgrad_speedup", "dgrad_speedup", "train_speedup")
-
-
-def format_header() -> str:
-    return bench.format_header(COLUMNS)
-
-
-def format_row(row: dict) -> str:
-    return bench.format_row(row, COLUMNS)
+KINDS = ("wgrad", "dgrad", "train")
+SPEEDUPS = tuple(f"{kind}_speedup" for kind in KINDS)
+TABLE = (
+    "model", "tokens", "gemm", "M", "N", "K", "wgrad_ms", "wgrad_x_floor", "wgrad_torch_ms", "wgrad_speedup",
+    "dgrad_ms", "dgrad_torch_ms", "dgrad_speedup", "train_ms", "train_torch_ms", "train_speedup", "check",
+)  # fmt: skip
 
 
 def wgrad_floor_ms(m: int, n: int, k: int, num_experts: int, ceilings, itemsize: int = 2) -> float:
     """Floor of the weight gradient: reads x and grad_y once, writes every expert's [N, K] gradient once."""
     num_bytes = (m * k + m * n + num_experts * n * k) * itemsize
-    return bench.floor_ms(2.0 * m * n * k, num_bytes, *ceilings)
+    return floor_ms(2.0 * m * n * k, num_bytes, *ceilings)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -66,7 +45,7 @@ def summarize(rows: list[dict]) -> dict:
     for tokens in sorted({r["tokens"] for r in rows}):
         selections[f"tokens={tokens}"] = [r for r in rows if r["tokens"] == tokens]
     return {
-        label: {key: bench.geomean(r.get(key) for r in selected) for key in SPEEDUPS} | {"shapes": len(selected)}
+        label: {key: report.geomean(r.get(key) for r in selected) for key in SPEEDUPS} | {"shapes": len(selected)}
         for label, selected in selections.items()
     }
 
@@ -80,6 +59,7 @@ def format_summary(summary: dict) -> str:
 
 
 def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, counts: torch.Tensor, ceilings) -> dict:
+    """Check the weight gradient, then time wgrad, dgrad and forward+backward of one GEMM, each beside torch's."""
     host_counts = counts.tolist()
     num_experts, n, k = weight.shape
     m = sum(host_counts)
@@ -90,7 +70,7 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
     wgrad_op = torch.ops.moe_gemm.grouped_mm_wgrad.default
     dgrad_op = torch.ops.moe_gemm.grouped_mm.default
-    ours, theirs = {}, {}  # kind -> function; each pair is timed in turn (bench.bench_interleaved_ms)
+    ours, theirs = {}, {}  # kind -> function; each pair is timed in turn (timing.bench_interleaved_ms)
     problem = None
     try:
         poison = torch.full((num_experts, n, k), math.nan, dtype=weight.dtype, device=weight.device)
@@ -98,31 +78,31 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
         grad_w = wgrad_op(x, grad_y, m_sizes, False)
         row["rel_error"] = _sampled_wgrad_error(grad_w, x, grad_y, host_counts)
         del grad_w
-        if not math.isfinite(row["rel_error"]) or row["rel_error"] > bench.MAX_REL_ERROR:
+        if not math.isfinite(row["rel_error"]) or row["rel_error"] > MAX_REL_ERROR:
             problem = f"wgrad relative error {row['rel_error']:.2e} (or unwritten elements)"
         else:
             ours["wgrad"] = lambda: wgrad_op(x, grad_y, m_sizes, False)
             ours["dgrad"] = lambda: dgrad_op(grad_y, weight, m_sizes, True)
             ours["train"] = _train_step(lambda a, w: moe_gemm.grouped_forward(a, w, m_sizes), x, weight, grad_y)
     except RuntimeError as error:
-        problem = f"moe_gemm failed: {str(error).splitlines()[0][:160]}"
+        problem = f"moe_gemm failed: {report.error_line(error)}"
     if weight.dtype == torch.bfloat16:  # torch._grouped_mm supports bfloat16 only
         theirs["wgrad"] = lambda: torch._grouped_mm(grad_y.t(), x, offs=offs)
         theirs["dgrad"] = lambda: torch._grouped_mm(grad_y, weight, offs=offs)
         theirs["train"] = _train_step(
             lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), x, weight, grad_y
         )
-    for kind in ("wgrad", "dgrad", "train"):
+    for kind in KINDS:
         timed = {key: fns[kind] for key, fns in ((f"{kind}_ms", ours), (f"{kind}_torch_ms", theirs)) if kind in fns}
         try:
-            row.update(zip(timed, bench.bench_interleaved_ms(list(timed.values()))))
+            row.update(zip(timed, timing.bench_interleaved_ms(list(timed.values()))))
         except RuntimeError as error:
-            problem = problem or f"moe_gemm failed while timed: {str(error).splitlines()[0][:160]}"
+            problem = problem or f"moe_gemm failed while timed: {report.error_line(error)}"
     if row.get("wgrad_ms"):
         row["wgrad_x_floor"] = row["wgrad_ms"] / wgrad_floor_ms(m, n, k, num_experts, ceilings)
     row["check"] = "ok" if problem is None else "FAIL"
     row["problem"] = problem
-    for kind in ("wgrad", "dgrad", "train"):
+    for kind in KINDS:
         ours_ms, theirs_ms = row.get(f"{kind}_ms"), row.get(f"{kind}_torch_ms")
         if ours_ms and theirs_ms:
             row[f"{kind}_speedup"] = theirs_ms / ours_ms
@@ -160,38 +140,10 @@ def _train_step(forward, x: torch.Tensor, weight: torch.Tensor, grad_y: torch.Te
     return step
 
 
-def run(args, suite: dict) -> int:
-    dtype = getattr(torch, args.dtype)
-    generator = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    ceilings = bench.measure_ceilings()
-    print(f"# {moe_gemm.build_info()}; device {torch.cuda.get_device_name()}")
-    print(f"# ceilings: dense bf16 8192^3 matmul {ceilings[0]:.0f} TFLOP/s, d2d copy {ceilings[1]:.2f} TB/s")
-    print(f"# backward; routing {args.routing}, dtype {args.dtype}, seed {args.seed}")
-    progress = bench._progress(len(args.models) * len(args.tokens) * len(args.gemms))
-    progress.write(format_header())
-    rows = []
-    for name in args.models:
-        model = suite["models"][name]
-        for tokens in args.tokens:
-            counts = bench.routing_counts(tokens, model["experts"], model["top_k"], args.routing, generator)
-            for gemm in args.gemms:
-                shape = (model["experts"], *bench.gemm_shape(model, gemm))
-                weight = torch.randn(shape, device="cuda", dtype=dtype).mul_(0.02)
-                row = measure_shape(name, tokens, gemm, weight, counts, ceilings)
-                rows.append(row)
-                progress.write(format_row(row) + (f"  {row['problem']}" if row["problem"] else ""))
-                progress.update()
-                del weight
-                torch.cuda.empty_cache()
-    progress.close()
+def run(args: argparse.Namespace, suite: dict) -> int:
+    """The backward table for the arguments of ``python -m moe_gemm.bench``; exit status 1 when a shape fails."""
+    rows, ceilings = report.measure_gemm_table(
+        "backward", TABLE, measure_shape, args, suite, args.tokens, weight_per_shape=True
+    )
     summary = summarize(rows)
-    print(format_summary(summary))
-    failures = [r for r in rows if r["check"] != "ok"]
-    if failures:
-        print(f"{len(failures)} of {len(rows)} shapes FAILED the check against the reference")
-    if args.json:
-        bench.write_json(
-            args.json, args, mode="backward", rows=rows, summary=summary, peak_tflops=ceilings[0], bandwidth_tbs=ceilings[1]
-        )
-    return 1 if failures else 0
+    return report.finish(args, format_summary(summary), rows, mode="backward", summary=summary, ceilings=ceilings)

@@ -5,38 +5,36 @@ Run on a Hopper GPU with the kernels built::
 
     python -m moe_gemm.bench --decode [--models NAME ...] [--tokens T ...] [--gemms up down] [--json PATH]
 
-Shapes, routing, the floor and the timer are those of ``moe_gemm.bench`` (imported from there); the default token
+Shapes, routing, the floor and the timer are those of the other tables (``suite``, ``timing``); the default token
 counts are ``DECODE_TOKENS`` (``--quick``: ``DECODE_QUICK_TOKENS``). Per shape, after the check against the float32
 reference (and the graph's output bitwise equal to the eager one), in microseconds:
 
 - ``moe`` / ``moe_graph``: ``torch.ops.moe_gemm.grouped_mm`` per call, eager and as the replay of a graph holding one
-  call; ``nosplit_graph``: the same graph with split-K off (``MOE_GEMM_SPLIT_K=1``), to see what split-K gains;
+  call; ``nosplit_graph``: the same graph with split-K off (``moe_gemm.testing.plan_override(split_k=1)``), to see
+  what split-K gains;
 - ``gmm`` / ``gmm_graph``: ``torch._grouped_mm`` likewise (bfloat16 only);
 - ``x_floor``: ``moe_graph`` over the floor; ``BW%``: the weight-bound bandwidth reached in the graph, as a
   percentage of the measured copy bandwidth; ``speedup`` / ``speedup_graph``: torch time over moe_gemm time;
 - ``host``: CPU time per call of ``moe_gemm.grouped_forward`` (the public wrapper, validation included), and
-  ``gmm_host`` of ``torch._grouped_mm``: ``time.perf_counter`` over ``HOST_CALLS`` calls without a sync.
+  ``gmm_host`` of ``torch._grouped_mm``: ``time.perf_counter`` over ``timing.HOST_CALLS`` calls without a sync.
 
-The summary gives geometric means per token count and the issue's targets over tokens <= ``TARGET_MAX_TOKENS``.
+The summary gives geometric means per token count and the decode targets over tokens <= ``TARGET_MAX_TOKENS``.
 The pure parts (token counts, problems, summary, table) run on CPU.
 """
 
 import argparse
-import contextlib
 import math
-import os
-import time
-from collections.abc import Callable, Iterator
 
 import torch
 
 import moe_gemm
-from moe_gemm import bench
+from moe_gemm.bench import report, timing
+from moe_gemm.bench.forward import check_against_reference
+from moe_gemm.bench.suite import QUICK_TOKENS, gemm_cost, gemm_shape
 
 DECODE_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 DECODE_QUICK_TOKENS = (1, 32)
-HOST_CALLS = 200
-# The issue's targets: over tokens <= 32, time <= 1.3x the floor and >= 1.5x faster than torch._grouped_mm on
+# The decode targets: over tokens <= 32, time <= 1.3x the floor and >= 1.5x faster than torch._grouped_mm on
 # geometric mean, no shape slower than it; >= 80% of the copy bandwidth on weight-bound shapes with >= 64 experts hit.
 TARGET_MAX_TOKENS = 32
 TARGET_X_FLOOR = 1.3
@@ -51,36 +49,28 @@ TARGET_BANDWIDTH_MIN_EXPERTS = 64
 
 
 def decode_tokens(requested: list[int], suite: dict) -> list[int]:
-    """The token counts to run: ``DECODE_TOKENS`` when ``bench.parse_args`` left its default (the suite's tokens),
+    """The token counts to run: ``DECODE_TOKENS`` when ``--tokens`` was left at its default (the suite's tokens),
     ``DECODE_QUICK_TOKENS`` for ``--quick``, else what ``--tokens`` asked for."""
     if list(requested) == list(suite["tokens"]):
         return list(DECODE_TOKENS)
-    if list(requested) == list(bench.QUICK_TOKENS):
+    if list(requested) == list(QUICK_TOKENS):
         return list(DECODE_QUICK_TOKENS)
     return list(requested)
 
 
+def decode_problem(suite: dict, name: str, tokens: int, gemm: str) -> dict:
+    """``model``, ``tokens``, ``gemm``, ``E``, ``N``, ``K``, ``top_k`` and ``M = tokens * top_k`` rows of one GEMM."""
+    model = suite["models"][name]
+    n, k = gemm_shape(model, gemm)
+    return {
+        "model": name, "tokens": tokens, "gemm": gemm, "E": model["experts"], "N": n, "K": k, "top_k": model["top_k"],
+        "M": tokens * model["top_k"],
+    }  # fmt: skip
+
+
 def decode_problems(suite: dict, models: list[str], tokens: list[int], gemms: list[str]) -> list[dict]:
-    """One entry per (model, tokens, gemm): ``E``, ``N``, ``K``, ``top_k`` and ``M = tokens * top_k`` rows."""
-    problems = []
-    for name in models:
-        model = suite["models"][name]
-        for count in tokens:
-            for gemm in gemms:
-                n, k = bench.gemm_shape(model, gemm)
-                problems.append(
-                    {
-                        "model": name,
-                        "tokens": count,
-                        "gemm": gemm,
-                        "E": model["experts"],
-                        "N": n,
-                        "K": k,
-                        "top_k": model["top_k"],
-                        "M": count * model["top_k"],
-                    }
-                )
-    return problems
+    """One ``decode_problem`` per (model, tokens, gemm), in the order they are measured."""
+    return [decode_problem(suite, name, count, gemm) for name in models for count in tokens for gemm in gemms]
 
 
 def weight_bandwidth_fraction(row: dict, bandwidth_tbs: float) -> float | None:
@@ -100,13 +90,13 @@ def summarize_decode(rows: list[dict]) -> dict:
         eager_speedups = [r["speedup"] for r in group if r.get("speedup")]
         return {
             "shapes": len(group),
-            "x_floor": bench.geomean(r.get("x_floor") for r in group),
-            "x_floor_eager": bench.geomean(r.get("x_floor_eager") for r in group),
-            "speedup": bench.geomean(eager_speedups),
-            "speedup_graph": bench.geomean(graph_speedups),
+            "x_floor": report.geomean(r.get("x_floor") for r in group),
+            "x_floor_eager": report.geomean(r.get("x_floor_eager") for r in group),
+            "speedup": report.geomean(eager_speedups),
+            "speedup_graph": report.geomean(graph_speedups),
             "min_speedup": min(eager_speedups, default=math.nan),
             "min_speedup_graph": min(graph_speedups, default=math.nan),
-            "host_us": bench.geomean(r.get("host_us") for r in group),
+            "host_us": report.geomean(r.get("host_us") for r in group),
         }
 
     groups = {f"tokens={t}": stats([r for r in rows if r["tokens"] == t]) for t in sorted({r["tokens"] for r in rows})}
@@ -130,37 +120,10 @@ def summarize_decode(rows: list[dict]) -> dict:
     }
 
 
-# (header, row key, width, format); a missing value prints as '-'.
-COLUMNS = (
-    ("model", "model", 18, "s"),
-    ("tok", "tokens", 3, "d"),
-    ("gemm", "gemm", 4, "s"),
-    ("M", "M", 4, "d"),
-    ("N", "N", 6, "d"),
-    ("K", "K", 6, "d"),
-    ("hit", "active", 4, "d"),
-    ("floor", "floor_us", 7, ".1f"),
-    ("moe", "moe_us", 7, ".1f"),
-    ("moe_graph", "moe_graph_us", 9, ".1f"),
-    ("nosplit_graph", "nosplit_graph_us", 13, ".1f"),
-    ("gmm", "gmm_us", 7, ".1f"),
-    ("gmm_graph", "gmm_graph_us", 9, ".1f"),
-    ("x_floor", "x_floor", 7, ".2f"),
-    ("BW%", "bw_percent", 4, ".0f"),
-    ("speedup", "speedup", 7, ".2f"),
-    ("speedup_graph", "speedup_graph", 13, ".2f"),
-    ("host", "host_us", 6, ".1f"),
-    ("gmm_host", "gmm_host_us", 8, ".1f"),
-    ("check", "check", 5, "s"),
-)
-
-
-def format_header() -> str:
-    return bench.format_header(COLUMNS)
-
-
-def format_row(row: dict) -> str:
-    return bench.format_row(row, COLUMNS)
+TABLE = (
+    "model", "tokens", "gemm", "M", "N", "K", "active", "floor_us", "moe_us", "moe_graph_us", "nosplit_graph_us",
+    "gmm_us", "gmm_graph_us", "x_floor", "bw_percent", "speedup", "speedup_graph", "host_us", "gmm_host_us", "check",
+)  # fmt: skip
 
 
 def format_summary(summary: dict) -> str:
@@ -211,56 +174,13 @@ def finish_row(row: dict, bandwidth_tbs: float) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def environment(name: str, value: str | None) -> Iterator[None]:
-    """``os.environ[name] = value`` (unset for None) inside the block; the op reads its overrides at each call."""
-    saved = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-
-def host_us_per_call(fn: Callable[[], object], calls: int = HOST_CALLS) -> float:
-    """CPU time per call in microseconds: ``calls`` calls back to back, no sync in between (the launches queue)."""
-    fn()
-    torch.cuda.synchronize()
-    begin = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - begin
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
-
-
-def capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """A CUDA graph of one call of ``fn`` (warmed up outside first), and its static output."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def measure_decode_shape(problem: dict, weight: torch.Tensor, counts: torch.Tensor, ceilings) -> dict:
     """Check and time one decode GEMM (``counts``: rows per expert on CPU); returns its table row."""
-    peak_tflops, bandwidth_tbs = ceilings
-    host_counts = counts.tolist()
-    m, n, k = sum(host_counts), problem["N"], problem["K"]
-    active = sum(1 for count in host_counts if count > 0)
-    flops = 2.0 * m * n * k
-    num_bytes = bench.gemm_bytes(m, n, k, active, weight.element_size())
-    row = dict(problem, M=m, active=active, flops=flops, bytes=num_bytes)
-    row["floor_us"] = 1e3 * bench.floor_ms(flops, num_bytes, peak_tflops, bandwidth_tbs)
-    x = torch.randn(m, k, device=weight.device, dtype=weight.dtype)
+    from moe_gemm.testing import plan_override
+
+    row = problem | gemm_cost(counts, problem["N"], problem["K"], weight.element_size(), ceilings)
+    row["floor_us"] = 1e3 * row.pop("floor_ms")
+    x = torch.randn(row["M"], row["K"], device=weight.device, dtype=weight.dtype)
     m_sizes = counts.to(weight.device)
     op = torch.ops.moe_gemm.grouped_mm.default
 
@@ -269,24 +189,25 @@ def measure_decode_shape(problem: dict, weight: torch.Tensor, counts: torch.Tens
 
     problem_text = None
     try:
-        row["rel_error"], problem_text = bench.check_against_reference(x, weight, m_sizes, host_counts)
+        row["rel_error"], problem_text = check_against_reference(x, weight, m_sizes, counts.tolist())
         if problem_text is None:
             eager_out = moe_call()
-            graph, graph_out = capture(moe_call)
+            graph, graph_out = timing.capture(moe_call)
             graph.replay()
             if not torch.equal(graph_out, eager_out):
                 problem_text = "the CUDA graph's output differs from the eager one (not deterministic)"
             else:
-                row["moe_us"] = 1e3 * bench.bench_ms(moe_call)
-                row["moe_graph_us"] = 1e3 * bench.bench_ms(graph.replay)
-                row["host_us"] = host_us_per_call(lambda: moe_gemm.grouped_forward(x, weight, m_sizes))
+                row["moe_us"] = 1e3 * timing.bench_ms(moe_call)
+                row["moe_graph_us"] = 1e3 * timing.bench_ms(graph.replay)
+                row["host_us"] = timing.host_us_per_call(lambda: moe_gemm.grouped_forward(x, weight, m_sizes))
             del graph
-            with environment("MOE_GEMM_SPLIT_K", "1"):
-                nosplit_graph, _ = capture(moe_call)
-            row["nosplit_graph_us"] = 1e3 * bench.bench_ms(nosplit_graph.replay)
+            # The plan is resolved when the call is captured: the graph replays the kernel without split-K.
+            with plan_override(split_k=1):
+                nosplit_graph, _ = timing.capture(moe_call)
+            row["nosplit_graph_us"] = 1e3 * timing.bench_ms(nosplit_graph.replay)
             del nosplit_graph
     except RuntimeError as error:  # a kernel error on one shape should not hide the other rows
-        problem_text = f"moe_gemm failed: {str(error).splitlines()[0][:160]}"
+        problem_text = f"moe_gemm failed: {report.error_line(error)}"
     row["check"] = "ok" if problem_text is None else "FAIL"
     row["problem"] = problem_text
 
@@ -297,55 +218,23 @@ def measure_decode_shape(problem: dict, weight: torch.Tensor, counts: torch.Tens
         def gmm_call():
             return torch._grouped_mm(x, weight_kn, offs=offs)
 
-        row["gmm_us"] = 1e3 * bench.bench_ms(gmm_call)
-        gmm_graph, _ = capture(gmm_call)
-        row["gmm_graph_us"] = 1e3 * bench.bench_ms(gmm_graph.replay)
+        row["gmm_us"] = 1e3 * timing.bench_ms(gmm_call)
+        gmm_graph, _ = timing.capture(gmm_call)
+        row["gmm_graph_us"] = 1e3 * timing.bench_ms(gmm_graph.replay)
         del gmm_graph
-        row["gmm_host_us"] = host_us_per_call(gmm_call)
-    return finish_row(row, bandwidth_tbs)
+        row["gmm_host_us"] = timing.host_us_per_call(gmm_call)
+    return finish_row(row, ceilings[1])
 
 
 def run(args: argparse.Namespace, suite: dict) -> int:
-    """The decode table for ``bench.parse_args``'s arguments; exit status 1 when a shape fails its check."""
-    dtype = getattr(torch, args.dtype)
-    generator = torch.Generator().manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    tokens = decode_tokens(args.tokens, suite)
-    ceilings = bench.measure_ceilings()
-    print(f"# decode: {moe_gemm.build_info()}; device {torch.cuda.get_device_name()}")
-    print(f"# ceilings: dense bf16 8192^3 matmul {ceilings[0]:.0f} TFLOP/s, d2d copy {ceilings[1]:.2f} TB/s")
-    print(f"# routing {args.routing}, dtype {args.dtype}, seed {args.seed}, times in us")
+    """The decode table for the arguments of ``python -m moe_gemm.bench``; exit status 1 when a shape fails."""
     if args.plot:
         print(f"--plot {args.plot}: no plot for the decode table")
 
-    problems = decode_problems(suite, args.models, tokens, args.gemms)
-    progress = bench._progress(len(problems))
-    progress.write(format_header())
-    rows = []
-    for name in args.models:
-        model = suite["models"][name]
-        weights = {
-            gemm: torch.randn(model["experts"], *bench.gemm_shape(model, gemm), device="cuda", dtype=dtype).mul_(0.02)
-            for gemm in args.gemms
-        }
-        for count in tokens:
-            counts = bench.routing_counts(count, model["experts"], model["top_k"], args.routing, generator)
-            for problem in (p for p in problems if p["model"] == name and p["tokens"] == count):
-                row = measure_decode_shape(problem, weights[problem["gemm"]], counts, ceilings)
-                rows.append(row)
-                progress.write(format_row(row) + (f"  {row['problem']}" if row["problem"] else ""))
-                progress.update()
-        del weights
-        torch.cuda.empty_cache()
-    progress.close()
+    def measure(name, count, gemm, weight, counts, ceilings):
+        return measure_decode_shape(decode_problem(suite, name, count, gemm), weight, counts, ceilings)
 
+    tokens = decode_tokens(args.tokens, suite)
+    rows, ceilings = report.measure_gemm_table("decode, times in us", TABLE, measure, args, suite, tokens)
     summary = summarize_decode(rows)
-    print(format_summary(summary))
-    failures = [r for r in rows if r["check"] != "ok"]
-    if failures:
-        print(f"{len(failures)} of {len(rows)} shapes FAILED the check against the reference")
-    if args.json:
-        bench.write_json(
-            args.json, args, mode="decode", rows=rows, summary=summary, peak_tflops=ceilings[0], bandwidth_tbs=ceilings[1]
-        )
-    return 1 if failures else 0
+    return report.finish(args, format_summary(summary), rows, mode="decode", summary=summary, ceilings=ceilings)

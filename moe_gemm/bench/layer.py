@@ -11,19 +11,19 @@ Implementations whose memory estimate exceeds the free GPU memory (``batched_mm`
 
 Routing: DeepSeek-V3's router (256 experts, 8 groups, top-4 groups, top-8, bias, renormalised, scaled by 2.5) on
 float32 logits, ``torch.ops.moe_gemm.route`` (the fused kernel) against ``route_torch_ops`` (PyTorch ops), ids checked
-equal. Times are medians with L2 flushed (``bench.bench_ms``).
+equal. Times are medians with L2 flushed (``timing.bench_ms``).
 """
 
 import argparse
 import math
-import time
 from collections.abc import Callable
 
 import torch
 
 import moe_gemm
-from moe_gemm import _routing_ops, bench
-from moe_gemm.bench import MAX_REL_ERROR, _progress, bench_ms, geomean
+from moe_gemm.bench import report
+from moe_gemm.bench.suite import MAX_REL_ERROR
+from moe_gemm.bench.timing import bench_ms, time_once_ms
 from moe_gemm.routing import route_torch_ops
 
 HF_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -60,35 +60,9 @@ def estimated_bytes(implementation: str, mode: str, model: dict, tokens: int, it
     return activations * (3 if backward else 1) + (weight_bytes if backward else 0)
 
 
-# (header, row key, width, format); a missing value prints as '-'.
-COLUMNS = (
-    ("model", "model", 18, "s"),
-    ("tokens", "tokens", 6, "d"),
-    ("mode", "mode", 7, "s"),
-    ("moe_ms", "moe_gemm_ms", 8, ".3f"),
-    ("eager_ms", "eager_ms", 9, ".3f"),
-    ("bmm_ms", "batched_mm_ms", 9, ".3f"),
-    ("gmm_ms", "grouped_mm_ms", 8, ".3f"),
-    ("x_gmm", "speedup_grouped_mm", 6, ".2f"),
-    ("x_best", "speedup_best", 6, ".2f"),
-    ("check", "check", 5, "s"),
-)
-ROUTING_COLUMNS = (
-    ("tokens", "tokens", 6, "d"),
-    ("kernel_ms", "kernel_ms", 9, ".4f"),
-    ("torch_ms", "torch_ms", 9, ".4f"),
-    ("speedup", "speedup", 7, ".2f"),
-    ("ids", "check", 5, "s"),
-)
-
-
-def format_header(columns=COLUMNS) -> str:
-    return bench.format_header(columns)
-
-
-def format_row(row: dict, columns=COLUMNS) -> str:
-    notes = "; ".join(row.get("notes", []))
-    return bench.format_row(row, columns) + (f"  {notes}" if notes else "")
+TABLE = ("model", "tokens", "mode", "moe_gemm_ms", "eager_ms", "batched_mm_ms", "grouped_mm_ms", "speedup_grouped_mm",
+         "speedup_best", "check")  # fmt: skip
+ROUTING_TABLE = ("tokens", "kernel_ms", "torch_ms", "speedup", "check")
 
 
 def add_speedups(row: dict) -> dict:
@@ -104,18 +78,18 @@ def add_speedups(row: dict) -> dict:
 
 
 def summarize_layer(rows: list[dict], routing_rows: list[dict]) -> dict:
-    """The issue's targets: per mode, geomean over the suite of x grouped_mm at >= 256 tokens and of x the faster of
+    """The layer's targets: per mode, geomean over the suite of x grouped_mm at >= 256 tokens and of x the faster of
     batched_mm and grouped_mm at <= 32 tokens; and the routing kernel's geomean speedup."""
     summary = {}
     for mode in MODES:
         in_mode = [r for r in rows if r["mode"] == mode]
         summary[mode] = {
-            "speedup_grouped_mm_tokens_ge_256": geomean(
+            "speedup_grouped_mm_tokens_ge_256": report.geomean(
                 r.get("speedup_grouped_mm") for r in in_mode if r["tokens"] >= 256
             ),
-            "speedup_best_tokens_le_32": geomean(r.get("speedup_best") for r in in_mode if r["tokens"] <= 32),
+            "speedup_best_tokens_le_32": report.geomean(r.get("speedup_best") for r in in_mode if r["tokens"] <= 32),
         }
-    summary["routing_speedup"] = geomean(r.get("speedup") for r in routing_rows)
+    summary["routing_speedup"] = report.geomean(r.get("speedup") for r in routing_rows)
     return summary
 
 
@@ -188,17 +162,6 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return torch.linalg.vector_norm(out.float() - ref.float()).item() / max(ref_norm, 1e-30)
 
 
-def _time_once_ms(fn: Callable, device: torch.device) -> float:
-    """Wall time of one call, synchronised: for calls too slow to repeat."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    begin = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - begin) * 1e3
-
-
 def _free_bytes(device: torch.device) -> float:
     if device.type != "cuda":
         return math.inf
@@ -251,8 +214,8 @@ def measure_layer(
                             note = f"{implementation} differs from {reference_name}: rel. error {error:.2e}"
                             row["notes"].append(note)
                     del out
-                if implementation == "eager" and _time_once_ms(run, device) > EAGER_MAX_MS:
-                    row["eager_ms"] = _time_once_ms(run, device)
+                if implementation == "eager" and time_once_ms(run, device) > EAGER_MAX_MS:
+                    row["eager_ms"] = time_once_ms(run, device)
                 else:
                     row[f"{implementation}_ms"] = timer(run)
             except torch.cuda.OutOfMemoryError:
@@ -260,6 +223,7 @@ def measure_layer(
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         row["check"] = "FAIL" if any("differs" in note for note in row["notes"]) else "ok"
+        row["problem"] = "; ".join(row["notes"]) or None
         rows.append(add_speedups(row))
     for parameter in experts.parameters():
         parameter.requires_grad_(False)
@@ -295,55 +259,31 @@ def measure_routing(tokens: int, device, generator=None, timer: Callable = bench
 
 
 def run(args: argparse.Namespace, suite: dict) -> int:
-    """The ``--layer`` benchmark; ``args`` are those of ``moe_gemm.bench`` (models, tokens, dtype, seed, json)."""
+    """The ``--layer`` benchmark for the arguments of ``python -m moe_gemm.bench`` (models, tokens, dtype, seed, json);
+    exit status 1 when a row fails its check."""
+    import transformers
+
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    print(f"# {moe_gemm.build_info()}; device {torch.cuda.get_device_name()}")
-    import transformers
+    report.print_preamble(f"layer; transformers {transformers.__version__}, dtype {args.dtype}, seed {args.seed}, "
+                          "routing uniform")  # fmt: skip
 
-    print(f"# transformers {transformers.__version__}, dtype {args.dtype}, seed {args.seed}, routing uniform")
-    if not _routing_ops.routing_kernel_available():
-        print("# the routing kernel is not built: torch.ops.moe_gemm.route runs PyTorch ops")
+    def experts_cases():
+        for name in args.models:
+            model = suite["models"][name]
+            experts = make_experts_module(model, "cuda", dtype, generator)
+            for tokens in args.tokens:
+                yield name, model, tokens, experts, generator
+            del experts
+            torch.cuda.empty_cache()
 
-    progress = _progress(len(args.models) * len(args.tokens) + len(ROUTING_TOKENS))
-    progress.write(format_header())
-    rows = []
-    for name in args.models:
-        model = suite["models"][name]
-        experts = make_experts_module(model, "cuda", dtype, generator)
-        for tokens in args.tokens:
-            for row in measure_layer(name, model, tokens, experts, generator):
-                rows.append(row)
-                progress.write(format_row(row))
-            progress.update()
-        del experts
-        torch.cuda.empty_cache()
-
-    progress.write("\nrouting, DeepSeek-V3 router (256 experts, 8 groups, top-4 groups, top-8), float32 logits")
-    progress.write(format_header(ROUTING_COLUMNS))
-    routing_rows = []
-    for tokens in ROUTING_TOKENS:
-        row = measure_routing(tokens, "cuda", generator)
-        routing_rows.append(row)
-        progress.write(format_row(row, ROUTING_COLUMNS))
-        progress.update()
-    progress.close()
-
+    rows = report.measure_table(TABLE, experts_cases(), len(args.models) * len(args.tokens), measure_layer)
+    print("\nrouting, DeepSeek-V3 router (256 experts, 8 groups, top-4 groups, top-8), float32 logits")
+    routing_cases = ((tokens, "cuda", generator) for tokens in ROUTING_TOKENS)
+    routing_rows = report.measure_table(ROUTING_TABLE, routing_cases, len(ROUTING_TOKENS), measure_routing)
     summary = summarize_layer(rows, routing_rows)
-    print(format_summary(summary))
-    failures = [r for r in rows + routing_rows if r["check"] != "ok"]
-    if failures:
-        print(f"{len(failures)} rows FAILED their check")
-    if args.json:
-        bench.write_json(
-            args.json,
-            args,
-            mode="layer",
-            transformers=transformers.__version__,
-            rows=rows,
-            routing_rows=routing_rows,
-            summary=summary,
-        )
-    return 1 if failures else 0
-
+    return report.finish(
+        args, format_summary(summary), rows, also_checked=routing_rows, mode="layer",
+        transformers=transformers.__version__, summary=summary, routing_rows=routing_rows,
+    )  # fmt: skip
