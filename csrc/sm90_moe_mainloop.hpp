@@ -1,4 +1,5 @@
-// The consumer side of CUTLASS's sm90 warp-specialized mainloop (its collective's mma() then
+// The pieces of the mainloop both sm90 kernels share: their warp roles and pipelines, and the consumer
+// side of CUTLASS's sm90 warp-specialized mainloop (its collective's mma() then
 // mma_tail(), one k-block of WGMMAs in flight while the next is issued), with a hook: after the MMAs of
 // k-block k are issued, while they run, hook(k) is called for k < kHookSteps.
 //
@@ -13,6 +14,44 @@
 #include "cutlass/cutlass.h"
 
 namespace moe_gemm {
+
+// Both kernels' warpgroups: the producer's warp 0 decodes the tiles and issues the TMA loads (its other
+// warps idle), the two consumer warpgroups run the MMAs and the epilogue.
+enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
+
+// The pipeline of the operand stages, from the producer warp to the MMA warpgroups (num_consumers threads).
+template <class MainloopPipeline, class ClusterShape>
+CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline::SharedStorage& storage,
+                                                       WarpGroupRole role, int warp_idx_in_warp_group,
+                                                       int thread_idx, uint32_t num_consumers,
+                                                       uint32_t transaction_bytes, ClusterShape cluster_shape) {
+  typename MainloopPipeline::Params params;
+  if (role == WarpGroupRole::Producer && warp_idx_in_warp_group == 0) {
+    params.role = MainloopPipeline::ThreadCategory::Producer;
+  }
+  if (role != WarpGroupRole::Producer) {
+    params.role = MainloopPipeline::ThreadCategory::Consumer;
+  }
+  params.is_leader = (thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
+  params.num_consumers = num_consumers;
+  params.num_producers = 1;
+  params.transaction_bytes = transaction_bytes;
+  return MainloopPipeline(storage, params, cluster_shape);
+}
+
+// The small pipeline through which the producer warp hands each decoded tile to the MMA warpgroups
+// (consumer_arrivals threads read every slot; take_tile_slot below).
+template <class TilePipeline>
+CUTLASS_DEVICE TilePipeline make_tile_pipeline(typename TilePipeline::SharedStorage& storage, WarpGroupRole role,
+                                               int warp_idx_in_warp_group, uint32_t consumer_arrivals) {
+  typename TilePipeline::Params params;
+  params.role = role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
+                : warp_idx_in_warp_group == 0   ? TilePipeline::ThreadCategory::Producer
+                                                : TilePipeline::ThreadCategory::NonParticipant;
+  params.producer_arv_count = 1;
+  params.consumer_arv_count = consumer_arrivals;
+  return TilePipeline(storage, params);
+}
 
 // Overwrites `accumulators` with the tile's product over k_tiles >= 1 k-blocks, starting at read_state
 // (taken by value: the caller advances its own by k_tiles, as with CUTLASS's mma()), and frees every
