@@ -64,7 +64,7 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
     return n_blocks % 2 == 0 ? TileConfig::k128x256Cluster1x2 : TileConfig::k128x256Cluster2x1;
   }
   // From 2048 rows, pairs on neighbouring m-blocks share the B tile: Mixtral at 16k tokens (4096 rows)
-  // up 11.25 ms against 11.45 with 128x256; at 1024-2047 rows that measured 3-8% slower.
+  // up 11.25 ms against 11.45 with 128x256; at 1024-1092 rows (Qwen3, Qwen1.5) it measured 3-8% slower.
   return rows_per_expert >= kVeryLongExpertRows ? TileConfig::k128x256Cluster2x1 : TileConfig::k128x256;
 }
 
@@ -213,21 +213,12 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan co
     // Nothing to multiply: every row is either an empty sum or past the last expert.
     return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);
   }
-  if (cudaError_t status = make_device_context_current(); status != cudaSuccess) {
-    return status;  // the TMA descriptors are encoded through the driver API
-  }
-  if (plan.workspace.total_bytes > 0 && params.workspace == nullptr) {
-    return cudaErrorInvalidValue;  // the caller must provide the plan's workspace
-  }
-  if (cudaError_t status = zero_workspace_counters(plan.workspace, params.workspace, stream); status != cudaSuccess) {
+  if (cudaError_t status = prepare_launch(plan.workspace, params.workspace, stream); status != cudaSuccess) {
     return status;
   }
-  if (params.dtype == DType::kBFloat16) {
-    return params.b_n_major ? run_config<DType::kBFloat16, true>(params, plan, stream)
-                            : run_config<DType::kBFloat16, false>(params, plan, stream);
-  }
-  return params.b_n_major ? run_config<DType::kFloat16, true>(params, plan, stream)
-                          : run_config<DType::kFloat16, false>(params, plan, stream);
+  return with_16bit_dtype_and_flag(params.dtype, params.b_n_major, [&](auto dtype, auto b_n_major) {
+    return run_config<decltype(dtype)::value, decltype(b_n_major)::value>(params, plan, stream);
+  });
 }
 
 }  // namespace moe_gemm

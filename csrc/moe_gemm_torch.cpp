@@ -56,6 +56,31 @@ moe_gemm::PlanOverride current_plan_override() {
   return plan_override;
 }
 
+// The fields both ops' params share: the output, the sizes, the input dtype and the SMs.
+template <class Params>
+void set_common_fields(Params& params, at::Tensor& out, at::Tensor const& m_sizes, at::ScalarType dtype,
+                       char const* op) {
+  params.d = out.data_ptr();
+  params.m_sizes = m_sizes.data_ptr();
+  params.m_sizes_int64 = m_sizes.scalar_type() == at::kLong;
+  params.E = static_cast<int32_t>(m_sizes.numel());
+  params.dtype = to_dtype(dtype, op);
+  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Runs a planned call on the current stream. The plan's workspace comes from the caching allocator, so that the
+// call can be captured in a CUDA graph; run (run_grouped_gemm or run_grouped_wgrad) zeroes its counters.
+template <class Params, class Plan, class Run>
+void run_planned(Params& params, Plan const& plan, Run run, at::TensorOptions options, char const* op) {
+  at::Tensor workspace;
+  if (plan.workspace.total_bytes > 0) {
+    workspace = at::empty({int64_t(plan.workspace.total_bytes)}, options.dtype(at::kByte));
+    params.workspace = workspace.data_ptr();
+  }
+  cudaError_t status = run(params, plan, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+}
+
 // D = grouped GEMM of x [M, K] with weight [E, N, K] (or [E, K, N] when weight_transposed).
 at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& m_sizes,
                            bool weight_transposed) {
@@ -85,36 +110,22 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   }
 
   moe_gemm::GroupedGemmParams params;
+  set_common_fields(params, out, m_sizes, x.scalar_type(), "moe_gemm.grouped_mm");
   params.a = x.data_ptr();
+  params.lda = x.stride(0);
   params.b = weight.data_ptr();
-  params.d = out.data_ptr();
-  params.m_sizes = m_sizes.data_ptr();
-  params.m_sizes_int64 = m_sizes.scalar_type() == at::kLong;
+  params.ldb = weight.stride(1);
+  params.batch_stride_b = weight.stride(0);
   params.b_n_major = weight_transposed;
-  params.dtype = to_dtype(x.scalar_type(), "moe_gemm.grouped_mm");
+  params.ldd = out.stride(0);
   params.M = M;
   params.N = N;
   params.K = K;
-  params.E = static_cast<int32_t>(weight.size(0));
-  params.lda = x.stride(0);
-  params.ldb = weight.stride(1);
-  params.batch_stride_b = weight.stride(0);
-  params.ldd = out.stride(0);
-  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   char const* problem = moe_gemm::check_grouped_gemm(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
 
-  // The workspace (the tile counter of dynamic scheduling, split-K's counters and partial tiles) comes from
-  // the caching allocator, so the call can be captured in a CUDA graph; run_grouped_gemm zeroes its counters.
   moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
-  at::Tensor workspace;
-  if (plan.workspace.total_bytes > 0) {
-    workspace = at::empty({int64_t(plan.workspace.total_bytes)}, x.options().dtype(at::kByte));
-    params.workspace = workspace.data_ptr();
-  }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t status = moe_gemm::run_grouped_gemm(params, plan, stream);
-  TORCH_CHECK(status == cudaSuccess, "moe_gemm.grouped_mm: kernel launch failed: ", cudaGetErrorString(status));
+  run_planned(params, plan, moe_gemm::run_grouped_gemm, x.options(), "moe_gemm.grouped_mm");
   return out;
 }
 
@@ -146,35 +157,22 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   at::Tensor const& left = weight_transposed ? x : grad_y;
   at::Tensor const& right = weight_transposed ? grad_y : x;
   moe_gemm::GroupedWgradParams params;
+  set_common_fields(params, out, m_sizes, x.scalar_type(), op);
   params.l = left.data_ptr();
+  params.ldl = left.stride(0);
   params.r = right.data_ptr();
-  params.d = out.data_ptr();
-  params.m_sizes = m_sizes.data_ptr();
-  params.m_sizes_int64 = m_sizes.scalar_type() == at::kLong;
-  params.dtype = to_dtype(x.scalar_type(), op);
+  params.ldr = right.stride(0);
+  params.ldd = out.stride(1);
+  params.batch_stride_d = out.stride(0);
   params.d_float32 = out.scalar_type() == at::kFloat;
   params.accumulate = accumulate;
   params.M = M;
   params.P = P;
   params.Q = Q;
-  params.E = static_cast<int32_t>(E);
-  params.ldl = left.stride(0);
-  params.ldr = right.stride(0);
-  params.ldd = out.stride(1);
-  params.batch_stride_d = out.stride(0);
-  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   char const* problem = moe_gemm::check_grouped_wgrad(params);
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
 
-  moe_gemm::GroupedWgradPlan const plan = moe_gemm::plan_grouped_wgrad(params);
-  at::Tensor workspace;
-  if (plan.workspace.total_bytes > 0) {
-    workspace = at::empty({int64_t(plan.workspace.total_bytes)}, x.options().dtype(at::kByte));
-    params.workspace = workspace.data_ptr();
-  }
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  cudaError_t status = moe_gemm::run_grouped_wgrad(params, plan, stream);
-  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+  run_planned(params, moe_gemm::plan_grouped_wgrad(params), moe_gemm::run_grouped_wgrad, x.options(), op);
 }
 
 at::Tensor grouped_mm_wgrad_cuda(at::Tensor const& x, at::Tensor const& grad_y, at::Tensor const& m_sizes,

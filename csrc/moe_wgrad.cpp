@@ -89,21 +89,15 @@ cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, GroupedWgradPlan cons
     }
     return cudaSuccess;
   }
-  if (plan.workspace.total_bytes == 0 || p.workspace == nullptr) {
-    return cudaErrorInvalidValue;  // the caller must provide the plan's workspace (the tile counter)
+  if (plan.workspace.total_bytes == 0) {
+    return cudaErrorInvalidValue;  // not this call's plan: a call with rows has a tile counter
   }
-  if (cudaError_t status = make_device_context_current(); status != cudaSuccess) {
-    return status;  // the TMA descriptors are encoded through the driver API
-  }
-  if (cudaError_t status = zero_workspace_counters(plan.workspace, p.workspace, stream); status != cudaSuccess) {
+  if (cudaError_t status = prepare_launch(plan.workspace, p.workspace, stream); status != cudaSuccess) {
     return status;
   }
-  if (p.dtype == DType::kBFloat16) {
-    return p.d_float32 ? run_sm90_moe_wgrad<DType::kBFloat16, true>(p, plan, stream)
-                       : run_sm90_moe_wgrad<DType::kBFloat16, false>(p, plan, stream);
-  }
-  return p.d_float32 ? run_sm90_moe_wgrad<DType::kFloat16, true>(p, plan, stream)
-                     : run_sm90_moe_wgrad<DType::kFloat16, false>(p, plan, stream);
+  return with_16bit_dtype_and_flag(p.dtype, p.d_float32, [&](auto dtype, auto float32_out) {
+    return run_sm90_moe_wgrad<decltype(dtype)::value, decltype(float32_out)::value>(p, plan, stream);
+  });
 }
 
 }  // namespace moe_gemm

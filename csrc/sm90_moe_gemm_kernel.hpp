@@ -125,9 +125,6 @@ class Sm90MoeGemmKernel {
   // Swapped tiles are stored from registers (transposed, with the row predicate); no clusters.
   static_assert(!kSwapAB || kClusterSize == 1, "swapped tiles run without clusters");
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
-  // The producer warpgroup only issues TMA; give its registers to the MMA warpgroups.
-  static constexpr uint32_t kLoadRegisters = 40;
-  static constexpr uint32_t kMmaRegisters = 232;
 
   // Epilogue chunks: kTileM x 64 outputs = 128-byte rows, the widest TMA swizzle (no bank conflicts).
   static constexpr int kEpiN = 64;
@@ -305,19 +302,15 @@ class Sm90MoeGemmKernel {
     return cudaSuccess;
   }
 
-  CUTLASS_DEVICE
-  void operator()(Params const& params, char* smem_buf) {
-    using namespace cute;
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    SharedStorage& shared_storage = *reinterpret_cast<SharedStorage*>(smem_buf);
-    int const thread_idx = int(threadIdx.x);
-    int const warp_idx = cutlass::canonical_warp_idx_sync();
-    int const warp_idx_in_warp_group = warp_idx % cutlass::NumWarpsPerWarpGroup;
-    auto const warp_group_role = WarpGroupRole(cutlass::canonical_warp_group_idx());
-    int const mma_thread_idx = thread_idx % kNumMmaThreads;
+  CUTLASS_DEVICE void operator()(Params const& params, char* smem_buf) {
+    run_sm90_kernel<Sm90MoeGemmKernel>(params, smem_buf);
+  }
+
+  // The kernel's body (sm_90a only, see run_sm90_kernel).
+  CUTLASS_DEVICE static void run(Params const& params, SharedStorage& shared_storage, WarpRoles const& roles) {
     int const lane_predicate = cute::elect_one_sync();
 
-    if (warp_idx == 0 && lane_predicate) {
+    if (roles.warp_idx == 0 && lane_predicate) {
       CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
       cute::prefetch_tma_descriptor(&params.tma_store_d);
     }
@@ -325,14 +318,12 @@ class Sm90MoeGemmKernel {
     // Pipelines from the TMA warp (producer) to the two MMA warpgroups (consumers): the stages, and the
     // decoded units (both warpgroups read every unit).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
-        shared_storage.pipeline, warp_group_role, warp_idx_in_warp_group, thread_idx, kNumMmaThreads,
-        params.mainloop.tma_transaction_bytes, LaunchClusterShape{});
-    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, warp_group_role,
-                                                                  warp_idx_in_warp_group, kNumConsumerThreads);
+        shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{});
+    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumConsumerThreads);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
     if constexpr (kClusterSize > 1) {
-      if (thread_idx == 0) {
+      if (roles.thread_idx == 0) {
         shared_storage.cluster_units.init(kClusterSize);
       }
       cute::cluster_arrive_relaxed();
@@ -341,22 +332,12 @@ class Sm90MoeGemmKernel {
       __syncthreads();
     }
 
-    if (warp_group_role == WarpGroupRole::Producer) {
-      cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
-      if (warp_idx_in_warp_group == 0) {
-        Scheduler scheduler(params.scheduler);
-        produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
-      }
-    } else {
-      cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      consume(params, pipeline, tile_pipeline, shared_storage, mma_thread_idx,
-              thread_idx - int(cutlass::NumThreadsPerWarpGroup));
-    }
-#else
-    if (threadIdx.x == 0 && blockIdx.x == 0) {
-      printf("moe_gemm: the sm90 kernel was launched on a build without sm_90a code\n");
-    }
-#endif
+    run_warp_groups(
+        roles, [&] { produce(params, pipeline, tile_pipeline, shared_storage); },
+        [&] {
+          consume(params, pipeline, tile_pipeline, shared_storage, roles.mma_thread_idx,
+                  roles.thread_idx - int(cutlass::NumThreadsPerWarpGroup));
+        });
   }
 
  private:
@@ -397,9 +378,10 @@ class Sm90MoeGemmKernel {
 
   // TMA warp: for each tile, K-blocks of A (the expert's rows) and of B[e] into the smem stages.
   CUTLASS_DEVICE
-  static void produce(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, SharedStorage& shared_storage) {
+  static void produce(Params const& params, MainloopPipeline& pipeline, TilePipeline& tile_pipeline,
+                      SharedStorage& shared_storage) {
     using namespace cute;
+    Scheduler scheduler(params.scheduler);
     auto const& tma_a = params.mainloop.tma_load_a;
     auto const& tma_b = params.mainloop.tma_load_b;
     int32_t const num_experts = params.scheduler.experts.num_experts;

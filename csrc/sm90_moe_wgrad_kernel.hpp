@@ -67,8 +67,6 @@ class Sm90MoeWgradKernel {
   static constexpr int kClusterSize = 1;
   // 128-row blocks of the gradient per raster group (L2 locality).
   static constexpr int32_t kGroupP = 8;
-  static constexpr uint32_t kLoadRegisters = 40;
-  static constexpr uint32_t kMmaRegisters = 232;
   static_assert(kNumMmaThreads == 256, "cooperative kernel: two consumer warpgroups");
 
   // The operand tiles in shared memory are 64 x 64 boxes (128-byte swizzled rows of 64 columns,
@@ -169,18 +167,14 @@ class Sm90MoeWgradKernel {
     return cudaSuccess;
   }
 
-  CUTLASS_DEVICE
-  void operator()(Params const& params, char* smem_buf) {
-    using namespace cute;
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    SharedStorage& shared_storage = *reinterpret_cast<SharedStorage*>(smem_buf);
-    int const thread_idx = int(threadIdx.x);
-    int const warp_idx = cutlass::canonical_warp_idx_sync();
-    int const warp_idx_in_warp_group = warp_idx % cutlass::NumWarpsPerWarpGroup;
-    auto const warp_group_role = WarpGroupRole(cutlass::canonical_warp_group_idx());
-    int const mma_thread_idx = thread_idx % kNumMmaThreads;
+  CUTLASS_DEVICE void operator()(Params const& params, char* smem_buf) {
+    run_sm90_kernel<Sm90MoeWgradKernel>(params, smem_buf);
+  }
 
-    if (warp_idx == 0 && cute::elect_one_sync()) {
+  // The kernel's body (sm_90a only, see run_sm90_kernel).
+  CUTLASS_DEVICE static void run(Params const& params, SharedStorage& shared_storage, WarpRoles const& roles) {
+
+    if (roles.warp_idx == 0 && cute::elect_one_sync()) {
       cute::prefetch_tma_descriptor(&params.tma_l);
       cute::prefetch_tma_descriptor(&params.tma_r);
       cute::prefetch_tma_descriptor(&params.tma_d);
@@ -189,27 +183,13 @@ class Sm90MoeWgradKernel {
     // Pipelines from the TMA warp (producer) to the two MMA warpgroups (consumers): the stages, and the
     // decoded tiles.
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
-        shared_storage.pipeline, warp_group_role, warp_idx_in_warp_group, thread_idx, kNumMmaThreads,
-        CollectiveMainloop::TmaTransactionBytes, cute::Shape<_1, _1, _1>{});
-    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, warp_group_role,
-                                                                  warp_idx_in_warp_group, kNumMmaThreads);
+        shared_storage.pipeline, roles, kNumMmaThreads, CollectiveMainloop::TmaTransactionBytes, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumMmaThreads);
     __syncthreads();
 
-    if (warp_group_role == WarpGroupRole::Producer) {
-      cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
-      if (warp_idx_in_warp_group == 0) {
-        Sm90MoeWgradScheduler scheduler(params.scheduler);
-        produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
-      }
-    } else {
-      cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      consume(params, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
-    }
-#else
-    if (threadIdx.x == 0 && blockIdx.x == 0) {
-      printf("moe_gemm: the sm90 wgrad kernel was launched on a build without sm_90a code\n");
-    }
-#endif
+    run_warp_groups(
+        roles, [&] { produce(params, pipeline, tile_pipeline, shared_storage); },
+        [&] { consume(params, pipeline, tile_pipeline, shared_storage, roles.mma_thread_idx); });
   }
 
  private:
@@ -223,8 +203,9 @@ class Sm90MoeWgradKernel {
   // TMA warp: takes tiles from the counter, publishes them to the MMA warpgroups, and loads the
   // k-blocks of the expert's rows of L and R.
   CUTLASS_DEVICE
-  static void produce(Params const& params, Sm90MoeWgradScheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, SharedStorage& shared_storage) {
+  static void produce(Params const& params, MainloopPipeline& pipeline, TilePipeline& tile_pipeline,
+                      SharedStorage& shared_storage) {
+    Sm90MoeWgradScheduler scheduler(params.scheduler);
     bool const is_leader = cute::elect_one_sync();
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
     TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();

@@ -136,6 +136,21 @@ std::vector<int> route(Options const& opt, std::mt19937& rng) {
   return counts;
 }
 
+// The rows of one run: per expert, and in all (the routed ones, then --extra_rows past the last expert).
+struct Rows {
+  std::vector<int> sizes;
+  int64_t routed;
+  int64_t M;
+};
+
+Rows rows_of(Options const& opt) {
+  std::mt19937 rng(opt.seed);
+  Rows rows{route(opt, rng), 0, 0};
+  rows.routed = std::accumulate(rows.sizes.begin(), rows.sizes.end(), int64_t(0));
+  rows.M = rows.routed + opt.extra_rows;
+  return rows;
+}
+
 // Integer values in [-2, 2] from a hash of the index: products and sums stay exact in float32, and
 // filling gigabytes on the GPU takes milliseconds.
 template <class Element>
@@ -204,6 +219,18 @@ void print_time(double ms, double flops, double bytes) {
               bytes / ms / 1e6);
 }
 
+// The first launch, waited for. With --ncu that is all: returns false.
+template <class Launch>
+bool first_launch(Options const& opt, Launch&& launch) {
+  launch();
+  CHECK_CUDA(cudaDeviceSynchronize());
+  if (opt.ncu) {
+    std::printf("one launch done (--ncu)\n");
+    return false;
+  }
+  return true;
+}
+
 // Mean time of one launch over opt.iterations back-to-back launches, after opt.warmup, by CUDA events.
 template <class Launch>
 double time_launches(Options const& opt, Launch&& launch) {
@@ -224,11 +251,10 @@ double time_launches(Options const& opt, Launch&& launch) {
 
 template <class Element>
 int run(Options const& opt) {
-  std::mt19937 rng(opt.seed);
-  std::vector<int> sizes = route(opt, rng);
+  Rows const rows = rows_of(opt);
+  std::vector<int> const& sizes = rows.sizes;
   int const E = int(sizes.size());
-  int64_t const rows_routed = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
-  int64_t const M = rows_routed + opt.extra_rows, N = opt.n, K = opt.k;
+  int64_t const rows_routed = rows.routed, M = rows.M, N = opt.n, K = opt.k;
   int const experts_hit = int(std::count_if(sizes.begin(), sizes.end(), [](int s) { return s > 0; }));
 
   int64_t const b_count = int64_t(E) * N * K;
@@ -279,10 +305,7 @@ int run(Options const& opt) {
   moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, plan_override);
   params.workspace = allocate_workspace(plan.workspace.total_bytes);
   auto launch = [&]() { CHECK_CUDA(moe_gemm::run_grouped_gemm(params, plan, nullptr)); };
-  launch();
-  CHECK_CUDA(cudaDeviceSynchronize());
-  if (opt.ncu) {
-    std::printf("one launch done (--ncu)\n");
+  if (!first_launch(opt, launch)) {
     return 0;
   }
 
@@ -347,11 +370,10 @@ __global__ void reference_grouped_wgrad(Element const* l, Element const* r, floa
 // (L = grad_y, R = x), or [E, K, N] with --layout=kn (L = x, R = grad_y).
 template <class Element>
 int run_wgrad(Options const& opt) {
-  std::mt19937 rng(opt.seed);
-  std::vector<int> sizes = route(opt, rng);
+  Rows const rows = rows_of(opt);
+  std::vector<int> const& sizes = rows.sizes;
   int const E = int(sizes.size());
-  int64_t const rows_routed = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
-  int64_t const M = rows_routed + opt.extra_rows;
+  int64_t const rows_routed = rows.routed, M = rows.M;
   bool const transposed = opt.layout == "kn";
   int64_t const P = transposed ? opt.k : opt.n, Q = transposed ? opt.n : opt.k;
   std::vector<int64_t> row_start(std::max(E, 1), 0);
@@ -400,10 +422,7 @@ int run_wgrad(Options const& opt) {
   moe_gemm::GroupedWgradPlan const plan = moe_gemm::plan_grouped_wgrad(params);
   params.workspace = allocate_workspace(plan.workspace.total_bytes);
   auto launch = [&]() { CHECK_CUDA(moe_gemm::run_grouped_wgrad(params, plan, nullptr)); };
-  launch();
-  CHECK_CUDA(cudaDeviceSynchronize());
-  if (opt.ncu) {
-    std::printf("one launch done (--ncu)\n");
+  if (!first_launch(opt, launch)) {
     return 0;
   }
 
