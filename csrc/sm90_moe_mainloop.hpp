@@ -29,10 +29,11 @@ struct WarpRoles {
   int mma_thread_idx;
 };
 
-CUTLASS_DEVICE WarpRoles warp_roles(int num_mma_threads) {
+CUTLASS_DEVICE WarpRoles warp_roles(uint32_t num_mma_threads) {
+  int const thread_idx = int(threadIdx.x);
   int const warp_idx = cutlass::canonical_warp_idx_sync();
-  return {int(threadIdx.x), warp_idx, warp_idx % cutlass::NumWarpsPerWarpGroup,
-          WarpGroupRole(cutlass::canonical_warp_group_idx()), int(threadIdx.x) % num_mma_threads};
+  return {thread_idx, warp_idx, warp_idx % cutlass::NumWarpsPerWarpGroup,
+          WarpGroupRole(cutlass::canonical_warp_group_idx()), int(thread_idx % num_mma_threads)};
 }
 
 // Both kernels' entry (their operator()): Kernel::run with the shared storage and the thread's roles, on the
@@ -41,7 +42,7 @@ template <class Kernel>
 CUTLASS_DEVICE void run_sm90_kernel(typename Kernel::Params const& params, char* smem_buf) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   Kernel::run(params, *reinterpret_cast<typename Kernel::SharedStorage*>(smem_buf),
-              warp_roles(int(Kernel::kNumMmaThreads)));
+              warp_roles(Kernel::kNumMmaThreads));
 #else
   if (threadIdx.x == 0 && blockIdx.x == 0) {
     printf("moe_gemm: an sm90 kernel was launched on a build without sm_90a code\n");
