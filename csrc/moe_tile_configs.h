@@ -3,7 +3,8 @@
 // use (moe_gemm.cpp), the dispatch switch, the kernel traits (sm90_moe_gemm_launch.cuh derives the CuTe
 // shapes from the numbers) and the instantiation generator (csrc/generate_instantiations.py parses the
 // rows with a regular expression: keep one row per line, in this form). Adding a configuration means a
-// row here, `python csrc/generate_instantiations.py`, and its cases in the tests.
+// row here, `python csrc/generate_instantiations.py`, and its name in the static list of moe_gemm/testing.py
+// (tests/test_testing.py checks both); the GPU tests take the names from the extension.
 //
 // Columns: enum name, name (tests, the profiler's --config, moe_gemm.testing), output tile rows (tokens)
 // x columns x k-block, cluster shape along M x N, swapped operands (the weights are WGMMA's A operand and
