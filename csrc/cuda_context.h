@@ -1,7 +1,12 @@
-// Host helper shared by the kernels' dispatch code. Plain C++.
+// Host helpers shared by the kernels' dispatch code. Plain C++.
 #pragma once
 
+#include <type_traits>
+
 #include <cuda_runtime.h>
+
+#include "moe_dtype.h"
+#include "moe_gemm_workspace.h"
 
 namespace moe_gemm {
 
@@ -23,6 +28,34 @@ inline cudaError_t make_device_context_current() {
     context_device = device;
   }
   return cudaSuccess;
+}
+
+// The switch onto explicit instantiations: f(dtype, flag) with both as compile-time constants
+// (std::integral_constant), for a 16-bit dtype; kFloat32 has no instantiation.
+template <class F>
+cudaError_t with_16bit_dtype_and_flag(DType dtype, bool flag, F&& f) {
+  using BFloat16 = std::integral_constant<DType, DType::kBFloat16>;
+  using Float16 = std::integral_constant<DType, DType::kFloat16>;
+  switch (dtype) {
+    case DType::kBFloat16:
+      return flag ? f(BFloat16{}, std::true_type{}) : f(BFloat16{}, std::false_type{});
+    case DType::kFloat16:
+      return flag ? f(Float16{}, std::true_type{}) : f(Float16{}, std::false_type{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// What both run_* functions do before a kernel launch: the context for the TMA descriptors, a check that the
+// caller passed the plan's workspace, and its counters zeroed on `stream`.
+inline cudaError_t prepare_launch(WorkspaceLayout const& layout, void* workspace, cudaStream_t stream) {
+  if (layout.total_bytes > 0 && workspace == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  if (cudaError_t status = make_device_context_current(); status != cudaSuccess) {
+    return status;
+  }
+  return zero_workspace_counters(layout, workspace, stream);
 }
 
 }  // namespace moe_gemm

@@ -1,36 +1,24 @@
 // The seam between the kernels and their callers (the torch binding and the C++ profiler):
 // plain pointers, sizes and strides, no torch types. Everything here is host code.
+//
+// A call is planned once, then run: plan_grouped_gemm() resolves the tile configuration, split-K, the
+// tile schedule and the workspace layout from host-known shapes (the per-expert sizes stay on the GPU),
+// and run_grouped_gemm() launches what the plan says. The caller allocates plan.workspace.total_bytes of
+// device memory; run_grouped_gemm zeroes the counters at its start before each launch, in stream order.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
 
+#include "moe_dtype.h"
+#include "moe_gemm_workspace.h"
+#include "moe_tile_configs.h"
+
 namespace moe_gemm {
 
-enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
-
-// Tile configurations of the sm90 kernel. kAuto lets choose_tile_config() pick from host-known shapes.
-// Clusters of two CTAs of 128x256 tiles: k128x256Cluster2x1 on consecutive m-blocks of one expert
-// shares (multicasts) each B tile, k128x256Cluster1x2 on consecutive n-blocks each A tile, cutting the
-// traffic from L2 by a third or a sixth. k128x128Pingpong: each consumer warpgroup computes its own
-// 128x128 tile, alternating with the other, so that one's epilogue overlaps the other's MMAs.
-// k16x128SwapAB (decode): tiles of 16 rows x 128 columns, computed with the weights as WGMMA's A
-// operand and the tokens along its N, so that the stages hold weights, not 128 rows of tokens.
-// k32x128SwapAB: the same with 32 token rows per tile (the heuristic takes it from 5 to 31 rows per expert).
-enum class TileConfig : int {
-  kAuto = 0,
-  k128x256 = 1,
-  k128x128 = 2,
-  k128x256Cluster2x1 = 3,
-  k128x256Cluster1x2 = 4,
-  k128x128Pingpong = 5,
-  k16x128SwapAB = 6,
-  k32x128SwapAB = 7,
-};
-
-// "auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "32x128s" <-> TileConfig;
-// parse returns false for an unknown name.
+// The table's names (moe_tile_configs.h) and "auto" <-> TileConfig; parse returns false for an unknown name.
 bool parse_tile_config(char const* name, TileConfig* config);
 char const* tile_config_name(TileConfig config);
 
@@ -43,7 +31,7 @@ struct GroupedGemmParams {
   void const* m_sizes = nullptr;  // [E] counts in device memory, int32 or int64
   bool m_sizes_int64 = false;
   bool b_n_major = false;         // the weight_transposed layout: B[e] is [K, N] with N contiguous
-  DType dtype = DType::kBFloat16;
+  DType dtype = DType::kBFloat16; // kBFloat16 or kFloat16
   int64_t M = 0, N = 0, K = 0;
   int32_t E = 0;
   int64_t lda = 0;                // elements between rows of A
@@ -51,23 +39,27 @@ struct GroupedGemmParams {
   int64_t batch_stride_b = 0;     // elements between B[e] and B[e + 1]
   int64_t ldd = 0;                // elements between rows of D
   int sm_count = 0;               // persistent grid size; 0 = query the current device
-  TileConfig config = TileConfig::kAuto;
-  int group_m = 0;                // m-blocks per raster group (L2 locality); 0 = the configuration's default
-  // Device memory of grouped_gemm_workspace_bytes(params) bytes whose first
-  // grouped_gemm_workspace_zeroed_bytes(params) bytes the caller zeroes before each launch
-  // (stream-ordered, e.g. cudaMemsetAsync); null when the size is 0.
+  // Device memory of the plan's workspace.total_bytes; null when that is 0.
   void* workspace = nullptr;
-  int dynamic_schedule = -1;      // 1: tile counter in the workspace, 0: static striding, -1: heuristic
-  // Splits of the K loop per output tile, reduced deterministically through the workspace:
-  // 0 = choose_split_k(), 1 = off. Values above the number of k-blocks (64 or 128 wide) are clamped to it;
-  // only the 128x128 and 16x128s configurations split (the others run 1).
+};
+
+// What tests and A/B measurements may force instead of the heuristics.
+struct PlanOverride {
+  TileConfig config = TileConfig::kAuto;
+  // 0: choose_split_k(); 1: never split; n: n splits, clamped to the k-blocks. Only the configurations
+  // with a split-K instantiation (moe_tile_configs.h) split; the others run 1.
   int split_k = 0;
-  // 16-bit outputs of the cooperative configurations: store each tile under the next tile's MMAs (true)
-  // or right after its own (false; for A/B measurements).
-  bool overlap_epilogue = true;
-  // An expert's last m-block of at most half a tile of rows loads only the token rows it multiplies
-  // (true) or the whole token tile (false; for A/B measurements).
-  bool partial_token_loads = true;
+  int dynamic_schedule = -1;  // -1: the heuristic; 0: static striding; 1: tile counter in the workspace
+};
+
+// Every choice of one call, made once from host-known shapes; the launcher reads it and derives nothing.
+struct GroupedGemmPlan {
+  TileConfig config = TileConfig::kAuto;  // never kAuto when there is something to multiply
+  int split_k = 1;                        // >= 1; above 1 only for configurations with split-K
+  bool dynamic_schedule = false;
+  int sm_count = 0;                       // the SMs the persistent grid may use
+  int64_t max_units = 0;                  // the most work units (cluster tiles x splits) the sizes allow
+  WorkspaceLayout workspace;              // counters (zeroed by run_grouped_gemm) and split-K partials
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto).
@@ -81,21 +73,13 @@ int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, Til
 // else a sentence saying what is wrong.
 char const* check_grouped_gemm(GroupedGemmParams const& params);
 
-// Bytes of device workspace run_grouped_gemm needs for these params: the counter of dynamic tile
-// scheduling (4 bytes, problems of several waves of tiles), and for split-K a counter per tile and
-// the fp32 partial tiles (csrc/moe_gemm_workspace.h). 0 when none is needed.
-size_t grouped_gemm_workspace_bytes(GroupedGemmParams const& params);
+// The plan of a call: the override's fields where set, else the heuristics. Reads params' sizes and
+// sm_count only (queries the current device when sm_count is 0).
+GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& params, PlanOverride const& override = PlanOverride{});
 
-// The leading bytes of that workspace to zero before each launch (the counters; at most
-// grouped_gemm_workspace_bytes). The rest, the partials, needs no initialization.
-size_t grouped_gemm_workspace_zeroed_bytes(GroupedGemmParams const& params);
-
-// The choices run_grouped_gemm makes for these params: split-K factor (>= 1) and tile schedule.
-int resolved_split_k(GroupedGemmParams const& params);
-bool resolved_dynamic_schedule(GroupedGemmParams const& params);
-
-// Launches the grouped GEMM on `stream`. Asynchronous; returns the launch status.
-cudaError_t run_grouped_gemm(GroupedGemmParams const& params, cudaStream_t stream);
+// Zeroes the workspace's counters, then launches the grouped GEMM on `stream`, as `plan` says.
+// Asynchronous; returns the launch status.
+cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream);
 
 // Weight gradient, a K-grouped GEMM: the reduction runs over each expert's rows, read from m_sizes on
 // the GPU. With L = grad_y, R = x (weight [E, N, K]) or L = x, R = grad_y (weight_transposed, [E, K, N]):
@@ -108,22 +92,27 @@ struct GroupedWgradParams {
   void* d = nullptr;              // [E, P, Q], rows of ldd elements, experts batch_stride_d apart
   void const* m_sizes = nullptr;  // [E] counts in device memory, int32 or int64
   bool m_sizes_int64 = false;
-  DType dtype = DType::kBFloat16; // of l and r
+  DType dtype = DType::kBFloat16; // of l and r: kBFloat16 or kFloat16
   bool d_float32 = false;         // D is float32 (else the input dtype)
   bool accumulate = false;        // D += L^T R (float32 D only): a trainer's main-grad buffer
   int64_t M = 0, P = 0, Q = 0;
   int32_t E = 0;
   int64_t ldl = 0, ldr = 0, ldd = 0, batch_stride_d = 0;
   int sm_count = 0;               // persistent grid size; 0 = query the current device
-  int group_p = 0;                // 128-row blocks of D per raster group (L2 locality); 0 = 8
-  bool overlap_epilogue = true;   // 16-bit D: store each tile under the next tile's MMAs (as in GroupedGemmParams)
-  // Device memory of grouped_wgrad_workspace_bytes(params) bytes, zeroed by the caller before each launch.
+  // Device memory of the plan's workspace.total_bytes (the tile counter); null when that is 0.
   void* workspace = nullptr;
+};
+
+// The weight gradient has one configuration and a dynamic schedule always: its plan is the grid bound
+// and the workspace (the tile counter, zeroed by run_grouped_wgrad).
+struct GroupedWgradPlan {
+  int sm_count = 0;
+  WorkspaceLayout workspace;
 };
 
 // Nullptr when the kernel can run these params, else a sentence saying what is wrong.
 char const* check_grouped_wgrad(GroupedWgradParams const& params);
-size_t grouped_wgrad_workspace_bytes(GroupedWgradParams const& params);
-cudaError_t run_grouped_wgrad(GroupedWgradParams const& params, cudaStream_t stream);
+GroupedWgradPlan plan_grouped_wgrad(GroupedWgradParams const& params);
+cudaError_t run_grouped_wgrad(GroupedWgradParams const& params, GroupedWgradPlan const& plan, cudaStream_t stream);
 
 }  // namespace moe_gemm

@@ -1,10 +1,13 @@
-// The only file that knows torch (besides the routing binding): op schemas (TORCH_LIBRARY) and their CUDA kernels
-// (TORCH_LIBRARY_IMPL), translating tensors into the torch-free GroupedGemmParams.
-// Fake (meta) kernels, autograd and the CPU path are registered in Python (moe_gemm/_ops.py).
+// The grouped GEMMs' binding to torch: the CUDA kernels of the ops moe_gemm::grouped_mm, grouped_mm_wgrad and
+// grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake kernels, autograd and CPU path are
+// declared in Python, moe_gemm/_ops.py), translating tensors into the torch-free GroupedGemmParams and
+// planning each call; and the extension module moe_gemm._C, whose set_plan_override() and
+// tile_config_names() serve moe_gemm.testing. The routing and layer kernels have their own bindings
+// (moe_routing_torch.cpp, moe_layer_torch.cpp).
 #include <Python.h>
 
-#include <cstdlib>
-#include <string>
+#include <mutex>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,27 +18,70 @@
 
 namespace {
 
-moe_gemm::DType to_dtype(at::ScalarType type) {
-  TORCH_CHECK(type == at::kBFloat16 || type == at::kHalf,
-              "moe_gemm.grouped_mm: the CUDA kernel takes bfloat16 or float16, got ", type);
+moe_gemm::DType to_dtype(at::ScalarType type, char const* op) {
+  TORCH_CHECK(type == at::kBFloat16 || type == at::kHalf, op, ": the CUDA kernel takes bfloat16 or float16, got ",
+              type);
   return type == at::kBFloat16 ? moe_gemm::DType::kBFloat16 : moe_gemm::DType::kFloat16;
 }
 
+// The kernels are sm_90a code: on any other GPU refuse the call (moe_gemm's Python entry points take the
+// PyTorch path there; this is the last guard). The compute capability is read once per device.
+void check_sm90(at::Device device, char const* op) {
+  static std::mutex mutex;
+  static std::vector<int> capability;  // major * 10 + minor by device index; 0: not read yet
+  int const index = device.index();
+  int major_minor = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (index >= int(capability.size())) {
+      capability.resize(index + 1, 0);
+    }
+    if (capability[index] == 0) {
+      cudaDeviceProp const* properties = at::cuda::getDeviceProperties(index);
+      capability[index] = properties->major * 10 + properties->minor;
+    }
+    major_minor = capability[index];
+  }
+  TORCH_CHECK(major_minor == 90, op, ": the moe_gemm kernels need an sm_90 GPU (H100, H200, H800), but ",
+              device, " has compute capability ", major_minor / 10, ".", major_minor % 10);
+}
+
+// What moe_gemm.testing.plan_override sets: process-wide (autograd runs the backward on other threads),
+// read under the lock when a call is planned.
+std::mutex plan_override_mutex;
+moe_gemm::PlanOverride plan_override;
+
+moe_gemm::PlanOverride current_plan_override() {
+  std::lock_guard<std::mutex> lock(plan_override_mutex);
+  return plan_override;
+}
+
+// The fields both ops' params share: the output, the sizes, the input dtype and the SMs.
+template <class Params>
+void set_common_fields(Params& params, at::Tensor& out, at::Tensor const& m_sizes, at::ScalarType dtype,
+                       char const* op) {
+  params.d = out.data_ptr();
+  params.m_sizes = m_sizes.data_ptr();
+  params.m_sizes_int64 = m_sizes.scalar_type() == at::kLong;
+  params.E = static_cast<int32_t>(m_sizes.numel());
+  params.dtype = to_dtype(dtype, op);
+  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Runs a planned call on the current stream. The plan's workspace comes from the caching allocator, so that the
+// call can be captured in a CUDA graph; run (run_grouped_gemm or run_grouped_wgrad) zeroes its counters.
+template <class Params, class Plan, class Run>
+void run_planned(Params& params, Plan const& plan, Run run, at::TensorOptions options, char const* op) {
+  at::Tensor workspace;
+  if (plan.workspace.total_bytes > 0) {
+    workspace = at::empty({int64_t(plan.workspace.total_bytes)}, options.dtype(at::kByte));
+    params.workspace = workspace.data_ptr();
+  }
+  cudaError_t status = run(params, plan, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+}
+
 // D = grouped GEMM of x [M, K] with weight [E, N, K] (or [E, K, N] when weight_transposed).
-// MOE_GEMM_OVERLAP_EPILOGUE=0 stores each 16-bit tile right after its MMAs instead of under the next
-// tile's (both kernels; for A/B measurements). Anything else, or unset: overlapped.
-bool overlap_epilogue_enabled() {
-  char const* value = std::getenv("MOE_GEMM_OVERLAP_EPILOGUE");
-  return value == nullptr || std::string(value) != "0";
-}
-
-// MOE_GEMM_PARTIAL_TOKEN_LOADS=0 loads the whole token tile for an expert's tail of <= 64 rows too
-// (for A/B measurements). Anything else, or unset: only the rows the tail multiplies.
-bool partial_token_loads_enabled() {
-  char const* value = std::getenv("MOE_GEMM_PARTIAL_TOKEN_LOADS");
-  return value == nullptr || std::string(value) != "0";
-}
-
 at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& m_sizes,
                            bool weight_transposed) {
   TORCH_CHECK(x.dim() == 2, "moe_gemm.grouped_mm: x must be 2-D [M, K], got ", x.sizes());
@@ -55,6 +101,7 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   TORCH_CHECK(weight_k == K, "moe_gemm.grouped_mm: x has K = ", K, " but weight has K = ", weight_k);
   TORCH_CHECK(M == 0 || x.stride(1) == 1, "moe_gemm.grouped_mm: x must have inner stride 1");
   TORCH_CHECK(weight.numel() == 0 || weight.stride(2) == 1, "moe_gemm.grouped_mm: weight must have inner stride 1");
+  check_sm90(x.device(), "moe_gemm.grouped_mm");
 
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
@@ -63,58 +110,22 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   }
 
   moe_gemm::GroupedGemmParams params;
+  set_common_fields(params, out, m_sizes, x.scalar_type(), "moe_gemm.grouped_mm");
   params.a = x.data_ptr();
+  params.lda = x.stride(0);
   params.b = weight.data_ptr();
-  params.d = out.data_ptr();
-  params.m_sizes = m_sizes.data_ptr();
-  params.m_sizes_int64 = m_sizes.scalar_type() == at::kLong;
+  params.ldb = weight.stride(1);
+  params.batch_stride_b = weight.stride(0);
   params.b_n_major = weight_transposed;
-  params.dtype = to_dtype(x.scalar_type());
+  params.ldd = out.stride(0);
   params.M = M;
   params.N = N;
   params.K = K;
-  params.E = static_cast<int32_t>(weight.size(0));
-  params.lda = x.stride(0);
-  params.ldb = weight.stride(1);
-  params.batch_stride_b = weight.stride(0);
-  params.ldd = out.stride(0);
-  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // MOE_GEMM_TILE_CONFIG=128x256|128x128|128x256c2x1|128x256c1x2|128x128pp|16x128s|32x128s overrides the heuristic (for tuning and tests).
-  if (char const* forced = std::getenv("MOE_GEMM_TILE_CONFIG")) {
-    TORCH_CHECK(moe_gemm::parse_tile_config(forced, &params.config),
-                "moe_gemm.grouped_mm: MOE_GEMM_TILE_CONFIG must be auto, 128x256, 128x128, 128x256c2x1, 128x256c1x2, 128x128pp, 16x128s or 32x128s, got ", forced);
-  }
-  // MOE_GEMM_GROUP_M=n: m-blocks per raster group, for tuning L2 locality.
-  if (char const* group_m = std::getenv("MOE_GEMM_GROUP_M")) {
-    params.group_m = std::atoi(group_m);
-  }
-  // MOE_GEMM_DYNAMIC=0|1 forces static or dynamic tile scheduling (default: by problem size).
-  if (char const* dynamic = std::getenv("MOE_GEMM_DYNAMIC")) {
-    params.dynamic_schedule = std::atoi(dynamic) != 0;
-  }
-  // MOE_GEMM_SPLIT_K=n splits each tile's K loop n ways (1: never; 0: the heuristic, the default).
-  if (char const* split_k = std::getenv("MOE_GEMM_SPLIT_K")) {
-    params.split_k = std::atoi(split_k);
-    TORCH_CHECK(params.split_k >= 0, "moe_gemm.grouped_mm: MOE_GEMM_SPLIT_K must be >= 0, got ", split_k);
-  }
-  params.overlap_epilogue = overlap_epilogue_enabled();
-  params.partial_token_loads = partial_token_loads_enabled();
   char const* problem = moe_gemm::check_grouped_gemm(params);
   TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // The tile counter of dynamic scheduling and split-K's counters and partial tiles, from the caching
-  // allocator (so CUDA-graph capturable); only the counters at its start are zeroed, in stream order.
-  at::Tensor workspace;
-  if (size_t const workspace_bytes = moe_gemm::grouped_gemm_workspace_bytes(params)) {
-    workspace = at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte));
-    if (size_t const zeroed_bytes = moe_gemm::grouped_gemm_workspace_zeroed_bytes(params)) {
-      C10_CUDA_CHECK(cudaMemsetAsync(workspace.data_ptr(), 0, zeroed_bytes, stream));
-    }
-    params.workspace = workspace.data_ptr();
-  }
-  cudaError_t status = moe_gemm::run_grouped_gemm(params, stream);
-  TORCH_CHECK(status == cudaSuccess, "moe_gemm.grouped_mm: kernel launch failed: ", cudaGetErrorString(status));
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
+  run_planned(params, plan, moe_gemm::run_grouped_gemm, x.options(), "moe_gemm.grouped_mm");
   return out;
 }
 
@@ -133,6 +144,7 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   TORCH_CHECK(m_sizes.scalar_type() == at::kInt || m_sizes.scalar_type() == at::kLong, op,
               ": m_sizes must be int32 or int64, got ", m_sizes.scalar_type());
   TORCH_CHECK(m_sizes.numel() <= 1 || m_sizes.stride(0) == 1, op, ": m_sizes must be contiguous");
+  check_sm90(x.device(), op);
   int64_t const M = x.size(0), K = x.size(1), N = grad_y.size(1), E = m_sizes.numel();
   int64_t const P = weight_transposed ? K : N, Q = weight_transposed ? N : K;
   TORCH_CHECK(out.dim() == 3 && out.size(0) == E && out.size(1) == P && out.size(2) == Q, op,
@@ -145,40 +157,22 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   at::Tensor const& left = weight_transposed ? x : grad_y;
   at::Tensor const& right = weight_transposed ? grad_y : x;
   moe_gemm::GroupedWgradParams params;
+  set_common_fields(params, out, m_sizes, x.scalar_type(), op);
   params.l = left.data_ptr();
+  params.ldl = left.stride(0);
   params.r = right.data_ptr();
-  params.d = out.data_ptr();
-  params.m_sizes = m_sizes.data_ptr();
-  params.m_sizes_int64 = m_sizes.scalar_type() == at::kLong;
-  params.dtype = to_dtype(x.scalar_type());
+  params.ldr = right.stride(0);
+  params.ldd = out.stride(1);
+  params.batch_stride_d = out.stride(0);
   params.d_float32 = out.scalar_type() == at::kFloat;
   params.accumulate = accumulate;
   params.M = M;
   params.P = P;
   params.Q = Q;
-  params.E = static_cast<int32_t>(E);
-  params.ldl = left.stride(0);
-  params.ldr = right.stride(0);
-  params.ldd = out.stride(1);
-  params.batch_stride_d = out.stride(0);
-  params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // MOE_GEMM_GROUP_P=n: 128-row blocks of the gradient per raster group, for tuning L2 locality.
-  if (char const* group_p = std::getenv("MOE_GEMM_GROUP_P")) {
-    params.group_p = std::atoi(group_p);
-  }
-  params.overlap_epilogue = overlap_epilogue_enabled();
   char const* problem = moe_gemm::check_grouped_wgrad(params);
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
 
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor workspace;
-  if (size_t const workspace_bytes = moe_gemm::grouped_wgrad_workspace_bytes(params)) {
-    workspace = at::empty({int64_t(workspace_bytes)}, x.options().dtype(at::kByte));
-    C10_CUDA_CHECK(cudaMemsetAsync(workspace.data_ptr(), 0, workspace_bytes, stream));
-    params.workspace = workspace.data_ptr();
-  }
-  cudaError_t status = moe_gemm::run_grouped_wgrad(params, stream);
-  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+  run_planned(params, moe_gemm::plan_grouped_wgrad(params), moe_gemm::run_grouped_wgrad, x.options(), op);
 }
 
 at::Tensor grouped_mm_wgrad_cuda(at::Tensor const& x, at::Tensor const& grad_y, at::Tensor const& m_sizes,
@@ -203,21 +197,71 @@ void grouped_mm_wgrad_accumulate_cuda(at::Tensor main_grad, at::Tensor const& x,
 
 }  // namespace
 
-TORCH_LIBRARY(moe_gemm, m) {
-  m.def("grouped_mm(Tensor x, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor");
-  m.def("grouped_mm_wgrad(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor");
-  m.def("grouped_mm_wgrad_accumulate_(Tensor(a!) main_grad, Tensor x, Tensor grad_y, Tensor m_sizes, "
-        "bool weight_transposed=False) -> ()");
-}
-
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
   m.impl("grouped_mm_wgrad_accumulate_", &grouped_mm_wgrad_accumulate_cuda);
 }
 
+namespace {
+
+// moe_gemm._C.set_plan_override(tile_config: str, split_k: int, dynamic_schedule: int) -> None: what every
+// later call plans with, in all threads, until the next call ("auto", 0, -1: the heuristics). Raises
+// ValueError for an unknown configuration name or a negative split, leaving the override as it was.
+PyObject* set_plan_override(PyObject* /*module*/, PyObject* args) {
+  char const* name = nullptr;
+  int split_k = 0;
+  int dynamic_schedule = -1;
+  if (!PyArg_ParseTuple(args, "sii:set_plan_override", &name, &split_k, &dynamic_schedule)) {
+    return nullptr;
+  }
+  moe_gemm::PlanOverride value;
+  if (!moe_gemm::parse_tile_config(name, &value.config)) {
+    PyErr_Format(PyExc_ValueError, "unknown tile configuration %R", PyTuple_GET_ITEM(args, 0));
+    return nullptr;
+  }
+  if (split_k < 0) {
+    PyErr_Format(PyExc_ValueError, "split_k must be >= 0, got %d", split_k);
+    return nullptr;
+  }
+  value.split_k = split_k;
+  value.dynamic_schedule = dynamic_schedule < 0 ? -1 : dynamic_schedule > 0 ? 1 : 0;
+  std::lock_guard<std::mutex> lock(plan_override_mutex);
+  plan_override = value;
+  Py_RETURN_NONE;
+}
+
+// moe_gemm._C.tile_config_names() -> tuple[str, ...]: the table's names (csrc/moe_tile_configs.h), in order.
+PyObject* tile_config_names(PyObject* /*module*/, PyObject* /*unused*/) {
+  PyObject* names = PyTuple_New(moe_gemm::kNumTileConfigs);
+  if (names == nullptr) {
+    return nullptr;
+  }
+  for (int i = 0; i < moe_gemm::kNumTileConfigs; ++i) {
+    PyObject* name = PyUnicode_FromString(moe_gemm::kTileConfigs[i].name);
+    if (name == nullptr) {
+      Py_DECREF(names);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(names, i, name);
+  }
+  return names;
+}
+
+PyMethodDef module_methods[] = {
+    {"set_plan_override", set_plan_override, METH_VARARGS,
+     "set_plan_override(tile_config: str, split_k: int, dynamic_schedule: int) -> None\n"
+     "The plan every later grouped GEMM call uses instead of the heuristics (\"auto\", 0, -1: none); "
+     "use moe_gemm.testing.plan_override."},
+    {"tile_config_names", tile_config_names, METH_NOARGS,
+     "tile_config_names() -> tuple[str, ...]\nThe names of the kernel's tile configurations."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // `import moe_gemm._C` loads this library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "moe_gemm CUDA kernels", -1, nullptr};
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "moe_gemm CUDA kernels", -1, module_methods,
+                                  nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

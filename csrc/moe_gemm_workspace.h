@@ -1,5 +1,5 @@
-// Layout of the grouped GEMM's device workspace, shared by the host dispatch (moe_gemm.cpp: its size)
-// and the launcher (sm90_moe_gemm_launch.cuh: its pointers). Plain C++, host only.
+// Layout of the kernels' device workspace: planned once per call (moe_gemm.cpp: plan_grouped_gemm,
+// plan_grouped_wgrad), read by the launchers (their pointers) and by the callers (its size). Host only.
 //
 //   [0, zeroed_bytes)             counters, zeroed by the caller before each launch:
 //                                   int tile_counter              (dynamic scheduling only)
@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+
+#include <cuda_runtime.h>
 
 namespace moe_gemm {
 
@@ -56,6 +58,17 @@ inline WorkspaceLayout workspace_layout(int64_t M, int64_t N, int64_t E, int til
   }
   layout.total_bytes = offset;
   return layout;
+}
+
+// The workspace protocol's one stream-ordered step: before each launch, zero the counters.
+inline cudaError_t zero_workspace_counters(WorkspaceLayout const& layout, void* workspace, cudaStream_t stream) {
+  if (layout.zeroed_bytes == 0) {
+    return cudaSuccess;
+  }
+  if (workspace == nullptr) {
+    return cudaErrorInvalidValue;  // the caller must provide the plan's workspace
+  }
+  return cudaMemsetAsync(workspace, 0, layout.zeroed_bytes, stream);
 }
 
 }  // namespace moe_gemm

@@ -251,13 +251,13 @@ __global__ void moe_combine_kernel(CombineParams const params) {
 // Type dispatch
 
 template <typename Function>
-cudaError_t with_element(LayerDType dtype, Function&& function) {
+cudaError_t with_element(DType dtype, Function&& function) {
   switch (dtype) {
-    case LayerDType::kFloat32:
+    case DType::kFloat32:
       return function(float{});
-    case LayerDType::kBFloat16:
+    case DType::kBFloat16:
       return function(__nv_bfloat16{});
-    case LayerDType::kFloat16:
+    case DType::kFloat16:
       return function(__half{});
   }
   return cudaErrorInvalidValue;

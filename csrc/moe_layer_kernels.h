@@ -8,9 +8,9 @@
 
 #include <cuda_runtime.h>
 
-namespace moe_gemm {
+#include "moe_dtype.h"
 
-enum class LayerDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace moe_gemm {
 
 // Sorts the P = T * top_k (token, slot) pairs by expert, stably, in one CTA (a counting sort: a histogram per
 // warp, a scan, then each warp places its pairs in order with __match_any_sync). Pair p = t * top_k + j has
@@ -42,7 +42,7 @@ struct GatedActivationParams {
   void* out = nullptr;
   int64_t rows = 0;
   int64_t I = 0;
-  LayerDType dtype = LayerDType::kBFloat16;
+  DType dtype = DType::kBFloat16;
   GatedActivation act = GatedActivation::kSilu;
   bool concatenated = true;
 };
@@ -60,8 +60,8 @@ struct CombineParams {
   int64_t H = 0;
   int32_t top_k = 1;
   int32_t E = 0;
-  LayerDType dtype = LayerDType::kBFloat16;
-  LayerDType weights_dtype = LayerDType::kFloat32;
+  DType dtype = DType::kBFloat16;
+  DType weights_dtype = DType::kFloat32;
 };
 
 // Asynchronous launches on `stream` (nothing for empty inputs); each returns the launch status.

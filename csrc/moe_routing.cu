@@ -281,11 +281,11 @@ cudaError_t run_routing(RoutingParams const& params, cudaStream_t stream) {
     return cudaSuccess;
   }
   switch (params.dtype) {
-    case RoutingLogitsDType::kFloat32:
+    case DType::kFloat32:
       return launch_for_experts<float>(params, stream);
-    case RoutingLogitsDType::kBFloat16:
+    case DType::kBFloat16:
       return launch_for_experts<__nv_bfloat16>(params, stream);
-    case RoutingLogitsDType::kFloat16:
+    case DType::kFloat16:
       return launch_for_experts<__half>(params, stream);
   }
   return cudaErrorInvalidValue;

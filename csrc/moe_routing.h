@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include "moe_dtype.h"
+
 namespace moe_gemm {
 
 enum class RoutingScoring : int {
@@ -13,8 +15,6 @@ enum class RoutingScoring : int {
   kSoftmaxTopK = 1,  // the top_k largest logits, then a softmax over them (GPT-OSS)
   kSigmoid = 2,      // DeepSeek-V3: biased, optionally grouped, top-k on sigmoid scores
 };
-
-enum class RoutingLogitsDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Limits of the kernel: a lane holds up to 32 experts, one chosen expert, and one group score.
 constexpr int kRoutingMaxExperts = 1024;
@@ -27,7 +27,7 @@ constexpr int kRoutingMaxGroups = 32;
 struct RoutingParams {
   void const* logits = nullptr;                   // [T, E], rows logits_row_stride elements apart, inner stride 1
   int64_t logits_row_stride = 0;
-  RoutingLogitsDType dtype = RoutingLogitsDType::kFloat32;
+  DType dtype = DType::kFloat32;
   float const* e_score_correction_bias = nullptr;  // [E] float32, kSigmoid only; null: no bias
   float* weights = nullptr;                       // [T, top_k] contiguous
   int64_t* ids = nullptr;                         // [T, top_k] contiguous

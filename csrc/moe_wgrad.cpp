@@ -8,7 +8,7 @@
 namespace moe_gemm {
 
 template <DType kDType, bool kFloat32Out>
-cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& params, cudaStream_t stream);
+cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& params, GroupedWgradPlan const& plan, cudaStream_t stream);
 
 namespace {
 
@@ -17,6 +17,9 @@ bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 }  // namespace
 
 char const* check_grouped_wgrad(GroupedWgradParams const& p) {
+  if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) {
+    return "the kernel takes bfloat16 or float16 inputs";
+  }
   if (p.M < 0 || p.P < 0 || p.Q < 0 || p.E < 0) {
     return "sizes must be non-negative";
   }
@@ -40,9 +43,6 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
   if (p.E > 0 && p.m_sizes == nullptr) {
     return "m_sizes is null";
   }
-  if (p.group_p < 0) {
-    return "group_p must be >= 0";
-  }
   // The scheduler numbers the 128x256 tiles of all experts' gradients with int32s.
   if (((p.P + 127) / 128) * ((p.Q + 255) / 256) * int64_t(p.E) >= (int64_t(1) << 31) - (int64_t(1) << 20)) {
     return "the gradient has too many tiles (over 2^31 of 128 x 256 elements)";
@@ -50,12 +50,22 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
   return nullptr;
 }
 
-size_t grouped_wgrad_workspace_bytes(GroupedWgradParams const& p) {
-  bool const work = p.M > 0 && p.P > 0 && p.Q > 0 && p.E > 0;
-  return work ? sizeof(int) : 0;  // the tile counter
+GroupedWgradPlan plan_grouped_wgrad(GroupedWgradParams const& p) {
+  GroupedWgradPlan plan;
+  if (p.M > 0 && p.P > 0 && p.Q > 0 && p.E > 0) {
+    int device = 0;
+    if (p.sm_count > 0) {
+      plan.sm_count = p.sm_count;
+    } else if (cudaGetDevice(&device) == cudaSuccess) {
+      cudaDeviceGetAttribute(&plan.sm_count, cudaDevAttrMultiProcessorCount, device);
+    }
+    // The tile counter: ragged experts take unequal times, so tiles are always handed out dynamically.
+    plan.workspace = workspace_layout(p.M, p.P, p.E, 128, 256, /*dynamic=*/true, /*split_k=*/1);
+  }
+  return plan;
 }
 
-cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, cudaStream_t stream) {
+cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, GroupedWgradPlan const& plan, cudaStream_t stream) {
   if (check_grouped_wgrad(p) != nullptr) {
     return cudaErrorInvalidValue;
   }
@@ -79,18 +89,15 @@ cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, cudaStream_t stream) 
     }
     return cudaSuccess;
   }
-  if (p.workspace == nullptr) {
-    return cudaErrorInvalidValue;  // the caller must provide the zeroed tile counter
+  if (plan.workspace.total_bytes == 0) {
+    return cudaErrorInvalidValue;  // not this call's plan: a call with rows has a tile counter
   }
-  if (cudaError_t status = make_device_context_current(); status != cudaSuccess) {
-    return status;  // the TMA descriptors are encoded through the driver API
+  if (cudaError_t status = prepare_launch(plan.workspace, p.workspace, stream); status != cudaSuccess) {
+    return status;
   }
-  if (p.dtype == DType::kBFloat16) {
-    return p.d_float32 ? run_sm90_moe_wgrad<DType::kBFloat16, true>(p, stream)
-                       : run_sm90_moe_wgrad<DType::kBFloat16, false>(p, stream);
-  }
-  return p.d_float32 ? run_sm90_moe_wgrad<DType::kFloat16, true>(p, stream)
-                     : run_sm90_moe_wgrad<DType::kFloat16, false>(p, stream);
+  return with_16bit_dtype_and_flag(p.dtype, p.d_float32, [&](auto dtype, auto float32_out) {
+    return run_sm90_moe_wgrad<decltype(dtype)::value, decltype(float32_out)::value>(p, plan, stream);
+  });
 }
 
 }  // namespace moe_gemm

@@ -1,4 +1,6 @@
-// The TMA-store epilogue both sm90 kernels share: a tile of float accumulators, as WGMMA leaves them in
+// The epilogues of the sm90 kernels.
+//
+// The TMA-store epilogue both kernels share: a tile of float accumulators, as WGMMA leaves them in
 // the registers of the MMA warpgroups, goes out kEpiN columns (128-byte rows) at a time through
 // kEpiBuffers swizzled shared-memory buffers. Each buffer is rewritten only after the store issued from it
 // kEpiBuffers chunks earlier has read it, so a tile's stores drain while the next tile's MMAs run.
@@ -10,12 +12,17 @@
 // of the store instructions of per-pair stores. Either a whole tile at once (store_tile_through_smem) or,
 // packed to 16 bits and held in registers, a chunk at a time under the next tile's MMAs (pack_tile,
 // store_packed_chunk; sm90_moe_mainloop.hpp).
+//
+// The forward kernel's other ways out, at the end of this file: the transposed store of swapped (decode)
+// tiles, straight from registers; split-K's partial tiles and their deterministic reduction; and the
+// zeroing of the rows of D past the last expert.
 #pragma once
 
 #include "cute/arch/copy_sm90.hpp"
 #include "cute/arch/copy_sm90_tma.hpp"
 #include "cute/tensor.hpp"
 #include "cutlass/arch/barrier.h"
+#include "cutlass/array.h"
 #include "cutlass/cutlass.h"
 #include "cutlass/numeric_conversion.h"
 
@@ -277,6 +284,145 @@ CUTLASS_DEVICE void store_tile_through_smem(SmemTensorD const& smem_d, Accumulat
     }
   }
   store_count += kTileN / kEpiN;
+}
+
+// The valid part of an output tile of D: its first element, and the rows and columns to store there.
+template <class ElementD>
+struct OutputTile {
+  ElementD* ptr;
+  int64_t ldd;
+  int32_t rows;  // the expert's rows in the tile (at most its rows)
+  int32_t cols;  // the columns before N (at most its columns)
+};
+
+// Swapped tiles: direct stores from the accumulator registers, transposed; rows past the expert and
+// columns past N are skipped. Each thread owns pairs of adjacent MMA columns, i.e. two rows of D:
+// two 16-bit stores (decode: the output is a small part of the bytes moved). TileShape is the MMA's
+// (columns of D, rows of D, k).
+template <class TileShape, class ElementD, class Accumulators, class TiledMma>
+CUTLASS_DEVICE void store_tile_transposed(OutputTile<ElementD> const& out, Accumulators const& accumulators,
+                                          TiledMma const& tiled_mma, int thread_idx) {
+  using namespace cute;
+  auto thread_mma = tiled_mma.get_thread_slice(thread_idx);
+  Tensor tCcD = thread_mma.partition_C(make_identity_tensor(take<0, 2>(TileShape{})));  // MMA coordinates
+  static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < size(accumulators); ++i) {
+    int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));  // MMA (column, row) of D
+    if (row < out.rows && col < out.cols) {
+      out.ptr[int64_t(row) * out.ldd + col] = ElementD(accumulators(i));
+    }
+  }
+}
+
+// A split-K unit's place in the workspace: the partials of its tile (split_k of them, split_stride
+// floats apart, each laid out as the D tile), its split, and the tile's arrival counter.
+struct SplitKPartials {
+  float* tile_partials;
+  int64_t split_stride;
+  int32_t split;
+  int32_t split_k;
+  int* arrivals;
+};
+
+// Split-K epilogue. Each unit writes the valid rows and columns of its fp32 partial tile to its own
+// workspace slot, then counts itself on the tile's arrival counter (threadfence before, so the
+// partial is visible to whoever sees the count). The unit that arrives last sums the partials of
+// splits 0, 1, ..., split_k - 1 in that order, all from memory (its own included), so the result
+// does not depend on which CTA finishes last: bitwise the same from run to run. All the TiledMma's
+// threads take part; last_arrival is a flag in shared memory.
+template <bool kSwapAB, int kTileN, class TileShape, class ElementD, class Accumulators, class TiledMma>
+CUTLASS_DEVICE void reduce_split_k_tile(OutputTile<ElementD> const& out, SplitKPartials const& partials,
+                                        Accumulators const& accumulators, TiledMma const& tiled_mma,
+                                        int thread_idx, int& last_arrival) {
+  using namespace cute;
+  constexpr int kThreads = int(size(TiledMma{}));
+  float* const own_partial = partials.tile_partials + partials.split * partials.split_stride;
+
+  Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
+  static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
+  // .cg: through L2 only, where the reducing CTA (maybe on another SM) reads it. The partial is laid
+  // out as the D tile (kTileM x kTileN) either way.
+  if constexpr (kSwapAB) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(accumulators); ++i) {
+      int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));
+      if (row < out.rows && col < out.cols) {
+        __stcg(own_partial + row * kTileN + col, accumulators(i));
+      }
+    }
+  } else {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(accumulators); i += 2) {
+      int const row = get<0>(tCcD(i)), col = get<1>(tCcD(i));
+      if (row < out.rows && col < out.cols) {
+        __stcg(reinterpret_cast<float2*>(own_partial + row * kTileN + col),
+               make_float2(accumulators(i), accumulators(i + 1)));
+      }
+    }
+  }
+  __threadfence();
+  cutlass::arch::NamedBarrier epilogue_barrier(kThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
+  epilogue_barrier.arrive_and_wait();
+  if (thread_idx == 0) {
+    int const arrived_before = atomicAdd(partials.arrivals, 1);
+    last_arrival = arrived_before == partials.split_k - 1;
+  }
+  epilogue_barrier.arrive_and_wait();
+  // Read by all before thread 0 can write it again: that needs the barrier above of the next unit.
+  if (!last_arrival) {
+    return;
+  }
+  __threadfence();
+
+  // Linear thread mapping over the valid region, 4 columns per thread (N is a multiple of 8):
+  // coalesced, and all threads busy even for a 1-row tile.
+  int32_t const vectors_per_row = out.cols / 4;
+  int32_t const vectors = out.rows * vectors_per_row;
+  cutlass::NumericArrayConverter<ElementD, float, 4> convert;
+#pragma unroll 1
+  for (int32_t v = thread_idx; v < vectors; v += kThreads) {
+    int32_t const row = v / vectors_per_row;
+    int32_t const col = (v - row * vectors_per_row) * 4;
+    float const* partial = partials.tile_partials + row * kTileN + col;
+    float4 sum = __ldcg(reinterpret_cast<float4 const*>(partial));
+#pragma unroll 4  // several partials in flight; the adds stay in split order
+    for (int32_t other = 1; other < partials.split_k; ++other) {
+      float4 const part = __ldcg(reinterpret_cast<float4 const*>(partial + other * partials.split_stride));
+      sum.x += part.x;
+      sum.y += part.y;
+      sum.z += part.z;
+      sum.w += part.w;
+    }
+    cutlass::Array<float, 4> values;
+    values[0] = sum.x;
+    values[1] = sum.y;
+    values[2] = sum.z;
+    values[3] = sum.w;
+    cutlass::Array<ElementD, 4> const converted = convert(values);
+    *reinterpret_cast<uint2*>(out.ptr + row * out.ldd + col) = *reinterpret_cast<uint2 const*>(&converted);
+  }
+}
+
+// Rows [row_begin, row_end) of D (N columns) belong to no expert: every CTA writes zeros to its share of
+// them, with kThreads threads (thread_idx 0 .. kThreads - 1).
+template <int kThreads, class ElementD>
+CUTLASS_DEVICE void zero_rows(ElementD* d, int64_t ldd, int64_t N, int64_t row_begin, int64_t row_end,
+                              int thread_idx) {
+  int64_t const rows = row_end - row_begin;
+  if (rows <= 0) {
+    return;
+  }
+  using Vector = cutlass::AlignedArray<ElementD, 8>;  // 16 bytes: N is a multiple of 8
+  int64_t const vectors_per_row = N / 8;
+  int64_t const total = rows * vectors_per_row;
+  Vector zeros;
+  zeros.fill(ElementD(0));
+  for (int64_t v = int64_t(blockIdx.x) * kThreads + thread_idx; v < total; v += int64_t(gridDim.x) * kThreads) {
+    int64_t const row = row_begin + v / vectors_per_row;
+    int64_t const col = (v % vectors_per_row) * 8;
+    *reinterpret_cast<Vector*>(d + row * ldd + col) = zeros;
+  }
 }
 
 }  // namespace moe_gemm

@@ -1,7 +1,6 @@
-// The sm90 MoE grouped GEMM kernel: persistent, warp-specialized, TMA loads and WGMMA through
-// CUTLASS's sm90 collective mainloop. Two consumer warpgroups either share each tile (cooperative: a
-// TiledMma of 256 threads) or take every other tile on their own (ping-pong: a TiledMma of 128
-// threads), so that one warpgroup's epilogue runs while the other's MMAs keep the tensor cores busy.
+// The sm90 MoE grouped GEMM kernel: persistent, warp-specialized, cooperative (two consumer warpgroups
+// share each tile: a TiledMma of 256 threads), TMA loads and WGMMA through CUTLASS's sm90 collective
+// mainloop. How it works, with the figures behind each choice: docs/design.md.
 //
 // What is MoE-specific, and ours:
 //   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
@@ -10,27 +9,26 @@
 //     The TMA warp decodes each one and hands it to the MMA warpgroups (DecodedUnit);
 //   - clusters of two CTAs, along M (they share, and multicast, the B tile) or along N (the A tile);
 //     with dynamic scheduling the cluster's rank-0 producer takes each unit from the counter and
-//     broadcasts it to the other CTA's shared memory (ClusterUnitSlots);
+//     broadcasts it to the other CTA's shared memory (ClusterUnitSlots, sm90_moe_tile_scheduler.hpp);
 //   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
 //   - the epilogue: tiles go out through shared memory and asynchronous TMA stores (64 columns at
-//     a time, double-buffered, so the next tile's MMAs start while the store drains); 16-bit tiles of
-//     the cooperative configurations wait in registers and are stored under the next tile's MMAs
-//     (sm90_moe_mainloop.hpp). D's descriptor is ragged (sm90_ragged_tma.hpp): the store of an
+//     a time, double-buffered, so the next tile's MMAs start while the store drains); 16-bit tiles wait
+//     in registers and are stored under the next tile's MMAs (sm90_moe_mainloop.hpp). D's descriptor is ragged (sm90_ragged_tma.hpp): the store of an
 //     expert's last, partial m-block drops the rows past the expert's end, which the MMA computed
 //     from the next expert's A rows and which must never be written. Finally the CTAs zero the rows
-//     of D that no expert covers;
+//     of D that no expert covers (sm90_moe_epilogue.hpp);
 //   - an expert's tail of at most 64 rows is multiplied by one warpgroup (idle_warp_group), at the
 //     full rate of the tensor cores, instead of by both at half rate each, and loads only those 64
 //     token rows (kPartialTokenLoads: such a tile is bound by its loads, not its MMAs);
 //   - decode tiles with the operands swapped (kSwapAB): the weights are WGMMA's A operand and a few
 //     tokens its B, so the stages hold weights rather than 128 token rows of which one is used; the
-//     tile is stored transposed from registers;
+//     tile is stored transposed from registers (sm90_moe_epilogue.hpp);
 //   - split-K (kSplitK, a separate instantiation) for problems of few tiles (decode): the work unit
 //     is (tile, split), each unit runs the mainloop over its share of the k-blocks, writes its fp32
 //     partial tile to the workspace and counts itself on the tile's arrival counter; the unit that
-//     arrives last sums the partials in split order (deterministic) and stores D. Without kSplitK
-//     none of it is compiled in: the big problems run the code they ran before.
+//     arrives last sums the partials in split order (deterministic) and stores D
+//     (sm90_moe_epilogue.hpp). Without kSplitK none of it is compiled in.
 #pragma once
 
 #include <cuda.h>
@@ -46,6 +44,7 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
+#include "moe_gemm_workspace.h"
 #include "sm90_moe_epilogue.hpp"
 #include "sm90_moe_mainloop.hpp"
 #include "sm90_moe_tile_scheduler.hpp"
@@ -53,11 +52,10 @@
 
 namespace moe_gemm {
 
-// Shared memory of the TMA-store epilogue: two buffers of kTileM x 64 outputs per consumer group
-// (one group when the warpgroups share tiles, two in ping-pong).
+// Shared memory of the TMA-store epilogue: two buffers of kTileM x 64 outputs.
 template <class ElementD>
-constexpr int epilogue_smem_bytes(int tile_m, int consumer_groups = 1) {
-  return consumer_groups * 2 * tile_m * 64 * int(sizeof(ElementD));
+constexpr int epilogue_smem_bytes(int tile_m) {
+  return 2 * tile_m * 64 * int(sizeof(ElementD));
 }
 
 // The token tile's first kRows rows (of a K-major A): their shared-memory layout, the prefix of each
@@ -119,33 +117,25 @@ class Sm90MoeGemmKernel {
   static constexpr bool kSplitK = kSplitK_;
   static_assert(!kSplitK || kClusterSize == 1, "split-K runs without clusters");
 
-  // The threads that compute one tile: both consumer warpgroups (cooperative) or one (ping-pong).
+  // The threads that compute one tile: both consumer warpgroups.
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
-  static constexpr bool kPingpong = kNumMmaThreads == cutlass::NumThreadsPerWarpGroup;
-  static_assert(kNumMmaThreads == 2 * cutlass::NumThreadsPerWarpGroup || kPingpong);
-  // Tiles a CTA works on at once, each with its own epilogue buffers.
-  static constexpr int kConsumerGroups = kPingpong ? 2 : 1;
-  static constexpr uint32_t kNumConsumerThreads = 2 * cutlass::NumThreadsPerWarpGroup;
+  static_assert(kNumMmaThreads == 2 * cutlass::NumThreadsPerWarpGroup, "cooperative kernel: two consumer warpgroups");
+  static constexpr uint32_t kNumConsumerThreads = kNumMmaThreads;
   static constexpr uint32_t MaxThreadsPerBlock = kNumConsumerThreads + cutlass::NumThreadsPerWarpGroup;
-  // Ping-pong takes the tiles of single CTAs, whole (every tile has the same k-blocks).
-  static_assert(!kPingpong || (kClusterSize == 1 && !kSplitK), "ping-pong runs without clusters or split-K");
   // Swapped tiles are stored from registers (transposed, with the row predicate); no clusters.
-  static_assert(!kSwapAB || (kClusterSize == 1 && !kPingpong), "swapped tiles run cooperative, without clusters");
+  static_assert(!kSwapAB || kClusterSize == 1, "swapped tiles run without clusters");
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
-  // The producer warpgroup only issues TMA; give its registers to the MMA warpgroups.
-  static constexpr uint32_t kLoadRegisters = 40;
-  static constexpr uint32_t kMmaRegisters = 232;
 
   // Epilogue chunks: kTileM x 64 outputs = 128-byte rows, the widest TMA swizzle (no bank conflicts).
   static constexpr int kEpiN = 64;
   static constexpr int kEpiBuffers = 2;
-  // Rows of D's TMA store box: those of one warpgroup (64 cooperative, 128 ping-pong).
+  // Rows of D's TMA store box: those of one warpgroup (64 of a 128-row tile).
   static constexpr int kStoreRows = kSwapAB ? kTileM : kRowsPerWarpGroup<TiledMma, kTileM>;
   static_assert(kTileN % kEpiN == 0);
   static constexpr int kChunks = kTileN / kEpiN;
-  // 16-bit tiles of the cooperative kernel are stored under the next tile's MMAs (consume()); ping-pong
-  // overlaps its epilogues already, and the swapped and split-K tiles store from registers or partials.
-  static constexpr bool kDeferStore = !kPingpong && !kSwapAB && !kSplitK && sizeof(ElementD) == 2;
+  // 16-bit tiles are stored under the next tile's MMAs (consume()); the swapped and split-K tiles store
+  // from registers or partials.
+  static constexpr bool kDeferStore = !kSwapAB && !kSplitK && sizeof(ElementD) == 2;
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
@@ -158,7 +148,7 @@ class Sm90MoeGemmKernel {
   // so rank 1 skips its own; otherwise a second descriptor loads half-tile boxes. A cluster CTA past the
   // expert's last m-block (2x1) loads no tokens at all. The stage's barrier still expects the whole
   // tile; the producer completes the bytes it did not load by hand (mbarrier complete_tx).
-  static constexpr bool kPartialTokenLoads = !kSwapAB && !kPingpong && kTileM == 128;
+  static constexpr bool kPartialTokenLoads = !kSwapAB && kTileM == 128;
   static constexpr uint32_t kTokenTileBytes =
       uint32_t(kTileM * kTileK * sizeof(typename CollectiveMainloop::InternalElementA));
   using HalfTokens = HalfTokenTiles<kPartialTokenLoads, CollectiveMainloop, kTileM / 2, kTileK>;
@@ -182,30 +172,17 @@ class Sm90MoeGemmKernel {
   static constexpr int kTileSlots = 4;
   using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
   using TilePipelineState = typename TilePipeline::PipelineState;
-  // Dynamic scheduling in a cluster: rank 0's producer warp takes each unit from the counter and writes
-  // it into unit[slot] of every CTA with st.async, which completes the transaction on that CTA's
-  // full[slot] (whose one arrival is its own producer warp's expect-tx). Each other producer warp then
-  // arrives on rank 0's empty[slot], as rank 0's does, which frees the slot for the round after.
-  struct ClusterUnitSlots {
-    alignas(8) uint64_t full[kTileSlots];
-    alignas(8) uint64_t empty[kTileSlots];
-    int64_t unit[kTileSlots];
-  };
-  using UnitSlotState = cutlass::PipelineState<kTileSlots>;
-  // Ping-pong: the warpgroups take turns at the mainloop (group 0, 1, 0, ...). Besides keeping the
-  // tensor cores on one tile at a time, this is what makes the pipeline's phase bits unambiguous: a
-  // warpgroup starts waiting for its tile's stages only once the other has consumed everything loaded
-  // before them, so no wait can match a fill of an earlier lap of the ring.
-  using MathOrderBarrier = cutlass::OrderedSequenceBarrier<1, 2>;
+  // Dynamic scheduling in a cluster: rank 0's producer warp broadcasts each unit (sm90_moe_tile_scheduler.hpp).
+  using UnitSlots = ClusterUnitSlots<kTileSlots>;
+  using UnitSlotState = typename UnitSlots::State;
 
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
-    alignas(1024) cute::array_aligned<ElementD, kSmemDElements * kConsumerGroups, 1024> smem_d;
+    alignas(1024) cute::array_aligned<ElementD, kSmemDElements, 1024> smem_d;
     alignas(16) typename CollectiveMainloop::PipelineStorage pipeline;
     alignas(16) typename TilePipeline::SharedStorage tile_pipeline;
     DecodedUnit tile_slots[kTileSlots];
-    alignas(16) ClusterUnitSlots cluster_units;
-    alignas(16) typename MathOrderBarrier::SharedStorage math_order;
+    alignas(16) UnitSlots cluster_units;
     int split_k_last_arrival;  // split-K: thread 0 tells the MMA warpgroups whether they reduce the tile
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
@@ -234,94 +211,133 @@ class Sm90MoeGemmKernel {
     int32_t k_blocks_per_split;
     int32_t k_blocks_remainder;
     int32_t partial_rows;  // rows of each partial tile in the workspace: min(kTileM, M)
-    bool overlap_epilogue;  // kDeferStore: each tile stored under the next one's MMAs (else right away)
-    bool partial_token_loads;  // kPartialTokenLoads: a tail of <= kTileM / 2 rows loads only those rows
     TmaHalfTokens tma_load_half_tokens;  // kPartialTokenLoads without A multicast: boxes of kTileM / 2 rows
     int* tile_arrivals;    // [tile slots] splits done per tile, zeroed before the launch
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
   };
 
-  CUTLASS_DEVICE
-  void operator()(Params const& params, char* smem_buf) {
-    using namespace cute;
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
+  // The host's side of a launch, in plain values: the call's tensors and the plan's choices. The kernel
+  // turns them into its Params (the TMA descriptors, the scheduler's table, the precomputed divisions).
+  struct Arguments {
+    void const* tokens;            // [M, K], rows ld_tokens elements apart, inner stride 1
+    int64_t ld_tokens;
+    void const* weights;           // [E, N, K] or [E, K, N]: the mainloop's layout of the weights says which
+    int64_t ld_weights;            // elements between rows of one expert's weights
+    int64_t batch_stride_weights;  // elements between experts
+    void* d;                       // [M, N], rows ldd elements apart
+    int64_t ldd;
+    void const* m_sizes;           // [E] int32 or int64, device memory
+    bool m_sizes_int64;
+    int64_t M;
+    int32_t N, K, E;
+    int32_t group_m;               // cluster m-blocks per raster group
+    int32_t split_k;               // >= 2 with kSplitK, else 1
+    bool dynamic_schedule;         // a tile counter in the workspace, else static striding
+    void* workspace;               // laid out as workspace_layout says (moe_gemm_workspace.h)
+    WorkspaceLayout workspace_layout;
+  };
 
-    SharedStorage& shared_storage = *reinterpret_cast<SharedStorage*>(smem_buf);
-    int const thread_idx = int(threadIdx.x);
-    int const warp_idx = cutlass::canonical_warp_idx_sync();
-    int const warp_idx_in_warp_group = warp_idx % cutlass::NumWarpsPerWarpGroup;
-    auto const warp_group_role = WarpGroupRole(cutlass::canonical_warp_group_idx());
-    int const mma_thread_idx = thread_idx % kNumMmaThreads;
+  // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
+  static cudaError_t to_underlying_arguments(Arguments const& args, Params& params) {
+    using namespace cute;
+    using Mainloop = CollectiveMainloop;
+    using Internal = typename Mainloop::InternalElementA;
+    static_assert(cute::is_same_v<Internal, typename Mainloop::InternalElementB>);
+    // The tokens are (M, K, 1) with K contiguous, the weights (N, K, E) with K or N contiguous (the
+    // stride that is the static 1). They are A and B, or B and A when swapped.
+    using StrideTokens = cute::conditional_t<kSwapAB, typename Mainloop::StrideB, typename Mainloop::StrideA>;
+    using StrideWeights = cute::conditional_t<kSwapAB, typename Mainloop::StrideA, typename Mainloop::StrideB>;
+    constexpr bool kWeightsNMajor = cute::is_static<decltype(get<0>(StrideWeights{}))>::value;
+    int32_t const M = int32_t(args.M), N = args.N, K = args.K, E = args.E;
+    StrideTokens const stride_tokens = make_stride(args.ld_tokens, Int<1>{}, int64_t(0));
+    StrideWeights stride_weights;
+    if constexpr (kWeightsNMajor) {
+      stride_weights = make_stride(Int<1>{}, args.ld_weights, args.batch_stride_weights);
+    } else {
+      stride_weights = make_stride(args.ld_weights, Int<1>{}, args.batch_stride_weights);
+    }
+    Tensor tokens = make_tensor(static_cast<Internal const*>(args.tokens),
+                                make_layout(make_shape(M, K, int32_t(1)), stride_tokens));
+    Tensor weights = make_tensor(static_cast<Internal const*>(args.weights), make_layout(make_shape(N, K, E), stride_weights));
+    auto const operands = [&] {
+      if constexpr (kSwapAB) { return cute::make_tuple(weights, tokens); } else { return cute::make_tuple(tokens, weights); }
+    }();
+    auto const& tensor_a = get<0>(operands);
+    auto const& tensor_b = get<1>(operands);
+
+    params = Params{};
+    params.mainloop = {
+        make_tma_copy_A_sm90(typename Mainloop::GmemTiledCopyA{}, tensor_a, typename Mainloop::SmemLayoutA{}(_, _, Int<0>{}),
+                             TileShape{}, ClusterShape{}),
+        make_tma_copy_B_sm90(typename Mainloop::GmemTiledCopyB{}, tensor_b, typename Mainloop::SmemLayoutB{}(_, _, Int<0>{}),
+                             TileShape{}, ClusterShape{}),
+        Mainloop::TmaTransactionBytes, Mainloop::TmaTransactionBytesMK, Mainloop::TmaTransactionBytesNK};
+    if constexpr (kPartialTokenLoads) {
+      params.tma_load_half_tokens = make_tma_copy(SM90_TMA_LOAD{}, tensor_a, SmemLayoutHalfTokens{},
+                                                  make_shape(Int<kTileM / 2>{}, Int<kTileK>{}), Int<1>{});
+    }
+    if (cudaError_t status = detail::encode_ragged<ElementD>(&params.tma_store_d, args.d, N, args.ldd, kEpiN, kStoreRows);
+        status != cudaSuccess) {
+      return status;
+    }
+    params.scheduler.experts = ExpertRows{args.m_sizes, args.m_sizes_int64, E, args.M};
+    params.scheduler.tiles_n = (N + kTileN * kClusterN - 1) / (kTileN * kClusterN);  // cluster n-blocks
+    params.scheduler.group_m = args.group_m;
+    char* const workspace = static_cast<char*>(args.workspace);
+    WorkspaceLayout const& layout = args.workspace_layout;
+    int const split_k = args.split_k;
+    params.tile_counter = args.dynamic_schedule ? reinterpret_cast<int*>(workspace + layout.tile_counter_offset) : nullptr;
+    params.ptr_d = static_cast<ElementD*>(args.d);
+    params.ldd = args.ldd;
+    params.N = N;
+    params.K = K;
+    params.split_k = split_k;
+    params.split_k_divmod = cutlass::FastDivmod(split_k);
+    int32_t const k_blocks = (K + kTileK - 1) / kTileK;
+    params.k_blocks_per_split = k_blocks / split_k;
+    params.k_blocks_remainder = k_blocks % split_k;
+    params.partial_rows = int32_t(layout.partial_rows);
+    params.tile_arrivals = split_k > 1 ? reinterpret_cast<int*>(workspace + layout.arrivals_offset) : nullptr;
+    params.partials = split_k > 1 ? reinterpret_cast<float*>(workspace + layout.partials_offset) : nullptr;
+    return cudaSuccess;
+  }
+
+  CUTLASS_DEVICE void operator()(Params const& params, char* smem_buf) {
+    run_sm90_kernel<Sm90MoeGemmKernel>(params, smem_buf);
+  }
+
+  // The kernel's body (sm_90a only, see run_sm90_kernel).
+  CUTLASS_DEVICE static void run(Params const& params, SharedStorage& shared_storage, WarpRoles const& roles) {
     int const lane_predicate = cute::elect_one_sync();
 
-    if (warp_idx == 0 && lane_predicate) {
+    if (roles.warp_idx == 0 && lane_predicate) {
       CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
       cute::prefetch_tma_descriptor(&params.tma_store_d);
     }
 
-    // Pipeline between the TMA warp (producer) and the two MMA warpgroups (consumers).
-    typename MainloopPipeline::Params pipeline_params;
-    if (warp_group_role == WarpGroupRole::Producer && warp_idx_in_warp_group == 0) {
-      pipeline_params.role = MainloopPipeline::ThreadCategory::Producer;
-    }
-    if (warp_group_role != WarpGroupRole::Producer) {
-      pipeline_params.role = MainloopPipeline::ThreadCategory::Consumer;
-    }
-    pipeline_params.is_leader = (thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
-    pipeline_params.num_consumers = kNumMmaThreads;
-    pipeline_params.num_producers = 1;
-    pipeline_params.transaction_bytes = params.mainloop.tma_transaction_bytes;
-    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, LaunchClusterShape{});
-
-    typename TilePipeline::Params tile_pipeline_params;
-    tile_pipeline_params.role = warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
-                                : warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
-                                                                          : TilePipeline::ThreadCategory::NonParticipant;
-    tile_pipeline_params.producer_arv_count = 1;
-    tile_pipeline_params.consumer_arv_count = kNumConsumerThreads;  // both warpgroups read every unit
-    TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
-    typename MathOrderBarrier::Params math_order_params;
-    math_order_params.group_id = warp_group_role == WarpGroupRole::Consumer1 ? 1 : 0;
-    math_order_params.group_size = cutlass::NumThreadsPerWarpGroup;
-    MathOrderBarrier math_order(shared_storage.math_order, math_order_params);
-    if constexpr (kClusterSize > 1) {
-      if (thread_idx == 0) {
-        ClusterUnitSlots& slots = shared_storage.cluster_units;
-        CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kTileSlots; ++i) {
-          cutlass::arch::ClusterBarrier::init(&slots.full[i], 1);
-          cutlass::arch::ClusterBarrier::init(&slots.empty[i], kClusterSize);
-        }
-        cutlass::arch::fence_barrier_init();
-      }
-    }
+    // Pipelines from the TMA warp (producer) to the two MMA warpgroups (consumers): the stages, and the
+    // decoded units (both warpgroups read every unit).
+    MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
+        shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{});
+    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumConsumerThreads);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
     if constexpr (kClusterSize > 1) {
+      if (roles.thread_idx == 0) {
+        shared_storage.cluster_units.init(kClusterSize);
+      }
       cute::cluster_arrive_relaxed();
       cute::cluster_wait();
     } else {
       __syncthreads();
     }
 
-    if (warp_group_role == WarpGroupRole::Producer) {
-      cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
-      if (warp_idx_in_warp_group == 0) {
-        Scheduler scheduler(params.scheduler);
-        produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
-      }
-    } else {
-      cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      int const consumer_group = kPingpong ? int(warp_group_role) - int(WarpGroupRole::Consumer0) : 0;
-      consume(params, pipeline, tile_pipeline, math_order, shared_storage, mma_thread_idx, consumer_group,
-              thread_idx - int(cutlass::NumThreadsPerWarpGroup));
-    }
-#else
-    if (threadIdx.x == 0 && blockIdx.x == 0) {
-      printf("moe_gemm: the sm90 kernel was launched on a build without sm_90a code\n");
-    }
-#endif
+    run_warp_groups(
+        roles, [&] { produce(params, pipeline, tile_pipeline, shared_storage); },
+        [&] {
+          consume(params, pipeline, tile_pipeline, shared_storage, roles.mma_thread_idx,
+                  roles.thread_idx - int(cutlass::NumThreadsPerWarpGroup));
+        });
   }
 
  private:
@@ -338,60 +354,6 @@ class Sm90MoeGemmKernel {
 
   CUTLASS_DEVICE static int64_t first_cluster_tile() { return blockIdx.x / kClusterSize; }
   CUTLASS_DEVICE static int64_t num_clusters() { return gridDim.x / kClusterSize; }
-
-  // Rank 0's producer warp: publishes `unit` to every CTA of the cluster (see ClusterUnitSlots).
-  CUTLASS_DEVICE static void publish_unit(ClusterUnitSlots& slots, UnitSlotState state, int64_t unit,
-                                          bool is_leader) {
-    if (!is_leader) {
-      return;
-    }
-    int const i = state.index();
-    cutlass::arch::ClusterBarrier::wait(&slots.empty[i], state.phase() ^ 1);
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&slots.full[i], sizeof(int64_t));
-    uint32_t const unit_addr = cute::cast_smem_ptr_to_uint(&slots.unit[i]);
-    uint32_t const full_addr = cute::cast_smem_ptr_to_uint(&slots.full[i]);
-    CUTLASS_PRAGMA_UNROLL
-    for (uint32_t cta = 0; cta < kClusterSize; ++cta) {
-      asm volatile(
-          "{\n\t.reg .b32 remote_unit, remote_full;\n\t"
-          "mapa.shared::cluster.u32 remote_unit, %0, %2;\n\t"
-          "mapa.shared::cluster.u32 remote_full, %1, %2;\n\t"
-          "st.async.shared::cluster.mbarrier::complete_tx::bytes.s64 [remote_unit], %3, [remote_full];\n\t}"
-          :
-          : "r"(unit_addr), "r"(full_addr), "r"(cta), "l"(unit)
-          : "memory");
-    }
-    cutlass::arch::ClusterBarrier::arrive(&slots.empty[i]);
-  }
-
-  // The producer warp of a CTA of rank > 0: arrives on its own full barrier, expecting the unit's bytes,
-  // waits for the unit of this round, then frees the slot on rank 0.
-  CUTLASS_DEVICE static int64_t receive_unit(ClusterUnitSlots& slots, UnitSlotState state) {
-    int const i = state.index();
-    bool const leader = threadIdx.x % 32 == 0;
-    if (leader) {
-      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&slots.full[i], sizeof(int64_t));
-    }
-    cutlass::arch::ClusterBarrier::wait(&slots.full[i], state.phase());
-    asm volatile("" ::: "memory");  // the wait has no memory clobber: keep the read after it
-    int64_t const unit = *reinterpret_cast<int64_t volatile*>(&slots.unit[i]);
-    __syncwarp();
-    cutlass::arch::ClusterBarrier::arrive(&slots.empty[i], 0u, uint32_t(leader));
-    return unit;
-  }
-
-  // Rank 0's producer warp, after its last unit: wait until every slot has been read, so that no
-  // arrival from a peer lands on this CTA's shared memory after it exits.
-  CUTLASS_DEVICE static void unit_slots_tail(ClusterUnitSlots& slots, UnitSlotState state, bool is_leader) {
-    if (!is_leader) {
-      return;
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < kTileSlots; ++i) {
-      cutlass::arch::ClusterBarrier::wait(&slots.empty[state.index()], state.phase() ^ 1);
-      ++state;
-    }
-  }
 
   // Work unit `unit` is split unit % split_k of the scheduler's tile unit / split_k.
   CUTLASS_DEVICE static int64_t unit_tile(Params const& params, int64_t unit) {
@@ -416,15 +378,16 @@ class Sm90MoeGemmKernel {
 
   // TMA warp: for each tile, K-blocks of A (the expert's rows) and of B[e] into the smem stages.
   CUTLASS_DEVICE
-  static void produce(Params const& params, Scheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, SharedStorage& shared_storage) {
+  static void produce(Params const& params, MainloopPipeline& pipeline, TilePipeline& tile_pipeline,
+                      SharedStorage& shared_storage) {
     using namespace cute;
+    Scheduler scheduler(params.scheduler);
     auto const& tma_a = params.mainloop.tma_load_a;
     auto const& tma_b = params.mainloop.tma_load_b;
-    int32_t const num_experts = params.scheduler.num_experts;
+    int32_t const num_experts = params.scheduler.experts.num_experts;
     // Coordinate tensors of the TMA descriptors: the tokens are (M, K, 1), the weights (N, K, E); A is
     // the tokens and B the weights, or the other way round when swapped.
-    auto const tokens_shape = make_shape(int32_t(params.scheduler.rows_total), params.K, 1);
+    auto const tokens_shape = make_shape(int32_t(params.scheduler.experts.rows_total), params.K, 1);
     auto const weights_shape = make_shape(params.N, params.K, num_experts);
     Tensor mA = tma_a.get_tma_tensor(kSwapAB ? weights_shape : tokens_shape);
     Tensor mB = tma_b.get_tma_tensor(kSwapAB ? tokens_shape : weights_shape);
@@ -459,9 +422,9 @@ class Sm90MoeGemmKernel {
       if constexpr (kClusterSize > 1) {
         if (dynamic) {  // rank 0 took the unit from the counter (an invalid one stops the cluster)
           if (rank == 0) {
-            publish_unit(shared_storage.cluster_units, unit_state, unit, is_leader);
+            shared_storage.cluster_units.template publish<kClusterSize>(unit_state, unit, is_leader);
           } else {
-            unit = receive_unit(shared_storage.cluster_units, unit_state);
+            unit = shared_storage.cluster_units.receive(unit_state);
           }
           ++unit_state;
         }
@@ -500,14 +463,12 @@ class Sm90MoeGemmKernel {
       Tensor tAgA = cta_tma_a.partition_S(gA);
       Tensor tBgB = cta_tma_b.partition_S(gB);
       // Token rows of the expert in this CTA's m-block (<= 0 for a 2x1 cluster's CTA past its end).
-      int32_t const token_rows = kPartialTokenLoads && params.partial_token_loads
-                                     ? work.rows - work.m_block * kTileM
-                                     : int32_t(kTileM);
+      int32_t const token_rows = kPartialTokenLoads ? work.rows - work.m_block * kTileM : int32_t(kTileM);
       // The next unit is claimed from the counter as the tile's last k-block is about to be loaded: its
       // round trip then passes while the producer waits for that stage. Not earlier: a CTA claims work only
       // when it is about to start on it, which balances the last wave (claiming at the start of the tile,
       // as the weight gradient does, made Mixtral's 2048-token GEMMs up to 7% slower; one k-block ahead
-      // instead of after the last load was 0.7% faster at 16k tokens, docs/benchmark_history.md).
+      // instead of after the last load was 0.7% faster at 16k tokens, docs/design.md).
       int next = 0;
       if (is_leader) {
         PipelineState state = write_state;
@@ -541,7 +502,7 @@ class Sm90MoeGemmKernel {
     }
     if constexpr (kClusterSize > 1) {
       if (dynamic && rank == 0) {
-        unit_slots_tail(shared_storage.cluster_units, unit_state, is_leader);
+        shared_storage.cluster_units.tail(unit_state, is_leader);
       }
     }
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
@@ -574,7 +535,7 @@ class Sm90MoeGemmKernel {
       }
     } else if (token_rows > 0) {
       auto const& tma = params.tma_load_half_tokens;
-      Tensor mA = tma.get_tma_tensor(make_shape(int32_t(params.scheduler.rows_total), params.K, 1));
+      Tensor mA = tma.get_tma_tensor(make_shape(int32_t(params.scheduler.experts.rows_total), params.K, 1));
       Tensor gA = local_tile(domain_offset(make_coord(row0, 0), mA(_, _, 0)),
                              make_shape(Int<kTileM / 2>{}, Int<kTileK>{}), make_coord(0, k_block));
       Tensor sA = make_tensor(make_smem_ptr(shared_storage.tensors.smem_A.data() + stage * (kTileM * kTileK)),
@@ -587,21 +548,16 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate. In ping-pong,
-  // consumer group g (a warpgroup) takes the units at positions g, g + 2, ... of the CTA's sequence and
-  // steps over the other group's k-blocks in the pipeline, which the producer loaded in between.
+  // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate.
   CUTLASS_DEVICE
   static void consume(Params const& params, MainloopPipeline& pipeline, TilePipeline& tile_pipeline,
-                      MathOrderBarrier& math_order, SharedStorage& shared_storage, int mma_thread_idx,
-                      int consumer_group, int consumer_thread_idx) {
+                      SharedStorage& shared_storage, int mma_thread_idx, int consumer_thread_idx) {
     using namespace cute;
     CollectiveMainloop collective_mainloop;
     TiledMma tiled_mma;
     PipelineState read_state;
     int store_count = 0;  // TMA-store chunks issued: picks the epilogue buffer
-    int const k_tiles = (params.K + kTileK - 1) / kTileK;
-    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data() + consumer_group * kSmemDElements),
-                            SmemLayoutD{});  // (BLK_M, EPI_N, BUF)
+    Tensor sD = make_tensor(make_smem_ptr(shared_storage.smem_d.data()), SmemLayoutD{});  // (BLK_M, EPI_N, BUF)
     // Each consumer warpgroup stores its own rows, behind its own barrier (sm90_moe_epilogue.hpp).
     cutlass::arch::NamedBarrier const epilogue_barrier(cutlass::NumThreadsPerWarpGroup,
                                                        uint32_t(consumer_thread_idx) / cutlass::NumThreadsPerWarpGroup);
@@ -610,7 +566,6 @@ class Sm90MoeGemmKernel {
     // kDeferStore: the finished tile waits in registers, packed to 16 bits, and is stored a chunk per
     // k-block under the next tile's MMAs (sm90_moe_mainloop.hpp). Every path through a tile below stores
     // what is pending before the tile's own output becomes pending.
-    bool const defer = kDeferStore && params.overlap_epilogue;
     MaybePendingTile<kDeferStore, kTileN, kEpiN, kEpiBuffers, ElementD, Accumulators, StoreTarget> pending;
     auto const store_pending = [&](int first_chunk, int last_chunk) {
       pending.store(first_chunk, last_chunk, sD, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
@@ -619,17 +574,13 @@ class Sm90MoeGemmKernel {
 
     TilePipelineState tile_read;
     int64_t rows_covered = 0;
-    for (int64_t position = 0;; ++position) {  // of the unit in this CTA's sequence
+    while (true) {
       DecodedUnit const unit = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
       MoeWorkTile const& work = unit.work;
       KBlockRange const& k_blocks = unit.k_blocks;
       if (!work.valid) {
         rows_covered = work.row_start;
         break;
-      }
-      if (kPingpong && position % kConsumerGroups != consumer_group) {
-        read_state.advance(k_tiles);  // the other warpgroup's tile
-        continue;
       }
       Accumulators accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       if (idle_warp_group(work, mma_thread_idx)) {
@@ -639,10 +590,7 @@ class Sm90MoeGemmKernel {
         clear(accumulators);
         store_pending(0, kChunks);
       } else {
-        if constexpr (kPingpong) {
-          math_order.wait();
-        }
-        if (defer) {
+        if constexpr (kDeferStore) {
           mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count,
                                                      mma_thread_idx, shared_storage.tensors,
                                                      [&](int k) { store_pending(k, k + 1); });
@@ -650,9 +598,6 @@ class Sm90MoeGemmKernel {
         } else {
           collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                                   shared_storage.tensors, params.mainloop);
-          if constexpr (kPingpong) {
-            math_order.arrive();  // the other warpgroup's turn
-          }
           collective_mainloop.mma_tail(pipeline, read_state, k_blocks.count);
         }
         read_state.advance(k_blocks.count);
@@ -661,18 +606,18 @@ class Sm90MoeGemmKernel {
         store_split_and_reduce(params, work, unit.tile, k_blocks.split, accumulators, tiled_mma, mma_thread_idx,
                                shared_storage);
       } else if constexpr (kSwapAB) {
-        store_tile_transposed(params, work, accumulators, tiled_mma, mma_thread_idx);
+        store_tile_transposed<TileShape>(output_tile(params, work), accumulators, tiled_mma, mma_thread_idx);
       } else if (work.m_block * kTileM < work.rows && work.n_block * kTileN < params.N &&
                  !idle_warp_group(work, mma_thread_idx)) {
         // (In a cluster, a CTA past the expert's last m-block or past N loads its share of the peers'
         // tiles, but has no output; nor has a warpgroup whose rows are all past the expert.)
         StoreTarget const target{int32_t(work.row_start) + work.m_block * kTileM, work.rows - work.m_block * kTileM,
                                  work.n_block * kTileN, true};
-        if (defer && k_blocks.count >= kChunks) {
+        if (kDeferStore && k_blocks.count >= kChunks) {
           pending.hold(accumulators, target);
         } else {
           // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs (deferring
-          // such tiles too looked slower in the weight gradient; docs/benchmark_history.md).
+          // such tiles too looked slower in the weight gradient; docs/design.md).
           store_tile_tma(params, target, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier,
                          store_count);
         }
@@ -691,8 +636,8 @@ class Sm90MoeGemmKernel {
   // warpgroup skips the MMAs (it only frees the stages) and the epilogue: the other one then has the
   // tensor cores to itself, and an expert's tail of <= 64 rows costs half a tile instead of a whole one.
   CUTLASS_DEVICE static bool idle_warp_group(MoeWorkTile const& work, int mma_thread_idx) {
-    if constexpr (kPingpong || kSwapAB) {
-      return false;  // one warpgroup holds all the tile's rows, or the rows are the MMA's N
+    if constexpr (kSwapAB) {
+      return false;  // the rows are the MMA's N
     } else {
       using namespace cute;
       static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) == 2 && size<2>(typename TiledMma::ThrLayoutVMNK{}) == 1 &&
@@ -753,134 +698,31 @@ class Sm90MoeGemmKernel {
                                                         epilogue_barrier, store_count, issue_store(params, target));
   }
 
-  // Swapped tiles: direct stores from the accumulator registers, transposed; rows past the expert and
-  // columns past N are skipped. Each thread owns pairs of adjacent MMA columns, i.e. two rows of D:
-  // two 16-bit stores (decode: the output is a small part of the bytes moved).
-  template <class Accumulators>
-  CUTLASS_DEVICE static void store_tile_transposed(Params const& params, MoeWorkTile const& work,
-                                        Accumulators const& accumulators, TiledMma const& tiled_mma,
-                                        int mma_thread_idx) {
-    using namespace cute;
-    int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
+  // The valid part of a tile of D: from its first element, the expert's rows and the columns before N.
+  CUTLASS_DEVICE static OutputTile<ElementD> output_tile(Params const& params, MoeWorkTile const& work) {
     int32_t const col0 = work.n_block * kTileN;
-    int32_t const rows_left = min(kTileM, work.rows - work.m_block * kTileM);
-    int32_t const cols_left = min(kTileN, params.N - col0);
-    ElementD* tile_ptr = params.ptr_d + row0 * params.ldd + col0;
-    auto thread_mma = tiled_mma.get_thread_slice(mma_thread_idx);
-    Tensor tCcD = thread_mma.partition_C(make_identity_tensor(take<0, 2>(TileShape{})));  // MMA coordinates
-    static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
-    static_assert(kSwapAB, "unswapped tiles go out through shared memory (store_tile_tma)");
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(accumulators); ++i) {
-      int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));  // MMA (column, row) of D
-      if (row < rows_left && col < cols_left) {
-        tile_ptr[int64_t(row) * params.ldd + col] = ElementD(accumulators(i));
-      }
-    }
+    return {params.ptr_d + (work.row_start + int64_t(work.m_block) * kTileM) * params.ldd + col0, params.ldd,
+            min(kTileM, work.rows - work.m_block * kTileM), min(kTileN, params.N - col0)};
   }
 
-  // Split-K epilogue. Each unit writes the valid rows and columns of its fp32 partial tile to its own
-  // workspace slot, then counts itself on the tile's arrival counter (threadfence before, so the
-  // partial is visible to whoever sees the count). The unit that arrives last sums the partials of
-  // splits 0, 1, ..., split_k - 1 in that order, all from memory (its own included), so the result
-  // does not depend on which CTA finishes last: bitwise the same from run to run.
+  // Split-K: the unit's fp32 partial tile into the workspace, and the reduction by the tile's last unit
+  // (sm90_moe_epilogue.hpp).
   template <class Accumulators>
   CUTLASS_DEVICE static void store_split_and_reduce(Params const& params, MoeWorkTile const& work,
                                                     int64_t tile, int32_t split, Accumulators const& accumulators,
                                                     TiledMma const& tiled_mma, int mma_thread_idx,
                                                     SharedStorage& shared_storage) {
-    using namespace cute;
-    int32_t const col0 = work.n_block * kTileN;
-    int32_t const rows_left = min(kTileM, work.rows - work.m_block * kTileM);
-    int32_t const cols_left = min(kTileN, params.N - col0);
     int64_t const split_stride = int64_t(params.partial_rows) * kTileN;
-    float* const tile_partials = params.partials + tile * params.split_k * split_stride;
-    float* const own_partial = tile_partials + split * split_stride;
-
-    Tensor tCcD = tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
-    static_assert(size<0, 0>(decltype(tCcD){}) == 2, "WGMMA accumulators come in pairs of adjacent columns");
-    // .cg: through L2 only, where the reducing CTA (maybe on another SM) reads it. The partial is laid
-    // out as the D tile (kTileM x kTileN) either way.
-    if constexpr (kSwapAB) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(accumulators); ++i) {
-        int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));
-        if (row < rows_left && col < cols_left) {
-          __stcg(own_partial + row * kTileN + col, accumulators(i));
-        }
-      }
-    } else {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(accumulators); i += 2) {
-        int const row = get<0>(tCcD(i)), col = get<1>(tCcD(i));
-        if (row < rows_left && col < cols_left) {
-          __stcg(reinterpret_cast<float2*>(own_partial + row * kTileN + col),
-                 make_float2(accumulators(i), accumulators(i + 1)));
-        }
-      }
-    }
-    __threadfence();
-    cutlass::arch::NamedBarrier epilogue_barrier(kNumMmaThreads, cutlass::arch::ReservedNamedBarriers::EpilogueBarrier);
-    epilogue_barrier.arrive_and_wait();
-    if (mma_thread_idx == 0) {
-      int const arrived_before = atomicAdd(params.tile_arrivals + tile, 1);
-      shared_storage.split_k_last_arrival = arrived_before == params.split_k - 1;
-    }
-    epilogue_barrier.arrive_and_wait();
-    // Read by all before thread 0 can write it again: that needs the barrier above of the next unit.
-    if (!shared_storage.split_k_last_arrival) {
-      return;
-    }
-    __threadfence();
-
-    // Linear thread mapping over the valid region, 4 columns per thread (N is a multiple of 8):
-    // coalesced, and all 256 threads busy even for a 1-row tile.
-    ElementD* const tile_d = params.ptr_d + (work.row_start + int64_t(work.m_block) * kTileM) * params.ldd + col0;
-    int32_t const vectors_per_row = cols_left / 4;
-    int32_t const vectors = rows_left * vectors_per_row;
-    cutlass::NumericArrayConverter<ElementD, float, 4> convert;
-#pragma unroll 1
-    for (int32_t v = mma_thread_idx; v < vectors; v += kNumMmaThreads) {
-      int32_t const row = v / vectors_per_row;
-      int32_t const col = (v - row * vectors_per_row) * 4;
-      float const* partial = tile_partials + row * kTileN + col;
-      float4 sum = __ldcg(reinterpret_cast<float4 const*>(partial));
-#pragma unroll 4  // several partials in flight; the adds stay in split order
-      for (int32_t other = 1; other < params.split_k; ++other) {
-        float4 const part = __ldcg(reinterpret_cast<float4 const*>(partial + other * split_stride));
-        sum.x += part.x;
-        sum.y += part.y;
-        sum.z += part.z;
-        sum.w += part.w;
-      }
-      cutlass::Array<float, 4> values;
-      values[0] = sum.x;
-      values[1] = sum.y;
-      values[2] = sum.z;
-      values[3] = sum.w;
-      cutlass::Array<ElementD, 4> const converted = convert(values);
-      *reinterpret_cast<uint2*>(tile_d + row * params.ldd + col) = *reinterpret_cast<uint2 const*>(&converted);
-    }
+    SplitKPartials const partials{params.partials + tile * params.split_k * split_stride, split_stride, split,
+                                  params.split_k, params.tile_arrivals + tile};
+    reduce_split_k_tile<kSwapAB, kTileN, TileShape>(output_tile(params, work), partials, accumulators, tiled_mma,
+                                                    mma_thread_idx, shared_storage.split_k_last_arrival);
   }
 
-  // Rows [rows_covered, M) belong to no expert: every CTA writes zeros to its share of them, with all
-  // its consumer threads (index 0 .. kNumConsumerThreads - 1).
+  // Rows [rows_covered, M) belong to no expert.
   CUTLASS_DEVICE static void zero_uncovered_rows(Params const& params, int64_t rows_covered, int consumer_thread_idx) {
-    int64_t const rows = params.scheduler.rows_total - rows_covered;
-    if (rows <= 0) {
-      return;
-    }
-    using Vector = cutlass::AlignedArray<ElementD, 8>;  // 16 bytes: N is a multiple of 8
-    int64_t const vectors_per_row = params.N / 8;
-    int64_t const total = rows * vectors_per_row;
-    Vector zeros;
-    zeros.fill(ElementD(0));
-    for (int64_t v = int64_t(blockIdx.x) * kNumConsumerThreads + consumer_thread_idx; v < total;
-         v += int64_t(gridDim.x) * kNumConsumerThreads) {
-      int64_t const row = rows_covered + v / vectors_per_row;
-      int64_t const col = (v % vectors_per_row) * 8;
-      *reinterpret_cast<Vector*>(params.ptr_d + row * params.ldd + col) = zeros;
-    }
+    zero_rows<kNumConsumerThreads>(params.ptr_d, params.ldd, params.N, rows_covered,
+                                   params.scheduler.experts.rows_total, consumer_thread_idx);
   }
 };
 

@@ -1,4 +1,5 @@
-// The consumer side of CUTLASS's sm90 warp-specialized mainloop (its collective's mma() then
+// The pieces of the mainloop both sm90 kernels share: their warp roles and pipelines, and the consumer
+// side of CUTLASS's sm90 warp-specialized mainloop (its collective's mma() then
 // mma_tail(), one k-block of WGMMAs in flight while the next is issued), with a hook: after the MMAs of
 // k-block k are issued, while they run, hook(k) is called for k < kHookSteps.
 //
@@ -10,9 +11,96 @@
 #pragma once
 
 #include "cute/tensor.hpp"
+#include "cutlass/arch/reg_reconfig.h"
 #include "cutlass/cutlass.h"
 
 namespace moe_gemm {
+
+// Both kernels' warpgroups: the producer's warp 0 decodes the tiles and issues the TMA loads (its other
+// warps idle), the two consumer warpgroups run the MMAs and the epilogue.
+enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
+
+// A thread's place in the warp roles (the MMA threads are numbered mma_thread_idx = 0 .. num_mma_threads - 1).
+struct WarpRoles {
+  int thread_idx;
+  int warp_idx;
+  int warp_idx_in_warp_group;
+  WarpGroupRole warp_group_role;
+  int mma_thread_idx;
+};
+
+CUTLASS_DEVICE WarpRoles warp_roles(uint32_t num_mma_threads) {
+  int const thread_idx = int(threadIdx.x);
+  int const warp_idx = cutlass::canonical_warp_idx_sync();
+  return {thread_idx, warp_idx, warp_idx % cutlass::NumWarpsPerWarpGroup,
+          WarpGroupRole(cutlass::canonical_warp_group_idx()), int(thread_idx % num_mma_threads)};
+}
+
+// Both kernels' entry (their operator()): Kernel::run with the shared storage and the thread's roles, on the
+// sm_90a build; any other build has no code for them, and says so instead.
+template <class Kernel>
+CUTLASS_DEVICE void run_sm90_kernel(typename Kernel::Params const& params, char* smem_buf) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  Kernel::run(params, *reinterpret_cast<typename Kernel::SharedStorage*>(smem_buf),
+              warp_roles(Kernel::kNumMmaThreads));
+#else
+  if (threadIdx.x == 0 && blockIdx.x == 0) {
+    printf("moe_gemm: an sm90 kernel was launched on a build without sm_90a code\n");
+  }
+#endif
+}
+
+// The producer warpgroup only issues TMA: its registers go to the MMA warpgroups.
+constexpr uint32_t kLoadRegisters = 40;
+constexpr uint32_t kMmaRegisters = 232;
+
+// Runs produce() on the producer warpgroup's warp 0 (its other warps idle) and consume() on the MMA
+// warpgroups, with the registers moved from the one to the others.
+template <class Produce, class Consume>
+CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, Consume&& consume) {
+  if (roles.warp_group_role == WarpGroupRole::Producer) {
+    cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
+    if (roles.warp_idx_in_warp_group == 0) {
+      produce();
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
+    consume();
+  }
+}
+
+// The pipeline of the operand stages, from the producer warp to the MMA warpgroups (num_consumers threads).
+template <class MainloopPipeline, class ClusterShape>
+CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline::SharedStorage& storage,
+                                                       WarpRoles const& roles, uint32_t num_consumers,
+                                                       uint32_t transaction_bytes, ClusterShape cluster_shape) {
+  typename MainloopPipeline::Params params;
+  if (roles.warp_group_role == WarpGroupRole::Producer && roles.warp_idx_in_warp_group == 0) {
+    params.role = MainloopPipeline::ThreadCategory::Producer;
+  }
+  if (roles.warp_group_role != WarpGroupRole::Producer) {
+    params.role = MainloopPipeline::ThreadCategory::Consumer;
+  }
+  params.is_leader = (roles.thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
+  params.num_consumers = num_consumers;
+  params.num_producers = 1;
+  params.transaction_bytes = transaction_bytes;
+  return MainloopPipeline(storage, params, cluster_shape);
+}
+
+// The small pipeline through which the producer warp hands each decoded tile to the MMA warpgroups
+// (consumer_arrivals threads read every slot; take_tile_slot below).
+template <class TilePipeline>
+CUTLASS_DEVICE TilePipeline make_tile_pipeline(typename TilePipeline::SharedStorage& storage, WarpRoles const& roles,
+                                               uint32_t consumer_arrivals) {
+  typename TilePipeline::Params params;
+  params.role = roles.warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
+                : roles.warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
+                                                                : TilePipeline::ThreadCategory::NonParticipant;
+  params.producer_arv_count = 1;
+  params.consumer_arv_count = consumer_arrivals;
+  return TilePipeline(storage, params);
+}
 
 // Overwrites `accumulators` with the tile's product over k_tiles >= 1 k-blocks, starting at read_state
 // (taken by value: the caller advances its own by k_tiles, as with CUTLASS's mma()), and frees every

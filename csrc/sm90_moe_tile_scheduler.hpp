@@ -14,24 +14,28 @@
 // tile range of its block of experts (ExpertRows: all sizes loaded at once, two warp scans). A tile
 // then costs a ballot to find the lane whose block holds it and a walk of that block by the lane,
 // except when it falls in the expert of the previous call, which is cached. Any order of tiles works.
-// The kernel hands each decoded tile to its MMA warpgroups.
+// The kernel hands each decoded tile to its MMA warpgroups. In a cluster with dynamic scheduling, rank
+// 0 takes each unit from the counter and broadcasts it to the other CTA (ClusterUnitSlots, below).
+// The weight gradient's scheduler is in sm90_moe_wgrad_tile_scheduler.hpp.
 #pragma once
 
 #include <cstdint>
 
 #include <cuda_runtime.h>
 
+#include "cute/arch/cluster_sm90.hpp"
+#include "cute/arch/util.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/pipeline/sm90_pipeline.hpp"
+
 #include "moe_expert_rows.hpp"
 
 namespace moe_gemm {
 
 struct MoeSchedulerParams {
-  void const* m_sizes = nullptr;  // [num_experts] int32 or int64, device memory
-  bool m_sizes_int64 = false;
-  int32_t num_experts = 0;
-  int64_t rows_total = 0;         // M: rows of A and D
-  int32_t tiles_n = 0;            // ceil(N / kTileN)
-  int32_t group_m = 8;            // m-blocks per raster group (see above)
+  ExpertRows experts{};  // m_sizes, and M: the rows of A and D
+  int32_t tiles_n = 0;   // ceil(N / kTileN)
+  int32_t group_m = 8;   // m-blocks per raster group (see above)
 };
 
 struct MoeWorkTile {
@@ -55,7 +59,7 @@ class Sm90MoeTileScheduler {
     int64_t const lane_rows = sizes.block_rows(lane);
     int64_t const rows_end = warp_inclusive_scan(lane_rows, lane);
     lane_row_start_ = rows_end - lane_rows;
-    rows_covered_ = min(__shfl_sync(0xffffffff, rows_end, 31), params_.rows_total);
+    rows_covered_ = min(__shfl_sync(0xffffffff, rows_end, 31), params_.experts.rows_total);
 
     int64_t row = lane_row_start_;
     int64_t lane_tiles = 0;
@@ -99,14 +103,12 @@ class Sm90MoeTileScheduler {
   CUTLASS_DEVICE int64_t rows_covered() const { return rows_covered_; }
 
  private:
-  CUTLASS_DEVICE ExpertRows expert_rows() const {
-    return {params_.m_sizes, params_.m_sizes_int64, params_.num_experts, params_.rows_total};
-  }
+  CUTLASS_DEVICE ExpertRows const& expert_rows() const { return params_.experts; }
 
   // Tiles of an expert whose unclamped rows start at `row`.
   CUTLASS_DEVICE int64_t tiles_of(int64_t row, int64_t size) const {
-    int64_t const begin = min(row, params_.rows_total);
-    int64_t const end = min(row + size, params_.rows_total);
+    int64_t const begin = min(row, params_.experts.rows_total);
+    int64_t const end = min(row + size, params_.experts.rows_total);
     return (end - begin + kTileM - 1) / kTileM * params_.tiles_n;
   }
 
@@ -140,8 +142,8 @@ class Sm90MoeTileScheduler {
     expert_tiles_ = __shfl_sync(0xffffffff, tiles, owner);
     row = __shfl_sync(0xffffffff, row, owner);
     size = __shfl_sync(0xffffffff, size, owner);
-    expert_row_start_ = min(row, params_.rows_total);
-    expert_rows_ = static_cast<int32_t>(min(row + size, params_.rows_total) - expert_row_start_);
+    expert_row_start_ = min(row, params_.experts.rows_total);
+    expert_rows_ = static_cast<int32_t>(min(row + size, params_.experts.rows_total) - expert_row_start_);
     return true;
   }
 
@@ -157,6 +159,83 @@ class Sm90MoeTileScheduler {
   int64_t expert_tiles_ = 0;
   int64_t expert_row_start_ = 0;
   int32_t expert_rows_ = 0;
+};
+
+// Dynamic scheduling in a cluster: rank 0's producer warp takes each unit from the counter and writes
+// it into unit[slot] of every CTA with st.async, which completes the transaction on that CTA's
+// full[slot] (whose one arrival is its own producer warp's expect-tx). Each other producer warp then
+// arrives on rank 0's empty[slot], as rank 0's does, which frees the slot for the round after.
+template <int kSlots>
+struct ClusterUnitSlots {
+  using State = cutlass::PipelineState<kSlots>;
+
+  alignas(8) uint64_t full[kSlots];
+  alignas(8) uint64_t empty[kSlots];
+  int64_t unit[kSlots];
+
+  // One thread, before the cluster's barrier that ends the kernel's prologue.
+  CUTLASS_DEVICE void init(int cluster_size) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kSlots; ++i) {
+      cutlass::arch::ClusterBarrier::init(&full[i], 1);
+      cutlass::arch::ClusterBarrier::init(&empty[i], cluster_size);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+
+  // Rank 0's producer warp: publishes `value` to every CTA of the cluster.
+  template <int kClusterSize>
+  CUTLASS_DEVICE void publish(State state, int64_t value, bool is_leader) {
+    if (!is_leader) {
+      return;
+    }
+    int const i = state.index();
+    cutlass::arch::ClusterBarrier::wait(&empty[i], state.phase() ^ 1);
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[i], sizeof(int64_t));
+    uint32_t const unit_addr = cute::cast_smem_ptr_to_uint(&unit[i]);
+    uint32_t const full_addr = cute::cast_smem_ptr_to_uint(&full[i]);
+    CUTLASS_PRAGMA_UNROLL
+    for (uint32_t cta = 0; cta < kClusterSize; ++cta) {
+      asm volatile(
+          "{\n\t.reg .b32 remote_unit, remote_full;\n\t"
+          "mapa.shared::cluster.u32 remote_unit, %0, %2;\n\t"
+          "mapa.shared::cluster.u32 remote_full, %1, %2;\n\t"
+          "st.async.shared::cluster.mbarrier::complete_tx::bytes.s64 [remote_unit], %3, [remote_full];\n\t}"
+          :
+          : "r"(unit_addr), "r"(full_addr), "r"(cta), "l"(value)
+          : "memory");
+    }
+    cutlass::arch::ClusterBarrier::arrive(&empty[i]);
+  }
+
+  // The producer warp of a CTA of rank > 0: arrives on its own full barrier, expecting the unit's bytes,
+  // waits for the unit of this round, then frees the slot on rank 0.
+  CUTLASS_DEVICE int64_t receive(State state) {
+    int const i = state.index();
+    bool const leader = threadIdx.x % 32 == 0;
+    if (leader) {
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[i], sizeof(int64_t));
+    }
+    cutlass::arch::ClusterBarrier::wait(&full[i], state.phase());
+    asm volatile("" ::: "memory");  // the wait has no memory clobber: keep the read after it
+    int64_t const value = *reinterpret_cast<int64_t volatile*>(&unit[i]);
+    __syncwarp();
+    cutlass::arch::ClusterBarrier::arrive(&empty[i], 0u, uint32_t(leader));
+    return value;
+  }
+
+  // Rank 0's producer warp, after its last unit: wait until every slot has been read, so that no
+  // arrival from a peer lands on this CTA's shared memory after it exits.
+  CUTLASS_DEVICE void tail(State state, bool is_leader) {
+    if (!is_leader) {
+      return;
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kSlots; ++i) {
+      cutlass::arch::ClusterBarrier::wait(&empty[state.index()], state.phase() ^ 1);
+      ++state;
+    }
+  }
 };
 
 }  // namespace moe_gemm

@@ -6,7 +6,8 @@
 // What is ours:
 //   - tiles: every expert has the same ceil(P / 128) x ceil(Q / 256) output tiles, so the tile -> expert
 //     map is a division; the expert's first row and row count (the reduction range) come from a
-//     prefix sum of m_sizes computed on the fly (all sizes loaded at once, a warp-wide scan), cached.
+//     prefix sum of m_sizes computed on the fly (all sizes loaded at once, a warp-wide scan), cached
+//     (sm90_moe_wgrad_tile_scheduler.hpp).
 //     Tiles are handed out from a global counter (ragged experts take unequal times). The TMA warp
 //     decodes each tile and hands it to the MMA warpgroups through shared memory, so that they go from
 //     one tile's MMAs to the next without a decode in between (2-3% faster at 2048 and 16k tokens).
@@ -22,6 +23,8 @@
 //     without reading it.
 #pragma once
 
+#include <algorithm>
+
 #include <cuda.h>
 
 #include "cute/arch/copy_sm90_tma.hpp"
@@ -34,123 +37,12 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
-#include "moe_expert_rows.hpp"
-#include "sm90_ragged_tma.hpp"
 #include "sm90_moe_epilogue.hpp"
 #include "sm90_moe_mainloop.hpp"
+#include "sm90_moe_wgrad_tile_scheduler.hpp"
+#include "sm90_ragged_tma.hpp"
 
 namespace moe_gemm {
-
-struct WgradSchedulerParams {
-  void const* m_sizes = nullptr;  // [num_experts] int32 or int64, device memory
-  bool m_sizes_int64 = false;
-  int32_t num_experts = 0;
-  int64_t rows_total = 0;         // M: rows of L and R
-  int32_t tiles_p = 0;            // ceil(P / kTileP)
-  int32_t group_p = 8;            // p-blocks per raster group
-  // Divisors of the tile -> (expert, p-block, q-block) map, precomputed (a tile costs multiplies, not
-  // divisions): tiles_p * tiles_q tiles per expert, group_p * tiles_q per raster group, and the group
-  // sizes: group_p, and tiles_p % group_p for the last group when smaller.
-  cutlass::FastDivmod tiles_per_expert{1};
-  cutlass::FastDivmod tiles_per_group{1};
-  cutlass::FastDivmod group_size{1};
-  cutlass::FastDivmod last_group_size{1};
-
-  // All of the above from the tile counts; the caller checks that tiles_p * tiles_q * num_experts
-  // fits in an int32.
-  static WgradSchedulerParams make(void const* m_sizes, bool m_sizes_int64, int32_t num_experts,
-                                   int64_t rows_total, int32_t tiles_p, int32_t tiles_q, int32_t group_p) {
-    WgradSchedulerParams params;
-    params.m_sizes = m_sizes;
-    params.m_sizes_int64 = m_sizes_int64;
-    params.num_experts = num_experts;
-    params.rows_total = rows_total;
-    params.tiles_p = tiles_p;
-    params.group_p = group_p;
-    params.tiles_per_expert = cutlass::FastDivmod(tiles_p * tiles_q);
-    params.tiles_per_group = cutlass::FastDivmod(group_p * tiles_q);
-    params.group_size = cutlass::FastDivmod(group_p);
-    params.last_group_size = cutlass::FastDivmod(tiles_p % group_p != 0 ? tiles_p % group_p : group_p);
-    return params;
-  }
-};
-
-struct WgradWorkTile {
-  int32_t expert;
-  int32_t p_block;
-  int32_t q_block;
-  int64_t row_start;  // first row of the expert in L and R
-  int32_t rows;       // the expert's rows after clamping to M: the reduction length
-  bool valid;
-};
-
-// Tile t -> (expert t / tiles_per_expert, p-block, q-block). The expert's row range comes from the
-// warp's table of m_sizes (moe_expert_rows.hpp: lane l holds the first row of its block of experts),
-// built when the scheduler is constructed; the expert of the previous call is cached. Warp-collective.
-// Only the TMA warp runs it (40 registers): `params` stays in the kernel's parameter space.
-class Sm90MoeWgradScheduler {
- public:
-  CUTLASS_DEVICE explicit Sm90MoeWgradScheduler(WgradSchedulerParams const& params) : params_(params) {
-    int const lane = threadIdx.x % 32;
-    int64_t const lane_rows = expert_rows().block_rows(lane);
-    lane_row_start_ = warp_inclusive_scan(lane_rows, lane) - lane_rows;
-  }
-
-  CUTLASS_DEVICE WgradWorkTile get_work_tile(int32_t linear_idx) {
-    WgradWorkTile work{};
-    int expert, local;
-    params_.tiles_per_expert(expert, local, linear_idx);
-    work.valid = expert < params_.num_experts;
-    if (!work.valid) {
-      return work;
-    }
-    if (expert != expert_) {
-      locate(expert);
-    }
-    // Within the expert, groups of group_p p-blocks; the q-block is the slow index inside a group,
-    // so the CTAs running together read a few column blocks of L and R.
-    int group, in_group, p_in_group;
-    params_.tiles_per_group(group, in_group, local);
-    int32_t const group_p0 = group * params_.group_p;
-    bool const last_group = group_p0 + params_.group_p > params_.tiles_p;
-    (last_group ? params_.last_group_size : params_.group_size)(work.q_block, p_in_group, in_group);
-    work.expert = expert;
-    work.p_block = group_p0 + p_in_group;
-    work.row_start = expert_row_start_;
-    work.rows = expert_rows_;
-    return work;
-  }
-
- private:
-  CUTLASS_DEVICE ExpertRows expert_rows() const {
-    return {params_.m_sizes, params_.m_sizes_int64, params_.num_experts, params_.rows_total};
-  }
-
-  // The lane owning `expert` walks its block up to it, from L1, and shares the clamped row range.
-  CUTLASS_DEVICE void locate(int32_t expert) {
-    ExpertRows const sizes = expert_rows();
-    int const owner = expert / sizes.per_lane();
-    int64_t row = 0, size = 0;
-    if (int(threadIdx.x % 32) == owner) {
-      row = lane_row_start_;
-      for (int32_t e = sizes.block_begin(owner); e < expert; ++e) {
-        row += sizes.size(e);
-      }
-      size = sizes.size(expert);
-    }
-    row = __shfl_sync(0xffffffff, row, owner);
-    size = __shfl_sync(0xffffffff, size, owner);
-    expert_ = expert;
-    expert_row_start_ = min(row, params_.rows_total);
-    expert_rows_ = int32_t(min(row + size, params_.rows_total) - expert_row_start_);
-  }
-
-  WgradSchedulerParams const& params_;
-  int64_t lane_row_start_ = 0;  // unclamped first row of this lane's block of experts
-  int32_t expert_ = -1;         // the expert of the last call, cached
-  int64_t expert_row_start_ = 0;
-  int32_t expert_rows_ = 0;
-};
 
 // Shared memory of the epilogue: two buffers of kTileP rows x 128 bytes.
 constexpr int wgrad_epilogue_smem_bytes(int tile_p) { return 2 * tile_p * 128; }
@@ -172,8 +64,9 @@ class Sm90MoeWgradKernel {
   static constexpr uint32_t kNumMmaThreads = cute::size(TiledMma{});
   static constexpr uint32_t MaxThreadsPerBlock = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;
   static constexpr uint32_t MinBlocksPerMultiprocessor = 1;
-  static constexpr uint32_t kLoadRegisters = 40;
-  static constexpr uint32_t kMmaRegisters = 232;
+  static constexpr int kClusterSize = 1;
+  // 128-row blocks of the gradient per raster group (L2 locality).
+  static constexpr int32_t kGroupP = 8;
   static_assert(kNumMmaThreads == 256, "cooperative kernel: two consumer warpgroups");
 
   // The operand tiles in shared memory are 64 x 64 boxes (128-byte swizzled rows of 64 columns,
@@ -222,64 +115,81 @@ class Sm90MoeWgradKernel {
     WgradSchedulerParams scheduler;
     int* tile_counter;  // zeroed before the launch
     bool accumulate;
-    bool overlap_epilogue;  // kDeferStore: each tile stored under the next one's MMAs (else right away)
   };
 
-  CUTLASS_DEVICE
-  void operator()(Params const& params, char* smem_buf) {
-    using namespace cute;
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
-    SharedStorage& shared_storage = *reinterpret_cast<SharedStorage*>(smem_buf);
-    int const thread_idx = int(threadIdx.x);
-    int const warp_idx = cutlass::canonical_warp_idx_sync();
-    int const warp_idx_in_warp_group = warp_idx % cutlass::NumWarpsPerWarpGroup;
-    auto const warp_group_role = WarpGroupRole(cutlass::canonical_warp_group_idx());
-    int const mma_thread_idx = thread_idx % kNumMmaThreads;
+  // The host's side of a launch, in plain values (see GroupedWgradParams in moe_gemm.h).
+  struct Arguments {
+    void const* l;  // [M, P], rows ldl elements apart
+    int64_t ldl;
+    void const* r;  // [M, Q], rows ldr elements apart
+    int64_t ldr;
+    void* d;        // [E, P, Q], rows ldd elements apart, experts batch_stride_d
+    int64_t ldd;
+    int64_t batch_stride_d;
+    void const* m_sizes;
+    bool m_sizes_int64;
+    int64_t M, P, Q;
+    int32_t E;
+    bool accumulate;
+    int* tile_counter;  // zeroed before the launch
+  };
 
-    if (warp_idx == 0 && cute::elect_one_sync()) {
+  // Output tiles of all experts: the most work units of a launch.
+  static int64_t num_tiles(Arguments const& args) {
+    return ((args.P + kTileP - 1) / kTileP) * ((args.Q + kTileQ - 1) / kTileQ) * args.E;
+  }
+
+  // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
+  static cudaError_t to_underlying_arguments(Arguments const& args, Params& params) {
+    params = Params{};
+    cudaError_t status =
+        detail::encode_ragged<ElementIn>(&params.tma_l, args.l, args.P, args.ldl, kBoxCols, kTileK);
+    if (status == cudaSuccess) {
+      status = detail::encode_ragged<ElementIn>(&params.tma_r, args.r, args.Q, args.ldr, kBoxCols, kTileK);
+    }
+    if (status == cudaSuccess) {
+      uint64_t const dims[3] = {uint64_t(args.Q), uint64_t(args.P), uint64_t(args.E)};
+      uint64_t const strides[3] = {1, uint64_t(args.ldd), uint64_t(args.batch_stride_d)};
+      uint32_t const box[3] = {uint32_t(kEpiN), uint32_t(kStoreRows), 1};
+      status = detail::encode_tma(&params.tma_d, detail::tma_type<ElementD>(), int(sizeof(ElementD)), args.d, 3, dims,
+                                  strides, box);
+    }
+    if (status != cudaSuccess) {
+      return status;
+    }
+    params.P = int32_t(args.P);
+    int32_t const tiles_p = int32_t((args.P + kTileP - 1) / kTileP);
+    int32_t const tiles_q = int32_t((args.Q + kTileQ - 1) / kTileQ);
+    params.scheduler = WgradSchedulerParams::make(ExpertRows{args.m_sizes, args.m_sizes_int64, args.E, args.M},
+                                                  tiles_p, tiles_q, std::min(kGroupP, tiles_p));
+    params.tile_counter = args.tile_counter;
+    params.accumulate = args.accumulate;
+    return cudaSuccess;
+  }
+
+  CUTLASS_DEVICE void operator()(Params const& params, char* smem_buf) {
+    run_sm90_kernel<Sm90MoeWgradKernel>(params, smem_buf);
+  }
+
+  // The kernel's body (sm_90a only, see run_sm90_kernel).
+  CUTLASS_DEVICE static void run(Params const& params, SharedStorage& shared_storage, WarpRoles const& roles) {
+
+    if (roles.warp_idx == 0 && cute::elect_one_sync()) {
       cute::prefetch_tma_descriptor(&params.tma_l);
       cute::prefetch_tma_descriptor(&params.tma_r);
       cute::prefetch_tma_descriptor(&params.tma_d);
     }
 
-    typename MainloopPipeline::Params pipeline_params;
-    if (warp_group_role == WarpGroupRole::Producer && warp_idx_in_warp_group == 0) {
-      pipeline_params.role = MainloopPipeline::ThreadCategory::Producer;
-    }
-    if (warp_group_role != WarpGroupRole::Producer) {
-      pipeline_params.role = MainloopPipeline::ThreadCategory::Consumer;
-    }
-    pipeline_params.is_leader = (thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
-    pipeline_params.num_consumers = kNumMmaThreads;
-    pipeline_params.num_producers = 1;
-    pipeline_params.transaction_bytes = CollectiveMainloop::TmaTransactionBytes;
-    MainloopPipeline pipeline(shared_storage.pipeline, pipeline_params, cute::Shape<_1, _1, _1>{});
-
-    typename TilePipeline::Params tile_pipeline_params;
-    tile_pipeline_params.role = warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
-                                : warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
-                                                                          : TilePipeline::ThreadCategory::NonParticipant;
-    tile_pipeline_params.producer_arv_count = 1;
-    tile_pipeline_params.consumer_arv_count = kNumMmaThreads;
-    TilePipeline tile_pipeline(shared_storage.tile_pipeline, tile_pipeline_params);
+    // Pipelines from the TMA warp (producer) to the two MMA warpgroups (consumers): the stages, and the
+    // decoded tiles.
+    MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
+        shared_storage.pipeline, roles, kNumMmaThreads, CollectiveMainloop::TmaTransactionBytes, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumMmaThreads);
     __syncthreads();
 
-    if (warp_group_role == WarpGroupRole::Producer) {
-      cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
-      if (warp_idx_in_warp_group == 0) {
-        Sm90MoeWgradScheduler scheduler(params.scheduler);
-        produce(params, scheduler, pipeline, tile_pipeline, shared_storage);
-      }
-    } else {
-      cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
-      consume(params, pipeline, tile_pipeline, shared_storage, mma_thread_idx);
-    }
-#else
-    if (threadIdx.x == 0 && blockIdx.x == 0) {
-      printf("moe_gemm: the sm90 wgrad kernel was launched on a build without sm_90a code\n");
-    }
-#endif
+    run_warp_groups(
+        roles, [&] { produce(params, pipeline, tile_pipeline, shared_storage); },
+        [&] { consume(params, pipeline, tile_pipeline, shared_storage, roles.mma_thread_idx); });
   }
 
  private:
@@ -293,8 +203,9 @@ class Sm90MoeWgradKernel {
   // TMA warp: takes tiles from the counter, publishes them to the MMA warpgroups, and loads the
   // k-blocks of the expert's rows of L and R.
   CUTLASS_DEVICE
-  static void produce(Params const& params, Sm90MoeWgradScheduler& scheduler, MainloopPipeline& pipeline,
-                      TilePipeline& tile_pipeline, SharedStorage& shared_storage) {
+  static void produce(Params const& params, MainloopPipeline& pipeline, TilePipeline& tile_pipeline,
+                      SharedStorage& shared_storage) {
+    Sm90MoeWgradScheduler scheduler(params.scheduler);
     bool const is_leader = cute::elect_one_sync();
     PipelineState write_state = cutlass::make_producer_start_state<MainloopPipeline>();
     TilePipelineState tile_write = cutlass::make_producer_start_state<TilePipeline>();
@@ -370,7 +281,6 @@ class Sm90MoeWgradKernel {
     using Accumulators = decltype(partition_fragment_C(tiled_mma, take<0, 2>(TileShape{})));
     // 16-bit outputs: the finished tile waits in registers, packed, and is stored a chunk per k-block
     // under the next tile's MMAs (sm90_moe_mainloop.hpp). Float outputs are stored right away.
-    bool const defer = kDeferStore && params.overlap_epilogue;
     MaybePendingTile<kDeferStore, kTileQ, kEpiN, kEpiBuffers, ElementD, Accumulators, StoreTarget> pending;
     auto const store_pending = [&](int first_chunk, int last_chunk) {
       pending.store(first_chunk, last_chunk, sD, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
@@ -390,7 +300,7 @@ class Sm90MoeWgradKernel {
       // checks for); a version that did ran up to 1.7x slower.
       Accumulators accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       if (k_tiles > 0) {
-        if (defer) {
+        if constexpr (kDeferStore) {
           mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
                                                      shared_storage.tensors, [&](int k) { store_pending(k, k + 1); });
         } else {
@@ -406,12 +316,12 @@ class Sm90MoeWgradKernel {
       // Each warpgroup stores its own rows; none when they are all past P.
       StoreTarget const target{work.p_block * kTileP, work.q_block * kTileQ, work.expert,
                                work.p_block * kTileP + group_row0 < params.P};
-      if (defer && k_tiles >= kChunks) {
+      if (kDeferStore && k_tiles >= kChunks) {
         pending.hold(accumulators, target);
       } else if (target.active) {
         // Not deferred, or a short reduction: the next tile (most likely of the same expert) would have too
         // few k-blocks to cover the stores (a first version that deferred these looked up to 13% slower at
-        // 256 and 2048 tokens, measured on another machine; docs/benchmark_history.md).
+        // 256 and 2048 tokens; docs/design.md).
         store_tile_through_smem<kTileQ, kEpiN, kEpiBuffers>(sD, accumulators, tiled_mma, mma_thread_idx,
                                                             epilogue_barrier, store_count, issue_store(params, target));
       }

@@ -48,12 +48,9 @@ struct Options {
   std::string dtype = "bf16";    // bf16 | fp16
   std::string layout = "nk";     // nk: weight [E, N, K];  kn: weight [E, K, N]
   std::string routing = "uniform";  // uniform | skewed
-  std::string config = "auto";   // auto | 128x256 | 128x128 | 128x256c2x1 | 128x256c1x2 | 128x128pp | 16x128s | 32x128s
-  int group_m = 0;               // m-blocks per raster group; 0 = the configuration's default
+  std::string config = "auto";   // auto or a name of csrc/moe_tile_configs.h
   int dynamic = -1;              // tile scheduling: 1 dynamic, 0 static, -1 by problem size
   int split_k = 0;               // K splits per tile: 0 by problem size, 1 none
-  int overlap_epilogue = 1;      // 16-bit tiles stored under the next tile's MMAs (1) or right away (0)
-  int partial_token_loads = 1;   // tails of <= 64 rows load only those token rows (1) or the whole tile (0)
   int iterations = 50;
   int warmup = 5;
   bool verify = true;
@@ -77,11 +74,8 @@ struct Options {
     cmd.get_cmd_line_argument("layout", layout);
     cmd.get_cmd_line_argument("routing", routing);
     cmd.get_cmd_line_argument("config", config);
-    cmd.get_cmd_line_argument("group_m", group_m);
     cmd.get_cmd_line_argument("dynamic", dynamic);
     cmd.get_cmd_line_argument("split_k", split_k);
-    cmd.get_cmd_line_argument("overlap_epilogue", overlap_epilogue);
-    cmd.get_cmd_line_argument("partial_token_loads", partial_token_loads);
     cmd.get_cmd_line_argument("iterations", iterations);
     cmd.get_cmd_line_argument("warmup", warmup);
     cmd.get_cmd_line_argument("verify", verify, true);
@@ -95,6 +89,10 @@ struct Options {
   }
 
   static void usage() {
+    std::string configs = "auto";
+    for (moe_gemm::TileConfigInfo const& info : moe_gemm::kTileConfigs) {
+      configs = configs + "|" + info.name;
+    }
     std::printf(
         "moe_gemm_profiler: the sm90 MoE grouped GEMM D[rows of e] = A[rows of e] @ B[e]^T\n\n"
         "  --experts=E --tokens=T --topk=k   routing of T tokens to k of E experts each\n"
@@ -102,19 +100,17 @@ struct Options {
         "  --sizes=a,b,c                     explicit rows per expert instead of routing\n"
         "  --n=N --k=K                       GEMM sizes (multiples of 8)\n"
         "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
-        "  --dtype=bf16|fp16  --layout=nk|kn --config=auto|128x256|128x128|128x256c2x1|128x256c1x2|128x128pp|16x128s|32x128s\n"
-        "  --group_m=G                       m-blocks per raster group (L2 locality; --wgrad: blocks of 128 rows of\n"
-        "                                    the gradient)\n"
+        "  --dtype=bf16|fp16  --layout=nk|kn\n"
+        "  --config=%s\n"
+        "                                    the tile configuration (default: the heuristic)\n"
         "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
         "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic)\n"
-        "  --overlap_epilogue=1|0            store 16-bit tiles under the next tile's MMAs (default) or right away\n"
-        "  --partial_token_loads=1|0         an expert's tail of <= 64 rows loads only those rows (default) or the\n"
-        "                                    whole token tile\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n"
         "  --wgrad [--accumulate]            the weight gradient grad_W[e] = grad_y_e^T x_e ([E, N, K], [E, K, N]\n"
         "                                    with --layout=kn), K-grouped over each expert's rows; --accumulate\n"
-        "                                    adds it into a float32 buffer\n");
+        "                                    adds it into a float32 buffer\n",
+        configs.c_str());
   }
 };
 
@@ -138,6 +134,21 @@ std::vector<int> route(Options const& opt, std::mt19937& rng) {
     for (int j = 0; j < topk; ++j) ++counts[keys[j].second];
   }
   return counts;
+}
+
+// The rows of one run: per expert, and in all (the routed ones, then --extra_rows past the last expert).
+struct Rows {
+  std::vector<int> sizes;
+  int64_t routed;
+  int64_t M;
+};
+
+Rows rows_of(Options const& opt) {
+  std::mt19937 rng(opt.seed);
+  Rows rows{route(opt, rng), 0, 0};
+  rows.routed = std::accumulate(rows.sizes.begin(), rows.sizes.end(), int64_t(0));
+  rows.M = rows.routed + opt.extra_rows;
+  return rows;
 }
 
 // Integer values in [-2, 2] from a hash of the index: products and sums stay exact in float32, and
@@ -174,6 +185,52 @@ __global__ void reference_grouped_gemm(Element const* a, Element const* b, float
   d[idx] = sum;
 }
 
+// Exact comparison of the kernel's output with the reference: the count of elements that differ (NaN
+// never equals), the first few printed with where(i).
+template <class Where>
+int64_t count_mismatches(std::vector<float> const& got, std::vector<float> const& expected, Where&& where) {
+  int64_t mismatches = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!(got[i] == expected[i])) {
+      if (mismatches < 5) {
+        std::printf("  mismatch at %s: got %f expected %f\n", where(int64_t(i)).c_str(), got[i], expected[i]);
+      }
+      ++mismatches;
+    }
+  }
+  std::printf("verification: %s (%lld of %lld elements differ)\n", mismatches == 0 ? "PASSED" : "FAILED",
+              (long long)mismatches, (long long)got.size());
+  return mismatches;
+}
+
+// Device memory of `bytes` (nullptr for none), poisoned with 0xFF bytes (NaN in every float type): a
+// split that reads a partial nobody wrote shows up as NaN. The counters at its start are zeroed by run_*.
+void* allocate_workspace(size_t bytes) {
+  void* workspace = nullptr;
+  if (bytes > 0) {
+    CHECK_CUDA(cudaMalloc(&workspace, bytes));
+    CHECK_CUDA(cudaMemset(workspace, 0xFF, bytes));
+  }
+  return workspace;
+}
+
+void print_time(double ms, double flops, double bytes) {
+  std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms, flops / ms / 1e9,
+              bytes / ms / 1e6);
+}
+
+// The first launch, waited for. With --ncu that is all: returns false.
+template <class Launch>
+bool first_launch(Options const& opt, Launch&& launch) {
+  launch();
+  CHECK_CUDA(cudaDeviceSynchronize());
+  if (opt.ncu) {
+    std::printf("one launch done (--ncu)\n");
+    return false;
+  }
+  return true;
+}
+
 // Mean time of one launch over opt.iterations back-to-back launches, after opt.warmup, by CUDA events.
 template <class Launch>
 double time_launches(Options const& opt, Launch&& launch) {
@@ -194,11 +251,10 @@ double time_launches(Options const& opt, Launch&& launch) {
 
 template <class Element>
 int run(Options const& opt) {
-  std::mt19937 rng(opt.seed);
-  std::vector<int> sizes = route(opt, rng);
+  Rows const rows = rows_of(opt);
+  std::vector<int> const& sizes = rows.sizes;
   int const E = int(sizes.size());
-  int64_t const rows_routed = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
-  int64_t const M = rows_routed + opt.extra_rows, N = opt.n, K = opt.k;
+  int64_t const rows_routed = rows.routed, M = rows.M, N = opt.n, K = opt.k;
   int const experts_hit = int(std::count_if(sizes.begin(), sizes.end(), [](int s) { return s > 0; }));
 
   int64_t const b_count = int64_t(E) * N * K;
@@ -235,12 +291,10 @@ int run(Options const& opt) {
   params.ldb = params.b_n_major ? N : K;
   params.batch_stride_b = N * K;
   params.ldd = N;
-  params.group_m = opt.group_m;
-  params.dynamic_schedule = opt.dynamic;
-  params.split_k = opt.split_k;
-  params.overlap_epilogue = opt.overlap_epilogue != 0;
-  params.partial_token_loads = opt.partial_token_loads != 0;
-  if (!moe_gemm::parse_tile_config(opt.config.c_str(), &params.config)) {
+  moe_gemm::PlanOverride plan_override;
+  plan_override.dynamic_schedule = opt.dynamic;
+  plan_override.split_k = opt.split_k;
+  if (!moe_gemm::parse_tile_config(opt.config.c_str(), &plan_override.config)) {
     std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
     return 1;
   }
@@ -248,32 +302,10 @@ int run(Options const& opt) {
     std::fprintf(stderr, "cannot run: %s\n", problem);
     return 1;
   }
-  int device = 0, sm_count = 0;
-  CHECK_CUDA(cudaGetDevice(&device));
-  CHECK_CUDA(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  moe_gemm::TileConfig const chosen = params.config != moe_gemm::TileConfig::kAuto
-                                          ? params.config
-                                          : moe_gemm::choose_tile_config(M, N, K, E, sm_count);
-
-  // Dynamic tile scheduling and split-K need counters zeroed before every launch (the start of the
-  // workspace); split-K's partial tiles follow them.
-  size_t const workspace_bytes = moe_gemm::grouped_gemm_workspace_bytes(params);
-  size_t const zeroed_bytes = moe_gemm::grouped_gemm_workspace_zeroed_bytes(params);
-  if (workspace_bytes > 0) {
-    CHECK_CUDA(cudaMalloc(&params.workspace, workspace_bytes));
-    // Poison the partials: a split that reads a partial nobody wrote shows up as NaN.
-    CHECK_CUDA(cudaMemset(params.workspace, 0xFF, workspace_bytes));
-  }
-  auto launch = [&]() {
-    if (zeroed_bytes > 0) {
-      CHECK_CUDA(cudaMemsetAsync(params.workspace, 0, zeroed_bytes, nullptr));
-    }
-    CHECK_CUDA(moe_gemm::run_grouped_gemm(params, nullptr));
-  };
-  launch();
-  CHECK_CUDA(cudaDeviceSynchronize());
-  if (opt.ncu) {
-    std::printf("one launch done (--ncu)\n");
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, plan_override);
+  params.workspace = allocate_workspace(plan.workspace.total_bytes);
+  auto launch = [&]() { CHECK_CUDA(moe_gemm::run_grouped_gemm(params, plan, nullptr)); };
+  if (!first_launch(opt, launch)) {
     return 0;
   }
 
@@ -288,25 +320,17 @@ int run(Options const& opt) {
                                                                         params.b_n_major);
       CHECK_CUDA(cudaGetLastError());
     }
-    std::vector<Element> host_d(M * N);
-    std::vector<float> host_ref(M * N);
-    CHECK_CUDA(cudaMemcpy(host_d.data(), d, M * N * sizeof(Element), cudaMemcpyDeviceToHost));
+    std::vector<Element> out(M * N);
+    std::vector<float> host_d(M * N), host_ref(M * N);
+    CHECK_CUDA(cudaMemcpy(out.data(), d, M * N * sizeof(Element), cudaMemcpyDeviceToHost));
     CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, M * N * sizeof(float), cudaMemcpyDeviceToHost));
-    int64_t mismatches = 0;
     for (int64_t i = 0; i < M * N; ++i) {
-      float const expected = float(Element(host_ref[i]));
-      float const got = float(host_d[i]);
-      if (!(got == expected)) {
-        if (mismatches < 5) {
-          std::printf("  mismatch at row %lld col %lld: got %f expected %f\n", (long long)(i / N),
-                      (long long)(i % N), got, expected);
-        }
-        ++mismatches;
-      }
+      host_d[i] = float(out[i]);
+      host_ref[i] = float(Element(host_ref[i]));  // the exact sum, rounded to the output type
     }
-    passed = mismatches == 0;
-    std::printf("verification: %s (%lld of %lld elements differ)\n", passed ? "PASSED" : "FAILED",
-                (long long)mismatches, (long long)(M * N));
+    passed = count_mismatches(host_d, host_ref, [&](int64_t i) {
+               return "row " + std::to_string(i / N) + " col " + std::to_string(i % N);
+             }) == 0;
     CHECK_CUDA(cudaFree(ref));
     CHECK_CUDA(cudaFree(dev_row_expert));
   }
@@ -316,10 +340,8 @@ int run(Options const& opt) {
   double const bytes = (double(experts_hit) * N * K + double(M) * K + double(M) * N) * sizeof(Element);
   std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s schedule=%s split_k=%d\n", E,
               experts_hit, (long long)M, (long long)N, (long long)K, opt.dtype.c_str(), opt.layout.c_str(),
-              moe_gemm::tile_config_name(chosen), moe_gemm::resolved_dynamic_schedule(params) ? "dynamic" : "static",
-              moe_gemm::resolved_split_k(params));
-  std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms,
-              flops / ms / 1e9, bytes / ms / 1e6);
+              moe_gemm::tile_config_name(plan.config), plan.dynamic_schedule ? "dynamic" : "static", plan.split_k);
+  print_time(ms, flops, bytes);
 
   CHECK_CUDA(cudaFree(a));
   CHECK_CUDA(cudaFree(b));
@@ -348,11 +370,10 @@ __global__ void reference_grouped_wgrad(Element const* l, Element const* r, floa
 // (L = grad_y, R = x), or [E, K, N] with --layout=kn (L = x, R = grad_y).
 template <class Element>
 int run_wgrad(Options const& opt) {
-  std::mt19937 rng(opt.seed);
-  std::vector<int> sizes = route(opt, rng);
+  Rows const rows = rows_of(opt);
+  std::vector<int> const& sizes = rows.sizes;
   int const E = int(sizes.size());
-  int64_t const rows_routed = std::accumulate(sizes.begin(), sizes.end(), int64_t(0));
-  int64_t const M = rows_routed + opt.extra_rows;
+  int64_t const rows_routed = rows.routed, M = rows.M;
   bool const transposed = opt.layout == "kn";
   int64_t const P = transposed ? opt.k : opt.n, Q = transposed ? opt.n : opt.k;
   std::vector<int64_t> row_start(std::max(E, 1), 0);
@@ -394,22 +415,14 @@ int run_wgrad(Options const& opt) {
   params.ldr = Q;
   params.ldd = Q;
   params.batch_stride_d = P * Q;
-  params.group_p = opt.group_m;  // --group_m: the gradient's 128-row blocks per raster group
-  params.overlap_epilogue = opt.overlap_epilogue != 0;
   if (char const* problem = moe_gemm::check_grouped_wgrad(params)) {
     std::fprintf(stderr, "cannot run: %s\n", problem);
     return 1;
   }
-  size_t const workspace_bytes = moe_gemm::grouped_wgrad_workspace_bytes(params);
-  if (workspace_bytes > 0) CHECK_CUDA(cudaMalloc(&params.workspace, workspace_bytes));
-  auto launch = [&]() {
-    if (workspace_bytes > 0) CHECK_CUDA(cudaMemsetAsync(params.workspace, 0, workspace_bytes, nullptr));
-    CHECK_CUDA(moe_gemm::run_grouped_wgrad(params, nullptr));
-  };
-  launch();
-  CHECK_CUDA(cudaDeviceSynchronize());
-  if (opt.ncu) {
-    std::printf("one launch done (--ncu)\n");
+  moe_gemm::GroupedWgradPlan const plan = moe_gemm::plan_grouped_wgrad(params);
+  params.workspace = allocate_workspace(plan.workspace.total_bytes);
+  auto launch = [&]() { CHECK_CUDA(moe_gemm::run_grouped_wgrad(params, plan, nullptr)); };
+  if (!first_launch(opt, launch)) {
     return 0;
   }
 
@@ -431,21 +444,14 @@ int run_wgrad(Options const& opt) {
       CHECK_CUDA(cudaMemcpy(out.data(), d16, d_count * sizeof(Element), cudaMemcpyDeviceToHost));
       for (int64_t i = 0; i < d_count; ++i) host_d[i] = float(out[i]);
     }
-    int64_t mismatches = 0;
-    for (int64_t i = 0; i < d_count; ++i) {
-      // Integer sums are exact in float32: the float32 gradient must match exactly, the 16-bit one after rounding.
-      float const expected = opt.accumulate ? host_ref[i] : float(Element(host_ref[i]));
-      if (!(host_d[i] == expected)) {
-        if (mismatches < 5) {
-          std::printf("  mismatch at expert %lld p %lld q %lld: got %f expected %f\n", (long long)(i / (P * Q)),
-                      (long long)(i / Q % P), (long long)(i % Q), host_d[i], expected);
-        }
-        ++mismatches;
-      }
+    // Integer sums are exact in float32: the float32 gradient must match exactly, the 16-bit one after rounding.
+    if (!opt.accumulate) {
+      for (int64_t i = 0; i < d_count; ++i) host_ref[i] = float(Element(host_ref[i]));
     }
-    passed = mismatches == 0;
-    std::printf("verification: %s (%lld of %lld elements differ)\n", passed ? "PASSED" : "FAILED",
-                (long long)mismatches, (long long)d_count);
+    passed = count_mismatches(host_d, host_ref, [&](int64_t i) {
+               return "expert " + std::to_string(i / (P * Q)) + " p " + std::to_string(i / Q % P) + " q " +
+                      std::to_string(i % Q);
+             }) == 0;
     CHECK_CUDA(cudaFree(ref));
     CHECK_CUDA(cudaFree(dev_row_start));
   }
@@ -456,8 +462,7 @@ int run_wgrad(Options const& opt) {
   double const bytes = double(M) * (P + Q) * sizeof(Element) + double(d_count) * d_element;
   std::printf("wgrad experts=%d M=%lld gradient=[%d, %lld, %lld] dtype=%s%s\n", E, (long long)M, E, (long long)P,
               (long long)Q, opt.dtype.c_str(), opt.accumulate ? " accumulated into float32" : "");
-  std::printf("time %.4f ms  %.1f TFLOP/s  %.1f GB/s  (back-to-back launches, warm L2)\n", ms, flops / ms / 1e9,
-              bytes / ms / 1e6);
+  print_time(ms, flops, bytes);
   CHECK_CUDA(cudaFree(l));
   CHECK_CUDA(cudaFree(r));
   CHECK_CUDA(cudaFree(m_sizes));

@@ -56,10 +56,12 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--experts=256 --tokens=1024 --topk=8 --n=4096 --k=7168 --config=128x128" \
               "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x256c1x2 --dynamic=1" \
               "--sizes=0,5,300,0,17,1000,0,260 --n=5760 --k=2880 --config=128x256c1x2 --extra_rows=9" \
-              "--sizes=1,64,65,300,2,193,63 --n=2880 --k=576 --config=128x256c1x2 --partial_token_loads=0" \
+              "--sizes=1,64,65,300,2,193,63 --n=2880 --k=576 --config=128x256c1x2" \
               "--sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x256c2x1 --dynamic=1 --layout=kn --dtype=fp16" \
-              "--sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x128pp --extra_rows=9" \
-              "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x128pp --dynamic=1 --layout=kn" \
+              "--sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x128 --extra_rows=9" \
+              "--experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x128 --dynamic=1 --layout=kn" \
+              "--sizes=1,64,65,300,2,193,63 --n=2880 --k=576 --config=128x256 --dynamic=0 --extra_rows=9" \
+              "--experts=64 --tokens=4096 --topk=8 --n=2048 --k=1024 --config=128x256 --dynamic=1 --layout=kn --dtype=fp16" \
               "--experts=512 --tokens=300 --topk=8 --n=256 --k=512 --routing=skewed" \
               "--sizes=0,1,0,1,0,0,0,0 --n=4096 --k=14336" \
               "--sizes=300,0,129,5 --n=264 --k=2504 --split_k=7 --layout=kn --dtype=fp16 --extra_rows=9" \
@@ -71,8 +73,8 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--wgrad --sizes=0,5,300,0,17 --n=256 --k=520 --extra_rows=9" \
               "--wgrad --accumulate --sizes=64,0,129,1000 --n=136 --k=264 --layout=kn --dtype=fp16" \
               "--wgrad --experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed" \
-              "--experts=128 --tokens=4096 --topk=8 --n=1536 --k=768 --overlap_epilogue=0" \
-              "--wgrad --experts=64 --tokens=4096 --topk=8 --n=1024 --k=768 --overlap_epilogue=0"; do
+              "--experts=128 --tokens=4096 --topk=8 --n=1536 --k=768" \
+              "--wgrad --experts=64 --tokens=4096 --topk=8 --n=1024 --k=768"; do
     echo "-- $args" >>"$log"
     $p $args --iterations=3 >>"$log" 2>&1 || { echo "profiler FAILED: $args" | tee -a "$log"; status=1; }
   done

@@ -8,6 +8,7 @@ import torch
 
 import moe_gemm
 from helpers import assert_close_to_reference, make_problem, requires_cuda_op
+from moe_gemm.testing import PlanOverride, plan_override, tile_configs
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -55,17 +56,17 @@ def test_suite_shapes_scaled_down(name, experts, top_k, hidden, inter, tokens, d
     check(make_problem(sizes, hidden, inter, dtype, "cuda", transposed))      # down
 
 
-@pytest.fixture(params=["auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "32x128s",
-                        "128x256-dynamic", "128x128-dynamic", "128x256c2x1-dynamic", "128x256c1x2-dynamic",
-                        "128x128pp-dynamic", "16x128s-dynamic", "32x128s-dynamic"])
-def tile_config(request, monkeypatch):
-    """Every tile configuration and both tile schedules, forced through MOE_GEMM_TILE_CONFIG and
-    MOE_GEMM_DYNAMIC (read by the op at each call); "auto" leaves both to the heuristics."""
+CONFIGS = [config for config in tile_configs() if config != "auto"]
+
+
+@pytest.fixture(params=["auto", *CONFIGS, *(f"{config}-dynamic" for config in CONFIGS)])
+def tile_config(request):
+    """Every tile configuration of the kernel's table under both tile schedules, forced through
+    moe_gemm.testing.plan_override; "auto" leaves both to the heuristics."""
     config, _, schedule = request.param.partition("-")
-    monkeypatch.setenv("MOE_GEMM_TILE_CONFIG", config)
-    if config != "auto":
-        monkeypatch.setenv("MOE_GEMM_DYNAMIC", "1" if schedule == "dynamic" else "0")
-    return request.param
+    override = PlanOverride() if config == "auto" else PlanOverride(config, dynamic_schedule=schedule == "dynamic")
+    with plan_override(override):
+        yield request.param
 
 
 @pytest.mark.parametrize("transposed", LAYOUTS)
@@ -86,34 +87,25 @@ def test_ragged_and_empty_experts(sizes, transposed, tile_config):
 
 
 def test_several_tiles_per_cta(tile_config):
-    # Hundreds of tiles over the 132 SMs: every CTA runs several in a row, under both schedules (in ping-pong
-    # both warpgroups get tiles), through partial m- and n-blocks and the rows past the last expert.
+    # Hundreds of tiles over the 132 SMs: every CTA runs several in a row, under both schedules, through partial
+    # m- and n-blocks and the rows past the last expert.
     check(make_problem([0, 5, 300, 0, 17, 1000, 0, 260], 2880, 576, torch.bfloat16, "cuda", num_rows=1591))
 
 
 @pytest.mark.parametrize("k", [128, 576])
-def test_overlapped_epilogue_is_bitwise_the_plain_one(k, tile_config, monkeypatch):
-    # By default a 16-bit tile waits in registers and is stored under the next tile's MMAs (when its K loop has
-    # at least a k-block per store chunk: 576 does for every tile, 128 for 128 columns only); with
-    # MOE_GEMM_OVERLAP_EPILOGUE=0 it is stored right away. Same sums, so the same bits, over several tiles per CTA.
-    problem = make_problem([0, 5, 300, 0, 17, 1000, 0, 260], 2880, k, torch.bfloat16, "cuda", num_rows=1591)
-    overlapped = check(problem)
-    monkeypatch.setenv("MOE_GEMM_OVERLAP_EPILOGUE", "0")
-    plain = check(problem)
-    assert torch.equal(overlapped, plain)
+def test_stores_under_the_next_tiles_mmas(k, tile_config):
+    # A 16-bit tile waits in registers and is stored under the next tile's MMAs when its K loop has at least a
+    # k-block per store chunk (576 does for every tile, 128 for 128 columns only), else right away: both kinds in
+    # one launch, several tiles per CTA.
+    check(make_problem([0, 5, 300, 0, 17, 1000, 0, 260], 2880, k, torch.bfloat16, "cuda", num_rows=1591))
 
 
-def test_partial_token_loads_are_bitwise_the_whole_ones(tile_config, monkeypatch):
+def test_expert_tails_of_at_most_half_a_tile(tile_config):
     # An expert's last m-block of <= 64 rows loads only the token rows it multiplies (its second warpgroup is
-    # idle; a 2x1 cluster's CTA past the expert loads none); with MOE_GEMM_PARTIAL_TOKEN_LOADS=0 it loads the
-    # whole token tile. The rows stored come from the same products, so the same bits. Tails of 1, 2, 63, 64
-    # and 65 rows after 0 to 7 whole m-blocks, several tiles per CTA (shared memory holds older tiles' rows).
+    # idle; a 2x1 cluster's CTA past the expert loads none). Tails of 1, 2, 63, 64 and 65 rows after 0 to 7 whole
+    # m-blocks, several tiles per CTA (shared memory holds older tiles' rows, which must not leak into a tail).
     sizes = [1, 0, 129, 191, 64, 65, 300, 2, 511, 1000, 0, 193, 384, 63]
-    problem = make_problem(sizes, 2880, 576, torch.bfloat16, "cuda", num_rows=sum(sizes) + 20)
-    partial = check(problem)
-    monkeypatch.setenv("MOE_GEMM_PARTIAL_TOKEN_LOADS", "0")
-    whole = check(problem)
-    assert torch.equal(partial, whole)
+    check(make_problem(sizes, 2880, 576, torch.bfloat16, "cuda", num_rows=sum(sizes) + 20))
 
 
 @pytest.mark.parametrize("n, k", [(8, 8), (8, 4096), (4104, 8), (24, 72)])

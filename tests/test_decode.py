@@ -1,7 +1,7 @@
 """The decode path of the CUDA kernel (1 to 64 tokens, split-K) against the float64 reference.
 
-Split-K is forced through MOE_GEMM_SPLIT_K (read by the op at each call, as MOE_GEMM_TILE_CONFIG is); "auto" leaves
-it to the heuristic, which splits the few-tile shapes used here. Inputs are drawn on the GPU (a weight per dtype and
+Split-K is forced through moe_gemm.testing.plan_override; "auto" leaves it to the heuristic, which splits the
+few-tile shapes used here. Inputs are drawn on the GPU (a weight per dtype and
 layout, shared by the tests) and every output lands in memory poisoned with NaN, workspace included, so an element
 or a partial sum nobody wrote shows up.
 """
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import Problem, assert_close_to_reference, requires_cuda_op
+from moe_gemm.testing import plan_override, tile_configs
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -76,14 +77,10 @@ def run_poisoned(problem: Problem) -> torch.Tensor:
 
 
 @pytest.fixture(params=SPLITS)
-def split_k(request, monkeypatch):
-    monkeypatch.delenv("MOE_GEMM_TILE_CONFIG", raising=False)
-    monkeypatch.delenv("MOE_GEMM_DYNAMIC", raising=False)
-    if request.param == "auto":
-        monkeypatch.delenv("MOE_GEMM_SPLIT_K", raising=False)
-    else:
-        monkeypatch.setenv("MOE_GEMM_SPLIT_K", request.param)
-    return request.param
+def split_k(request):
+    """The heuristic's tile configuration and schedule, with each split (0: the heuristic's)."""
+    with plan_override(split_k=0 if request.param == "auto" else int(request.param)):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -135,19 +132,17 @@ def test_split_k_with_full_tiles(sizes, split_k):
     assert_close_to_reference(run_poisoned(problem), problem.reference())
 
 
-@pytest.mark.parametrize("config", ["128x128", "128x256", "128x256c2x1", "128x256c1x2", "128x128pp", "16x128s", "32x128s"])
-@pytest.mark.parametrize("dynamic", ["0", "1"])
-@pytest.mark.parametrize("split", ["1", "4"])
-def test_split_k_with_every_config_and_schedule(config, dynamic, split, monkeypatch):
-    # Split-K runs with static and dynamic scheduling; the cluster configurations ignore it.
-    monkeypatch.setenv("MOE_GEMM_TILE_CONFIG", config)
-    monkeypatch.setenv("MOE_GEMM_DYNAMIC", dynamic)
-    monkeypatch.setenv("MOE_GEMM_SPLIT_K", split)
-    for sizes in (decode_sizes("routed", 16), [200, 0, 3] + [0] * (EXPERTS - 3)):
-        problem = decode_problem(sizes, torch.bfloat16, True)
-        out = run_poisoned(problem)
-        assert_close_to_reference(out, problem.reference())
-        assert torch.equal(run_poisoned(problem), out)
+@pytest.mark.parametrize("config", [config for config in tile_configs() if config != "auto"])
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("split", [1, 4])
+def test_split_k_with_every_config_and_schedule(config, dynamic, split):
+    # Split-K runs with static and dynamic scheduling; the configurations without a split-K kernel ignore it.
+    with plan_override(tile_config=config, dynamic_schedule=dynamic, split_k=split):
+        for sizes in (decode_sizes("routed", 16), [200, 0, 3] + [0] * (EXPERTS - 3)):
+            problem = decode_problem(sizes, torch.bfloat16, True)
+            out = run_poisoned(problem)
+            assert_close_to_reference(out, problem.reference())
+            assert torch.equal(run_poisoned(problem), out)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -183,14 +178,13 @@ def test_cuda_graph_replay_with_changed_sizes(tokens, transposed, dtype, split_k
         assert torch.equal(eager[pattern][0], static_out), "eager and graph runs differ bitwise"
 
 
-def test_heuristic_split_shape_matches_unsplit(monkeypatch):
+def test_heuristic_split_shape_matches_unsplit():
     # Mixtral-8x7B down at 1 token scaled to 4 experts: the shape the heuristic splits; same values as split_k = 1
     # up to fp32 rounding of the reordered sum.
-    monkeypatch.delenv("MOE_GEMM_SPLIT_K", raising=False)
     sizes = [0, 1, 0, 1]
     problem = decode_problem(sizes, torch.bfloat16, False, n=4096, k=14336)
     auto = run_poisoned(problem)
-    monkeypatch.setenv("MOE_GEMM_SPLIT_K", "1")
-    unsplit = run_poisoned(problem)
+    with plan_override(split_k=1):
+        unsplit = run_poisoned(problem)
     assert_close_to_reference(auto, problem.reference())
     assert (auto.float() - unsplit.float()).abs().max().item() <= 2e-2 * unsplit.float().abs().max().item()

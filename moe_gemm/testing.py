@@ -1,0 +1,111 @@
+"""Overrides of the grouped GEMM's plan, for tests and A/B measurements.
+
+Every call of the CUDA kernel is planned from host-known shapes (``csrc/moe_gemm.cpp``): a tile configuration,
+a split-K factor and a tile schedule. :func:`plan_override` forces some or all of them for the duration of a
+``with`` block::
+
+    from moe_gemm.testing import PlanOverride, plan_override
+
+    with plan_override(tile_config="16x128s", split_k=1):
+        y = moe_gemm.grouped_forward(x, weight, m_sizes)
+
+The override is process-wide: every thread sees it, autograd's backward threads included. Blocks nest; the
+inner override replaces the outer one as a whole (fields it does not set take their defaults, the heuristics),
+and the outer one is back when the inner block ends, by an exception too. Without the CUDA extension the
+arguments are still checked and the block changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+# The names of the C++ table (csrc/moe_tile_configs.h), "auto" first: what is accepted without the extension.
+# tests/test_testing.py checks that the two agree.
+TILE_CONFIGS: tuple[str, ...] = ("auto", "128x256", "128x128", "128x256c2x1", "128x256c1x2", "16x128s", "32x128s")
+
+
+def _extension() -> ModuleType | None:
+    """``moe_gemm._C`` when it is built and loads, else None."""
+    try:
+        return importlib.import_module("moe_gemm._C")
+    except ImportError:
+        return None
+
+
+def tile_configs() -> tuple[str, ...]:
+    """The tile configurations the kernel has, ``"auto"`` first: from the extension, else :data:`TILE_CONFIGS`."""
+    extension = _extension()
+    if extension is None or not hasattr(extension, "tile_config_names"):
+        return TILE_CONFIGS
+    return ("auto", *extension.tile_config_names())
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOverride:
+    """What to force instead of the heuristics. The defaults leave everything to them.
+
+    tile_config: ``"auto"`` or one of :func:`tile_configs`.
+    split_k: 0 for the heuristic, 1 never to split, n for n splits of each tile's K loop (clamped to its k-blocks;
+        only the configurations with a split-K kernel split, the others run 1).
+    dynamic_schedule: None for the heuristic, True for tiles handed out from a counter, False for static striding.
+    """
+
+    tile_config: str = "auto"
+    split_k: int = 0
+    dynamic_schedule: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tile_config, str) or self.tile_config not in tile_configs():
+            raise ValueError(f"tile_config must be one of {', '.join(tile_configs())}; got {self.tile_config!r}")
+        if isinstance(self.split_k, bool) or not isinstance(self.split_k, int) or self.split_k < 0:
+            raise ValueError(f"split_k must be an int >= 0 (0: the heuristic, 1: no split); got {self.split_k!r}")
+        if self.dynamic_schedule is not None and not isinstance(self.dynamic_schedule, bool):
+            raise ValueError(f"dynamic_schedule must be None, True or False; got {self.dynamic_schedule!r}")
+
+
+_DEFAULT = PlanOverride()
+_lock = threading.Lock()
+_current = _DEFAULT
+
+
+def current_plan_override() -> PlanOverride:
+    """The override in effect (the default one outside any :func:`plan_override` block)."""
+    return _current
+
+
+def _apply(override: PlanOverride) -> None:
+    """Makes `override` the one in effect, in the extension too. Call with the lock held."""
+    global _current
+    extension = _extension()
+    if extension is not None:
+        if not hasattr(extension, "set_plan_override"):
+            raise RuntimeError("moe_gemm._C predates plan overrides: rebuild the extension")
+        dynamic = -1 if override.dynamic_schedule is None else int(override.dynamic_schedule)
+        extension.set_plan_override(override.tile_config, override.split_k, dynamic)
+    _current = override
+
+
+@contextlib.contextmanager
+def plan_override(override: PlanOverride | None = None, **fields) -> Iterator[PlanOverride]:
+    """Forces the plan of every grouped GEMM call in the block: ``override``, with ``fields`` replaced (or a
+    ``PlanOverride(**fields)``). Yields the override in effect. Raises ValueError for an unknown configuration
+    name or an invalid value, before changing anything."""
+    if override is None:
+        override = PlanOverride(**fields)
+    elif fields:
+        override = dataclasses.replace(override, **fields)
+    elif not isinstance(override, PlanOverride):
+        raise TypeError(f"override must be a PlanOverride; got {type(override).__name__}")
+    with _lock:
+        previous = _current
+        _apply(override)
+    try:
+        yield override
+    finally:
+        with _lock:
+            _apply(previous)

@@ -1,0 +1,142 @@
+"""moe_gemm.testing: the typed plan override (validation, nesting, restore), without a GPU."""
+
+import importlib.util
+import pathlib
+import threading
+import types
+
+import pytest
+
+from moe_gemm import testing
+from moe_gemm.testing import PlanOverride, current_plan_override, plan_override
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_generator():
+    spec = importlib.util.spec_from_file_location("generate_instantiations", ROOT / "csrc" / "generate_instantiations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeExtension(types.SimpleNamespace):
+    """Stands in for moe_gemm._C: records what set_plan_override receives."""
+
+    def __init__(self, names=("128x256", "16x128s")):
+        super().__init__(calls=[], names=tuple(names))
+
+    def tile_config_names(self):
+        return self.names
+
+    def set_plan_override(self, tile_config, split_k, dynamic_schedule):
+        self.calls.append((tile_config, split_k, dynamic_schedule))
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    monkeypatch.setattr(testing, "_extension", lambda: None)
+
+
+@pytest.fixture
+def fake_extension(monkeypatch):
+    fake = FakeExtension()
+    monkeypatch.setattr(testing, "_extension", lambda: fake)
+    return fake
+
+
+def test_the_static_names_are_the_cpp_table():
+    generator = load_generator()
+    assert testing.TILE_CONFIGS == ("auto", *generator.tile_configs())
+
+
+def test_the_instantiations_are_generated_from_the_table():
+    # One forward .cu per dtype x layout x configuration of the table, four weight-gradient ones, nothing else.
+    generator = load_generator()
+    expected = {f"sm90_moe_gemm_{dtype}_{layout}_{config}.cu"
+                for dtype in generator.DTYPES for layout in generator.WEIGHT_LAYOUTS for config in generator.tile_configs()}
+    expected |= {f"sm90_moe_wgrad_{dtype}_{out}.cu" for dtype in generator.DTYPES for out in generator.WGRAD_OUTPUTS}
+    assert {path.name for path in (ROOT / "csrc" / "instantiations").glob("*.cu")} == expected
+
+
+def test_defaults_leave_everything_to_the_heuristics():
+    assert PlanOverride() == PlanOverride(tile_config="auto", split_k=0, dynamic_schedule=None)
+    assert current_plan_override() == PlanOverride()
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"tile_config": "128x128pp"}, "tile_config must be one of"),
+    ({"tile_config": "64x64"}, "tile_config must be one of"),
+    ({"tile_config": None}, "tile_config must be one of"),
+    ({"split_k": -1}, "split_k must be an int >= 0"),
+    ({"split_k": 2.0}, "split_k must be an int >= 0"),
+    ({"split_k": True}, "split_k must be an int >= 0"),
+    ({"dynamic_schedule": 1}, "dynamic_schedule must be None, True or False"),
+])
+def test_invalid_values_are_refused(fields, match, no_extension):
+    with pytest.raises(ValueError, match=match):
+        PlanOverride(**fields)
+    with pytest.raises(ValueError, match=match):
+        with plan_override(**fields):
+            pass
+    assert current_plan_override() == PlanOverride()
+
+
+@pytest.mark.parametrize("name", testing.TILE_CONFIGS)
+def test_every_configuration_of_the_table_is_accepted(name, no_extension):
+    with plan_override(tile_config=name) as override:
+        assert override.tile_config == name
+
+
+def test_without_the_extension_it_is_a_no_op_that_still_tracks_the_value(no_extension):
+    assert testing.tile_configs() == testing.TILE_CONFIGS
+    with plan_override(tile_config="32x128s", split_k=3, dynamic_schedule=False) as override:
+        assert current_plan_override() is override
+    assert current_plan_override() == PlanOverride()
+
+
+def test_nesting_replaces_and_restores(fake_extension):
+    with plan_override(tile_config="16x128s", split_k=2):
+        with plan_override(PlanOverride(tile_config="128x256"), dynamic_schedule=True):
+            assert current_plan_override() == PlanOverride("128x256", 0, True)
+        assert current_plan_override() == PlanOverride("16x128s", 2, None)
+    assert current_plan_override() == PlanOverride()
+    assert fake_extension.calls == [("16x128s", 2, -1), ("128x256", 0, 1), ("16x128s", 2, -1), ("auto", 0, -1)]
+
+
+def test_restored_after_an_exception(fake_extension):
+    with pytest.raises(KeyError):
+        with plan_override(tile_config="128x256", dynamic_schedule=False):
+            raise KeyError("inside")
+    assert current_plan_override() == PlanOverride()
+    assert fake_extension.calls == [("128x256", 0, 0), ("auto", 0, -1)]
+
+
+def test_names_come_from_the_extension(fake_extension):
+    assert testing.tile_configs() == ("auto", "128x256", "16x128s")
+    with pytest.raises(ValueError, match="tile_config must be one of auto, 128x256, 16x128s"):
+        PlanOverride(tile_config="128x128")
+    assert fake_extension.calls == []  # refused before reaching the extension
+
+
+def test_an_extension_without_overrides_is_an_error(monkeypatch):
+    monkeypatch.setattr(testing, "_extension", lambda: types.SimpleNamespace())
+    with pytest.raises(RuntimeError, match="rebuild the extension"):
+        with plan_override(split_k=1):
+            pass
+    assert current_plan_override() == PlanOverride()
+
+
+def test_other_threads_see_the_override(no_extension):
+    seen = []
+    with plan_override(tile_config="128x128", split_k=1):
+        thread = threading.Thread(target=lambda: seen.append(current_plan_override()))
+        thread.start()
+        thread.join()
+    assert seen == [PlanOverride("128x128", 1, None)]
+
+
+def test_an_override_must_be_a_plan_override(no_extension):
+    with pytest.raises(TypeError, match="PlanOverride"):
+        with plan_override({"tile_config": "128x128"}):
+            pass
