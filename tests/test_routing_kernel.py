@@ -49,6 +49,14 @@ def options_for(options, num_experts, kind):
     return options
 
 
+def top_k_for(num_experts, options):
+    """8, or fewer where the kept groups hold fewer experts (``route`` refuses a ``top_k`` beyond them)."""
+    capacity = num_experts
+    if options.get("n_group"):
+        capacity = options["topk_group"] * (num_experts // options["n_group"])
+    return min(8, capacity)
+
+
 def check_against_torch_ops(logits, top_k, options):
     weights, ids = moe_gemm.route(logits, top_k, **options)
     ref_weights, ref_ids = route_torch_ops(logits, top_k, **options)
@@ -63,8 +71,8 @@ def check_against_torch_ops(logits, top_k, options):
 @pytest.mark.parametrize("options", SCORINGS.values(), ids=SCORINGS.keys())
 @pytest.mark.parametrize("num_experts", EXPERTS)
 def test_kernel_matches_torch_ops(num_experts, options, kind):
-    top_k = min(8, num_experts)
     options = options_for(options, num_experts, kind)
+    top_k = top_k_for(num_experts, options)
     logits = make_logits(333, num_experts, kind, torch.float32)
     check_against_torch_ops(logits, top_k, options)
 
@@ -97,8 +105,8 @@ def test_top_k_and_group_extremes(top_k):
     bias = torch.randn(512, device="cuda") / 4
     sigmoid = {"scoring": "sigmoid", "e_score_correction_bias": bias}
     check_against_torch_ops(logits, top_k, {**sigmoid, "n_group": 32, "topk_group": 3})
-    # One expert per group: the group score is the expert's own score.
-    check_against_torch_ops(logits[:, :32], min(top_k, 32), {**sigmoid, "e_score_correction_bias": bias[:32],
+    # One expert per group: the group score is the expert's own score; the 5 kept groups hold 5 experts.
+    check_against_torch_ops(logits[:, :32], min(top_k, 5), {**sigmoid, "e_score_correction_bias": bias[:32],
                                                              "n_group": 32, "topk_group": 5})  # fmt: skip
 
 
