@@ -1,5 +1,5 @@
-"""The decode benchmark's CPU-testable parts: token counts, problems, ratios, summary and targets, table, and its exit
-status without a GPU."""
+"""The decode benchmark's CPU-testable parts: token counts, problems, ratios, summary, table, and its exit status
+without a GPU."""
 
 import math
 
@@ -66,29 +66,39 @@ def test_finish_row_ratios():
     assert decode.weight_bandwidth_fraction({"bytes": 1.0}, CEILINGS[1]) is None
 
 
-def test_summary_and_targets():
+def test_summary_groups_and_bandwidth():
     rows = [
         make_row(tokens=1, moe_graph_us=12.0, gmm_graph_us=24.0, moe_us=12.0, gmm_us=24.0),
         make_row(tokens=32, active=100, moe_graph_us=12.5, gmm_graph_us=25.0, moe_us=12.5, gmm_us=25.0),
-        make_row(tokens=64, active=128, moe_graph_us=40.0, gmm_graph_us=20.0),  # slow, but past the target range
+        make_row(tokens=64, active=128, moe_graph_us=40.0, gmm_graph_us=20.0),  # slow, outside tokens<=32
     ]
     summary = decode.summarize_decode(rows)
+    assert set(summary) == {"groups", "bandwidth_fraction_min", "bandwidth_shapes"}
     groups = summary["groups"]
-    assert list(groups) == ["tokens=1", "tokens=32", "tokens=64", "tokens<=32", "all"]
-    assert groups["tokens<=32"]["shapes"] == 2
-    assert groups["tokens<=32"]["x_floor"] == pytest.approx(math.sqrt(1.2 * 1.25))
-    assert groups["tokens<=32"]["speedup_graph"] == pytest.approx(2.0)
+    assert list(groups) == ["tokens=1", "tokens=32", "tokens=64", f"tokens<={decode.DECODE_MAX_TOKENS}", "all"]
+    decode_group = groups["tokens<=32"]
+    assert decode_group["shapes"] == 2 and groups["all"]["shapes"] == 3 and groups["tokens=64"]["shapes"] == 1
+    assert decode_group["x_floor"] == pytest.approx(math.sqrt(1.2 * 1.25))
+    assert decode_group["x_floor_eager"] == pytest.approx(math.sqrt(1.2 * 1.25))
+    assert decode_group["speedup_graph"] == pytest.approx(2.0) and decode_group["speedup"] == pytest.approx(2.0)
+    assert decode_group["min_speedup_graph"] == pytest.approx(2.0) and decode_group["host_us"] == pytest.approx(12.0)
     assert groups["all"]["min_speedup_graph"] == pytest.approx(0.5)
-    assert summary["targets"] == {"x_floor": True, "speedup": True, "no_shape_slower": True, "bandwidth": False}
-    assert summary["bandwidth_shapes"] == 2  # the rows with >= 64 experts hit
+    assert groups["all"]["speedup_graph"] == pytest.approx((2.0 * 2.0 * 0.5) ** (1 / 3))
+    assert summary["bandwidth_shapes"] == 2  # the rows with >= BANDWIDTH_MIN_EXPERTS experts hit
     assert summary["bandwidth_fraction_min"] == pytest.approx(10.0 / 40.0)
     text = decode.format_summary(summary)
-    assert "tokens<=32" in text and "NOT met" in text
+    assert "tokens<=32" in text and "slowest  0.50" in text
+    assert "at least 25% of the copy bandwidth (in a CUDA graph) on the 2 shapes with >= 64 experts hit" in text
+    assert "target" not in text and " met" not in text  # statistics, no verdicts
 
 
-def test_summary_flags_a_slower_shape():
+def test_summary_slowest_shape_and_no_wide_shape():
     rows = [make_row(tokens=1), make_row(tokens=2, moe_graph_us=20.0, gmm_graph_us=18.0)]
-    assert decode.summarize_decode(rows)["targets"]["no_shape_slower"] is False
+    summary = decode.summarize_decode(rows)
+    assert summary["groups"]["tokens<=32"]["min_speedup_graph"] == pytest.approx(0.9)
+    assert summary["groups"]["tokens<=32"]["min_speedup"] == pytest.approx(1.4)
+    assert summary["bandwidth_shapes"] == 0 and math.isnan(summary["bandwidth_fraction_min"])
+    assert "no shape with >= 64 experts hit has a graph time" in decode.format_summary(summary)
 
 
 def test_table_columns_line_up():

@@ -36,7 +36,10 @@ def test_speedups_table_and_summary():
     line = report.format_row(rows[1] | {"problem": "; ".join(rows[1]["notes"])}, layer.TABLE)
     assert "batched_mm skipped" in line and line.split()[:3] == ["m", "256", "fwd"]
     assert len(report.format_header(layer.TABLE).split()) == len(layer.TABLE)
-    assert "routing kernel" in layer.format_summary(summary)
+    text = layer.format_summary(summary)
+    assert text.startswith("geometric means over the suite:") and "target" not in text
+    assert "fwd      moe_gemm vs grouped_mm at >= 256 tokens  2.00x" in text
+    assert "routing kernel vs PyTorch ops (DeepSeek-V3 router):  6.00x" in text
 
 
 def test_measure_layer_on_cpu(monkeypatch):

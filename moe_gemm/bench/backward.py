@@ -70,7 +70,7 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
     wgrad_op = torch.ops.moe_gemm.grouped_mm_wgrad.default
     dgrad_op = torch.ops.moe_gemm.grouped_mm.default
-    ours, theirs = {}, {}  # kind -> function; each pair is timed in turn (timing.bench_interleaved_ms)
+    moe_fns, torch_fns = {}, {}  # kind -> function; each pair is timed in turn (timing.bench_interleaved_ms)
     problem = None
     try:
         poison = torch.full((num_experts, n, k), math.nan, dtype=weight.dtype, device=weight.device)
@@ -81,19 +81,20 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
         if not math.isfinite(row["rel_error"]) or row["rel_error"] > MAX_REL_ERROR:
             problem = f"wgrad relative error {row['rel_error']:.2e} (or unwritten elements)"
         else:
-            ours["wgrad"] = lambda: wgrad_op(x, grad_y, m_sizes, False)
-            ours["dgrad"] = lambda: dgrad_op(grad_y, weight, m_sizes, True)
-            ours["train"] = _train_step(lambda a, w: moe_gemm.grouped_forward(a, w, m_sizes), x, weight, grad_y)
+            moe_fns["wgrad"] = lambda: wgrad_op(x, grad_y, m_sizes, False)
+            moe_fns["dgrad"] = lambda: dgrad_op(grad_y, weight, m_sizes, True)
+            moe_fns["train"] = _train_step(lambda a, w: moe_gemm.grouped_forward(a, w, m_sizes), x, weight, grad_y)
     except RuntimeError as error:
         problem = f"moe_gemm failed: {report.error_line(error)}"
     if weight.dtype == torch.bfloat16:  # torch._grouped_mm supports bfloat16 only
-        theirs["wgrad"] = lambda: torch._grouped_mm(grad_y.t(), x, offs=offs)
-        theirs["dgrad"] = lambda: torch._grouped_mm(grad_y, weight, offs=offs)
-        theirs["train"] = _train_step(
+        torch_fns["wgrad"] = lambda: torch._grouped_mm(grad_y.t(), x, offs=offs)
+        torch_fns["dgrad"] = lambda: torch._grouped_mm(grad_y, weight, offs=offs)
+        torch_fns["train"] = _train_step(
             lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), x, weight, grad_y
         )
     for kind in KINDS:
-        timed = {key: fns[kind] for key, fns in ((f"{kind}_ms", ours), (f"{kind}_torch_ms", theirs)) if kind in fns}
+        pairs = ((f"{kind}_ms", moe_fns), (f"{kind}_torch_ms", torch_fns))
+        timed = {key: fns[kind] for key, fns in pairs if kind in fns}
         try:
             row.update(zip(timed, timing.bench_interleaved_ms(list(timed.values()))))
         except RuntimeError as error:

@@ -67,19 +67,19 @@ ROUTING_TABLE = ("tokens", "kernel_ms", "torch_ms", "speedup", "check")
 
 def add_speedups(row: dict) -> dict:
     """``speedup_grouped_mm`` = grouped_mm / moe_gemm, ``speedup_best`` = min(batched_mm, grouped_mm) / moe_gemm."""
-    ours = row.get("moe_gemm_ms")
-    if ours:
+    moe_gemm_ms = row.get("moe_gemm_ms")
+    if moe_gemm_ms:
         if row.get("grouped_mm_ms"):
-            row["speedup_grouped_mm"] = row["grouped_mm_ms"] / ours
-        theirs = [row[key] for key in ("batched_mm_ms", "grouped_mm_ms") if row.get(key)]
-        if theirs:
-            row["speedup_best"] = min(theirs) / ours
+            row["speedup_grouped_mm"] = row["grouped_mm_ms"] / moe_gemm_ms
+        others = [row[key] for key in ("batched_mm_ms", "grouped_mm_ms") if row.get(key)]
+        if others:
+            row["speedup_best"] = min(others) / moe_gemm_ms
     return row
 
 
 def summarize_layer(rows: list[dict], routing_rows: list[dict]) -> dict:
-    """The layer's targets: per mode, geomean over the suite of x grouped_mm at >= 256 tokens and of x the faster of
-    batched_mm and grouped_mm at <= 32 tokens; and the routing kernel's geomean speedup."""
+    """Geometric means over the suite, per mode, of moe_gemm's speedup over grouped_mm at >= 256 tokens and over the
+    faster of batched_mm and grouped_mm at <= 32 tokens; and the routing kernel's geometric-mean speedup."""
     summary = {}
     for mode in MODES:
         in_mode = [r for r in rows if r["mode"] == mode]
