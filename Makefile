@@ -17,10 +17,10 @@ KERNEL_DEPS := nvidia-cutlass:cutlass_library ninja:ninja pybind11:pybind11
 MISSING_DEPS := import importlib.util, sys; \
         print(" ".join(p for p, m in (d.split(":") for d in sys.argv[1:]) if importlib.util.find_spec(m) is None))
 # Exit 0 when setup.py would compile the CUDA kernels (its skip_reason, without the check for sources): torch is a
-# CUDA build, CUDA_HOME holds nvcc, and MOE_GEMM_SKIP_CUDA_BUILD is not 1.
+# CUDA build, CUDA_HOME holds nvcc and the CUDA headers, and MOE_GEMM_SKIP_CUDA_BUILD is not 1.
 KERNELS_BUILDABLE := import os, sys, torch; from torch.utils.cpp_extension import CUDA_HOME; \
-        sys.exit(os.environ.get("MOE_GEMM_SKIP_CUDA_BUILD") == "1" or torch.version.cuda is None \
-                 or CUDA_HOME is None or not os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc")))
+        sys.exit(os.environ.get("MOE_GEMM_SKIP_CUDA_BUILD") == "1" or torch.version.cuda is None or CUDA_HOME is None \
+                 or not all(os.path.isfile(os.path.join(CUDA_HOME, *p)) for p in (("bin", "nvcc"), ("include", "cuda_runtime.h"))))
 # Exit 0 when the kernels run here (an sm_90 GPU, the extension built).
 KERNELS_AVAILABLE := import sys, moe_gemm; sys.exit(not moe_gemm.kernels_available())
 # Exit 0 when the installed moe_gemm is this tree's package (the editable install). Under -c, sys.path[0] is the
