@@ -2,7 +2,7 @@
 // share each tile: a TiledMma of 256 threads), TMA loads and WGMMA through CUTLASS's sm90 collective
 // mainloop. How it works, with the figures behind each choice: docs/design.md.
 //
-// What is MoE-specific, and ours:
+// What is MoE-specific here (the rest is CUTLASS):
 //   - the tile scheduler (sm90_moe_tile_scheduler.hpp) reads the per-expert row counts on the GPU;
 //     tiles are handed out statically (CTA b takes b, b + grid, ...) or, for problems of several
 //     waves, dynamically from a global counter, so that CTAs sharing a weight tile start it together.

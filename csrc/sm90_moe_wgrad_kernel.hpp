@@ -3,7 +3,7 @@
 // warp-specialized, cooperative; TMA loads and WGMMA through CUTLASS's sm90 collective mainloop,
 // both operands MN-major (P and Q are the contiguous dimensions of L and R).
 //
-// What is ours:
+// What is MoE-specific here (the rest is CUTLASS):
 //   - tiles: every expert has the same ceil(P / 128) x ceil(Q / 256) output tiles, so the tile -> expert
 //     map is a division; the expert's first row and row count (the reduction range) come from a
 //     prefix sum of m_sizes computed on the fly (all sizes loaded at once, a warp-wide scan), cached
