@@ -159,7 +159,8 @@ def use_kernels(device: torch.device) -> bool:
     global _fallback_warned
     if _C is not None and not _fallback_warned:
         _fallback_warned = True
-        warnings.warn(f"moe_gemm: {problem}; using PyTorch ops instead", RuntimeWarning, stacklevel=_caller_stacklevel())
+        message = f"moe_gemm: {problem}; using PyTorch ops instead"
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
     return False
 
 
