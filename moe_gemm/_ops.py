@@ -26,6 +26,8 @@ kernels can run on a device. Row ranges follow ``reference.py``.
 """
 
 import importlib
+import os
+import sys
 import warnings
 
 import torch
@@ -157,8 +159,27 @@ def use_kernels(device: torch.device) -> bool:
     global _fallback_warned
     if _C is not None and not _fallback_warned:
         _fallback_warned = True
-        warnings.warn(f"moe_gemm: {problem}; using PyTorch ops instead", RuntimeWarning, stacklevel=4)
+        message = f"moe_gemm: {problem}; using PyTorch ops instead"
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
     return False
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` of ``warnings.warn`` called from this module's caller that names the first frame outside the
+    ``moe_gemm`` package (and outside torch, whose dispatcher and autograd sit between the package's own frames): the
+    user's line, however deep inside the package the warning was raised (route called from the MoE layer, the
+    experts' GEMMs called from experts_forward)."""
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith((_PACKAGE_DIR, torch_dir)):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,6 +192,8 @@ def _torch_grouped_mm_applies(a: torch.Tensor, b: torch.Tensor, out_columns: int
     and an output whose rows are 16 bytes apart (otherwise torch pads them)."""
     return (
         a.is_cuda
+        # A private function, new in torch 2.8; setup.py allows older torch.
+        and hasattr(torch, "_grouped_mm")
         and a.dtype == torch.bfloat16
         and 0 < a.shape[0] < 2**31
         and out_columns % 8 == 0
@@ -216,6 +239,14 @@ def grouped_mm_torch(x, weight, m_sizes, weight_transposed=False):
     return out
 
 
+def _empty_groups(m_sizes: torch.Tensor, ends: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[E]`` bool: the experts that own no row (``ends`` from ``clamped_group_ends(m_sizes, num_rows)``), on the
+    device, without a sync."""
+    sizes = m_sizes.to(torch.int64).clamp_min(0)
+    starts = (sizes.cumsum(0) - sizes).clamp_max(num_rows)
+    return ends == starts
+
+
 def grouped_mm_wgrad_torch(x, grad_y, m_sizes, weight_transposed=False):
     """``moe_gemm::grouped_mm_wgrad`` in PyTorch ops, as ``grouped_mm_torch``: one ``torch.mm`` per expert in the
     dtype of ``x`` (float32 accumulation inside), or ``torch._grouped_mm`` on CUDA where it applies."""
@@ -227,18 +258,55 @@ def grouped_mm_wgrad_torch(x, grad_y, m_sizes, weight_transposed=False):
         ends = clamped_group_ends(m_sizes, x.shape[0])
         grad_w = torch._grouped_mm(a.t(), b, offs=ends.to(torch.int32))
         # Experts without rows must get exact zeros, whatever torch._grouped_mm writes for an empty group.
-        sizes = m_sizes.to(torch.int64).clamp_min(0)
-        starts = (sizes.cumsum(0) - sizes).clamp_max(x.shape[0])
-        return grad_w.masked_fill_((ends == starts).view(num_experts, 1, 1), 0)
+        return grad_w.masked_fill_(_empty_groups(m_sizes, ends, x.shape[0]).view(num_experts, 1, 1), 0)
     grad_w = x.new_zeros(num_experts, a.shape[1], b.shape[1])
     for expert, start, end in expert_row_ranges(m_sizes, x.shape[0]):
         _mm_into(grad_w[expert], a[start:end].t(), b[start:end])
     return grad_w
 
 
+# Device -> whether torch._grouped_mm writes float32 products of bfloat16 inputs (out_dtype=torch.float32) there.
+_GROUPED_MM_FLOAT32_OUTPUT: dict[torch.device, bool] = {}
+
+
+def _grouped_mm_float32_output(device: torch.device) -> bool:
+    """Whether ``torch._grouped_mm(a, b, offs=..., out_dtype=torch.float32)`` takes bfloat16 ``a`` and ``b`` on
+    ``device``; asked once per device with an 8 x 8 call. Torch 2.13 refuses on every device ("Grouped gemm output
+    dtype must match `mat_a` dtype", a host-side check: the call neither launches nor syncs); a later torch may not."""
+    try:
+        return _GROUPED_MM_FLOAT32_OUTPUT[device]
+    except KeyError:
+        pass
+    if torch._guards.detect_fake_mode() is not None:
+        # Fake tensors (the tests' fake CUDA device) have no kernel to refuse the dtype: no answer to keep.
+        return False
+    a = torch.zeros(8, 8, device=device, dtype=torch.bfloat16)
+    try:
+        torch._grouped_mm(a.t(), a, offs=torch.full((1,), 8, device=device, dtype=torch.int32), out_dtype=torch.float32)
+        supported = True
+    except RuntimeError:
+        supported = False
+    _GROUPED_MM_FLOAT32_OUTPUT[device] = supported
+    return supported
+
+
 def grouped_mm_wgrad_accumulate_torch(main_grad, x, grad_y, m_sizes, weight_transposed=False):
-    """``main_grad += grad_W`` in PyTorch ops, with float32 products (reads the sizes on the host)."""
+    """``main_grad += grad_W`` in PyTorch ops, with float32 products: one ``torch._grouped_mm`` writing float32 on
+    CUDA where it applies and the installed torch supports that output dtype (no host sync), otherwise each expert's
+    rows upcast to float32 (reads the sizes on the host)."""
     _validation.check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, cuda_kernel=False)
+    a, b = (x, grad_y) if weight_transposed else (grad_y, x)
+    num_experts = m_sizes.shape[0]
+    if (
+        num_experts > 0
+        and _torch_grouped_mm_applies(a, b, b.shape[1])
+        and _grouped_mm_float32_output(a.device)
+    ):
+        ends = clamped_group_ends(m_sizes, x.shape[0])
+        grad_w = torch._grouped_mm(a.t(), b, offs=ends.to(torch.int32), out_dtype=torch.float32)
+        # Experts without rows add exactly nothing, whatever torch._grouped_mm writes for an empty group.
+        main_grad += grad_w.masked_fill_(_empty_groups(m_sizes, ends, x.shape[0]).view(num_experts, 1, 1), 0)
+        return
     main_grad += grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed, dtype=torch.float32)
 
 
@@ -331,14 +399,16 @@ torch.library.register_autograd(
 ROUTE_KERNEL_MAX_EXPERTS = 1024
 ROUTE_KERNEL_MAX_TOP_K = 32
 ROUTE_KERNEL_MAX_GROUPS = 32
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The dtypes of router logits and of the layer kernels' inputs (the GEMMs take bfloat16 and float16 only:
+# _validation.GEMM_DTYPES).
+ROUTE_AND_LAYER_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def route_kernel_applies(router_logits: torch.Tensor, top_k: int, n_group: int | None) -> bool:
     """Whether ``route`` runs the fused CUDA kernel for these (already checked) arguments."""
     return (
         router_logits.is_cuda
-        and router_logits.dtype in KERNEL_DTYPES
+        and router_logits.dtype in ROUTE_AND_LAYER_KERNEL_DTYPES
         and router_logits.shape[1] <= ROUTE_KERNEL_MAX_EXPERTS
         and top_k <= ROUTE_KERNEL_MAX_TOP_K
         and (n_group is None or n_group <= ROUTE_KERNEL_MAX_GROUPS)
@@ -502,7 +572,7 @@ def gated_activation_kernel_applies(gate_up: torch.Tensor, act: str) -> bool:
     return (
         gate_up.is_cuda
         and gate_up.dim() == 2
-        and gate_up.dtype in KERNEL_DTYPES
+        and gate_up.dtype in ROUTE_AND_LAYER_KERNEL_DTYPES
         and gate_up.shape[1] % 16 == 0
         and gate_up.is_contiguous()
         and act in ACTIVATIONS
@@ -519,8 +589,8 @@ def combine_kernel_applies(y_sorted: torch.Tensor, weights: torch.Tensor, ids: t
     return (
         y_sorted.is_cuda
         and y_sorted.dim() == 2
-        and y_sorted.dtype in KERNEL_DTYPES
-        and weights.dtype in KERNEL_DTYPES
+        and y_sorted.dtype in ROUTE_AND_LAYER_KERNEL_DTYPES
+        and weights.dtype in ROUTE_AND_LAYER_KERNEL_DTYPES
         and y_sorted.shape[1] % 8 == 0
         and y_sorted.is_contiguous()
         and weights.device == y_sorted.device

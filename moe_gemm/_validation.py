@@ -7,7 +7,7 @@ these messages are the ones users should see. Callers whose arguments have other
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+GEMM_DTYPES = (torch.bfloat16, torch.float16)
 SIZE_DTYPES = (torch.int32, torch.int64)
 SCORINGS = ("softmax", "softmax_topk", "sigmoid")
 # TMA loads need 16-byte aligned base addresses and row strides.
@@ -27,7 +27,7 @@ def check_grouped_inputs(x, weight, m_sizes, weight_transposed, *, cuda_kernel, 
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
 
-    if cuda_kernel and x.dtype not in KERNEL_DTYPES:
+    if cuda_kernel and x.dtype not in GEMM_DTYPES:
         raise TypeError(
             f"{x_name}: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}; "
             f"convert with {x_name}.to(torch.bfloat16) (and {weight_name} likewise)"
@@ -224,7 +224,7 @@ def check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, *, cuda
             got = f"{tuple(main_grad.shape)} on {main_grad.device}"
             raise ValueError(f"main_grad: expected shape {expected} on {x.device}, got {got}")
     if cuda_kernel:
-        if x.dtype not in KERNEL_DTYPES:
+        if x.dtype not in GEMM_DTYPES:
             raise TypeError(f"x: the CUDA kernel supports torch.bfloat16 and torch.float16, got {x.dtype}")
         for name, tensor in (("x", x), ("grad_y", grad_y), ("main_grad", main_grad)):
             problem = None if tensor is None else kernel_layout_problem(tensor)
@@ -232,17 +232,15 @@ def check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, *, cuda
                 raise ValueError(f"{name}: {problem}")
 
 
-def check_route_arguments(router_logits, top_k, scoring, n_group, topk_group, e_score_correction_bias) -> None:
-    """The checks of ``route`` and of the route op's PyTorch kernel: ValueError saying what is wrong."""
+def check_route_options(num_experts, top_k, scoring, n_group, topk_group, has_correction_bias=False) -> None:
+    """The checks of ``route`` that need no tensor, for ``num_experts`` experts: also what the MoE layer checks at
+    construction. ValueError with ``route``'s messages."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if router_logits.dim() != 2 or not router_logits.is_floating_point():
-        raise ValueError(f"router_logits must be a floating-point [T, E] tensor, got {tuple(router_logits.shape)}")
-    num_experts = router_logits.shape[1]
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
     if scoring != "sigmoid":
-        if n_group is not None or topk_group is not None or e_score_correction_bias is not None:
+        if n_group is not None or topk_group is not None or has_correction_bias:
             raise ValueError("n_group, topk_group and e_score_correction_bias apply to scoring='sigmoid' only")
         return
     if (n_group is None) != (topk_group is None):
@@ -259,6 +257,16 @@ def check_route_arguments(router_logits, top_k, scoring, n_group, topk_group, e_
                 f"top_k = {top_k} experts cannot come from topk_group = {topk_group} groups of E / n_group = "
                 f"{num_experts} / {n_group} = {group_size} experts (at most {topk_group * group_size})"
             )
+
+
+def check_route_arguments(router_logits, top_k, scoring, n_group, topk_group, e_score_correction_bias) -> None:
+    """The checks of ``route`` and of the route op's PyTorch kernel: ValueError saying what is wrong."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if router_logits.dim() != 2 or not router_logits.is_floating_point():
+        raise ValueError(f"router_logits must be a floating-point [T, E] tensor, got {tuple(router_logits.shape)}")
+    num_experts = router_logits.shape[1]
+    check_route_options(num_experts, top_k, scoring, n_group, topk_group, e_score_correction_bias is not None)
     bias = e_score_correction_bias
     if bias is not None and (tuple(bias.shape) != (num_experts,) or bias.device != router_logits.device):
         raise ValueError(

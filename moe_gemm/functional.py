@@ -129,6 +129,7 @@ def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_na
     weight_read, flag = _validation.validate(
         x, weight, m_sizes, weight_transposed, cuda_kernel=kernels, x_name=x_name, weight_name=weight_name
     )
+    m_sizes = m_sizes.contiguous()
     _check_sizes_if_asked(m_sizes, x.shape[0])
     y = call_below_autograd(_ops.grouped_mm_function(x.device), x, weight_read, m_sizes, flag)
     return y, weight_read, flag
@@ -138,5 +139,5 @@ def _expert_gemm_backward(grad_y, x, weight_read, m_sizes, weight_transposed_rea
     """``(grad_x, grad_w)`` of ``y = _expert_gemm(...)[0]``; None where not needed. ``grad_w`` is the gradient of
     ``weight_read`` (transpose it back for a weight that was read through its transposed view)."""
     return grouped_mm_backward(
-        grad_y, x, weight_read, m_sizes, weight_transposed_read, needs_grad_x, needs_grad_w
+        grad_y, x, weight_read, m_sizes.contiguous(), weight_transposed_read, needs_grad_x, needs_grad_w
     )

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_gemm import _ops
+from moe_gemm import _ops, _validation
 from moe_gemm.dispatch import (
     DispatchInfo,
     combine,
@@ -534,8 +534,16 @@ class MoEExperts(nn.Module):
         layers = [_expert_layers(expert) for expert in experts]
         gate, _, down = layers[0]
         has_bias = [layer.bias is not None for layer in layers[0]]
-        if any(has_bias) and not all(has_bias):
-            raise ValueError("MoEExperts.from_modules needs biases in all three layers of an expert or in none")
+        for index, expert_layers in enumerate(layers):
+            expert_has_bias = [layer.bias is not None for layer in expert_layers]
+            if any(expert_has_bias) and not all(expert_has_bias):
+                raise ValueError("MoEExperts.from_modules needs biases in all three layers of an expert or in none")
+            if expert_has_bias != has_bias:
+                raise ValueError(
+                    f"MoEExperts.from_modules needs biases in every expert or in none: expert 0 has "
+                    f"{'them' if all(has_bias) else 'none'}, expert {index} "
+                    f"{'has them' if all(expert_has_bias) else 'has none'}"
+                )
         act_fn = experts[0].act_fn
         # Built on the meta device: the parameters are replaced by the stacked weights below.
         module = cls(
@@ -637,6 +645,8 @@ class MoE(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        # What route would refuse at the first forward, refused here (with route's messages).
+        _validation.check_route_options(num_experts, top_k, scoring, n_group, topk_group)
         factory = {"device": device, "dtype": dtype}
         self.top_k = top_k
         self.route_options = {

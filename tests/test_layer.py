@@ -365,3 +365,33 @@ def test_routing_and_experts_trace_without_graph_breaks():
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(logits, **inputs), layer(logits, **inputs))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"top_k": 9}, r"top_k must be in \[1, 8\], got 9"),
+        ({"top_k": 2, "scoring": "sigmoid", "n_group": 3, "topk_group": 1}, "need n_group dividing 8"),
+        ({"top_k": 4, "scoring": "sigmoid", "n_group": 4, "topk_group": 1}, "top_k = 4 experts cannot come from"),
+        ({"top_k": 2, "n_group": 2, "topk_group": 1}, "apply to scoring='sigmoid' only"),
+        ({"top_k": 2, "scoring": "sigmoid", "n_group": 2}, "n_group and topk_group go together"),
+        ({"top_k": 2, "scoring": "top"}, "scoring must be one of"),
+    ],
+)
+def test_moe_refuses_impossible_route_options_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        moe_gemm.MoE(hidden_size=16, num_experts=8, intermediate_size=8, **options)
+
+
+def test_from_modules_needs_biases_in_every_expert_or_none():
+    class Expert(torch.nn.Module):
+        def __init__(self, bias):
+            super().__init__()
+            self.gate_proj = torch.nn.Linear(16, 8, bias=bias)
+            self.up_proj = torch.nn.Linear(16, 8, bias=bias)
+            self.down_proj = torch.nn.Linear(8, 16, bias=bias)
+            self.act_fn = torch.nn.SiLU()
+
+    experts = torch.nn.ModuleList([Expert(True), Expert(True), Expert(False)])
+    with pytest.raises(ValueError, match="biases in every expert or in none: expert 0 has them, expert 2 has none"):
+        moe_gemm.MoEExperts.from_modules(experts)

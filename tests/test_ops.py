@@ -275,3 +275,84 @@ def test_expert_gemm_honours_moe_gemm_check(monkeypatch):
     monkeypatch.setenv("MOE_GEMM_CHECK", "1")
     with pytest.raises(ValueError, match="m_sizes: expected sum"):
         functional._expert_gemm(problem.x, problem.weight, torch.tensor([5, 8]), False)
+
+
+def test_the_fallback_warning_names_the_callers_line(gpu, monkeypatch):
+    # route -> the op -> torch's dispatcher -> the op's PyTorch kernel -> use_kernels; and functional's helper ->
+    # use_kernels: either way the warning points at this file, not inside moe_gemm or torch.
+    gpu((8, 0))
+    monkeypatch.setattr(_ops, "route_torch", lambda logits, top_k, *options: (logits.new_empty(10, top_k),) * 2)
+    with FakeTensorMode(), pytest.warns(RuntimeWarning, match="NVIDIA A100") as record:
+        moe_gemm.route(torch.empty(10, 64, device="cuda"), 6)
+    assert [warning.filename for warning in record] == [__file__]
+    monkeypatch.setattr(_ops, "_fallback_warned", False)
+    with FakeTensorMode(), pytest.warns(RuntimeWarning, match="NVIDIA A100") as record:
+        functional._kernels_for(torch.empty(4, device="cuda"))
+    assert [warning.filename for warning in record] == [__file__]
+
+
+def test_torch_grouped_mm_is_not_called_where_torch_lacks_it(gpu, monkeypatch):
+    gpu((8, 0))
+    monkeypatch.delattr(torch, "_grouped_mm")
+    with FakeTensorMode():
+        x = torch.empty(64, 32, dtype=torch.bfloat16, device="cuda")
+        weight = torch.empty(4, 16, 32, dtype=torch.bfloat16, device="cuda")
+        assert not _ops._torch_grouped_mm_applies(x, weight, 16)
+
+
+@pytest.mark.skipif(not torch.__version__.startswith("2.13."), reason="what torch 2.13 does")
+def test_torch_2_13_grouped_mm_refuses_a_float32_output_of_bfloat16():
+    a = torch.ones(8, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="output dtype must match"):
+        torch._grouped_mm(a.t(), a, offs=torch.tensor([8], dtype=torch.int32), out_dtype=torch.float32)
+    assert not _ops._grouped_mm_float32_output(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["nk", "kn"])
+def test_main_grad_takes_one_float32_grouped_mm_where_torch_offers_it(monkeypatch, transposed):
+    # A torch whose _grouped_mm writes float32 products of bfloat16 (as torch 2.13 does not), and NaN into the groups
+    # without rows: the experts that own no row must add exactly nothing.
+    calls = []
+
+    def grouped_mm(a, b, offs, out_dtype):
+        calls.append(out_dtype)
+        out = torch.full((offs.shape[0], a.shape[0], b.shape[1]), float("nan"), dtype=out_dtype)
+        start = 0
+        for group, end in enumerate(offs.tolist()):
+            if end > start:
+                out[group] = a[:, start:end].to(out_dtype) @ b[start:end].to(out_dtype)
+            start = end
+        return out
+
+    monkeypatch.setattr(torch, "_grouped_mm", grouped_mm, raising=False)
+    monkeypatch.setattr(_ops, "_torch_grouped_mm_applies", lambda a, b, out_columns: True)
+    monkeypatch.setattr(_ops, "_grouped_mm_float32_output", lambda device: True)
+    monkeypatch.setattr(_ops, "grouped_mm_wgrad_reference", None)  # the per-expert loop must not run
+    sizes, num_rows = [9, 0, 17, -4, 22, 6], 48
+    x = torch.randn(num_rows, 32, dtype=torch.bfloat16)
+    grad_y = torch.randn(num_rows, 16, dtype=torch.bfloat16)
+    expected = grouped_mm_wgrad_reference(x, grad_y, sizes, transposed)
+    main_grad = torch.ones(expected.shape)
+    _ops.grouped_mm_wgrad_accumulate_torch(main_grad, x, grad_y, torch.tensor(sizes), transposed)
+    assert calls == [torch.float32]
+    torch.testing.assert_close(main_grad, expected.float() + 1, rtol=1e-5, atol=1e-4)
+    # Expert 1 is empty, 3 negative, 5 starts past the last row.
+    for expert in (1, 3, 5):
+        assert torch.equal(main_grad[expert], torch.ones_like(main_grad[expert]))
+
+
+def test_the_pytorch_path_multiplies_bfloat16_in_bfloat16(monkeypatch):
+    dtypes = []
+    mm = torch.mm
+
+    def spy(a, b, **kwargs):
+        dtypes.append((a.dtype, b.dtype))
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    x = torch.randn(48, 32, dtype=torch.bfloat16)
+    weight = torch.randn(3, 16, 32, dtype=torch.bfloat16)
+    m_sizes = torch.tensor([20, 0, 28])
+    moe_gemm.grouped_forward(x, weight, m_sizes)
+    moe_gemm.grouped_weight_grad(x, torch.randn(48, 16, dtype=torch.bfloat16), m_sizes)
+    assert len(dtypes) == 4 and set(dtypes) == {(torch.bfloat16, torch.bfloat16)}

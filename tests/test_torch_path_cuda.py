@@ -1,7 +1,8 @@
 """The PyTorch path on a CUDA GPU, as a GPU that is not sm_90 takes it: on the test GPU with the capability query
-patched to 8.0, ``grouped_forward``, its backward, ``grouped_weight_grad`` and ``route`` must match the float64
-reference (``torch._grouped_mm`` for bfloat16, the per-expert loop otherwise), experts without rows, rows past the last
-expert and clamped sizes included, and warn once."""
+patched to 8.0, ``grouped_forward``, its backward, ``grouped_weight_grad``, ``route``, ``experts_forward`` and the
+``MoE`` layer must match the float64 reference (``torch._grouped_mm`` for bfloat16, the per-expert loop otherwise),
+experts without rows, rows past the last expert and clamped sizes included, and warn once, naming the caller's
+line."""
 
 import warnings
 
@@ -11,7 +12,12 @@ from helpers import assert_close_to_reference, make_problem, requires_cuda_op
 
 import moe_gemm
 from moe_gemm import _ops
-from moe_gemm.reference import clamped_row_ranges, grouped_mm_wgrad_reference, route_reference
+from moe_gemm.reference import (
+    clamped_row_ranges,
+    experts_forward_reference,
+    grouped_mm_wgrad_reference,
+    route_reference,
+)
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -85,3 +91,56 @@ def test_route_matches_the_reference(sm80):
     ref_weights, ref_ids = route_reference(logits.cpu(), 6, **options)
     assert torch.equal(ids.cpu(), ref_ids)
     torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
+
+
+def fallback_warnings(record) -> list[str]:
+    """The files that the fallback warnings in ``record`` point at."""
+    return [w.filename for w in record if "compute capability 8.0" in str(w.message)]
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double().cpu()
+    return (torch.linalg.vector_norm(out.double().cpu() - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_experts_forward_matches_the_reference(sm80, dtype):
+    tokens, experts, top_k, hidden, intermediate = 64, 16, 4, 256, 128
+    x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    gate_up_proj = torch.randn(experts, 2 * intermediate, hidden, device="cuda", dtype=dtype) / hidden**0.5
+    down_proj = torch.randn(experts, hidden, intermediate, device="cuda", dtype=dtype) / intermediate**0.5
+    # Experts 0 and 15 own no token.
+    weights, ids = route_reference(torch.randn(tokens, experts)[:, 1:15], top_k)
+    weights, ids = weights.cuda(), (ids + 1).cuda()
+    with pytest.warns(RuntimeWarning, match="compute capability 8.0") as record:
+        out = moe_gemm.experts_forward(x, ids, weights, gate_up_proj, down_proj)
+    assert fallback_warnings(record) == [__file__]
+    expected = experts_forward_reference(x.cpu(), ids.cpu(), weights.cpu(), gate_up_proj.cpu(), down_proj.cpu())
+    assert out.shape == (tokens, hidden) and out.dtype == dtype and out.is_cuda
+    assert bool(torch.isfinite(out).all())
+    assert relative_error(out, expected) <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_moe_layer_matches_the_reference_and_trains(sm80):
+    sizes = {"hidden_size": 256, "num_experts": 16, "intermediate_size": 128, "top_k": 4}
+    layer = moe_gemm.MoE(**sizes, scoring="sigmoid", n_group=4, topk_group=2, renormalize=True, device="cuda",
+                         dtype=torch.bfloat16)  # fmt: skip
+    hidden = torch.randn(2, 32, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="compute capability 8.0") as record:
+        out = layer(hidden)
+    assert fallback_warnings(record) == [__file__]
+    tokens = hidden.detach().reshape(-1, 256)
+    with torch.no_grad():
+        # The ids as the layer chose them (test_route_matches_the_reference checks route itself).
+        logits = torch.nn.functional.linear(tokens.float(), layer.router.weight.float())
+        weights, ids = moe_gemm.route(logits, 4, scoring="sigmoid", n_group=4, topk_group=2, renormalize=True,
+                                      e_score_correction_bias=layer.e_score_correction_bias)  # fmt: skip
+    experts = layer.experts
+    expected = experts_forward_reference(
+        tokens.cpu(), ids.cpu(), weights.cpu(), experts.gate_up_proj.detach().cpu(), experts.down_proj.detach().cpu()
+    )
+    assert out.shape == hidden.shape and out.dtype == torch.bfloat16
+    assert relative_error(out.reshape(-1, 256), expected) <= 1e-2
+    out.float().square().sum().backward()
+    for tensor in (hidden.grad, experts.gate_up_proj.grad, experts.down_proj.grad, layer.router.weight.grad):
+        assert tensor is not None and bool(torch.isfinite(tensor).all())
