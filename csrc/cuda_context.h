@@ -1,6 +1,7 @@
 // Host helpers shared by the kernels' dispatch code. Plain C++.
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
 #include <cuda_runtime.h>
@@ -9,6 +10,19 @@
 #include "moe_gemm_workspace.h"
 
 namespace moe_gemm {
+
+// Whether `ptr` is 16-byte aligned, as TMA needs of every tensor's start.
+inline bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// The current device's SM count (0 when CUDA cannot say): the persistent grids' size when a caller passes none.
+inline int current_sm_count() {
+  int device = 0, sm_count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return 0;
+  }
+  return sm_count;
+}
 
 // Encoding TMA descriptors calls the driver API, which needs a current context in this thread. A fresh
 // thread (PyTorch's autograd workers) may have none yet: cudaSetDevice makes the current device's primary

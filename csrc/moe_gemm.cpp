@@ -15,8 +15,6 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& params, GroupedGemmPlan c
 
 namespace {
 
-bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
@@ -25,9 +23,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // r FLOPs per weight byte, so r decides between streaming weights (small tiles, many CTAs) and reusing
 // them (large tiles, clusters). Each branch below with one measured example (H100, bf16); the others,
 // and the rejected alternatives, in docs/design.md ("Tile configurations").
-TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count) {
-  (void)K;
-  (void)sm_count;
+TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E) {
   constexpr int64_t kDecodeRowsPerExpert = 4;
   constexpr int64_t kSwapped32RowsBelow = 32;
   constexpr int64_t kOneMBlock = 128;
@@ -59,7 +55,7 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm
   // 256 to 1023 rows: pairs of CTAs on neighbouring n-blocks share the A tile (a sixth less L2 traffic);
   // on neighbouring m-blocks when N has an odd number of 256-column blocks. DeepSeek-V3 at 16k tokens
   // (512 rows, N = 4096): 1.153x torch against 1.023x with 128x256.
-  int64_t const n_blocks = ceil_div(N, 256);
+  int64_t const n_blocks = ceil_div(N, tile_config_info(TileConfig::k128x256Cluster1x2).tile_n);
   if (rows_per_expert < kLongExpertRows && n_blocks >= 2) {
     return n_blocks % 2 == 0 ? TileConfig::k128x256Cluster1x2 : TileConfig::k128x256Cluster2x1;
   }
@@ -89,13 +85,6 @@ int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, Til
 
 namespace {
 
-int current_sm_count() {
-  int device = 0, sm_count = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
-  return sm_count;
-}
-
 bool nothing_to_multiply(GroupedGemmParams const& p) { return p.M <= 0 || p.N <= 0 || p.K <= 0 || p.E <= 0; }
 
 }  // namespace
@@ -106,18 +95,18 @@ GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& p, PlanOverride const
     return plan;  // run_grouped_gemm launches no kernel
   }
   plan.sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
-  plan.config = override.config != TileConfig::kAuto ? override.config
-                                                     : choose_tile_config(p.M, p.N, p.K, p.E, plan.sm_count);
+  plan.config = override.config != TileConfig::kAuto ? override.config : choose_tile_config(p.M, p.N, p.E);
   TileConfigInfo const& tile = tile_config_info(plan.config);
   int64_t const tiles_n = ceil_div(p.N, tile.tile_n);
 
-  // An explicit split is clamped to the k-blocks (no empty split). The kernel counts work units in 32 bits.
+  // An explicit split is clamped to the k-blocks (no empty split), and so that the work units (tile slots x
+  // splits) stay below 2^30: the kernel counts them in 32 bits.
   if (tile.split_k) {
     int64_t const split = override.split_k > 0 ? override.split_k
                                                : choose_split_k(p.M, p.N, p.K, p.E, plan.sm_count, plan.config);
-    int64_t const clamped = std::clamp<int64_t>(split, 1, ceil_div(p.K, tile.tile_k));
     int64_t const tile_slots = max_m_blocks(p.M, p.E, tile.tile_m) * tiles_n;
-    plan.split_k = tile_slots * clamped < (int64_t(1) << 30) ? int(clamped) : 1;
+    int64_t const max_split = std::max<int64_t>(1, ((int64_t(1) << 30) - 1) / std::max<int64_t>(tile_slots, 1));
+    plan.split_k = int(std::clamp<int64_t>(split, 1, std::min(ceil_div(p.K, tile.tile_k), max_split)));
   }
 
   // Dynamic scheduling pays when tiles come in several waves (CTAs drift apart over the waves, and a
@@ -139,6 +128,19 @@ GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& p, PlanOverride const
   plan.workspace =
       workspace_layout(p.M, p.N, p.E, tile.tile_m, tile.tile_n, plan.dynamic_schedule, plan.split_k);
   return plan;
+}
+
+char const* check_plan_override(PlanOverride const& override) {
+  if (override.split_k < 0) {
+    return "split_k must be >= 0 (0: the heuristic, 1: no split)";
+  }
+  if (override.split_k > 1 && override.config != TileConfig::kAuto && !tile_config_info(override.config).split_k) {
+    return "this tile configuration has no split-K kernel: split_k must be 0 or 1";
+  }
+  if (override.dynamic_schedule < -1 || override.dynamic_schedule > 1) {
+    return "dynamic_schedule must be -1 (the heuristic), 0 (static) or 1 (dynamic)";
+  }
+  return nullptr;
 }
 
 bool parse_tile_config(char const* name, TileConfig* config) {

@@ -43,14 +43,20 @@ struct GroupedGemmParams {
   void* workspace = nullptr;
 };
 
-// What tests and A/B measurements may force instead of the heuristics.
+// What tests and A/B measurements may force instead of the heuristics. check_plan_override() says whether
+// an override is valid; plan_grouped_gemm() expects one that is.
 struct PlanOverride {
   TileConfig config = TileConfig::kAuto;
-  // 0: choose_split_k(); 1: never split; n: n splits, clamped to the k-blocks. Only the configurations
-  // with a split-K instantiation (moe_tile_configs.h) split; the others run 1.
+  // 0: choose_split_k(); 1: never split; n: n splits, clamped to the k-blocks and to 2^30 work units.
+  // n > 1 needs a configuration with a split-K instantiation (moe_tile_configs.h), or kAuto (then the
+  // heuristic's configuration splits if it has one).
   int split_k = 0;
   int dynamic_schedule = -1;  // -1: the heuristic; 0: static striding; 1: tile counter in the workspace
 };
+
+// Nullptr when `override` is valid, else a sentence saying what is wrong: a split below 0, a split above 1
+// for a configuration without a split-K kernel, a schedule other than -1, 0 or 1.
+char const* check_plan_override(PlanOverride const& override);
 
 // Every choice of one call, made once from host-known shapes; the launcher reads it and derives nothing.
 struct GroupedGemmPlan {
@@ -62,8 +68,9 @@ struct GroupedGemmPlan {
   WorkspaceLayout workspace;              // counters (zeroed by run_grouped_gemm) and split-K partials
 };
 
-// Returns the configuration the heuristic picks for these shapes (never kAuto).
-TileConfig choose_tile_config(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count);
+// Returns the configuration the heuristic picks for these shapes (never kAuto). Only the rows per expert
+// and N decide it.
+TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E);
 
 // The split-K factor the heuristic picks for these shapes and a resolved (not kAuto) configuration:
 // 1 unless the tiles are too few to keep every SM streaming weights (decode).
@@ -74,7 +81,8 @@ int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, Til
 char const* check_grouped_gemm(GroupedGemmParams const& params);
 
 // The plan of a call: the override's fields where set, else the heuristics. Reads params' sizes and
-// sm_count only (queries the current device when sm_count is 0).
+// sm_count only (queries the current device when sm_count is 0). The override must pass
+// check_plan_override(); an explicit split is clamped to the k-blocks and to 2^30 work units.
 GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& params, PlanOverride const& override = PlanOverride{});
 
 // Zeroes the workspace's counters, then launches the grouped GEMM on `stream`, as `plan` says.

@@ -1,13 +1,13 @@
 // The grouped GEMMs' binding to torch: the CUDA kernels of the ops moe_gemm::grouped_mm, grouped_mm_wgrad and
 // grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake kernels, autograd and CPU path are
 // declared in Python, moe_gemm/_ops.py), translating tensors into the torch-free GroupedGemmParams and
-// planning each call; and the extension module moe_gemm._C, whose set_plan_override() and
-// tile_config_names() serve moe_gemm.testing. The routing and layer kernels have their own bindings
+// planning each call; and the extension module moe_gemm._C, whose set_plan_override(), plan_grouped_gemm()
+// and tile_config_names() serve moe_gemm.testing. The routing and layer kernels have their own bindings
 // (moe_routing_torch.cpp, moe_layer_torch.cpp).
 #include <Python.h>
 
+#include <exception>
 #include <mutex>
-#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -15,36 +15,9 @@
 #include <torch/library.h>
 
 #include "moe_gemm.h"
+#include "moe_torch_checks.h"
 
 namespace {
-
-moe_gemm::DType to_dtype(at::ScalarType type, char const* op) {
-  TORCH_CHECK(type == at::kBFloat16 || type == at::kHalf, op, ": the CUDA kernel takes bfloat16 or float16, got ",
-              type);
-  return type == at::kBFloat16 ? moe_gemm::DType::kBFloat16 : moe_gemm::DType::kFloat16;
-}
-
-// The kernels are sm_90a code: on any other GPU refuse the call (moe_gemm's Python entry points take the
-// PyTorch path there; this is the last guard). The compute capability is read once per device.
-void check_sm90(at::Device device, char const* op) {
-  static std::mutex mutex;
-  static std::vector<int> capability;  // major * 10 + minor by device index; 0: not read yet
-  int const index = device.index();
-  int major_minor = 0;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (index >= int(capability.size())) {
-      capability.resize(index + 1, 0);
-    }
-    if (capability[index] == 0) {
-      cudaDeviceProp const* properties = at::cuda::getDeviceProperties(index);
-      capability[index] = properties->major * 10 + properties->minor;
-    }
-    major_minor = capability[index];
-  }
-  TORCH_CHECK(major_minor == 90, op, ": the moe_gemm kernels need an sm_90 GPU (H100, H200, H800), but ",
-              device, " has compute capability ", major_minor / 10, ".", major_minor % 10);
-}
 
 // What moe_gemm.testing.plan_override sets: process-wide (autograd runs the backward on other threads),
 // read under the lock when a call is planned.
@@ -64,7 +37,9 @@ void set_common_fields(Params& params, at::Tensor& out, at::Tensor const& m_size
   params.m_sizes = m_sizes.data_ptr();
   params.m_sizes_int64 = m_sizes.scalar_type() == at::kLong;
   params.E = static_cast<int32_t>(m_sizes.numel());
-  params.dtype = to_dtype(dtype, op);
+  params.dtype = moe_gemm::to_dtype(dtype, op, "inputs");
+  TORCH_CHECK(params.dtype != moe_gemm::DType::kFloat32, op, ": the CUDA kernel takes bfloat16 or float16, got ",
+              dtype);
   params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
@@ -101,7 +76,7 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   TORCH_CHECK(weight_k == K, "moe_gemm.grouped_mm: x has K = ", K, " but weight has K = ", weight_k);
   TORCH_CHECK(M == 0 || x.stride(1) == 1, "moe_gemm.grouped_mm: x must have inner stride 1");
   TORCH_CHECK(weight.numel() == 0 || weight.stride(2) == 1, "moe_gemm.grouped_mm: weight must have inner stride 1");
-  check_sm90(x.device(), "moe_gemm.grouped_mm");
+  moe_gemm::check_sm90(x.device(), "moe_gemm.grouped_mm");
 
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
@@ -144,7 +119,7 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   TORCH_CHECK(m_sizes.scalar_type() == at::kInt || m_sizes.scalar_type() == at::kLong, op,
               ": m_sizes must be int32 or int64, got ", m_sizes.scalar_type());
   TORCH_CHECK(m_sizes.numel() <= 1 || m_sizes.stride(0) == 1, op, ": m_sizes must be contiguous");
-  check_sm90(x.device(), op);
+  moe_gemm::check_sm90(x.device(), op);
   int64_t const M = x.size(0), K = x.size(1), N = grad_y.size(1), E = m_sizes.numel();
   int64_t const P = weight_transposed ? K : N, Q = weight_transposed ? N : K;
   TORCH_CHECK(out.dim() == 3 && out.size(0) == E && out.size(1) == P && out.size(2) == Q, op,
@@ -177,6 +152,8 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
 
 at::Tensor grouped_mm_wgrad_cuda(at::Tensor const& x, at::Tensor const& grad_y, at::Tensor const& m_sizes,
                                  bool weight_transposed) {
+  // The guard needs a CUDA device: check first, so that a CPU tensor gets this op's message.
+  TORCH_CHECK(x.is_cuda(), "moe_gemm.grouped_mm_wgrad: x must be a CUDA tensor");
   c10::cuda::CUDAGuard device_guard(x.device());
   TORCH_CHECK(x.dim() == 2 && grad_y.dim() == 2, "moe_gemm.grouped_mm_wgrad: x and grad_y must be 2-D");
   int64_t const P = weight_transposed ? x.size(1) : grad_y.size(1);
@@ -188,6 +165,7 @@ at::Tensor grouped_mm_wgrad_cuda(at::Tensor const& x, at::Tensor const& grad_y, 
 
 void grouped_mm_wgrad_accumulate_cuda(at::Tensor main_grad, at::Tensor const& x, at::Tensor const& grad_y,
                                       at::Tensor const& m_sizes, bool weight_transposed) {
+  TORCH_CHECK(x.is_cuda(), "moe_gemm.grouped_mm_wgrad_accumulate_: x must be a CUDA tensor");
   c10::cuda::CUDAGuard device_guard(x.device());
   TORCH_CHECK(main_grad.scalar_type() == at::kFloat,
               "moe_gemm.grouped_mm_wgrad_accumulate_: main_grad must be float32, got ", main_grad.scalar_type());
@@ -207,7 +185,9 @@ namespace {
 
 // moe_gemm._C.set_plan_override(tile_config: str, split_k: int, dynamic_schedule: int) -> None: what every
 // later call plans with, in all threads, until the next call ("auto", 0, -1: the heuristics). Raises
-// ValueError for an unknown configuration name or a negative split, leaving the override as it was.
+// ValueError for an unknown configuration name or what check_plan_override refuses (a negative split, a
+// split for a configuration without a split-K kernel, a schedule other than -1, 0, 1), leaving the override
+// as it was.
 PyObject* set_plan_override(PyObject* /*module*/, PyObject* args) {
   char const* name = nullptr;
   int split_k = 0;
@@ -220,15 +200,46 @@ PyObject* set_plan_override(PyObject* /*module*/, PyObject* args) {
     PyErr_Format(PyExc_ValueError, "unknown tile configuration %R", PyTuple_GET_ITEM(args, 0));
     return nullptr;
   }
-  if (split_k < 0) {
-    PyErr_Format(PyExc_ValueError, "split_k must be >= 0, got %d", split_k);
+  value.split_k = split_k;
+  value.dynamic_schedule = dynamic_schedule;
+  if (char const* problem = moe_gemm::check_plan_override(value); problem != nullptr) {
+    PyErr_Format(PyExc_ValueError, "%s; got tile_config=%R, split_k=%d, dynamic_schedule=%d", problem,
+                 PyTuple_GET_ITEM(args, 0), split_k, dynamic_schedule);
     return nullptr;
   }
-  value.split_k = split_k;
-  value.dynamic_schedule = dynamic_schedule < 0 ? -1 : dynamic_schedule > 0 ? 1 : 0;
   std::lock_guard<std::mutex> lock(plan_override_mutex);
   plan_override = value;
   Py_RETURN_NONE;
+}
+
+// moe_gemm._C.plan_grouped_gemm(M: int, N: int, K: int, E: int) -> tuple[str, int, bool]: the tile
+// configuration, split-K factor and dynamic schedule that a grouped_mm call of these sizes would run with now,
+// on the current device (its SM count) and under the current override. ("auto", 1, False) when there is
+// nothing to multiply. Raises ValueError for negative sizes, RuntimeError when CUDA is unavailable.
+PyObject* plan_grouped_gemm(PyObject* /*module*/, PyObject* args) {
+  long long M = 0, N = 0, K = 0;
+  int E = 0;
+  if (!PyArg_ParseTuple(args, "LLLi:plan_grouped_gemm", &M, &N, &K, &E)) {
+    return nullptr;
+  }
+  if (M < 0 || N < 0 || K < 0 || E < 0) {
+    PyErr_Format(PyExc_ValueError, "sizes must be non-negative, got M=%lld, N=%lld, K=%lld, E=%d", M, N, K, E);
+    return nullptr;
+  }
+  moe_gemm::GroupedGemmParams params;
+  params.M = M;
+  params.N = N;
+  params.K = K;
+  params.E = E;
+  try {
+    params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  } catch (std::exception const& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
+  return Py_BuildValue("(siO)", moe_gemm::tile_config_name(plan.config), plan.split_k,
+                       plan.dynamic_schedule ? Py_True : Py_False);
 }
 
 // moe_gemm._C.tile_config_names() -> tuple[str, ...]: the table's names (csrc/moe_tile_configs.h), in order.
@@ -253,6 +264,10 @@ PyMethodDef module_methods[] = {
      "set_plan_override(tile_config: str, split_k: int, dynamic_schedule: int) -> None\n"
      "The plan every later grouped GEMM call uses instead of the heuristics (\"auto\", 0, -1: none); "
      "use moe_gemm.testing.plan_override."},
+    {"plan_grouped_gemm", plan_grouped_gemm, METH_VARARGS,
+     "plan_grouped_gemm(M: int, N: int, K: int, E: int) -> tuple[str, int, bool]\n"
+     "The (tile_config, split_k, dynamic_schedule) a grouped_mm call of these sizes would run with now; "
+     "use moe_gemm.testing.resolved_plan."},
     {"tile_config_names", tile_config_names, METH_NOARGS,
      "tile_config_names() -> tuple[str, ...]\nThe names of the kernel's tile configurations."},
     {nullptr, nullptr, 0, nullptr}};

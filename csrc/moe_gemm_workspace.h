@@ -1,7 +1,8 @@
-// Layout of the kernels' device workspace: planned once per call (moe_gemm.cpp: plan_grouped_gemm,
-// plan_grouped_wgrad), read by the launchers (their pointers) and by the callers (its size). Host only.
+// Layout of the kernels' device workspace: planned once per call (plan_grouped_gemm in moe_gemm.cpp,
+// plan_grouped_wgrad in moe_wgrad.cpp), read by the launchers (their pointers) and by the callers (its size,
+// which they allocate). Host only.
 //
-//   [0, zeroed_bytes)             counters, zeroed by the caller before each launch:
+//   [0, zeroed_bytes)             counters, zeroed by run_grouped_gemm / run_grouped_wgrad before each launch:
 //                                   int tile_counter              (dynamic scheduling only)
 //                                   int arrivals[tile_slots]      (split-K only: splits done per tile)
 //   [partials_offset, total_bytes) split-K partial sums, never zeroed (each is written before it is read):
@@ -54,7 +55,8 @@ inline WorkspaceLayout workspace_layout(int64_t M, int64_t N, int64_t E, int til
   if (split_k > 1) {
     offset = (offset + 255) / 256 * 256;  // partials 16-byte aligned for float4 loads (256 for whole sectors)
     layout.partials_offset = offset;
-    offset += size_t(layout.tile_slots) * size_t(split_k) * size_t(layout.partial_rows) * size_t(tile_n) * sizeof(float);
+    offset += size_t(layout.tile_slots) * size_t(split_k) * size_t(layout.partial_rows) * size_t(tile_n) *
+              sizeof(float);
   }
   layout.total_bytes = offset;
   return layout;

@@ -10,12 +10,6 @@ namespace moe_gemm {
 template <DType kDType, bool kFloat32Out>
 cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& params, GroupedWgradPlan const& plan, cudaStream_t stream);
 
-namespace {
-
-bool aligned16(void const* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
-}  // namespace
-
 char const* check_grouped_wgrad(GroupedWgradParams const& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) {
     return "the kernel takes bfloat16 or float16 inputs";
@@ -53,12 +47,7 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
 GroupedWgradPlan plan_grouped_wgrad(GroupedWgradParams const& p) {
   GroupedWgradPlan plan;
   if (p.M > 0 && p.P > 0 && p.Q > 0 && p.E > 0) {
-    int device = 0;
-    if (p.sm_count > 0) {
-      plan.sm_count = p.sm_count;
-    } else if (cudaGetDevice(&device) == cudaSuccess) {
-      cudaDeviceGetAttribute(&plan.sm_count, cudaDevAttrMultiProcessorCount, device);
-    }
+    plan.sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
     // The tile counter: ragged experts take unequal times, so tiles are always handed out dynamically.
     plan.workspace = workspace_layout(p.M, p.P, p.E, 128, 256, /*dynamic=*/true, /*split_k=*/1);
   }

@@ -14,9 +14,10 @@
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
 //   - the epilogue: tiles go out through shared memory and asynchronous TMA stores (64 columns at
 //     a time, double-buffered, so the next tile's MMAs start while the store drains); 16-bit tiles wait
-//     in registers and are stored under the next tile's MMAs (sm90_moe_mainloop.hpp). D's descriptor is ragged (sm90_ragged_tma.hpp): the store of an
-//     expert's last, partial m-block drops the rows past the expert's end, which the MMA computed
-//     from the next expert's A rows and which must never be written. Finally the CTAs zero the rows
+//     in registers and are stored under the next tile's MMAs (sm90_moe_mainloop.hpp). D's descriptor
+//     is ragged (sm90_ragged_tma.hpp): the store of an expert's last, partial m-block drops the rows
+//     past the expert's end, which the MMA computed from the next expert's A rows and which must never
+//     be written. Finally the CTAs zero the rows
 //     of D that no expert covers (sm90_moe_epilogue.hpp);
 //   - an expert's tail of at most 64 rows is multiplied by one warpgroup (idle_warp_group), at the
 //     full rate of the tensor cores, instead of by both at half rate each, and loads only those 64
@@ -258,25 +259,31 @@ class Sm90MoeGemmKernel {
     }
     Tensor tokens = make_tensor(static_cast<Internal const*>(args.tokens),
                                 make_layout(make_shape(M, K, int32_t(1)), stride_tokens));
-    Tensor weights = make_tensor(static_cast<Internal const*>(args.weights), make_layout(make_shape(N, K, E), stride_weights));
+    Tensor weights = make_tensor(static_cast<Internal const*>(args.weights),
+                                 make_layout(make_shape(N, K, E), stride_weights));
     auto const operands = [&] {
-      if constexpr (kSwapAB) { return cute::make_tuple(weights, tokens); } else { return cute::make_tuple(tokens, weights); }
+      if constexpr (kSwapAB) {
+        return cute::make_tuple(weights, tokens);
+      } else {
+        return cute::make_tuple(tokens, weights);
+      }
     }();
     auto const& tensor_a = get<0>(operands);
     auto const& tensor_b = get<1>(operands);
 
     params = Params{};
     params.mainloop = {
-        make_tma_copy_A_sm90(typename Mainloop::GmemTiledCopyA{}, tensor_a, typename Mainloop::SmemLayoutA{}(_, _, Int<0>{}),
-                             TileShape{}, ClusterShape{}),
-        make_tma_copy_B_sm90(typename Mainloop::GmemTiledCopyB{}, tensor_b, typename Mainloop::SmemLayoutB{}(_, _, Int<0>{}),
-                             TileShape{}, ClusterShape{}),
+        make_tma_copy_A_sm90(typename Mainloop::GmemTiledCopyA{}, tensor_a,
+                             typename Mainloop::SmemLayoutA{}(_, _, Int<0>{}), TileShape{}, ClusterShape{}),
+        make_tma_copy_B_sm90(typename Mainloop::GmemTiledCopyB{}, tensor_b,
+                             typename Mainloop::SmemLayoutB{}(_, _, Int<0>{}), TileShape{}, ClusterShape{}),
         Mainloop::TmaTransactionBytes, Mainloop::TmaTransactionBytesMK, Mainloop::TmaTransactionBytesNK};
     if constexpr (kPartialTokenLoads) {
       params.tma_load_half_tokens = make_tma_copy(SM90_TMA_LOAD{}, tensor_a, SmemLayoutHalfTokens{},
                                                   make_shape(Int<kTileM / 2>{}, Int<kTileK>{}), Int<1>{});
     }
-    if (cudaError_t status = detail::encode_ragged<ElementD>(&params.tma_store_d, args.d, N, args.ldd, kEpiN, kStoreRows);
+    if (cudaError_t status =
+            detail::encode_ragged<ElementD>(&params.tma_store_d, args.d, N, args.ldd, kEpiN, kStoreRows);
         status != cudaSuccess) {
       return status;
     }
@@ -286,7 +293,8 @@ class Sm90MoeGemmKernel {
     char* const workspace = static_cast<char*>(args.workspace);
     WorkspaceLayout const& layout = args.workspace_layout;
     int const split_k = args.split_k;
-    params.tile_counter = args.dynamic_schedule ? reinterpret_cast<int*>(workspace + layout.tile_counter_offset) : nullptr;
+    params.tile_counter =
+        args.dynamic_schedule ? reinterpret_cast<int*>(workspace + layout.tile_counter_offset) : nullptr;
     params.ptr_d = static_cast<ElementD*>(args.d);
     params.ldd = args.ldd;
     params.N = N;
@@ -319,7 +327,8 @@ class Sm90MoeGemmKernel {
     // decoded units (both warpgroups read every unit).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
         shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{});
-    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumConsumerThreads);
+    TilePipeline tile_pipeline =
+        make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumConsumerThreads);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
     if constexpr (kClusterSize > 1) {
@@ -640,7 +649,8 @@ class Sm90MoeGemmKernel {
       return false;  // the rows are the MMA's N
     } else {
       using namespace cute;
-      static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) == 2 && size<2>(typename TiledMma::ThrLayoutVMNK{}) == 1 &&
+      static_assert(size<1>(typename TiledMma::ThrLayoutVMNK{}) == 2 &&
+                        size<2>(typename TiledMma::ThrLayoutVMNK{}) == 1 &&
                         size<0>(typename TiledMma::AtomShape_MNK{}) * 2 == kTileM,
                     "cooperative tiles are split in two along M, one half per warpgroup");
       int const rows_in_tile = work.rows - work.m_block * kTileM;

@@ -41,7 +41,8 @@ struct Sm90MoeGemmConfig {
   // CUTLASS names A as an M x K matrix and B as K x N. The tokens are K-contiguous: RowMajor as A,
   // ColumnMajor as B. The [E, N, K] weight is K-contiguous too, the [E, K, N] one (kBNMajor) is not.
   using LayoutTokens = cute::conditional_t<kSwapAB, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
-  using LayoutWeights = cute::conditional_t<kSwapAB != kBNMajor, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+  using LayoutWeights =
+      cute::conditional_t<kSwapAB != kBNMajor, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
   using LayoutA = cute::conditional_t<kSwapAB, LayoutWeights, LayoutTokens>;
   using LayoutB = cute::conditional_t<kSwapAB, LayoutTokens, LayoutWeights>;
   // Rows of the output tile, which the epilogue's shared memory holds.

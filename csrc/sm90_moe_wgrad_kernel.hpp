@@ -183,7 +183,8 @@ class Sm90MoeWgradKernel {
     // Pipelines from the TMA warp (producer) to the two MMA warpgroups (consumers): the stages, and the
     // decoded tiles.
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
-        shared_storage.pipeline, roles, kNumMmaThreads, CollectiveMainloop::TmaTransactionBytes, cute::Shape<cute::_1, cute::_1, cute::_1>{});
+        shared_storage.pipeline, roles, kNumMmaThreads, CollectiveMainloop::TmaTransactionBytes,
+        cute::Shape<cute::_1, cute::_1, cute::_1>{});
     TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumMmaThreads);
     __syncthreads();
 

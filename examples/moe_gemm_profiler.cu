@@ -103,8 +103,9 @@ struct Options {
         "  --dtype=bf16|fp16  --layout=nk|kn\n"
         "  --config=%s\n"
         "                                    the tile configuration (default: the heuristic)\n"
-        "  --dynamic=1|0                     dynamic (tile counter) or static tile scheduling\n"
-        "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic)\n"
+        "  --dynamic=1|0|-1                  dynamic (tile counter) or static tile scheduling (-1: heuristic)\n"
+        "  --split_k=S                       split each tile's K loop S ways (1: never; default: heuristic;\n"
+        "                                    S > 1 only for configurations with a split-K kernel)\n"
         "  --iterations=I --warmup=W --verify=true|false --seed=S\n"
         "  --ncu                             one launch, for profiling under ncu\n"
         "  --wgrad [--accumulate]            the weight gradient grad_W[e] = grad_y_e^T x_e ([E, N, K], [E, K, N]\n"
@@ -296,6 +297,11 @@ int run(Options const& opt) {
   plan_override.split_k = opt.split_k;
   if (!moe_gemm::parse_tile_config(opt.config.c_str(), &plan_override.config)) {
     std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
+    return 1;
+  }
+  if (char const* problem = moe_gemm::check_plan_override(plan_override); problem != nullptr) {
+    std::fprintf(stderr, "--config=%s --split_k=%d --dynamic=%d: %s\n", opt.config.c_str(), opt.split_k, opt.dynamic,
+                 problem);
     return 1;
   }
   if (char const* problem = moe_gemm::check_grouped_gemm(params)) {

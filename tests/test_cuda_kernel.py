@@ -8,7 +8,7 @@ import torch
 
 import moe_gemm
 from helpers import assert_close_to_reference, make_problem, requires_cuda_op
-from moe_gemm.testing import PlanOverride, plan_override, tile_configs
+from moe_gemm.testing import PlanOverride, plan_override, resolved_plan, tile_configs
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -66,6 +66,8 @@ def tile_config(request):
     config, _, schedule = request.param.partition("-")
     override = PlanOverride() if config == "auto" else PlanOverride(config, dynamic_schedule=schedule == "dynamic")
     with plan_override(override):
+        if config != "auto":  # the override reaches the plan the kernel runs, not only the Python side
+            assert resolved_plan(600, 512, 512, 8)[::2] == (config, schedule == "dynamic")
         yield request.param
 
 

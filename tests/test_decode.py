@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import Problem, assert_close_to_reference, requires_cuda_op
-from moe_gemm.testing import plan_override, tile_configs
+from moe_gemm.testing import SPLIT_K_TILE_CONFIGS, PlanOverride, plan_override, resolved_plan, tile_configs
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -136,8 +136,15 @@ def test_split_k_with_full_tiles(sizes, split_k):
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("split", [1, 4])
 def test_split_k_with_every_config_and_schedule(config, dynamic, split):
-    # Split-K runs with static and dynamic scheduling; the configurations without a split-K kernel ignore it.
+    # Split-K runs with static and dynamic scheduling; the configurations without a split-K kernel refuse a split.
+    if split > 1 and config not in SPLIT_K_TILE_CONFIGS:
+        with pytest.raises(ValueError, match="no split-K kernel"):
+            with plan_override(tile_config=config, dynamic_schedule=dynamic, split_k=split):
+                pass
+        return
     with plan_override(tile_config=config, dynamic_schedule=dynamic, split_k=split):
+        # The override reaches the plan (K = 4096 has enough k-blocks for 4 splits in every configuration).
+        assert resolved_plan(16, 4096, 4096, EXPERTS) == (config, split, dynamic)
         for sizes in (decode_sizes("routed", 16), [200, 0, 3] + [0] * (EXPERTS - 3)):
             problem = decode_problem(sizes, torch.bfloat16, True)
             out = run_poisoned(problem)
@@ -188,3 +195,66 @@ def test_heuristic_split_shape_matches_unsplit():
         unsplit = run_poisoned(problem)
     assert_close_to_reference(auto, problem.reference())
     assert (auto.float() - unsplit.float()).abs().max().item() <= 2e-2 * unsplit.float().abs().max().item()
+
+
+def sm_count():
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+# The worked examples of docs/design.md and csrc/moe_gemm.cpp, one per branch of choose_tile_config: (what, M (rows
+# = tokens x top_k), N, K, E, the configuration, the split on 132 SMs, the schedule). The heuristic's choice of
+# configuration depends on the shapes only; the split and the schedule on the SM count too.
+WORKED_EXAMPLES = [
+    ("Mixtral-8x7B down, 1 token", 2, 4096, 14336, 8, "16x128s", 2, False),
+    ("Qwen1.5-MoE down, 1 token", 4, 2048, 1408, 60, "16x128s", 1, False),
+    ("DeepSeek-V3 up, 640 tokens (20 rows)", 5120, 4096, 7168, 256, "32x128s", 1, True),
+    ("DeepSeek-V3 up, 2048 tokens (64 rows)", 16384, 4096, 7168, 256, "128x128", 1, True),
+    ("Qwen1.5-MoE up, 2048 tokens (136 rows)", 8192, 2816, 2048, 60, "128x256", 1, True),
+    ("DeepSeek-V3 up, 16k tokens (512 rows, 16 n-blocks)", 131072, 4096, 7168, 256, "128x256c1x2", 1, True),
+    ("GPT-OSS up, 16k tokens (512 rows, 23 n-blocks)", 65536, 5760, 2880, 128, "128x256c2x1", 1, True),
+    ("512 rows, one 256-column block", 4096, 256, 1024, 8, "128x256", 1, False),
+    ("Qwen3-30B-A3B up, 16k tokens (1024 rows)", 131072, 1536, 2048, 128, "128x256", 1, True),
+    ("Mixtral-8x7B up, 2048 tokens (512 rows)", 4096, 28672, 4096, 8, "128x256c1x2", 1, True),
+    ("Mixtral-8x7B up, 16k tokens (4096 rows)", 32768, 28672, 4096, 8, "128x256c2x1", 1, True),
+]
+
+
+@pytest.mark.parametrize("what, M, N, K, E, config, split, dynamic", WORKED_EXAMPLES,
+                         ids=[example[0] for example in WORKED_EXAMPLES])
+def test_the_worked_examples_of_the_heuristics(what, M, N, K, E, config, split, dynamic):
+    with plan_override(PlanOverride()):  # the heuristics, whatever an outer block forced
+        planned = resolved_plan(M, N, K, E)
+    assert planned[0] == config, what
+    if sm_count() != 132:
+        pytest.skip(f"the split and the schedule of the examples are for 132 SMs; this GPU has {sm_count()}")
+    assert planned == (config, split, dynamic), what
+
+
+def test_an_override_reaches_the_plan():
+    shape = (2, 4096, 14336, 8)  # Mixtral down at 1 token: the heuristic picks 16x128s and splits
+    for config in (c for c in tile_configs() if c != "auto"):
+        with plan_override(tile_config=config, split_k=1, dynamic_schedule=True):
+            assert resolved_plan(*shape) == (config, 1, True)
+        with plan_override(tile_config=config, dynamic_schedule=False):
+            assert resolved_plan(*shape)[::2] == (config, False)
+    for config in SPLIT_K_TILE_CONFIGS:
+        with plan_override(tile_config=config, split_k=3):
+            assert resolved_plan(*shape)[:2] == (config, 3)
+        with plan_override(tile_config=config, split_k=1000):  # clamped to the k-blocks
+            assert resolved_plan(*shape)[1] == -(-14336 // (128 if config.endswith("s") else 64))
+    with plan_override(tile_config="auto", split_k=1):
+        assert resolved_plan(*shape)[:2] == ("16x128s", 1)
+    with plan_override(tile_config="128x256"):  # a heuristic split of another configuration does not apply
+        assert resolved_plan(*shape)[:2] == ("128x256", 1)
+    assert resolved_plan(0, 4096, 14336, 8) == ("auto", 1, False)  # nothing to multiply
+
+
+def test_the_extension_refuses_what_the_kernels_cannot_do():
+    from moe_gemm import _C
+
+    for args in (("128x256", 2, -1), ("128x256c1x2", 4, 0), ("16x128s", -1, -1), ("16x128s", 0, 2),
+                 ("16x128s", 0, -2), ("64x64", 0, -1)):
+        with pytest.raises(ValueError):
+            _C.set_plan_override(*args)
+    with pytest.raises(ValueError, match="non-negative"):
+        _C.plan_grouped_gemm(-1, 8, 8, 1)

@@ -140,3 +140,83 @@ def test_an_override_must_be_a_plan_override(no_extension):
     with pytest.raises(TypeError, match="PlanOverride"):
         with plan_override({"tile_config": "128x128"}):
             pass
+
+
+def table_rows():
+    """The C++ table's rows (csrc/moe_tile_configs.h) as {name: split_k column}."""
+    import re
+    row = re.compile(r'^\s*X\(k\w+,\s*"([^"]+)",(?:\s*\d+,){5}\s*(?:true|false),\s*(true|false),', re.MULTILINE)
+    rows = dict(row.findall((ROOT / "csrc" / "moe_tile_configs.h").read_text()))
+    assert set(rows) == set(testing.TILE_CONFIGS[1:])
+    return rows
+
+
+def test_the_split_k_names_are_the_cpp_tables_split_k_column():
+    assert set(testing.SPLIT_K_TILE_CONFIGS) == {name for name, split in table_rows().items() if split == "true"}
+
+
+@pytest.mark.parametrize("name", [name for name in testing.TILE_CONFIGS if name not in testing.SPLIT_K_TILE_CONFIGS])
+def test_a_split_for_a_configuration_without_split_k_is_refused(name, no_extension):
+    for split_k in (0, 1):
+        PlanOverride(tile_config=name, split_k=split_k)
+    if name == "auto":
+        PlanOverride(tile_config=name, split_k=4)  # the heuristic's configuration splits if it can
+        return
+    with pytest.raises(ValueError, match="has no split-K kernel"):
+        with plan_override(tile_config=name, split_k=4):
+            pass
+    assert current_plan_override() == PlanOverride()
+
+
+@pytest.mark.parametrize("name", testing.SPLIT_K_TILE_CONFIGS)
+def test_a_split_for_a_split_k_configuration_is_accepted(name, no_extension):
+    with plan_override(tile_config=name, split_k=4) as override:
+        assert override.split_k == 4
+
+
+def test_blocks_ending_out_of_order_across_threads_raise_and_leave_no_override(fake_extension):
+    # Thread A enters 128x256, thread B enters 16x128s, A ends first: A's end is an error, B's override stays in
+    # effect, and after B ends the default is back (not A's override, which the old restore-what-I-saw left).
+    a_entered, b_entered, a_done = threading.Event(), threading.Event(), threading.Event()
+    errors = {}
+
+    def block_a():
+        try:
+            with plan_override(tile_config="128x256"):
+                a_entered.set()
+                b_entered.wait()
+        except RuntimeError as error:
+            errors["a"] = error
+        finally:
+            a_done.set()
+
+    def block_b():
+        a_entered.wait()
+        with plan_override(tile_config="16x128s"):
+            b_entered.set()
+            a_done.wait()
+            errors["b_inside"] = current_plan_override()
+
+    threads = [threading.Thread(target=block_a), threading.Thread(target=block_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "must nest" in str(errors["a"])
+    assert errors["b_inside"] == PlanOverride("16x128s")
+    assert current_plan_override() == PlanOverride()
+    assert fake_extension.calls[-1] == ("auto", 0, -1)
+    assert testing._stack == []
+
+
+def test_resolved_plan_needs_the_extension(no_extension):
+    with pytest.raises(RuntimeError, match="CUDA extension"):
+        testing.resolved_plan(2, 4096, 14336, 8)
+
+
+def test_resolved_plan_asks_the_extension(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(plan_grouped_gemm=lambda *sizes: calls.append(sizes) or ("16x128s", 2, 0))
+    monkeypatch.setattr(testing, "_extension", lambda: fake)
+    assert testing.resolved_plan(2, 4096, 14336, 8) == ("16x128s", 2, False)
+    assert calls == [(2, 4096, 14336, 8)]
