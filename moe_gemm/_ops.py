@@ -310,6 +310,7 @@ def grouped_mm_wgrad_accumulate_torch(main_grad, x, grad_y, m_sizes, weight_tran
     main_grad += grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed, dtype=torch.float32)
 
 
+
 # With _C loaded, its kernels serve CUDA tensors; without it the PyTorch ones do.
 _TORCH_PATH_DEVICES = ("cpu",) if _C is not None else ("cpu", "cuda")
 torch.library.register_kernel("moe_gemm::grouped_mm", _TORCH_PATH_DEVICES, grouped_mm_torch)
@@ -344,19 +345,14 @@ def call_below_autograd(op, *args):
         return op(*args)
 
 
-def grouped_mm_function(device: torch.device):
-    """What computes ``moe_gemm::grouped_mm`` for tensors on ``device``: the op, or ``grouped_mm_torch`` on a CUDA
-    device where the extension is loaded but cannot run (the op's CUDA kernel there would refuse it)."""
+def gemm_op(name: str, device: torch.device):
+    """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_wgrad`` or ``grouped_mm_wgrad_accumulate_``)
+    for tensors on ``device``: the op, or its PyTorch path on a CUDA device where the extension is loaded but cannot
+    run (the op's CUDA kernel there would refuse it)."""
     if device.type == "cuda" and _C is not None and not kernels_available(device):
-        return grouped_mm_torch
-    return torch.ops.moe_gemm.grouped_mm.default
-
-
-def grouped_mm_wgrad_function(device: torch.device):
-    """As ``grouped_mm_function``, for ``moe_gemm::grouped_mm_wgrad``."""
-    if device.type == "cuda" and _C is not None and not kernels_available(device):
-        return grouped_mm_wgrad_torch
-    return torch.ops.moe_gemm.grouped_mm_wgrad.default
+        # Looked up by name at each call (grouped_mm -> grouped_mm_torch, ...), as the module's attribute.
+        return globals()[name.rstrip("_") + "_torch"]
+    return getattr(torch.ops.moe_gemm, name).default
 
 
 def grouped_mm_backward(grad_y, x, weight, m_sizes, weight_transposed, needs_grad_x, needs_grad_w):
@@ -368,13 +364,13 @@ def grouped_mm_backward(grad_y, x, weight, m_sizes, weight_transposed, needs_gra
     grad_x = grad_w = None
     if needs_grad_x:
         # y = x @ W[e].T  =>  grad_x = grad_y @ W[e]: the same op reading the weight in the other layout.
-        grad_x = run(grouped_mm_function(grad_y.device), grad_y, weight, m_sizes, not weight_transposed)
+        grad_x = run(gemm_op("grouped_mm", grad_y.device), grad_y, weight, m_sizes, not weight_transposed)
     if needs_grad_w:
-        grad_w = run(grouped_mm_wgrad_function(grad_y.device), x, grad_y, m_sizes, weight_transposed)
+        grad_w = run(gemm_op("grouped_mm_wgrad", grad_y.device), x, grad_y, m_sizes, weight_transposed)
     return grad_x, grad_w
 
 
-def _grouped_mm_setup_context(ctx, inputs, output):
+def grouped_mm_setup_context(ctx, inputs, output):
     x, weight, m_sizes, weight_transposed = inputs
     needs_grad_x, needs_grad_w = ctx.needs_input_grad[:2]
     # grad_x reads the weight, grad_W reads x: keep only what the requested gradients need.
@@ -382,14 +378,14 @@ def _grouped_mm_setup_context(ctx, inputs, output):
     ctx.weight_transposed = weight_transposed
 
 
-def _grouped_mm_autograd_backward(ctx, grad_y):
+def grouped_mm_autograd_backward(ctx, grad_y):
     x, weight, m_sizes = ctx.saved_tensors
     grad_x, grad_w = grouped_mm_backward(grad_y, x, weight, m_sizes, ctx.weight_transposed, *ctx.needs_input_grad[:2])
     return grad_x, grad_w, None, None
 
 
 torch.library.register_autograd(
-    "moe_gemm::grouped_mm", _grouped_mm_autograd_backward, setup_context=_grouped_mm_setup_context
+    "moe_gemm::grouped_mm", grouped_mm_autograd_backward, setup_context=grouped_mm_setup_context
 )
 
 

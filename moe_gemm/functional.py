@@ -48,7 +48,7 @@ def grouped_forward(
     weight, weight_transposed = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=kernels)
     m_sizes = m_sizes.contiguous()
     _check_sizes_if_asked(m_sizes, x.shape[0])
-    if torch.compiler.is_compiling() and _ops.grouped_mm_function(x.device) is not _ops.grouped_mm_torch:
+    if torch.compiler.is_compiling() and _ops.gemm_op("grouped_mm", x.device) is not _ops.grouped_mm_torch:
         # The op itself: its fake kernel and registered autograd let the trace see through it.
         return torch.ops.moe_gemm.grouped_mm(x, weight, m_sizes, weight_transposed)
     return _grouped_mm_eager(x, weight, m_sizes, weight_transposed)
@@ -65,19 +65,12 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, m_sizes, weight_transposed):
-        needs_grad_x, needs_grad_w = ctx.needs_input_grad[:2]
-        # grad_x reads the weight, grad_W reads x: keep only what the requested gradients need.
-        ctx.save_for_backward(x if needs_grad_w else None, weight if needs_grad_x else None, m_sizes)
-        ctx.weight_transposed = weight_transposed
-        return call_below_autograd(_ops.grouped_mm_function(x.device), x, weight, m_sizes, weight_transposed)
+        _ops.grouped_mm_setup_context(ctx, (x, weight, m_sizes, weight_transposed), None)
+        return call_below_autograd(_ops.gemm_op("grouped_mm", x.device), x, weight, m_sizes, weight_transposed)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, m_sizes = ctx.saved_tensors
-        grad_x, grad_w = grouped_mm_backward(
-            grad_y, x, weight, m_sizes, ctx.weight_transposed, *ctx.needs_input_grad[:2]
-        )
-        return grad_x, grad_w, None, None
+        return _ops.grouped_mm_autograd_backward(ctx, grad_y)
 
 
 def _grouped_mm_eager(x, weight, m_sizes, weight_transposed):
@@ -85,7 +78,7 @@ def _grouped_mm_eager(x, weight, m_sizes, weight_transposed):
     in eager mode: the kernel directly when no gradient is wanted, ``_GroupedMM`` otherwise."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _GroupedMM.apply(x, weight, m_sizes, weight_transposed)
-    return call_below_autograd(_ops.grouped_mm_function(x.device), x, weight, m_sizes, weight_transposed)
+    return call_below_autograd(_ops.gemm_op("grouped_mm", x.device), x, weight, m_sizes, weight_transposed)
 
 
 def grouped_weight_grad(
@@ -112,12 +105,9 @@ def grouped_weight_grad(
     kernels = _kernels_for(x)
     _validation.check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, cuda_kernel=kernels)
     grad_y, m_sizes = grad_y.contiguous(), m_sizes.contiguous()
-    torch_path = x.is_cuda and not kernels
     if main_grad is None:
-        op = _ops.grouped_mm_wgrad_torch if torch_path else torch.ops.moe_gemm.grouped_mm_wgrad
-        return op(x, grad_y, m_sizes, weight_transposed)
-    op = _ops.grouped_mm_wgrad_accumulate_torch if torch_path else torch.ops.moe_gemm.grouped_mm_wgrad_accumulate_
-    op(main_grad, x, grad_y, m_sizes, weight_transposed)
+        return _ops.gemm_op("grouped_mm_wgrad", x.device)(x, grad_y, m_sizes, weight_transposed)
+    _ops.gemm_op("grouped_mm_wgrad_accumulate_", x.device)(main_grad, x, grad_y, m_sizes, weight_transposed)
     return main_grad
 
 
@@ -131,7 +121,7 @@ def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_na
     )
     m_sizes = m_sizes.contiguous()
     _check_sizes_if_asked(m_sizes, x.shape[0])
-    y = call_below_autograd(_ops.grouped_mm_function(x.device), x, weight_read, m_sizes, flag)
+    y = call_below_autograd(_ops.gemm_op("grouped_mm", x.device), x, weight_read, m_sizes, flag)
     return y, weight_read, flag
 
 

@@ -62,7 +62,7 @@ def test_an_sm90_gpu_with_the_extension_runs_the_kernels(gpu):
     gpu((9, 0), name="NVIDIA H200")
     assert _ops.kernels_available("cuda:0")
     assert _ops.kernels_unavailable_reason(torch.device("cuda", 0)) is None
-    assert _ops.grouped_mm_function(torch.device("cuda", 0)) is torch.ops.moe_gemm.grouped_mm.default
+    assert _ops.gemm_op("grouped_mm", torch.device("cuda", 0)) is torch.ops.moe_gemm.grouped_mm.default
 
 
 def test_the_fallback_warns_once_per_process_naming_the_gpu(gpu):
