@@ -1,16 +1,18 @@
 // The MoE layer's small kernels: dispatch (a stable counting sort of the (token, slot) pairs by expert),
-// the gated activation, and combine. See moe_layer_kernels.h for what each computes.
+// the gated activation and its backward, and combine. See moe_layer_kernels.h for what each computes.
 //
 // NOTES: at decode sizes these replace about twenty-five PyTorch ops (each a few microseconds of host time)
 // by three launches; at prefill sizes they read and write each activation once instead of once per op.
-// The arithmetic follows PyTorch's ops (float32 math, rounding to the element type where they round), so
+// The forward arithmetic follows PyTorch's ops (float32 math, rounding to the element type where they round), so
 // results agree with the composition of ops to the last bit or nearly: combine sums the slots in order,
-// which PyTorch's reduction may not.
+// which PyTorch's reduction may not. The activation's backward rounds each output once (PyTorch's ops round
+// the intermediate products too): it is at least as close to the exact gradient.
 #include "moe_layer_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -171,6 +173,79 @@ __device__ __forceinline__ float activate(float x) {
   }
 }
 
+// d act(x) / dx, with PyTorch's CUDA formulas (silu_backward, gelu_backward).
+template <GatedActivation kAct>
+__device__ __forceinline__ float activate_derivative(float x) {
+  if constexpr (kAct == GatedActivation::kSilu) {
+    float const sigmoid = 1.0f / (1.0f + expf(-x));
+    return sigmoid * (1.0f + x * (1.0f - sigmoid));
+  } else if constexpr (kAct == GatedActivation::kGelu) {
+    constexpr float kAlpha = float(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+    float const cdf = 0.5f * (1.0f + erff(x * float(M_SQRT1_2)));
+    float const pdf = expf(-0.5f * x * x) * kAlpha;
+    return cdf + x * pdf;
+  } else {
+    constexpr float kBeta = float(M_SQRT2 * M_2_SQRTPI * 0.5);
+    constexpr float kKappa = 0.044715f;
+    float const x_squared = x * x;
+    float const tanh_inner = tanhf(kBeta * (x + kKappa * x_squared * x));
+    float const left_derivative = 0.5f * (1.0f + tanh_inner);
+    float const right_derivative = 0.5f * x * (1.0f - tanh_inner * tanh_inner);
+    return left_derivative + right_derivative * kBeta * (1.0f + 3.0f * kKappa * x_squared);
+  }
+}
+
+// The gate and up values of columns [column, column + kVector) of a gate_up row, in either layout.
+template <typename Element, bool kConcatenated>
+__device__ __forceinline__ void load_gate_up(Element const* row, int64_t I, int64_t column, Element (&gate)[kVector],
+                                             Element (&up)[kVector]) {
+  if constexpr (kConcatenated) {
+    auto const gate_vector = *reinterpret_cast<Vector<Element> const*>(row + column);
+    auto const up_vector = *reinterpret_cast<Vector<Element> const*>(row + I + column);
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) {
+      gate[i] = gate_vector.values[i];
+      up[i] = up_vector.values[i];
+    }
+  } else {
+    auto const first = *reinterpret_cast<Vector<Element> const*>(row + 2 * column);
+    auto const second = *reinterpret_cast<Vector<Element> const*>(row + 2 * column + kVector);
+#pragma unroll
+    for (int i = 0; i < kVector / 2; ++i) {
+      gate[i] = first.values[2 * i];
+      up[i] = first.values[2 * i + 1];
+      gate[i + kVector / 2] = second.values[2 * i];
+      up[i + kVector / 2] = second.values[2 * i + 1];
+    }
+  }
+}
+
+template <typename Element, bool kConcatenated>
+__device__ __forceinline__ void store_gate_up(Element* row, int64_t I, int64_t column, Element const (&gate)[kVector],
+                                              Element const (&up)[kVector]) {
+  if constexpr (kConcatenated) {
+    Vector<Element> gate_vector, up_vector;
+#pragma unroll
+    for (int i = 0; i < kVector; ++i) {
+      gate_vector.values[i] = gate[i];
+      up_vector.values[i] = up[i];
+    }
+    *reinterpret_cast<Vector<Element>*>(row + column) = gate_vector;
+    *reinterpret_cast<Vector<Element>*>(row + I + column) = up_vector;
+  } else {
+    Vector<Element> first, second;
+#pragma unroll
+    for (int i = 0; i < kVector / 2; ++i) {
+      first.values[2 * i] = gate[i];
+      first.values[2 * i + 1] = up[i];
+      second.values[2 * i] = gate[i + kVector / 2];
+      second.values[2 * i + 1] = up[i + kVector / 2];
+    }
+    *reinterpret_cast<Vector<Element>*>(row + 2 * column) = first;
+    *reinterpret_cast<Vector<Element>*>(row + 2 * column + kVector) = second;
+  }
+}
+
 template <typename Element, GatedActivation kAct, bool kConcatenated>
 __global__ void moe_gated_activation_kernel(GatedActivationParams const params) {
   int64_t const vectors_per_row = params.I / kVector;
@@ -180,27 +255,8 @@ __global__ void moe_gated_activation_kernel(GatedActivationParams const params) 
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < num_vectors;
        v += int64_t(gridDim.x) * blockDim.x) {
     int64_t const row = v / vectors_per_row, column = (v % vectors_per_row) * kVector;
-    Element const* row_in = gate_up + row * 2 * params.I;
     Element gate[kVector], up[kVector];
-    if constexpr (kConcatenated) {
-      auto const gate_vector = *reinterpret_cast<Vector<Element> const*>(row_in + column);
-      auto const up_vector = *reinterpret_cast<Vector<Element> const*>(row_in + params.I + column);
-#pragma unroll
-      for (int i = 0; i < kVector; ++i) {
-        gate[i] = gate_vector.values[i];
-        up[i] = up_vector.values[i];
-      }
-    } else {
-      auto const first = *reinterpret_cast<Vector<Element> const*>(row_in + 2 * column);
-      auto const second = *reinterpret_cast<Vector<Element> const*>(row_in + 2 * column + kVector);
-#pragma unroll
-      for (int i = 0; i < kVector / 2; ++i) {
-        gate[i] = first.values[2 * i];
-        up[i] = first.values[2 * i + 1];
-        gate[i + kVector / 2] = second.values[2 * i];
-        up[i + kVector / 2] = second.values[2 * i + 1];
-      }
-    }
+    load_gate_up<Element, kConcatenated>(gate_up + row * 2 * params.I, params.I, column, gate, up);
     Vector<Element> result;
 #pragma unroll
     for (int i = 0; i < kVector; ++i) {
@@ -209,6 +265,52 @@ __global__ void moe_gated_activation_kernel(GatedActivationParams const params) 
       result.values[i] = from_float<Element>(to_float(activated) * to_float(up[i]));
     }
     *reinterpret_cast<Vector<Element>*>(out + row * params.I + column) = result;
+  }
+}
+
+// One warp per row: its lanes walk the row's columns kVector at a time, then reduce the row's dot product.
+template <typename Element, GatedActivation kAct, bool kConcatenated>
+__global__ void moe_gated_activation_backward_kernel(GatedActivationBackwardParams const params) {
+  int const lane = threadIdx.x % kWarpSize;
+  int64_t const warps_per_block = blockDim.x / kWarpSize;
+  int64_t const vectors_per_row = params.I / kVector;
+  auto const* grad_activated = static_cast<Element const*>(params.grad_activated);
+  auto const* gate_up = static_cast<Element const*>(params.gate_up);
+  auto* grad_gate_up = static_cast<Element*>(params.grad_gate_up);
+  auto* weighted_activated = static_cast<Element*>(params.weighted_activated);
+  for (int64_t row = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; row < params.rows;
+       row += int64_t(gridDim.x) * warps_per_block) {
+    float const weight = params.row_weights[row];
+    float dot = 0.0f;
+    for (int64_t v = lane; v < vectors_per_row; v += kWarpSize) {
+      int64_t const column = v * kVector;
+      Element gate[kVector], up[kVector];
+      load_gate_up<Element, kConcatenated>(gate_up + row * 2 * params.I, params.I, column, gate, up);
+      auto const grad = *reinterpret_cast<Vector<Element> const*>(grad_activated + row * params.I + column);
+      Element grad_gate[kVector], grad_up[kVector];
+      Vector<Element> weighted;
+#pragma unroll
+      for (int i = 0; i < kVector; ++i) {
+        float const x = to_float(gate[i]), u = to_float(up[i]), g = to_float(grad.values[i]);
+        // The forward's roundings: act(gate), then act(gate) * up, each in the element type.
+        float const activated_gate = to_float(from_float<Element>(activate<kAct>(x)));
+        float const activated = to_float(from_float<Element>(activated_gate * u));
+        dot = fmaf(activated, g, dot);
+        weighted.values[i] = from_float<Element>(weight * activated);
+        float const weighted_grad = weight * g;
+        grad_up[i] = from_float<Element>(weighted_grad * activated_gate);
+        grad_gate[i] = from_float<Element>(weighted_grad * u * activate_derivative<kAct>(x));
+      }
+      store_gate_up<Element, kConcatenated>(grad_gate_up + row * 2 * params.I, params.I, column, grad_gate, grad_up);
+      *reinterpret_cast<Vector<Element>*>(weighted_activated + row * params.I + column) = weighted;
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      dot += __shfl_xor_sync(kFullMask, dot, offset);
+    }
+    if (lane == 0) {
+      params.grad_row_weights[row] = dot;
+    }
   }
 }
 
@@ -291,6 +393,27 @@ cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Calls function(element, act, concatenated) with the element type and the two options as compile-time
+// constants (std::integral_constant), the template arguments of the activation kernels.
+template <typename Function>
+cudaError_t with_activation(DType dtype, GatedActivation act, bool concatenated, Function&& function) {
+  return with_element(dtype, [&](auto element) {
+    auto with_layout = [&](auto act_constant) {
+      return concatenated ? function(element, act_constant, std::true_type{})
+                          : function(element, act_constant, std::false_type{});
+    };
+    switch (act) {
+      case GatedActivation::kSilu:
+        return with_layout(std::integral_constant<GatedActivation, GatedActivation::kSilu>{});
+      case GatedActivation::kGelu:
+        return with_layout(std::integral_constant<GatedActivation, GatedActivation::kGelu>{});
+      case GatedActivation::kGeluTanh:
+        return with_layout(std::integral_constant<GatedActivation, GatedActivation::kGeluTanh>{});
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
 cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream_t stream) {
   if (params.rows == 0 || params.I == 0) {
     return cudaSuccess;
@@ -300,25 +423,25 @@ cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream
   }
   constexpr int kThreads = 256;
   int const blocks = elementwise_blocks(params.rows * (params.I / kVector), kThreads);
-  return with_element(params.dtype, [&](auto element) {
-    using Element = decltype(element);
-    auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, 0, stream>>>(params);
-      return cudaGetLastError();
-    };
-    switch (params.act) {
-      case GatedActivation::kSilu:
-        return params.concatenated ? launch(moe_gated_activation_kernel<Element, GatedActivation::kSilu, true>)
-                                   : launch(moe_gated_activation_kernel<Element, GatedActivation::kSilu, false>);
-      case GatedActivation::kGelu:
-        return params.concatenated ? launch(moe_gated_activation_kernel<Element, GatedActivation::kGelu, true>)
-                                   : launch(moe_gated_activation_kernel<Element, GatedActivation::kGelu, false>);
-      case GatedActivation::kGeluTanh:
-        return params.concatenated
-                   ? launch(moe_gated_activation_kernel<Element, GatedActivation::kGeluTanh, true>)
-                   : launch(moe_gated_activation_kernel<Element, GatedActivation::kGeluTanh, false>);
-    }
+  return with_activation(params.dtype, params.act, params.concatenated, [&](auto element, auto act, auto layout) {
+    moe_gated_activation_kernel<decltype(element), act.value, layout.value><<<blocks, kThreads, 0, stream>>>(params);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t run_gated_activation_backward(GatedActivationBackwardParams const& params, cudaStream_t stream) {
+  if (params.rows == 0) {
+    return cudaSuccess;
+  }
+  if (params.I % kVector != 0) {
     return cudaErrorInvalidValue;
+  }
+  constexpr int kThreads = 256;  // 8 rows at a time per block
+  int const blocks = elementwise_blocks(params.rows, kThreads / kWarpSize);
+  return with_activation(params.dtype, params.act, params.concatenated, [&](auto element, auto act, auto layout) {
+    moe_gated_activation_backward_kernel<decltype(element), act.value, layout.value>
+        <<<blocks, kThreads, 0, stream>>>(params);
+    return cudaGetLastError();
   });
 }
 

@@ -1,7 +1,8 @@
-// The seam of the MoE layer's small kernels (moe_layer_kernels.cu): dispatch, gated activation and combine,
-// with plain pointers and sizes, no torch types. They compute what moe_gemm/dispatch.py and
+// The seam of the MoE layer's small kernels (moe_layer_kernels.cu): dispatch, the gated activation and its
+// backward, and combine, with plain pointers and sizes, no torch types. They compute what moe_gemm/dispatch.py and
 // moe_gemm/layer.py compute with tensor ops, in one launch each, so that a decode step of
-// moe_gemm.experts_forward costs a handful of launches instead of about twenty-five ops.
+// moe_gemm.experts_forward costs a handful of launches instead of about twenty-five ops, and a prefill step reads
+// and writes each activation once.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +48,31 @@ struct GatedActivationParams {
   bool concatenated = true;
 };
 
+// The gated activation's part of the layer's backward, from the saved pre-activation gate_up [rows, 2I] (layout as
+// above). Row r has routing weight w = row_weights[r] and activated[r] = act(gate[r]) * up[r], rounded as the
+// forward rounds it; grad_activated[r] is the gradient of the layer's output through the down projection alone,
+// (grad_out of the row's token) @ down_e, i.e. the gradient of activated[r] for a routing weight of 1. Then:
+//   grad_gate_up[r]       = the gradient of gate_up[r] given w * grad_activated[r]   [rows, 2I], gate_up's layout
+//   weighted_activated[r] = w * activated[r]                                          [rows, I], the down weight
+//                           gradient's operand (grad_W_down = grad_out_rows^T @ weighted_activated)
+//   grad_row_weights[r]   = sum_i activated[r, i] * grad_activated[r, i]              float32 [rows], the routing
+//                           weight's gradient (the row's output is activated[r] @ down_e^T)
+// Each element's math runs in float32 and is rounded once to the element type. One warp per row (the row's dot
+// product is a warp reduction, no atomics: bitwise reproducible). I % 8 == 0.
+struct GatedActivationBackwardParams {
+  void const* grad_activated = nullptr;  // [rows, I]
+  void const* gate_up = nullptr;         // [rows, 2I]
+  float const* row_weights = nullptr;    // [rows]
+  void* grad_gate_up = nullptr;          // [rows, 2I]
+  void* weighted_activated = nullptr;    // [rows, I]
+  float* grad_row_weights = nullptr;     // [rows]
+  int64_t rows = 0;
+  int64_t I = 0;
+  DType dtype = DType::kBFloat16;
+  GatedActivation act = GatedActivation::kSilu;
+  bool concatenated = true;
+};
+
 // out[t, :] = sum over j in slot order of (valid(t, j) ? y[row_of_pair[t * top_k + j], :] * w[t, j] : 0), in
 // float32, rounded to y's type once. valid(t, j): 0 <= ids[t, j] < E. y is [P, H] contiguous, out [T, H]
 // contiguous, weights [T, top_k] contiguous of weights_dtype. H % 8 == 0. No atomics: bitwise reproducible.
@@ -67,6 +93,7 @@ struct CombineParams {
 // Asynchronous launches on `stream` (nothing for empty inputs); each returns the launch status.
 cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream);
 cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream_t stream);
+cudaError_t run_gated_activation_backward(GatedActivationBackwardParams const& params, cudaStream_t stream);
 cudaError_t run_combine(CombineParams const& params, cudaStream_t stream);
 
 }  // namespace moe_gemm

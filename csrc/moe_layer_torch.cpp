@@ -1,6 +1,7 @@
-// The CUDA kernels of the ops moe_gemm::dispatch_pairs, gated_activation and combine_rows (their schemas and fake
-// kernels are Python, in moe_gemm/_ops.py): the MoE layer's small kernels of moe_layer_kernels.cu. The layer calls
-// them only where moe_gemm/_ops.py's *_applies say they take the arguments; the checks here guard direct calls.
+// The CUDA kernels of the ops moe_gemm::dispatch_pairs, gated_activation, gated_activation_backward and
+// combine_rows (their schemas and fake kernels are Python, in moe_gemm/_ops.py): the MoE layer's small kernels of
+// moe_layer_kernels.cu. The layer calls them only where moe_gemm/_ops.py's *_applies say they take the arguments;
+// the checks here guard direct calls.
 #include <algorithm>
 #include <array>
 #include <tuple>
@@ -83,6 +84,46 @@ at::Tensor gated_activation_cuda(at::Tensor const& gate_up, c10::string_view act
   return out;
 }
 
+// (grad_gate_up [rows, 2I], weighted_activated [rows, I], grad_row_weights float32 [rows]): see
+// GatedActivationBackwardParams.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_activation_backward_cuda(at::Tensor const& grad_activated,
+                                                                              at::Tensor const& gate_up,
+                                                                              at::Tensor const& row_weights,
+                                                                              c10::string_view act, bool concatenated) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 16 == 0,
+              "moe_gemm: gate_up must be [rows, 2I] with I a multiple of 8, got ", gate_up.sizes());
+  int64_t const rows = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(grad_activated.dim() == 2 && grad_activated.size(0) == rows && grad_activated.size(1) == I &&
+                  grad_activated.scalar_type() == gate_up.scalar_type(),
+              "moe_gemm: grad_activated must be [rows, I] of gate_up's dtype, got ", grad_activated.sizes(), " ",
+              grad_activated.scalar_type(), " for gate_up ", gate_up.sizes());
+  TORCH_CHECK(row_weights.dim() == 1 && row_weights.size(0) == rows && row_weights.scalar_type() == at::kFloat,
+              "moe_gemm: row_weights must be float32 [rows]");
+  for (auto const& [tensor, name] : {std::pair{&grad_activated, "grad_activated"}, std::pair{&gate_up, "gate_up"},
+                                     std::pair{&row_weights, "row_weights"}}) {
+    check_cuda_contiguous(*tensor, name);
+    TORCH_CHECK(tensor->device() == gate_up.device(), "moe_gemm: ", name, " must be on the device of gate_up");
+  }
+  c10::cuda::CUDAGuard device_guard(gate_up.device());
+  at::Tensor grad_gate_up = at::empty_like(gate_up);
+  at::Tensor weighted_activated = at::empty_like(grad_activated);
+  at::Tensor grad_row_weights = at::empty({rows}, row_weights.options());
+  moe_gemm::GatedActivationBackwardParams params;
+  params.grad_activated = grad_activated.data_ptr();
+  params.gate_up = gate_up.data_ptr();
+  params.row_weights = row_weights.data_ptr<float>();
+  params.grad_gate_up = grad_gate_up.data_ptr();
+  params.weighted_activated = weighted_activated.data_ptr();
+  params.grad_row_weights = grad_row_weights.data_ptr<float>();
+  params.rows = rows;
+  params.I = I;
+  params.dtype = moe_gemm::to_dtype(gate_up.scalar_type(), kOp, "gate_up");
+  params.act = moe_gemm::from_name(act, kActivations, "moe_gemm.gated_activation_backward", "act");
+  params.concatenated = concatenated;
+  C10_CUDA_CHECK(moe_gemm::run_gated_activation_backward(params, c10::cuda::getCurrentCUDAStream()));
+  return {grad_gate_up, weighted_activated, grad_row_weights};
+}
+
 // out [T, H] = the weighted sum of each token's valid rows of y [T * top_k, H].
 at::Tensor combine_cuda(at::Tensor const& y, at::Tensor const& row_of_pair, at::Tensor const& weights,
                         at::Tensor const& ids, int64_t num_experts) {
@@ -122,5 +163,6 @@ at::Tensor combine_cuda(at::Tensor const& y, at::Tensor const& row_of_pair, at::
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("dispatch_pairs", &dispatch_cuda);
   m.impl("gated_activation", &gated_activation_cuda);
+  m.impl("gated_activation_backward", &gated_activation_backward_cuda);
   m.impl("combine_rows", &combine_cuda);
 }

@@ -10,8 +10,10 @@ The ops (``torch.ops.moe_gemm.<name>``):
   into a float32 buffer in place (a trainer's main-grad), nothing returned.
 - ``route(router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias,
   routed_scaling_factor)``: ``moe_gemm.route``'s ``(weights float32 [T, k], ids int64 [T, k])``.
-- ``dispatch_pairs``, ``gated_activation`` and ``combine_rows``: the MoE layer's small kernels, CUDA only, called
-  through ``dispatch_kernel``, ``gated_activation_kernel`` and ``combine_kernel`` where their ``*_applies`` say so.
+- ``dispatch_pairs``, ``gated_activation``, ``gated_activation_backward`` and ``combine_rows``: the MoE layer's small
+  kernels, CUDA only, called through ``dispatch_kernel``, ``gated_activation_kernel``,
+  ``gated_activation_backward_kernel`` and ``combine_kernel`` where their ``*_applies`` say so (the layer's PyTorch
+  ops compute the same elsewhere).
 
 ``moe_gemm._C`` (``csrc/*_torch.cpp``) only implements: its ``TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m)`` blocks register
 the CUDA kernels of these ops, and no C++ defines a schema. The extension is imported *before* the schemas are
@@ -73,6 +75,10 @@ SCHEMAS = {
         "Tensor token_of_row, Tensor row_of_pair)"
     ),
     "gated_activation": "(Tensor gate_up, str act, bool concatenated) -> Tensor",
+    "gated_activation_backward": (
+        "(Tensor grad_activated, Tensor gate_up, Tensor row_weights, str act, bool concatenated) -> "
+        "(Tensor grad_gate_up, Tensor weighted_activated, Tensor grad_row_weights)"
+    ),
     "combine_rows": "(Tensor y_sorted, Tensor row_of_pair, Tensor weights, Tensor ids, int num_experts) -> Tensor",
 }
 
@@ -581,6 +587,16 @@ def gated_activation_kernel(gate_up: torch.Tensor, act: str, concatenated: bool)
     return torch.ops.moe_gemm.gated_activation(gate_up, act, concatenated)
 
 
+def gated_activation_backward_kernel(
+    grad_activated: torch.Tensor, gate_up: torch.Tensor, row_weights: torch.Tensor, act: str, concatenated: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_gate_up, weighted_activated, grad_row_weights)``, what ``layer.gated_activation_backward`` computes;
+    where ``gated_activation_kernel_applies`` (the forward's conditions)."""
+    return torch.ops.moe_gemm.gated_activation_backward(
+        grad_activated.contiguous(), gate_up, row_weights.float().contiguous(), act, concatenated
+    )
+
+
 def combine_kernel_applies(y_sorted: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> bool:
     return (
         y_sorted.is_cuda
@@ -615,6 +631,11 @@ def _dispatch_pairs_fake(ids, num_experts):
 @torch.library.register_fake("moe_gemm::gated_activation")
 def _gated_activation_fake(gate_up, act, concatenated):
     return gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+
+
+@torch.library.register_fake("moe_gemm::gated_activation_backward")
+def _gated_activation_backward_fake(grad_activated, gate_up, row_weights, act, concatenated):
+    return torch.empty_like(gate_up), torch.empty_like(grad_activated), row_weights.new_empty(gate_up.shape[0])
 
 
 @torch.library.register_fake("moe_gemm::combine_rows")

@@ -3,9 +3,10 @@
 ``experts_forward`` = ``dispatch`` -> gate/up grouped GEMM (+ bias) -> gated activation -> down grouped GEMM (+ bias)
 -> ``combine``, differentiable in the hidden states, the routing weights, the expert weights and the biases. Under
 torch.compile (and for callable activations) it is that composition of torch ops and ``grouped_forward``; in eager
-mode with a named activation it runs as one autograd node, ``_ExpertsFunction``, whose backward writes out the same
-ops' gradients (identical results, far less host time at decode sizes). Routing, dispatch and combine never sync
-with the host; ``grouped_forward`` does not either where its CUDA kernels are usable.
+mode with a named activation it runs as one autograd node, ``_ExpertsFunction`` (the fused layer), whose backward
+keeps only the input, the pre-activation and the routing, and computes the activation's and the routing weights'
+gradients in one pass (``gated_activation_backward``). Routing, dispatch and combine never sync with the host;
+``grouped_forward`` does not either where its CUDA kernels are usable.
 """
 
 import math
@@ -57,22 +58,46 @@ def gated_activation(gate_up: torch.Tensor, act: str = "silu", concatenated: boo
     return ACTIVATIONS[act](gate) * up
 
 
-def _gated_activation_backward(
-    grad_activated: torch.Tensor, gate_up: torch.Tensor, act: str, concatenated: bool
-) -> torch.Tensor:
-    """The gradient of ``gated_activation`` in ``gate_up``, with autograd's formulas (the same bits)."""
+def gated_activation_backward(
+    grad_activated: torch.Tensor, gate_up: torch.Tensor, row_weights: torch.Tensor, act: str, concatenated: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activation's part of the layer's backward, from the saved pre-activation ``gate_up [rows, 2I]``.
+
+    Row ``r`` feeds ``row_weights[r] * (activated[r] @ down_e.T)`` into its token's output, where ``activated =
+    gated_activation(gate_up, act, concatenated)``; ``grad_activated [rows, I]`` is the gradient of ``activated``
+    for a routing weight of 1 (the token's output gradient through ``down_e`` alone). Returns, in one pass:
+
+    - ``grad_gate_up [rows, 2I]``: the gradient of ``gate_up`` (its layout), for the row's routing weight;
+    - ``weighted_activated [rows, I]``: ``row_weights[:, None] * activated``, the operand of the down projection's
+      weight gradient (``grad_W_down[e] = grad_out_rows_e.T @ weighted_activated_e``);
+    - ``grad_row_weights [rows]``: ``(activated * grad_activated).sum(1)``, the routing weight's gradient, float32
+      (float64 for float64 inputs).
+
+    Each element is computed in float32 (float64) and rounded once. ``_ops.gated_activation_backward_kernel`` computes
+    the same in one CUDA kernel that writes no float32 ``[rows, I]`` tensor.
+    """
+    acc_dtype = torch.float64 if torch.float64 in (gate_up.dtype, row_weights.dtype) else torch.float32
     gate, up = _split_gate_up(gate_up, concatenated)
-    activated_gate = ACTIVATIONS[act](gate)  # recomputed: one elementwise op, not a saved [rows, I] tensor
-    grad_activated_gate = grad_activated * up
-    grad_up = grad_activated * activated_gate
+    activated_gate = ACTIVATIONS[act](gate)  # the forward's roundings
+    activated = (activated_gate * up).to(acc_dtype)
+    grad = grad_activated.to(acc_dtype)
+    grad_row_weights = (activated * grad).sum(dim=1)
+    weights = row_weights.to(acc_dtype)[:, None]
+    weighted_grad = grad * weights
+    grad_up = weighted_grad * activated_gate.to(acc_dtype)
+    gate = gate.to(acc_dtype)
+    grad_activated_gate = weighted_grad * up.to(acc_dtype)
     if act == "silu":
         grad_gate = torch.ops.aten.silu_backward(grad_activated_gate, gate)
     else:
         approximate = "tanh" if act == "gelu_tanh" else "none"
         grad_gate = torch.ops.aten.gelu_backward(grad_activated_gate, gate, approximate=approximate)
     if concatenated:
-        return torch.cat([grad_gate, grad_up], dim=-1)
-    return torch.stack([grad_gate, grad_up], dim=-1).view(grad_gate.shape[0], -1)
+        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)
+    else:
+        grad_gate_up = torch.stack([grad_gate, grad_up], dim=-1).view(grad_gate.shape[0], -1)
+    dtype = gate_up.dtype
+    return grad_gate_up.to(dtype), (activated * weights).to(dtype), grad_row_weights
 
 
 def _grouped_linear(
@@ -98,6 +123,7 @@ def experts_forward(
     concatenated: bool = True,
     gate_up_bias: torch.Tensor | None = None,
     down_bias: torch.Tensor | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """The routed experts of an MoE layer: ``out[t] = sum_j w[t, j] * expert_{id[t, j]}(hidden[t])``, ``[T, H]``.
 
@@ -117,6 +143,11 @@ def experts_forward(
             any width).
         concatenated: ``[gate; up]`` halves along ``2I`` when True, interleaved columns ``gate0, up0, ...`` when False.
         gate_up_bias, down_bias: optional ``[E, 2I]`` and ``[E, H]``, the dtype of ``hidden``.
+        fused: with a named ``act`` in eager mode, the fused layer (``_ExpertsFunction``: one autograd node whose
+            backward keeps only ``hidden``, the pre-activation and the routing). False runs the composition of
+            ``dispatch``, ``grouped_forward``, ``gated_activation`` and ``combine`` under autograd, as
+            ``torch.compile`` and callable activations do: the same forward bits, the gradients within rounding;
+            kept to compare the two.
 
     Returns:
         ``[T, H]`` in the dtype of ``hidden``; the sum over ``k`` runs in float32 in a fixed order (deterministic).
@@ -131,7 +162,7 @@ def experts_forward(
         hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed,
         named_act,
     )  # fmt: skip
-    if named_act and not torch.compiler.is_compiling():
+    if named_act and fused and not torch.compiler.is_compiling():
         # One autograd node in eager mode; torch.compile traces the composition below, which it fuses itself.
         arguments = (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, top_k_index)
         options = (act, concatenated, weight_transposed)
@@ -305,36 +336,55 @@ def _bias_grad(bias: torch.Tensor, expert_of_row: torch.Tensor, grad_rows: torch
 
 
 class _Saved(NamedTuple):
-    """What ``_ExpertsFunction.backward`` reads, in the order of ``ctx.saved_tensors``."""
+    """What ``_ExpertsFunction.backward`` reads, in the order of ``ctx.saved_tensors``: the input itself, the
+    pre-activation and the routing; no ``[T * k, H]`` tensor."""
 
-    x_sorted: torch.Tensor
+    hidden: torch.Tensor | None  # None unless gate_up_proj's gradient is wanted
     gate_up_read: torch.Tensor  # gate_up_proj as the GEMM read it (its transposed view when flipped)
-    gate_up: torch.Tensor
-    activated: torch.Tensor
+    gate_up: torch.Tensor  # the pre-activation [T * k, 2I]
     down_read: torch.Tensor
     m_sizes: torch.Tensor
     bias_row: torch.Tensor | None
     pair_of_row: torch.Tensor
+    token_of_row: torch.Tensor
     row_of_pair: torch.Tensor
     ids: torch.Tensor
-    y_sorted: torch.Tensor
     top_k_weights: torch.Tensor
     gate_up_bias: torch.Tensor | None
     down_bias: torch.Tensor | None
 
 
-class _ExpertsFunction(torch.autograd.Function):
-    """``experts_forward`` for a named activation as one autograd node, computing what the composition of
-    ``dispatch``, ``grouped_forward``, the activation and ``combine`` computes, op for op, in the forward and the
-    backward (the backward spells out autograd's formulas for each step), so results are the same bits. Where the
-    ``_ops`` kernels apply (CUDA, the extension usable), dispatch, the activation and combine are one kernel each: the
-    same rows and the same roundings, except that combine sums each token's slots in order, which PyTorch's
-    reduction may not (a last-bit difference at most).
+def _sum_token_rows(grad_rows: torch.Tensor, row_of_pair: torch.Tensor, ids: torch.Tensor, num_experts: int):
+    """Each token's ``top_k`` rows summed in slot order, ``[T, H]``: the gradient of gathering the rows' tokens.
+    (Dropped pairs' rows are zero: combine's kernel with unit weights skips them, the PyTorch ops add them.)"""
+    ones = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+    if _ops.combine_kernel_applies(grad_rows, ones, ids):
+        return _ops.combine_kernel(grad_rows, row_of_pair, ones, ids, num_experts)
+    return sum_token_rows(grad_rows, row_of_pair, ids.shape[1])
 
-    Why: at decode sizes the layer's cost is host time, and autograd's per-op bookkeeping (about 25 nodes, each a
-    few microseconds forward and backward) was most of it; the kernels then replace about twenty ops by three.
-    ``forward`` takes ``ctx`` rather than a ``setup_context``, whose ``apply`` binds arguments through
-    ``inspect.signature`` at every call.
+
+class _ExpertsFunction(torch.autograd.Function):
+    """``experts_forward`` for a named activation as one autograd node: the fused layer.
+
+    Forward: dispatch, the gate/up GEMM, the activation, the down GEMM and combine, each one kernel where ``_ops``'
+    kernels apply (CUDA, the extension usable), PyTorch ops otherwise; the same bits as the composition of ops.
+
+    Backward, from the input ``hidden``, the pre-activation ``gate_up`` and the routing alone (no copy of the
+    gathered rows, the activation or the expert outputs is kept):
+
+    1. ``grad_rows = grad_out[token of each row]`` and ``grad_activated = grad_rows @ down_e``: the gradient of the
+       activation for a routing weight of 1;
+    2. ``gated_activation_backward``: the pre-activation's gradient for the row's weight, the routing weight's
+       gradient ``<activated, grad_activated>`` (so the expert outputs ``activated @ down_e.T`` need not be kept),
+       and ``weight * activated`` for the down weight's gradient;
+    3. the down weight's gradient ``grad_rows.T @ (weight * activated)``, the input's gradient through the gate/up
+       GEMM summed over each token's rows, and the gate/up weight's gradient from the rows of ``hidden`` gathered
+       again.
+
+    The roundings differ from autograd through the composed ops (one rounding per element instead of one per op),
+    not the math; ``experts_forward(..., fused=False)`` runs that composition. Why one node: at decode sizes
+    autograd's per-op bookkeeping (about 25 nodes) was most of the layer's host time. ``forward`` takes ``ctx``
+    rather than a ``setup_context``, whose ``apply`` binds arguments through ``inspect.signature`` at every call.
     """
 
     @staticmethod
@@ -352,13 +402,14 @@ class _ExpertsFunction(torch.autograd.Function):
         if _ops.dispatch_kernel_applies(ids, num_experts):
             # One launch for the sort, and the token of each row comes with it.
             m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair = _ops.dispatch_kernel(ids, num_experts)
-            x_sorted = hidden.index_select(0, token_of_row)
         else:
             m_sizes, expert_of_row, pair_of_row, row_of_pair, _ = sort_pairs(ids, num_experts)
-            x_sorted = gather_tokens(hidden, pair_of_row, top_k)
+            token_of_row = pair_of_row // max(top_k, 1)
+        x_sorted = hidden.index_select(0, token_of_row)
         gate_up, gate_up_read, gate_up_flag = _expert_gemm(
             x_sorted, gate_up_proj, m_sizes, weight_transposed, x_name="hidden", weight_name="gate_up_proj"
         )
+        del x_sorted
         # Dropped rows (expert E) borrow the last expert's bias: combine ignores them and gives them zero gradient.
         bias_row = None
         if gate_up_bias is not None or down_bias is not None:
@@ -372,6 +423,7 @@ class _ExpertsFunction(torch.autograd.Function):
         y_sorted, down_read, down_flag = _expert_gemm(
             activated, down_proj, m_sizes, weight_transposed, x_name="the gated activation", weight_name="down_proj"
         )
+        del activated
         if down_bias is not None:
             y_sorted = y_sorted + down_bias[bias_row]
         if _ops.combine_kernel_applies(y_sorted, top_k_weights, ids):
@@ -380,8 +432,8 @@ class _ExpertsFunction(torch.autograd.Function):
             out = combine_pairs(y_sorted, row_of_pair, valid_pairs(ids, num_experts), top_k_weights)
         if ctx is not None:
             saved = _Saved(
-                x_sorted, gate_up_read, gate_up, activated, down_read, m_sizes, bias_row, pair_of_row, row_of_pair,
-                ids, y_sorted, top_k_weights, gate_up_bias, down_bias,
+                hidden if ctx.needs_input_grad[2] else None, gate_up_read, gate_up, down_read, m_sizes, bias_row,
+                pair_of_row, token_of_row, row_of_pair, ids, top_k_weights, gate_up_bias, down_bias,
             )  # fmt: skip
             ctx.save_for_backward(*saved)
             ctx.options = (act, concatenated, gate_up_flag, down_flag, num_experts)
@@ -396,36 +448,62 @@ class _ExpertsFunction(torch.autograd.Function):
         # The inputs: hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, ids, options.
         needs = ctx.needs_input_grad
         grads = [None] * 8
-
-        valid_pair = valid_pairs(saved.ids, num_experts)
-        grad_y_sorted, grads[1] = combine_pairs_backward(
-            grad_out, saved.y_sorted, saved.row_of_pair, saved.pair_of_row, valid_pair, saved.top_k_weights,
-            needs_grad_y=any(needs[0:1] + needs[2:6]), needs_grad_weights=needs[1],
-        )  # fmt: skip
-        if grad_y_sorted is None:
+        if not any(needs[:6]):
             return tuple(grads)
+        ids, top_k_weights = saved.ids, saved.top_k_weights
+        valid_pair = valid_pairs(ids, num_experts)
+        acc_dtype = torch.float64 if torch.float64 in (grad_out.dtype, top_k_weights.dtype) else torch.float32
+        # Dropped pairs weigh 0: their rows lie past sum(m_sizes), where the GEMMs write zeros.
+        row_weights = torch.where(valid_pair, top_k_weights.to(acc_dtype), 0).view(-1).index_select(0, saved.pair_of_row)
 
-        if needs[5]:
-            grads[5] = _bias_grad(saved.down_bias, saved.bias_row, grad_y_sorted)
-        needs_grad_activated = needs[0] or needs[2] or needs[4]
-        grad_activated, grads[3] = _expert_gemm_backward(
-            grad_y_sorted, saved.activated, saved.down_read, saved.m_sizes, down_flag, needs_grad_activated, needs[3]
+        grad_rows = grad_out.contiguous().index_select(0, saved.token_of_row)
+        grad_activated, _ = _expert_gemm_backward(
+            grad_rows, None, saved.down_read, saved.m_sizes, down_flag, True, False
         )
-        if grads[3] is not None and ctx.weights_viewed[1]:
-            grads[3] = grads[3].transpose(-1, -2)
-        if grad_activated is None:
-            return tuple(grads)
+        if _ops.gated_activation_kernel_applies(saved.gate_up, act) and acc_dtype == torch.float32:
+            backward_parts = _ops.gated_activation_backward_kernel(
+                grad_activated, saved.gate_up, row_weights, act, concatenated
+            )
+        else:
+            backward_parts = gated_activation_backward(grad_activated, saved.gate_up, row_weights, act, concatenated)
+        grad_gate_up, weighted_activated, grad_row_weights = backward_parts
+        del grad_activated, backward_parts
 
-        grad_gate_up = _gated_activation_backward(grad_activated, saved.gate_up, act, concatenated)
+        if needs[1]:
+            grad_pairs = grad_row_weights.index_select(0, saved.row_of_pair).view(ids.shape)
+            if saved.down_bias is not None:
+                # <grad_out[t], down_bias[e]> for every expert: [T, E], then each pair's expert.
+                bias_dots = grad_out.to(acc_dtype) @ saved.down_bias.to(acc_dtype).T
+                grad_pairs = grad_pairs + bias_dots.gather(1, ids.clamp(0, num_experts - 1))
+            grads[1] = torch.where(valid_pair, grad_pairs, 0).to(top_k_weights.dtype)
+        if needs[3]:
+            _, grads[3] = _expert_gemm_backward(
+                grad_rows, weighted_activated, saved.down_read, saved.m_sizes, down_flag, False, True
+            )
+            if ctx.weights_viewed[1]:
+                grads[3] = grads[3].transpose(-1, -2)
+        del weighted_activated
+        if needs[5]:
+            grads[5] = _bias_grad(
+                saved.down_bias, saved.bias_row, (grad_rows * row_weights[:, None]).to(grad_rows.dtype)
+            )
+        del grad_rows
+
         if needs[4]:
             grads[4] = _bias_grad(saved.gate_up_bias, saved.bias_row, grad_gate_up)
-        grad_x_sorted, grads[2] = _expert_gemm_backward(
-            grad_gate_up, saved.x_sorted, saved.gate_up_read, saved.m_sizes, gate_up_flag, needs[0], needs[2]
-        )
-        if grads[2] is not None and ctx.weights_viewed[0]:
-            grads[2] = grads[2].transpose(-1, -2)
-        if grad_x_sorted is not None:
-            grads[0] = sum_token_rows(grad_x_sorted, saved.row_of_pair, valid_pair.shape[1])
+        if needs[0]:
+            grad_x_sorted, _ = _expert_gemm_backward(
+                grad_gate_up, None, saved.gate_up_read, saved.m_sizes, gate_up_flag, True, False
+            )
+            grads[0] = _sum_token_rows(grad_x_sorted, saved.row_of_pair, ids, num_experts)
+            del grad_x_sorted
+        if needs[2]:
+            x_sorted = saved.hidden.index_select(0, saved.token_of_row)
+            _, grads[2] = _expert_gemm_backward(
+                grad_gate_up, x_sorted, saved.gate_up_read, saved.m_sizes, gate_up_flag, False, True
+            )
+            if ctx.weights_viewed[0]:
+                grads[2] = grads[2].transpose(-1, -2)
         return tuple(grads)
 
 

@@ -1,17 +1,17 @@
 """The MoE layer's CUDA kernels (``csrc/moe_layer_kernels.cu``) against the PyTorch ops they replace: dispatch
 (the same permutation exactly, from one pair to 131k pairs, up to the largest expert count it takes), the gated
-activation and combine (within one rounding of the output type, dropped rows poisoned with NaN), and
-``experts_forward`` through them: against the composed ops, inside a CUDA graph with the routing changed between
-replays, forward and backward."""
+activation, its backward and combine (within one rounding of the output type, dropped rows poisoned with NaN), and
+``experts_forward`` through them: the forward's bits and the gradients' distance to float64 against the composed
+ops, inside a CUDA graph with the routing changed between replays."""
 
 import pytest
 import torch
-from helpers import assert_close_to_reference, requires_cuda_op
+from helpers import assert_close_to_reference, relative_error, requires_cuda_op
 
 import moe_gemm
 from moe_gemm import _ops
 from moe_gemm.dispatch import combine_pairs, sort_pairs
-from moe_gemm.layer import gated_activation
+from moe_gemm.layer import gated_activation, gated_activation_backward
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -93,6 +93,37 @@ def test_gated_activation_kernel_matches_torch_ops(act, concatenated, dtype):
     assert (out == expected).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("concatenated", [True, False], ids=["concatenated", "interleaved"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("rows, intermediate", [(333, 200), (5, 2048), (1, 8)])
+def test_gated_activation_backward_kernel_matches_torch_ops(rows, intermediate, act, concatenated, dtype):
+    gate_up = (torch.randn(rows, 2 * intermediate, device="cuda") * 3).to(dtype)
+    grad_activated = torch.randn(rows, intermediate, device="cuda").to(dtype)
+    row_weights = torch.rand(rows, device="cuda")
+    row_weights[0] = 0  # a dropped pair's row: no gradient flows
+    poison_the_allocator(rows * 2 * intermediate * gate_up.element_size())
+    got = _ops.gated_activation_backward_kernel(grad_activated, gate_up, row_weights, act, concatenated)
+    expected = gated_activation_backward(grad_activated, gate_up, row_weights, act, concatenated)
+    for name, a, b in zip(("grad_gate_up", "weighted_activated", "grad_row_weights"), got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        # Elementwise outputs within a rounding of the type; the row sums within float32 summation order.
+        rtol = 1e-5 if name == "grad_row_weights" else ULP[dtype]
+        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-5 * intermediate**0.5, msg=name)
+    assert torch.equal(got[0][0], torch.zeros_like(got[0][0])) and torch.equal(got[1][0], torch.zeros_like(got[1][0]))
+    # float64 on the host: autograd's gradient of w * <act(gate) * up, grad_activated> (bf16/fp16 inputs exact).
+    leaf = gate_up.double().cpu().requires_grad_()
+    gate, up = leaf.chunk(2, dim=-1) if concatenated else (leaf[:, 0::2], leaf[:, 1::2])
+    activations = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+                   "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}  # fmt: skip
+    activated = activations[act](gate) * up
+    weights = row_weights.double().cpu()[:, None]
+    (grad_host,) = torch.autograd.grad((weights * activated * grad_activated.double().cpu()).sum(), leaf)
+    assert_close_to_reference(got[0].cpu(), grad_host)
+    assert_close_to_reference(got[2].cpu(), (activated * grad_activated.double().cpu()).sum(1).detach(), dtype)
+
+
 @pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_tokens, top_k, num_experts, hidden", [(1, 8, 128, 2048), (129, 4, 16, 520), (2, 1, 3, 8)])
@@ -123,7 +154,7 @@ def test_combine_kernel_matches_torch_ops(num_tokens, top_k, num_experts, hidden
 
 @pytest.mark.parametrize("concatenated", [True, False], ids=["concatenated", "interleaved"])
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_experts_forward_through_the_kernels_matches_the_composed_ops(act, concatenated):
+def test_fused_layer_through_the_kernels_is_as_close_to_float64_as_the_composed_ops(act, concatenated):
     num_tokens, top_k, num_experts, hidden, intermediate = 50, 4, 16, 256, 128
     ids = random_ids(num_tokens, top_k, num_experts, sentinels=0.1)
     leaves = {
@@ -135,16 +166,22 @@ def test_experts_forward_through_the_kernels_matches_the_composed_ops(act, conca
     leaves = {name: t.to("cuda", torch.bfloat16).requires_grad_() for name, t in leaves.items()}
     grad_out = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
 
-    def run(act_option):
-        out = moe_gemm.experts_forward(top_k_index=ids, **leaves, act=act_option, concatenated=concatenated)
-        return (out, *torch.autograd.grad(out, list(leaves.values()), grad_out))
+    def run(tensors, fused):
+        device = tensors["hidden"].device
+        options = {"act": act, "concatenated": concatenated, "fused": fused}
+        out = moe_gemm.experts_forward(top_k_index=ids.to(device), **tensors, **options)
+        return (out, *torch.autograd.grad(out, list(tensors.values()), grad_out.to(device, out.dtype)))
 
-    fused = run(act)  # the kernels
-    composed = run(lambda gate_up: gated_activation(gate_up, act, concatenated))  # PyTorch ops around the GEMMs
-    for name, a, b in zip(["out", *leaves], fused, composed):
+    fused = run(leaves, True)  # the fused layer's kernels
+    composed = run(leaves, False)  # PyTorch ops around the GEMMs, under autograd
+    reference = run({name: t.detach().cpu().double().requires_grad_() for name, t in leaves.items()}, False)
+    assert torch.equal(fused[0], composed[0])
+    for name, a, b, ref in zip(["out", *leaves], fused, composed, reference):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a, b, rtol=4 * ULP[torch.bfloat16], atol=1e-3, msg=name)
+        fused_error = relative_error(a.cpu(), ref)
+        composed_error = relative_error(b.cpu(), ref)
+        assert fused_error <= 1.5 * composed_error + 1e-6, f"{name}: {fused_error:.2e} against {composed_error:.2e}"
     with torch.no_grad():
         assert torch.equal(moe_gemm.experts_forward(top_k_index=ids, **leaves, act=act, concatenated=concatenated),
                            fused[0])  # fmt: skip

@@ -7,6 +7,8 @@ from copy import deepcopy as copy_module
 import pytest
 import torch
 
+from helpers import requires_cuda_op
+
 import moe_gemm
 from moe_gemm.integrations import transformers as integration
 
@@ -27,6 +29,12 @@ TINY_CONFIGS = {
          "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1, "q_lora_rank": 16,
          "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4,
          "routed_scaling_factor": 2.5, "norm_topk_prob": True},
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        {"intermediate_size": 48, "moe_intermediate_size": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+         "num_experts_per_tok": 3, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
+         "routed_scaling_factor": 2.5, "norm_topk_prob": True, "head_dim": 8},
     ),
     "gpt_oss": (
         "GptOssConfig",
@@ -72,7 +80,7 @@ def test_logits_match_eager(name, monkeypatch):
         ours = model(input_ids).logits
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
     # One call per MoE layer; GPT-OSS gates with its own clamped SwiGLU, the others with the SwiGLU of experts_forward.
-    assert len(calls) == (1 if name == "deepseek_v3" else 2)
+    assert len(calls) == (1 if name in ("deepseek_v3", "glm4_moe") else 2)
     assert all(act == "silu" for act in calls) != (name == "gpt_oss")
     assert eager.abs().max() > 0.1, "logits too small for the comparison to mean anything"
 
@@ -87,14 +95,17 @@ def parameter_gradients(model, implementation: str, dtype: torch.dtype, input_id
     return {name: p.grad.double() for name, p in copy.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
-def test_bf16_gradients_on_the_pytorch_path_stay_as_close_to_float32_as_eager(name):
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda_op])]
+)
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "glm4_moe"])
+def test_bf16_gradients_stay_as_close_to_float32_as_eager(name, device):
     """Training in bfloat16 through moe_gemm moves no parameter's gradient further from the float32 gradient than
-    eager bfloat16 does, beyond 2x (the router and the norms upstream of the experts included). On the PyTorch path
-    (CPU); the same bar on the GPU's kernels belongs to the fused layer's tests."""
+    eager bfloat16 does, beyond 2x: the router and the norms upstream of the experts included. On the CPU (the
+    PyTorch path) and on the GPU (the kernels)."""
     integration.register()
-    model = tiny_model(name).float()
-    input_ids = torch.randint(0, TINY["vocab_size"], (4, 48))
+    model = tiny_model(name).float().to(device)
+    input_ids = torch.randint(0, TINY["vocab_size"], (4, 48), device=device)
     reference = parameter_gradients(model, "eager", torch.float32, input_ids)
     eager = parameter_gradients(model, "eager", torch.bfloat16, input_ids)
     ours = parameter_gradients(model, "moe_gemm", torch.bfloat16, input_ids)
