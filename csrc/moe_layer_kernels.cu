@@ -91,69 +91,134 @@ __device__ int block_exclusive_scan(int* values, int count) {
   return total;
 }
 
-// One CTA. Warp w owns the pairs [w * chunk, (w + 1) * chunk) and the counters counts[w][0..E]; totals[b]
-// ends up as the first row of bucket b.
+// The CTA's pairs [begin, end): warp w owns [begin + w * chunk, begin + (w + 1) * chunk) and the counters
+// counts(w)[0..E], which end up as the number of the CTA's pairs of each bucket in earlier warps; totals()[b] ends up
+// as the CTA's number of pairs of bucket b. Shared memory: (warps + 1) * (E + 1) ints.
+struct DispatchCta {
+  int* shared;
+  int num_buckets, num_warps, lane, warp;
+  int64_t chunk_begin, chunk_end;
+
+  __device__ DispatchCta(int* shared_memory, DispatchParams const& params, int64_t begin, int64_t end, int64_t chunk)
+      : shared(shared_memory),
+        num_buckets(params.E + 1),
+        num_warps(blockDim.x / kWarpSize),
+        lane(threadIdx.x % kWarpSize),
+        warp(threadIdx.x / kWarpSize),
+        chunk_begin(min(end, begin + warp * chunk)),
+        chunk_end(min(end, begin + (warp + 1) * chunk)) {}
+
+  __device__ int* counts(int w) const { return shared + w * num_buckets; }
+  __device__ int* totals() const { return shared + num_warps * num_buckets; }
+
+  __device__ void count(DispatchParams const& params) const {
+    for (int i = threadIdx.x; i < (num_warps + 1) * num_buckets; i += blockDim.x) {
+      shared[i] = 0;
+    }
+    __syncthreads();
+    // Each warp's histogram of its chunk.
+    for (int64_t p = chunk_begin + lane; p < chunk_end; p += kWarpSize) {
+      atomicAdd(&counts(warp)[bucket_of(params.ids[p], params.E)], 1);
+    }
+    __syncthreads();
+    // Per bucket, the exclusive prefix over the warps (in warp order, which is pair order) and the total.
+    for (int b = threadIdx.x; b < num_buckets; b += blockDim.x) {
+      int running = 0;
+      for (int w = 0; w < num_warps; ++w) {
+        int const count = counts(w)[b];
+        counts(w)[b] = running;
+        running += count;
+      }
+      totals()[b] = running;
+    }
+    __syncthreads();
+  }
+
+  // Each warp places its pairs in order: a pair's row is first_rows[bucket] (where the CTA's pairs of the bucket
+  // begin), plus the pairs of earlier warps and earlier steps in that bucket (counts), plus the lower lanes of this
+  // step in that bucket.
+  __device__ void place(DispatchParams const& params, int const* first_rows) const {
+    int* warp_counts = counts(warp);
+    unsigned const lower_lanes = (1u << lane) - 1u;
+    for (int64_t step = chunk_begin; step < chunk_end; step += kWarpSize) {
+      int64_t const p = step + lane;
+      bool const active = p < chunk_end;
+      // Inactive lanes take a bucket of their own, so that every lane can join the match.
+      int const bucket = active ? bucket_of(params.ids[p], params.E) : num_buckets + lane;
+      unsigned const peers = __match_any_sync(kFullMask, bucket);
+      if (active) {
+        int64_t const row = int64_t(first_rows[bucket]) + warp_counts[bucket] + __popc(peers & lower_lanes);
+        params.pair_of_row[row] = p;
+        params.token_of_row[row] = p / params.top_k;
+        params.expert_of_row[row] = bucket;
+        params.row_of_pair[p] = row;
+      }
+      __syncwarp();
+      if (active && __ffs(peers) - 1 == lane) {
+        warp_counts[bucket] += __popc(peers);
+      }
+      __syncwarp();
+    }
+  }
+};
+
+// All P pairs in one CTA (decode sizes: one launch).
 __global__ void moe_dispatch_kernel(DispatchParams const params, int64_t const chunk) {
   extern __shared__ int shared[];
+  DispatchCta const cta(shared, params, 0, params.P, chunk);
+  cta.count(params);
+  for (int b = threadIdx.x; b < params.E; b += blockDim.x) {
+    params.m_sizes[b] = cta.totals()[b];
+  }
+  block_exclusive_scan(cta.totals(), cta.num_buckets);  // the first row of each bucket
+  cta.place(params, cta.totals());
+}
+
+// Several CTAs, step 1: each CTA's bucket counts into block_counts[cta][bucket].
+__global__ void moe_dispatch_count_kernel(DispatchParams const params, int64_t const chunk) {
+  extern __shared__ int shared[];
+  int64_t const begin = blockIdx.x * kDispatchPairsPerBlock;
+  DispatchCta const cta(shared, params, begin, min(params.P, begin + kDispatchPairsPerBlock), chunk);
+  cta.count(params);
+  for (int b = threadIdx.x; b < cta.num_buckets; b += blockDim.x) {
+    params.block_counts[int64_t(blockIdx.x) * cta.num_buckets + b] = cta.totals()[b];
+  }
+}
+
+// Step 2, one CTA: block_counts[cta][bucket] becomes the first row of the CTA's pairs of that bucket (the bucket's
+// first row plus the pairs of earlier CTAs in it), and m_sizes the buckets' totals.
+__global__ void moe_dispatch_scan_kernel(DispatchParams const params, int const num_blocks) {
+  extern __shared__ int first_rows[];
   int const num_buckets = params.E + 1;
-  int const num_warps = blockDim.x / kWarpSize;
-  int const lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  int* counts = shared + warp * num_buckets;
-  int* totals = shared + num_warps * num_buckets;
-
-  for (int i = threadIdx.x; i < (num_warps + 1) * num_buckets; i += blockDim.x) {
-    shared[i] = 0;
-  }
-  __syncthreads();
-
-  int64_t const chunk_begin = min(params.P, warp * chunk);
-  int64_t const chunk_end = min(params.P, chunk_begin + chunk);
-  // 1. Each warp's histogram of its chunk.
-  for (int64_t p = chunk_begin + lane; p < chunk_end; p += kWarpSize) {
-    atomicAdd(&counts[bucket_of(params.ids[p], params.E)], 1);
-  }
-  __syncthreads();
-
-  // 2. Per bucket, the exclusive prefix over the warps (in warp order, which is pair order) and the total.
   for (int b = threadIdx.x; b < num_buckets; b += blockDim.x) {
     int running = 0;
-    for (int w = 0; w < num_warps; ++w) {
-      int const count = shared[w * num_buckets + b];
-      shared[w * num_buckets + b] = running;
-      running += count;
+    for (int block = 0; block < num_blocks; ++block) {
+      int* count = &params.block_counts[int64_t(block) * num_buckets + b];
+      int const value = *count;
+      *count = running;
+      running += value;
     }
-    totals[b] = running;
+    first_rows[b] = running;
     if (b < params.E) {
       params.m_sizes[b] = running;
     }
   }
   __syncthreads();
-
-  // 3. The first row of each bucket.
-  block_exclusive_scan(totals, num_buckets);
-
-  // 4. Each warp places its pairs in order: a pair's row is its bucket's first row, plus the pairs of earlier
-  //    warps and earlier steps in that bucket (counts), plus the lower lanes of this step in that bucket.
-  unsigned const lower_lanes = (1u << lane) - 1u;
-  for (int64_t step = chunk_begin; step < chunk_end; step += kWarpSize) {
-    int64_t const p = step + lane;
-    bool const active = p < chunk_end;
-    // Inactive lanes take a bucket of their own, so that every lane can join the match.
-    int const bucket = active ? bucket_of(params.ids[p], params.E) : num_buckets + lane;
-    unsigned const peers = __match_any_sync(kFullMask, bucket);
-    if (active) {
-      int64_t const row = int64_t(totals[bucket]) + counts[bucket] + __popc(peers & lower_lanes);
-      params.pair_of_row[row] = p;
-      params.token_of_row[row] = p / params.top_k;
-      params.expert_of_row[row] = bucket;
-      params.row_of_pair[p] = row;
+  block_exclusive_scan(first_rows, num_buckets);
+  for (int b = threadIdx.x; b < num_buckets; b += blockDim.x) {
+    for (int block = 0; block < num_blocks; ++block) {
+      params.block_counts[int64_t(block) * num_buckets + b] += first_rows[b];
     }
-    __syncwarp();
-    if (active && __ffs(peers) - 1 == lane) {
-      counts[bucket] += __popc(peers);
-    }
-    __syncwarp();
   }
+}
+
+// Step 3: each CTA counts its pairs again (per warp) and places them from its first rows.
+__global__ void moe_dispatch_place_kernel(DispatchParams const params, int64_t const chunk) {
+  extern __shared__ int shared[];
+  int64_t const begin = blockIdx.x * kDispatchPairsPerBlock;
+  DispatchCta const cta(shared, params, begin, min(params.P, begin + kDispatchPairsPerBlock), chunk);
+  cta.count(params);
+  cta.place(params, params.block_counts + int64_t(blockIdx.x) * cta.num_buckets);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -383,13 +448,26 @@ cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   int const num_buckets = params.E + 1;
-  // As many warps as the counters of (warps + 1) buckets rows fit in shared memory, and the pairs need.
-  int64_t const warps_for_pairs = (params.P + kWarpSize - 1) / kWarpSize;
+  int64_t const num_blocks = (params.P + kDispatchPairsPerBlock - 1) / kDispatchPairsPerBlock;
+  // Per CTA, as many warps as the counters of (warps + 1) buckets rows fit in shared memory, and the pairs need.
+  int64_t const pairs_per_block = std::min<int64_t>(params.P, kDispatchPairsPerBlock);
+  int64_t const warps_for_pairs = (pairs_per_block + kWarpSize - 1) / kWarpSize;
   int const warps_that_fit = kDispatchSharedBytes / (4 * num_buckets) - 1;
   int const num_warps = static_cast<int>(std::min<int64_t>({kDispatchMaxWarps, warps_that_fit, warps_for_pairs}));
-  int64_t const chunk = (params.P + num_warps - 1) / num_warps;
+  int64_t const chunk = (pairs_per_block + num_warps - 1) / num_warps;
   size_t const shared_bytes = sizeof(int) * size_t(num_warps + 1) * num_buckets;
-  moe_dispatch_kernel<<<1, num_warps * kWarpSize, shared_bytes, stream>>>(params, chunk);
+  if (num_blocks == 1) {
+    moe_dispatch_kernel<<<1, num_warps * kWarpSize, shared_bytes, stream>>>(params, chunk);
+    return cudaGetLastError();
+  }
+  if (params.block_counts == nullptr) {
+    return cudaErrorInvalidValue;
+  }
+  auto const grid = static_cast<unsigned>(num_blocks);
+  moe_dispatch_count_kernel<<<grid, num_warps * kWarpSize, shared_bytes, stream>>>(params, chunk);
+  moe_dispatch_scan_kernel<<<1, kDispatchMaxWarps * kWarpSize, sizeof(int) * num_buckets, stream>>>(
+      params, static_cast<int>(num_blocks));
+  moe_dispatch_place_kernel<<<grid, num_warps * kWarpSize, shared_bytes, stream>>>(params, chunk);
   return cudaGetLastError();
 }
 

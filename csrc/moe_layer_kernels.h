@@ -13,9 +13,11 @@
 
 namespace moe_gemm {
 
-// Sorts the P = T * top_k (token, slot) pairs by expert, stably, in one CTA (a counting sort: a histogram per
-// warp, a scan, then each warp places its pairs in order with __match_any_sync). Pair p = t * top_k + j has
-// expert ids[p]; ids outside [0, E) are dropped and go last, as expert E. All outputs int64, contiguous.
+// Sorts the P = T * top_k (token, slot) pairs by expert, stably (a counting sort: a histogram per warp, scans, then
+// each warp places its pairs in order with __match_any_sync). Pair p = t * top_k + j has expert ids[p]; ids outside
+// [0, E) are dropped and go last, as expert E. All outputs int64, contiguous. Up to kDispatchPairsPerBlock pairs
+// take one CTA and one launch (decode); more take three launches over ceil(P / kDispatchPairsPerBlock) CTAs (a
+// histogram per CTA, one CTA's scan over them, the placement), exchanging the CTAs' counts through block_counts.
 struct DispatchParams {
   int64_t const* ids = nullptr;  // [P]
   int64_t* m_sizes = nullptr;     // [E] rows per expert
@@ -23,15 +25,24 @@ struct DispatchParams {
   int64_t* pair_of_row = nullptr;    // [P] row r holds pair pair_of_row[r]
   int64_t* token_of_row = nullptr;   // [P] pair_of_row / top_k
   int64_t* row_of_pair = nullptr;    // [P] the inverse permutation
+  int32_t* block_counts = nullptr;   // [dispatch_workspace_ints(P, E)] scratch, any contents
   int64_t P = 0;
   int32_t E = 0;
   int32_t top_k = 1;
 };
 
-// The kernel keeps (warps + 1) * (E + 1) int32 counters in kDispatchSharedBytes of shared memory (under the
+// Each CTA keeps (warps + 1) * (E + 1) int32 counters in kDispatchSharedBytes of shared memory (under the
 // 48 KB a launch gets without opting in), at least one warp's worth.
 constexpr int kDispatchSharedBytes = 46 * 1024;
 constexpr int kDispatchMaxExperts = kDispatchSharedBytes / 4 / 2 - 1;
+// Pairs per CTA: at 262144 pairs (32k tokens, top-8), 64 CTAs of up to 32 warps.
+constexpr int64_t kDispatchPairsPerBlock = 4096;
+
+// The int32 scratch of DispatchParams::block_counts: one count per (CTA, expert or dropped) when P takes several.
+inline int64_t dispatch_workspace_ints(int64_t P, int32_t E) {
+  int64_t const blocks = (P + kDispatchPairsPerBlock - 1) / kDispatchPairsPerBlock;
+  return blocks > 1 ? blocks * (int64_t(E) + 1) : 0;
+}
 
 enum class GatedActivation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
 

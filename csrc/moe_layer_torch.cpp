@@ -50,6 +50,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_
   at::Tensor pair_of_row = at::empty({P}, options);
   at::Tensor token_of_row = at::empty({P}, options);
   at::Tensor row_of_pair = at::empty({P}, options);
+  // Scratch of the multi-CTA sort, from the caching allocator (no host sync, and CUDA graphs keep it).
+  at::Tensor block_counts =
+      at::empty({moe_gemm::dispatch_workspace_ints(P, static_cast<int32_t>(num_experts))}, options.dtype(at::kInt));
 
   moe_gemm::DispatchParams params;
   params.ids = ids.data_ptr<int64_t>();
@@ -58,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_
   params.pair_of_row = pair_of_row.data_ptr<int64_t>();
   params.token_of_row = token_of_row.data_ptr<int64_t>();
   params.row_of_pair = row_of_pair.data_ptr<int64_t>();
+  params.block_counts = block_counts.data_ptr<int32_t>();
   params.P = P;
   params.E = static_cast<int32_t>(num_experts);
   params.top_k = static_cast<int32_t>(std::max<int64_t>(1, ids.size(1)));

@@ -53,6 +53,12 @@ def random_ids(num_tokens, top_k, num_experts, *, sentinels=0.0, skew=False):
         (40, 4, 5887, 0.1, False),  # the most experts the kernel takes: one warp
         (500, 2, 1000, 0.0, False),
         (0, 4, 16, 0.0, False),
+        # Past 4096 pairs the sort runs on several CTAs (kDispatchPairsPerBlock): their boundaries, and many CTAs.
+        (4096, 1, 16, 0.0, False),
+        (4097, 1, 16, 0.2, True),
+        (1025, 4, 5887, 0.1, False),
+        (32768, 8, 128, 0.01, True),
+        (9000, 16, 256, 0.0, False),
     ],
 )
 def test_dispatch_kernel_matches_the_stable_sort(num_tokens, top_k, num_experts, sentinels, skew):
@@ -69,12 +75,14 @@ def test_dispatch_kernel_matches_the_stable_sort(num_tokens, top_k, num_experts,
     assert torch.equal(token_of_row.cpu(), expected[2] // max(top_k, 1))
 
 
-def test_dispatch_kernel_takes_int32_ids_and_all_pairs_in_one_expert():
-    ids = torch.full((300, 4), 7, dtype=torch.int32, device="cuda")
+@pytest.mark.parametrize("num_tokens", [300, 3000])
+def test_dispatch_kernel_takes_int32_ids_and_all_pairs_in_one_expert(num_tokens):
+    ids = torch.full((num_tokens, 4), 7, dtype=torch.int32, device="cuda")
     ids[::3, 1] = -5  # dropped
     m_sizes, _, pair_of_row, _, row_of_pair = _ops.dispatch_kernel(ids, 9)
     expected = sort_pairs(ids.cpu(), 9)
-    assert torch.equal(m_sizes.cpu(), expected[0]) and m_sizes[7].item() == 1200 - 100
+    dropped = len(range(0, num_tokens, 3))
+    assert torch.equal(m_sizes.cpu(), expected[0]) and m_sizes[7].item() == 4 * num_tokens - dropped
     assert torch.equal(pair_of_row.cpu(), expected[2]) and torch.equal(row_of_pair.cpu(), expected[3])
 
 
