@@ -140,7 +140,7 @@ setup(
     version=read_version(),
     description="CUTLASS grouped GEMM for mixture-of-experts layers on Hopper",
     packages=find_packages(include=["moe_gemm", "moe_gemm.*"]),
-    package_data={"moe_gemm": ["shapes.json"]},
+    package_data={"moe_gemm": ["shapes.json", "bench/layer_configs.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     ext_modules=extensions(),

@@ -30,27 +30,36 @@ def backward_tables(result: dict) -> None:
 
 
 def layer_tables(result: dict) -> None:
-    summary = result["summary"]
-    for mode, stats in summary.items():
-        if isinstance(stats, dict):
-            print(f"- {mode}: {stats['speedup_grouped_mm_tokens_ge_256']:.2f}x `grouped_mm` at >= 256 tokens, "
-                  f"{stats['speedup_best_tokens_le_32']:.2f}x the faster of `batched_mm`/`grouped_mm` at <= 32 tokens")
-    print(f"- routing kernel: {summary['routing_speedup']:.1f}x the PyTorch ops\n")
-    print("| model | tokens | mode | moe_gemm ms | eager ms | batched_mm ms | grouped_mm ms | vs grouped_mm | vs best |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("TFLOP/s over the whole layer's time: forward 6*T*K*d*n, backward 12*T*K*d*n, forward+backward "
+          "18*T*K*d*n; peak = memory allocated above the weights during one forward+backward.\n")
+    print("| config (T, d, n, E, K) | implementation | fwd | bwd | fwd+bwd | peak GB | x grouped_mm fwd / fwd+bwd "
+          "| published (H100) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        cells = [r["model"], r["tokens"], r["mode"]]
-        for key, spec in (("moe_gemm_ms", ".3f"), ("eager_ms", ".3f"), ("batched_mm_ms", ".3f"),
-                          ("grouped_mm_ms", ".3f"), ("speedup_grouped_mm", ".2f"), ("speedup_best", ".2f")):
-            cells.append(fmt(r.get(key), spec))
-        print("| " + " | ".join(map(str, cells)) + " |")
+        published = result["summary"]["configs"][r["config"]]["published_h100"] if r["impl"] == "moe_gemm" else {}
+        speedups = f"{fmt(r.get('x_grouped_mm_fwd'), '.2f')} / {fmt(r.get('x_grouped_mm_fwd_bwd'), '.2f')}"
+        cells = [f"{r['config']} ({r['T']}, {r['d']}, {r['n']}, {r['E']}, {r['K']})",
+                 r["impl"] if r["check"] == "ok" else f"{r['impl']} ({r['check']})",
+                 fmt(r.get("fwd_tflops"), ".0f"), fmt(r.get("bwd_tflops"), ".0f"),
+                 fmt(r.get("fwd_bwd_tflops"), ".0f"),
+                 fmt(r.get("peak_gb"), ".1f"), "" if r["impl"] == "grouped_mm" else speedups,
+                 ", ".join(f"{key} {value}" for key, value in published.items())]
+        print("| " + " | ".join(cells) + " |")
+    print("\n| decode sizes | T | implementation | fwd ms | fwd+bwd ms | x the faster of grouped_mm, batched_mm |")
+    print("|---|---|---|---|---|---|")
+    for r in result["decode_rows"]:
+        print(f"| {r['config']} | {r['T']} | {r['impl']} | {fmt(r.get('fwd_ms'), '.3f')} | "
+              f"{fmt(r.get('fwd_bwd_ms'), '.3f')} | {fmt(r.get('x_transformers_fwd'), '.2f')} / "
+              f"{fmt(r.get('x_transformers_fwd_bwd'), '.2f')} |")
+    print(f"\nRouting kernel: {result['summary']['routing_speedup']:.1f}x the PyTorch ops (DeepSeek-V3 router).")
 
 
 def main(path: str) -> None:
     with open(path) as file:
         result = json.load(file)
     if "routing_rows" in result:
-        print(f"Device: {result['device']}; {result['build']}; transformers {result['transformers']}.\n")
+        print(f"Device: {result['device']}; {result['build']}; transformers {result['transformers']}; "
+              f"{result['liger']}.\n")
         layer_tables(result)
         return
     if result.get("mode") == "backward":

@@ -11,15 +11,19 @@ from moe_gemm.bench.suite import GEMMS, QUICK_TOKENS, load_suite
 
 def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argparse.Namespace:
     suite = suite or load_suite()
+    layer_configs = layer.load_layer_configs()
     parser = argparse.ArgumentParser(
         prog="python -m moe_gemm.bench",
         description="Time moe_gemm against torch._grouped_mm and a per-expert loop on real MoE expert GEMMs.",
     )
     parser.add_argument("--models", nargs="+", choices=list(suite["models"]), default=list(suite["models"]))
     tokens = parser.add_mutually_exclusive_group()
-    tokens.add_argument("--tokens", nargs="+", type=int, default=list(suite["tokens"]), help="token counts T")
+    tokens.add_argument("--tokens", nargs="+", type=int, help="token counts T (default: the suite's)")
     tokens.add_argument(
-        "--quick", action="store_const", dest="tokens", const=list(QUICK_TOKENS), help=f"only T in {list(QUICK_TOKENS)}"
+        "--quick",
+        action="store_true",
+        help=f"only T in {list(QUICK_TOKENS)}; with --layer, the configs {' '.join(layer.QUICK_CONFIGS)} at T / "
+        f"{layer.QUICK_TOKEN_DIVISOR}",
     )
     parser.add_argument("--gemms", nargs="+", choices=GEMMS, default=list(GEMMS))
     parser.add_argument("--routing", choices=("uniform", "skewed"), default="uniform")
@@ -33,9 +37,22 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
     )
     mode.add_argument("--decode", action="store_true", help="the decode table, 1 to 64 tokens (bench/decode.py)")
     mode.add_argument(
-        "--layer", action="store_true", help="the whole experts layer vs transformers, and the routing kernel"
+        "--layer", action="store_true", help="the whole MoE layer vs transformers and Liger, and the routing kernel"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--configs", nargs="+", choices=list(layer_configs["configs"]), metavar="NAME",
+        help=f"--layer: these configs of bench/layer_configs.json (default: all; {' '.join(layer_configs['configs'])})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--liger-autotune", action="store_true",
+        help="--layer: let Liger's fused MoE autotune (minutes per shape) rather than set LIGER_FUSED_MOE_AUTOTUNE=0",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if not args.layer and (args.configs or args.liger_autotune):
+        parser.error("--configs and --liger-autotune go with --layer")
+    if args.tokens is None:
+        args.tokens = list(QUICK_TOKENS if args.quick else suite["tokens"])
+    return args
 
 
 def mode_of(args: argparse.Namespace):
