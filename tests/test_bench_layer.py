@@ -247,21 +247,20 @@ def test_transformers_routing_is_qwen3s():
     torch.testing.assert_close(weights, (top / top.sum(-1, keepdim=True)).bfloat16())
 
 
-def test_moe_gemm_unfused_runs_only_where_experts_forward_takes_fused(monkeypatch):
-    assert layer.implementation_names(liger_available=False) == ("moe_gemm", "grouped_mm")
-    assert layer.implementation_names(liger_available=True) == ("moe_gemm", "grouped_mm", "liger")
+def test_moe_gemm_unfused_passes_fused_false(monkeypatch):
+    assert layer.implementation_names(liger_available=False) == ("moe_gemm", "moe_gemm_unfused", "grouped_mm")
+    assert layer.implementation_names(True) == ("moe_gemm", "moe_gemm_unfused", "grouped_mm", "liger")
     experts_forward, calls = moe_gemm.experts_forward, []
 
     def with_fused(*args, fused=True, **kwargs):
         calls.append(fused)
-        return experts_forward(*args, **kwargs)
+        return experts_forward(*args, fused=fused, **kwargs)
 
     monkeypatch.setattr(moe_gemm, "experts_forward", with_fused)
-    assert layer.implementation_names(False) == ("moe_gemm", "moe_gemm_unfused", "grouped_mm")
     tiny = layer.make_layer(TINY, "cpu", torch.float32)
     hidden = torch.randn(TINY["T"], TINY["d"])
-    layer.layer_function("moe_gemm", tiny)(hidden)
-    layer.layer_function("moe_gemm_unfused", tiny)(hidden)
+    torch.testing.assert_close(layer.layer_function("moe_gemm", tiny)(hidden),
+                               layer.layer_function("moe_gemm_unfused", tiny)(hidden))  # fmt: skip
     assert calls == [True, False]
 
 
@@ -360,10 +359,12 @@ def test_a_whole_run_on_cpu_writes_its_tables_and_json(quick, tiny_configs, tmp_
     expected = {"tiny-a": {"T": 2, "d": 32, "n": 16, "E": 6, "K": 2}} if quick else tiny_configs["configs"]
     assert result["configs"] == expected
     assert [(r["config"], r["impl"]) for r in result["rows"]] == [
-        (name, impl) for name in expected for impl in ("moe_gemm", "grouped_mm")
+        (name, impl) for name in expected for impl in ("moe_gemm", "moe_gemm_unfused", "grouped_mm")
     ]
     assert [(r["T"], r["impl"]) for r in result["decode_rows"]] == [
-        (tokens, impl) for tokens in layer.DECODE_TOKENS for impl in ("moe_gemm", "grouped_mm", "batched_mm")
+        (tokens, impl)
+        for tokens in layer.DECODE_TOKENS
+        for impl in ("moe_gemm", "moe_gemm_unfused", "grouped_mm", "batched_mm")
     ]
     assert len(result["routing_rows"]) == len(layer.ROUTING_TOKENS)
     assert all(r["check"] == "ok" for r in result["rows"] + result["decode_rows"] + result["routing_rows"])
