@@ -347,6 +347,10 @@ def call_below_autograd(op, *args):
     """``op(*args)`` straight to its CPU or CUDA kernel, skipping its Autograd kernel: for eager calls whose
     gradient is handled by the caller's own autograd.Function. The Autograd kernel that torch.library.register_autograd
     installs is Python (a generated Function and a redispatch) and costs more host time than the CUDA launch."""
+    if torch.compiler.is_compiling():
+        # Traced inside an autograd.Function (grad mode off): the plain call records nothing either, and the guard
+        # is not traceable.
+        return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
 

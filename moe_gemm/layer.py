@@ -1,9 +1,10 @@
 """The MoE expert layer on ``grouped_forward``: ``experts_forward``, and the modules ``MoEExperts`` and ``MoE``.
 
 ``experts_forward`` = ``dispatch`` -> gate/up grouped GEMM (+ bias) -> gated activation -> down grouped GEMM (+ bias)
--> ``combine``, differentiable in the hidden states, the routing weights, the expert weights and the biases. Under
-torch.compile (and for callable activations) it is that composition of torch ops and ``grouped_forward``; in eager
-mode with a named activation it runs as one autograd node, ``_ExpertsFunction`` (the fused layer), whose backward
+-> ``combine``, differentiable in the hidden states, the routing weights, the expert weights and the biases. For a
+callable activation (or ``fused=False``) it is that composition of torch ops and ``grouped_forward``; with a named
+activation it runs as one autograd node, ``_ExpertsFunction`` (the fused layer, in eager mode and under
+torch.compile alike), whose backward
 keeps only the input, the pre-activation and the routing, and computes the activation's and the routing weights'
 gradients in one pass (``gated_activation_backward``). Routing, dispatch and combine never sync with the host;
 ``grouped_forward`` does not either where its CUDA kernels are usable.
@@ -143,11 +144,10 @@ def experts_forward(
             any width).
         concatenated: ``[gate; up]`` halves along ``2I`` when True, interleaved columns ``gate0, up0, ...`` when False.
         gate_up_bias, down_bias: optional ``[E, 2I]`` and ``[E, H]``, the dtype of ``hidden``.
-        fused: with a named ``act`` in eager mode, the fused layer (``_ExpertsFunction``: one autograd node whose
-            backward keeps only ``hidden``, the pre-activation and the routing). False runs the composition of
-            ``dispatch``, ``grouped_forward``, ``gated_activation`` and ``combine`` under autograd, as
-            ``torch.compile`` and callable activations do: the same forward bits, the gradients within rounding;
-            kept to compare the two.
+        fused: with a named ``act``, the fused layer (``_ExpertsFunction``: one autograd node whose backward keeps
+            only ``hidden``, the pre-activation and the routing). False runs the composition of ``dispatch``,
+            ``grouped_forward``, ``gated_activation`` and ``combine`` under autograd, as callable activations do:
+            the same forward bits, the gradients within rounding; kept to compare the two.
 
     Returns:
         ``[T, H]`` in the dtype of ``hidden``; the sum over ``k`` runs in float32 in a fixed order (deterministic).
@@ -162,8 +162,8 @@ def experts_forward(
         hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed,
         named_act,
     )  # fmt: skip
-    if named_act and fused and not torch.compiler.is_compiling():
-        # One autograd node in eager mode; torch.compile traces the composition below, which it fuses itself.
+    if named_act and fused:
+        # One autograd node; torch.compile traces it as one too (its forward and backward are traceable).
         arguments = (hidden, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, top_k_index)
         options = (act, concatenated, weight_transposed)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in arguments):

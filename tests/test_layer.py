@@ -351,25 +351,35 @@ def test_moe_layer_matches_routing_and_per_token_references(options):
     torch.testing.assert_close(out, ref.view(hidden.shape), rtol=1e-6, atol=1e-6)
 
 
-def test_routing_and_experts_trace_without_graph_breaks():
-    # fullgraph=True fails on anything that needs the host: .item(), .tolist(), nonzero, boolean-mask indexing.
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_routing_and_experts_trace_without_graph_breaks(fused):
+    # fullgraph=True fails on anything that needs the host: .item(), .tolist(), nonzero, boolean-mask indexing. The
+    # fused layer's autograd.Function is traced whole, forward and backward.
     inputs, _ = make_experts_problem(dtype=torch.float32, bias=True)
     del inputs["top_k_index"], inputs["top_k_weights"]
     num_experts = inputs["gate_up_proj"].shape[0]
-    logits = torch.randn(inputs["hidden"].shape[0], num_experts)
+    logits = torch.randn(inputs["hidden"].shape[0], num_experts, requires_grad=True)
     bias = torch.randn(num_experts)
+    for tensor in inputs.values():
+        tensor.requires_grad_()
 
     def layer(logits, hidden, gate_up_proj, down_proj, gate_up_bias, down_bias):
         weights, ids = moe_gemm.route(
             logits, 2, scoring="sigmoid", n_group=3, topk_group=2, e_score_correction_bias=bias
         )
         return moe_gemm.experts_forward(
-            hidden, ids, weights, gate_up_proj, down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias
-        )
+            hidden, ids, weights, gate_up_proj, down_proj, gate_up_bias=gate_up_bias, down_bias=down_bias,
+            fused=fused,
+        )  # fmt: skip
 
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(logits, **inputs), layer(logits, **inputs))
+    out, expected = compiled(logits, **inputs), layer(logits, **inputs)
+    torch.testing.assert_close(out, expected)
+    leaves = [logits, *inputs.values()]
+    grad_out = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(expected, leaves, grad_out)):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize(

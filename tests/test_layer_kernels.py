@@ -220,3 +220,32 @@ def test_experts_forward_in_a_cuda_graph_follows_the_routing():
             expected = experts(hidden_states, ids, weights)
             torch.cuda.synchronize()
             assert torch.equal(out, expected), f"replay {step}"
+
+
+def test_fused_layer_compiles_whole_with_inductor():
+    # torch.compile(fullgraph=True) with the default backend traces the fused layer's Function, its kernels through
+    # their fake kernels, and lowers the ops around them with Inductor: the same values as eager, gradients included.
+    num_tokens, top_k, num_experts, hidden, intermediate = 300, 4, 16, 256, 128
+    ids = random_ids(num_tokens, top_k, num_experts, sentinels=0.1)
+    leaves = {
+        "hidden": torch.randn(num_tokens, hidden),
+        "top_k_weights": torch.rand(num_tokens, top_k),
+        "gate_up_proj": torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5,
+        "down_proj": torch.randn(num_experts, hidden, intermediate) / intermediate**0.5,
+    }
+    leaves = {name: t.to("cuda", torch.bfloat16).requires_grad_() for name, t in leaves.items()}
+
+    def layer(hidden, top_k_weights, gate_up_proj, down_proj):
+        return moe_gemm.experts_forward(hidden, ids, top_k_weights, gate_up_proj, down_proj)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    out, expected = compiled(**leaves), layer(**leaves)
+    torch.testing.assert_close(out, expected, rtol=ULP[torch.bfloat16], atol=1e-3)
+    grad_out = torch.randn_like(out)
+    tensors = list(leaves.values())
+    for name, got, want in zip(
+        leaves, torch.autograd.grad(out, tensors, grad_out), torch.autograd.grad(expected, tensors, grad_out)
+    ):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=4 * ULP[torch.bfloat16], atol=1e-3, msg=name)
