@@ -11,7 +11,8 @@ expert-sorted rows and back), ``experts_forward`` and the modules ``MoEExperts``
 models whose experts are an ``nn.ModuleList`` of MLPs onto it. It is PyTorch ops, with CUDA kernels where they are
 available: ``route`` is one fused kernel (``torch.ops.moe_gemm.route``), and ``experts_forward``'s eager path runs
 dispatch, the gated activation and combine as one kernel each (``torch.ops.moe_gemm.dispatch_pairs``,
-``gated_activation``, ``combine_rows``).
+``gated_activation``, ``combine_rows``). ``moe_gemm.distributed`` (imported on its own) spreads the experts over the
+ranks of a process group: ``ExpertParallelExperts``, and ``expert_parallel(model)`` for a model's layers.
 
 ``kernels_available(device)`` says whether the CUDA kernels run on a device: the extension is built and loaded, and the
 device is an sm_90 GPU (H100, H200, GH200). Elsewhere every function takes the PyTorch path, with the same semantics.

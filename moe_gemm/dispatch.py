@@ -174,7 +174,7 @@ def _accumulation_dtype(y_sorted: torch.Tensor, weights: torch.Tensor) -> torch.
 def _gather_pairs(y_sorted: torch.Tensor, row_of_pair: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``y_pairs [T, k, N]``: each pair's row, in the accumulation dtype."""
     num_tokens, top_k = weights.shape
-    y_pairs = y_sorted.index_select(0, row_of_pair).view(num_tokens, top_k, -1)
+    y_pairs = y_sorted.index_select(0, row_of_pair).view(num_tokens, top_k, y_sorted.shape[1])
     return y_pairs.to(_accumulation_dtype(y_sorted, weights))
 
 

@@ -558,7 +558,79 @@ def _check_module_input(module: nn.Module, hidden: torch.Tensor, parameter: torc
         raise ValueError(f"{name} parameters are on {parameter.device} but hidden is on {hidden.device}")
 
 
-class MoEExperts(nn.Module):
+class _StackedExperts(nn.Module):
+    """What ``MoEExperts`` and ``moe_gemm.distributed.ExpertParallelExperts`` share: ``num_stacked`` experts' weights
+    in Hugging Face's names and layouts, ``gate_up_proj [num_stacked, 2I, H]`` (``[gate; up]`` halves), ``down_proj
+    [num_stacked, H, I]`` and with ``bias=True`` ``gate_up_proj_bias [num_stacked, 2I]`` and ``down_proj_bias
+    [num_stacked, H]``, initialised as ``nn.Linear`` per expert; and the activation, a name of ``ACTIVATIONS`` or a
+    callable applied as ``act(gate) * up``."""
+
+    def __init__(
+        self,
+        num_stacked: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str | Callable[[torch.Tensor], torch.Tensor],
+        bias: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ):
+        super().__init__()
+        if isinstance(act, str):
+            _check_activation_name(act)
+        elif not callable(act):
+            raise TypeError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {type(act).__name__}")
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.act = act
+        self.gate_up_proj = nn.Parameter(torch.empty(num_stacked, 2 * intermediate_size, hidden_size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(num_stacked, hidden_size, intermediate_size, **factory))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_stacked, 2 * intermediate_size, **factory))
+            self.down_proj_bias = nn.Parameter(torch.empty(num_stacked, hidden_size, **factory))
+        else:
+            self.register_parameter("gate_up_proj_bias", None)
+            self.register_parameter("down_proj_bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform in ``+-1/sqrt(fan_in)``, weights and biases, as ``nn.Linear``'s default."""
+        for weight, bias in ((self.gate_up_proj, self.gate_up_proj_bias), (self.down_proj, self.down_proj_bias)):
+            bound = 1 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def _layer_act(self) -> str | Callable[[torch.Tensor], torch.Tensor]:
+        """``act`` as ``experts_forward`` takes it: a name, or the callable on the whole ``[rows, 2I]``."""
+        return self.act if isinstance(self.act, str) else self._apply_gate
+
+    def _experts_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """``experts_forward`` over the stacked experts, ``top_k_index`` counting from the first of them."""
+        return experts_forward(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            self.gate_up_proj,
+            self.down_proj,
+            act=self._layer_act(),
+            gate_up_bias=self.gate_up_proj_bias,
+            down_bias=self.down_proj_bias,
+        )
+
+    def _sizes_repr(self) -> str:
+        act = repr(self.act) if isinstance(self.act, str) else type(self.act).__name__
+        return (
+            f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, act={act}, "
+            f"bias={self.down_proj_bias is not None}"
+        )
+
+
+class MoEExperts(_StackedExperts):
     """Expert weights in Hugging Face's names and layouts; ``forward(hidden, top_k_index, top_k_weights)``.
 
     ``gate_up_proj [E, 2I, H]`` (``[gate; up]`` halves), ``down_proj [E, H, I]``, and with ``bias=True``
@@ -579,23 +651,8 @@ class MoEExperts(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        super().__init__()
-        if isinstance(act, str):
-            _check_activation_name(act)
-        elif not callable(act):
-            raise TypeError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {type(act).__name__}")
-        factory = {"device": device, "dtype": dtype}
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.act = act
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
-        if bias:
-            self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, **factory))
-            self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **factory))
-        else:
-            self.register_parameter("gate_up_proj_bias", None)
-            self.register_parameter("down_proj_bias", None)
-        self.reset_parameters()
+        super().__init__(num_experts, hidden_size, intermediate_size, act, bias, device, dtype)
+        self.num_experts = num_experts
 
     @classmethod
     def from_modules(cls, experts: nn.ModuleList) -> "MoEExperts":
@@ -644,37 +701,12 @@ class MoEExperts(nn.Module):
                 module.down_proj_bias = nn.Parameter(down_bias, requires_grad=down.bias.requires_grad)
         return module
 
-    def reset_parameters(self) -> None:
-        """Uniform in ``+-1/sqrt(fan_in)``, weights and biases, as ``nn.Linear``'s default."""
-        for weight, bias in ((self.gate_up_proj, self.gate_up_proj_bias), (self.down_proj, self.down_proj_bias)):
-            bound = 1 / math.sqrt(weight.shape[-1])
-            nn.init.uniform_(weight, -bound, bound)
-            if bias is not None:
-                nn.init.uniform_(bias, -bound, bound)
-
-    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.act(gate) * up
-
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         _check_module_input(self, hidden, self.gate_up_proj)
-        return experts_forward(
-            hidden,
-            top_k_index,
-            top_k_weights,
-            self.gate_up_proj,
-            self.down_proj,
-            act=self.act if isinstance(self.act, str) else self._apply_gate,
-            gate_up_bias=self.gate_up_proj_bias,
-            down_bias=self.down_proj_bias,
-        )
+        return self._experts_forward(hidden, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
-        act = repr(self.act) if isinstance(self.act, str) else type(self.act).__name__
-        return (
-            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-            f"intermediate_size={self.intermediate_size}, act={act}, bias={self.down_proj_bias is not None}"
-        )
+        return f"num_experts={self.num_experts}, {self._sizes_repr()}"
 
 
 class GatedMLP(nn.Module):

@@ -141,6 +141,18 @@ def test_experts_forward_gradcheck(transposed):
     assert torch.autograd.gradcheck(forward, tensors)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "composed"])
+def test_experts_forward_takes_zero_tokens(fused):
+    # An expert-parallel rank may have no tokens of its own, or receive none.
+    inputs, options = make_experts_problem(num_tokens=0, bias=True)
+    for tensor in inputs.values():
+        tensor.requires_grad_(tensor.is_floating_point())
+    out = moe_gemm.experts_forward(**inputs, **options, fused=fused)
+    assert out.shape == (0, 16)
+    grads = torch.autograd.grad(out.sum(), [inputs["hidden"], inputs["top_k_weights"], inputs["gate_up_proj"]])
+    assert grads[0].shape == (0, 16) and grads[1].shape == (0, 3) and not grads[2].any()
+
+
 def test_experts_forward_is_deterministic():
     inputs, options = make_experts_problem(num_tokens=64, top_k=4, hidden=32, dtype=torch.bfloat16, bias=True)
     for tensor in (inputs["hidden"], inputs["top_k_weights"], inputs["gate_up_proj"]):

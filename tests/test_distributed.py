@@ -1,0 +1,343 @@
+"""Expert parallelism on CPU: ``ExpertParallelExperts`` over gloo in 2 and 4 spawned processes, against one process's
+``experts_forward`` on the same whole weights: forward and every gradient, float64 (tight) and bfloat16 (within
+rounding), uneven routing, ranks without tokens, bad arguments raising on every rank, bitwise determinism.
+
+Each world size runs every case in one group (``ranks_results``, once per module), and the tests read what each rank
+saved. The ranks are forked from a forkserver that imported torch and moe_gemm once, not from the test process (whose
+thread pools may be running) nor spawned (each spawned process imports them again, and the first op call imports
+torch._dynamo: about 10 s per process on 2 cores, 70 s for this file instead of 20). They are joined with a timeout,
+and gloo's own timeout is shorter: a rank waiting forever in a collective fails the tests instead of blocking the
+suite.
+"""
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import assert_close_to_reference
+
+import moe_gemm
+from moe_gemm.distributed import ExpertParallelExperts, expert_parallel
+
+NUM_EXPERTS, HIDDEN, INTERMEDIATE = 8, 16, 8
+WORLD_SIZES = (2, 4)
+# Seconds for all cases of one world size, the forkserver's start included (about 10 s on 2 cores).
+JOIN_TIMEOUT_S = 90
+
+
+@dataclass(frozen=True)
+class Case:
+    """One forward and backward on every rank, and its one-process reference.
+
+    ``routing``: ``"random"`` draws distinct experts per token, expert 1 never, a quarter of the ids -1 or E;
+    ``"skewed"`` never routes to rank 1's experts (rank 1 receives no rows) and sends rank 0's tokens to rank 0's
+    experts only; ``"sentinels_on_rank_0"`` is ``"random"`` with every id of rank 0's tokens -1 or E. ``top_k`` of
+    None is ``W + 1``: more slots than ranks.
+    """
+
+    name: str
+    dtype: torch.dtype = torch.float64
+    tokens: tuple[int, ...] = (6, 5, 7, 4)  # per rank, the first W of them
+    routing: str = "random"
+    top_k: int | None = None
+    bias: bool = True
+    act: str = "silu"
+    seed: int = 0
+
+
+CASES = [
+    Case("float64"),
+    Case("bfloat16", dtype=torch.bfloat16, seed=1),
+    Case("skewed_rank_1_without_tokens", routing="skewed", tokens=(9, 0, 5, 0), bias=False, seed=2),
+    Case("gelu_top_1", top_k=1, act="gelu", seed=3),
+    Case("callable_act", act="callable", seed=4),
+    Case("all_sentinels_on_rank_0", routing="sentinels_on_rank_0", seed=5),
+]
+CASE_NAMES = [case.name for case in CASES]
+
+
+def make_problem(case: Case, world_size: int) -> dict:
+    """Every rank's tokens and the whole layer, the same in every process (drawn from ``case.seed``)."""
+    generator = torch.Generator().manual_seed(case.seed)
+    tokens = case.tokens[:world_size]
+    num_tokens = sum(tokens)
+    top_k = case.top_k or world_size + 1
+    scores = torch.rand(num_tokens, NUM_EXPERTS, generator=generator)
+    local = NUM_EXPERTS // world_size
+    if case.routing == "random":
+        scores[:, 1] = -1  # expert 1 gets no rows
+    elif case.routing == "skewed":
+        scores[:, local : 2 * local] = -1  # rank 1 receives nothing
+        scores[: tokens[0], :local] += 1  # rank 0's tokens choose rank 0's experts first
+    ids = scores.argsort(dim=1, descending=True)[:, :top_k]
+    if case.routing == "skewed":
+        # and nothing else (-1 in their other slots), all of rank 0's experts when top_k exceeds them.
+        ids[: tokens[0]] = torch.where(ids[: tokens[0]] < local, ids[: tokens[0]], -1)
+    if case.routing in ("random", "sentinels_on_rank_0"):
+        drop = torch.rand(num_tokens, top_k, generator=generator) < 0.25
+        if case.routing == "sentinels_on_rank_0":
+            drop[: tokens[0]] = True
+        sentinel = torch.where(torch.rand(num_tokens, top_k, generator=generator) < 0.5, -1, NUM_EXPERTS)
+        ids = torch.where(drop, sentinel, ids)
+    experts = moe_gemm.MoEExperts(
+        num_experts=NUM_EXPERTS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, bias=case.bias,
+        act=torch.nn.SiLU() if case.act == "callable" else case.act,
+    )  # fmt: skip
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[-1] ** 0.5)
+    return {
+        "tokens": tokens,
+        "experts": experts.to(case.dtype),
+        "hidden": torch.randn(num_tokens, HIDDEN, generator=generator).to(case.dtype),
+        "top_k_index": ids,
+        "top_k_weights": torch.rand(num_tokens, top_k, generator=generator),
+        "grad_out": torch.randn(num_tokens, HIDDEN, generator=generator).to(case.dtype),
+    }
+
+
+def forward_backward(experts: torch.nn.Module, hidden, top_k_index, top_k_weights, grad_out) -> dict:
+    """The output and the gradients of ``<out, grad_out>`` for hidden, the routing weights and every parameter."""
+    hidden = hidden.detach().requires_grad_()
+    top_k_weights = top_k_weights.detach().requires_grad_()
+    out = experts(hidden, top_k_index, top_k_weights)
+    names, parameters = zip(*experts.named_parameters())
+    grads = torch.autograd.grad(out, [hidden, top_k_weights, *parameters], grad_out)
+    return {"out": out.detach(), **dict(zip(("hidden", "top_k_weights", *names), grads))}
+
+
+def rank_slice(tokens: tuple[int, ...], rank: int) -> slice:
+    start = sum(tokens[:rank])
+    return slice(start, start + tokens[rank])
+
+
+def error_of(run) -> tuple[str, str] | None:
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 - every rank's error is recorded and checked by the tests
+        return type(error).__name__, str(error)
+    return None
+
+
+def run_cases(rank: int, world_size: int) -> dict:
+    """What this rank records: each case run twice, then the bad arguments, then a good call again."""
+    results = {}
+    for case in CASES:
+        problem = make_problem(case, world_size)
+        experts = ExpertParallelExperts.from_experts(problem["experts"])
+        mine = rank_slice(problem["tokens"], rank)
+        arguments = [problem[name][mine] for name in ("hidden", "top_k_index", "top_k_weights", "grad_out")]
+        results[case.name] = [forward_backward(experts, *arguments) for _ in range(2)]
+
+    problem = make_problem(CASES[0], world_size)
+    experts = ExpertParallelExperts.from_experts(problem["experts"])
+    mine = rank_slice(problem["tokens"], rank)
+    hidden, ids, weights = problem["hidden"][mine], problem["top_k_index"][mine], problem["top_k_weights"][mine]
+
+    def call_with(rank_to_break: int, **broken):
+        arguments = {"hidden": hidden, "top_k_index": ids, "top_k_weights": weights}
+        if rank == rank_to_break:
+            arguments.update(broken)
+        return lambda: experts(**arguments)
+
+    last = world_size - 1
+    sizes = {"hidden_size": 4, "intermediate_size": 4}
+    results["errors"] = {
+        "indivisible": error_of(lambda: ExpertParallelExperts(num_experts=6 if world_size == 4 else 5, **sizes)),
+        "transport": error_of(lambda: ExpertParallelExperts(num_experts=8, transport="nvshmem", **sizes)),
+        "hidden_width_on_rank_1": error_of(call_with(1, hidden=hidden[:, :-1])),
+        "hidden_dtype_on_last_rank": error_of(call_with(last, hidden=hidden.float())),
+        "weights_shape_on_rank_0": error_of(call_with(0, top_k_weights=weights[:, :1])),
+    }
+
+    def grad_mode_on_rank_0_only():
+        hidden_leaf = hidden.detach().requires_grad_(rank == 0)
+        with torch.set_grad_enabled(rank == 0):
+            experts(hidden_leaf, ids, weights)
+
+    experts.requires_grad_(False)
+    results["errors"]["grad_mode_on_rank_0_only"] = error_of(grad_mode_on_rank_0_only)
+
+    # Only rank 0 needs gradients: every rank still runs the backward's exchanges, and rank 0's are right.
+    hidden_leaf = hidden.detach().requires_grad_(rank == 0)
+    out = experts(hidden_leaf, ids, weights)
+    grad_out = problem["grad_out"][mine]
+    torch.autograd.backward(out, grad_out)
+    results["grad_on_rank_0_only"] = {"out": out.detach(), "hidden": hidden_leaf.grad}
+    experts.requires_grad_(True)
+    results["after_errors"] = forward_backward(experts, hidden, ids, weights, grad_out)
+
+    torch.manual_seed(7)  # every rank builds the same whole layer, then keeps its experts
+    layer = moe_gemm.MoE(hidden_size=HIDDEN, num_experts=NUM_EXPERTS, intermediate_size=INTERMEDIATE, top_k=3,
+                         shared_intermediate_size=12, dtype=torch.float64)  # fmt: skip
+    replaced = expert_parallel(layer)
+    out = layer(hidden)
+    grads = torch.autograd.grad(out, [layer.router.weight, layer.experts.down_proj], torch.ones_like(out))
+    results["moe"] = {"replaced": replaced, "out": out.detach(), "router": grads[0], "down_proj": grads[1]}
+
+    direct = ExpertParallelExperts(num_experts=8, hidden_size=4, intermediate_size=3, bias=True)
+    results["shapes"] = {name: tuple(p.shape) for name, p in direct.named_parameters()}
+    results["first_expert"] = direct.first_expert
+    return results
+
+
+def _rank_main(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # ranks share the cores: tiny tensors, no intra-op threads
+    store = dist.FileStore(store_path, world_size)
+    # gloo's own timeout, shorter than the join's: a collective left waiting raises in the process too.
+    timeout = datetime.timedelta(seconds=JOIN_TIMEOUT_S // 2)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+    try:
+        torch.save(run_cases(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(world_size: int, directory: str) -> list[dict]:
+    """``run_cases`` on ``world_size`` processes; fails (and kills them) after ``JOIN_TIMEOUT_S``."""
+    # Imported once, in the forkserver, for every process it forks.
+    mp.set_forkserver_preload(["torch", "torch._dynamo", "moe_gemm", "test_distributed"])
+    context = mp.start_processes(
+        _rank_main, args=(world_size, os.path.join(directory, "store"), directory), nprocs=world_size, join=False,
+        start_method="forkserver",
+    )  # fmt: skip
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{world_size} ranks did not finish within {JOIN_TIMEOUT_S} s: a rank waits in a collective")
+    return [torch.load(os.path.join(directory, f"rank{rank}.pt")) for rank in range(world_size)]
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"world{w}" for w in WORLD_SIZES])
+def ranks_results(request, tmp_path_factory) -> tuple[int, list[dict]]:
+    world_size = request.param
+    return world_size, run_on_ranks(world_size, str(tmp_path_factory.mktemp(f"world{world_size}")))
+
+
+def reference(case: Case, world_size: int) -> tuple[dict, dict]:
+    problem = make_problem(case, world_size)
+    names = ("hidden", "top_k_index", "top_k_weights", "grad_out")
+    return problem, forward_backward(problem["experts"], *[problem[name] for name in names])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_NAMES)
+def test_matches_one_process_forward_and_gradients(ranks_results, case):
+    world_size, results = ranks_results
+    problem, expected = reference(case, world_size)
+    local = NUM_EXPERTS // world_size
+    for rank, result in enumerate(results):
+        got = result[case.name][0]
+        mine, experts = rank_slice(problem["tokens"], rank), slice(rank * local, (rank + 1) * local)
+        for name, value in got.items():
+            # Per-token results are this rank's tokens; parameter gradients are this rank's experts'.
+            want = expected[name][mine] if name in ("out", "hidden", "top_k_weights") else expected[name][experts]
+            assert value.dtype == want.dtype, name
+            # float32 routing-weight gradients of a bfloat16 layer carry its rounding.
+            assert_close_to_reference(value, want, dtype=torch.bfloat16 if case.dtype == torch.bfloat16 else None)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_NAMES)
+def test_runs_are_bitwise_identical(ranks_results, case):
+    _, results = ranks_results
+    for result in results:
+        first, second = result[case.name]
+        assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_routing_cases_reach_the_edges(ranks_results):
+    # What the cases above claim to cover: a rank without tokens (receiving rows when there are 4 ranks), a rank
+    # receiving none, experts without rows, more slots than ranks, sentinels only.
+    world_size, _ = ranks_results
+    skewed = make_problem(CASES[2], world_size)
+    ids = skewed["top_k_index"]
+    local = NUM_EXPERTS // world_size
+    assert skewed["tokens"][1] == 0 and ids.shape[1] > world_size
+    assert not ((ids >= local) & (ids < 2 * local)).any()
+    assert world_size == 2 or (skewed["tokens"][3] == 0 and (ids >= 3 * local).any())
+    sentinels = make_problem(CASES[5], world_size)
+    first = sentinels["top_k_index"][: sentinels["tokens"][0]]
+    assert ((first < 0) | (first >= NUM_EXPERTS)).all()
+    assert not (make_problem(CASES[0], world_size)["top_k_index"] == 1).any()
+
+
+def test_every_rank_raises_and_none_hangs(ranks_results):
+    world_size, results = ranks_results
+    last = world_size - 1
+    for rank, result in enumerate(results):
+        errors = result["errors"]
+        assert errors["indivisible"][0] == "ValueError"
+        assert "num_experts must be a positive multiple of the group's world size" in errors["indivisible"][1]
+        assert errors["transport"] == ("ValueError", "transport must be one of ('all_to_all',), got 'nvshmem'")
+        for name, broken_rank, error, message in (
+            ("hidden_width_on_rank_1", 1, "ValueError", "hidden: expected shape [T, H] with H = 16"),
+            ("hidden_dtype_on_last_rank", last, "TypeError", "are torch.float64 but hidden is torch.float32"),
+            ("weights_shape_on_rank_0", 0, "ValueError", "top_k_weights: expected the shape of top_k_index"),
+        ):
+            if rank == broken_rank:
+                assert errors[name][0] == error and message in errors[name][1], (name, errors[name])
+            else:
+                assert errors[name][0] == "RuntimeError", (name, errors[name])
+                assert f"rank(s) [{broken_rank}] of the expert-parallel group rejected" in errors[name][1]
+        assert errors["grad_mode_on_rank_0_only"][0] == "RuntimeError"
+        assert "run without grad mode" in errors["grad_mode_on_rank_0_only"][1]
+
+
+def test_the_group_works_after_the_errors(ranks_results):
+    world_size, results = ranks_results
+    problem, expected = reference(CASES[0], world_size)
+    for rank, result in enumerate(results):
+        mine = rank_slice(problem["tokens"], rank)
+        assert_close_to_reference(result["after_errors"]["out"], expected["out"][mine])
+        # Rank 0 alone asked for gradients; the others still ran the backward's exchanges.
+        assert_close_to_reference(result["grad_on_rank_0_only"]["out"], expected["out"][mine])
+        grad = result["grad_on_rank_0_only"]["hidden"]
+        if rank == 0:
+            assert_close_to_reference(grad, expected["hidden"][mine])
+        else:
+            assert grad is None
+
+
+def test_expert_parallel_moe_matches_the_whole_layer(ranks_results):
+    world_size, results = ranks_results
+    problem = make_problem(CASES[0], world_size)
+    torch.manual_seed(7)
+    layer = moe_gemm.MoE(hidden_size=HIDDEN, num_experts=NUM_EXPERTS, intermediate_size=INTERMEDIATE, top_k=3,
+                         shared_intermediate_size=12, dtype=torch.float64)  # fmt: skip
+    out = layer(problem["hidden"])
+    parameters = [layer.router.weight, layer.experts.down_proj]
+    router_grad, down_grad = torch.autograd.grad(out, parameters, torch.ones_like(out))
+    local = NUM_EXPERTS // world_size
+    # The router runs in float32 on fewer tokens per call, its last bits bound the agreement.
+    close = {"rtol": 1e-6, "atol": 1e-6}
+    for rank, result in enumerate(results):
+        moe = result["moe"]
+        assert moe["replaced"] == ["experts"]
+        torch.testing.assert_close(moe["out"], out[rank_slice(problem["tokens"], rank)], **close)
+        torch.testing.assert_close(moe["down_proj"], down_grad[rank * local : (rank + 1) * local], **close)
+    # The router is replicated: its gradient is the sum of every rank's (the data-parallel all-reduce).
+    torch.testing.assert_close(sum(result["moe"]["router"] for result in results), router_grad, **close)
+
+
+def test_parameters_are_this_ranks_experts_in_hugging_face_layout(ranks_results):
+    world_size, results = ranks_results
+    local = 8 // world_size
+    for rank, result in enumerate(results):
+        assert result["first_expert"] == rank * local
+        assert result["shapes"] == {
+            "gate_up_proj": (local, 6, 4), "down_proj": (local, 4, 3), "gate_up_proj_bias": (local, 6),
+            "down_proj_bias": (local, 4),
+        }  # fmt: skip
+
+
+def test_construction_needs_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        ExpertParallelExperts(num_experts=8, hidden_size=4, intermediate_size=4)
