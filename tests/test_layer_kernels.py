@@ -160,18 +160,23 @@ def test_combine_kernel_matches_torch_ops(num_tokens, top_k, num_experts, hidden
     assert torch.equal(_ops.combine_kernel(y_sorted, row_of_pair, weights, ids, num_experts), out)  # reproducible
 
 
-@pytest.mark.parametrize("concatenated", [True, False], ids=["concatenated", "interleaved"])
-@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_fused_layer_through_the_kernels_is_as_close_to_float64_as_the_composed_ops(act, concatenated):
-    num_tokens, top_k, num_experts, hidden, intermediate = 50, 4, 16, 256, 128
-    ids = random_ids(num_tokens, top_k, num_experts, sentinels=0.1)
+def layer_leaves(num_tokens, top_k, num_experts, hidden, intermediate) -> dict[str, torch.Tensor]:
+    """``experts_forward``'s differentiable inputs in bf16 on the GPU (drawn in float32 on the CPU), requiring grad."""
     leaves = {
         "hidden": torch.randn(num_tokens, hidden),
         "top_k_weights": torch.rand(num_tokens, top_k),
         "gate_up_proj": torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5,
         "down_proj": torch.randn(num_experts, hidden, intermediate) / intermediate**0.5,
     }
-    leaves = {name: t.to("cuda", torch.bfloat16).requires_grad_() for name, t in leaves.items()}
+    return {name: t.to("cuda", torch.bfloat16).requires_grad_() for name, t in leaves.items()}
+
+
+@pytest.mark.parametrize("concatenated", [True, False], ids=["concatenated", "interleaved"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_fused_layer_through_the_kernels_is_as_close_to_float64_as_the_composed_ops(act, concatenated):
+    num_tokens, top_k, num_experts, hidden, intermediate = 50, 4, 16, 256, 128
+    ids = random_ids(num_tokens, top_k, num_experts, sentinels=0.1)
+    leaves = layer_leaves(num_tokens, top_k, num_experts, hidden, intermediate)
     grad_out = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
 
     def run(tensors, fused):
@@ -227,13 +232,7 @@ def test_fused_layer_compiles_whole_with_inductor():
     # their fake kernels, and lowers the ops around them with Inductor: the same values as eager, gradients included.
     num_tokens, top_k, num_experts, hidden, intermediate = 300, 4, 16, 256, 128
     ids = random_ids(num_tokens, top_k, num_experts, sentinels=0.1)
-    leaves = {
-        "hidden": torch.randn(num_tokens, hidden),
-        "top_k_weights": torch.rand(num_tokens, top_k),
-        "gate_up_proj": torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5,
-        "down_proj": torch.randn(num_experts, hidden, intermediate) / intermediate**0.5,
-    }
-    leaves = {name: t.to("cuda", torch.bfloat16).requires_grad_() for name, t in leaves.items()}
+    leaves = layer_leaves(num_tokens, top_k, num_experts, hidden, intermediate)
 
     def layer(hidden, top_k_weights, gate_up_proj, down_proj):
         return moe_gemm.experts_forward(hidden, ids, top_k_weights, gate_up_proj, down_proj)
