@@ -10,7 +10,7 @@
 
 namespace moe_gemm {
 
-template <DType kDType, bool kBNMajor, TileConfig kConfig>
+template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA>
 cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream);
 
 namespace {
@@ -64,6 +64,20 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E) {
   return rows_per_expert >= kVeryLongExpertRows ? TileConfig::k128x256Cluster2x1 : TileConfig::k128x256;
 }
 
+TileConfig gather_tile_config(TileConfig config) {
+  TileConfigInfo const& info = tile_config_info(config);
+  if (info.gather_a) {
+    return config;
+  }
+  for (TileConfigInfo const& candidate : kTileConfigs) {
+    if (candidate.gather_a && candidate.tile_n == info.tile_n && candidate.cluster_m == 1 &&
+        candidate.cluster_n == 1 && !candidate.swap_ab) {
+      return candidate.config;
+    }
+  }
+  return TileConfig::k128x128;  // a tile width without a gathering configuration: the narrowest one
+}
+
 // Split-K pays only when the tiles leave at least half the SMs idle (decode): then S = floor(SMs / T)
 // splits of at least 1024 of K each, at most 16, where T is the most tiles the sizes allow. Example
 // (132 SMs): Mixtral-8x7B down at 1 token (M = 2, E = 8, N = 4096, K = 14336, 16x128s): T = 2 x 32 = 64
@@ -95,7 +109,12 @@ GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& p, PlanOverride const
     return plan;  // run_grouped_gemm launches no kernel
   }
   plan.sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
-  plan.config = override.config != TileConfig::kAuto ? override.config : choose_tile_config(p.M, p.N, p.E);
+  if (override.config != TileConfig::kAuto) {
+    plan.config = override.config;
+  } else {
+    TileConfig const chosen = choose_tile_config(p.M, p.N, p.E);
+    plan.config = p.gather_rows != nullptr ? gather_tile_config(chosen) : chosen;
+  }
   TileConfigInfo const& tile = tile_config_info(plan.config);
   int64_t const tiles_n = ceil_div(p.N, tile.tile_n);
 
@@ -183,10 +202,34 @@ char const* check_grouped_gemm(GroupedGemmParams const& p) {
   if (p.E > 0 && p.m_sizes == nullptr) {
     return "m_sizes is null";
   }
+  // Gathering, `a` is the [gather_source_rows, K] source, addressed by 32-bit TMA coordinates.
+  if (p.gather_rows != nullptr && (p.gather_source_rows < 1 || p.gather_source_rows >= (int64_t(1) << 31))) {
+    return "a gathering call needs 1 to 2^31 - 1 source rows";
+  }
+  return nullptr;
+}
+
+char const* check_grouped_gemm_plan(GroupedGemmParams const& p, GroupedGemmPlan const& plan) {
+  if (p.gather_rows != nullptr && plan.config != TileConfig::kAuto && !tile_config_info(plan.config).gather_a) {
+    return "this tile configuration has no kernel that gathers A's rows (the configurations marked gather_a in "
+           "csrc/moe_tile_configs.h have one)";
+  }
   return nullptr;
 }
 
 namespace {
+
+// The kernel of one configuration, gathering or not (check_grouped_gemm_plan refused a gathering call of a
+// configuration without a gathering kernel before this).
+template <DType kDType, bool kBNMajor, TileConfig kConfig>
+cudaError_t run_kernel(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {
+  if constexpr (tile_config_info(kConfig).gather_a) {
+    if (params.gather_rows != nullptr) {
+      return run_sm90_moe_gemm<kDType, kBNMajor, kConfig, true>(params, plan, stream);
+    }
+  }
+  return run_sm90_moe_gemm<kDType, kBNMajor, kConfig, false>(params, plan, stream);
+}
 
 // The switch over the table's configurations for one dtype and weight layout.
 template <DType kDType, bool kBNMajor>
@@ -194,7 +237,7 @@ cudaError_t run_config(GroupedGemmParams const& params, GroupedGemmPlan const& p
   switch (plan.config) {
 #define MOE_GEMM_CONFIG_CASE(Enum, ...) \
   case TileConfig::Enum:                \
-    return run_sm90_moe_gemm<kDType, kBNMajor, TileConfig::Enum>(params, plan, stream);
+    return run_kernel<kDType, kBNMajor, TileConfig::Enum>(params, plan, stream);
     MOE_GEMM_TILE_CONFIGS(MOE_GEMM_CONFIG_CASE)
 #undef MOE_GEMM_CONFIG_CASE
     default:
@@ -205,7 +248,7 @@ cudaError_t run_config(GroupedGemmParams const& params, GroupedGemmPlan const& p
 }  // namespace
 
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {
-  if (check_grouped_gemm(params) != nullptr) {
+  if (check_grouped_gemm(params) != nullptr || check_grouped_gemm_plan(params, plan) != nullptr) {
     return cudaErrorInvalidValue;
   }
   if (params.M == 0 || params.N == 0) {

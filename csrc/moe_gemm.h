@@ -23,9 +23,11 @@ bool parse_tile_config(char const* name, TileConfig* config);
 char const* tile_config_name(TileConfig config);
 
 // D[offs[e] + i, :] = A[offs[e] + i, :] @ B[e]^T for i < m_sizes[e], offs = exclusive prefix sum of
-// m_sizes; rows of D past the last expert are written as zeros.
+// m_sizes; rows of D past the last expert are written as zeros. With gather_rows, row r of A is row
+// gather_rows[r] of `a` (the MoE layer's hidden[token_of_row], never materialised).
 struct GroupedGemmParams {
-  void const* a = nullptr;        // [M, K], row stride lda (elements), inner stride 1
+  void const* a = nullptr;        // [M, K] (gathering: [gather_source_rows, K]), row stride lda (elements),
+                                  // inner stride 1
   void const* b = nullptr;        // [E, N, K] (b_n_major = false) or [E, K, N] (b_n_major = true)
   void* d = nullptr;              // [M, N], row stride ldd, inner stride 1
   void const* m_sizes = nullptr;  // [E] counts in device memory, int32 or int64
@@ -41,6 +43,10 @@ struct GroupedGemmParams {
   int sm_count = 0;               // persistent grid size; 0 = query the current device
   // Device memory of the plan's workspace.total_bytes; null when that is 0.
   void* workspace = nullptr;
+  // [M] int64 in device memory, or null for no gather. Values are not checked: one outside
+  // [0, gather_source_rows) reads a row of zeros (TMA's bounds check; nothing outside `a` is read).
+  int64_t const* gather_rows = nullptr;
+  int64_t gather_source_rows = 0;  // rows of `a` when gathering (1 to 2^31 - 1)
 };
 
 // What tests and A/B measurements may force instead of the heuristics. check_plan_override() says whether
@@ -69,8 +75,13 @@ struct GroupedGemmPlan {
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto). Only the rows per expert
-// and N decide it.
+// and N decide it. A gathering call runs gather_tile_config() of it.
 TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E);
+
+// The configuration that gathers A's rows in place of `config` (not kAuto): itself where its row has a
+// gathering kernel, else the one without clusters or swapped operands of the same tile width (128x256 for
+// its clusters, 128x128 for the swapped decode tiles, which keeps split-K for decode).
+TileConfig gather_tile_config(TileConfig config);
 
 // The split-K factor the heuristic picks for these shapes and a resolved (not kAuto) configuration:
 // 1 unless the tiles are too few to keep every SM streaming weights (decode).
@@ -80,13 +91,20 @@ int choose_split_k(int64_t M, int64_t N, int64_t K, int32_t E, int sm_count, Til
 // else a sentence saying what is wrong.
 char const* check_grouped_gemm(GroupedGemmParams const& params);
 
-// The plan of a call: the override's fields where set, else the heuristics. Reads params' sizes and
-// sm_count only (queries the current device when sm_count is 0). The override must pass
-// check_plan_override(); an explicit split is clamped to the k-blocks and to 2^30 work units.
+// The plan of a call: the override's fields where set, else the heuristics. Reads params' sizes, whether it
+// gathers, and sm_count only (queries the current device when sm_count is 0). The override must pass
+// check_plan_override(); an explicit split is clamped to the k-blocks and to 2^30 work units. An override's
+// configuration is kept as is, also one that cannot gather for a gathering call: check_grouped_gemm_plan
+// refuses that plan.
 GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& params, PlanOverride const& override = PlanOverride{});
 
+// Nullptr when run_grouped_gemm can run `plan` for `params`, else a sentence saying what is wrong (a gathering
+// call planned with a configuration that has no gathering kernel: an override's).
+char const* check_grouped_gemm_plan(GroupedGemmParams const& params, GroupedGemmPlan const& plan);
+
 // Zeroes the workspace's counters, then launches the grouped GEMM on `stream`, as `plan` says.
-// Asynchronous; returns the launch status.
+// Asynchronous; returns the launch status (cudaErrorInvalidValue for what check_grouped_gemm or
+// check_grouped_gemm_plan refuses).
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream);
 
 // Weight gradient, a K-grouped GEMM: the reduction runs over each expert's rows, read from m_sizes on

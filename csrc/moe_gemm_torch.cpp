@@ -1,6 +1,6 @@
-// The grouped GEMMs' binding to torch: the CUDA kernels of the ops moe_gemm::grouped_mm, grouped_mm_wgrad and
-// grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake kernels, autograd and CPU path are
-// declared in Python, moe_gemm/_ops.py), translating tensors into the torch-free GroupedGemmParams and
+// The grouped GEMMs' binding to torch: the CUDA kernels of the ops moe_gemm::grouped_mm, grouped_mm_gather,
+// grouped_mm_wgrad and grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake kernels, autograd
+// and CPU path are declared in Python, moe_gemm/_ops.py), translating tensors into the torch-free GroupedGemmParams and
 // planning each call; and the extension module moe_gemm._C, whose set_plan_override(), plan_grouped_gemm()
 // and tile_config_names() serve moe_gemm.testing. The routing and layer kernels have their own bindings
 // (moe_routing_torch.cpp, moe_layer_torch.cpp).
@@ -56,27 +56,38 @@ void run_planned(Params& params, Plan const& plan, Run run, at::TensorOptions op
   TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
 }
 
-// D = grouped GEMM of x [M, K] with weight [E, N, K] (or [E, K, N] when weight_transposed).
-at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& m_sizes,
-                           bool weight_transposed) {
-  TORCH_CHECK(x.dim() == 2, "moe_gemm.grouped_mm: x must be 2-D [M, K], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 3, "moe_gemm.grouped_mm: weight must be 3-D, got ", weight.sizes());
-  TORCH_CHECK(m_sizes.dim() == 1, "moe_gemm.grouped_mm: m_sizes must be 1-D [E], got ", m_sizes.sizes());
-  TORCH_CHECK(x.is_cuda() && weight.device() == x.device() && m_sizes.device() == x.device(),
-              "moe_gemm.grouped_mm: x, weight and m_sizes must be on the same CUDA device");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "moe_gemm.grouped_mm: weight dtype ",
-              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(m_sizes.scalar_type() == at::kInt || m_sizes.scalar_type() == at::kLong,
-              "moe_gemm.grouped_mm: m_sizes must be int32 or int64, got ", m_sizes.scalar_type());
-  TORCH_CHECK(m_sizes.numel() == weight.size(0) && (m_sizes.numel() <= 1 || m_sizes.stride(0) == 1),
-              "moe_gemm.grouped_mm: m_sizes must be a contiguous [E] tensor with E = weight.size(0)");
-  int64_t const M = x.size(0), K = x.size(1);
+// D = grouped GEMM of A with weight [E, N, K] (or [E, K, N] when weight_transposed): A is x [M, K], or with
+// gather_rows (int64 [M]) the rows x[gather_rows] of x [T, K], read in place by the kernel. The indices are not
+// checked on the device (that would cost a pass over them, or a sync): one outside [0, T) is the caller's bug,
+// as with index_select's device assert; the kernel then reads a row of zeros and never memory outside x.
+at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_rows, at::Tensor const& weight,
+                                at::Tensor const& m_sizes, bool weight_transposed, char const* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [", gather_rows ? "T" : "M", ", K], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 3, op, ": weight must be 3-D, got ", weight.sizes());
+  TORCH_CHECK(m_sizes.dim() == 1, op, ": m_sizes must be 1-D [E], got ", m_sizes.sizes());
+  TORCH_CHECK(x.is_cuda() && weight.device() == x.device() && m_sizes.device() == x.device(), op,
+              ": x, weight and m_sizes must be on the same CUDA device");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(m_sizes.scalar_type() == at::kInt || m_sizes.scalar_type() == at::kLong, op,
+              ": m_sizes must be int32 or int64, got ", m_sizes.scalar_type());
+  TORCH_CHECK(m_sizes.numel() == weight.size(0) && (m_sizes.numel() <= 1 || m_sizes.stride(0) == 1), op,
+              ": m_sizes must be a contiguous [E] tensor with E = weight.size(0)");
+  if (gather_rows != nullptr) {
+    TORCH_CHECK(gather_rows->dim() == 1, op, ": gather_rows must be 1-D [M], got ", gather_rows->sizes());
+    TORCH_CHECK(gather_rows->scalar_type() == at::kLong, op, ": gather_rows must be int64, got ",
+                gather_rows->scalar_type());
+    TORCH_CHECK(gather_rows->device() == x.device(), op, ": gather_rows must be on the device of x (", x.device(),
+                "), got ", gather_rows->device());
+    TORCH_CHECK(gather_rows->numel() <= 1 || gather_rows->stride(0) == 1, op, ": gather_rows must be contiguous");
+  }
+  int64_t const M = gather_rows != nullptr ? gather_rows->numel() : x.size(0), K = x.size(1);
   int64_t const N = weight_transposed ? weight.size(2) : weight.size(1);
   int64_t const weight_k = weight_transposed ? weight.size(1) : weight.size(2);
-  TORCH_CHECK(weight_k == K, "moe_gemm.grouped_mm: x has K = ", K, " but weight has K = ", weight_k);
-  TORCH_CHECK(M == 0 || x.stride(1) == 1, "moe_gemm.grouped_mm: x must have inner stride 1");
-  TORCH_CHECK(weight.numel() == 0 || weight.stride(2) == 1, "moe_gemm.grouped_mm: weight must have inner stride 1");
-  moe_gemm::check_sm90(x.device(), "moe_gemm.grouped_mm");
+  TORCH_CHECK(weight_k == K, op, ": x has K = ", K, " but weight has K = ", weight_k);
+  TORCH_CHECK(x.size(0) == 0 || x.stride(1) == 1, op, ": x must have inner stride 1");
+  TORCH_CHECK(weight.numel() == 0 || weight.stride(2) == 1, op, ": weight must have inner stride 1");
+  moe_gemm::check_sm90(x.device(), op);
 
   c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
@@ -85,7 +96,7 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   }
 
   moe_gemm::GroupedGemmParams params;
-  set_common_fields(params, out, m_sizes, x.scalar_type(), "moe_gemm.grouped_mm");
+  set_common_fields(params, out, m_sizes, x.scalar_type(), op);
   params.a = x.data_ptr();
   params.lda = x.stride(0);
   params.b = weight.data_ptr();
@@ -96,12 +107,31 @@ at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Te
   params.M = M;
   params.N = N;
   params.K = K;
+  if (gather_rows != nullptr) {
+    params.gather_rows = gather_rows->data_ptr<int64_t>();
+    params.gather_source_rows = x.size(0);
+  }
   char const* problem = moe_gemm::check_grouped_gemm(params);
-  TORCH_CHECK(problem == nullptr, "moe_gemm.grouped_mm: ", problem);
+  TORCH_CHECK(problem == nullptr, op, ": ", problem);
 
   moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
-  run_planned(params, plan, moe_gemm::run_grouped_gemm, x.options(), "moe_gemm.grouped_mm");
+  problem = moe_gemm::check_grouped_gemm_plan(params, plan);
+  TORCH_CHECK(problem == nullptr, op, ": ", problem, "; got tile_config ", moe_gemm::tile_config_name(plan.config),
+              " (moe_gemm.testing.plan_override)");
+  run_planned(params, plan, moe_gemm::run_grouped_gemm, x.options(), op);
   return out;
+}
+
+at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& m_sizes,
+                           bool weight_transposed) {
+  return grouped_mm_cuda_impl(x, nullptr, weight, m_sizes, weight_transposed, "moe_gemm.grouped_mm");
+}
+
+// y[r] = x[gather_rows[r]] @ W[e]^T for the rows r of expert e: grouped_mm of x.index_select(0, gather_rows)
+// without the copy.
+at::Tensor grouped_mm_gather_cuda(at::Tensor const& x, at::Tensor const& gather_rows, at::Tensor const& weight,
+                                  at::Tensor const& m_sizes, bool weight_transposed) {
+  return grouped_mm_cuda_impl(x, &gather_rows, weight, m_sizes, weight_transposed, "moe_gemm.grouped_mm_gather");
 }
 
 // The expert GEMM's weight gradient, grouped along the rows: grad_W[e] = grad_y_e^T @ x_e ([E, N, K]), or
@@ -177,6 +207,7 @@ void grouped_mm_wgrad_accumulate_cuda(at::Tensor main_grad, at::Tensor const& x,
 
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
+  m.impl("grouped_mm_gather", &grouped_mm_gather_cuda);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
   m.impl("grouped_mm_wgrad_accumulate_", &grouped_mm_wgrad_accumulate_cuda);
 }
@@ -212,14 +243,16 @@ PyObject* set_plan_override(PyObject* /*module*/, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// moe_gemm._C.plan_grouped_gemm(M: int, N: int, K: int, E: int) -> tuple[str, int, bool]: the tile
-// configuration, split-K factor and dynamic schedule that a grouped_mm call of these sizes would run with now,
-// on the current device (its SM count) and under the current override. ("auto", 1, False) when there is
-// nothing to multiply. Raises ValueError for negative sizes, RuntimeError when CUDA is unavailable.
+// moe_gemm._C.plan_grouped_gemm(M: int, N: int, K: int, E: int, gather: bool = False) -> tuple[str, int, bool]:
+// the tile configuration, split-K factor and dynamic schedule that a grouped_mm call (grouped_mm_gather with
+// gather) of these sizes would run with now, on the current device (its SM count) and under the current
+// override. ("auto", 1, False) when there is nothing to multiply. Raises ValueError for negative sizes,
+// RuntimeError when CUDA is unavailable.
 PyObject* plan_grouped_gemm(PyObject* /*module*/, PyObject* args) {
   long long M = 0, N = 0, K = 0;
   int E = 0;
-  if (!PyArg_ParseTuple(args, "LLLi:plan_grouped_gemm", &M, &N, &K, &E)) {
+  int gather = 0;
+  if (!PyArg_ParseTuple(args, "LLLi|p:plan_grouped_gemm", &M, &N, &K, &E, &gather)) {
     return nullptr;
   }
   if (M < 0 || N < 0 || K < 0 || E < 0) {
@@ -231,6 +264,9 @@ PyObject* plan_grouped_gemm(PyObject* /*module*/, PyObject* args) {
   params.N = N;
   params.K = K;
   params.E = E;
+  // Only whether the call gathers reaches the plan, not where from.
+  static int64_t const gather_marker = 0;
+  params.gather_rows = gather ? &gather_marker : nullptr;
   try {
     params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   } catch (std::exception const& error) {
@@ -265,9 +301,9 @@ PyMethodDef module_methods[] = {
      "The plan every later grouped GEMM call uses instead of the heuristics (\"auto\", 0, -1: none); "
      "use moe_gemm.testing.plan_override."},
     {"plan_grouped_gemm", plan_grouped_gemm, METH_VARARGS,
-     "plan_grouped_gemm(M: int, N: int, K: int, E: int) -> tuple[str, int, bool]\n"
-     "The (tile_config, split_k, dynamic_schedule) a grouped_mm call of these sizes would run with now; "
-     "use moe_gemm.testing.resolved_plan."},
+     "plan_grouped_gemm(M: int, N: int, K: int, E: int, gather: bool = False) -> tuple[str, int, bool]\n"
+     "The (tile_config, split_k, dynamic_schedule) a grouped_mm (gather: grouped_mm_gather) call of these sizes "
+     "would run with now; use moe_gemm.testing.resolved_plan."},
     {"tile_config_names", tile_config_names, METH_NOARGS,
      "tile_config_names() -> tuple[str, ...]\nThe names of the kernel's tile configurations."},
     {nullptr, nullptr, 0, nullptr}};

@@ -29,7 +29,12 @@
 //     is (tile, split), each unit runs the mainloop over its share of the k-blocks, writes its fp32
 //     partial tile to the workspace and counts itself on the tile's arrival counter; the unit that
 //     arrives last sums the partials in split order (deterministic) and stores D
-//     (sm90_moe_epilogue.hpp). Without kSplitK none of it is compiled in.
+//     (sm90_moe_epilogue.hpp). Without kSplitK none of it is compiled in;
+//   - gathered token rows (kGatherA, a separate instantiation, cooperative tiles without clusters): row r of
+//     A is row gather_rows[r] of a source tensor [T, K], so that the MoE layer multiplies hidden[token_of_row]
+//     without materialising it. Each of the producer warpgroup's 128 threads loads one row of the token tile
+//     per k-block, a one-row TMA box of 128 bytes, where the whole tile's box would have put it
+//     (GatheredTokenRows). Without kGatherA none of it is compiled in.
 #pragma once
 
 #include <cuda.h>
@@ -79,7 +84,38 @@ struct HalfTokenTiles<false, Mainloop, kRows, kCols> {
   struct Tma {};
 };
 
-template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false>
+// kGatherA: where the token rows come from. A plain 2-D descriptor over the source [T, K] with boxes of one row
+// by one k-block (64 16-bit columns, 128 bytes) and the 128-byte swizzle of the mainloop's token tiles. The
+// hardware swizzles a TMA box by the shared-memory address it writes (bits 4-6 XOR bits 7-9), not by the box's
+// own rows, so a one-row box written at row r of a stage lands exactly where the whole tile's box puts row r,
+// and the WGMMA descriptors read it unchanged (seen on an H200: 128 one-row boxes at rows 0..127 of a
+// 1024-byte-aligned stage and one 128-row box wrote the same bytes).
+template <bool kEnabled>
+struct GatheredTokenRows {
+  CUtensorMap tma_load_row;  // [T, K] source, boxes of kTileK columns x 1 row
+  int64_t const* rows;       // [M]: row r of A is row rows[r] of the source
+};
+template <>
+struct GatheredTokenRows<false> {};
+
+// Whether the token tile's row r of stage s is the kCols elements at ((s * kRows) + r) * kCols of the stages,
+// before the swizzle: then a one-row box has its own 128 bytes, at that row's address. (Checked at a few
+// columns of every row of stage 1; the layout is affine within a stage.)
+template <class SmemLayout, int kRows, int kCols>
+constexpr bool token_rows_are_contiguous() {
+  auto const layout = cute::get_nonswizzle_portion(SmemLayout{});
+  for (int r = 0; r < kRows; ++r) {
+    for (int c : {0, 1, kCols - 1}) {
+      if (layout(r, c, 1) != (kRows + r) * kCols + c) {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
+template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false,
+          bool kGatherA_ = false>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -149,12 +185,27 @@ class Sm90MoeGemmKernel {
   // so rank 1 skips its own; otherwise a second descriptor loads half-tile boxes. A cluster CTA past the
   // expert's last m-block (2x1) loads no tokens at all. The stage's barrier still expects the whole
   // tile; the producer completes the bytes it did not load by hand (mbarrier complete_tx).
-  static constexpr bool kPartialTokenLoads = !kSwapAB && kTileM == 128;
+  // (A gathering kernel loads only the expert's rows of every tile anyway: GatheredTokenRows.)
+  static constexpr bool kGatherA = kGatherA_;
+  static constexpr bool kPartialTokenLoads = !kSwapAB && kTileM == 128 && !kGatherA;
   static constexpr uint32_t kTokenTileBytes =
       uint32_t(kTileM * kTileK * sizeof(typename CollectiveMainloop::InternalElementA));
   using HalfTokens = HalfTokenTiles<kPartialTokenLoads, CollectiveMainloop, kTileM / 2, kTileK>;
   using SmemLayoutHalfTokens = typename HalfTokens::SmemLayout;
   using TmaHalfTokens = typename HalfTokens::Tma;
+
+  // kGatherA: thread t of the producer warpgroup loads row t of every token tile (warp 0's lanes in produce(),
+  // warps 1-3 in load_gathered_rows()). Rows at or past the expert's end are not loaded: the bytes they would
+  // have brought are completed by hand on the stage's barrier, which expects the whole tile, as with
+  // kPartialTokenLoads. Their shared memory keeps an older tile's rows, which only give D rows that no store
+  // writes (a row of D depends on the same row of A alone).
+  static constexpr uint32_t kTokenRowBytes = uint32_t(kTileK * sizeof(typename CollectiveMainloop::InternalElementA));
+  static_assert(!kGatherA || (kClusterSize == 1 && !kSwapAB && kTileM == int(cutlass::NumThreadsPerWarpGroup)),
+                "gathered rows: cooperative 128-row tiles without clusters, one row per producer thread");
+  using GatherParams = GatheredTokenRows<kGatherA>;
+  // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
+  static constexpr uint32_t kTileSlotReaders =
+      kNumConsumerThreads + (kGatherA ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
 
   // Split-K: work unit u is split u % split_k of tile u / split_k, and runs k-blocks [begin, begin + count).
   struct KBlockRange {
@@ -215,6 +266,7 @@ class Sm90MoeGemmKernel {
     TmaHalfTokens tma_load_half_tokens;  // kPartialTokenLoads without A multicast: boxes of kTileM / 2 rows
     int* tile_arrivals;    // [tile slots] splits done per tile, zeroed before the launch
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
+    GatherParams gather;   // kGatherA only
   };
 
   // The host's side of a launch, in plain values: the call's tensors and the plan's choices. The kernel
@@ -236,6 +288,10 @@ class Sm90MoeGemmKernel {
     bool dynamic_schedule;         // a tile counter in the workspace, else static striding
     void* workspace;               // laid out as workspace_layout says (moe_gemm_workspace.h)
     WorkspaceLayout workspace_layout;
+    // kGatherA: row r of A is row gather_rows[r] (< gather_source_rows, not checked) of `tokens`, which then has
+    // gather_source_rows rows instead of M.
+    int64_t const* gather_rows;    // [M], device memory
+    int64_t gather_source_rows;
   };
 
   // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
@@ -250,6 +306,8 @@ class Sm90MoeGemmKernel {
     using StrideWeights = cute::conditional_t<kSwapAB, typename Mainloop::StrideA, typename Mainloop::StrideB>;
     constexpr bool kWeightsNMajor = cute::is_static<decltype(get<0>(StrideWeights{}))>::value;
     int32_t const M = int32_t(args.M), N = args.N, K = args.K, E = args.E;
+    // Gathering, the mainloop's token descriptor (prefetched, never loaded from) covers the source rows.
+    int32_t const token_rows = kGatherA ? int32_t(args.gather_source_rows) : M;
     StrideTokens const stride_tokens = make_stride(args.ld_tokens, Int<1>{}, int64_t(0));
     StrideWeights stride_weights;
     if constexpr (kWeightsNMajor) {
@@ -258,7 +316,7 @@ class Sm90MoeGemmKernel {
       stride_weights = make_stride(args.ld_weights, Int<1>{}, args.batch_stride_weights);
     }
     Tensor tokens = make_tensor(static_cast<Internal const*>(args.tokens),
-                                make_layout(make_shape(M, K, int32_t(1)), stride_tokens));
+                                make_layout(make_shape(token_rows, K, int32_t(1)), stride_tokens));
     Tensor weights = make_tensor(static_cast<Internal const*>(args.weights),
                                  make_layout(make_shape(N, K, E), stride_weights));
     auto const operands = [&] {
@@ -286,6 +344,18 @@ class Sm90MoeGemmKernel {
             detail::encode_ragged<ElementD>(&params.tma_store_d, args.d, N, args.ldd, kEpiN, kStoreRows);
         status != cudaSuccess) {
       return status;
+    }
+    if constexpr (kGatherA) {
+      uint64_t const dims[2] = {uint64_t(K), uint64_t(token_rows)};
+      uint64_t const strides[2] = {1, uint64_t(args.ld_tokens)};
+      uint32_t const box[2] = {uint32_t(kTileK), 1};
+      using Element = typename Mainloop::ElementA;
+      if (cudaError_t status = detail::encode_tma(&params.gather.tma_load_row, detail::tma_type<Element>(),
+                                                  int(sizeof(Element)), args.tokens, 2, dims, strides, box);
+          status != cudaSuccess) {
+        return status;
+      }
+      params.gather.rows = args.gather_rows;
     }
     params.scheduler.experts = ExpertRows{args.m_sizes, args.m_sizes_int64, E, args.M};
     params.scheduler.tiles_n = (N + kTileN * kClusterN - 1) / (kTileN * kClusterN);  // cluster n-blocks
@@ -321,14 +391,19 @@ class Sm90MoeGemmKernel {
     if (roles.warp_idx == 0 && lane_predicate) {
       CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
       cute::prefetch_tma_descriptor(&params.tma_store_d);
+      if constexpr (kGatherA) {
+        cute::prefetch_tma_descriptor(&params.gather.tma_load_row);
+      }
     }
 
-    // Pipelines from the TMA warp (producer) to the two MMA warpgroups (consumers): the stages, and the
-    // decoded units (both warpgroups read every unit).
+    // Pipelines from the TMA warp (producer; gathering, the whole producer warpgroup) to the two MMA warpgroups
+    // (consumers): the stages, and the decoded units (both warpgroups read every unit; gathering, warps 1-3 of the
+    // producer warpgroup too).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
-        shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{});
+        shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{},
+        kGatherA);
     TilePipeline tile_pipeline =
-        make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumConsumerThreads);
+        make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kTileSlotReaders, kGatherA);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
     if constexpr (kClusterSize > 1) {
@@ -343,6 +418,11 @@ class Sm90MoeGemmKernel {
 
     run_warp_groups(
         roles, [&] { produce(params, pipeline, tile_pipeline, shared_storage); },
+        [&] {
+          if constexpr (kGatherA) {
+            load_gathered_rows(params, pipeline, tile_pipeline, shared_storage, roles.thread_idx);
+          }
+        },
         [&] {
           consume(params, pipeline, tile_pipeline, shared_storage, roles.mma_thread_idx,
                   roles.thread_idx - int(cutlass::NumThreadsPerWarpGroup));
@@ -479,7 +559,35 @@ class Sm90MoeGemmKernel {
       // as the weight gradient does, made Mixtral's 2048-token GEMMs up to 7% slower; one k-block ahead
       // instead of after the last load was 0.7% faster at 16k tokens, docs/design.md).
       int next = 0;
-      if (is_leader) {
+      if constexpr (kGatherA) {
+        // Every lane waits for each stage and loads its row of the token tile (warps 1-3 load the others,
+        // load_gathered_rows); thread 0 arms the barrier with the whole stage's bytes (producer_acquire), the
+        // leader completes those of the rows past the expert and loads B. The rows' TMA may complete before the
+        // barrier is armed: its transaction count runs negative until then, and the phase cannot complete
+        // before thread 0's arrival.
+        GatheredRow const row = gathered_row(params, work, int(threadIdx.x) % cutlass::NumThreadsPerWarp);
+        uint32_t const bytes_not_loaded = uint32_t(kTileM - min(int32_t(kTileM), token_rows)) * kTokenRowBytes;
+        PipelineState state = write_state;
+        for (int k = 0; k < k_blocks.count; ++k) {
+          if (is_leader && claims && k == k_blocks.count - 1) {
+            next = atomicAdd(params.tile_counter, 1);
+          }
+          pipeline.producer_acquire(state);
+          auto* barrier = pipeline.producer_get_barrier(state);
+          int const k_block = k_blocks.begin + k;
+          load_gathered_row(params, *barrier, row, k_block, state.index(), shared_storage);
+          if (is_leader) {
+            if (bytes_not_loaded > 0) {
+              cutlass::arch::ClusterTransactionBarrier::complete_transaction(barrier, 0, bytes_not_loaded);
+            }
+            copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k_block), tBsB(_, _, _, state.index()));
+          }
+          ++state;
+        }
+        if (is_leader && claims && k_blocks.count == 0) {
+          next = atomicAdd(params.tile_counter, 1);
+        }
+      } else if (is_leader) {
         PipelineState state = write_state;
         for (int k = 0; k < k_blocks.count; ++k) {
           if (claims && k == k_blocks.count - 1) {
@@ -554,6 +662,69 @@ class Sm90MoeGemmKernel {
       ClusterTransactionBarrier::complete_transaction(&barrier, uint32_t(rank), kHalfBytes);
     } else {
       ClusterTransactionBarrier::complete_transaction(&barrier, uint32_t(rank), kTokenTileBytes);
+    }
+  }
+
+  // kGatherA: row `tile_row` of a token tile, and where it comes from.
+  struct GatheredRow {
+    int32_t source;    // its row of the source tensor (a TMA coordinate)
+    int32_t tile_row;
+    bool loads;        // false at or past the expert's end
+  };
+
+  // The source row of an index outside [0, 2^31) is clamped to -1 or 2^31 - 1: TMA's bounds check reads zeros
+  // for it (and for any index at or past the source's rows), and nothing outside the source is ever read. Such
+  // an index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it.
+  CUTLASS_DEVICE static GatheredRow gathered_row(Params const& params, MoeWorkTile const& work, int tile_row) {
+    bool const loads = tile_row < work.rows - work.m_block * kTileM;
+    int64_t source = 0;
+    if (loads) {
+      source = params.gather.rows[work.row_start + int64_t(work.m_block) * kTileM + tile_row];
+      source = cute::max(int64_t(-1), cute::min(source, int64_t(INT32_MAX)));
+    }
+    return {int32_t(source), int32_t(tile_row), loads};
+  }
+
+  // One k-block of a gathered row: a one-row TMA box into the row's place in the stage (GatheredTokenRows).
+  CUTLASS_DEVICE static void load_gathered_row(Params const& params, uint64_t& barrier, GatheredRow const& row,
+                                               int k_block, int stage, SharedStorage& shared_storage) {
+    using SmemLayoutA = typename CollectiveMainloop::SmemLayoutA;
+    static_assert(kTokenRowBytes == 128 &&
+                      cute::is_same_v<decltype(cute::get_swizzle_portion(SmemLayoutA{})), cute::Swizzle<3, 4, 3>> &&
+                      token_rows_are_contiguous<SmemLayoutA, kTileM, kTileK>(),
+                  "gathered rows: 128-byte rows under the 128-byte swizzle, one after another in each stage");
+    if (row.loads) {
+      auto* smem_row = shared_storage.tensors.smem_A.data() + (stage * kTileM + row.tile_row) * kTileK;
+      cute::SM90_TMA_LOAD_2D::copy(&params.gather.tma_load_row, &barrier,
+                                   uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL), smem_row, k_block * kTileK,
+                                   row.source);
+    }
+  }
+
+  // kGatherA, the producer warpgroup's warps 1-3: thread `tile_row` (32 to 127) loads that row of every token
+  // tile, following the units that warp 0 decodes, into the stages that thread 0 arms (produce()). A thread
+  // whose row is past the expert skips the tile's stages without waiting for them.
+  CUTLASS_DEVICE static void load_gathered_rows(Params const& params, MainloopPipeline& pipeline,
+                                                TilePipeline& tile_pipeline, SharedStorage& shared_storage,
+                                                int tile_row) {
+    TilePipelineState tile_read;
+    PipelineState state = cutlass::make_producer_start_state<MainloopPipeline>();
+    while (true) {
+      DecodedUnit const unit = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
+      if (!unit.work.valid) {
+        return;
+      }
+      GatheredRow const row = gathered_row(params, unit.work, tile_row);
+      if (row.loads) {
+        PipelineState load_state = state;
+        for (int k = 0; k < unit.k_blocks.count; ++k) {
+          pipeline.producer_acquire(load_state);  // waits: thread 0 alone arms the barrier
+          load_gathered_row(params, *pipeline.producer_get_barrier(load_state), row, unit.k_blocks.begin + k,
+                            load_state.index(), shared_storage);
+          ++load_state;
+        }
+      }
+      state.advance(unit.k_blocks.count);
     }
   }
 

@@ -1,7 +1,8 @@
 // Host side of one kernel configuration: the CUTLASS collective mainloop for a (dtype, weight layout,
 // tile) triple, derived from the configuration's row of csrc/moe_tile_configs.h, and its launch as the
-// call's plan says. Each instantiation lives in its own .cu file (csrc/instantiations/, written by
-// csrc/generate_instantiations.py) so that the build compiles them in parallel.
+// call's plan says. Each instantiation (and each configuration's gathering one, where its row has one) lives
+// in its own .cu file (csrc/instantiations/, written by csrc/generate_instantiations.py) so that the build
+// compiles them in parallel.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,7 @@ struct TileTraits {
   static_assert(kConfig != TileConfig::kAuto && kInfo.config == kConfig, "a configuration of the table");
   static constexpr bool kSwapAB = kInfo.swap_ab;
   static constexpr bool kHasSplitK = kInfo.split_k;
+  static constexpr bool kHasGatherA = kInfo.gather_a;
   static constexpr int kGroupM = kInfo.group_m;
   using TileShape = cute::Shape<cute::Int<kSwapAB ? kInfo.tile_n : kInfo.tile_m>,
                                 cute::Int<kSwapAB ? kInfo.tile_m : kInfo.tile_n>, cute::Int<kInfo.tile_k>>;
@@ -54,13 +56,13 @@ struct Sm90MoeGemmConfig {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(kTileRows)>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  template <bool kSplitK>
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK, kSwapAB>;
+  template <bool kSplitK, bool kGatherA>
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK, kSwapAB, kGatherA>;
 };
 
-template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kSplitK>
+template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, bool kSplitK>
 cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan const& plan, cudaStream_t stream) {
-  using Kernel = typename Sm90MoeGemmConfig<kDType, kBNMajor, kConfig>::template Kernel<kSplitK>;
+  using Kernel = typename Sm90MoeGemmConfig<kDType, kBNMajor, kConfig>::template Kernel<kSplitK, kGatherA>;
   typename Kernel::Arguments const args{p.a,
                                         p.lda,
                                         p.b,
@@ -78,7 +80,9 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan con
                                         kSplitK ? plan.split_k : 1,
                                         plan.dynamic_schedule,
                                         p.workspace,
-                                        plan.workspace};
+                                        plan.workspace,
+                                        p.gather_rows,
+                                        p.gather_source_rows};
   typename Kernel::Params params{};
   if (cudaError_t status = Kernel::to_underlying_arguments(args, params); status != cudaSuccess) {
     return status;
@@ -88,20 +92,23 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan con
 
 // Split-K has its own kernel, for the configurations whose row says so (the heuristic splits problems
 // of few rows per expert, which get those tiles; one extra instantiation per file keeps the build short).
-template <DType kDType, bool kBNMajor, TileConfig kConfig>
+// kGatherA (rows of A gathered through params.gather_rows) is a separate instantiation, of the configurations
+// whose row has one.
+template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA>
 cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan const& plan, cudaStream_t stream) {
+  static_assert(!kGatherA || TileTraits<kConfig>::kHasGatherA, "a configuration with a gathering kernel");
   if constexpr (TileTraits<kConfig>::kHasSplitK) {
     if (plan.split_k > 1) {
-      return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, true>(p, plan, stream);
+      return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, kGatherA, true>(p, plan, stream);
     }
   }
-  return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, false>(p, plan, stream);
+  return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, kGatherA, false>(p, plan, stream);
 }
 
 }  // namespace moe_gemm
 
-// One explicit instantiation per .cu file.
-#define MOE_GEMM_INSTANTIATE(DTYPE, B_N_MAJOR, CONFIG)                                         \
+// One explicit instantiation per .cu file: a configuration's kernel, or (GATHER_A true) its gathering one.
+#define MOE_GEMM_INSTANTIATE(DTYPE, B_N_MAJOR, CONFIG, GATHER_A)                               \
   template cudaError_t moe_gemm::run_sm90_moe_gemm<moe_gemm::DType::DTYPE, B_N_MAJOR,          \
-                                                   moe_gemm::TileConfig::CONFIG>(               \
+                                                   moe_gemm::TileConfig::CONFIG, GATHER_A>(     \
       moe_gemm::GroupedGemmParams const&, moe_gemm::GroupedGemmPlan const&, cudaStream_t);

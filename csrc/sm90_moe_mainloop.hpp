@@ -17,7 +17,8 @@
 namespace moe_gemm {
 
 // Both kernels' warpgroups: the producer's warp 0 decodes the tiles and issues the TMA loads (its other
-// warps idle), the two consumer warpgroups run the MMAs and the epilogue.
+// warps idle, except in the forward kernel that gathers A's rows: there they load rows too), the two
+// consumer warpgroups run the MMAs and the epilogue.
 enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
 
 // A thread's place in the warp roles (the MMA threads are numbered mma_thread_idx = 0 .. num_mma_threads - 1).
@@ -54,14 +55,16 @@ CUTLASS_DEVICE void run_sm90_kernel(typename Kernel::Params const& params, char*
 constexpr uint32_t kLoadRegisters = 40;
 constexpr uint32_t kMmaRegisters = 232;
 
-// Runs produce() on the producer warpgroup's warp 0 (its other warps idle) and consume() on the MMA
-// warpgroups, with the registers moved from the one to the others.
-template <class Produce, class Consume>
-CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, Consume&& consume) {
+// Runs produce() on the producer warpgroup's warp 0, assist() on its warps 1-3 and consume() on the MMA
+// warpgroups, with the registers moved from the producer warpgroup to the others.
+template <class Produce, class Assist, class Consume>
+CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, Assist&& assist, Consume&& consume) {
   if (roles.warp_group_role == WarpGroupRole::Producer) {
     cutlass::arch::warpgroup_reg_dealloc<kLoadRegisters>();
     if (roles.warp_idx_in_warp_group == 0) {
       produce();
+    } else {
+      assist();
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<kMmaRegisters>();
@@ -69,13 +72,23 @@ CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, C
   }
 }
 
+// The same with the producer warpgroup's warps 1-3 idle.
+template <class Produce, class Consume>
+CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, Consume&& consume) {
+  run_warp_groups(roles, produce, [] {}, consume);
+}
+
 // The pipeline of the operand stages, from the producer warp to the MMA warpgroups (num_consumers threads).
+// With assisting_warps the producer warpgroup's warps 1-3 (run_warp_groups' assist()) wait for stages and load
+// into them too (the forward kernel that gathers A's rows); thread 0 alone arms each stage's barrier either way.
 template <class MainloopPipeline, class ClusterShape>
 CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline::SharedStorage& storage,
                                                        WarpRoles const& roles, uint32_t num_consumers,
-                                                       uint32_t transaction_bytes, ClusterShape cluster_shape) {
+                                                       uint32_t transaction_bytes, ClusterShape cluster_shape,
+                                                       bool assisting_warps = false) {
   typename MainloopPipeline::Params params;
-  if (roles.warp_group_role == WarpGroupRole::Producer && roles.warp_idx_in_warp_group == 0) {
+  if (roles.warp_group_role == WarpGroupRole::Producer &&
+      (roles.warp_idx_in_warp_group == 0 || assisting_warps)) {
     params.role = MainloopPipeline::ThreadCategory::Producer;
   }
   if (roles.warp_group_role != WarpGroupRole::Producer) {
@@ -88,14 +101,16 @@ CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline
   return MainloopPipeline(storage, params, cluster_shape);
 }
 
-// The small pipeline through which the producer warp hands each decoded tile to the MMA warpgroups
-// (consumer_arrivals threads read every slot; take_tile_slot below).
+// The small pipeline through which the producer warp hands each decoded tile to the MMA warpgroups, and
+// with assisting_warps to the producer warpgroup's warps 1-3 as well (consumer_arrivals threads read every
+// slot; take_tile_slot below).
 template <class TilePipeline>
 CUTLASS_DEVICE TilePipeline make_tile_pipeline(typename TilePipeline::SharedStorage& storage, WarpRoles const& roles,
-                                               uint32_t consumer_arrivals) {
+                                               uint32_t consumer_arrivals, bool assisting_warps = false) {
   typename TilePipeline::Params params;
   params.role = roles.warp_group_role != WarpGroupRole::Producer ? TilePipeline::ThreadCategory::Consumer
                 : roles.warp_idx_in_warp_group == 0             ? TilePipeline::ThreadCategory::Producer
+                : assisting_warps                              ? TilePipeline::ThreadCategory::Consumer
                                                                 : TilePipeline::ThreadCategory::NonParticipant;
   params.producer_arv_count = 1;
   params.consumer_arv_count = consumer_arrivals;

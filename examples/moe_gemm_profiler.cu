@@ -5,6 +5,7 @@
 //   cmake -S . -B build && cmake --build build -j
 //   ./build/moe_gemm_profiler --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048
 //   ./build/moe_gemm_profiler --sizes=0,5,300,0,17 --n=256 --k=512 --layout=kn --dtype=fp16
+//   ./build/moe_gemm_profiler --gather --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048   (A's rows gathered)
 //   ./build/moe_gemm_profiler --wgrad --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048   (weight gradient)
 //   ncu --set full ./build/moe_gemm_profiler --tokens=16384 --ncu     (one launch, nothing else)
 //
@@ -57,6 +58,7 @@ struct Options {
   bool ncu = false;              // a single launch for Nsight Compute: no warm-up, no verification
   bool wgrad = false;            // the weight gradient grad_W[e] = grad_y_e^T @ x_e instead of the forward
   bool accumulate = false;       // --wgrad: add into a float32 gradient (main-grad) instead of writing one
+  bool gather = false;           // row r of A is row (r * 7919) % T of a [T = M / topk, K] source (grouped_mm_gather)
   int seed = 0;
   bool help = false;
 
@@ -83,6 +85,7 @@ struct Options {
     ncu = cmd.check_cmd_line_flag("ncu");
     wgrad = cmd.check_cmd_line_flag("wgrad");
     accumulate = cmd.check_cmd_line_flag("accumulate");
+    gather = cmd.check_cmd_line_flag("gather");
     if (!sizes.empty()) {
       experts = int(sizes.size());
     }
@@ -110,7 +113,10 @@ struct Options {
         "  --ncu                             one launch, for profiling under ncu\n"
         "  --wgrad [--accumulate]            the weight gradient grad_W[e] = grad_y_e^T x_e ([E, N, K], [E, K, N]\n"
         "                                    with --layout=kn), K-grouped over each expert's rows; --accumulate\n"
-        "                                    adds it into a float32 buffer\n",
+        "                                    adds it into a float32 buffer\n"
+        "  --gather                          A's rows gathered from a [T, K] source, T = M / topk: row r reads\n"
+        "                                    source row (r * 7919) %% T (duplicates and a scattered order, as the MoE\n"
+        "                                    layer's tokens; configurations with a gathering kernel only)\n",
         configs.c_str());
   }
 };
@@ -165,10 +171,11 @@ __global__ void fill_small_integers(Element* ptr, int64_t count, uint32_t seed) 
   }
 }
 
-// One thread per output element; float accumulation, exact for the integer inputs used here.
+// One thread per output element; float accumulation, exact for the integer inputs used here. Row r of A is row
+// gather_rows[r] of `a` (row r without a gather).
 template <class Element>
-__global__ void reference_grouped_gemm(Element const* a, Element const* b, float* d, int const* row_expert,
-                                       int64_t rows, int64_t n, int64_t k, bool b_n_major) {
+__global__ void reference_grouped_gemm(Element const* a, int64_t const* gather_rows, Element const* b, float* d,
+                                       int const* row_expert, int64_t rows, int64_t n, int64_t k, bool b_n_major) {
   int64_t const idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= rows * n) return;
   int64_t const row = idx / n, col = idx % n;
@@ -178,10 +185,11 @@ __global__ void reference_grouped_gemm(Element const* a, Element const* b, float
     return;
   }
   Element const* b_e = b + int64_t(e) * n * k;
+  Element const* a_row = a + (gather_rows != nullptr ? gather_rows[row] : row) * k;
   float sum = 0.f;
   for (int64_t i = 0; i < k; ++i) {
     float const bv = b_n_major ? float(b_e[i * n + col]) : float(b_e[col * k + i]);
-    sum += float(a[row * k + i]) * bv;
+    sum += float(a_row[i]) * bv;
   }
   d[idx] = sum;
 }
@@ -262,15 +270,25 @@ int run(Options const& opt) {
   std::vector<int> row_expert(M, -1);
   for (int e = 0, row = 0; e < E; ++e)
     for (int i = 0; i < sizes[e]; ++i) row_expert[row++] = e;
+  // --gather: `a` holds the source's T rows; row r of A reads source row (r * 7919) % T, so that rows repeat (the
+  // MoE layer's tokens appear topk times) in a scattered order.
+  int64_t const a_rows = opt.gather ? std::max<int64_t>(1, M / std::max(1, opt.topk)) : M;
+  std::vector<int64_t> gather_rows(opt.gather ? M : 0);
+  for (int64_t r = 0; r < int64_t(gather_rows.size()); ++r) gather_rows[r] = r * 7919 % a_rows;
 
   Element *a, *b, *d;
   int *m_sizes, *dev_row_expert;
+  int64_t* dev_gather_rows = nullptr;
   float* ref;
-  CHECK_CUDA(cudaMalloc(&a, std::max<int64_t>(1, M * K) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&a, std::max<int64_t>(1, a_rows * K) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&b, std::max<int64_t>(1, b_count) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&d, std::max<int64_t>(1, M * N) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&m_sizes, std::max(1, E) * sizeof(int)));
-  fill_small_integers<<<1024, 256>>>(a, M * K, uint32_t(opt.seed) * 2 + 1);
+  if (opt.gather) {
+    CHECK_CUDA(cudaMalloc(&dev_gather_rows, std::max<int64_t>(1, M) * sizeof(int64_t)));
+    CHECK_CUDA(cudaMemcpy(dev_gather_rows, gather_rows.data(), M * sizeof(int64_t), cudaMemcpyHostToDevice));
+  }
+  fill_small_integers<<<1024, 256>>>(a, a_rows * K, uint32_t(opt.seed) * 2 + 1);
   fill_small_integers<<<1024, 256>>>(b, b_count, uint32_t(opt.seed) * 2 + 2);
   CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaMemcpy(m_sizes, sizes.data(), E * sizeof(int), cudaMemcpyHostToDevice));
@@ -292,6 +310,8 @@ int run(Options const& opt) {
   params.ldb = params.b_n_major ? N : K;
   params.batch_stride_b = N * K;
   params.ldd = N;
+  params.gather_rows = dev_gather_rows;
+  params.gather_source_rows = opt.gather ? a_rows : 0;
   moe_gemm::PlanOverride plan_override;
   plan_override.dynamic_schedule = opt.dynamic;
   plan_override.split_k = opt.split_k;
@@ -309,6 +329,10 @@ int run(Options const& opt) {
     return 1;
   }
   moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, plan_override);
+  if (char const* problem = moe_gemm::check_grouped_gemm_plan(params, plan)) {
+    std::fprintf(stderr, "cannot run --config=%s%s: %s\n", opt.config.c_str(), opt.gather ? " --gather" : "", problem);
+    return 1;
+  }
   params.workspace = allocate_workspace(plan.workspace.total_bytes);
   auto launch = [&]() { CHECK_CUDA(moe_gemm::run_grouped_gemm(params, plan, nullptr)); };
   if (!first_launch(opt, launch)) {
@@ -322,8 +346,8 @@ int run(Options const& opt) {
     CHECK_CUDA(cudaMemcpy(dev_row_expert, row_expert.data(), M * sizeof(int), cudaMemcpyHostToDevice));
     int64_t const elements = M * N;
     if (elements > 0) {
-      reference_grouped_gemm<<<unsigned((elements + 255) / 256), 256>>>(a, b, ref, dev_row_expert, M, N, K,
-                                                                        params.b_n_major);
+      reference_grouped_gemm<<<unsigned((elements + 255) / 256), 256>>>(a, dev_gather_rows, b, ref, dev_row_expert,
+                                                                        M, N, K, params.b_n_major);
       CHECK_CUDA(cudaGetLastError());
     }
     std::vector<Element> out(M * N);
@@ -344,15 +368,17 @@ int run(Options const& opt) {
   double const ms = time_launches(opt, launch);
   double const flops = 2.0 * rows_routed * N * K;
   double const bytes = (double(experts_hit) * N * K + double(M) * K + double(M) * N) * sizeof(Element);
-  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s schedule=%s split_k=%d\n", E,
+  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=%s layout=%s config=%s schedule=%s split_k=%d%s\n", E,
               experts_hit, (long long)M, (long long)N, (long long)K, opt.dtype.c_str(), opt.layout.c_str(),
-              moe_gemm::tile_config_name(plan.config), plan.dynamic_schedule ? "dynamic" : "static", plan.split_k);
+              moe_gemm::tile_config_name(plan.config), plan.dynamic_schedule ? "dynamic" : "static", plan.split_k,
+              opt.gather ? (" gather from " + std::to_string(a_rows) + " rows").c_str() : "");
   print_time(ms, flops, bytes);
 
   CHECK_CUDA(cudaFree(a));
   CHECK_CUDA(cudaFree(b));
   CHECK_CUDA(cudaFree(d));
   CHECK_CUDA(cudaFree(m_sizes));
+  if (dev_gather_rows) CHECK_CUDA(cudaFree(dev_gather_rows));
   if (params.workspace) CHECK_CUDA(cudaFree(params.workspace));
   return passed ? 0 : 1;
 }
@@ -484,6 +510,10 @@ int main(int argc, char const** argv) {
   if (opt.help) {
     Options::usage();
     return 0;
+  }
+  if (opt.wgrad && opt.gather) {
+    std::fprintf(stderr, "--gather is a forward option: the weight gradient reads its rows in place\n");
+    return 1;
   }
   if (opt.wgrad) {
     if (opt.dtype == "fp16") return run_wgrad<cutlass::half_t>(opt);

@@ -4,6 +4,12 @@ The ops (``torch.ops.moe_gemm.<name>``):
 
 - ``grouped_mm(x, weight, m_sizes, weight_transposed=False)``: ``y = x_e @ W[e].T`` per expert (``@ W[e]`` when
   ``weight_transposed``), ``[M, N]``, rows past the last expert zero.
+- ``grouped_mm_gather(x, gather_rows, weight, m_sizes, weight_transposed=False)``: ``grouped_mm`` of
+  ``x.index_select(0, gather_rows)`` without the copy (``y[r] = x[gather_rows[r]] @ W[e].T`` for the rows ``r`` of
+  expert ``e``), ``[gather_rows.numel(), N]``; the MoE layer's up-projection of ``hidden[token_of_row]``. No autograd:
+  the layer calls it below its own. The CUDA kernel does not check the indices (a pass over them, or a sync, would
+  cost what the gather saves): one outside ``[0, x.shape[0])`` is the caller's bug, as with ``index_select``'s device
+  assert; the kernel then reads a row of zeros, never memory outside ``x``. The PyTorch path raises (IndexError).
 - ``grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
   (``x_e.T @ grad_y_e`` when ``weight_transposed``), shaped like the weight, in the dtype of ``x``.
 - ``grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes, weight_transposed=False)``: the same gradient added
@@ -62,6 +68,9 @@ _C, _EXTENSION_UNAVAILABLE_REASON = _load_extension()
 
 SCHEMAS = {
     "grouped_mm": "(Tensor x, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
+    "grouped_mm_gather": (
+        "(Tensor x, Tensor gather_rows, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor"
+    ),
     "grouped_mm_wgrad": "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
     "grouped_mm_wgrad_accumulate_": (
         "(Tensor(a!) main_grad, Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> ()"
@@ -245,6 +254,13 @@ def grouped_mm_torch(x, weight, m_sizes, weight_transposed=False):
     return out
 
 
+def grouped_mm_gather_torch(x, gather_rows, weight, m_sizes, weight_transposed=False):
+    """``moe_gemm::grouped_mm_gather`` in PyTorch ops: ``grouped_mm_torch`` of ``x.index_select(0, gather_rows)``
+    (which raises for an index outside ``[0, x.shape[0])``)."""
+    _validation.check_gather_rows(x, gather_rows)
+    return grouped_mm_torch(x.index_select(0, gather_rows), weight, m_sizes, weight_transposed)
+
+
 def _empty_groups(m_sizes: torch.Tensor, ends: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``[E]`` bool: the experts that own no row (``ends`` from ``clamped_group_ends(m_sizes, num_rows)``), on the
     device, without a sync."""
@@ -320,6 +336,7 @@ def grouped_mm_wgrad_accumulate_torch(main_grad, x, grad_y, m_sizes, weight_tran
 # With _C loaded, its kernels serve CUDA tensors; without it the PyTorch ones do.
 _TORCH_PATH_DEVICES = ("cpu",) if _C is not None else ("cpu", "cuda")
 torch.library.register_kernel("moe_gemm::grouped_mm", _TORCH_PATH_DEVICES, grouped_mm_torch)
+torch.library.register_kernel("moe_gemm::grouped_mm_gather", _TORCH_PATH_DEVICES, grouped_mm_gather_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", _TORCH_PATH_DEVICES, grouped_mm_wgrad_torch)
 torch.library.register_kernel(
     "moe_gemm::grouped_mm_wgrad_accumulate_", _TORCH_PATH_DEVICES, grouped_mm_wgrad_accumulate_torch
@@ -330,6 +347,12 @@ torch.library.register_kernel(
 def _grouped_mm_fake(x, weight, m_sizes, weight_transposed=False):
     n = weight.shape[2] if weight_transposed else weight.shape[1]
     return x.new_empty(x.shape[0], n)
+
+
+@torch.library.register_fake("moe_gemm::grouped_mm_gather")
+def _grouped_mm_gather_fake(x, gather_rows, weight, m_sizes, weight_transposed=False):
+    n = weight.shape[2] if weight_transposed else weight.shape[1]
+    return x.new_empty(gather_rows.shape[0], n)
 
 
 @torch.library.register_fake("moe_gemm::grouped_mm_wgrad")
@@ -356,9 +379,9 @@ def call_below_autograd(op, *args):
 
 
 def gemm_op(name: str, device: torch.device):
-    """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_wgrad`` or ``grouped_mm_wgrad_accumulate_``)
-    for tensors on ``device``: the op, or its PyTorch path on a CUDA device where the extension is loaded but cannot
-    run (the op's CUDA kernel there would refuse it)."""
+    """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_gather``, ``grouped_mm_wgrad`` or
+    ``grouped_mm_wgrad_accumulate_``) for tensors on ``device``: the op, or its PyTorch path on a CUDA device where the
+    extension is loaded but cannot run (the op's CUDA kernel there would refuse it)."""
     if device.type == "cuda" and _C is not None and not kernels_available(device):
         # Looked up by name at each call (grouped_mm -> grouped_mm_torch, ...), as the module's attribute.
         return globals()[name.rstrip("_") + "_torch"]

@@ -16,8 +16,9 @@ blocks must nest across threads too: they must end in the reverse order of their
 later one is still open raises RuntimeError (after removing its own override, so the open ones stay in effect).
 Without the CUDA extension the arguments are still checked and the block changes nothing.
 
-The override reaches the forward and data-gradient GEMMs (``grouped_mm``); the weight gradient has one
-configuration and ignores it. :func:`resolved_plan` says what a call of given sizes would run with now.
+The override reaches the forward and data-gradient GEMMs (``grouped_mm``) and the gathering forward
+(``grouped_mm_gather``, which refuses a configuration outside :data:`GATHER_TILE_CONFIGS`); the weight gradient has
+one configuration and ignores it. :func:`resolved_plan` says what a call of given sizes would run with now.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ TILE_CONFIGS: tuple[str, ...] = ("auto", "128x256", "128x128", "128x256c2x1", "1
 # The configurations with a split-K kernel (the split_k column of the C++ table): only these take split_k > 1.
 # tests/test_testing.py checks this list against the table too.
 SPLIT_K_TILE_CONFIGS: tuple[str, ...] = ("128x128", "16x128s", "32x128s")
+# The configurations with a kernel that gathers A's rows (the gather_a column): grouped_mm_gather runs only these,
+# and refuses an override that names another. tests/test_testing.py checks this list against the table too.
+GATHER_TILE_CONFIGS: tuple[str, ...] = ("128x256", "128x128")
 
 
 def _extension() -> ModuleType | None:
@@ -135,12 +139,15 @@ def plan_override(override: PlanOverride | None = None, **fields) -> Iterator[Pl
                 "after it was still open (that one stays in effect)")
 
 
-def resolved_plan(M: int, N: int, K: int, E: int) -> tuple[str, int, bool]:
+def resolved_plan(M: int, N: int, K: int, E: int, gather: bool = False) -> tuple[str, int, bool]:
     """The plan a ``grouped_mm`` call with x [M, K], weight [E, N, K] (or [E, K, N]) would run with now, on the
-    current CUDA device and under the current override: ``(tile_config, split_k, dynamic_schedule)``.
-    ``("auto", 1, False)`` when there is nothing to multiply. Needs the CUDA extension (RuntimeError without)."""
+    current CUDA device and under the current override: ``(tile_config, split_k, dynamic_schedule)``; with
+    ``gather``, that of a ``grouped_mm_gather`` call of M gathered rows. ``("auto", 1, False)`` when there is
+    nothing to multiply. Needs the CUDA extension (RuntimeError without)."""
     extension = _extension()
     if extension is None or not hasattr(extension, "plan_grouped_gemm"):
         raise RuntimeError("resolved_plan needs the CUDA extension moe_gemm._C (built, and recent enough)")
-    tile_config, split_k, dynamic_schedule = extension.plan_grouped_gemm(int(M), int(N), int(K), int(E))
+    sizes = (int(M), int(N), int(K), int(E))
+    tile_config, split_k, dynamic_schedule = extension.plan_grouped_gemm(*sizes, True) if gather else (
+        extension.plan_grouped_gemm(*sizes))
     return tile_config, split_k, bool(dynamic_schedule)

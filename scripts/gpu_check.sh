@@ -70,6 +70,11 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--sizes=0,31,32,0,17,1,33,16 --n=2880 --k=2880 --config=32x128s --extra_rows=9" \
               "--experts=128 --tokens=384 --topk=8 --n=1536 --k=2048 --config=32x128s --dynamic=1 --layout=kn --dtype=fp16" \
               "--sizes=300,0,129,5 --n=264 --k=2504 --config=32x128s --split_k=3 --extra_rows=9" \
+              "--gather --sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --config=128x128 --extra_rows=9" \
+              "--gather --experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed --config=128x256 --dynamic=1 --layout=kn --dtype=fp16" \
+              "--gather --sizes=1,64,65,300,2,193,63 --n=2880 --k=576 --config=128x256 --dynamic=0 --extra_rows=9" \
+              "--gather --sizes=300,0,129,5 --n=264 --k=2504 --config=128x128 --split_k=7 --layout=kn --dtype=fp16 --extra_rows=9" \
+              "--gather --experts=128 --tokens=4096 --topk=8 --n=1536 --k=768" \
               "--wgrad --sizes=0,5,300,0,17 --n=256 --k=520 --extra_rows=9" \
               "--wgrad --accumulate --sizes=64,0,129,1000 --n=136 --k=264 --layout=kn --dtype=fp16" \
               "--wgrad --experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed" \

@@ -51,10 +51,13 @@ def test_the_static_names_are_the_cpp_table():
 
 
 def test_the_instantiations_are_generated_from_the_table():
-    # One forward .cu per dtype x layout x configuration of the table, four weight-gradient ones, nothing else.
+    # One forward .cu per dtype x layout x configuration of the table, a gathering one more for each configuration
+    # whose gather_a column is true, four weight-gradient ones, nothing else.
     generator = load_generator()
     expected = {f"sm90_moe_gemm_{dtype}_{layout}_{config}.cu"
                 for dtype in generator.DTYPES for layout in generator.WEIGHT_LAYOUTS for config in generator.tile_configs()}
+    expected |= {f"sm90_moe_gemm_{dtype}_{layout}_{config}_gather.cu" for dtype in generator.DTYPES
+                 for layout in generator.WEIGHT_LAYOUTS for config in generator.gather_tile_configs()}
     expected |= {f"sm90_moe_wgrad_{dtype}_{out}.cu" for dtype in generator.DTYPES for out in generator.WGRAD_OUTPUTS}
     assert {path.name for path in (ROOT / "csrc" / "instantiations").glob("*.cu")} == expected
 
@@ -143,16 +146,23 @@ def test_an_override_must_be_a_plan_override(no_extension):
 
 
 def table_rows():
-    """The C++ table's rows (csrc/moe_tile_configs.h) as {name: split_k column}."""
+    """The C++ table's rows (csrc/moe_tile_configs.h) as {name: (split_k column, gather_a column)}."""
     import re
-    row = re.compile(r'^\s*X\(k\w+,\s*"([^"]+)",(?:\s*\d+,){5}\s*(?:true|false),\s*(true|false),', re.MULTILINE)
-    rows = dict(row.findall((ROOT / "csrc" / "moe_tile_configs.h").read_text()))
+    row = re.compile(r'^\s*X\(k\w+,\s*"([^"]+)",(?:\s*\d+,){5}\s*(?:true|false),\s*(true|false),\s*(true|false),',
+                     re.MULTILINE)
+    table = (ROOT / "csrc" / "moe_tile_configs.h").read_text()
+    rows = {name: (split, gather) for name, split, gather in row.findall(table)}
     assert set(rows) == set(testing.TILE_CONFIGS[1:])
     return rows
 
 
 def test_the_split_k_names_are_the_cpp_tables_split_k_column():
-    assert set(testing.SPLIT_K_TILE_CONFIGS) == {name for name, split in table_rows().items() if split == "true"}
+    assert set(testing.SPLIT_K_TILE_CONFIGS) == {name for name, (split, _) in table_rows().items() if split == "true"}
+
+
+def test_the_gather_names_are_the_cpp_tables_gather_a_column():
+    assert set(testing.GATHER_TILE_CONFIGS) == {name for name, (_, gather) in table_rows().items() if gather == "true"}
+    assert set(testing.GATHER_TILE_CONFIGS) == set(load_generator().gather_tile_configs())
 
 
 @pytest.mark.parametrize("name", [name for name in testing.TILE_CONFIGS if name not in testing.SPLIT_K_TILE_CONFIGS])
@@ -219,4 +229,5 @@ def test_resolved_plan_asks_the_extension(monkeypatch):
     fake = types.SimpleNamespace(plan_grouped_gemm=lambda *sizes: calls.append(sizes) or ("16x128s", 2, 0))
     monkeypatch.setattr(testing, "_extension", lambda: fake)
     assert testing.resolved_plan(2, 4096, 14336, 8) == ("16x128s", 2, False)
-    assert calls == [(2, 4096, 14336, 8)]
+    assert testing.resolved_plan(2, 4096, 14336, 8, gather=True) == ("16x128s", 2, False)
+    assert calls == [(2, 4096, 14336, 8), (2, 4096, 14336, 8, True)]
