@@ -366,6 +366,17 @@ def _grouped_mm_wgrad_accumulate_fake(main_grad, x, grad_y, m_sizes, weight_tran
     return None
 
 
+# As choose_tile_config (csrc/moe_gemm.cpp): from 32 rows per expert on, the plan runs 128-row tiles, which have
+# gathering kernels; below, the swapped decode tiles, which do not, and the copy of so few rows costs little.
+GATHER_MIN_ROWS_PER_EXPERT = 32
+
+
+def gather_in_gemm(num_rows: int, num_experts: int) -> bool:
+    """Whether the layer's up-projection reads its token rows through ``grouped_mm_gather`` rather than from a copy:
+    e.g. 32768 tokens of top-8 over 128 experts (2048 rows each) gather; 8 tokens (0.5 rows each) copy."""
+    return num_rows // max(1, min(num_experts, num_rows)) >= GATHER_MIN_ROWS_PER_EXPERT
+
+
 def call_below_autograd(op, *args):
     """``op(*args)`` straight to its CPU or CUDA kernel, skipping its Autograd kernel: for eager calls whose
     gradient is handled by the caller's own autograd.Function. The Autograd kernel that torch.library.register_autograd

@@ -111,17 +111,22 @@ def grouped_weight_grad(
     return main_grad
 
 
-def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_name="weight"):
+def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_name="weight", gather_rows=None):
     """Validated forward, below autograd: returns ``(y, weight_read, weight_transposed_read)``; a weight whose memory
     is the other layout is read through its transposed view (``weight_read`` is that view). Errors name ``x_name``
-    and ``weight_name``. Takes the PyTorch path where ``_ops.kernels_available(x.device)`` is False."""
+    and ``weight_name``. Takes the PyTorch path where ``_ops.kernels_available(x.device)`` is False. With
+    ``gather_rows``, the GEMM's rows are ``x[gather_rows]``, read in place (``grouped_mm_gather``)."""
     kernels = _kernels_for(x)
     weight_read, flag = _validation.validate(
         x, weight, m_sizes, weight_transposed, cuda_kernel=kernels, x_name=x_name, weight_name=weight_name
     )
     m_sizes = m_sizes.contiguous()
-    _check_sizes_if_asked(m_sizes, x.shape[0])
-    y = call_below_autograd(_ops.gemm_op("grouped_mm", x.device), x, weight_read, m_sizes, flag)
+    if gather_rows is None:
+        _check_sizes_if_asked(m_sizes, x.shape[0])
+        y = call_below_autograd(_ops.gemm_op("grouped_mm", x.device), x, weight_read, m_sizes, flag)
+    else:
+        _check_sizes_if_asked(m_sizes, gather_rows.shape[0])
+        y = call_below_autograd(_ops.gemm_op("grouped_mm_gather", x.device), x, gather_rows, weight_read, m_sizes, flag)
     return y, weight_read, flag
 
 

@@ -405,11 +405,16 @@ class _ExpertsFunction(torch.autograd.Function):
         else:
             m_sizes, expert_of_row, pair_of_row, row_of_pair, _ = sort_pairs(ids, num_experts)
             token_of_row = pair_of_row // max(top_k, 1)
-        x_sorted = hidden.index_select(0, token_of_row)
-        gate_up, gate_up_read, gate_up_flag = _expert_gemm(
-            x_sorted, gate_up_proj, m_sizes, weight_transposed, x_name="hidden", weight_name="gate_up_proj"
-        )
-        del x_sorted
+        names = {"x_name": "hidden", "weight_name": "gate_up_proj"}
+        if _ops.gather_in_gemm(token_of_row.shape[0], num_experts):
+            # The GEMM reads hidden[token_of_row] in place: no [T * k, H] copy.
+            gate_up, gate_up_read, gate_up_flag = _expert_gemm(
+                hidden, gate_up_proj, m_sizes, weight_transposed, gather_rows=token_of_row, **names
+            )
+        else:
+            x_sorted = hidden.index_select(0, token_of_row)
+            gate_up, gate_up_read, gate_up_flag = _expert_gemm(x_sorted, gate_up_proj, m_sizes, weight_transposed, **names)
+            del x_sorted
         # Dropped rows (expert E) borrow the last expert's bias: combine ignores them and gives them zero gradient.
         bias_row = None
         if gate_up_bias is not None or down_bias is not None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import assert_close_to_reference
 
 import moe_gemm
+from moe_gemm import _ops
 from moe_gemm.layer import gated_activation
 from moe_gemm.reference import experts_forward_reference, route_reference
 
@@ -422,3 +423,19 @@ def test_from_modules_needs_biases_in_every_expert_or_none():
     experts = torch.nn.ModuleList([Expert(True), Expert(True), Expert(False)])
     with pytest.raises(ValueError, match="biases in every expert or in none: expert 0 has them, expert 2 has none"):
         moe_gemm.MoEExperts.from_modules(experts)
+
+
+@pytest.mark.parametrize("num_tokens, expect_gather", [(96, True), (24, False)])
+def test_up_projection_gathers_its_rows_from_32_rows_per_expert(num_tokens, expect_gather, monkeypatch):
+    # From 32 rows per expert (4 experts, top-2: 96 tokens give 48 rows each) the up-projection reads hidden's rows
+    # through grouped_mm_gather, below from a copy; the values are the per-token float64 reference's either way.
+    inputs, options = make_experts_problem(num_tokens, 4, 2, sentinels=0.1)
+    names = []
+    gemm_op = _ops.gemm_op
+    monkeypatch.setattr(_ops, "gemm_op", lambda name, device: names.append(name) or gemm_op(name, device))
+    out = moe_gemm.experts_forward(**inputs, **options)
+    assert ("grouped_mm_gather" in names) == expect_gather and names.count("grouped_mm") == (1 if expect_gather else 2)
+    expected = experts_forward_reference(
+        inputs["hidden"], inputs["top_k_index"], inputs["top_k_weights"], inputs["gate_up_proj"], inputs["down_proj"]
+    )
+    assert_close_to_reference(out, expected)
