@@ -551,8 +551,11 @@ class Sm90MoeGemmKernel {
       }();
       Tensor tAgA = cta_tma_a.partition_S(gA);
       Tensor tBgB = cta_tma_b.partition_S(gB);
-      // Token rows of the expert in this CTA's m-block (<= 0 for a 2x1 cluster's CTA past its end).
-      int32_t const token_rows = kPartialTokenLoads ? work.rows - work.m_block * kTileM : int32_t(kTileM);
+      // Token rows of the expert in this CTA's m-block (<= 0 for a 2x1 cluster's CTA past its end). A gathering
+      // kernel loads only those rows too, and completes the other rows' bytes by hand: with kTileM here a tile
+      // ending mid-block would leave its stages' barriers short of bytes forever (the hang seen on the H200).
+      int32_t const token_rows =
+          (kPartialTokenLoads || kGatherA) ? work.rows - work.m_block * kTileM : int32_t(kTileM);
       // The next unit is claimed from the counter as the tile's last k-block is about to be loaded: its
       // round trip then passes while the producer waits for that stage. Not earlier: a CTA claims work only
       // when it is about to start on it, which balances the last wave (claiming at the start of the tile,
