@@ -111,10 +111,11 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan co
 // the GPU. With L = grad_y, R = x (weight [E, N, K]) or L = x, R = grad_y (weight_transposed, [E, K, N]):
 //   D[e] (P x Q) = L_e^T @ R_e,  L_e = L[offs[e] : offs[e] + m_sizes[e], :] ([rows, P]), R_e likewise ([rows, Q]).
 // An expert without rows gets an exact zero (or, accumulating, is left as it was); rows past the last
-// expert contribute nothing.
+// expert contribute nothing. With l_rows (r_rows), row i of L (R) is row l_rows[i] of `l` (r_rows[i] of `r`): the
+// MoE layer's hidden[token_of_row] and grad_out[token_of_row], never materialised.
 struct GroupedWgradParams {
-  void const* l = nullptr;        // [M, P], row stride ldl, inner stride 1
-  void const* r = nullptr;        // [M, Q], row stride ldr, inner stride 1
+  void const* l = nullptr;        // [M, P] (gathering L: [l_source_rows, P]), row stride ldl, inner stride 1
+  void const* r = nullptr;        // [M, Q] (gathering R: [r_source_rows, Q]), row stride ldr, inner stride 1
   void* d = nullptr;              // [E, P, Q], rows of ldd elements, experts batch_stride_d apart
   void const* m_sizes = nullptr;  // [E] counts in device memory, int32 or int64
   bool m_sizes_int64 = false;
@@ -127,16 +128,29 @@ struct GroupedWgradParams {
   int sm_count = 0;               // persistent grid size; 0 = query the current device
   // Device memory of the plan's workspace.total_bytes (the tile counter); null when that is 0.
   void* workspace = nullptr;
+  // Row gathers: [M] int64 in device memory, or null for none. At most one of the two per call (a kernel gathers
+  // one operand), and only into a gradient in the input dtype (no accumulation: the float32 kernels do not gather).
+  // Values are not checked: one outside [0, source rows) reads a row of zeros (TMA's bounds check; nothing outside
+  // the source is read).
+  int64_t const* l_rows = nullptr;
+  int64_t l_source_rows = 0;      // rows of `l` when gathering L (1 to 2^31 - 1)
+  int64_t const* r_rows = nullptr;
+  int64_t r_source_rows = 0;      // rows of `r` when gathering R (1 to 2^31 - 1)
 };
 
-// The weight gradient has one configuration and a dynamic schedule always: its plan is the grid bound
-// and the workspace (the tile counter, zeroed by run_grouped_wgrad).
+// Which operand of the weight gradient a kernel reads through a row index.
+enum class WgradGather : int { kNone = 0, kL = 1, kR = 2 };
+
+// The weight gradient has one tile configuration and a dynamic schedule always: its plan is the kernel (which
+// operand it gathers), the grid bound and the workspace (the tile counter, zeroed by run_grouped_wgrad).
 struct GroupedWgradPlan {
+  WgradGather gather = WgradGather::kNone;
   int sm_count = 0;
   WorkspaceLayout workspace;
 };
 
-// Nullptr when the kernel can run these params, else a sentence saying what is wrong.
+// Nullptr when the kernel can run these params, else a sentence saying what is wrong (also: both operands
+// gathered, a gather with a float32 gradient or accumulation).
 char const* check_grouped_wgrad(GroupedWgradParams const& params);
 GroupedWgradPlan plan_grouped_wgrad(GroupedWgradParams const& params);
 cudaError_t run_grouped_wgrad(GroupedWgradParams const& params, GroupedWgradPlan const& plan, cudaStream_t stream);

@@ -1,5 +1,6 @@
 // Host dispatch of the weight-gradient kernel: argument checks, the empty cases, and the switch over
-// the explicit instantiations (csrc/instantiations/sm90_moe_wgrad_*.cu). Plain C++.
+// the explicit instantiations (csrc/instantiations/sm90_moe_wgrad_*.cu: input dtype x output dtype, and the
+// kernels that gather L's or R's rows, for gradients in the input dtype). Plain C++.
 #include <cstdint>
 
 #include "cuda_context.h"
@@ -7,8 +8,17 @@
 
 namespace moe_gemm {
 
-template <DType kDType, bool kFloat32Out>
+template <DType kDType, bool kFloat32Out, WgradGather kGather>
 cudaError_t run_sm90_moe_wgrad(GroupedWgradParams const& params, GroupedWgradPlan const& plan, cudaStream_t stream);
+
+namespace {
+
+// The operand the params gather (both: kL, which check_grouped_wgrad refuses).
+WgradGather gathered_operand(GroupedWgradParams const& p) {
+  return p.l_rows != nullptr ? WgradGather::kL : p.r_rows != nullptr ? WgradGather::kR : WgradGather::kNone;
+}
+
+}  // namespace
 
 char const* check_grouped_wgrad(GroupedWgradParams const& p) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) {
@@ -37,6 +47,20 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
   if (p.E > 0 && p.m_sizes == nullptr) {
     return "m_sizes is null";
   }
+  if (p.l_rows != nullptr && p.r_rows != nullptr) {
+    return "only one of x and grad_y can be gathered in one call";
+  }
+  if (gathered_operand(p) != WgradGather::kNone) {
+    // Instantiated for the MoE layer's gradients, in the input dtype (moe_wgrad instantiations *_gather_*.cu).
+    if (p.d_float32 || p.accumulate) {
+      return "a gathered operand needs a gradient in the input dtype (accumulation into a float32 main_grad does "
+             "not gather)";
+    }
+    int64_t const source_rows = p.l_rows != nullptr ? p.l_source_rows : p.r_source_rows;
+    if (p.M > 0 && (source_rows < 1 || source_rows >= (int64_t(1) << 31))) {
+      return "the gathered operand's source must have 1 to 2^31 - 1 rows (TMA coordinates)";
+    }
+  }
   // The scheduler numbers the 128x256 tiles of all experts' gradients with int32s.
   if (((p.P + 127) / 128) * ((p.Q + 255) / 256) * int64_t(p.E) >= (int64_t(1) << 31) - (int64_t(1) << 20)) {
     return "the gradient has too many tiles (over 2^31 of 128 x 256 elements)";
@@ -46,6 +70,7 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
 
 GroupedWgradPlan plan_grouped_wgrad(GroupedWgradParams const& p) {
   GroupedWgradPlan plan;
+  plan.gather = gathered_operand(p);
   if (p.M > 0 && p.P > 0 && p.Q > 0 && p.E > 0) {
     plan.sm_count = p.sm_count > 0 ? p.sm_count : current_sm_count();
     // The tile counter: ragged experts take unequal times, so tiles are always handed out dynamically.
@@ -78,14 +103,26 @@ cudaError_t run_grouped_wgrad(GroupedWgradParams const& p, GroupedWgradPlan cons
     }
     return cudaSuccess;
   }
-  if (plan.workspace.total_bytes == 0) {
+  if (plan.workspace.total_bytes == 0 || plan.gather != gathered_operand(p)) {
     return cudaErrorInvalidValue;  // not this call's plan: a call with rows has a tile counter
   }
   if (cudaError_t status = prepare_launch(plan.workspace, p.workspace, stream); status != cudaSuccess) {
     return status;
   }
   return with_16bit_dtype_and_flag(p.dtype, p.d_float32, [&](auto dtype, auto float32_out) {
-    return run_sm90_moe_wgrad<decltype(dtype)::value, decltype(float32_out)::value>(p, plan, stream);
+    constexpr DType kDType = decltype(dtype)::value;
+    if constexpr (decltype(float32_out)::value) {
+      return run_sm90_moe_wgrad<kDType, true, WgradGather::kNone>(p, plan, stream);  // never gathers (checked)
+    } else {
+      switch (plan.gather) {
+        case WgradGather::kL:
+          return run_sm90_moe_wgrad<kDType, false, WgradGather::kL>(p, plan, stream);
+        case WgradGather::kR:
+          return run_sm90_moe_wgrad<kDType, false, WgradGather::kR>(p, plan, stream);
+        default:
+          return run_sm90_moe_wgrad<kDType, false, WgradGather::kNone>(p, plan, stream);
+      }
+    }
   });
 }
 

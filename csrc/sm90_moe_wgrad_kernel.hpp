@@ -21,6 +21,11 @@
 //     tiles of 4 or more k-blocks under the next tile's MMAs, sm90_moe_mainloop.hpp); when
 //     accumulating, a TMA reduce-add (D += tile) instead, so a float32 main-grad buffer is updated
 //     without reading it.
+//   - gathered reduction rows (kGatherL or kGatherR, separate instantiations): row i of L (or R) is row
+//     gather_rows[i] of a source tensor, so that the MoE layer's weight gradients read hidden[token_of_row] and
+//     grad_out[token_of_row] in place. The producer warpgroup's 128 threads load the gathered operand's
+//     k-block as one-row TMA boxes of 64 columns (GatheredReductionRows); rows past the expert's end load a
+//     box that lies wholly out of bounds, which TMA fills with zeros. Without either none of it is compiled in.
 #pragma once
 
 #include <algorithm>
@@ -47,7 +52,41 @@ namespace moe_gemm {
 // Shared memory of the epilogue: two buffers of kTileP rows x 128 bytes.
 constexpr int wgrad_epilogue_smem_bytes(int tile_p) { return 2 * tile_p * 128; }
 
-template <class CollectiveMainloop_, class ElementD_>
+// kGatherL / kGatherR: where the gathered operand's rows come from. A plain 2-D descriptor over the source
+// [T, cols] with boxes of 64 columns (128 bytes) by one row and the 128-byte swizzle. The operand tiles are
+// MN-major: in a stage, reduction row j of the 64 columns [64 b, 64 b + 64) is one run of 128 bytes at element
+// (b * kTileK + j) * 64, before the swizzle (reduction_runs_are_contiguous below checks it). The hardware swizzles a
+// TMA box by the shared-memory address it writes (bits 4-6 XOR bits 7-9), so a one-row box written at that run's
+// address lands exactly where the ragged 64 x 64 box would have put the row: the forward kernel's gathered token
+// rows (GatheredTokenRows in sm90_moe_gemm_kernel.hpp) rely on the same, seen on an H200.
+template <bool kEnabled>
+struct GatheredReductionRows {
+  CUtensorMap tma_load_row;  // [T, cols] source, boxes of 64 columns x 1 row
+  int64_t const* rows;       // [M]: reduction row i of the operand is row rows[i] of the source
+};
+template <>
+struct GatheredReductionRows<false> {};
+
+// Whether, in stage 1 of an MN-major operand layout (cols, kRows reduction rows, stages), every run of kBoxCols
+// columns of one reduction row is the kBoxCols elements at kCols * kRows + (b * kRows + j) * kBoxCols, before
+// the swizzle: then a one-row box has its own 128 bytes, at that address. (A few columns of every run; the
+// layout is affine within a stage.)
+template <class SmemLayout, int kCols, int kRows, int kBoxCols>
+constexpr bool reduction_runs_are_contiguous() {
+  auto const layout = cute::get_nonswizzle_portion(SmemLayout{});
+  for (int b = 0; b < kCols / kBoxCols; ++b) {
+    for (int j = 0; j < kRows; ++j) {
+      for (int c : {0, 1, kBoxCols - 1}) {
+        if (layout(b * kBoxCols + c, j, 1) != kCols * kRows + (b * kRows + j) * kBoxCols + c) {
+          return false;
+        }
+      }
+    }
+  }
+  return true;
+}
+
+template <class CollectiveMainloop_, class ElementD_, bool kGatherL_ = false, bool kGatherR_ = false>
 class Sm90MoeWgradKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -93,9 +132,32 @@ class Sm90MoeWgradKernel {
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileP>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
 
+  // kGatherL / kGatherR: the gathered operand (L, kTileP wide, or R, kTileQ wide) comes as kGatherRuns one-row
+  // boxes per reduction row, kTileK * kGatherRuns per stage (128 or 256), dealt to the producer warpgroup's 128
+  // threads: thread t loads reduction row t % 64 of runs t / 64, t / 64 + 2, ... (kGatherBoxes per thread), warp
+  // 0's lanes in produce(), warps 1-3 in assist_gathered_loads(). Rows at or past the expert's end are loaded too,
+  // from source row -1: wholly out of bounds, so TMA writes the box as zeros and still counts its 128 bytes. The
+  // stage then holds exact zeros there whatever an older tile left, which the sums need (a stale row, NaN even,
+  // would be multiplied by the other operand's zero-filled row); and every box is loaded, so thread 0 arms each
+  // stage's barrier with the whole stage's bytes as without the gather and nothing is completed by hand.
+  static constexpr bool kGatherL = kGatherL_;
+  static constexpr bool kGatherR = kGatherR_;
+  static constexpr bool kGather = kGatherL || kGatherR;
+  static_assert(!(kGatherL && kGatherR), "one gathered operand per kernel");
+  static constexpr int kGatherCols = kGatherL ? kTileP : kTileQ;
+  static constexpr int kGatherRuns = kGatherCols / kBoxCols;
+  static constexpr int kThreadsPerRun = int(cutlass::NumThreadsPerWarpGroup) / kTileK;  // runs of one row at once
+  static constexpr int kGatherBoxes = kGatherRuns / kThreadsPerRun;
+  static_assert(!kGather || (int(cutlass::NumThreadsPerWarpGroup) % kTileK == 0 && kGatherRuns % kThreadsPerRun == 0),
+                "gathered rows: every producer thread loads the same number of boxes");
+  using GatherParams = GatheredReductionRows<kGather>;
+
   static constexpr int kTileSlots = 4;
   using TilePipeline = cutlass::PipelineAsync<kTileSlots>;
   using TilePipelineState = typename TilePipeline::PipelineState;
+  // The threads that read the decoded tiles: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
+  static constexpr uint32_t kTileSlotReaders =
+      kNumMmaThreads + (kGather ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
 
   struct SharedStorage {
     typename CollectiveMainloop::TensorStorage tensors;
@@ -108,13 +170,14 @@ class Sm90MoeWgradKernel {
   static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
 
   struct Params {
-    CUtensorMap tma_l;  // ragged view of L, see the header comment
-    CUtensorMap tma_r;  // ragged view of R
+    CUtensorMap tma_l;  // ragged view of L, see the header comment (unused when L is gathered)
+    CUtensorMap tma_r;  // ragged view of R (unused when R is gathered)
     CUtensorMap tma_d;  // (Q, P, E) view of D, boxes of kEpiN x kStoreRows
     int32_t P;          // rows of each expert's gradient: a warpgroup whose rows start past them stores nothing
     WgradSchedulerParams scheduler;
     int* tile_counter;  // zeroed before the launch
     bool accumulate;
+    GatherParams gather;  // kGatherL / kGatherR only
   };
 
   // The host's side of a launch, in plain values (see GroupedWgradParams in moe_gemm.h).
@@ -132,6 +195,10 @@ class Sm90MoeWgradKernel {
     int32_t E;
     bool accumulate;
     int* tile_counter;  // zeroed before the launch
+    // kGatherL (kGatherR): row i of L (R) is row gather_rows[i] (< gather_source_rows, not checked) of `l` (`r`),
+    // which then has gather_source_rows rows instead of M.
+    int64_t const* gather_rows;  // [M], device memory
+    int64_t gather_source_rows;
   };
 
   // Output tiles of all experts: the most work units of a launch.
@@ -142,10 +209,22 @@ class Sm90MoeWgradKernel {
   // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
   static cudaError_t to_underlying_arguments(Arguments const& args, Params& params) {
     params = Params{};
-    cudaError_t status =
-        detail::encode_ragged<ElementIn>(&params.tma_l, args.l, args.P, args.ldl, kBoxCols, kTileK);
-    if (status == cudaSuccess) {
+    cudaError_t status = cudaSuccess;
+    if constexpr (!kGatherL) {
+      status = detail::encode_ragged<ElementIn>(&params.tma_l, args.l, args.P, args.ldl, kBoxCols, kTileK);
+    }
+    if (status == cudaSuccess && !kGatherR) {
       status = detail::encode_ragged<ElementIn>(&params.tma_r, args.r, args.Q, args.ldr, kBoxCols, kTileK);
+    }
+    if constexpr (kGather) {
+      if (status == cudaSuccess) {
+        uint64_t const dims[2] = {uint64_t(kGatherL ? args.P : args.Q), uint64_t(args.gather_source_rows)};
+        uint64_t const strides[2] = {1, uint64_t(kGatherL ? args.ldl : args.ldr)};
+        uint32_t const box[2] = {uint32_t(kBoxCols), 1};
+        status = detail::encode_tma(&params.gather.tma_load_row, detail::tma_type<ElementIn>(), int(sizeof(ElementIn)),
+                                    kGatherL ? args.l : args.r, 2, dims, strides, box);
+      }
+      params.gather.rows = args.gather_rows;
     }
     if (status == cudaSuccess) {
       uint64_t const dims[3] = {uint64_t(args.Q), uint64_t(args.P), uint64_t(args.E)};
@@ -175,21 +254,34 @@ class Sm90MoeWgradKernel {
   CUTLASS_DEVICE static void run(Params const& params, SharedStorage& shared_storage, WarpRoles const& roles) {
 
     if (roles.warp_idx == 0 && cute::elect_one_sync()) {
-      cute::prefetch_tma_descriptor(&params.tma_l);
-      cute::prefetch_tma_descriptor(&params.tma_r);
+      if constexpr (!kGatherL) {
+        cute::prefetch_tma_descriptor(&params.tma_l);
+      }
+      if constexpr (!kGatherR) {
+        cute::prefetch_tma_descriptor(&params.tma_r);
+      }
       cute::prefetch_tma_descriptor(&params.tma_d);
+      if constexpr (kGather) {
+        cute::prefetch_tma_descriptor(&params.gather.tma_load_row);
+      }
     }
 
-    // Pipelines from the TMA warp (producer) to the two MMA warpgroups (consumers): the stages, and the
-    // decoded tiles.
+    // Pipelines from the TMA warp (producer; gathering, the whole producer warpgroup) to the two MMA warpgroups
+    // (consumers): the stages, and the decoded tiles (gathering, read by warps 1-3 of the producer warpgroup too).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
         shared_storage.pipeline, roles, kNumMmaThreads, CollectiveMainloop::TmaTransactionBytes,
-        cute::Shape<cute::_1, cute::_1, cute::_1>{});
-    TilePipeline tile_pipeline = make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kNumMmaThreads);
+        cute::Shape<cute::_1, cute::_1, cute::_1>{}, kGather);
+    TilePipeline tile_pipeline =
+        make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kTileSlotReaders, kGather);
     __syncthreads();
 
     run_warp_groups(
         roles, [&] { produce(params, pipeline, tile_pipeline, shared_storage); },
+        [&] {
+          if constexpr (kGather) {
+            assist_gathered_loads(params, pipeline, tile_pipeline, shared_storage, roles.thread_idx);
+          }
+        },
         [&] { consume(params, pipeline, tile_pipeline, shared_storage, roles.mma_thread_idx); });
   }
 
@@ -236,7 +328,36 @@ class Sm90MoeWgradKernel {
       int32_t const wrap = kRaggedWindow;  // a register: the copies take their coordinates by reference
       int32_t const window0 = kRaggedWindow - work.rows;
       int32_t const p0 = work.p_block * kTileP, q0 = work.q_block * kTileQ;
-      if (is_leader) {
+      if constexpr (kGather) {
+        // Every lane waits for each stage and loads its boxes of the gathered operand (warps 1-3 load the others,
+        // assist_gathered_loads); thread 0 arms the barrier with the whole stage's bytes (producer_acquire), the
+        // leader loads the other operand through its ragged descriptor. The boxes may complete before the barrier
+        // is armed: its transaction count runs negative until then, and the phase cannot complete before thread 0's
+        // arrival.
+        load_gathered_k_blocks(params, pipeline, write_state, work, k_tiles, int(threadIdx.x), shared_storage,
+                               [&](uint64_t* barrier, int stage, int k) {
+                                 if (is_leader) {
+                                   int32_t const window_row = window0 + k * kTileK;
+                                   if constexpr (kGatherR) {
+                                     auto* stage_l = smem_l + stage * kStageL;
+                                     CUTLASS_PRAGMA_UNROLL
+                                     for (int box = 0; box < kTileP / kBoxCols; ++box) {
+                                       cute::SM90_TMA_LOAD_4D::copy(&params.tma_l, barrier, kCacheHint,
+                                                                    stage_l + box * kBoxElements, p0 + box * kBoxCols,
+                                                                    window_row, row_end, wrap);
+                                     }
+                                   } else {
+                                     auto* stage_r = smem_r + stage * kStageR;
+                                     CUTLASS_PRAGMA_UNROLL
+                                     for (int box = 0; box < kTileQ / kBoxCols; ++box) {
+                                       cute::SM90_TMA_LOAD_4D::copy(&params.tma_r, barrier, kCacheHint,
+                                                                    stage_r + box * kBoxElements, q0 + box * kBoxCols,
+                                                                    window_row, row_end, wrap);
+                                     }
+                                   }
+                                 }
+                               });
+      } else if (is_leader) {
         PipelineState state = write_state;
         for (int k = 0; k < k_tiles; ++k) {
           pipeline.producer_acquire(state);
@@ -262,6 +383,80 @@ class Sm90MoeWgradKernel {
     }
     if (is_leader) {
       pipeline.producer_tail(write_state);
+    }
+  }
+
+  // kGatherL / kGatherR: the source row of reduction row `row` of the expert (`rows` of them, their indices from
+  // `indices` on). Past the expert's end, -1: the box at row -1 lies wholly outside the source, and TMA's bounds
+  // check writes it as zeros (see kGatherBoxes). An index outside [0, 2^31) is clamped to -1 or 2^31 - 1, which
+  // read zeros too (as does any index at or past the source's rows): nothing outside the source is ever read. Such
+  // an index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it.
+  CUTLASS_DEVICE static int32_t gathered_source_row(int64_t const* indices, int32_t rows, int32_t row) {
+    int64_t source = -1;
+    if (row < rows) {
+      source = cute::max(int64_t(-1), cute::min(indices[row], int64_t(INT32_MAX)));
+    }
+    return int32_t(source);
+  }
+
+  // kGatherL / kGatherR: the k-blocks of one tile from stage `state` on, as producer thread `thread` (0-127) takes
+  // part in them: it waits for each stage, loads its kGatherBoxes one-row boxes of the gathered operand (reduction
+  // row thread % 64 of the k-block, runs thread / 64 + kThreadsPerRun * i, each into its run's place in the stage:
+  // GatheredReductionRows) and calls other_loads(barrier, stage, k), which warp 0 uses to load the other operand.
+  // The index of the next k-block's row is read before the wait for this one's stage, so that its latency passes
+  // under the wait.
+  template <class OtherLoads>
+  CUTLASS_DEVICE static void load_gathered_k_blocks(Params const& params, MainloopPipeline& pipeline,
+                                                    PipelineState state, WgradWorkTile const& work, int k_tiles,
+                                                    int thread, SharedStorage& shared_storage,
+                                                    OtherLoads&& other_loads) {
+    using SmemLayout = cute::conditional_t<kGatherL, typename CollectiveMainloop::SmemLayoutA,
+                                           typename CollectiveMainloop::SmemLayoutB>;
+    static_assert(kBoxCols * sizeof(ElementIn) == 128 &&
+                      cute::is_same_v<decltype(cute::get_swizzle_portion(SmemLayout{})), cute::Swizzle<3, 4, 3>> &&
+                      reduction_runs_are_contiguous<SmemLayout, kGatherCols, kTileK, kBoxCols>(),
+                  "gathered rows: 128-byte runs under the 128-byte swizzle, at (run * 64 + row) * 64 in each stage");
+    constexpr int kStageElements = kGatherCols * kTileK;
+    auto* smem = kGatherL ? shared_storage.tensors.smem_A.data() : shared_storage.tensors.smem_B.data();
+    int const row = thread % kTileK;
+    int const run = thread / kTileK;
+    int32_t const col0 = (kGatherL ? work.p_block * kTileP : work.q_block * kTileQ) + run * kBoxCols;
+    int64_t const* indices = params.gather.rows + work.row_start;
+    int32_t source = k_tiles > 0 ? gathered_source_row(indices, work.rows, row) : 0;
+    for (int k = 0; k < k_tiles; ++k) {
+      int32_t const next_source = k + 1 < k_tiles ? gathered_source_row(indices, work.rows, (k + 1) * kTileK + row) : 0;
+      pipeline.producer_acquire(state);  // waits; thread 0 alone arms the barrier
+      uint64_t* barrier = pipeline.producer_get_barrier(state);
+      auto* smem_run = smem + state.index() * kStageElements + (run * kTileK + row) * kBoxCols;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kGatherBoxes; ++i) {
+        cute::SM90_TMA_LOAD_2D::copy(&params.gather.tma_load_row, barrier, kCacheHint,
+                                     smem_run + i * kThreadsPerRun * kTileK * kBoxCols,
+                                     col0 + i * kThreadsPerRun * kBoxCols, source);
+      }
+      other_loads(barrier, int(state.index()), k);
+      source = next_source;
+      ++state;
+    }
+  }
+
+  // kGatherL / kGatherR, the producer warpgroup's warps 1-3: thread `thread_idx` (32 to 127) loads its boxes of
+  // every k-block (load_gathered_k_blocks), following the tiles that warp 0 decodes, into the stages that thread 0
+  // arms (produce()).
+  CUTLASS_DEVICE static void assist_gathered_loads(Params const& params, MainloopPipeline& pipeline,
+                                                   TilePipeline& tile_pipeline, SharedStorage& shared_storage,
+                                                   int thread_idx) {
+    TilePipelineState tile_read;
+    PipelineState state = cutlass::make_producer_start_state<MainloopPipeline>();
+    while (true) {
+      WgradWorkTile const work = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
+      if (!work.valid) {
+        return;
+      }
+      int const k_tiles = skipped(params, work) ? 0 : k_blocks(work);
+      load_gathered_k_blocks(params, pipeline, state, work, k_tiles, thread_idx, shared_storage,
+                             [](uint64_t*, int, int) {});
+      state.advance(k_tiles);
     }
   }
 
