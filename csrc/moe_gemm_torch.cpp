@@ -1,13 +1,14 @@
 // The grouped GEMMs' binding to torch: the CUDA kernels of the ops moe_gemm::grouped_mm, grouped_mm_gather,
-// grouped_mm_wgrad and grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake kernels, autograd
-// and CPU path are declared in Python, moe_gemm/_ops.py), translating tensors into the torch-free GroupedGemmParams and
-// planning each call; and the extension module moe_gemm._C, whose set_plan_override(), plan_grouped_gemm()
-// and tile_config_names() serve moe_gemm.testing. The routing and layer kernels have their own bindings
-// (moe_routing_torch.cpp, moe_layer_torch.cpp).
+// grouped_mm_wgrad, grouped_mm_wgrad_gather and grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake
+// kernels, autograd and CPU path are declared in Python, moe_gemm/_ops.py), translating tensors into the torch-free
+// GroupedGemmParams (GroupedWgradParams) and planning each call; and the extension module moe_gemm._C, whose
+// set_plan_override(), plan_grouped_gemm() and tile_config_names() serve moe_gemm.testing. The routing and layer
+// kernels have their own bindings (moe_routing_torch.cpp, moe_layer_torch.cpp).
 #include <Python.h>
 
 #include <exception>
 #include <mutex>
+#include <optional>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -134,12 +135,39 @@ at::Tensor grouped_mm_gather_cuda(at::Tensor const& x, at::Tensor const& gather_
   return grouped_mm_cuda_impl(x, &gather_rows, weight, m_sizes, weight_transposed, "moe_gemm.grouped_mm_gather");
 }
 
+// The row indices of a gathered operand (`name`: x_rows or grad_y_rows) of `source`: an int64 [M] on its device.
+void check_row_indices(at::Tensor const& rows, at::Tensor const& source, char const* name, char const* op) {
+  TORCH_CHECK(rows.dim() == 1, op, ": ", name, " must be 1-D [M], got ", rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", rows.scalar_type());
+  TORCH_CHECK(rows.device() == source.device(), op, ": ", name, " must be on the device of its operand (",
+              source.device(), "), got ", rows.device());
+  TORCH_CHECK(rows.numel() <= 1 || rows.stride(0) == 1, op, ": ", name, " must be contiguous");
+}
+
 // The expert GEMM's weight gradient, grouped along the rows: grad_W[e] = grad_y_e^T @ x_e ([E, N, K]), or
-// x_e^T @ grad_y_e ([E, K, N]) for the transposed layout. Written to `out` (float32 when accumulating).
-void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& grad_y, at::Tensor const& m_sizes,
-                        bool weight_transposed, bool accumulate, char const* op) {
-  TORCH_CHECK(x.dim() == 2 && grad_y.dim() == 2 && x.size(0) == grad_y.size(0), op,
-              ": x [M, K] and grad_y [M, N] must be 2-D with the same rows, got ", x.sizes(), " and ", grad_y.sizes());
+// x_e^T @ grad_y_e ([E, K, N]) for the transposed layout. Written to `out` (float32 when accumulating). With
+// x_rows (grad_y_rows), row i of x (grad_y) is row x_rows[i] of x (grad_y[grad_y_rows[i]]), read in place by the
+// kernel; one of the two at most. The indices are not checked on the device (see grouped_mm_cuda_impl).
+void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const* x_rows, at::Tensor const& grad_y,
+                        at::Tensor const* grad_y_rows, at::Tensor const& m_sizes, bool weight_transposed,
+                        bool accumulate, char const* op) {
+  TORCH_CHECK(x.dim() == 2 && grad_y.dim() == 2, op, ": x [M, K] and grad_y [M, N] must be 2-D, got ", x.sizes(),
+              " and ", grad_y.sizes());
+  if (x_rows != nullptr) {
+    check_row_indices(*x_rows, x, "x_rows", op);
+  }
+  if (grad_y_rows != nullptr) {
+    check_row_indices(*grad_y_rows, grad_y, "grad_y_rows", op);
+  }
+  TORCH_CHECK(x_rows == nullptr || grad_y_rows == nullptr, op,
+              ": the CUDA kernel gathers one of x and grad_y per call, got both x_rows and grad_y_rows (gather one "
+              "with index_select)");
+  int64_t const x_rows_used = x_rows != nullptr ? x_rows->numel() : x.size(0);
+  int64_t const grad_y_rows_used = grad_y_rows != nullptr ? grad_y_rows->numel() : grad_y.size(0);
+  TORCH_CHECK(x_rows_used == grad_y_rows_used, op, ": x [M, K] and grad_y [M, N] must have the same rows (M = ",
+              x_rows != nullptr ? "x_rows.numel()" : "x.size(0)", " = ", x_rows_used, ", ",
+              grad_y_rows != nullptr ? "grad_y_rows.numel()" : "grad_y.size(0)", " = ", grad_y_rows_used, "), got ",
+              x.sizes(), " and ", grad_y.sizes());
   TORCH_CHECK(m_sizes.dim() == 1, op, ": m_sizes must be 1-D [E], got ", m_sizes.sizes());
   TORCH_CHECK(x.is_cuda() && grad_y.device() == x.device() && m_sizes.device() == x.device() &&
                   out.device() == x.device(),
@@ -150,10 +178,13 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
               ": m_sizes must be int32 or int64, got ", m_sizes.scalar_type());
   TORCH_CHECK(m_sizes.numel() <= 1 || m_sizes.stride(0) == 1, op, ": m_sizes must be contiguous");
   moe_gemm::check_sm90(x.device(), op);
-  int64_t const M = x.size(0), K = x.size(1), N = grad_y.size(1), E = m_sizes.numel();
+  int64_t const M = x_rows_used, K = x.size(1), N = grad_y.size(1), E = m_sizes.numel();
   int64_t const P = weight_transposed ? K : N, Q = weight_transposed ? N : K;
   TORCH_CHECK(out.dim() == 3 && out.size(0) == E && out.size(1) == P && out.size(2) == Q, op,
               ": the gradient must be [E, ", P, ", ", Q, "], got ", out.sizes());
+  // A gathered operand's source must have rows to gather from (its TMA descriptor) when there are rows to gather.
+  TORCH_CHECK(M == 0 || ((x_rows == nullptr || x.size(0) > 0) && (grad_y_rows == nullptr || grad_y.size(0) > 0)), op,
+              ": a gathered operand needs source rows, got x ", x.sizes(), " and grad_y ", grad_y.sizes());
   TORCH_CHECK(M == 0 || (x.stride(1) == 1 && grad_y.stride(1) == 1), op, ": x and grad_y must have inner stride 1");
   TORCH_CHECK(out.numel() == 0 || out.stride(2) == 1, op, ": the gradient must have inner stride 1");
   if (out.numel() == 0) {
@@ -174,6 +205,13 @@ void grouped_wgrad_into(at::Tensor& out, at::Tensor const& x, at::Tensor const& 
   params.M = M;
   params.P = P;
   params.Q = Q;
+  // x is L when transposed, else R; grad_y the other.
+  int64_t const* x_index = x_rows != nullptr ? x_rows->data_ptr<int64_t>() : nullptr;
+  int64_t const* grad_y_index = grad_y_rows != nullptr ? grad_y_rows->data_ptr<int64_t>() : nullptr;
+  params.l_rows = weight_transposed ? x_index : grad_y_index;
+  params.l_source_rows = left.size(0);
+  params.r_rows = weight_transposed ? grad_y_index : x_index;
+  params.r_source_rows = right.size(0);
   char const* problem = moe_gemm::check_grouped_wgrad(params);
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
 
@@ -189,7 +227,26 @@ at::Tensor grouped_mm_wgrad_cuda(at::Tensor const& x, at::Tensor const& grad_y, 
   int64_t const P = weight_transposed ? x.size(1) : grad_y.size(1);
   int64_t const Q = weight_transposed ? grad_y.size(1) : x.size(1);
   at::Tensor out = at::empty({m_sizes.numel(), P, Q}, x.options());
-  grouped_wgrad_into(out, x, grad_y, m_sizes, weight_transposed, /*accumulate=*/false, "moe_gemm.grouped_mm_wgrad");
+  grouped_wgrad_into(out, x, nullptr, grad_y, nullptr, m_sizes, weight_transposed, /*accumulate=*/false,
+                     "moe_gemm.grouped_mm_wgrad");
+  return out;
+}
+
+// grouped_mm_wgrad of x[x_rows] (when given) and grad_y[grad_y_rows] (when given) without the copies: the MoE
+// layer's weight gradients from hidden[token_of_row] and grad_out[token_of_row]. One of the two at most.
+at::Tensor grouped_mm_wgrad_gather_cuda(at::Tensor const& x, at::Tensor const& grad_y, at::Tensor const& m_sizes,
+                                        bool weight_transposed, std::optional<at::Tensor> const& x_rows,
+                                        std::optional<at::Tensor> const& grad_y_rows) {
+  char const* const op = "moe_gemm.grouped_mm_wgrad_gather";
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  c10::cuda::CUDAGuard device_guard(x.device());
+  TORCH_CHECK(x.dim() == 2 && grad_y.dim() == 2, op, ": x and grad_y must be 2-D");
+  int64_t const P = weight_transposed ? x.size(1) : grad_y.size(1);
+  int64_t const Q = weight_transposed ? grad_y.size(1) : x.size(1);
+  at::Tensor out = at::empty({m_sizes.numel(), P, Q}, x.options());
+  grouped_wgrad_into(out, x, x_rows.has_value() ? &*x_rows : nullptr, grad_y,
+                     grad_y_rows.has_value() ? &*grad_y_rows : nullptr, m_sizes, weight_transposed,
+                     /*accumulate=*/false, op);
   return out;
 }
 
@@ -199,7 +256,7 @@ void grouped_mm_wgrad_accumulate_cuda(at::Tensor main_grad, at::Tensor const& x,
   c10::cuda::CUDAGuard device_guard(x.device());
   TORCH_CHECK(main_grad.scalar_type() == at::kFloat,
               "moe_gemm.grouped_mm_wgrad_accumulate_: main_grad must be float32, got ", main_grad.scalar_type());
-  grouped_wgrad_into(main_grad, x, grad_y, m_sizes, weight_transposed, /*accumulate=*/true,
+  grouped_wgrad_into(main_grad, x, nullptr, grad_y, nullptr, m_sizes, weight_transposed, /*accumulate=*/true,
                      "moe_gemm.grouped_mm_wgrad_accumulate_");
 }
 
@@ -209,6 +266,7 @@ TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("grouped_mm_gather", &grouped_mm_gather_cuda);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
+  m.impl("grouped_mm_wgrad_gather", &grouped_mm_wgrad_gather_cuda);
   m.impl("grouped_mm_wgrad_accumulate_", &grouped_mm_wgrad_accumulate_cuda);
 }
 

@@ -12,6 +12,14 @@ The ops (``torch.ops.moe_gemm.<name>``):
   assert; the kernel then reads a row of zeros, never memory outside ``x``. The PyTorch path raises (IndexError).
 - ``grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
   (``x_e.T @ grad_y_e`` when ``weight_transposed``), shaped like the weight, in the dtype of ``x``.
+- ``grouped_mm_wgrad_gather(x, grad_y, m_sizes, weight_transposed=False, x_rows=None, grad_y_rows=None)``:
+  ``grouped_mm_wgrad`` of ``x.index_select(0, x_rows)`` (where given) and ``grad_y.index_select(0, grad_y_rows)``
+  (where given) without the copies; the MoE layer's weight gradients of ``hidden[token_of_row]`` (gate/up) and
+  ``grad_out[token_of_row]`` (down). ``M`` is then the number of indices, rows past ``sum(m_sizes)`` contribute
+  nothing and their indices are never read. No autograd, as ``grouped_mm_gather``; the indices are not checked by the
+  CUDA kernel either (one outside the source reads a row of zeros). The CUDA kernel gathers one of the two operands
+  per call (both given: RuntimeError) and writes the gradient in the input dtype only (accumulating into a float32
+  main-grad does not gather).
 - ``grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes, weight_transposed=False)``: the same gradient added
   into a float32 buffer in place (a trainer's main-grad), nothing returned.
 - ``route(router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias,
@@ -72,6 +80,10 @@ SCHEMAS = {
         "(Tensor x, Tensor gather_rows, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor"
     ),
     "grouped_mm_wgrad": "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
+    "grouped_mm_wgrad_gather": (
+        "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False, Tensor? x_rows=None, "
+        "Tensor? grad_y_rows=None) -> Tensor"
+    ),
     "grouped_mm_wgrad_accumulate_": (
         "(Tensor(a!) main_grad, Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> ()"
     ),
@@ -287,6 +299,19 @@ def grouped_mm_wgrad_torch(x, grad_y, m_sizes, weight_transposed=False):
     return grad_w
 
 
+def grouped_mm_wgrad_gather_torch(x, grad_y, m_sizes, weight_transposed=False, x_rows=None, grad_y_rows=None):
+    """``moe_gemm::grouped_mm_wgrad_gather`` in PyTorch ops: ``grouped_mm_wgrad_torch`` of ``x.index_select(0, x_rows)``
+    and ``grad_y.index_select(0, grad_y_rows)``, each where given (``index_select`` raises for an index outside the
+    source). Both may be given here, unlike on the CUDA kernel."""
+    if x_rows is not None:
+        _validation.check_gather_rows(x, x_rows, "x_rows", "x")
+        x = x.index_select(0, x_rows)
+    if grad_y_rows is not None:
+        _validation.check_gather_rows(grad_y, grad_y_rows, "grad_y_rows", "grad_y")
+        grad_y = grad_y.index_select(0, grad_y_rows)
+    return grouped_mm_wgrad_torch(x, grad_y, m_sizes, weight_transposed)
+
+
 # Device -> whether torch._grouped_mm writes float32 products of bfloat16 inputs (out_dtype=torch.float32) there.
 _GROUPED_MM_FLOAT32_OUTPUT: dict[torch.device, bool] = {}
 
@@ -338,6 +363,7 @@ _TORCH_PATH_DEVICES = ("cpu",) if _C is not None else ("cpu", "cuda")
 torch.library.register_kernel("moe_gemm::grouped_mm", _TORCH_PATH_DEVICES, grouped_mm_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_gather", _TORCH_PATH_DEVICES, grouped_mm_gather_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", _TORCH_PATH_DEVICES, grouped_mm_wgrad_torch)
+torch.library.register_kernel("moe_gemm::grouped_mm_wgrad_gather", _TORCH_PATH_DEVICES, grouped_mm_wgrad_gather_torch)
 torch.library.register_kernel(
     "moe_gemm::grouped_mm_wgrad_accumulate_", _TORCH_PATH_DEVICES, grouped_mm_wgrad_accumulate_torch
 )
@@ -359,6 +385,11 @@ def _grouped_mm_gather_fake(x, gather_rows, weight, m_sizes, weight_transposed=F
 def _grouped_mm_wgrad_fake(x, grad_y, m_sizes, weight_transposed=False):
     num_experts, n, k = m_sizes.shape[0], grad_y.shape[1], x.shape[1]
     return x.new_empty((num_experts, k, n) if weight_transposed else (num_experts, n, k))
+
+
+@torch.library.register_fake("moe_gemm::grouped_mm_wgrad_gather")
+def _grouped_mm_wgrad_gather_fake(x, grad_y, m_sizes, weight_transposed=False, x_rows=None, grad_y_rows=None):
+    return _grouped_mm_wgrad_fake(x, grad_y, m_sizes, weight_transposed)
 
 
 @torch.library.register_fake("moe_gemm::grouped_mm_wgrad_accumulate_")
@@ -390,9 +421,11 @@ def call_below_autograd(op, *args):
 
 
 def gemm_op(name: str, device: torch.device):
-    """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_gather``, ``grouped_mm_wgrad`` or
-    ``grouped_mm_wgrad_accumulate_``) for tensors on ``device``: the op, or its PyTorch path on a CUDA device where the
-    extension is loaded but cannot run (the op's CUDA kernel there would refuse it)."""
+    """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_gather``, ``grouped_mm_wgrad``,
+    ``grouped_mm_wgrad_gather`` or ``grouped_mm_wgrad_accumulate_``) for tensors on ``device``: the op, or its PyTorch
+    path on a CUDA device where the extension is loaded but cannot run (the op's CUDA kernel there would refuse it).
+    ``grouped_mm_wgrad_gather`` is called with its row indices as keywords or positions after ``weight_transposed``:
+    ``gemm_op("grouped_mm_wgrad_gather", device)(x, grad_y, m_sizes, weight_transposed, x_rows, grad_y_rows)``."""
     if device.type == "cuda" and _C is not None and not kernels_available(device):
         # Looked up by name at each call (grouped_mm -> grouped_mm_torch, ...), as the module's attribute.
         return globals()[name.rstrip("_") + "_torch"]

@@ -186,18 +186,21 @@ def _aligned_or_empty(t: torch.Tensor) -> bool:
     return t.numel() == 0 or t.data_ptr() % ALIGN_BYTES == 0
 
 
-def check_gather_rows(x, gather_rows) -> None:
-    """The checks of ``grouped_mm_gather`` on its row indices (TypeError or ValueError naming ``gather_rows``): a 1-D
-    int64 tensor on the device of ``x``. Their values are not checked here: ``index_select`` raises for one outside
-    ``[0, x.shape[0])`` on the PyTorch path, and the CUDA kernel does not look (the op's docstring says why)."""
+def check_gather_rows(x, gather_rows, name: str = "gather_rows", source_name: str = "x") -> None:
+    """The checks of ``grouped_mm_gather`` (and ``grouped_mm_wgrad_gather``) on row indices into ``x`` (TypeError or
+    ValueError naming ``name``, the source ``source_name``): a 1-D int64 tensor on the device of ``x``. Their values
+    are not checked here: ``index_select`` raises for one outside ``[0, x.shape[0])`` on the PyTorch path, and the
+    CUDA kernel does not look (the op's docstring says why)."""
     if not isinstance(gather_rows, torch.Tensor):
-        raise TypeError(f"gather_rows: expected a torch.Tensor, got {type(gather_rows).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(gather_rows).__name__}")
     if gather_rows.dtype != torch.int64:
-        raise TypeError(f"gather_rows: expected torch.int64 row indices, got {gather_rows.dtype}")
+        raise TypeError(f"{name}: expected torch.int64 row indices, got {gather_rows.dtype}")
     if gather_rows.dim() != 1:
-        raise ValueError(f"gather_rows: expected a 1-D tensor [M], got shape {tuple(gather_rows.shape)}")
+        raise ValueError(f"{name}: expected a 1-D tensor [M], got shape {tuple(gather_rows.shape)}")
     if isinstance(x, torch.Tensor) and gather_rows.device != x.device:
-        raise ValueError(f"gather_rows: expected a tensor on the device of x ({x.device}), got {gather_rows.device}")
+        raise ValueError(
+            f"{name}: expected a tensor on the device of {source_name} ({x.device}), got {gather_rows.device}"
+        )
 
 
 def check_sizes_on_host(m_sizes: torch.Tensor, num_rows: int) -> None:
