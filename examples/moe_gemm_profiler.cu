@@ -7,6 +7,8 @@
 //   ./build/moe_gemm_profiler --sizes=0,5,300,0,17 --n=256 --k=512 --layout=kn --dtype=fp16
 //   ./build/moe_gemm_profiler --gather --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048   (A's rows gathered)
 //   ./build/moe_gemm_profiler --wgrad --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048   (weight gradient)
+//   ./build/moe_gemm_profiler --wgrad --gather=x --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048
+//                                                                  (weight gradient, x's rows gathered; or grad_y)
 //   ncu --set full ./build/moe_gemm_profiler --tokens=16384 --ncu     (one launch, nothing else)
 //
 // Inputs are small random integers, so the float32 accumulation is exact and the output must equal
@@ -59,6 +61,7 @@ struct Options {
   bool wgrad = false;            // the weight gradient grad_W[e] = grad_y_e^T @ x_e instead of the forward
   bool accumulate = false;       // --wgrad: add into a float32 gradient (main-grad) instead of writing one
   bool gather = false;           // row r of A is row (r * 7919) % T of a [T = M / topk, K] source (grouped_mm_gather)
+  std::string gather_operand;    // --wgrad --gather=x|grad_y: that operand's rows gathered the same way
   int seed = 0;
   bool help = false;
 
@@ -86,6 +89,7 @@ struct Options {
     wgrad = cmd.check_cmd_line_flag("wgrad");
     accumulate = cmd.check_cmd_line_flag("accumulate");
     gather = cmd.check_cmd_line_flag("gather");
+    cmd.get_cmd_line_argument("gather", gather_operand);
     if (!sizes.empty()) {
       experts = int(sizes.size());
     }
@@ -116,7 +120,9 @@ struct Options {
         "                                    adds it into a float32 buffer\n"
         "  --gather                          A's rows gathered from a [T, K] source, T = M / topk: row r reads\n"
         "                                    source row (r * 7919) %% T (duplicates and a scattered order, as the MoE\n"
-        "                                    layer's tokens; configurations with a gathering kernel only)\n",
+        "                                    layer's tokens; configurations with a gathering kernel only)\n"
+        "  --wgrad --gather=x|grad_y         the weight gradient with x's (grad_y's) rows gathered the same way\n"
+        "                                    (grouped_mm_wgrad_gather; not with --accumulate)\n",
         configs.c_str());
   }
 };
@@ -383,23 +389,28 @@ int run(Options const& opt) {
   return passed ? 0 : 1;
 }
 
-// grad_W[e][p][q] = sum over the expert's rows of L[row][p] * R[row][q]; one thread per gradient element.
+// grad_W[e][p][q] = sum over the expert's rows of L[row][p] * R[row][q]; one thread per gradient element. Row
+// `row` of L is row l_rows[row] of `l` when l_rows is given, likewise for R.
 template <class Element>
-__global__ void reference_grouped_wgrad(Element const* l, Element const* r, float* d, int64_t const* row_start,
-                                        int const* sizes, int E, int64_t P, int64_t Q) {
+__global__ void reference_grouped_wgrad(Element const* l, int64_t const* l_rows, Element const* r,
+                                        int64_t const* r_rows, float* d, int64_t const* row_start, int const* sizes,
+                                        int E, int64_t P, int64_t Q) {
   int64_t const idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= int64_t(E) * P * Q) return;
   int const e = int(idx / (P * Q));
   int64_t const p = idx / Q % P, q = idx % Q;
   float sum = 0.f;
   for (int64_t row = row_start[e]; row < row_start[e] + sizes[e]; ++row) {
-    sum += float(l[row * P + p]) * float(r[row * Q + q]);
+    int64_t const l_row = l_rows != nullptr ? l_rows[row] : row;
+    int64_t const r_row = r_rows != nullptr ? r_rows[row] : row;
+    sum += float(l[l_row * P + p]) * float(r[r_row * Q + q]);
   }
   d[idx] = sum;
 }
 
 // --wgrad: the K-grouped weight-gradient kernel. x [M, K] and grad_y [M, N]; the gradient is [E, N, K]
-// (L = grad_y, R = x), or [E, K, N] with --layout=kn (L = x, R = grad_y).
+// (L = grad_y, R = x), or [E, K, N] with --layout=kn (L = x, R = grad_y). --gather=x (grad_y): that operand is a
+// [T = M / topk, *] source whose row (r * 7919) % T is row r, read in place (grouped_mm_wgrad_gather).
 template <class Element>
 int run_wgrad(Options const& opt) {
   Rows const rows = rows_of(opt);
@@ -410,15 +421,27 @@ int run_wgrad(Options const& opt) {
   int64_t const P = transposed ? opt.k : opt.n, Q = transposed ? opt.n : opt.k;
   std::vector<int64_t> row_start(std::max(E, 1), 0);
   for (int e = 1; e < E; ++e) row_start[e] = row_start[e - 1] + sizes[e - 1];
+  // x is L when transposed, else R.
+  bool const gather_l = opt.gather_operand == (transposed ? "x" : "grad_y");
+  bool const gather_r = opt.gather_operand == (transposed ? "grad_y" : "x");
+  int64_t const source_rows = std::max<int64_t>(1, M / std::max(1, opt.topk));
+  int64_t const l_rows_count = gather_l ? source_rows : M, r_rows_count = gather_r ? source_rows : M;
+  std::vector<int64_t> gather_rows(gather_l || gather_r ? M : 0);
+  for (int64_t i = 0; i < int64_t(gather_rows.size()); ++i) gather_rows[i] = i * 7919 % source_rows;
 
   Element *l, *r;
   float* d32 = nullptr;
   Element* d16 = nullptr;
   int* m_sizes;
+  int64_t* dev_gather_rows = nullptr;
   int64_t const d_count = int64_t(E) * P * Q;
-  CHECK_CUDA(cudaMalloc(&l, std::max<int64_t>(1, M * P) * sizeof(Element)));
-  CHECK_CUDA(cudaMalloc(&r, std::max<int64_t>(1, M * Q) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&l, std::max<int64_t>(1, l_rows_count * P) * sizeof(Element)));
+  CHECK_CUDA(cudaMalloc(&r, std::max<int64_t>(1, r_rows_count * Q) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&m_sizes, std::max(1, E) * sizeof(int)));
+  if (!gather_rows.empty()) {
+    CHECK_CUDA(cudaMalloc(&dev_gather_rows, M * sizeof(int64_t)));
+    CHECK_CUDA(cudaMemcpy(dev_gather_rows, gather_rows.data(), M * sizeof(int64_t), cudaMemcpyHostToDevice));
+  }
   if (opt.accumulate) {
     CHECK_CUDA(cudaMalloc(&d32, std::max<int64_t>(1, d_count) * sizeof(float)));
     CHECK_CUDA(cudaMemset(d32, 0, d_count * sizeof(float)));  // the main-grad the first launch adds into
@@ -426,8 +449,8 @@ int run_wgrad(Options const& opt) {
     CHECK_CUDA(cudaMalloc(&d16, std::max<int64_t>(1, d_count) * sizeof(Element)));
     CHECK_CUDA(cudaMemset(d16, 0xFF, d_count * sizeof(Element)));  // NaN: unwritten elements show up
   }
-  fill_small_integers<<<1024, 256>>>(l, M * P, uint32_t(opt.seed) * 2 + 1);
-  fill_small_integers<<<1024, 256>>>(r, M * Q, uint32_t(opt.seed) * 2 + 2);
+  fill_small_integers<<<1024, 256>>>(l, l_rows_count * P, uint32_t(opt.seed) * 2 + 1);
+  fill_small_integers<<<1024, 256>>>(r, r_rows_count * Q, uint32_t(opt.seed) * 2 + 2);
   CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaMemcpy(m_sizes, sizes.data(), E * sizeof(int), cudaMemcpyHostToDevice));
 
@@ -447,6 +470,10 @@ int run_wgrad(Options const& opt) {
   params.ldr = Q;
   params.ldd = Q;
   params.batch_stride_d = P * Q;
+  params.l_rows = gather_l ? dev_gather_rows : nullptr;
+  params.l_source_rows = l_rows_count;
+  params.r_rows = gather_r ? dev_gather_rows : nullptr;
+  params.r_source_rows = r_rows_count;
   if (char const* problem = moe_gemm::check_grouped_wgrad(params)) {
     std::fprintf(stderr, "cannot run: %s\n", problem);
     return 1;
@@ -465,7 +492,8 @@ int run_wgrad(Options const& opt) {
     CHECK_CUDA(cudaMalloc(&ref, d_count * sizeof(float)));
     CHECK_CUDA(cudaMalloc(&dev_row_start, E * sizeof(int64_t)));
     CHECK_CUDA(cudaMemcpy(dev_row_start, row_start.data(), E * sizeof(int64_t), cudaMemcpyHostToDevice));
-    reference_grouped_wgrad<<<unsigned((d_count + 255) / 256), 256>>>(l, r, ref, dev_row_start, m_sizes, E, P, Q);
+    reference_grouped_wgrad<<<unsigned((d_count + 255) / 256), 256>>>(l, params.l_rows, r, params.r_rows, ref,
+                                                                      dev_row_start, m_sizes, E, P, Q);
     CHECK_CUDA(cudaGetLastError());
     std::vector<float> host_ref(d_count), host_d(d_count);
     CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, d_count * sizeof(float), cudaMemcpyDeviceToHost));
@@ -492,12 +520,16 @@ int run_wgrad(Options const& opt) {
   double const flops = 2.0 * rows_routed * P * Q;
   size_t const d_element = opt.accumulate ? sizeof(float) : sizeof(Element);
   double const bytes = double(M) * (P + Q) * sizeof(Element) + double(d_count) * d_element;
-  std::printf("wgrad experts=%d M=%lld gradient=[%d, %lld, %lld] dtype=%s%s\n", E, (long long)M, E, (long long)P,
-              (long long)Q, opt.dtype.c_str(), opt.accumulate ? " accumulated into float32" : "");
+  std::string const gathered =
+      gather_l || gather_r ? " " + opt.gather_operand + " gathered from " + std::to_string(source_rows) + " rows" : "";
+  std::printf("wgrad experts=%d M=%lld gradient=[%d, %lld, %lld] dtype=%s layout=%s%s%s\n", E, (long long)M, E,
+              (long long)P, (long long)Q, opt.dtype.c_str(), opt.layout.c_str(),
+              opt.accumulate ? " accumulated into float32" : "", gathered.c_str());
   print_time(ms, flops, bytes);
   CHECK_CUDA(cudaFree(l));
   CHECK_CUDA(cudaFree(r));
   CHECK_CUDA(cudaFree(m_sizes));
+  if (dev_gather_rows) CHECK_CUDA(cudaFree(dev_gather_rows));
   if (d32) CHECK_CUDA(cudaFree(d32));
   if (d16) CHECK_CUDA(cudaFree(d16));
   if (params.workspace) CHECK_CUDA(cudaFree(params.workspace));
@@ -511,8 +543,13 @@ int main(int argc, char const** argv) {
     Options::usage();
     return 0;
   }
-  if (opt.wgrad && opt.gather) {
-    std::fprintf(stderr, "--gather is a forward option: the weight gradient reads its rows in place\n");
+  if (opt.wgrad && opt.gather && opt.gather_operand != "x" && opt.gather_operand != "grad_y") {
+    std::fprintf(stderr, "--wgrad --gather=x|grad_y: say which operand's rows are gathered\n");
+    return 1;
+  }
+  if (!opt.wgrad && !opt.gather_operand.empty()) {
+    std::fprintf(stderr, "--gather=%s is a --wgrad option: the forward gathers A's rows (plain --gather)\n",
+                 opt.gather_operand.c_str());
     return 1;
   }
   if (opt.wgrad) {

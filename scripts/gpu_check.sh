@@ -79,7 +79,13 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--wgrad --accumulate --sizes=64,0,129,1000 --n=136 --k=264 --layout=kn --dtype=fp16" \
               "--wgrad --experts=128 --tokens=2048 --topk=8 --n=1536 --k=2048 --routing=skewed" \
               "--experts=128 --tokens=4096 --topk=8 --n=1536 --k=768" \
-              "--wgrad --experts=64 --tokens=4096 --topk=8 --n=1024 --k=768"; do
+              "--wgrad --experts=64 --tokens=4096 --topk=8 --n=1024 --k=768" \
+              "--wgrad --gather=x --sizes=0,5,300,0,17 --n=256 --k=520 --extra_rows=9" \
+              "--wgrad --gather=grad_y --sizes=0,5,300,0,17 --n=256 --k=520 --extra_rows=9 --layout=kn --dtype=fp16" \
+              "--wgrad --gather=x --sizes=1,64,65,300,2,193,63 --n=136 --k=264 --layout=kn" \
+              "--wgrad --gather=grad_y --sizes=1,64,65,300,2,193,63 --n=136 --k=264 --dtype=fp16" \
+              "--wgrad --gather=x --experts=128 --tokens=4096 --topk=8 --n=1024 --k=4096" \
+              "--wgrad --gather=grad_y --experts=128 --tokens=4096 --topk=8 --n=4096 --k=512 --routing=skewed"; do
     echo "-- $args" >>"$log"
     $p $args --iterations=3 >>"$log" 2>&1 || { echo "profiler FAILED: $args" | tee -a "$log"; status=1; }
   done
@@ -94,7 +100,7 @@ if [ "${MOE_GEMM_SANITIZE:-0}" = 1 ]; then
   step "compute-sanitizer memcheck on the GPU tests"
   # Everything but the slow cases (the 4 GB input, torch.compile, the scaled suite): the same kernels and edges.
   compute-sanitizer --tool memcheck --error-exitcode 1 $python -m pytest -q -x tests/test_cuda_kernel.py \
-    tests/test_cuda_wgrad.py tests/test_decode.py -k "not beyond_2_pow_31 and not compile and not suite_shapes" \
+    tests/test_cuda_wgrad.py tests/test_cuda_wgrad_gather.py tests/test_decode.py -k "not beyond_2_pow_31 and not compile and not suite_shapes" \
     >"$out/sanitizer.log" 2>&1 && echo "memcheck clean" | tee -a "$log" ||
     { tail -30 "$out/sanitizer.log" | tee -a "$log"; status=1; }
 fi
