@@ -32,8 +32,8 @@
 //     (sm90_moe_epilogue.hpp). Without kSplitK none of it is compiled in;
 //   - gathered token rows (kGatherA, a separate instantiation, cooperative tiles without clusters): row r of
 //     A is row gather_rows[r] of a source tensor [T, K], so that the MoE layer multiplies hidden[token_of_row]
-//     without materialising it. Each of the producer warpgroup's 128 threads loads one row of the token tile
-//     per k-block, a one-row TMA box of 128 bytes, where the whole tile's box would have put it
+//     without materialising it. The producer warpgroup's 128 threads copy the token tile's rows with cp.async,
+//     eight threads per 128-byte row, into the 128-byte swizzle the whole tile's TMA box would have written
 //     (GatheredTokenRows). Without kGatherA none of it is compiled in.
 #pragma once
 
@@ -84,15 +84,17 @@ struct HalfTokenTiles<false, Mainloop, kRows, kCols> {
   struct Tma {};
 };
 
-// kGatherA: where the token rows come from. A plain 2-D descriptor over the source [T, K] with boxes of one row
-// by one k-block (64 16-bit columns, 128 bytes) and the 128-byte swizzle of the mainloop's token tiles. The
-// hardware swizzles a TMA box by the shared-memory address it writes (bits 4-6 XOR bits 7-9), not by the box's
-// own rows, so a one-row box written at row r of a stage lands exactly where the whole tile's box puts row r,
-// and the WGMMA descriptors read it unchanged (seen on an H200: 128 one-row boxes at rows 0..127 of a
-// 1024-byte-aligned stage and one 128-row box wrote the same bytes).
+// kGatherA: where the token rows come from, and why cp.async. Hopper's TMA has no row gather; one-row boxes (128
+// bytes) issued by the producer warpgroup were bitwise right but ran at 0.42-0.9x copy + grouped_mm on the H200:
+// about 23 cycles per box per SM, so a 128x64 tile took ~3000 cycles of TMA issue against ~1400 of MMAs.
+// cp.async moves the same tile as 1024 16-byte copies, 8 per thread, in 4 warp instructions of fully used 128-byte
+// rows. Each copy lands where TMA's 128-byte swizzle would put it (bits 4-6 of the shared-memory address XOR
+// bits 7-9), so the WGMMA descriptors read the stage unchanged.
 template <bool kEnabled>
 struct GatheredTokenRows {
-  CUtensorMap tma_load_row;  // [T, K] source, boxes of kTileK columns x 1 row
+  void const* tokens;        // the source [T, K], rows ld elements apart
+  int64_t ld;
+  int64_t source_rows;       // T
   int64_t const* rows;       // [M]: row r of A is row rows[r] of the source
 };
 template <>
@@ -194,14 +196,17 @@ class Sm90MoeGemmKernel {
   using SmemLayoutHalfTokens = typename HalfTokens::SmemLayout;
   using TmaHalfTokens = typename HalfTokens::Tma;
 
-  // kGatherA: thread t of the producer warpgroup loads row t of every token tile (warp 0's lanes in produce(),
-  // warps 1-3 in load_gathered_rows()). Rows at or past the expert's end are not loaded: the bytes they would
-  // have brought are completed by hand on the stage's barrier, which expects the whole tile, as with
-  // kPartialTokenLoads. Their shared memory keeps an older tile's rows, which only give D rows that no store
-  // writes (a row of D depends on the same row of A alone).
+  // kGatherA: the producer warpgroup's 128 threads copy the token tiles (warp 0's lanes in produce(), warps 1-3
+  // in load_gathered_rows()): warp w the rows [32w, 32w + 32), eight lanes per row, a 16-byte chunk each, so
+  // that a warp instruction copies four whole 128-byte rows. Rows at or past the expert's end, an index outside
+  // the source and columns past K are zero-filled without a read. Each thread arrives on a stage's barrier
+  // once its own copies into it have landed (GatheredTile::arrive), a stage behind its loads.
   static constexpr uint32_t kTokenRowBytes = uint32_t(kTileK * sizeof(typename CollectiveMainloop::InternalElementA));
   static_assert(!kGatherA || (kClusterSize == 1 && !kSwapAB && kTileM == int(cutlass::NumThreadsPerWarpGroup)),
-                "gathered rows: cooperative 128-row tiles without clusters, one row per producer thread");
+                "gathered rows: cooperative 128-row tiles without clusters");
+  // A thread arrives on stage s after it has loaded stage s + 1; the consumers free stage s + 1 - kStages only
+  // after they have waited for stage s + 2 - kStages. Two stages would deadlock.
+  static_assert(!kGatherA || CollectiveMainloop::DispatchPolicy::Stages >= 3, "gathered rows: at least 3 stages");
   using GatherParams = GatheredTokenRows<kGatherA>;
   // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
   static constexpr uint32_t kTileSlotReaders =
@@ -346,16 +351,9 @@ class Sm90MoeGemmKernel {
       return status;
     }
     if constexpr (kGatherA) {
-      uint64_t const dims[2] = {uint64_t(K), uint64_t(token_rows)};
-      uint64_t const strides[2] = {1, uint64_t(args.ld_tokens)};
-      uint32_t const box[2] = {uint32_t(kTileK), 1};
-      using Element = typename Mainloop::ElementA;
-      if (cudaError_t status = detail::encode_tma(&params.gather.tma_load_row, detail::tma_type<Element>(),
-                                                  int(sizeof(Element)), args.tokens, 2, dims, strides, box);
-          status != cudaSuccess) {
-        return status;
-      }
-      params.gather.rows = args.gather_rows;
+      params.gather = {args.tokens, args.ld_tokens, args.gather_source_rows, args.gather_rows};
+      // The token tiles come by cp.async: the stage's barrier expects only the weight tile's bytes.
+      params.mainloop.tma_transaction_bytes = Mainloop::TmaTransactionBytesNK;
     }
     params.scheduler.experts = ExpertRows{args.m_sizes, args.m_sizes_int64, E, args.M};
     params.scheduler.tiles_n = (N + kTileN * kClusterN - 1) / (kTileN * kClusterN);  // cluster n-blocks
@@ -391,9 +389,6 @@ class Sm90MoeGemmKernel {
     if (roles.warp_idx == 0 && lane_predicate) {
       CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
       cute::prefetch_tma_descriptor(&params.tma_store_d);
-      if constexpr (kGatherA) {
-        cute::prefetch_tma_descriptor(&params.gather.tma_load_row);
-      }
     }
 
     // Pipelines from the TMA warp (producer; gathering, the whole producer warpgroup) to the two MMA warpgroups
@@ -551,11 +546,8 @@ class Sm90MoeGemmKernel {
       }();
       Tensor tAgA = cta_tma_a.partition_S(gA);
       Tensor tBgB = cta_tma_b.partition_S(gB);
-      // Token rows of the expert in this CTA's m-block (<= 0 for a 2x1 cluster's CTA past its end). A gathering
-      // kernel loads only those rows too, and completes the other rows' bytes by hand: with kTileM here a tile
-      // ending mid-block would leave its stages' barriers short of bytes forever (the hang seen on the H200).
-      int32_t const token_rows =
-          (kPartialTokenLoads || kGatherA) ? work.rows - work.m_block * kTileM : int32_t(kTileM);
+      // Token rows of the expert in this CTA's m-block (<= 0 for a 2x1 cluster's CTA past its end).
+      int32_t const token_rows = kPartialTokenLoads ? work.rows - work.m_block * kTileM : int32_t(kTileM);
       // The next unit is claimed from the counter as the tile's last k-block is about to be loaded: its
       // round trip then passes while the producer waits for that stage. Not earlier: a CTA claims work only
       // when it is about to start on it, which balances the last wave (claiming at the start of the tile,
@@ -563,30 +555,25 @@ class Sm90MoeGemmKernel {
       // instead of after the last load was 0.7% faster at 16k tokens, docs/design.md).
       int next = 0;
       if constexpr (kGatherA) {
-        // Every lane waits for each stage and loads its row of the token tile (warps 1-3 load the others,
-        // load_gathered_rows); thread 0 arms the barrier with the whole stage's bytes (producer_acquire), the
-        // leader completes those of the rows past the expert and loads B. The rows' TMA may complete before the
-        // barrier is armed: its transaction count runs negative until then, and the phase cannot complete
-        // before thread 0's arrival.
-        GatheredRow const row = gathered_row(params, work, int(threadIdx.x) % cutlass::NumThreadsPerWarp);
-        uint32_t const bytes_not_loaded = uint32_t(kTileM - min(int32_t(kTileM), token_rows)) * kTokenRowBytes;
+        // Every lane waits for each stage and copies its chunks of the token tile's rows 0-31 (warps 1-3 copy
+        // the others, load_gathered_rows); thread 0 arms the barrier with the weight tile's bytes
+        // (producer_acquire) and the leader loads it.
+        GatheredTile tile(params, work, int(threadIdx.x));
         PipelineState state = write_state;
         for (int k = 0; k < k_blocks.count; ++k) {
           if (is_leader && claims && k == k_blocks.count - 1) {
             next = atomicAdd(params.tile_counter, 1);
           }
           pipeline.producer_acquire(state);
-          auto* barrier = pipeline.producer_get_barrier(state);
+          uint64_t* const barrier = pipeline.producer_get_barrier(state);
           int const k_block = k_blocks.begin + k;
-          load_gathered_row(params, *barrier, row, k_block, state.index(), shared_storage);
+          tile.load(params, k_block, state.index(), shared_storage, barrier);
           if (is_leader) {
-            if (bytes_not_loaded > 0) {
-              cutlass::arch::ClusterTransactionBarrier::complete_transaction(barrier, 0, bytes_not_loaded);
-            }
             copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k_block), tBsB(_, _, _, state.index()));
           }
           ++state;
         }
+        tile.finish();
         if (is_leader && claims && k_blocks.count == 0) {
           next = atomicAdd(params.tile_counter, 1);
         }
@@ -668,48 +655,93 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // kGatherA: row `tile_row` of a token tile, and where it comes from.
-  struct GatheredRow {
-    int32_t source;    // its row of the source tensor (a TMA coordinate)
-    int32_t tile_row;
-    bool loads;        // false at or past the expert's end
-  };
-
-  // The source row of an index outside [0, 2^31) is clamped to -1 or 2^31 - 1: TMA's bounds check reads zeros
-  // for it (and for any index at or past the source's rows), and nothing outside the source is ever read. Such
-  // an index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it.
-  CUTLASS_DEVICE static GatheredRow gathered_row(Params const& params, MoeWorkTile const& work, int tile_row) {
-    bool const loads = tile_row < work.rows - work.m_block * kTileM;
-    int64_t source = 0;
-    if (loads) {
-      source = params.gather.rows[work.row_start + int64_t(work.m_block) * kTileM + tile_row];
-      source = cute::max(int64_t(-1), cute::min(source, int64_t(INT32_MAX)));
-    }
-    return {int32_t(source), int32_t(tile_row), loads};
-  }
-
-  // One k-block of a gathered row: a one-row TMA box into the row's place in the stage (GatheredTokenRows).
-  CUTLASS_DEVICE static void load_gathered_row(Params const& params, uint64_t& barrier, GatheredRow const& row,
-                                               int k_block, int stage, SharedStorage& shared_storage) {
+  // kGatherA: one producer thread's share of a token tile: 16-byte chunk `lane % 8` of the tile's rows
+  // 32 * warp + 4 * i + lane / 8, i = 0..7 (four whole rows per warp instruction), and the stage it still has to
+  // arrive on. Its copies into stage s are tracked as one cp.async group; it arrives on s's barrier after it has
+  // issued those of the next stage, once the group has landed, behind a proxy fence: cp.async writes through the
+  // generic proxy and WGMMA reads through the async proxy.
+  struct GatheredTile {
+    using Element = typename CollectiveMainloop::InternalElementA;
     using SmemLayoutA = typename CollectiveMainloop::SmemLayoutA;
     static_assert(kTokenRowBytes == 128 &&
                       cute::is_same_v<decltype(cute::get_swizzle_portion(SmemLayoutA{})), cute::Swizzle<3, 4, 3>> &&
                       token_rows_are_contiguous<SmemLayoutA, kTileM, kTileK>(),
                   "gathered rows: 128-byte rows under the 128-byte swizzle, one after another in each stage");
-    if (row.loads) {
-      auto* smem_row = shared_storage.tensors.smem_A.data() + (stage * kTileM + row.tile_row) * kTileK;
-      cute::SM90_TMA_LOAD_2D::copy(&params.gather.tma_load_row, &barrier,
-                                   uint64_t(cute::TMA::CacheHintSm90::EVICT_NORMAL), smem_row, k_block * kTileK,
-                                   row.source);
-    }
-  }
+    static constexpr int kRowsPerThread = kTileM * 8 / int(cutlass::NumThreadsPerWarpGroup);  // 8
+    static constexpr int kRowStep = int(cutlass::NumThreadsPerWarp) / 8;                        // 4
+    // Source rows as 32-bit indices (-1: zero-filled), their addresses computed per k-block: the producer
+    // warpgroup has 40 registers a thread.
+    int32_t sources[kRowsPerThread];
+    uint32_t smem_offset;         // the thread's first chunk in stage 0, before the swizzle
+    int32_t column;               // the chunk's first column in k-block 0
+    static constexpr uint32_t kNone = ~0u;
+    uint32_t pending = kNone;  // the barrier (shared address) of the stage this thread has yet to arrive on
 
-  // kGatherA, the producer warpgroup's warps 1-3: thread `tile_row` (32 to 127) loads that row of every token
-  // tile, following the units that warp 0 decodes, into the stages that thread 0 arms (produce()). A thread
-  // whose row is past the expert skips the tile's stages without waiting for them.
+    // The source row of an index outside [0, T) is not read: the row is zero-filled, as TMA's bounds check did.
+    // Such an index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it.
+    CUTLASS_DEVICE GatheredTile(Params const& params, MoeWorkTile const& work, int producer_thread) {
+      int const lane = producer_thread % cutlass::NumThreadsPerWarp;
+      int const first_row = (producer_thread / cutlass::NumThreadsPerWarp) * 32 + lane / 8;
+      column = (lane % 8) * int(16 / sizeof(Element));
+      smem_offset = uint32_t(first_row) * kTokenRowBytes + uint32_t(lane % 8) * 16;
+      int32_t const rows_in_tile = work.rows - work.m_block * kTileM;
+      int64_t const first = work.row_start + int64_t(work.m_block) * kTileM;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        int const tile_row = first_row + i * kRowStep;
+        int64_t const source = tile_row < rows_in_tile ? params.gather.rows[first + tile_row] : -1;
+        sources[i] = source >= 0 && source < params.gather.source_rows ? int32_t(source) : -1;
+      }
+    }
+
+    // k-block `k_block` of the thread's chunks into stage `stage`, whose barrier is `barrier`; then the arrival on
+    // the stage before.
+    CUTLASS_DEVICE void load(Params const& params, int k_block, int stage, SharedStorage& shared_storage,
+                             uint64_t* barrier) {
+      uint32_t const stage_base = cute::cast_smem_ptr_to_uint(shared_storage.tensors.smem_A.data() +
+                                                             stage * (kTileM * kTileK));
+      int32_t const col = k_block * kTileK + column;
+      bool const in_k = col < params.K;
+      Element const* const tokens = static_cast<Element const*>(params.gather.tokens);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kRowsPerThread; ++i) {
+        uint32_t address = stage_base + smem_offset + uint32_t(i * kRowStep) * kTokenRowBytes;
+        address ^= ((address >> 7) & 7u) << 4;  // TMA's 128-byte swizzle
+        bool const reads = sources[i] >= 0 && in_k;
+        Element const* const source = reads ? tokens + int64_t(sources[i]) * params.gather.ld + col : tokens;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(source),
+                     "r"(reads ? 16 : 0)
+                     : "memory");
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      if (pending != kNone) {
+        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        arrive();
+      }
+      pending = cute::cast_smem_ptr_to_uint(barrier);
+    }
+
+    // The arrival on the last stage loaded (at the end of a tile, so that no stage waits for the next tile).
+    CUTLASS_DEVICE void finish() {
+      if (pending != kNone) {
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        arrive();
+        pending = kNone;
+      }
+    }
+
+   private:
+    CUTLASS_DEVICE void arrive() const {
+      cutlass::arch::fence_view_async_shared();
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(pending) : "memory");
+    }
+  };
+
+  // kGatherA, the producer warpgroup's warps 1-3: their share of every token tile (GatheredTile), following the
+  // units that warp 0 decodes, into the stages that thread 0 arms (produce()).
   CUTLASS_DEVICE static void load_gathered_rows(Params const& params, MainloopPipeline& pipeline,
                                                 TilePipeline& tile_pipeline, SharedStorage& shared_storage,
-                                                int tile_row) {
+                                                int producer_thread) {
     TilePipelineState tile_read;
     PipelineState state = cutlass::make_producer_start_state<MainloopPipeline>();
     while (true) {
@@ -717,17 +749,13 @@ class Sm90MoeGemmKernel {
       if (!unit.work.valid) {
         return;
       }
-      GatheredRow const row = gathered_row(params, unit.work, tile_row);
-      if (row.loads) {
-        PipelineState load_state = state;
-        for (int k = 0; k < unit.k_blocks.count; ++k) {
-          pipeline.producer_acquire(load_state);  // waits: thread 0 alone arms the barrier
-          load_gathered_row(params, *pipeline.producer_get_barrier(load_state), row, unit.k_blocks.begin + k,
-                            load_state.index(), shared_storage);
-          ++load_state;
-        }
+      GatheredTile tile(params, unit.work, producer_thread);
+      for (int k = 0; k < unit.k_blocks.count; ++k) {
+        pipeline.producer_acquire(state);  // waits: thread 0 alone arms the barrier
+        tile.load(params, unit.k_blocks.begin + k, state.index(), shared_storage, pipeline.producer_get_barrier(state));
+        ++state;
       }
-      state.advance(unit.k_blocks.count);
+      tile.finish();
     }
   }
 

@@ -79,8 +79,10 @@ CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, C
 }
 
 // The pipeline of the operand stages, from the producer warp to the MMA warpgroups (num_consumers threads).
-// With assisting_warps the producer warpgroup's warps 1-3 (run_warp_groups' assist()) wait for stages and load
-// into them too (the forward kernel that gathers A's rows); thread 0 alone arms each stage's barrier either way.
+// Thread 0 arms each stage's barrier with transaction_bytes (its TMA loads). With assisting_warps the producer
+// warpgroup's warps 1-3 (run_warp_groups' assist()) wait for stages too, and each of the warpgroup's 128 threads
+// arrives once per stage after its own copies into it have landed (the forward kernel that gathers A's rows with
+// cp.async): the barrier then expects 1 + 128 arrivals.
 template <class MainloopPipeline, class ClusterShape>
 CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline::SharedStorage& storage,
                                                        WarpRoles const& roles, uint32_t num_consumers,
@@ -96,7 +98,7 @@ CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline
   }
   params.is_leader = (roles.thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
   params.num_consumers = num_consumers;
-  params.num_producers = 1;
+  params.num_producers = assisting_warps ? 1 + cutlass::NumThreadsPerWarpGroup : 1;
   params.transaction_bytes = transaction_bytes;
   return MainloopPipeline(storage, params, cluster_shape);
 }

@@ -25,7 +25,7 @@ CASES = {
     # message formats tensor sizes (integers)
     "wgrad rows differ": (
         "torch.ops.moe_gemm.grouped_mm_wgrad(x, torch.randn(9, 64, device='cuda', dtype=torch.bfloat16), m_sizes)",
-        "must be 2-D with the same rows",
+        "must have the same rows",
     ),
     # message formats a string argument
     "route scoring": (
