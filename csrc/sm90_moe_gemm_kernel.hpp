@@ -199,14 +199,12 @@ class Sm90MoeGemmKernel {
   // kGatherA: the producer warpgroup's 128 threads copy the token tiles (warp 0's lanes in produce(), warps 1-3
   // in load_gathered_rows()): warp w the rows [32w, 32w + 32), eight lanes per row, a 16-byte chunk each, so
   // that a warp instruction copies four whole 128-byte rows. Rows at or past the expert's end, an index outside
-  // the source and columns past K are zero-filled without a read. Each thread arrives on a stage's barrier
-  // once its own copies into it have landed (GatheredTile::arrive), a stage behind its loads.
+  // the source and columns past K are zero-filled without a read. Each thread's copies into a stage arrive on its
+  // barrier when they land (GatheredTile::load).
   static constexpr uint32_t kTokenRowBytes = uint32_t(kTileK * sizeof(typename CollectiveMainloop::InternalElementA));
   static_assert(!kGatherA || (kClusterSize == 1 && !kSwapAB && kTileM == int(cutlass::NumThreadsPerWarpGroup)),
                 "gathered rows: cooperative 128-row tiles without clusters");
-  // A thread arrives on stage s after it has loaded stage s + 1; the consumers free stage s + 1 - kStages only
-  // after they have waited for stage s + 2 - kStages. Two stages would deadlock.
-  static_assert(!kGatherA || CollectiveMainloop::DispatchPolicy::Stages >= 3, "gathered rows: at least 3 stages");
+  static_assert(!kGatherA || kDeferStore, "gathered rows: consume()'s mma_with_hook fences the proxies");
   using GatherParams = GatheredTokenRows<kGatherA>;
   // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
   static constexpr uint32_t kTileSlotReaders =
@@ -396,7 +394,7 @@ class Sm90MoeGemmKernel {
     // producer warpgroup too).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
         shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{},
-        kGatherA);
+        kGatherA, kGatherA ? 1 + cutlass::NumThreadsPerWarpGroup : 1);
     TilePipeline tile_pipeline =
         make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kTileSlotReaders, kGatherA);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
@@ -573,7 +571,6 @@ class Sm90MoeGemmKernel {
           }
           ++state;
         }
-        tile.finish();
         if (is_leader && claims && k_blocks.count == 0) {
           next = atomicAdd(params.tile_counter, 1);
         }
@@ -613,6 +610,9 @@ class Sm90MoeGemmKernel {
       }
     }
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
+    if constexpr (kGatherA) {
+      GatheredTile::drain();
+    }
     if (is_leader) {
       pipeline.producer_tail(write_state);
     }
@@ -656,10 +656,11 @@ class Sm90MoeGemmKernel {
   }
 
   // kGatherA: one producer thread's share of a token tile: 16-byte chunk `lane % 8` of the tile's rows
-  // 32 * warp + 4 * i + lane / 8, i = 0..7 (four whole rows per warp instruction), and the stage it still has to
-  // arrive on. Its copies into stage s are tracked as one cp.async group; it arrives on s's barrier after it has
-  // issued those of the next stage, once the group has landed, behind a proxy fence: cp.async writes through the
-  // generic proxy and WGMMA reads through the async proxy.
+  // 32 * warp + 4 * i + lane / 8, i = 0..7 (four whole rows per warp instruction). Its copies into a stage arrive
+  // on the stage's barrier when they land (cp.async.mbarrier.arrive.noinc: the barrier counts this arrival among
+  // the 1 + 128 it expects), so the thread never waits for its own loads and keeps every stage in flight. The
+  // consumers fence the proxies after the wait (mma_with_hook's kProxyFence): cp.async writes through the generic
+  // proxy, WGMMA reads through the async proxy.
   struct GatheredTile {
     using Element = typename CollectiveMainloop::InternalElementA;
     using SmemLayoutA = typename CollectiveMainloop::SmemLayoutA;
@@ -674,8 +675,6 @@ class Sm90MoeGemmKernel {
     int32_t sources[kRowsPerThread];
     uint32_t smem_offset;         // the thread's first chunk in stage 0, before the swizzle
     int32_t column;               // the chunk's first column in k-block 0
-    static constexpr uint32_t kNone = ~0u;
-    uint32_t pending = kNone;  // the barrier (shared address) of the stage this thread has yet to arrive on
 
     // The source row of an index outside [0, T) is not read: the row is zero-filled, as TMA's bounds check did.
     // Such an index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it.
@@ -694,8 +693,7 @@ class Sm90MoeGemmKernel {
       }
     }
 
-    // k-block `k_block` of the thread's chunks into stage `stage`, whose barrier is `barrier`; then the arrival on
-    // the stage before.
+    // k-block `k_block` of the thread's chunks into stage `stage`, and their arrival on its barrier.
     CUTLASS_DEVICE void load(Params const& params, int k_block, int stage, SharedStorage& shared_storage,
                              uint64_t* barrier) {
       uint32_t const stage_base = cute::cast_smem_ptr_to_uint(shared_storage.tensors.smem_A.data() +
@@ -713,28 +711,12 @@ class Sm90MoeGemmKernel {
                      "r"(reads ? 16 : 0)
                      : "memory");
       }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
-      if (pending != kNone) {
-        asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-        arrive();
-      }
-      pending = cute::cast_smem_ptr_to_uint(barrier);
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(barrier))
+                   : "memory");
     }
 
-    // The arrival on the last stage loaded (at the end of a tile, so that no stage waits for the next tile).
-    CUTLASS_DEVICE void finish() {
-      if (pending != kNone) {
-        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-        arrive();
-        pending = kNone;
-      }
-    }
-
-   private:
-    CUTLASS_DEVICE void arrive() const {
-      cutlass::arch::fence_view_async_shared();
-      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(pending) : "memory");
-    }
+    // Before the thread exits: its last copies have landed.
+    CUTLASS_DEVICE static void drain() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
   };
 
   // kGatherA, the producer warpgroup's warps 1-3: their share of every token tile (GatheredTile), following the
@@ -747,6 +729,7 @@ class Sm90MoeGemmKernel {
     while (true) {
       DecodedUnit const unit = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
       if (!unit.work.valid) {
+        GatheredTile::drain();
         return;
       }
       GatheredTile tile(params, unit.work, producer_thread);
@@ -755,7 +738,6 @@ class Sm90MoeGemmKernel {
         tile.load(params, unit.k_blocks.begin + k, state.index(), shared_storage, pipeline.producer_get_barrier(state));
         ++state;
       }
-      tile.finish();
     }
   }
 
@@ -802,7 +784,7 @@ class Sm90MoeGemmKernel {
         store_pending(0, kChunks);
       } else {
         if constexpr (kDeferStore) {
-          mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count,
+          mma_with_hook<kChunks, CollectiveMainloop, kGatherA>(pipeline, read_state, accumulators, k_blocks.count,
                                                      mma_thread_idx, shared_storage.tensors,
                                                      [&](int k) { store_pending(k, k + 1); });
           store_pending(k_blocks.count, kChunks);  // the chunks fewer k-blocks than chunks left over

@@ -80,14 +80,14 @@ CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, C
 
 // The pipeline of the operand stages, from the producer warp to the MMA warpgroups (num_consumers threads).
 // Thread 0 arms each stage's barrier with transaction_bytes (its TMA loads). With assisting_warps the producer
-// warpgroup's warps 1-3 (run_warp_groups' assist()) wait for stages too, and each of the warpgroup's 128 threads
-// arrives once per stage after its own copies into it have landed (the forward kernel that gathers A's rows with
-// cp.async): the barrier then expects 1 + 128 arrivals.
+// warpgroup's warps 1-3 (run_warp_groups' assist()) wait for stages and load into them too. The barrier expects
+// num_producers arrivals: thread 0's, and in the forward kernel that gathers A's rows with cp.async one more from
+// each producer thread, which its copies trigger when they land.
 template <class MainloopPipeline, class ClusterShape>
 CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline::SharedStorage& storage,
                                                        WarpRoles const& roles, uint32_t num_consumers,
                                                        uint32_t transaction_bytes, ClusterShape cluster_shape,
-                                                       bool assisting_warps = false) {
+                                                       bool assisting_warps = false, uint32_t num_producers = 1) {
   typename MainloopPipeline::Params params;
   if (roles.warp_group_role == WarpGroupRole::Producer &&
       (roles.warp_idx_in_warp_group == 0 || assisting_warps)) {
@@ -98,7 +98,7 @@ CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline
   }
   params.is_leader = (roles.thread_idx % cutlass::NumThreadsPerWarpGroup) == 0;
   params.num_consumers = num_consumers;
-  params.num_producers = assisting_warps ? 1 + cutlass::NumThreadsPerWarpGroup : 1;
+  params.num_producers = num_producers;
   params.transaction_bytes = transaction_bytes;
   return MainloopPipeline(storage, params, cluster_shape);
 }
@@ -121,8 +121,9 @@ CUTLASS_DEVICE TilePipeline make_tile_pipeline(typename TilePipeline::SharedStor
 
 // Overwrites `accumulators` with the tile's product over k_tiles >= 1 k-blocks, starting at read_state
 // (taken by value: the caller advances its own by k_tiles, as with CUTLASS's mma()), and frees every
-// stage it read. thread_idx runs over the TiledMma's threads.
-template <int kHookSteps, class CollectiveMainloop, class Accumulators, class Hook>
+// stage it read. thread_idx runs over the TiledMma's threads. kProxyFence: the stages were written by cp.async
+// (generic proxy), which WGMMA (async proxy) reads only after a proxy fence.
+template <int kHookSteps, class CollectiveMainloop, bool kProxyFence = false, class Accumulators, class Hook>
 CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline& pipeline,
                                   typename CollectiveMainloop::PipelineState read_state, Accumulators& accumulators,
                                   int k_tiles, int thread_idx, typename CollectiveMainloop::TensorStorage& tensors,
@@ -145,6 +146,9 @@ CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline&
   {
     auto const token = pipeline.consumer_try_wait(read_state);
     pipeline.consumer_wait(read_state, token);
+    if constexpr (kProxyFence) {
+      cutlass::arch::fence_view_async_shared();
+    }
     int const stage = read_state.index();
     warpgroup_arrive();
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -164,6 +168,9 @@ CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline&
   for (int k = 1; k < k_tiles; ++k) {
     auto const token = pipeline.consumer_try_wait(read_state);
     pipeline.consumer_wait(read_state, token);
+    if constexpr (kProxyFence) {
+      cutlass::arch::fence_view_async_shared();
+    }
     int const stage = read_state.index();
     warpgroup_fence_operand(accumulators);
     warpgroup_arrive();

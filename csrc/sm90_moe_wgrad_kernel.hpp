@@ -23,9 +23,10 @@
 //     without reading it.
 //   - gathered reduction rows (kGatherL or kGatherR, separate instantiations): row i of L (or R) is row
 //     gather_rows[i] of a source tensor, so that the MoE layer's weight gradients read hidden[token_of_row] and
-//     grad_out[token_of_row] in place. The producer warpgroup's 128 threads load the gathered operand's
-//     k-block as one-row TMA boxes of 64 columns (GatheredReductionRows); rows past the expert's end load a
-//     box that lies wholly out of bounds, which TMA fills with zeros. Without either none of it is compiled in.
+//     grad_out[token_of_row] in place. The producer warpgroup's 128 threads copy the gathered operand's
+//     k-block with cp.async, eight threads per 128-byte run of a row, into the 128-byte swizzle TMA would have
+//     written (GatheredReductionRows); rows past the expert's end are zero-filled. Without either none of it is
+//     compiled in.
 #pragma once
 
 #include <algorithm>
@@ -52,17 +53,19 @@ namespace moe_gemm {
 // Shared memory of the epilogue: two buffers of kTileP rows x 128 bytes.
 constexpr int wgrad_epilogue_smem_bytes(int tile_p) { return 2 * tile_p * 128; }
 
-// kGatherL / kGatherR: where the gathered operand's rows come from. A plain 2-D descriptor over the source
-// [T, cols] with boxes of 64 columns (128 bytes) by one row and the 128-byte swizzle. The operand tiles are
-// MN-major: in a stage, reduction row j of the 64 columns [64 b, 64 b + 64) is one run of 128 bytes at element
-// (b * kTileK + j) * 64, before the swizzle (reduction_runs_are_contiguous below checks it). The hardware swizzles a
-// TMA box by the shared-memory address it writes (bits 4-6 XOR bits 7-9), so a one-row box written at that run's
-// address lands exactly where the ragged 64 x 64 box would have put the row: the forward kernel's gathered token
-// rows (GatheredTokenRows in sm90_moe_gemm_kernel.hpp) rely on the same, seen on an H200.
+// kGatherL / kGatherR: where the gathered operand's rows come from. The operand tiles are MN-major: in a stage,
+// reduction row j of the 64 columns [64 b, 64 b + 64) is one run of 128 bytes at element (b * kTileK + j) * 64,
+// before the swizzle (reduction_runs_are_contiguous below checks it). Each run is copied as eight 16-byte cp.async,
+// each to where TMA's 128-byte swizzle (bits 4-6 of the shared-memory address XOR bits 7-9) would have put it, as
+// the forward kernel's gathered token rows are (GatheredTokenRows in sm90_moe_gemm_kernel.hpp, which says why not
+// one-row TMA boxes).
 template <bool kEnabled>
 struct GatheredReductionRows {
-  CUtensorMap tma_load_row;  // [T, cols] source, boxes of 64 columns x 1 row
-  int64_t const* rows;       // [M]: reduction row i of the operand is row rows[i] of the source
+  void const* source;   // [T, cols], rows ld elements apart
+  int64_t ld;
+  int64_t source_rows;  // T
+  int64_t const* rows;  // [M]: reduction row i of the operand is row rows[i] of the source
+  int32_t cols;         // the source's width: P for L, Q for R
 };
 template <>
 struct GatheredReductionRows<false> {};
@@ -132,24 +135,23 @@ class Sm90MoeWgradKernel {
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileP>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
 
-  // kGatherL / kGatherR: the gathered operand (L, kTileP wide, or R, kTileQ wide) comes as kGatherRuns one-row
-  // boxes per reduction row, kTileK * kGatherRuns per stage (128 or 256), dealt to the producer warpgroup's 128
-  // threads: thread t loads reduction row t % 64 of runs t / 64, t / 64 + 2, ... (kGatherBoxes per thread), warp
-  // 0's lanes in produce(), warps 1-3 in assist_gathered_loads(). Rows at or past the expert's end are loaded too,
-  // from source row -1: wholly out of bounds, so TMA writes the box as zeros and still counts its 128 bytes. The
-  // stage then holds exact zeros there whatever an older tile left, which the sums need (a stale row, NaN even,
-  // would be multiplied by the other operand's zero-filled row); and every box is loaded, so thread 0 arms each
-  // stage's barrier with the whole stage's bytes as without the gather and nothing is completed by hand.
+  // kGatherL / kGatherR: the gathered operand (L, kTileP wide, or R, kTileQ wide) comes as kGatherRuns runs of
+  // 128 bytes per reduction row, kTileK * kGatherRuns per stage (128 or 256), copied by the producer warpgroup's
+  // 128 threads (warp 0's lanes in produce(), warps 1-3 in assist_gathered_loads()): thread t copies chunk t % 8
+  // of rows t / 8 + 16 i (i = 0..3) of every run, so that a warp instruction copies four whole runs. Rows at or
+  // past the expert's end, indices outside the source and columns past its width are zero-filled without a read:
+  // the stage then holds exact zeros there whatever an older tile left, which the sums need (a stale row, NaN
+  // even, would be multiplied by the other operand's zero-filled row). Thread 0 arms each stage's barrier with
+  // the other operand's bytes; each producer thread's copies arrive on it when they land (1 + 128 arrivals).
   static constexpr bool kGatherL = kGatherL_;
   static constexpr bool kGatherR = kGatherR_;
   static constexpr bool kGather = kGatherL || kGatherR;
   static_assert(!(kGatherL && kGatherR), "one gathered operand per kernel");
   static constexpr int kGatherCols = kGatherL ? kTileP : kTileQ;
   static constexpr int kGatherRuns = kGatherCols / kBoxCols;
-  static constexpr int kThreadsPerRun = int(cutlass::NumThreadsPerWarpGroup) / kTileK;  // runs of one row at once
-  static constexpr int kGatherBoxes = kGatherRuns / kThreadsPerRun;
-  static_assert(!kGather || (int(cutlass::NumThreadsPerWarpGroup) % kTileK == 0 && kGatherRuns % kThreadsPerRun == 0),
-                "gathered rows: every producer thread loads the same number of boxes");
+  static constexpr int kGatherRowStep = int(cutlass::NumThreadsPerWarpGroup) / 8;  // 16 rows at once
+  static constexpr int kGatherRowsPerThread = kTileK / kGatherRowStep;              // 4
+  static_assert(!kGather || kDeferStore, "gathered rows: consume()'s mma_with_hook fences the proxies");
   using GatherParams = GatheredReductionRows<kGather>;
 
   static constexpr int kTileSlots = 4;
@@ -217,14 +219,8 @@ class Sm90MoeWgradKernel {
       status = detail::encode_ragged<ElementIn>(&params.tma_r, args.r, args.Q, args.ldr, kBoxCols, kTileK);
     }
     if constexpr (kGather) {
-      if (status == cudaSuccess) {
-        uint64_t const dims[2] = {uint64_t(kGatherL ? args.P : args.Q), uint64_t(args.gather_source_rows)};
-        uint64_t const strides[2] = {1, uint64_t(kGatherL ? args.ldl : args.ldr)};
-        uint32_t const box[2] = {uint32_t(kBoxCols), 1};
-        status = detail::encode_tma(&params.gather.tma_load_row, detail::tma_type<ElementIn>(), int(sizeof(ElementIn)),
-                                    kGatherL ? args.l : args.r, 2, dims, strides, box);
-      }
-      params.gather.rows = args.gather_rows;
+      params.gather = {kGatherL ? args.l : args.r, kGatherL ? args.ldl : args.ldr, args.gather_source_rows,
+                       args.gather_rows, int32_t(kGatherL ? args.P : args.Q)};
     }
     if (status == cudaSuccess) {
       uint64_t const dims[3] = {uint64_t(args.Q), uint64_t(args.P), uint64_t(args.E)};
@@ -261,16 +257,15 @@ class Sm90MoeWgradKernel {
         cute::prefetch_tma_descriptor(&params.tma_r);
       }
       cute::prefetch_tma_descriptor(&params.tma_d);
-      if constexpr (kGather) {
-        cute::prefetch_tma_descriptor(&params.gather.tma_load_row);
-      }
     }
 
     // Pipelines from the TMA warp (producer; gathering, the whole producer warpgroup) to the two MMA warpgroups
     // (consumers): the stages, and the decoded tiles (gathering, read by warps 1-3 of the producer warpgroup too).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
-        shared_storage.pipeline, roles, kNumMmaThreads, CollectiveMainloop::TmaTransactionBytes,
-        cute::Shape<cute::_1, cute::_1, cute::_1>{}, kGather);
+        shared_storage.pipeline, roles, kNumMmaThreads,
+        !kGather ? CollectiveMainloop::TmaTransactionBytes
+                 : (kGatherL ? CollectiveMainloop::TmaTransactionBytesNK : CollectiveMainloop::TmaTransactionBytesMK),
+        cute::Shape<cute::_1, cute::_1, cute::_1>{}, kGather, kGather ? 1 + cutlass::NumThreadsPerWarpGroup : 1);
     TilePipeline tile_pipeline =
         make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kTileSlotReaders, kGather);
     __syncthreads();
@@ -329,11 +324,9 @@ class Sm90MoeWgradKernel {
       int32_t const window0 = kRaggedWindow - work.rows;
       int32_t const p0 = work.p_block * kTileP, q0 = work.q_block * kTileQ;
       if constexpr (kGather) {
-        // Every lane waits for each stage and loads its boxes of the gathered operand (warps 1-3 load the others,
-        // assist_gathered_loads); thread 0 arms the barrier with the whole stage's bytes (producer_acquire), the
-        // leader loads the other operand through its ragged descriptor. The boxes may complete before the barrier
-        // is armed: its transaction count runs negative until then, and the phase cannot complete before thread 0's
-        // arrival.
+        // Every lane waits for each stage and copies its chunks of the gathered operand (warps 1-3 copy the others,
+        // assist_gathered_loads); thread 0 arms the barrier with the other operand's bytes (producer_acquire), which
+        // the leader loads through its ragged descriptor.
         load_gathered_k_blocks(params, pipeline, write_state, work, k_tiles, int(threadIdx.x), shared_storage,
                                [&](uint64_t* barrier, int stage, int k) {
                                  if (is_leader) {
@@ -381,30 +374,30 @@ class Sm90MoeWgradKernel {
       write_state.advance(k_tiles);
       tile = __shfl_sync(0xffffffff, next, 0) + int32_t(gridDim.x);
     }
+    if constexpr (kGather) {
+      asm volatile("cp.async.wait_all;\n" ::: "memory");  // the thread's last copies have landed
+    }
     if (is_leader) {
       pipeline.producer_tail(write_state);
     }
   }
 
   // kGatherL / kGatherR: the source row of reduction row `row` of the expert (`rows` of them, their indices from
-  // `indices` on). Past the expert's end, -1: the box at row -1 lies wholly outside the source, and TMA's bounds
-  // check writes it as zeros (see kGatherBoxes). An index outside [0, 2^31) is clamped to -1 or 2^31 - 1, which
-  // read zeros too (as does any index at or past the source's rows): nothing outside the source is ever read. Such
-  // an index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it.
-  CUTLASS_DEVICE static int32_t gathered_source_row(int64_t const* indices, int32_t rows, int32_t row) {
-    int64_t source = -1;
-    if (row < rows) {
-      source = cute::max(int64_t(-1), cute::min(indices[row], int64_t(INT32_MAX)));
-    }
-    return int32_t(source);
+  // `indices` on), or -1 for a row that is zero-filled: past the expert's end, or an index outside [0, T). Such an
+  // index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it, and
+  // nothing outside the source is ever read.
+  CUTLASS_DEVICE static int32_t gathered_source_row(Params const& params, int64_t const* indices, int32_t rows,
+                                                    int32_t row) {
+    int64_t const source = row < rows ? indices[row] : -1;
+    return source >= 0 && source < params.gather.source_rows ? int32_t(source) : -1;
   }
 
   // kGatherL / kGatherR: the k-blocks of one tile from stage `state` on, as producer thread `thread` (0-127) takes
-  // part in them: it waits for each stage, loads its kGatherBoxes one-row boxes of the gathered operand (reduction
-  // row thread % 64 of the k-block, runs thread / 64 + kThreadsPerRun * i, each into its run's place in the stage:
-  // GatheredReductionRows) and calls other_loads(barrier, stage, k), which warp 0 uses to load the other operand.
-  // The index of the next k-block's row is read before the wait for this one's stage, so that its latency passes
-  // under the wait.
+  // part in them: it waits for each stage, copies its chunks of the gathered operand (chunk thread % 8 of
+  // reduction rows thread / 8 + 16 i of every run, into their places in the stage: GatheredReductionRows), has them
+  // arrive on the stage's barrier when they land, and calls other_loads(barrier, stage, k), which warp 0 uses to
+  // load the other operand. The indices of the next k-block's rows are read before the wait for this one's stage,
+  // so that their latency passes under the wait.
   template <class OtherLoads>
   CUTLASS_DEVICE static void load_gathered_k_blocks(Params const& params, MainloopPipeline& pipeline,
                                                     PipelineState state, WgradWorkTile const& work, int k_tiles,
@@ -418,24 +411,47 @@ class Sm90MoeWgradKernel {
                   "gathered rows: 128-byte runs under the 128-byte swizzle, at (run * 64 + row) * 64 in each stage");
     constexpr int kStageElements = kGatherCols * kTileK;
     auto* smem = kGatherL ? shared_storage.tensors.smem_A.data() : shared_storage.tensors.smem_B.data();
-    int const row = thread % kTileK;
-    int const run = thread / kTileK;
-    int32_t const col0 = (kGatherL ? work.p_block * kTileP : work.q_block * kTileQ) + run * kBoxCols;
+    int const chunk = thread % 8;
+    int const first_row = thread / 8;
+    int32_t const col0 = (kGatherL ? work.p_block * kTileP : work.q_block * kTileQ) + chunk * 8;
+    ElementIn const* const source = static_cast<ElementIn const*>(params.gather.source);
     int64_t const* indices = params.gather.rows + work.row_start;
-    int32_t source = k_tiles > 0 ? gathered_source_row(indices, work.rows, row) : 0;
+    int32_t sources[kGatherRowsPerThread];
+    int32_t next[kGatherRowsPerThread];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kGatherRowsPerThread; ++i) {
+      next[i] = k_tiles > 0 ? gathered_source_row(params, indices, work.rows, first_row + i * kGatherRowStep) : -1;
+    }
     for (int k = 0; k < k_tiles; ++k) {
-      int32_t const next_source = k + 1 < k_tiles ? gathered_source_row(indices, work.rows, (k + 1) * kTileK + row) : 0;
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kGatherRowsPerThread; ++i) {
+        sources[i] = next[i];
+        next[i] = k + 1 < k_tiles
+                      ? gathered_source_row(params, indices, work.rows, (k + 1) * kTileK + first_row + i * kGatherRowStep)
+                      : -1;
+      }
       pipeline.producer_acquire(state);  // waits; thread 0 alone arms the barrier
       uint64_t* barrier = pipeline.producer_get_barrier(state);
-      auto* smem_run = smem + state.index() * kStageElements + (run * kTileK + row) * kBoxCols;
+      uint32_t const stage_base = cute::cast_smem_ptr_to_uint(smem + state.index() * kStageElements);
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kGatherBoxes; ++i) {
-        cute::SM90_TMA_LOAD_2D::copy(&params.gather.tma_load_row, barrier, kCacheHint,
-                                     smem_run + i * kThreadsPerRun * kTileK * kBoxCols,
-                                     col0 + i * kThreadsPerRun * kBoxCols, source);
+      for (int run = 0; run < kGatherRuns; ++run) {
+        int32_t const col = col0 + run * kBoxCols;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kGatherRowsPerThread; ++i) {
+          int const row = first_row + i * kGatherRowStep;
+          uint32_t address =
+              stage_base + uint32_t(((run * kTileK + row) * kBoxCols) * int(sizeof(ElementIn))) + uint32_t(chunk * 16);
+          address ^= ((address >> 7) & 7u) << 4;  // TMA's 128-byte swizzle
+          bool const reads = sources[i] >= 0 && col < params.gather.cols;
+          ElementIn const* const from = reads ? source + int64_t(sources[i]) * params.gather.ld + col : source;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(from),
+                       "r"(reads ? 16 : 0)
+                       : "memory");
+        }
       }
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(barrier))
+                   : "memory");
       other_loads(barrier, int(state.index()), k);
-      source = next_source;
       ++state;
     }
   }
@@ -451,6 +467,7 @@ class Sm90MoeWgradKernel {
     while (true) {
       WgradWorkTile const work = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
       if (!work.valid) {
+        asm volatile("cp.async.wait_all;\n" ::: "memory");  // the thread's last copies have landed
         return;
       }
       int const k_tiles = skipped(params, work) ? 0 : k_blocks(work);
@@ -497,7 +514,7 @@ class Sm90MoeWgradKernel {
       Accumulators accumulators = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       if (k_tiles > 0) {
         if constexpr (kDeferStore) {
-          mma_with_hook<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
+          mma_with_hook<kChunks, CollectiveMainloop, kGather>(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
                                                      shared_storage.tensors, [&](int k) { store_pending(k, k + 1); });
         } else {
           collective_mainloop.mma(pipeline, read_state, accumulators, k_tiles, mma_thread_idx,
