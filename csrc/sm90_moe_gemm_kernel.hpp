@@ -204,7 +204,6 @@ class Sm90MoeGemmKernel {
   static constexpr uint32_t kTokenRowBytes = uint32_t(kTileK * sizeof(typename CollectiveMainloop::InternalElementA));
   static_assert(!kGatherA || (kClusterSize == 1 && !kSwapAB && kTileM == int(cutlass::NumThreadsPerWarpGroup)),
                 "gathered rows: cooperative 128-row tiles without clusters");
-  static_assert(!kGatherA || kDeferStore, "gathered rows: consume()'s mma_with_hook fences the proxies");
   using GatherParams = GatheredTokenRows<kGatherA>;
   // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
   static constexpr uint32_t kTileSlotReaders =
@@ -788,6 +787,9 @@ class Sm90MoeGemmKernel {
                                                      mma_thread_idx, shared_storage.tensors,
                                                      [&](int k) { store_pending(k, k + 1); });
           store_pending(k_blocks.count, kChunks);  // the chunks fewer k-blocks than chunks left over
+        } else if constexpr (kGatherA) {  // CUTLASS's mma() has no proxy fence for stages written by cp.async
+          mma_with_hook<0, CollectiveMainloop, true>(pipeline, read_state, accumulators, k_blocks.count,
+                                                     mma_thread_idx, shared_storage.tensors, [](int) {});
         } else {
           collective_mainloop.mma(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                                   shared_storage.tensors, params.mainloop);
