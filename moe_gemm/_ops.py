@@ -399,13 +399,20 @@ def _grouped_mm_wgrad_accumulate_fake(main_grad, x, grad_y, m_sizes, weight_tran
 
 # As choose_tile_config (csrc/moe_gemm.cpp): from 32 rows per expert on, the plan runs 128-row tiles, which have
 # gathering kernels; below, the swapped decode tiles, which do not, and the copy of so few rows costs little.
-GATHER_MIN_ROWS_PER_EXPERT = 32
+# Where the layer's up-projection reads hidden[token_of_row] in place (grouped_mm_gather) rather than from a copy.
+# The gathering kernel copies each token tile once per n-block, the copy once in all, so the gather wins at few
+# n-blocks: on the H200 it ran 1.38x copy + grouped_mm at N = 512 and 1.10x at N = 1024 (2048 rows per expert),
+# 1.01x at N = 1536 and 0.62-0.89x at N = 4096; 0.72x at 128 rows per expert (docs/design.md, "Gathered rows").
+GATHER_MIN_ROWS_PER_EXPERT = 1024
+GATHER_MAX_COLUMNS = 1024
 
 
-def gather_in_gemm(num_rows: int, num_experts: int) -> bool:
-    """Whether the layer's up-projection reads its token rows through ``grouped_mm_gather`` rather than from a copy:
-    e.g. 32768 tokens of top-8 over 128 experts (2048 rows each) gather; 8 tokens (0.5 rows each) copy."""
-    return num_rows // max(1, min(num_experts, num_rows)) >= GATHER_MIN_ROWS_PER_EXPERT
+def gather_in_gemm(num_rows: int, num_experts: int, num_columns: int) -> bool:
+    """Whether the layer's up-projection (``num_columns`` outputs per row) reads its token rows through
+    ``grouped_mm_gather`` rather than from a copy: e.g. 32768 tokens of top-8 over 128 experts (2048 rows each) into
+    1024 columns gather; into 4096 columns, or 8 tokens (0.5 rows each), they copy."""
+    rows_per_expert = num_rows // max(1, min(num_experts, num_rows))
+    return rows_per_expert >= GATHER_MIN_ROWS_PER_EXPERT and num_columns <= GATHER_MAX_COLUMNS
 
 
 def call_below_autograd(op, *args):

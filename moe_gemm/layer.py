@@ -406,7 +406,8 @@ class _ExpertsFunction(torch.autograd.Function):
             m_sizes, expert_of_row, pair_of_row, row_of_pair, _ = sort_pairs(ids, num_experts)
             token_of_row = pair_of_row // max(top_k, 1)
         names = {"x_name": "hidden", "weight_name": "gate_up_proj"}
-        if _ops.gather_in_gemm(token_of_row.shape[0], num_experts):
+        up_columns = gate_up_proj.shape[2] if weight_transposed else gate_up_proj.shape[1]
+        if _ops.gather_in_gemm(token_of_row.shape[0], num_experts, up_columns):
             # The GEMM reads hidden[token_of_row] in place: no [T * k, H] copy.
             gate_up, gate_up_read, gate_up_flag = _expert_gemm(
                 hidden, gate_up_proj, m_sizes, weight_transposed, gather_rows=token_of_row, **names

@@ -425,10 +425,18 @@ def test_from_modules_needs_biases_in_every_expert_or_none():
         moe_gemm.MoEExperts.from_modules(experts)
 
 
+def test_the_up_projection_gathers_at_many_rows_per_expert_and_few_columns():
+    assert _ops.gather_in_gemm(32768 * 8, 128, 1024)  # sonic-3: 2048 rows per expert into 1024 columns
+    assert not _ops.gather_in_gemm(32768 * 4, 64, 4096)  # sonic-1: 4096 columns
+    assert not _ops.gather_in_gemm(2048 * 8, 128, 1024)  # 128 rows per expert
+    assert not _ops.gather_in_gemm(0, 8, 512)
+
+
 @pytest.mark.parametrize("num_tokens, expect_gather", [(96, True), (24, False)])
-def test_up_projection_gathers_its_rows_from_32_rows_per_expert(num_tokens, expect_gather, monkeypatch):
-    # From 32 rows per expert (4 experts, top-2: 96 tokens give 48 rows each) the up-projection reads hidden's rows
-    # through grouped_mm_gather, below from a copy; the values are the per-token float64 reference's either way.
+def test_up_projection_gathers_its_rows_when_the_rule_says_so(num_tokens, expect_gather, monkeypatch):
+    # With the threshold at 32 rows per expert (4 experts, top-2: 96 tokens give 48 rows each) the up-projection reads
+    # hidden's rows through grouped_mm_gather, below from a copy; the values are the float64 reference's either way.
+    monkeypatch.setattr(_ops, "GATHER_MIN_ROWS_PER_EXPERT", 32)
     inputs, options = make_experts_problem(num_tokens, 4, 2, sentinels=0.1)
     names = []
     gemm_op = _ops.gemm_op

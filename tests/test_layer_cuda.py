@@ -8,6 +8,7 @@ from helpers import assert_close_to_reference, relative_error, requires_cuda_op
 from test_layer import make_experts_problem
 
 import moe_gemm
+from moe_gemm import _ops
 from moe_gemm.reference import experts_forward_reference
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
@@ -55,6 +56,19 @@ def test_experts_forward_and_gradients_match_float32_reference(
         assert error <= 2e-2, f"gradient of {name}: relative error {error:.2e}"
     # Expert 1 has no tokens: exactly zero weight gradients.
     assert (grads[2][1] == 0).all() and (grads[3][1] == 0).all()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["nk", "kn"])
+def test_up_projection_reading_hidden_in_place_matches_float32_reference(transposed, bias, monkeypatch):
+    # The suite's sizes are below the rule's threshold (_ops.gather_in_gemm): lowered, the up-projection reads
+    # hidden[token_of_row] through grouped_mm_gather (37 rows per expert here, ragged, expert 1 empty).
+    monkeypatch.setattr(_ops, "GATHER_MIN_ROWS_PER_EXPERT", 1)
+    names = []
+    gemm_op = _ops.gemm_op
+    monkeypatch.setattr(_ops, "gemm_op", lambda name, device: names.append(name) or gemm_op(name, device))
+    test_experts_forward_and_gradients_match_float32_reference(600, 128, 8, 512, 96, transposed, bias, torch.bfloat16)
+    assert "grouped_mm_gather" in names
 
 
 def test_moe_layer_with_fused_routing_matches_float32():
