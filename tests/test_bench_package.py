@@ -22,7 +22,8 @@ LAYERS = {
     "backward": {"report", "suite", "timing"},
     "decode": {"forward", "report", "suite", "timing"},
     "layer": {"report", "suite", "timing"},
-    "__main__": {"backward", "decode", "forward", "layer", "suite"},
+    "ep": {"layer", "report", "suite"},
+    "__main__": {"backward", "decode", "ep", "forward", "layer", "suite"},
 }
 
 

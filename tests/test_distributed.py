@@ -11,6 +11,7 @@ suite.
 """
 
 import datetime
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,9 +23,13 @@ import torch.multiprocessing as mp
 from helpers import assert_close_to_reference
 
 import moe_gemm
-from moe_gemm.distributed import ExpertParallelExperts, expert_parallel
+from moe_gemm.bench import __main__ as bench_cli
+from moe_gemm.bench import ep as bench_ep
+from moe_gemm.distributed import TRANSPORTS, ExpertParallelExperts, expert_parallel
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE = 8, 16, 8
+# The --ep benchmark's config in these ranks: T is unused (--tokens and --ep-layer-tokens set the tokens per rank).
+BENCH_CONFIG = {"T": 0, "d": 16, "n": 8, "E": 8, "K": 3}
 WORLD_SIZES = (2, 4)
 # Seconds for all cases of one world size, the forkserver's start included (about 10 s on 2 cores).
 JOIN_TIMEOUT_S = 90
@@ -124,8 +129,9 @@ def error_of(run) -> tuple[str, str] | None:
     return None
 
 
-def run_cases(rank: int, world_size: int) -> dict:
-    """What this rank records: each case run twice, then the bad arguments, then a good call again."""
+def run_cases(rank: int, world_size: int, out_dir: str) -> dict:
+    """What this rank records: each case run twice, then the bad arguments, then a good call again, then the
+    ``--ep`` benchmark on a tiny config (rank 0 writes its JSON into ``out_dir``)."""
     results = {}
     for case in CASES:
         problem = make_problem(case, world_size)
@@ -183,6 +189,13 @@ def run_cases(rank: int, world_size: int) -> dict:
     direct = ExpertParallelExperts(num_experts=8, hidden_size=4, intermediate_size=3, bias=True)
     results["shapes"] = {name: tuple(p.shape) for name, p in direct.named_parameters()}
     results["first_expert"] = direct.first_expert
+
+    json_path = os.path.join(out_dir, "ep.json")
+    args = bench_cli.parse_args(["--ep", "--tokens", "5", "--ep-layer-tokens", "4", "--json", json_path])
+    results["bench_status"] = bench_ep.run(args, configs={"tiny": BENCH_CONFIG})
+    if rank == 0:
+        with open(json_path) as written:
+            results["bench_json"] = json.load(written)
     return results
 
 
@@ -193,7 +206,7 @@ def _rank_main(rank: int, world_size: int, store_path: str, out_dir: str) -> Non
     timeout = datetime.timedelta(seconds=JOIN_TIMEOUT_S // 2)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
-        torch.save(run_cases(rank, world_size), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(run_cases(rank, world_size, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -341,3 +354,28 @@ def test_construction_needs_an_initialised_process_group():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         ExpertParallelExperts(num_experts=8, hidden_size=4, intermediate_size=4)
+
+
+def test_ep_benchmark_measures_every_transport_on_every_rank(ranks_results):
+    # `python -m moe_gemm.bench --ep` inside the ranks (gloo): every rank measured and returned 0; rank 0 wrote one
+    # dispatch and one combine row per transport, and a layer row whose output matches the first transport's (itself,
+    # with one transport).
+    world_size, results = ranks_results
+    assert [result["bench_status"] for result in results] == [0] * world_size
+    report = results[0]["bench_json"]
+    assert report["mode"] == "ep" and report["world_size"] == world_size
+    assert [(row["transport"], row["step"]) for row in report["rows"]] == [
+        (name, step) for name in TRANSPORTS for step in ("dispatch", "combine")
+    ]
+    row_mb = 16 * 2 / 1e6
+    for row in report["rows"]:
+        assert row["world"] == world_size and row["tokens"] == 5 and row["check"] == "ok"
+        assert row["ep_ms"] > 0 and row["ep_gbs"] > 0
+        # It dispatches its own 5 * 3 pairs, and combines (sends back) the rows it received, some of every rank's.
+        if row["step"] == "dispatch":
+            assert row["ep_mb"] == pytest.approx(5 * 3 * row_mb)
+        else:
+            assert 0 < row["ep_mb"] <= world_size * 5 * 3 * row_mb
+    (layer,) = report["layer_rows"]
+    assert layer["check"] == "ok" and layer["rel_error"] == 0
+    assert layer["fwd_tflops"] > 0 and layer["fwd_bwd_tflops"] > 0

@@ -1,11 +1,11 @@
-"""``python -m moe_gemm.bench``: the command line of the benchmark; ``--backward``, ``--decode`` or ``--layer`` picks
-another table than the forward one (see each module's docstring)."""
+"""``python -m moe_gemm.bench``: the command line of the benchmark; ``--backward``, ``--decode``, ``--layer`` or ``--ep``
+picks another table than the forward one (see each module's docstring)."""
 
 import argparse
 import sys
 
 from moe_gemm import _ops
-from moe_gemm.bench import backward, decode, forward, layer
+from moe_gemm.bench import backward, decode, ep, forward, layer
 from moe_gemm.bench.suite import GEMMS, QUICK_TOKENS, load_suite
 
 
@@ -18,7 +18,10 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
     )
     parser.add_argument("--models", nargs="+", choices=list(suite["models"]), default=list(suite["models"]))
     tokens = parser.add_mutually_exclusive_group()
-    tokens.add_argument("--tokens", nargs="+", type=int, help="token counts T (default: the suite's)")
+    tokens.add_argument(
+        "--tokens", nargs="+", type=int, help="token counts T (default: the suite's; with --ep, per rank, default "
+        f"{' '.join(map(str, ep.TRANSPORT_TOKENS))})"
+    )
     tokens.add_argument(
         "--quick",
         action="store_true",
@@ -39,30 +42,45 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
     mode.add_argument(
         "--layer", action="store_true", help="the whole MoE layer vs transformers and Liger, and the routing kernel"
     )
+    mode.add_argument(
+        "--ep", action="store_true",
+        help="expert parallelism, under torchrun: the transports' GB/s and the layer's TFLOP/s per GPU (bench/ep.py)",
+    )  # fmt: skip
     parser.add_argument(
         "--configs", nargs="+", choices=list(layer_configs["configs"]), metavar="NAME",
-        help=f"--layer: these configs of bench/layer_configs.json (default: all; {' '.join(layer_configs['configs'])})",
+        help=f"--layer, --ep: these configs of bench/layer_configs.json ({' '.join(layer_configs['configs'])}; default: "
+        f"all with --layer, {' '.join(ep.CONFIGS)} with --ep)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ep-layer-tokens", type=int, metavar="T",
+        help=f"--ep: tokens per rank of the layer table (default {ep.LAYER_TOKENS}, {ep.QUICK_LAYER_TOKENS} with --quick)",
     )  # fmt: skip
     parser.add_argument(
         "--liger-autotune", action="store_true",
         help="--layer: let Liger's fused MoE autotune (minutes per shape) rather than set LIGER_FUSED_MOE_AUTOTUNE=0",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    if not args.layer and (args.configs or args.liger_autotune):
-        parser.error("--configs and --liger-autotune go with --layer")
-    if args.tokens is None:
+    if args.liger_autotune and not args.layer:
+        parser.error("--liger-autotune goes with --layer")
+    if args.configs and not (args.layer or args.ep):
+        parser.error("--configs goes with --layer or --ep")
+    if args.ep_layer_tokens is not None and not args.ep:
+        parser.error("--ep-layer-tokens goes with --ep")
+    if args.tokens is None and not args.ep:
         args.tokens = list(QUICK_TOKENS if args.quick else suite["tokens"])
     return args
 
 
 def mode_of(args: argparse.Namespace):
     """The module of the table that the arguments ask for."""
-    return layer if args.layer else decode if args.decode else backward if args.backward else forward
+    return ep if args.ep else layer if args.layer else decode if args.decode else backward if args.backward else forward
 
 
 def main(argv: list[str] | None = None) -> int:
     suite = load_suite()
     args = parse_args(argv, suite)
+    if args.ep:  # runs on CPU too (gloo), as a smoke test of the harness
+        return ep.run(args)
     reason = _ops.kernels_unavailable_reason()
     if reason is not None:
         print(f"moe_gemm.bench needs a CUDA GPU and the built moe_gemm kernels: {reason}", file=sys.stderr)

@@ -89,6 +89,13 @@ COLUMNS = {
     "kernel_ms": Column("kernel_ms", 9, ".4f"),
     "torch_ms": Column("torch_ms", 9, ".4f"),
     "check": Column("check", 5, "s"),
+    # Expert parallelism (bench/ep.py): per rank, the slowest rank's median.
+    "transport": Column("transport", 16, "s"),
+    "world": Column("world", 5, "d"),
+    "step": Column("step", 8, "s"),
+    "ep_mb": Column("MB", 9, ".2f"),
+    "ep_ms": Column("ms", 9, ".3f"),
+    "ep_gbs": Column("GB/s", 7, ".1f"),
 }
 
 
@@ -152,10 +159,18 @@ def progress(total: int):
     return tqdm(total=total, unit="row", file=sys.stderr)
 
 
+def device_name() -> str:
+    """The current CUDA device's name, or "CPU" without one (a CPU build of torch asserts, a CUDA one raises)."""
+    try:
+        return torch.cuda.get_device_name()
+    except (AssertionError, RuntimeError):
+        return "CPU"
+
+
 def print_preamble(details: str, ceilings: tuple[float, float] | None = None) -> None:
     """The lines that identify a run: build and device, the ceilings when measured, then ``details`` (what runs,
     routing, dtype, seed)."""
-    print(f"# {moe_gemm.build_info()}; device {torch.cuda.get_device_name()}")
+    print(f"# {moe_gemm.build_info()}; device {device_name()}")
     if ceilings is not None:
         print(f"# ceilings: dense bf16 8192^3 matmul {ceilings[0]:.0f} TFLOP/s, d2d copy {ceilings[1]:.2f} TB/s")
     print(f"# {details}")
@@ -222,7 +237,7 @@ def write_json(path: str, args: argparse.Namespace, **results) -> None:
     """The results of a run as JSON, with what identifies the run: build, device, routing, dtype and seed."""
     identity = {
         "build": moe_gemm.build_info(),
-        "device": torch.cuda.get_device_name(),
+        "device": device_name(),
         "routing": args.routing,
         "dtype": args.dtype,
         "seed": args.seed,

@@ -1,0 +1,48 @@
+"""``python -m moe_gemm.bench --ep`` as a group of one on the CPU (gloo), and its command line. Several ranks run it
+in tests/test_distributed.py."""
+
+import json
+
+import pytest
+import torch.distributed as dist
+
+from moe_gemm.bench import __main__ as cli
+from moe_gemm.bench import ep
+from moe_gemm.distributed import TRANSPORTS
+
+TINY = {"T": 0, "d": 32, "n": 16, "E": 4, "K": 2}
+
+
+def test_ep_options_parse_and_go_with_ep_only():
+    args = cli.parse_args(["--ep", "--configs", "deepseek-v3", "--tokens", "1", "8", "--ep-layer-tokens", "64"])
+    assert cli.mode_of(args) is ep and args.configs == ["deepseek-v3"] and args.tokens == [1, 8]
+    assert args.ep_layer_tokens == 64
+    assert cli.parse_args(["--ep"]).tokens is None  # ep's own defaults, per rank, not the suite's
+
+
+@pytest.mark.parametrize("argv", [["--ep-layer-tokens", "8"], ["--ep", "--layer"], ["--ep", "--liger-autotune"]])
+def test_ep_options_elsewhere_are_refused(argv):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+
+
+def test_ep_benchmark_as_a_group_of_one(tmp_path, capsys):
+    path = tmp_path / "ep.json"
+    args = cli.parse_args(["--ep", "--tokens", "0", "7", "--ep-layer-tokens", "6", "--json", str(path)])
+    assert ep.run(args, configs={"tiny": TINY}) == 0
+    assert not dist.is_initialized()  # the group it made is gone
+    report = json.loads(path.read_text())
+    assert report["world_size"] == 1 and report["device"] == "CPU"
+    rows = report["rows"]
+    assert [(r["tokens"], r["transport"], r["step"]) for r in rows] == [
+        (tokens, name, step) for tokens in (0, 7) for name in TRANSPORTS for step in ("dispatch", "combine")
+    ]
+    for row in rows:  # every pair's row once: tokens * K rows of d bf16 values
+        assert row["ep_mb"] == pytest.approx(row["tokens"] * 2 * 32 * 2 / 1e6)
+        assert row["ep_ms"] > 0 and row["check"] == "ok"
+    (layer,) = report["layer_rows"]
+    # One rank: the layer's output is checked against experts_forward on the same weights.
+    assert layer["tokens"] == 6 and layer["check"] == "ok" and layer["rel_error"] < 1e-2
+    assert layer["fwd_tflops"] == pytest.approx(6 * 6 * 2 * 32 * 16 / (layer["fwd_ms"] * 1e9))
+    out = capsys.readouterr().out
+    assert "1 rank(s) of CPU" in out and "smoke test" in out
