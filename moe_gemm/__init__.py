@@ -4,7 +4,9 @@
 weight. It runs the CUDA kernel of ``moe_gemm._C`` where the kernels are available, and PyTorch ops with the same
 semantics elsewhere; it is differentiable, its backward running the same kernel for ``grad_x`` and a K-grouped
 weight-gradient kernel for ``grad_W`` (``grouped_weight_grad``, which can also add into a float32 main-grad buffer).
-Importing the package registers the ops ``torch.ops.moe_gemm.*`` (``_ops.py``).
+``grouped_forward_fp8`` takes float8_e4m3fn operands with float32 scales, per row (channel) or per 128 columns
+(128 x 128 blocks), as ``quantize_fp8`` makes them; forward only, PyTorch ops for now. Importing the package registers
+the ops ``torch.ops.moe_gemm.*`` (``_ops.py``).
 
 The MoE layer around it never syncs with the host: ``route`` (top-k routing), ``dispatch`` and ``combine`` (tokens to
 expert-sorted rows and back), ``experts_forward`` and the modules ``MoEExperts`` and ``MoE``; ``fuse_experts`` moves
@@ -22,7 +24,7 @@ import torch
 
 from moe_gemm._ops import kernels_available, kernels_unavailable_reason
 from moe_gemm.dispatch import DispatchInfo, combine, dispatch
-from moe_gemm.functional import grouped_forward, grouped_weight_grad
+from moe_gemm.functional import grouped_forward, grouped_forward_fp8, grouped_weight_grad, quantize_fp8
 from moe_gemm.fuse import fuse_experts
 from moe_gemm.layer import MoE, MoEExperts, experts_forward
 from moe_gemm.routing import route
@@ -39,8 +41,10 @@ __all__ = [
     "experts_forward",
     "fuse_experts",
     "grouped_forward",
+    "grouped_forward_fp8",
     "grouped_weight_grad",
     "kernels_available",
+    "quantize_fp8",
     "route",
 ]
 

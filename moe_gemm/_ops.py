@@ -22,6 +22,12 @@ The ops (``torch.ops.moe_gemm.<name>``):
   main-grad does not gather).
 - ``grouped_mm_wgrad_accumulate_(main_grad, x, grad_y, m_sizes, weight_transposed=False)``: the same gradient added
   into a float32 buffer in place (a trainer's main-grad), nothing returned.
+- ``grouped_mm_fp8(x, x_scale, weight, weight_scale, m_sizes, weight_transposed=False, out_dtype=None)``:
+  ``grouped_mm`` of float8_e4m3fn ``x`` and ``weight`` times their float32 scales (the layouts are
+  ``moe_gemm.grouped_forward_fp8``'s), ``[M, N]`` in ``out_dtype`` (None: bfloat16), rows past the last expert zero.
+- ``quantize_fp8(x, group=128)``: ``(x_fp8, x_scale)``, ``x`` in float8_e4m3fn with one float32 scale per row and 128
+  columns (``group`` None: per row). The two FP8 ops have PyTorch kernels only, for CPU and CUDA, until ``_C`` brings
+  CUDA ones (issue 25); no backward: one raises.
 - ``route(router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias,
   routed_scaling_factor)``: ``moe_gemm.route``'s ``(weights float32 [T, k], ids int64 [T, k])``.
 - ``dispatch_pairs``, ``gated_activation``, ``gated_activation_backward`` and ``combine_rows``: the MoE layer's small
@@ -87,6 +93,11 @@ SCHEMAS = {
     "grouped_mm_wgrad_accumulate_": (
         "(Tensor(a!) main_grad, Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> ()"
     ),
+    "grouped_mm_fp8": (
+        "(Tensor x, Tensor x_scale, Tensor weight, Tensor weight_scale, Tensor m_sizes, bool weight_transposed=False, "
+        "ScalarType? out_dtype=None) -> Tensor"
+    ),
+    "quantize_fp8": "(Tensor x, int? group=128) -> (Tensor x_fp8, Tensor x_scale)",
     "route": (
         "(Tensor router_logits, int top_k, str scoring, bool renormalize, int? n_group, int? topk_group, "
         "Tensor? e_score_correction_bias, float routed_scaling_factor) -> (Tensor weights, Tensor ids)"
@@ -429,8 +440,9 @@ def call_below_autograd(op, *args):
 
 def gemm_op(name: str, device: torch.device):
     """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_gather``, ``grouped_mm_wgrad``,
-    ``grouped_mm_wgrad_gather`` or ``grouped_mm_wgrad_accumulate_``) for tensors on ``device``: the op, or its PyTorch
-    path on a CUDA device where the extension is loaded but cannot run (the op's CUDA kernel there would refuse it).
+    ``grouped_mm_wgrad_gather``, ``grouped_mm_wgrad_accumulate_``, ``grouped_mm_fp8`` or ``quantize_fp8``) for tensors
+    on ``device``: the op, or its PyTorch path on a CUDA device where the extension is loaded but cannot run (the op's
+    CUDA kernel there would refuse it).
     ``grouped_mm_wgrad_gather`` is called with its row indices as keywords or positions after ``weight_transposed``:
     ``gemm_op("grouped_mm_wgrad_gather", device)(x, grad_y, m_sizes, weight_transposed, x_rows, grad_y_rows)``."""
     if device.type == "cuda" and _C is not None and not kernels_available(device):
@@ -471,6 +483,109 @@ def grouped_mm_autograd_backward(ctx, grad_y):
 torch.library.register_autograd(
     "moe_gemm::grouped_mm", grouped_mm_autograd_backward, setup_context=grouped_mm_setup_context
 )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# FP8: the grouped GEMM of float8_e4m3fn operands with float32 scales, and the quantization that makes them. PyTorch
+# kernels only, until _C has CUDA ones (issue 25); no backward.
+
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+# quantize_fp8's floor on the scales: the smallest normal float32, 1.2e-38. A group whose amax is below 448 times that
+# (an all-zero group) gets it, so that x / scale is never 0 / 0 and its values come back as they were, within the
+# format's subnormal step.
+FP8_MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """``values * scale`` in float32 of the ``[R, C]`` matrix ``values``: ``scale`` ``[R]`` (one per row), or
+    ``[ceil(R / block_rows), ceil(C / 128)]`` (one per block of ``block_rows`` x 128, the last ones partial)."""
+    out = values.float()
+    if scale.dim() == 1:
+        return out.mul_(scale.unsqueeze(1))
+    rows = torch.arange(values.shape[0], device=values.device) // block_rows
+    columns = torch.arange(values.shape[1], device=values.device) // _validation.FP8_GROUP
+    return out.mul_(scale[rows.unsqueeze(1), columns])
+
+
+def grouped_mm_fp8_torch(x, x_scale, weight, weight_scale, m_sizes, weight_transposed=False, out_dtype=None):
+    """``moe_gemm::grouped_mm_fp8`` in PyTorch ops: each expert's rows of ``x`` and its weight dequantized to float32
+    and multiplied in float32, then rounded to ``out_dtype``. Reads the sizes on the host, as ``grouped_mm_torch``'s
+    loop; dequantizes one expert's weight at a time, and only those of the experts that own rows."""
+    weight, weight_scale, weight_transposed = _validation.validate_fp8(
+        x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype, cuda_kernel=False
+    )
+    if weight_transposed:
+        # [E, N, K] views. Block scales follow the weight's dims; per-channel ones are [E, N] in both layouts.
+        weight = weight.transpose(-1, -2)
+        weight_scale = weight_scale.transpose(-1, -2) if weight_scale.dim() == 3 else weight_scale
+    num_rows = x.shape[0]
+    out = x.new_empty(num_rows, weight.shape[1], dtype=torch.bfloat16 if out_dtype is None else out_dtype)
+    end = 0
+    for expert, start, end in expert_row_ranges(m_sizes, num_rows):
+        x_e = dequantize_fp8(x[start:end], x_scale[start:end], 1)
+        w_e = dequantize_fp8(weight[expert], weight_scale[expert], _validation.FP8_GROUP)
+        out[start:end] = x_e @ w_e.t()
+    out[end:].zero_()
+    return out
+
+
+def quantize_fp8_torch(x, group=128):
+    """``moe_gemm::quantize_fp8`` in PyTorch ops, in float32: over each group of ``group`` columns of a row (the whole
+    row when None), ``scale = amax / 448`` floored at ``FP8_MIN_SCALE``, ``x_fp8 = x / scale`` rounded to nearest.
+    The quotient is clamped to +-448: rounding can carry the group's amax a hair past it, and whether a cast past the
+    format's range saturates or gives NaN is up to the torch version. No sync, no check of the values: a NaN or +-inf
+    makes its group's scale NaN or inf, and the whole group dequantizes to NaN."""
+    _validation.check_quantize_fp8(x, group)
+    values = x.float()
+    num_rows, k = values.shape
+    if group is None:
+        # The zero column lets a row of K = 0 reduce.
+        amax = torch.nn.functional.pad(values.abs(), (0, 1)).amax(dim=1)
+    else:
+        groups = _validation.fp8_groups(k)
+        padded = torch.nn.functional.pad(values.abs(), (0, groups * group - k))
+        amax = padded.reshape(num_rows, groups, group).amax(dim=2)
+    scale = (amax / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    per_column = scale.unsqueeze(1) if group is None else scale[:, torch.arange(k, device=x.device) // group]
+    x_fp8 = (values / per_column).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x_fp8.contiguous(), scale
+
+
+def _cuda_kernel_in_extension(name: str) -> bool:
+    """Whether ``_C`` registered a CUDA kernel for ``moe_gemm::<name>``; asked before this module registers its own."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_gemm::{name}", "CUDA")
+
+
+# Whether _C has the FP8 GEMM's CUDA kernel: only then do its inputs on an sm_90 GPU follow that kernel's rules
+# (_validation.check_kernel_layout).
+FP8_KERNEL_BUILT = _cuda_kernel_in_extension("grouped_mm_fp8")
+
+
+def _no_fp8_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"moe_gemm::{name} has no backward (no FP8 training yet): detach its inputs")
+
+    return backward
+
+
+for _name, _kernel in (("grouped_mm_fp8", grouped_mm_fp8_torch), ("quantize_fp8", quantize_fp8_torch)):
+    _devices = ("cpu",) if _cuda_kernel_in_extension(_name) else ("cpu", "cuda")
+    torch.library.register_kernel(f"moe_gemm::{_name}", _devices, _kernel)
+    # Without it, torch would backpropagate zeros through the op, with a warning.
+    torch.library.register_autograd(f"moe_gemm::{_name}", _no_fp8_backward(_name))
+
+
+@torch.library.register_fake("moe_gemm::grouped_mm_fp8")
+def _grouped_mm_fp8_fake(x, x_scale, weight, weight_scale, m_sizes, weight_transposed=False, out_dtype=None):
+    n = weight.shape[2] if weight_transposed else weight.shape[1]
+    return x.new_empty(x.shape[0], n, dtype=torch.bfloat16 if out_dtype is None else out_dtype)
+
+
+@torch.library.register_fake("moe_gemm::quantize_fp8")
+def _quantize_fp8_fake(x, group=128):
+    num_rows, k = x.shape
+    scale_shape = (num_rows,) if group is None else (num_rows, _validation.fp8_groups(k))
+    return x.new_empty(num_rows, k, dtype=torch.float8_e4m3fn), x.new_empty(scale_shape, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

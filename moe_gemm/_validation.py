@@ -36,6 +36,12 @@ def check_grouped_inputs(x, weight, m_sizes, weight_transposed, *, cuda_kernel, 
         raise TypeError(f"{x_name}: expected one of {', '.join(map(str, FLOAT_DTYPES))}, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise TypeError(f"{weight_name}: expected the dtype of {x_name} ({x.dtype}), got {weight.dtype}")
+    _check_grouped_shapes(x, weight, m_sizes, weight_transposed, x_name, weight_name, ())
+
+
+def _check_grouped_shapes(x, weight, m_sizes, weight_transposed, x_name, weight_name, others) -> None:
+    """The checks shared by ``check_grouped_inputs`` and ``validate_fp8``, once the dtypes of ``x`` and ``weight`` are
+    right: ``m_sizes``' dtype, the ranks, one device (``others``: more ``(name, tensor)`` pairs on it), K and E."""
     if m_sizes.dtype not in SIZE_DTYPES:
         raise TypeError(f"m_sizes: expected torch.int32 or torch.int64 row counts, got {m_sizes.dtype}")
 
@@ -48,7 +54,7 @@ def check_grouped_inputs(x, weight, m_sizes, weight_transposed, *, cuda_kernel, 
     if m_sizes.dim() != 1:
         raise ValueError(f"m_sizes: expected a 1-D tensor [E], got shape {tuple(m_sizes.shape)}")
 
-    for name, value in ((weight_name, weight), ("m_sizes", m_sizes)):
+    for name, value in ((weight_name, weight), ("m_sizes", m_sizes), *others):
         if value.device != x.device:
             raise ValueError(f"{name}: expected a tensor on the device of {x_name} ({x.device}), got {value.device}")
 
@@ -247,6 +253,94 @@ def check_wgrad_inputs(x, grad_y, m_sizes, weight_transposed, main_grad, *, cuda
             problem = None if tensor is None else kernel_layout_problem(tensor)
             if problem is not None:
                 raise ValueError(f"{name}: {problem}")
+
+
+# FP8 operands: float8_e4m3fn values with float32 scales, one per row (x) or output channel (weight), or one per
+# row and 128 columns (x) or 128 x 128 block (weight), as DeepSeek-V3's checkpoints and DeepGEMM.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_GROUP = 128
+FP8_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def fp8_groups(size: int) -> int:
+    """``ceil(size / 128)``: the scales along a dimension of ``size`` elements, the last group partial."""
+    return -(-size // FP8_GROUP)
+
+
+def validate_fp8(x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype, *, cuda_kernel):
+    """All checks of ``grouped_forward_fp8`` (TypeError or ValueError naming the argument, saying what was expected and
+    what was given); ``cuda_kernel`` adds the CUDA kernel's rules (``check_kernel_layout``: N and K multiples of 16,
+    16-byte fp8 rows). Returns ``(weight, weight_scale, weight_transposed)`` to pass on: a weight whose memory is the
+    other layout is read through its transposed view (``normalize_weight_layout``), its block scales transposed alike.
+    """
+    tensors = {"x": x, "x_scale": x_scale, "weight": weight, "weight_scale": weight_scale, "m_sizes": m_sizes}
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    for name, value in (("x", x), ("weight", weight)):
+        if value.dtype != FP8_DTYPE:
+            raise TypeError(
+                f"{name}: expected torch.float8_e4m3fn, got {value.dtype}; moe_gemm.quantize_fp8 gives the values "
+                f"and their scales"
+            )
+    for name, value in (("x_scale", x_scale), ("weight_scale", weight_scale)):
+        if value.dtype != torch.float32:
+            raise TypeError(f"{name}: expected torch.float32 scales, got {value.dtype}")
+    if out_dtype is not None and out_dtype not in FP8_OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {out_dtype}")
+    scales = (("x_scale", x_scale), ("weight_scale", weight_scale))
+    _check_grouped_shapes(x, weight, m_sizes, weight_transposed, "x", "weight", scales)
+
+    num_rows, k = x.shape
+    per_row, per_group = (num_rows,), (num_rows, fp8_groups(k))
+    if tuple(x_scale.shape) not in (per_row, per_group):
+        raise ValueError(
+            f"x_scale: expected [M] = {per_row} (one scale per row) or [M, ceil(K / 128)] = {per_group} (one per row "
+            f"and 128 columns) for x of shape {tuple(x.shape)}, got {tuple(x_scale.shape)}"
+        )
+    num_experts, n = weight.shape[0], weight.shape[2] if weight_transposed else weight.shape[1]
+    per_channel, per_block = (num_experts, n), (num_experts, *map(fp8_groups, weight.shape[1:]))
+    blocks = "[E, ceil(K / 128), ceil(N / 128)]" if weight_transposed else "[E, ceil(N / 128), ceil(K / 128)]"
+    if tuple(weight_scale.shape) not in (per_channel, per_block):
+        raise ValueError(
+            f"weight_scale: expected [E, N] = {per_channel} (one scale per output channel) or {blocks} = {per_block} "
+            f"(one per 128 x 128 block) for weight {_weight_layout(weight_transposed)} of shape "
+            f"{tuple(weight.shape)}, got {tuple(weight_scale.shape)}"
+        )
+
+    normalized, flag = normalize_weight_layout(weight, weight_transposed)
+    if normalized is not weight and weight_scale.dim() == 3:
+        weight_scale = weight_scale.transpose(-1, -2)
+    if cuda_kernel:
+        check_kernel_layout(x, normalized, flag)
+    return normalized, weight_scale, flag
+
+
+def check_quantize_fp8(x, group) -> None:
+    """The checks of ``quantize_fp8``: a 2-D float tensor, ``group`` 128 or None."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: expected one of {', '.join(map(str, FLOAT_DTYPES))}, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [M, K], got shape {tuple(x.shape)}")
+    if group is not None and (isinstance(group, bool) or group != FP8_GROUP):
+        raise ValueError(
+            f"group: expected 128 (one scale per row and 128 columns) or None (one scale per row), got {group!r}"
+        )
+
+
+def check_no_grad(function: str, tensors: dict) -> None:
+    """ValueError for a tensor of ``tensors`` (name -> tensor) that requires grad while grad mode is on: ``function``
+    has no backward, and a result silently cut off from the autograd graph would hide it."""
+    if not torch.is_grad_enabled():
+        return
+    for name, value in tensors.items():
+        if value.requires_grad:
+            raise ValueError(
+                f"{name}: {function} has no backward (no FP8 training yet), got a tensor that requires grad; pass "
+                f"{name}.detach() or call it under torch.no_grad()"
+            )
 
 
 def check_route_options(num_experts, top_k, scoring, n_group, topk_group, has_correction_bias=False) -> None:

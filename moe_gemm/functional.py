@@ -1,7 +1,8 @@
 """The public GEMM entry points, ``grouped_forward`` and ``grouped_weight_grad`` (the weight gradient on its own, for
-trainers that keep float32 main-grads), and the MoE layer's private ones, ``_expert_gemm`` and
-``_expert_gemm_backward``. All validate their inputs, then call ``moe_gemm::grouped_mm*``, or the PyTorch path where
-the CUDA kernels cannot run on the device (``_ops.kernels_available``)."""
+trainers that keep float32 main-grads), their FP8 forms ``grouped_forward_fp8`` and ``quantize_fp8``, and the MoE
+layer's private ones, ``_expert_gemm`` and ``_expert_gemm_backward``. All validate their inputs, then call their op
+(``moe_gemm::grouped_mm*``, ``moe_gemm::quantize_fp8``), or its PyTorch path where the CUDA kernels cannot run on the
+device (``_ops.kernels_available``)."""
 
 import os
 
@@ -109,6 +110,73 @@ def grouped_weight_grad(
         return _ops.gemm_op("grouped_mm_wgrad", x.device)(x, grad_y, m_sizes, weight_transposed)
     _ops.gemm_op("grouped_mm_wgrad_accumulate_", x.device)(main_grad, x, grad_y, m_sizes, weight_transposed)
     return main_grad
+
+
+def grouped_forward_fp8(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    m_sizes: torch.Tensor,
+    *,
+    weight_transposed: bool = False,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """``grouped_forward`` of FP8 operands: ``y[rows of e] = X[rows of e] @ W[e].T`` (``@ W[e]`` when
+    ``weight_transposed``) for the dequantized ``X = x * x_scale`` and ``W = weight * weight_scale``, each scale
+    repeated over the elements it covers; float32 accumulation.
+
+    Args:
+        x: ``[M, K]`` float8_e4m3fn, rows grouped by expert as for ``grouped_forward``.
+        x_scale: float32, ``[M, ceil(K / 128)]``: ``x_scale[r, c // 128]`` scales ``x[r, c]`` (the last group of a row
+            partial when 128 does not divide K), as ``quantize_fp8(x_high)`` gives; or ``[M]``, one per row.
+        weight: ``[E, N, K]`` float8_e4m3fn, or ``[E, K, N]`` when ``weight_transposed``. As for ``grouped_forward``,
+            a weight whose memory is the other layout is read through its transposed view, with its block scales.
+        weight_scale: float32, ``[E, ceil(N / 128), ceil(K / 128)]``: one per 128 x 128 block, ``weight_scale[e, i //
+            128, j // 128]`` scaling ``weight[e, i, j]`` (DeepSeek-V3's ``weight_scale_inv``). The block dims follow
+            the weight's, so ``[E, ceil(K / 128), ceil(N / 128)]`` when ``weight_transposed``: the transposes of a
+            weight and its scales describe the same matrices. Or ``[E, N]``, one per output channel, in both layouts.
+            Either granularity goes with either of ``x_scale``'s.
+        m_sizes: ``[E]`` int32 or int64 on the device of ``x``; negative sizes count as 0, rows at or past ``M`` are
+            dropped (``MOE_GEMM_CHECK=1`` raises instead), as for ``grouped_forward``.
+        out_dtype: torch.bfloat16, torch.float16 or torch.float32.
+
+    Returns:
+        ``[M, N]`` in ``out_dtype``; rows past ``sum(m_sizes)`` are zero, whatever ``x`` and ``x_scale`` hold there.
+        Not differentiable (no FP8 training yet): an argument that requires grad while grad mode is on raises
+        ValueError, rather than a result silently cut off from the graph.
+
+    PyTorch ops for now on every device (dequantized per expert to float32, a host read of the sizes); the CUDA
+    kernel is issue 25's.
+    """
+    kernels = _ops.FP8_KERNEL_BUILT and _kernels_for(x)
+    weight, weight_scale, weight_transposed = _validation.validate_fp8(
+        x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype, cuda_kernel=kernels
+    )
+    inputs = {"x": x, "x_scale": x_scale, "weight": weight, "weight_scale": weight_scale}
+    _validation.check_no_grad("grouped_forward_fp8", inputs)
+    # The scales are 1/128 of the operands or less: a copy of strided ones costs little.
+    x_scale, weight_scale, m_sizes = x_scale.contiguous(), weight_scale.contiguous(), m_sizes.contiguous()
+    _check_sizes_if_asked(m_sizes, x.shape[0])
+    op = _ops.gemm_op("grouped_mm_fp8", x.device)
+    return call_below_autograd(op, x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype)
+
+
+def quantize_fp8(x: torch.Tensor, group: int | None = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_fp8, x_scale)``: ``x [M, K]`` (any float dtype) in float8_e4m3fn and its float32 scales, the inputs of
+    ``grouped_forward_fp8``: ``x ~= x_fp8 * x_scale`` per element, within half a step of e4m3 (3 mantissa bits: a
+    relative error of at most 2**-4, or 2**-10 * scale for the values that land among its subnormals).
+
+    ``group`` 128: ``x_scale [M, ceil(K / 128)]``, one scale per row and 128 columns; None: ``x_scale [M]``, one per
+    row. A group's scale is its amax / 448 (e4m3's largest value), so its largest value becomes +-448; a group whose
+    amax is below 448 * 1.2e-38 (all zeros) gets the smallest normal float32, 1.2e-38, never 0, inf or NaN. The values
+    are not checked (that would read them on the host): a NaN or +-inf in a group makes its scale NaN or inf, and the
+    whole group dequantizes, and multiplies, as NaN. No backward: ``x`` requiring grad while grad mode is on raises
+    ValueError.
+    """
+    _validation.check_quantize_fp8(x, group)
+    _validation.check_no_grad("quantize_fp8", {"x": x})
+    return call_below_autograd(_ops.gemm_op("quantize_fp8", x.device), x, group)
 
 
 def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_name="weight", gather_rows=None):

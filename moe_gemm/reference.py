@@ -10,7 +10,8 @@ so ``sum(m_sizes) > M`` drops the rows that would lie at or past ``M`` and nothi
 Rows past ``end[E - 1]`` belong to no expert: their output rows are zero and they contribute nothing to ``grad_W``.
 
 The GEMM references compute in a wide dtype (float64 by default): the ground truth of the tests and the benchmark,
-and the float32 main-grad accumulation of the PyTorch path. ``route_reference`` and ``experts_forward_reference``
+and the float32 main-grad accumulation of the PyTorch path. The FP8 ones dequantize first, a 128-column group at a
+time. ``route_reference`` and ``experts_forward_reference``
 (float64, one token at a time) are the ground truth of the MoE layer's tests.
 """
 
@@ -75,6 +76,36 @@ def grouped_mm_wgrad_reference(x, grad_y, m_sizes, weight_transposed=False, dtyp
         x_e, grad_y_e = x[start:end].to(dtype), grad_y[start:end].to(dtype)
         grad_w[expert] = x_e.t() @ grad_y_e if weight_transposed else grad_y_e.t() @ x_e
     return grad_w
+
+
+def dequantize_fp8_reference(values, scale, *, block_rows=1, dtype=torch.float64) -> torch.Tensor:
+    """``values * scale`` in ``dtype``, for ``values`` ``[..., R, C]`` (float8_e4m3fn or any float) and ``scale``
+    ``[..., R]`` (one per row), or ``[..., ceil(R / block_rows), ceil(C / 128)]``: ``scale[..., i, j]`` scales
+    ``values[..., r, c]`` for ``r // block_rows == i`` and ``c // 128 == j``. ``x``'s scales have ``block_rows=1``,
+    a ``[E, N, K]`` weight's 128 x 128 blocks ``block_rows=128``."""
+    out = values.to(dtype, copy=True)
+    scale = scale.to(dtype)
+    if scale.dim() == values.dim() - 1:
+        return out * scale.unsqueeze(-1)
+    block_of_row = torch.arange(values.shape[-2], device=values.device) // block_rows
+    for group in range(scale.shape[-1]):
+        columns = slice(group * 128, (group + 1) * 128)
+        out[..., columns] *= scale[..., block_of_row, group].unsqueeze(-1)
+    return out
+
+
+def grouped_mm_fp8_reference(
+    x, x_scale, weight, weight_scale, m_sizes, weight_transposed=False, dtype=torch.float64
+) -> torch.Tensor:
+    """``grouped_mm_reference`` of the dequantized operands of ``grouped_forward_fp8``, in ``dtype``. Block scales
+    follow the weight's dims (``[E, ceil(K / 128), ceil(N / 128)]`` when ``weight_transposed``); per-channel ones are
+    ``[E, N]`` in both layouts."""
+    if weight_transposed:
+        weight = weight.transpose(-1, -2)
+        weight_scale = weight_scale.transpose(-1, -2) if weight_scale.dim() == 3 else weight_scale
+    x = dequantize_fp8_reference(x, x_scale, dtype=dtype)
+    weight = dequantize_fp8_reference(weight, weight_scale, block_rows=128, dtype=dtype)
+    return grouped_mm_reference(x, weight, m_sizes, dtype=dtype)
 
 
 def _ranked(scores: Sequence[float], count: int) -> list[int]:
