@@ -27,6 +27,7 @@ from moe_gemm.dispatch import DispatchInfo, combine, dispatch
 from moe_gemm.functional import grouped_forward, grouped_forward_fp8, grouped_weight_grad, quantize_fp8
 from moe_gemm.fuse import fuse_experts
 from moe_gemm.layer import MoE, MoEExperts, experts_forward
+from moe_gemm.layer_fp8 import experts_forward_fp8
 from moe_gemm.routing import route
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = [
     "combine",
     "dispatch",
     "experts_forward",
+    "experts_forward_fp8",
     "fuse_experts",
     "grouped_forward",
     "grouped_forward_fp8",

@@ -6,15 +6,18 @@
     # or, on a loaded model: model.set_experts_implementation("moe_gemm")
 
 serves every experts module decorated with ``@use_experts_implementation`` (Mixtral, Qwen-MoE, DeepSeek-V3,
-GPT-OSS, ...) with ``moe_gemm.experts_forward``. The module's flags say how to read its weights: ``has_gate``
-(``gate_up_proj``, else ``up_proj``), ``has_bias`` (``*_proj_bias``), ``is_transposed`` (``[E, in, out]``
-weights) and ``is_concatenated`` (``[gate; up]`` halves, else interleaved). A module with its own ``_apply_gate``,
-or an activation other than SiLU or GELU, is gated by its own code.
+GPT-OSS, ...) with ``moe_gemm.experts_forward``, and the FP8 experts of transformers' fine-grained FP8 quantization
+(``FP8Experts``: float8_e4m3fn weights with ``*_scale_inv`` per 128 x 128 block) with
+``moe_gemm.layer_fp8.experts_forward_fp8``, without dequantizing the weights. The module's flags say how to read its
+weights: ``has_gate`` (``gate_up_proj``, else ``up_proj``), ``has_bias`` (``*_proj_bias``), ``is_transposed``
+(``[E, in, out]`` weights) and ``is_concatenated`` (``[gate; up]`` halves, else interleaved). A module with its own
+``_apply_gate``, or an activation other than SiLU or GELU, is gated by its own code.
 """
 
 import torch
 
 from moe_gemm.layer import activation_name, experts_forward
+from moe_gemm.layer_fp8 import experts_forward_fp8
 
 IMPLEMENTATION_NAME = "moe_gemm"
 
@@ -57,8 +60,53 @@ def moe_gemm_experts_forward(
     )
 
 
+def moe_gemm_fp8_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The experts interface for transformers' ``FP8Experts`` (fine-grained FP8): ``experts_forward_fp8`` on its fp8
+    weights and their ``*_scale_inv``, the activations quantized per row and 128 columns (its "dynamic" scheme).
+
+    The scales are used as stored: 128 x 128 blocks (a gate/up grid that transformers pads to two block rows for a
+    narrow ``2I`` is cut back to ``ceil(2I / 128)``), UE8M0 ones converted to float32 exactly; ``block_size`` None
+    (one scale per expert) becomes one per output channel.
+    """
+    if getattr(self, "activation_scheme", "dynamic") != "dynamic":
+        raise NotImplementedError("experts_implementation='moe_gemm' runs FP8 experts with activation_scheme='dynamic'")
+    if self.block_size is not None and tuple(self.block_size) != (128, 128):
+        raise NotImplementedError(
+            f"experts_implementation='moe_gemm' runs FP8 experts with 128 x 128 weight blocks, got {self.block_size}"
+        )
+    prefix = "gate_up_proj" if self.has_gate else "up_proj"
+    scales = [_fp8_weight_scale(getattr(self, name), getattr(self, f"{name}_scale_inv"), self.block_size)
+              for name in (prefix, "down_proj")]  # fmt: skip
+    if not self.has_gate:
+        act = self.act_fn
+    elif all(getattr(self, name, None) is None for name in ("swiglu_alpha", "limit", "gate_softcap")):
+        act = activation_name(self.act_fn) or self._apply_gate
+    else:
+        act = self._apply_gate
+    return experts_forward_fp8(
+        hidden_states, top_k_index, top_k_weights, getattr(self, prefix), scales[0], self.down_proj, scales[1], act=act
+    )
+
+
+def _fp8_weight_scale(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor:
+    """``grouped_forward_fp8``'s ``weight_scale`` for transformers' ``weight [E, N, K]`` and ``scale_inv``."""
+    scale = scale_inv.float()
+    num_experts, n = weight.shape[0], weight.shape[1]
+    if block_size is None:  # [E, 1, 1]: one per expert
+        return scale.reshape(num_experts, 1).expand(num_experts, n)
+    return scale[:, : -(-n // 128)]
+
+
 def register() -> None:
-    """Make ``experts_implementation="moe_gemm"`` available to transformers models (idempotent)."""
+    """Make ``experts_implementation="moe_gemm"`` available to transformers models, their FP8 experts included
+    (idempotent)."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, moe_gemm_experts_forward)
+    try:
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+    except ImportError:  # a transformers without fine-grained FP8 experts
+        return
+    ALL_FP8_EXPERTS_FUNCTIONS.register(IMPLEMENTATION_NAME, moe_gemm_fp8_experts_forward)

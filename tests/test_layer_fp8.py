@@ -1,0 +1,159 @@
+"""The experts layer with FP8 weights (``experts_forward_fp8``) and transformers' FP8 experts through
+``experts_implementation="moe_gemm"``, on the CPU: against a float64 pipeline that quantizes at the same points, and
+against the unquantized layer within FP8's error."""
+
+import pytest
+import torch
+from helpers import relative_error
+from test_layer import make_experts_problem
+
+import moe_gemm
+import moe_gemm.layer
+from moe_gemm.layer_fp8 import experts_forward_fp8
+from moe_gemm.reference import experts_forward_reference
+
+
+def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[E, N, K]`` -> float8_e4m3fn weight and ``[E, ceil(N/128), ceil(K/128)]`` scales, amax / 448 per 128 x 128
+    block (written here apart from the package's ``quantize_fp8``, which scales rows, not blocks)."""
+    num_experts, n, k = weight.shape
+    nb, kb = -(-n // 128), -(-k // 128)
+    padded = torch.nn.functional.pad(weight.float(), (0, kb * 128 - k, 0, nb * 128 - n))
+    blocks = padded.reshape(num_experts, nb, 128, kb, 128)
+    scale = (blocks.abs().amax(dim=(2, 4)) / 448).clamp_min(1e-12)
+    quantized = (blocks / scale[:, :, None, :, None]).reshape(num_experts, nb * 128, kb * 128)[:, :n, :k]
+    return quantized.to(torch.float8_e4m3fn), scale
+
+
+def dequantize_blocks(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape[1:]
+    expanded = scale.repeat_interleave(128, dim=1).repeat_interleave(128, dim=2)[:, :n, :k]
+    return weight.double() * expanded.double()
+
+
+def quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` through ``quantize_fp8`` and back, in float64: what the layer's GEMMs read."""
+    values, scale = moe_gemm.quantize_fp8(x)
+    return values.double() * scale.double().repeat_interleave(128, dim=1)[:, : x.shape[1]]
+
+
+def make_fp8_problem(num_tokens=40, num_experts=6, top_k=3, hidden=200, intermediate=72):
+    inputs, _ = make_experts_problem(num_tokens, num_experts, top_k, hidden, intermediate, sentinels=0.1)
+    gate_up, gate_up_scale = quantize_blocks(inputs["gate_up_proj"])
+    down, down_scale = quantize_blocks(inputs["down_proj"])
+    fp8 = {"gate_up_proj": gate_up, "gate_up_proj_scale": gate_up_scale, "down_proj": down,
+           "down_proj_scale": down_scale}  # fmt: skip
+    return inputs, fp8
+
+
+def pairs_reference(hidden, ids, weights, gate_up, down, gate, quantize) -> torch.Tensor:
+    """Per pair in float64 GEMMs: ``gate`` of the bfloat16 gate/up output, the down projection of its result (through
+    ``quantize``), each rounded to bfloat16 as the layer's outputs are, weighted and summed per token; ids outside
+    [0, E) add nothing."""
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t, (experts, row_weights) in enumerate(zip(ids.tolist(), weights.tolist())):
+        for expert, weight in zip(experts, row_weights):
+            if 0 <= expert < gate_up.shape[0]:
+                activated = gate((hidden[t] @ gate_up[expert].T).to(torch.bfloat16)[None])
+                out[t] += weight * (quantize(activated)[0] @ down[expert].T).to(torch.bfloat16).double()
+    return out
+
+
+def pipeline_reference(inputs: dict, fp8: dict) -> torch.Tensor:
+    """The layer's steps with float64 GEMMs: the hidden rows quantized, the weights dequantized, SwiGLU in bfloat16
+    (as the layer computes it), the activation quantized."""
+    gate_up = dequantize_blocks(fp8["gate_up_proj"], fp8["gate_up_proj_scale"])
+    down = dequantize_blocks(fp8["down_proj"], fp8["down_proj_scale"])
+    hidden = quantized_rows(inputs["hidden"].to(torch.bfloat16))
+    return pairs_reference(hidden, inputs["top_k_index"], inputs["top_k_weights"], gate_up, down,
+                           moe_gemm.layer.gated_activation, quantized_rows)  # fmt: skip
+
+
+def test_matches_a_float64_pipeline_that_quantizes_at_the_same_points():
+    inputs, fp8 = make_fp8_problem()
+    hidden = inputs["hidden"].to(torch.bfloat16)
+    out = experts_forward_fp8(hidden, inputs["top_k_index"], inputs["top_k_weights"], **fp8)
+    assert out.dtype == torch.bfloat16 and out.shape == hidden.shape
+    # 1.6e-3 seen: float32 against float64 sums, now and then one fp8 rounding flipped by them.
+    assert relative_error(out.double(), pipeline_reference(inputs, fp8)) < 5e-3
+
+
+def test_stays_within_fp8_error_of_the_unquantized_layer():
+    inputs, fp8 = make_fp8_problem()
+    hidden = inputs["hidden"].to(torch.bfloat16)
+    out = experts_forward_fp8(hidden, inputs["top_k_index"], inputs["top_k_weights"], **fp8)
+    exact = experts_forward_reference(
+        inputs["hidden"], inputs["top_k_index"], inputs["top_k_weights"], inputs["gate_up_proj"], inputs["down_proj"]
+    )
+    error = relative_error(out.double(), exact.double())
+    # Weights and activations each rounded to 3 mantissa bits (at most 2**-4 relative per element, 3.6% RMS): 6.7%
+    # seen, far more than bf16's rounding alone.
+    assert 1e-2 < error < 0.1
+
+
+def test_tokens_whose_ids_are_all_sentinels_are_zero_and_no_tokens_give_no_rows():
+    inputs, fp8 = make_fp8_problem(num_tokens=5)
+    inputs["hidden"] = inputs["hidden"].to(torch.bfloat16)
+    ids = inputs["top_k_index"].clone()
+    ids[2] = -1
+    ids[3] = fp8["gate_up_proj"].shape[0]
+    out = experts_forward_fp8(inputs["hidden"], ids, inputs["top_k_weights"], **fp8)
+    assert torch.equal(out[2:4], torch.zeros_like(out[2:4])) and out[0].abs().sum() > 0
+    empty = experts_forward_fp8(inputs["hidden"][:0], ids[:0], inputs["top_k_weights"][:0], **fp8)
+    assert empty.shape == (0, inputs["hidden"].shape[1])
+
+
+def test_bad_arguments_raise():
+    inputs, fp8 = make_fp8_problem(num_tokens=4)
+    hidden, ids, weights = inputs["hidden"].to(torch.bfloat16), inputs["top_k_index"], inputs["top_k_weights"]
+    with pytest.raises(TypeError, match="hidden: expected torch.bfloat16, torch.float16 or torch.float32"):
+        experts_forward_fp8(hidden.double(), ids, weights, **fp8)
+    with pytest.raises(ValueError, match="top_k_index: expected"):
+        experts_forward_fp8(hidden, ids[:3], weights, **fp8)
+    with pytest.raises(ValueError, match="act must be one of"):
+        experts_forward_fp8(hidden, ids, weights, **fp8, act="relu")
+    with pytest.raises(ValueError, match="requires grad"):
+        experts_forward_fp8(hidden.requires_grad_(), ids, weights, **fp8)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        experts_forward_fp8(hidden.detach(), ids, weights, **(fp8 | {"down_proj": fp8["down_proj"].float()}))
+
+
+@pytest.mark.parametrize("variant", ["swiglu", "clamped_swiglu"])
+def test_transformers_fp8_experts_run_on_moe_gemm(variant):
+    # transformers' FP8Experts (fine-grained FP8, 128 x 128 blocks) with experts_implementation="moe_gemm": the same
+    # output as its own code on the dequantized weights within FP8's activation rounding; the clamped SwiGLU of
+    # GPT-OSS-style configs goes through the module's own gate.
+    try:
+        from transformers import Qwen3MoeConfig
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError as error:
+        pytest.skip(f"this transformers has no fine-grained FP8 experts interface: {error}")
+
+    from moe_gemm.integrations import transformers as integration
+
+    integration.register()
+    config = Qwen3MoeConfig(hidden_size=200, moe_intermediate_size=72, num_experts=6, num_experts_per_tok=3)
+    if variant == "clamped_swiglu":
+        config.swiglu_alpha, config.swiglu_limit = 1.702, 0.5
+    config._experts_implementation = "moe_gemm"
+    cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS,
+                                     has_bias=False, has_gate=True)  # fmt: skip
+    module = cls(config=config, block_size=(128, 128))
+    inputs, fp8 = make_fp8_problem(hidden=200, intermediate=72)
+    with torch.no_grad():
+        module.gate_up_proj.copy_(fp8["gate_up_proj"])
+        module.gate_up_proj_scale_inv.copy_(fp8["gate_up_proj_scale"])
+        module.down_proj.copy_(fp8["down_proj"])
+        module.down_proj_scale_inv.copy_(fp8["down_proj_scale"])
+    hidden = inputs["hidden"].to(torch.bfloat16)
+    with torch.no_grad():
+        out = module(hidden, inputs["top_k_index"].clamp(0, 5), inputs["top_k_weights"])
+    # The module's own gate on the dequantized weights in float64 GEMMs, the activations unquantized.
+    gate_up = dequantize_blocks(fp8["gate_up_proj"], fp8["gate_up_proj_scale"])
+    down = dequantize_blocks(fp8["down_proj"], fp8["down_proj_scale"])
+    expected = pairs_reference(hidden.double(), inputs["top_k_index"].clamp(0, 5), inputs["top_k_weights"], gate_up,
+                               down, module._apply_gate, lambda a: a.double())  # fmt: skip
+    assert out.dtype == torch.bfloat16
+    error = relative_error(out.double(), expected)
+    assert 1e-3 < error < 0.06  # FP8 rounding of the activations, both GEMMs
