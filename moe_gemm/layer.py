@@ -792,7 +792,8 @@ class MoE(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        _check_module_input(self, hidden, self.experts.gate_up_proj)
+        # The router's weight has the layer's dtype even when the experts are swapped for FP8 ones (MoEExpertsFP8).
+        _check_module_input(self, hidden, self.router.weight)
         hidden_size = self.experts.hidden_size
         if hidden.dim() == 0 or hidden.shape[-1] != hidden_size:
             raise ValueError(

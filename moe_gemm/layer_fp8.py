@@ -1,4 +1,5 @@
-"""The experts layer with FP8 expert weights, for inference: ``experts_forward_fp8``.
+"""The experts layer with FP8 expert weights, for inference: ``experts_forward_fp8``, the module ``MoEExpertsFP8`` and
+``quantize_fp8_weight``, which makes its weights.
 
 The weights are float8_e4m3fn with float32 scales, one per 128 x 128 block (as DeepSeek-V3's checkpoints and
 transformers' fine-grained FP8 store them) or one per output channel; the activations are quantized on the fly, one
@@ -18,11 +19,12 @@ grad mode raise.
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from moe_gemm import _ops, _validation
 from moe_gemm.dispatch import combine_pairs, sort_pairs, valid_pairs
 from moe_gemm.functional import grouped_forward_fp8, quantize_fp8
-from moe_gemm.layer import _check_activation_name, gated_activation
+from moe_gemm.layer import MoEExperts, _check_activation_name, gated_activation
 
 
 def experts_forward_fp8(
@@ -99,3 +101,62 @@ def experts_forward_fp8(
 
 def _describe(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight_fp8, weight_scale)`` of an ``[E, N, K]`` weight: float8_e4m3fn values and float32 scales
+    ``[E, ceil(N / 128), ceil(K / 128)]``, one per 128 x 128 block (the last ones partial), ``amax / 448`` floored as
+    ``quantize_fp8``'s, the layout of DeepSeek-V3's ``weight_scale_inv``. A one-time conversion, in PyTorch ops; an
+    ``[E, K, N]`` weight quantized this way is ``weight_transposed``'s layout with its blocks
+    (``grouped_forward_fp8``)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.is_floating_point():
+        raise ValueError(f"weight: expected a 3-D float tensor [E, N, K], got {_describe(weight)}")
+    num_experts, n, k = weight.shape
+    blocks_n, blocks_k = -(-n // _validation.FP8_GROUP), -(-k // _validation.FP8_GROUP)
+    padded = torch.nn.functional.pad(weight.detach().float(), (0, blocks_k * 128 - k, 0, blocks_n * 128 - n))
+    blocks = padded.view(num_experts, blocks_n, 128, blocks_k, 128)
+    scale = (blocks.abs().amax(dim=(2, 4)) / _ops.FP8_MAX).clamp_min(_ops.FP8_MIN_SCALE)
+    values = (blocks / scale[:, :, None, :, None]).clamp(-_ops.FP8_MAX, _ops.FP8_MAX)
+    values = values.view(num_experts, blocks_n * 128, blocks_k * 128)[:, :n, :k]
+    return values.to(torch.float8_e4m3fn).contiguous(), scale
+
+
+class MoEExpertsFP8(nn.Module):
+    """``MoEExperts`` with FP8 weights, for inference: ``forward(hidden, top_k_index, top_k_weights)`` runs
+    ``experts_forward_fp8``. Buffers (not parameters: nothing trains them) ``gate_up_proj [E, 2I, H]`` and
+    ``down_proj [E, H, I]`` in float8_e4m3fn with their 128 x 128 block scales ``gate_up_proj_scale`` and
+    ``down_proj_scale``. ``from_experts`` quantizes a ``MoEExperts``; e.g. ``layer.experts =
+    MoEExpertsFP8.from_experts(layer.experts)`` serves a ``moe_gemm.MoE`` in FP8."""
+
+    def __init__(self, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale, act="silu"):
+        super().__init__()
+        self.register_buffer("gate_up_proj", gate_up_proj)
+        self.register_buffer("gate_up_proj_scale", gate_up_proj_scale)
+        self.register_buffer("down_proj", down_proj)
+        self.register_buffer("down_proj_scale", down_proj_scale)
+        self.act = act
+        self.num_experts, self.hidden_size = down_proj.shape[0], down_proj.shape[1]
+        self.intermediate_size = down_proj.shape[2]
+
+    @classmethod
+    def from_experts(cls, experts: MoEExperts) -> "MoEExpertsFP8":
+        """``experts``' weights quantized in 128 x 128 blocks (``quantize_fp8_weight``); ``experts`` is left as it is.
+        Raises ValueError for experts with biases (the FP8 layer has none yet)."""
+        if not isinstance(experts, MoEExperts):
+            raise TypeError(f"experts: expected a moe_gemm.MoEExperts, got {type(experts).__name__}")
+        if experts.down_proj_bias is not None:
+            raise ValueError("MoEExpertsFP8.from_experts: experts with biases are not supported in FP8 yet")
+        gate_up, gate_up_scale = quantize_fp8_weight(experts.gate_up_proj)
+        down, down_scale = quantize_fp8_weight(experts.down_proj)
+        return cls(gate_up, gate_up_scale, down, down_scale, act=experts._layer_act())
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return experts_forward_fp8(
+            hidden, top_k_index, top_k_weights, self.gate_up_proj, self.gate_up_proj_scale, self.down_proj,
+            self.down_proj_scale, act=self.act,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        act = repr(self.act) if isinstance(self.act, str) else type(self.act).__name__
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, act={act}, weights float8_e4m3fn in 128 x 128 blocks")

@@ -15,7 +15,7 @@ from moe_gemm.reference import experts_forward_reference
 
 def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[E, N, K]`` -> float8_e4m3fn weight and ``[E, ceil(N/128), ceil(K/128)]`` scales, amax / 448 per 128 x 128
-    block (written here apart from the package's ``quantize_fp8``, which scales rows, not blocks)."""
+    block: written here apart from the package's ``quantize_fp8_weight``, which is checked against it."""
     num_experts, n, k = weight.shape
     nb, kb = -(-n // 128), -(-k // 128)
     padded = torch.nn.functional.pad(weight.float(), (0, kb * 128 - k, 0, nb * 128 - n))
@@ -157,3 +157,37 @@ def test_transformers_fp8_experts_run_on_moe_gemm(variant):
     assert out.dtype == torch.bfloat16
     error = relative_error(out.double(), expected)
     assert 1e-3 < error < 0.06  # FP8 rounding of the activations, both GEMMs
+
+
+def test_quantize_fp8_weight_matches_the_blockwise_quantization_written_here():
+    weight = torch.randn(3, 200, 300) * torch.logspace(-3, 1, 300)  # columns of very different magnitudes
+    weight[1] = 0  # an all-zero expert: tiny scales, exact zeros back
+    values, scale = moe_gemm.quantize_fp8_weight(weight.to(torch.bfloat16))
+    expected_values, expected_scale = quantize_blocks(weight.to(torch.bfloat16))
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (3, 2, 3) and scale.dtype == torch.float32
+    assert torch.equal(scale[[0, 2]], expected_scale[[0, 2]])
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    back = dequantize_blocks(values, scale)
+    assert torch.equal(back[1], torch.zeros_like(back[1])) and (scale[1] > 0).all()
+    # Half a step of e4m3 (2**-4 relative) at most, except values under the block's subnormal range.
+    big = weight.double().abs() > scale.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :200, :300] * 2**-6
+    rounded = weight.to(torch.bfloat16).double()
+    assert ((back - rounded).abs() <= rounded.abs() * 2**-4)[big].all()
+    with pytest.raises(ValueError, match="weight: expected a 3-D float tensor"):
+        moe_gemm.quantize_fp8_weight(weight[0])
+
+
+def test_moe_layer_served_in_fp8_by_swapping_its_experts():
+    torch.manual_seed(0)
+    layer = moe_gemm.MoE(hidden_size=256, num_experts=8, intermediate_size=192, top_k=2, dtype=torch.bfloat16)
+    hidden = torch.randn(2, 9, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        exact = layer(hidden)
+        layer.experts = moe_gemm.MoEExpertsFP8.from_experts(layer.experts)
+        out = layer(hidden)
+    assert isinstance(layer.experts, moe_gemm.MoEExpertsFP8) and layer.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    assert out.shape == exact.shape and 1e-3 < relative_error(out.double(), exact.double()) < 0.1
+    assert "float8_e4m3fn in 128 x 128 blocks" in repr(layer.experts)
+    with pytest.raises(ValueError, match="biases"):
+        moe_gemm.MoEExpertsFP8.from_experts(moe_gemm.MoEExperts(num_experts=2, hidden_size=8, intermediate_size=4,
+                                                                 bias=True))  # fmt: skip
