@@ -23,7 +23,8 @@ LAYERS = {
     "decode": {"forward", "report", "suite", "timing"},
     "layer": {"report", "suite", "timing"},
     "ep": {"layer", "report", "suite"},
-    "__main__": {"backward", "decode", "ep", "forward", "layer", "suite"},
+    "fp8": {"report", "suite", "timing"},
+    "__main__": {"backward", "decode", "ep", "forward", "fp8", "layer", "suite"},
 }
 
 
@@ -113,3 +114,26 @@ def test_a_whole_run_on_cpu_writes_its_table_and_json(mode, cpu_stand_ins, tmp_p
     assert [(r["tokens"], r["gemm"]) for r in result["rows"]] == [(3, "up"), (3, "down"), (8, "up"), (8, "down")]
     assert all(r["check"] == "ok" for r in result["rows"])
     assert sum(line.startswith("tiny ") for line in out.splitlines()) == 4
+
+
+def test_the_fp8_table_on_cpu_checks_moe_gemm_and_reports_torch_refusing(cpu_stand_ins, tmp_path, capsys, monkeypatch):
+    import json
+
+    from moe_gemm.bench import fp8
+
+    monkeypatch.setattr(fp8, "measure_fp8_ceiling", lambda: 1500.0)
+    suite = {"models": {"tiny": {"experts": 4, "hidden": 160, "moe_intermediate": 48, "top_k": 2}}, "tokens": [5, 40]}
+    argv = ["--fp8", "--models", "tiny", "--tokens", "5", "40", "--json", str(tmp_path / "out.json")]
+    args = cli.parse_args(argv, suite)
+    assert cli.mode_of(args) is fp8 and fp8.run(args, suite) == 0
+    out = capsys.readouterr().out
+    assert "dense FP8 8192^3 _scaled_mm 1500 TFLOP/s" in out and "PyTorch ops (no FP8 CUDA kernel" in out
+    result = json.loads((tmp_path / "out.json").read_text())
+    rows = result["rows"]
+    assert result["mode"] == "fp8" and [(r["tokens"], r["gemm"]) for r in rows] == [
+        (5, "up"), (5, "down"), (40, "up"), (40, "down")
+    ]
+    for row in rows:  # moe_gemm's FP8 result checked and timed; torch's baseline has no CPU kernel: said, no failure
+        # The bf16 output rounded: 1.7e-3 seen.
+        assert row["check"] == "ok" and row["rel_error"] < 4e-3 and row["fp8_ms"] > 0 and row["x_bf16"] > 0
+        assert "scaled_gmm_ms" not in row and "torch._scaled_grouped_mm refused" in row["problem"]

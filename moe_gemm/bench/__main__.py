@@ -1,11 +1,11 @@
-"""``python -m moe_gemm.bench``: the command line of the benchmark; ``--backward``, ``--decode``, ``--layer`` or ``--ep``
-picks another table than the forward one (see each module's docstring)."""
+"""``python -m moe_gemm.bench``: the command line of the benchmark; ``--backward``, ``--decode``, ``--fp8``, ``--layer``
+or ``--ep`` picks another table than the forward one (see each module's docstring)."""
 
 import argparse
 import sys
 
 from moe_gemm import _ops
-from moe_gemm.bench import backward, decode, ep, forward, layer
+from moe_gemm.bench import backward, decode, ep, forward, fp8, layer
 from moe_gemm.bench.suite import GEMMS, QUICK_TOKENS, load_suite
 
 
@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
     )
     mode.add_argument("--decode", action="store_true", help="the decode table, 1 to 64 tokens (bench/decode.py)")
     mode.add_argument(
+        "--fp8", action="store_true",
+        help="FP8 blockwise GEMMs vs torch._scaled_grouped_mm rowwise and moe_gemm bf16 (bench/fp8.py)",
+    )  # fmt: skip
+    mode.add_argument(
         "--layer", action="store_true", help="the whole MoE layer vs transformers and Liger, and the routing kernel"
     )
     mode.add_argument(
@@ -48,12 +52,13 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
     )  # fmt: skip
     parser.add_argument(
         "--configs", nargs="+", choices=list(layer_configs["configs"]), metavar="NAME",
-        help=f"--layer, --ep: these configs of bench/layer_configs.json ({' '.join(layer_configs['configs'])}; default: "
-        f"all with --layer, {' '.join(ep.CONFIGS)} with --ep)",
+        help=f"--layer, --ep: these configs of bench/layer_configs.json ({' '.join(layer_configs['configs'])}; "
+        f"default: all with --layer, {' '.join(ep.CONFIGS)} with --ep)",
     )  # fmt: skip
     parser.add_argument(
         "--ep-layer-tokens", type=int, metavar="T",
-        help=f"--ep: tokens per rank of the layer table (default {ep.LAYER_TOKENS}, {ep.QUICK_LAYER_TOKENS} with --quick)",
+        help=f"--ep: tokens per rank of the layer table (default {ep.LAYER_TOKENS}, {ep.QUICK_LAYER_TOKENS} with "
+        "--quick)",
     )  # fmt: skip
     parser.add_argument(
         "--liger-autotune", action="store_true",
@@ -73,7 +78,8 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
 
 def mode_of(args: argparse.Namespace):
     """The module of the table that the arguments ask for."""
-    return ep if args.ep else layer if args.layer else decode if args.decode else backward if args.backward else forward
+    modes = {"ep": ep, "layer": layer, "decode": decode, "backward": backward, "fp8": fp8}
+    return next((module for flag, module in modes.items() if getattr(args, flag)), forward)
 
 
 def main(argv: list[str] | None = None) -> int:

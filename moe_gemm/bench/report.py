@@ -89,6 +89,14 @@ COLUMNS = {
     "kernel_ms": Column("kernel_ms", 9, ".4f"),
     "torch_ms": Column("torch_ms", 9, ".4f"),
     "check": Column("check", 5, "s"),
+    # FP8 (bench/fp8.py), in ms.
+    "fp8_ms": Column("fp8_ms", 8, ".3f"),
+    "fp8_tflops": Column("TFLOP/s", 7, ".1f"),
+    "fp8_x_floor": Column("x_floor", 7, ".2f"),
+    "scaled_gmm_ms": Column("torch_ms", 8, ".3f"),
+    "fp8_speedup": Column("speedup", 7, ".2f"),
+    "bf16_ms": Column("bf16_ms", 8, ".3f"),
+    "x_bf16": Column("x_bf16", 6, ".2f"),
     # Expert parallelism (bench/ep.py): per rank, the slowest rank's median.
     "transport": Column("transport", 16, "s"),
     "world": Column("world", 5, "d"),

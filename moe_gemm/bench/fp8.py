@@ -1,0 +1,141 @@
+"""The FP8 benchmark (``python -m moe_gemm.bench --fp8``): on the suite's GEMMs, moe_gemm's FP8 GEMM with DeepSeek-V3's
+scaling (``grouped_forward_fp8``: activations per row and 128 columns, weights per 128 x 128 block) against
+``torch._scaled_grouped_mm`` with rowwise scales (its only grouped scaling) and against moe_gemm's bf16 GEMM, on the
+same data, timed in turn (``bench_interleaved_ms``).
+
+The data are the suite's bf16 random rows and weights, quantized by moe_gemm for moe_gemm (``quantize_fp8``,
+``quantize_fp8_weight``) and rowwise for torch (one scale per row of x and per output channel of the weight,
+``amax / 448``). Each moe_gemm output is checked first against the float32 product of its dequantized operands
+(relative Frobenius error <= ``MAX_REL_ERROR``). Ceilings, measured in the same run: the FP8 dense matmul
+(``torch._scaled_mm``, 8192^3, rowwise scales) and the copy bandwidth; 'x floor' counts one byte per element of x and
+of the weights of the experts with rows, two per output element. ``speedup`` is ``torch._scaled_grouped_mm``'s time
+over moe_gemm's, ``x_bf16`` moe_gemm bf16's over moe_gemm FP8's. A torch baseline that refuses a shape is reported
+beside the row, and does not fail it.
+
+Until moe_gemm's FP8 CUDA kernel lands, its FP8 op runs PyTorch ops (``_ops.FP8_KERNEL_BUILT`` False): the preamble
+says so, and the times are those of that path.
+"""
+
+import argparse
+import math
+
+import torch
+
+import moe_gemm
+from moe_gemm import _ops
+from moe_gemm.bench import report, timing
+from moe_gemm.bench.suite import MAX_REL_ERROR, floor_ms, gemm_cost
+from moe_gemm.layer_fp8 import quantize_fp8_weight
+
+TABLE = ("model", "tokens", "gemm", "M", "N", "K", "active", "fp8_ms", "fp8_tflops", "fp8_x_floor", "scaled_gmm_ms",
+         "fp8_speedup", "bf16_ms", "x_bf16", "rel_error", "check")  # fmt: skip
+
+
+def measure_fp8_ceiling() -> float:
+    """Dense FP8 matmul TFLOP/s: ``torch._scaled_mm`` of 8192^3 e4m3 operands with rowwise scales."""
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as _scaled_mm wants
+    scale_a = torch.ones(8192, 1, device="cuda")
+    scale_b = torch.ones(1, 8192, device="cuda")
+    ms = timing.bench_ms(lambda: torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=torch.bfloat16))
+    return 2 * 8192**3 / ms / 1e9
+
+
+def rowwise(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` in float8_e4m3fn with one float32 scale per slice along ``dim`` (amax / 448, floored)."""
+    scale = (values.float().abs().amax(dim=dim, keepdim=True) / _ops.FP8_MAX).clamp_min(_ops.FP8_MIN_SCALE)
+    return (values.float() / scale).clamp(-_ops.FP8_MAX, _ops.FP8_MAX).to(torch.float8_e4m3fn), scale.squeeze(dim)
+
+
+def check_fp8(out: torch.Tensor, x_fp8, x_scale, w_fp8, w_scale, host_counts: list[int]) -> tuple[float, str | None]:
+    """(relative Frobenius error of ``out`` against the float32 product of the dequantized operands, problem)."""
+    if not torch.isfinite(out).all():
+        return math.nan, "NaN or Inf in the output"
+    x = _ops.dequantize_fp8(x_fp8, x_scale, 1)
+    ref = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    start = 0
+    for expert, count in enumerate(host_counts):
+        if count:
+            weight = _ops.dequantize_fp8(w_fp8[expert], w_scale[expert], 128)
+            ref[start : start + count] = x[start : start + count] @ weight.t()
+        start += count
+    error = torch.linalg.vector_norm(out.float() - ref).item() / max(torch.linalg.vector_norm(ref).item(), 1e-30)
+    return error, (f"relative error {error:.2e} > {MAX_REL_ERROR:g}" if error > MAX_REL_ERROR else None)
+
+
+def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, counts: torch.Tensor, ceilings) -> dict:
+    """Check and time one GEMM (``counts``: rows per expert, on CPU); returns its table row. ``ceilings``: (dense
+    FP8 TFLOP/s, copy TB/s)."""
+    num_experts, n, k = weight.shape
+    row = {"model": model, "tokens": tokens, "gemm": gemm, "E": num_experts, "N": n, "K": k}
+    row |= gemm_cost(counts, n, k, 1, ceilings)
+    row["floor_ms"] = floor_ms(row["flops"], row["bytes"] + row["M"] * n, *ceilings)  # bf16 output: 2 bytes
+    host_counts = counts.tolist()
+    m_sizes = counts.to(weight.device)
+    x = torch.randn(row["M"], k, device=weight.device, dtype=torch.bfloat16)
+    x_fp8, x_scale = moe_gemm.quantize_fp8(x)
+    w_fp8, w_scale = quantize_fp8_weight(weight)
+    timed, problems = {}, []
+    op = torch.ops.moe_gemm.grouped_mm_fp8.default
+    try:
+        out = op(x_fp8, x_scale, w_fp8, w_scale, m_sizes, False, torch.bfloat16)
+        row["rel_error"], problem = check_fp8(out, x_fp8, x_scale, w_fp8, w_scale, host_counts)
+        del out
+        if problem is None:
+            timed["fp8_ms"] = lambda: op(x_fp8, x_scale, w_fp8, w_scale, m_sizes, False, torch.bfloat16)
+    except RuntimeError as error:
+        problem = f"moe_gemm FP8 failed: {report.error_line(error)}"
+    weight_bf16 = weight.to(torch.bfloat16)
+    timed["bf16_ms"] = lambda: torch.ops.moe_gemm.grouped_mm.default(x, weight_bf16, m_sizes, False)
+    x_row, x_row_scale = rowwise(x, 1)
+    w_row, w_row_scale = rowwise(weight, 2)
+    offs = torch.cumsum(m_sizes, 0).to(torch.int32)
+
+    def scaled_grouped_mm():
+        return torch._scaled_grouped_mm(x_row, w_row.transpose(-2, -1), x_row_scale, w_row_scale, offs=offs,
+                                        out_dtype=torch.bfloat16)  # fmt: skip
+
+    try:
+        scaled_grouped_mm()
+        timed["scaled_gmm_ms"] = scaled_grouped_mm
+    except (RuntimeError, AttributeError, NotImplementedError) as error:
+        problems.append(f"torch._scaled_grouped_mm refused: {report.error_line(error)}")
+    row.update(zip(timed, timing.bench_interleaved_ms(list(timed.values()))))
+    row["check"] = "ok" if problem is None else "FAIL"
+    row["problem"] = "; ".join(p for p in [problem, *problems] if p) or None
+    if row.get("fp8_ms"):
+        ms = row["fp8_ms"]
+        row.update(fp8_tflops=row["flops"] / ms / 1e9, fp8_x_floor=ms / row["floor_ms"], x_bf16=row["bf16_ms"] / ms)
+        if row.get("scaled_gmm_ms"):
+            row["fp8_speedup"] = row["scaled_gmm_ms"] / ms
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Geometric means over all rows and over those of >= 256 tokens: speedup over torch, over bf16, x floor."""
+    groups = {"all": rows, "tokens>=256": [r for r in rows if r["tokens"] >= 256]}
+    return {label: {key: report.geomean(r.get(key) for r in group) for key in ("fp8_speedup", "x_bf16", "fp8_x_floor")}
+            for label, group in groups.items()}  # fmt: skip
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["geometric means (speedup: torch._scaled_grouped_mm rowwise ms / moe_gemm FP8 blockwise ms):"]
+    for label, stats in summary.items():
+        lines.append(f"  {label:<12} speedup {stats['fp8_speedup']:6.2f}  vs moe_gemm bf16 {stats['x_bf16']:6.2f}  "
+                     f"x floor {stats['fp8_x_floor']:6.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace, suite: dict) -> int:
+    """The FP8 table for the arguments of ``python -m moe_gemm.bench``; exit status 1 when a shape fails its check."""
+    torch.manual_seed(args.seed)
+    ceilings = (measure_fp8_ceiling(), report.measure_ceilings()[1])
+    kernel = "CUDA kernel" if _ops.FP8_KERNEL_BUILT else "PyTorch ops (no FP8 CUDA kernel built yet)"
+    report.print_preamble(f"fp8 (moe_gemm's FP8 GEMM: {kernel}); routing {args.routing}, seed {args.seed}")
+    print(f"# ceilings: dense FP8 8192^3 _scaled_mm {ceilings[0]:.0f} TFLOP/s, d2d copy {ceilings[1]:.2f} TB/s")
+    total = len(args.models) * len(args.tokens) * len(args.gemms)
+    cases = report.gemm_cases(suite, args, args.tokens)
+    rows = report.measure_table(TABLE, cases, total, lambda *case: measure_shape(*case, ceilings))
+    summary = summarize(rows)
+    return report.finish(args, format_summary(summary), rows, mode="fp8", summary=summary, fp8_kernel=kernel,
+                         peak_fp8_tflops=ceilings[0], bandwidth_tbs=ceilings[1])  # fmt: skip
