@@ -191,3 +191,10 @@ def test_moe_layer_served_in_fp8_by_swapping_its_experts():
     with pytest.raises(ValueError, match="biases"):
         moe_gemm.MoEExpertsFP8.from_experts(moe_gemm.MoEExperts(num_experts=2, hidden_size=8, intermediate_size=4,
                                                                  bias=True))  # fmt: skip
+
+
+def test_compiles_whole_and_computes_the_same():
+    inputs, fp8 = make_fp8_problem(num_tokens=6)
+    arguments = (inputs["hidden"].to(torch.bfloat16), inputs["top_k_index"], inputs["top_k_weights"])
+    compiled = torch.compile(experts_forward_fp8, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*arguments, **fp8), experts_forward_fp8(*arguments, **fp8))
