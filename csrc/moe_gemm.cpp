@@ -203,7 +203,8 @@ char const* check_grouped_gemm(GroupedGemmParams const& p) {
     return "m_sizes is null";
   }
   // Gathering, `a` is the [gather_source_rows, K] source, its rows indexed in 32 bits.
-  if (p.gather_rows != nullptr && (p.gather_source_rows < 1 || p.gather_source_rows >= (int64_t(1) << 31))) {
+  if (p.gather_rows != nullptr && p.M > 0 &&
+      (p.gather_source_rows < 1 || p.gather_source_rows >= (int64_t(1) << 31))) {
     return "a gathering call needs 1 to 2^31 - 1 source rows";
   }
   return nullptr;

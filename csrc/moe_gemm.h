@@ -44,7 +44,7 @@ struct GroupedGemmParams {
   // Device memory of the plan's workspace.total_bytes; null when that is 0.
   void* workspace = nullptr;
   // [M] int64 in device memory, or null for no gather. Values are not checked: one outside
-  // [0, gather_source_rows) reads a row of zeros (TMA's bounds check; nothing outside `a` is read).
+  // [0, gather_source_rows) reads a row of zeros (cp.async's zero-fill; nothing outside `a` is read).
   int64_t const* gather_rows = nullptr;
   int64_t gather_source_rows = 0;  // rows of `a` when gathering (1 to 2^31 - 1)
 };
@@ -130,8 +130,8 @@ struct GroupedWgradParams {
   void* workspace = nullptr;
   // Row gathers: [M] int64 in device memory, or null for none. At most one of the two per call (a kernel gathers
   // one operand), and only into a gradient in the input dtype (no accumulation: the float32 kernels do not gather).
-  // Values are not checked: one outside [0, source rows) reads a row of zeros (TMA's bounds check; nothing outside
-  // the source is read).
+  // Values are not checked: one outside [0, source rows) reads a row of zeros (cp.async's zero-fill; nothing
+  // outside the source is read).
   int64_t const* l_rows = nullptr;
   int64_t l_source_rows = 0;      // rows of `l` when gathering L (1 to 2^31 - 1)
   int64_t const* r_rows = nullptr;

@@ -610,7 +610,7 @@ class Sm90MoeGemmKernel {
     }
     // Do not exit while TMA writes to this CTA's shared memory are still in flight.
     if constexpr (kGatherA) {
-      GatheredTile::drain();
+      wait_for_copies();
     }
     if (is_leader) {
       pipeline.producer_tail(write_state);
@@ -706,16 +706,11 @@ class Sm90MoeGemmKernel {
         address ^= ((address >> 7) & 7u) << 4;  // TMA's 128-byte swizzle
         bool const reads = sources[i] >= 0 && in_k;
         Element const* const source = reads ? tokens + int64_t(sources[i]) * params.gather.ld + col : tokens;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(source),
-                     "r"(reads ? 16 : 0)
-                     : "memory");
+        copy_16_bytes_or_zeros(address, source, reads);
       }
-      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(barrier))
-                   : "memory");
+      arrive_when_copies_land(barrier);
     }
 
-    // Before the thread exits: its last copies have landed.
-    CUTLASS_DEVICE static void drain() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
   };
 
   // kGatherA, the producer warpgroup's warps 1-3: their share of every token tile (GatheredTile), following the
@@ -728,7 +723,7 @@ class Sm90MoeGemmKernel {
     while (true) {
       DecodedUnit const unit = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
       if (!unit.work.valid) {
-        GatheredTile::drain();
+        wait_for_copies();
         return;
       }
       GatheredTile tile(params, unit.work, producer_thread);

@@ -11,10 +11,26 @@
 #pragma once
 
 #include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
 #include "cutlass/arch/reg_reconfig.h"
 #include "cutlass/cutlass.h"
 
 namespace moe_gemm {
+
+// The gathering kernels' copies (cp.async, which TMA's row-less boxes cannot replace: see GatheredTokenRows in
+// sm90_moe_gemm_kernel.hpp). 16 bytes from global `source` to shared `address`, or 16 zeros without a read when
+// `reads` is false.
+CUTLASS_DEVICE void copy_16_bytes_or_zeros(uint32_t address, void const* source, bool reads) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(source), "r"(reads ? 16 : 0)
+               : "memory");
+}
+
+// The arrival on `barrier` that this thread's copies so far trigger when they land; the barrier counts it among
+// those it expects (noinc).
+CUTLASS_DEVICE void arrive_when_copies_land(uint64_t* barrier) { cutlass::arch::cpasync_barrier_arrive_noinc(barrier); }
+
+// Waits until this thread's copies have landed (before it exits: nothing may still write the CTA's shared memory).
+CUTLASS_DEVICE void wait_for_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Both kernels' warpgroups: the producer's warp 0 decodes the tiles and issues the TMA loads (its other
 // warps idle, except in the forward kernel that gathers A's rows: there they load rows too), the two

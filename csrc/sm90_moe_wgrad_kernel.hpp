@@ -375,7 +375,7 @@ class Sm90MoeWgradKernel {
       tile = __shfl_sync(0xffffffff, next, 0) + int32_t(gridDim.x);
     }
     if constexpr (kGather) {
-      asm volatile("cp.async.wait_all;\n" ::: "memory");  // the thread's last copies have landed
+      wait_for_copies();
     }
     if (is_leader) {
       pipeline.producer_tail(write_state);
@@ -444,13 +444,10 @@ class Sm90MoeWgradKernel {
           address ^= ((address >> 7) & 7u) << 4;  // TMA's 128-byte swizzle
           bool const reads = sources[i] >= 0 && col < params.gather.cols;
           ElementIn const* const from = reads ? source + int64_t(sources[i]) * params.gather.ld + col : source;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(from),
-                       "r"(reads ? 16 : 0)
-                       : "memory");
+          copy_16_bytes_or_zeros(address, from, reads);
         }
       }
-      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(cute::cast_smem_ptr_to_uint(barrier))
-                   : "memory");
+      arrive_when_copies_land(barrier);
       other_loads(barrier, int(state.index()), k);
       ++state;
     }
@@ -467,7 +464,7 @@ class Sm90MoeWgradKernel {
     while (true) {
       WgradWorkTile const work = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
       if (!work.valid) {
-        asm volatile("cp.async.wait_all;\n" ::: "memory");  // the thread's last copies have landed
+        wait_for_copies();
         return;
       }
       int const k_tiles = skipped(params, work) ? 0 : k_blocks(work);

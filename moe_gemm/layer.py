@@ -407,7 +407,9 @@ class _ExpertsFunction(torch.autograd.Function):
             token_of_row = pair_of_row // max(top_k, 1)
         names = {"x_name": "hidden", "weight_name": "gate_up_proj"}
         up_columns = gate_up_proj.shape[2] if weight_transposed else gate_up_proj.shape[1]
-        if _ops.gather_in_gemm(token_of_row.shape[0], num_experts, up_columns):
+        # The gathering kernel reads hidden in place, so hidden must have the layout the kernels take (a copy has).
+        gather = _validation.kernel_layout_problem(hidden) is None
+        if gather and _ops.gather_in_gemm(token_of_row.shape[0], num_experts, up_columns):
             # The GEMM reads hidden[token_of_row] in place: no [T * k, H] copy.
             gate_up, gate_up_read, gate_up_flag = _expert_gemm(
                 hidden, gate_up_proj, m_sizes, weight_transposed, gather_rows=token_of_row, **names
@@ -792,8 +794,9 @@ class MoE(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The router's weight has the layer's dtype even when the experts are swapped for FP8 ones (MoEExpertsFP8).
-        _check_module_input(self, hidden, self.router.weight)
+        # FP8 experts (MoEExpertsFP8) take hidden in the router's dtype, the layer's.
+        weight = self.experts.gate_up_proj
+        _check_module_input(self, hidden, self.router.weight if weight.dtype == torch.float8_e4m3fn else weight)
         hidden_size = self.experts.hidden_size
         if hidden.dim() == 0 or hidden.shape[-1] != hidden_size:
             raise ValueError(

@@ -11,11 +11,12 @@ scale per row and 128 columns, as transformers' "dynamic" activation scheme does
 4. the activation is quantized per row and 128 columns for the down GEMM;
 5. each token's rows are summed with their routing weights in float32, in slot order (``combine_pairs``).
 
-E.g. DeepSeek-V3 (H = 7168, I = 2048, top-8): the up GEMM reads 7168 / 128 = 56 scales per row and 16 x 56 per
+E.g. DeepSeek-V3 (H = 7168, I = 2048, top-8): the up GEMM reads 7168 / 128 = 56 scales per row and 32 x 56 per
 expert's gate/up block grid. No backward: FP8 training is not supported, and inputs that require gradients under
 grad mode raise.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -99,6 +100,12 @@ def experts_forward_fp8(
     return combine_pairs(y_sorted, row_of_pair, valid_pairs(top_k_index, num_experts), top_k_weights)
 
 
+def _gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` of ``[gate; up]`` halves: a callable activation of ``MoEExperts``, without the module."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
 def _describe(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -112,7 +119,7 @@ def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.is_floating_point():
         raise ValueError(f"weight: expected a 3-D float tensor [E, N, K], got {_describe(weight)}")
     num_experts, n, k = weight.shape
-    blocks_n, blocks_k = -(-n // _validation.FP8_GROUP), -(-k // _validation.FP8_GROUP)
+    blocks_n, blocks_k = _validation.fp8_groups(n), _validation.fp8_groups(k)
     padded = torch.nn.functional.pad(weight.detach().float(), (0, blocks_k * 128 - k, 0, blocks_n * 128 - n))
     blocks = padded.view(num_experts, blocks_n, 128, blocks_k, 128)
     scale = (blocks.abs().amax(dim=(2, 4)) / _ops.FP8_MAX).clamp_min(_ops.FP8_MIN_SCALE)
@@ -148,7 +155,8 @@ class MoEExpertsFP8(nn.Module):
             raise ValueError("MoEExpertsFP8.from_experts: experts with biases are not supported in FP8 yet")
         gate_up, gate_up_scale = quantize_fp8_weight(experts.gate_up_proj)
         down, down_scale = quantize_fp8_weight(experts.down_proj)
-        return cls(gate_up, gate_up_scale, down, down_scale, act=experts._layer_act())
+        act = experts.act if isinstance(experts.act, str) else functools.partial(_gated, experts.act)
+        return cls(gate_up, gate_up_scale, down, down_scale, act=act)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return experts_forward_fp8(

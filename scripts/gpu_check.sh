@@ -100,7 +100,7 @@ if [ "${MOE_GEMM_SANITIZE:-0}" = 1 ]; then
   step "compute-sanitizer memcheck on the GPU tests"
   # Everything but the slow cases (the 4 GB input, torch.compile, the scaled suite): the same kernels and edges.
   compute-sanitizer --tool memcheck --error-exitcode 1 $python -m pytest -q -x tests/test_cuda_kernel.py \
-    tests/test_cuda_wgrad.py tests/test_cuda_wgrad_gather.py tests/test_decode.py -k "not beyond_2_pow_31 and not compile and not suite_shapes" \
+    tests/test_cuda_gather.py tests/test_cuda_wgrad.py tests/test_cuda_wgrad_gather.py tests/test_decode.py -k "not beyond_2_pow_31 and not compile and not suite_shapes" \
     >"$out/sanitizer.log" 2>&1 && echo "memcheck clean" | tee -a "$log" ||
     { tail -30 "$out/sanitizer.log" | tee -a "$log"; status=1; }
 fi

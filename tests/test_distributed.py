@@ -358,8 +358,8 @@ def test_construction_needs_an_initialised_process_group():
 
 def test_ep_benchmark_measures_every_transport_on_every_rank(ranks_results):
     # `python -m moe_gemm.bench --ep` inside the ranks (gloo): every rank measured and returned 0; rank 0 wrote one
-    # dispatch and one combine row per transport, and a layer row whose output matches the first transport's (itself,
-    # with one transport).
+    # dispatch and one combine row per transport, and a layer row whose output matches experts_forward over the whole
+    # layer (bf16: within rounding, not bitwise, the GEMMs' rows grouped otherwise).
     world_size, results = ranks_results
     assert [result["bench_status"] for result in results] == [0] * world_size
     report = results[0]["bench_json"]
@@ -377,5 +377,5 @@ def test_ep_benchmark_measures_every_transport_on_every_rank(ranks_results):
         else:
             assert 0 < row["ep_mb"] <= world_size * 5 * 3 * row_mb
     (layer,) = report["layer_rows"]
-    assert layer["check"] == "ok" and layer["rel_error"] == 0
+    assert layer["check"] == "ok" and 0 <= layer["rel_error"] < 1e-2
     assert layer["fwd_tflops"] > 0 and layer["fwd_bwd_tflops"] > 0

@@ -447,3 +447,20 @@ def test_up_projection_gathers_its_rows_when_the_rule_says_so(num_tokens, expect
         inputs["hidden"], inputs["top_k_index"], inputs["top_k_weights"], inputs["gate_up_proj"], inputs["down_proj"]
     )
     assert_close_to_reference(out, expected)
+
+
+def test_up_projection_copies_a_hidden_the_kernels_cannot_read_in_place(monkeypatch):
+    # Every other column of a wider tensor: the gathering kernel needs rows of unit stride, so the rows are copied.
+    monkeypatch.setattr(_ops, "GATHER_MIN_ROWS_PER_EXPERT", 1)
+    inputs, options = make_experts_problem(96, 4, 2, sentinels=0.1)
+    strided = torch.stack([inputs["hidden"], torch.full_like(inputs["hidden"], float("nan"))], dim=2).flatten(1)[:, ::2]
+    assert torch.equal(strided, inputs["hidden"]) and not strided.is_contiguous()
+    names = []
+    gemm_op = _ops.gemm_op
+    monkeypatch.setattr(_ops, "gemm_op", lambda name, device: names.append(name) or gemm_op(name, device))
+    out = moe_gemm.experts_forward(**(inputs | {"hidden": strided}), **options)
+    assert "grouped_mm_gather" not in names
+    expected = experts_forward_reference(
+        inputs["hidden"], inputs["top_k_index"], inputs["top_k_weights"], inputs["gate_up_proj"], inputs["down_proj"]
+    )
+    assert_close_to_reference(out, expected)

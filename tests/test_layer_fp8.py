@@ -198,3 +198,43 @@ def test_compiles_whole_and_computes_the_same():
     arguments = (inputs["hidden"].to(torch.bfloat16), inputs["top_k_index"], inputs["top_k_weights"])
     compiled = torch.compile(experts_forward_fp8, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*arguments, **fp8), experts_forward_fp8(*arguments, **fp8))
+
+
+def test_fp8_experts_of_a_callable_activation_keep_the_activation_not_the_bf16_module():
+    import gc
+    import weakref
+
+    torch.manual_seed(1)
+    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=128, intermediate_size=64, act=torch.nn.SiLU(),
+                                  dtype=torch.bfloat16)  # fmt: skip
+    hidden = torch.randn(10, 128, dtype=torch.bfloat16)
+    ids, weights = torch.randint(0, 4, (10, 2)), torch.rand(10, 2)
+    with torch.no_grad():
+        exact = experts(hidden, ids, weights)
+    fp8_experts = moe_gemm.MoEExpertsFP8.from_experts(experts)
+    module = weakref.ref(experts)
+    del experts
+    gc.collect()
+    assert module() is None  # its bf16 weights are freed
+    with torch.no_grad():
+        out = fp8_experts(hidden, ids, weights)
+    assert 1e-3 < relative_error(out.double(), exact.double()) < 0.1
+
+
+def test_transformers_fp8_experts_without_blocks_are_refused():
+    try:
+        from transformers import Qwen3MoeConfig
+        from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError as error:
+        pytest.skip(f"this transformers has no fine-grained FP8 experts interface: {error}")
+    from moe_gemm.integrations import transformers as integration
+
+    integration.register()
+    config = Qwen3MoeConfig(hidden_size=128, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "moe_gemm"
+    cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS,
+                                     has_bias=False, has_gate=True)  # fmt: skip
+    module = cls(config=config, block_size=None)
+    with pytest.raises(NotImplementedError, match="128 x 128 weight blocks"):
+        module(torch.randn(3, 128, dtype=torch.bfloat16), torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))

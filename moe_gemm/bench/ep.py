@@ -18,9 +18,9 @@ and DeepSeek-V3), with its hidden size d, E experts and top_k K:
   with T this rank's tokens; ``bench/layer.py``), the forward timed as in training (autograd recording).
 
 Times: each step is run by every rank together, after a barrier, synchronised with the device before and after, and
-timed on the host (``timed_ms``); the table shows the median of the slowest rank. The first transport's layer output
-is the reference of the others (relative Frobenius error at most ``MAX_REL_ERROR``); with one rank, it is checked
-against ``experts_forward`` on the same weights. Only rank 0 prints and writes the JSON.
+timed on the host (``timed_ms``); the table shows the median of the slowest rank. Each transport's layer output is
+checked against ``experts_forward`` over the whole layer's weights (built on every rank from one seed) on the rank's
+tokens (relative Frobenius error at most ``MAX_REL_ERROR``). Only rank 0 prints and writes the JSON.
 
 On CPU (gloo) it runs too, for a smoke test of the harness; its figures say nothing about GPUs.
 """
@@ -127,15 +127,16 @@ def measure_layer(name: str, config: dict, tokens: int, setup: dict) -> list[dic
     ids = uniform_routing(tokens, config["E"], config["K"], device, generator)
     weights = torch.rand(tokens, config["K"], device=device, generator=generator).requires_grad_()
     grad_out = torch.randn(tokens, config["d"], device=device, dtype=dtype, generator=generator)
-    torch.manual_seed(setup["seed"])  # the same weights for every transport
-    experts = ExpertParallelExperts(**sizes, device=device, dtype=dtype)
-    reference = None
-    if setup["world"] == 1:
-        with torch.no_grad():
-            reference = moe_gemm.experts_forward(hidden, ids, weights, experts.gate_up_proj, experts.down_proj)
+    # The whole layer, the same on every rank (one seed): each transport's module keeps this rank's slice of it, and
+    # its output on this rank's tokens is checked against experts_forward over all the experts.
+    torch.manual_seed(setup["seed"])
+    whole = moe_gemm.MoEExperts(**sizes, device=device, dtype=dtype)
+    with torch.no_grad():
+        reference = moe_gemm.experts_forward(hidden, ids, weights, whole.gate_up_proj, whole.down_proj)
+    layers = {name: ExpertParallelExperts.from_experts(whole, transport=name) for name in TRANSPORTS}
+    del whole
     rows = []
-    for transport_name in TRANSPORTS:
-        layer = ExpertParallelExperts.from_experts(experts, transport=transport_name) if rows else experts
+    for transport_name, layer in layers.items():
 
         def step():
             layer.zero_grad(set_to_none=True)
@@ -143,8 +144,6 @@ def measure_layer(name: str, config: dict, tokens: int, setup: dict) -> list[dic
             layer(hidden, ids, weights).backward(grad_out)
 
         out = layer(hidden, ids, weights).detach()
-        if reference is None:
-            reference = out
         error = (out.float() - reference.float()).norm().item() / max(reference.float().norm().item(), 1e-30)
         row = {"config": name, "transport": transport_name, "world": setup["world"], "tokens": tokens,
                "rel_error": error, "check": "ok" if error <= MAX_REL_ERROR else "FAIL"}  # fmt: skip

@@ -26,6 +26,7 @@ from moe_gemm import _ops
 from moe_gemm.bench import report, timing
 from moe_gemm.bench.suite import MAX_REL_ERROR, floor_ms, gemm_cost
 from moe_gemm.layer_fp8 import quantize_fp8_weight
+from moe_gemm.reference import dequantize_fp8_reference
 
 TABLE = ("model", "tokens", "gemm", "M", "N", "K", "active", "fp8_ms", "fp8_tflops", "fp8_x_floor", "scaled_gmm_ms",
          "fp8_speedup", "bf16_ms", "x_bf16", "rel_error", "check")  # fmt: skip
@@ -41,22 +42,23 @@ def measure_fp8_ceiling() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def rowwise(values: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values`` in float8_e4m3fn with one float32 scale per slice along ``dim`` (amax / 448, floored)."""
-    scale = (values.float().abs().amax(dim=dim, keepdim=True) / _ops.FP8_MAX).clamp_min(_ops.FP8_MIN_SCALE)
-    return (values.float() / scale).clamp(-_ops.FP8_MAX, _ops.FP8_MAX).to(torch.float8_e4m3fn), scale.squeeze(dim)
+def rowwise(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values [..., K]`` in float8_e4m3fn with one float32 scale per row of K (``quantize_fp8(group=None)``)."""
+    quantized, scale = moe_gemm.quantize_fp8(values.reshape(-1, values.shape[-1]), group=None)
+    return quantized.view(values.shape), scale.view(values.shape[:-1])
 
 
 def check_fp8(out: torch.Tensor, x_fp8, x_scale, w_fp8, w_scale, host_counts: list[int]) -> tuple[float, str | None]:
-    """(relative Frobenius error of ``out`` against the float32 product of the dequantized operands, problem)."""
+    """(relative Frobenius error of ``out`` against the float32 product of the operands dequantized by
+    ``reference.dequantize_fp8_reference``, apart from the op's own path, problem)."""
     if not torch.isfinite(out).all():
         return math.nan, "NaN or Inf in the output"
-    x = _ops.dequantize_fp8(x_fp8, x_scale, 1)
+    x = dequantize_fp8_reference(x_fp8, x_scale, dtype=torch.float32)
     ref = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     start = 0
     for expert, count in enumerate(host_counts):
         if count:
-            weight = _ops.dequantize_fp8(w_fp8[expert], w_scale[expert], 128)
+            weight = dequantize_fp8_reference(w_fp8[expert], w_scale[expert], block_rows=128, dtype=torch.float32)
             ref[start : start + count] = x[start : start + count] @ weight.t()
         start += count
     error = torch.linalg.vector_norm(out.float() - ref).item() / max(torch.linalg.vector_norm(ref).item(), 1e-30)
@@ -87,8 +89,8 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
         problem = f"moe_gemm FP8 failed: {report.error_line(error)}"
     weight_bf16 = weight.to(torch.bfloat16)
     timed["bf16_ms"] = lambda: torch.ops.moe_gemm.grouped_mm.default(x, weight_bf16, m_sizes, False)
-    x_row, x_row_scale = rowwise(x, 1)
-    w_row, w_row_scale = rowwise(weight, 2)
+    x_row, x_row_scale = rowwise(x)
+    w_row, w_row_scale = rowwise(weight)
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
 
     def scaled_grouped_mm():

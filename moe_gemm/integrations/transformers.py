@@ -16,6 +16,7 @@ weights: ``has_gate`` (``gate_up_proj``, else ``up_proj``), ``has_bias`` (``*_pr
 
 import torch
 
+from moe_gemm._validation import fp8_groups
 from moe_gemm.layer import activation_name, experts_forward
 from moe_gemm.layer_fp8 import experts_forward_fp8
 
@@ -66,18 +67,19 @@ def moe_gemm_fp8_experts_forward(
     """The experts interface for transformers' ``FP8Experts`` (fine-grained FP8): ``experts_forward_fp8`` on its fp8
     weights and their ``*_scale_inv``, the activations quantized per row and 128 columns (its "dynamic" scheme).
 
-    The scales are used as stored: 128 x 128 blocks (a gate/up grid that transformers pads to two block rows for a
-    narrow ``2I`` is cut back to ``ceil(2I / 128)``), UE8M0 ones converted to float32 exactly; ``block_size`` None
-    (one scale per expert) becomes one per output channel.
+    The scales are used as stored: 128 x 128 blocks (a gate/up grid that transformers pads to two block rows when
+    ``2I <= 128`` is cut back to ``ceil(2I / 128)``), UE8M0 ones converted to float32 exactly. Other block sizes, and
+    none (one scale per expert), raise NotImplementedError.
     """
     if getattr(self, "activation_scheme", "dynamic") != "dynamic":
         raise NotImplementedError("experts_implementation='moe_gemm' runs FP8 experts with activation_scheme='dynamic'")
-    if self.block_size is not None and tuple(self.block_size) != (128, 128):
+    if self.block_size is None or tuple(self.block_size) != (128, 128):
         raise NotImplementedError(
             f"experts_implementation='moe_gemm' runs FP8 experts with 128 x 128 weight blocks, got {self.block_size}"
         )
     prefix = "gate_up_proj" if self.has_gate else "up_proj"
-    scales = [_fp8_weight_scale(getattr(self, name), getattr(self, f"{name}_scale_inv"), self.block_size)
+    # Block scales [E, ceil(N / 128), ceil(K / 128)] in float32 (UE8M0 ones exactly), cut to the weight's N.
+    scales = [getattr(self, f"{name}_scale_inv").float()[:, : fp8_groups(getattr(self, name).shape[1])]
               for name in (prefix, "down_proj")]  # fmt: skip
     if not self.has_gate:
         act = self.act_fn
@@ -88,15 +90,6 @@ def moe_gemm_fp8_experts_forward(
     return experts_forward_fp8(
         hidden_states, top_k_index, top_k_weights, getattr(self, prefix), scales[0], self.down_proj, scales[1], act=act
     )
-
-
-def _fp8_weight_scale(weight: torch.Tensor, scale_inv: torch.Tensor, block_size) -> torch.Tensor:
-    """``grouped_forward_fp8``'s ``weight_scale`` for transformers' ``weight [E, N, K]`` and ``scale_inv``."""
-    scale = scale_inv.float()
-    num_experts, n = weight.shape[0], weight.shape[1]
-    if block_size is None:  # [E, 1, 1]: one per expert
-        return scale.reshape(num_experts, 1).expand(num_experts, n)
-    return scale[:, : -(-n // 128)]
 
 
 def register() -> None:
