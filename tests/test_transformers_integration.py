@@ -167,3 +167,31 @@ def test_experts_without_gate():
         config._experts_implementation = "moe_gemm"
         ours = experts(hidden, ids, weights)
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_expert_parallel_sentinels_add_nothing(name, monkeypatch):
+    # Under transformers' expert parallelism a rank's experts module gets ids of its own experts and the sentinel
+    # num_experts (with weight 0) for the slots whose expert lives elsewhere. moe_gemm gives those slots no
+    # contribution: the same as eager on the same call with the sentinel slots' experts dropped.
+    integration.register()
+    model = tiny_model(name)
+    experts = next(module for module in model.modules() if type(module).__name__.endswith("Experts"))
+    num_experts = experts.num_experts
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, TINY["hidden_size"], generator=generator)
+    ids = torch.rand(12, num_experts, generator=generator).argsort(dim=1)[:, :2]
+    weights = torch.rand(12, 2, generator=generator)
+    sentinel = torch.rand(12, 2, generator=generator) < 0.4
+    calls = []
+    experts_forward = integration.experts_forward
+    monkeypatch.setattr(integration, "experts_forward", lambda *a, **k: calls.append(1) or experts_forward(*a, **k))
+    with torch.no_grad():
+        experts.config._experts_implementation = "moe_gemm"
+        ours = experts(hidden, torch.where(sentinel, num_experts, ids), torch.where(sentinel, 0.0, weights))
+        assert calls  # moe_gemm ran
+        experts.config._experts_implementation = "eager"
+        # Eager on the same slots, the sentinel ones given weight 0 and a real expert in their place.
+        eager = experts(hidden, ids, torch.where(sentinel, 0.0, weights))
+    assert sentinel.any() and not sentinel.all()
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
