@@ -22,7 +22,7 @@ LAYERS = {
     "backward": {"report", "suite", "timing"},
     "decode": {"forward", "report", "suite", "timing"},
     "layer": {"report", "suite", "timing"},
-    "ep": {"layer", "report", "suite"},
+    "ep": {"layer", "report", "suite", "timing"},
     "fp8": {"report", "suite", "timing"},
     "__main__": {"backward", "decode", "ep", "forward", "fp8", "layer", "suite"},
 }

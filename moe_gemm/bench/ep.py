@@ -30,7 +30,6 @@ import datetime
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
@@ -38,7 +37,7 @@ import torch.distributed as dist
 
 import moe_gemm
 from moe_gemm import _ops
-from moe_gemm.bench import report
+from moe_gemm.bench import report, timing
 from moe_gemm.bench.layer import layer_flops, load_layer_configs
 from moe_gemm.bench.suite import MAX_REL_ERROR
 from moe_gemm.distributed import TRANSPORTS, ExpertParallelExperts, RankFlags
@@ -74,16 +73,10 @@ def timed_ms(fn: Callable[[], object], device: torch.device, warmup: int = WARMU
     """The median time of ``fn`` over ``reps`` runs (after ``warmup``), each started by every rank together, of the
     slowest rank: in ms."""
     times = []
-    for index in range(warmup + reps):
+    for _ in range(warmup + reps):
         dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+        times.append(timing.time_once_ms(fn, device))
+    times = times[warmup:]
     slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return slowest.item()
