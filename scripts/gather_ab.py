@@ -37,7 +37,7 @@ for name, (T, d, n, E, K) in CASES.items():
                               lambda: ops.grouped_mm(x_sorted, w, m_sizes, False), f128], 50, 400)
     print(f"{name:12s} {t[0]:9.3f} {t[1]:9.3f} {t[2]:9.3f} {t[3]:9.3f}  {t[0]/t[1]:6.3f}  {exact} rel {((a.float()-b.float()).norm()/a.float().norm()).item():.1e}")
 
-print(f"\nwgrad of the up-projection: grouped_mm_wgrad(x[rows]) with the copy against grouped_mm_wgrad_gather")
+print("\nwgrad of the up-projection: grouped_mm_wgrad(x[rows]) with the copy against grouped_mm_wgrad_gather")
 print(f"{'case':12s} {'copy+wgrad':>10s} {'gather':>9s} {'wgrad only':>10s}  ratio  exact")
 for name, (T, d, n, E, K) in CASES.items():
     h = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
