@@ -55,8 +55,14 @@ constexpr int packed_index(int chunk, int m, int store, int j) {
 // half j % 2, column group j / 2), the layout WGMMA leaves them in. The loops walk the WGMMA accumulator
 // layout: ((2 columns, 2 row halves, kTileN / 8 column groups), MMA_M, MMA_N), the whole tile width in one
 // instruction.
-template <int kTileN, int kEpiN, class ElementD, class Accumulators>
-CUTLASS_DEVICE void pack_tile(Accumulators const& accumulators, PackedTile<ElementD, Accumulators>& packed) {
+// The identity of pack_tile's `scale`: (row half, column group, column in the pair, row block) -> factor.
+struct Unscaled {
+  CUTLASS_DEVICE float operator()(int, int, int, int) const { return 1.0f; }
+};
+
+template <int kTileN, int kEpiN, class ElementD, class Accumulators, class Scale = Unscaled>
+CUTLASS_DEVICE void pack_tile(Accumulators const& accumulators, PackedTile<ElementD, Accumulators>& packed,
+                              Scale const& scale = {}) {
   using namespace cute;
   static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
                 size<0, 2>(Accumulators{}) == kTileN / 8 && size<2>(Accumulators{}) == 1);
@@ -73,8 +79,8 @@ CUTLASS_DEVICE void pack_tile(Accumulators const& accumulators, PackedTile<Eleme
         for (int j = 0; j < 4; ++j) {
           int const group = chunk * (kEpiN / 8) + 2 * store + j / 2;
           cutlass::Array<float, 2> values;
-          values[0] = accumulators(make_coord(make_coord(0, j % 2, group), m, 0));
-          values[1] = accumulators(make_coord(make_coord(1, j % 2, group), m, 0));
+          values[0] = accumulators(make_coord(make_coord(0, j % 2, group), m, 0)) * scale(j % 2, group, 0, m);
+          values[1] = accumulators(make_coord(make_coord(1, j % 2, group), m, 0)) * scale(j % 2, group, 1, m);
           cutlass::Array<ElementD, 2> const pair = convert(values);
           packed.regs[packed_index<kEpiN, kRowBlocks>(chunk, m, store, j)] = reinterpret_cast<uint32_t const&>(pair);
         }
@@ -152,8 +158,9 @@ class PendingTile {
  public:
   static constexpr int kChunks = kTileN / kEpiN;
 
-  CUTLASS_DEVICE void hold(Accumulators const& accumulators, Target const& target) {
-    pack_tile<kTileN, kEpiN>(accumulators, packed_);
+  template <class Scale = Unscaled>
+  CUTLASS_DEVICE void hold(Accumulators const& accumulators, Target const& target, Scale const& scale = {}) {
+    pack_tile<kTileN, kEpiN>(accumulators, packed_, scale);
     target_ = target;
   }
 

@@ -116,8 +116,19 @@ constexpr bool token_rows_are_contiguous() {
   return true;
 }
 
+// kRowwiseScales: FP8 operands with one float32 scale per row of A (x_scale [M]) and per output column of each
+// expert's weight (w_scale [E, N]); the accumulators are multiplied by both before the store (D = x_scale[r] *
+// w_scale[e, c] * sum_k a[r, k] b[c, k]), since the scales do not vary along K.
+template <bool kEnabled>
+struct RowwiseScales {
+  float const* x_scale;  // [M]
+  float const* w_scale;  // [E, N]
+};
+template <>
+struct RowwiseScales<false> {};
+
 template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false,
-          bool kGatherA_ = false>
+          bool kGatherA_ = false, bool kRowwiseScales_ = false>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -205,6 +216,9 @@ class Sm90MoeGemmKernel {
   static_assert(!kGatherA || (kClusterSize == 1 && !kSwapAB && kTileM == int(cutlass::NumThreadsPerWarpGroup)),
                 "gathered rows: cooperative 128-row tiles without clusters");
   using GatherParams = GatheredTokenRows<kGatherA>;
+  static constexpr bool kRowwiseScales = kRowwiseScales_;
+  static_assert(!kRowwiseScales || (!kSplitK && !kSwapAB && !kGatherA && sizeof(ElementD) == 2),
+                "rowwise FP8 scales: plain tiles of a 16-bit output (scaled while packed, PendingTile)");
   // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
   static constexpr uint32_t kTileSlotReaders =
       kNumConsumerThreads + (kGatherA ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
@@ -269,6 +283,7 @@ class Sm90MoeGemmKernel {
     int* tile_arrivals;    // [tile slots] splits done per tile, zeroed before the launch
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
     GatherParams gather;   // kGatherA only
+    RowwiseScales<kRowwiseScales> scales;
   };
 
   // The host's side of a launch, in plain values: the call's tensors and the plan's choices. The kernel
@@ -294,6 +309,9 @@ class Sm90MoeGemmKernel {
     // gather_source_rows rows instead of M.
     int64_t const* gather_rows;    // [M], device memory
     int64_t gather_source_rows;
+    // kRowwiseScales: x_scale [M] and w_scale [E, N], float32, device memory.
+    float const* x_scale = nullptr;
+    float const* w_scale = nullptr;
   };
 
   // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
@@ -346,6 +364,9 @@ class Sm90MoeGemmKernel {
             detail::encode_ragged<ElementD>(&params.tma_store_d, args.d, N, args.ldd, kEpiN, kStoreRows);
         status != cudaSuccess) {
       return status;
+    }
+    if constexpr (kRowwiseScales) {
+      params.scales = {args.x_scale, args.w_scale};
     }
     if constexpr (kGatherA) {
       params.gather = {args.tokens, args.ld_tokens, args.gather_source_rows, args.gather_rows};
@@ -803,7 +824,15 @@ class Sm90MoeGemmKernel {
         // tiles, but has no output; nor has a warpgroup whose rows are all past the expert.)
         StoreTarget const target{int32_t(work.row_start) + work.m_block * kTileM, work.rows - work.m_block * kTileM,
                                  work.n_block * kTileN, true};
-        if (kDeferStore && k_blocks.count >= kChunks) {
+        if constexpr (kRowwiseScales) {
+          // Scaled while packed, so that the accumulators and the held tile's registers are not all live with the
+          // scales (scaling the accumulators first spilled 304 bytes at 128x256); a tile of too few k-blocks to
+          // hide its stores under the next one's MMAs is stored at once.
+          pending.hold(accumulators, target, RowwiseScaleOf(params, work, tiled_mma, mma_thread_idx));
+          if (k_blocks.count < kChunks) {
+            store_pending(0, kChunks);
+          }
+        } else if (kDeferStore && k_blocks.count >= kChunks) {
           pending.hold(accumulators, target);
         } else {
           // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs (deferring
@@ -820,6 +849,32 @@ class Sm90MoeGemmKernel {
       tma_store_wait<0>();
     }
   }
+
+  // kRowwiseScales, as pack_tile's scale: the factor of accumulator (pair element c, row half h, column group g) of
+  // row block m (one 64-row block per warpgroup here).
+  struct RowwiseScaleOf {
+    float row_scale[2];
+    float const* w_scale;  // the expert's, at this thread's first column
+    int32_t last_col;      // columns from w_scale on that exist (clamped: those past N are not stored)
+    CUTLASS_DEVICE RowwiseScaleOf(Params const& params, MoeWorkTile const& work, TiledMma const& tiled_mma,
+                                  int mma_thread_idx) {
+      using namespace cute;
+      Tensor coords =
+          tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
+      int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
+      int32_t const last_row = work.rows - work.m_block * kTileM - 1;
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        row_scale[h] = __ldg(params.scales.x_scale + row0 + cute::min(int32_t(get<0>(coords(2 * h))), last_row));
+      }
+      int32_t const col = work.n_block * kTileN + int32_t(get<1>(coords(0)));
+      w_scale = params.scales.w_scale + int64_t(work.expert) * params.N + col;
+      last_col = params.N - 1 - col;
+    }
+    CUTLASS_DEVICE float operator()(int h, int group, int c, int) const {
+      return row_scale[h] * __ldg(w_scale + cute::min(8 * group + c, last_col));
+    }
+  };
 
   // Cooperative tiles: warpgroup w multiplies rows [64 w, 64 w + 64) of the tile. When none of them
   // belongs to the expert (its last m-block has at most 64 rows, or a cluster CTA is past it), the

@@ -1,0 +1,61 @@
+// EXPERIMENT (wip/fp8-rowwise, not yet called by the extension, never run): the forward kernel on FP8 operands
+// with rowwise scales (x_scale [M], w_scale [E, N]) applied before the store, bf16 output. K-major operands only
+// (8-bit WGMMA reads K-major shared memory): [E, N, K] weights. 128-byte k-blocks: 128 e4m3 columns.
+// Compiled with nvcc 13.0 (2026-12-02). The scales are applied while the tile is packed to 16 bits (pack_tile's
+// scale), which leaves 8 bytes of spill at 128x256 as in the bf16 kernels; scaling the accumulators first spilled
+// 304. Host side (moe_gemm.cpp entry, torch binding, Python router), the generator and the blockwise form:
+// wip/fp8-kernel-plan.md.
+#pragma once
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+
+#include "moe_gemm.h"
+#include "sm90_moe_gemm_kernel.hpp"
+#include "sm90_moe_gemm_launch.cuh"
+#include "sm90_persistent_launch.cuh"
+
+namespace moe_gemm {
+
+template <TileConfig kConfig>
+struct Sm90MoeFp8GemmConfig {
+  static_assert(!TileTraits<kConfig>::kSwapAB, "FP8: the token tiles, not the swapped decode ones");
+  using ElementIn = cutlass::float_e4m3_t;
+  using ElementD = cutlass::bfloat16_t;
+  using TileShape = cute::Shape<cute::Int<TileTraits<kConfig>::kInfo.tile_m>, cute::Int<TileTraits<kConfig>::kInfo.tile_n>,
+                                cute::_128>;
+  using ClusterShape = typename TileTraits<kConfig>::ClusterShape;
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
+      ElementIn, cutlass::layout::RowMajor, 16,
+      ElementIn, cutlass::layout::ColumnMajor, 16,
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<ElementD>(cute::size<0>(TileShape{}))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>::CollectiveOp;
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, ElementD, false, false, false, true>;
+};
+
+// p.a: fp8 [M, K] rows; p.b: fp8 [E, N, K]; p.d: bf16 [M, N]; x_scale [M], w_scale [E, N] float32.
+template <TileConfig kConfig>
+cudaError_t run_sm90_moe_gemm_fp8_rowwise(GroupedGemmParams const& p, float const* x_scale, float const* w_scale,
+                                          GroupedGemmPlan const& plan, cudaStream_t stream) {
+  using Kernel = typename Sm90MoeFp8GemmConfig<kConfig>::Kernel;
+  typename Kernel::Arguments const args{p.a, p.lda, p.b, p.ldb, p.batch_stride_b, p.d, p.ldd, p.m_sizes,
+                                        p.m_sizes_int64, p.M, int32_t(p.N), int32_t(p.K), p.E,
+                                        TileTraits<kConfig>::kGroupM, 1, plan.dynamic_schedule, p.workspace,
+                                        plan.workspace, nullptr, 0, x_scale, w_scale};
+  typename Kernel::Params params{};
+  if (cudaError_t status = Kernel::to_underlying_arguments(args, params); status != cudaSuccess) {
+    return status;
+  }
+  return launch_persistent<Kernel>(params, plan.max_units, plan.sm_count, stream);
+}
+
+}  // namespace moe_gemm
+
+#define MOE_GEMM_INSTANTIATE_FP8_ROWWISE(CONFIG)                                                         \
+  template cudaError_t moe_gemm::run_sm90_moe_gemm_fp8_rowwise<moe_gemm::TileConfig::CONFIG>(             \
+      moe_gemm::GroupedGemmParams const&, float const*, float const*, moe_gemm::GroupedGemmPlan const&, \
+      cudaStream_t);
