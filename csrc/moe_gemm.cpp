@@ -248,6 +248,60 @@ cudaError_t run_config(GroupedGemmParams const& params, GroupedGemmPlan const& p
 
 }  // namespace
 
+template <TileConfig kConfig>
+cudaError_t run_sm90_moe_gemm_fp8_rowwise(GroupedGemmParams const& params, float const* x_scale, float const* w_scale,
+                                          GroupedGemmPlan const& plan, cudaStream_t stream);
+
+GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& p, PlanOverride const& override) {
+  // The configurations with an FP8 kernel: 128x256 where the heuristic takes a 256-wide tile, else 128x128.
+  PlanOverride fp8 = override;
+  TileConfig const wanted = override.config != TileConfig::kAuto ? override.config : choose_tile_config(p.M, p.N, p.E);
+  fp8.config = tile_config_info(wanted).tile_n == 256 && !tile_config_info(wanted).swap_ab ? TileConfig::k128x256
+                                                                                           : TileConfig::k128x128;
+  fp8.split_k = 1;
+  return plan_grouped_gemm(p, fp8);
+}
+
+char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, GroupedGemmPlan const& plan) {
+  if (p.dtype != DType::kBFloat16) {
+    return "the FP8 kernel writes bfloat16";
+  }
+  if (p.b_n_major || p.gather_rows != nullptr) {
+    return "the FP8 kernel takes K-major [E, N, K] weights and no gather";
+  }
+  if (p.K % 16 != 0 || p.N % 16 != 0 || p.lda % 16 != 0 || p.ldb % 16 != 0 || p.batch_stride_b % 16 != 0) {
+    return "the FP8 kernel needs N, K and the operands' row and expert strides in multiples of 16 (16-byte rows)";
+  }
+  if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x256 && plan.config != TileConfig::k128x128) {
+    return "the FP8 kernel has 128x256 and 128x128 tiles";
+  }
+  if (plan.split_k > 1) {
+    return "the FP8 kernel does not split K";
+  }
+  return check_grouped_gemm(p);
+}
+
+cudaError_t run_grouped_gemm_fp8_rowwise(GroupedGemmParams const& params, float const* x_scale, float const* w_scale,
+                                         GroupedGemmPlan const& plan, cudaStream_t stream) {
+  if (check_grouped_gemm_fp8(params, plan) != nullptr || (params.M > 0 && x_scale == nullptr) ||
+      (params.E > 0 && w_scale == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (params.M == 0 || params.N == 0) {
+    return cudaSuccess;
+  }
+  if (params.K == 0 || params.E == 0) {
+    return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);
+  }
+  if (cudaError_t status = prepare_launch(plan.workspace, params.workspace, stream); status != cudaSuccess) {
+    return status;
+  }
+  if (plan.config == TileConfig::k128x256) {
+    return run_sm90_moe_gemm_fp8_rowwise<TileConfig::k128x256>(params, x_scale, w_scale, plan, stream);
+  }
+  return run_sm90_moe_gemm_fp8_rowwise<TileConfig::k128x128>(params, x_scale, w_scale, plan, stream);
+}
+
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {
   if (check_grouped_gemm(params) != nullptr || check_grouped_gemm_plan(params, plan) != nullptr) {
     return cudaErrorInvalidValue;

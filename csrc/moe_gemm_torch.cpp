@@ -123,6 +123,63 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
   return out;
 }
 
+// EXPERIMENT (wip/fp8-rowwise): y = (x * x_scale[:, None]) @ (W[e] * w_scale[e][:, None]).T per expert, bf16, for
+// float8_e4m3fn x [M, K] and weight [E, N, K] (K-major), x_scale float32 [M], w_scale float32 [E, N]. The Python
+// router (moe_gemm/_ops.py) sends only these cases here; the checks below say what else is refused.
+at::Tensor grouped_mm_fp8_rowwise_cuda(at::Tensor const& x, at::Tensor const& x_scale, at::Tensor const& weight,
+                                       at::Tensor const& w_scale, at::Tensor const& m_sizes) {
+  char const* op = "moe_gemm._grouped_mm_fp8_rowwise";
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && m_sizes.dim() == 1, op, ": x [M, K], weight [E, N, K], m_sizes [E]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat8_e4m3fn && weight.scalar_type() == at::kFloat8_e4m3fn, op,
+              ": x and weight must be float8_e4m3fn");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat, op,
+              ": the scales must be float32");
+  int64_t const M = x.size(0), K = x.size(1), E = weight.size(0), N = weight.size(1);
+  TORCH_CHECK(weight.size(2) == K && m_sizes.numel() == E, op, ": x [M, K], weight [E, N, K], m_sizes [E] disagree");
+  TORCH_CHECK(x_scale.dim() == 1 && x_scale.numel() == M && x_scale.is_contiguous(), op,
+              ": x_scale must be a contiguous [M]");
+  TORCH_CHECK(w_scale.dim() == 2 && w_scale.size(0) == E && w_scale.size(1) == N && w_scale.is_contiguous(), op,
+              ": w_scale must be a contiguous [E, N]");
+  TORCH_CHECK(x.is_cuda() && weight.device() == x.device() && m_sizes.device() == x.device() &&
+                  x_scale.device() == x.device() && w_scale.device() == x.device(),
+              op, ": all tensors must be on the same CUDA device");
+  TORCH_CHECK(m_sizes.scalar_type() == at::kInt || m_sizes.scalar_type() == at::kLong, op,
+              ": m_sizes must be int32 or int64");
+  TORCH_CHECK((M == 0 || x.stride(1) == 1) && (weight.numel() == 0 || weight.stride(2) == 1) &&
+                  (m_sizes.numel() <= 1 || m_sizes.stride(0) == 1),
+              op, ": x, weight and m_sizes must have inner stride 1");
+  moe_gemm::check_sm90(x.device(), op);
+
+  c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kBFloat16));
+  if (out.numel() == 0) {
+    return out;
+  }
+  moe_gemm::GroupedGemmParams params;
+  set_common_fields(params, out, m_sizes, at::kBFloat16, op);
+  params.a = x.data_ptr();
+  params.lda = x.stride(0);
+  params.b = weight.data_ptr();
+  params.ldb = weight.stride(1);
+  params.batch_stride_b = weight.stride(0);
+  params.ldd = out.stride(0);
+  params.M = M;
+  params.N = N;
+  params.K = K;
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm_fp8(params, current_plan_override());
+  char const* problem = moe_gemm::check_grouped_gemm_fp8(params, plan);
+  TORCH_CHECK(problem == nullptr, op, ": ", problem);
+  float const* xs = x_scale.data_ptr<float>();
+  float const* ws = w_scale.data_ptr<float>();
+  run_planned(
+      params, plan,
+      [xs, ws](moe_gemm::GroupedGemmParams const& p, moe_gemm::GroupedGemmPlan const& pl, cudaStream_t stream) {
+        return moe_gemm::run_grouped_gemm_fp8_rowwise(p, xs, ws, pl, stream);
+      },
+      x.options(), op);
+  return out;
+}
+
 at::Tensor grouped_mm_cuda(at::Tensor const& x, at::Tensor const& weight, at::Tensor const& m_sizes,
                            bool weight_transposed) {
   return grouped_mm_cuda_impl(x, nullptr, weight, m_sizes, weight_transposed, "moe_gemm.grouped_mm");
@@ -264,6 +321,7 @@ void grouped_mm_wgrad_accumulate_cuda(at::Tensor main_grad, at::Tensor const& x,
 
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
+  m.impl("_grouped_mm_fp8_rowwise", &grouped_mm_fp8_rowwise_cuda);
   m.impl("grouped_mm_gather", &grouped_mm_gather_cuda);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
   m.impl("grouped_mm_wgrad_gather", &grouped_mm_wgrad_gather_cuda);
