@@ -47,7 +47,7 @@ def main() -> None:
             path = out_dir / f"sm90_moe_gemm_{dtype}_{layout}_{tile}{suffix}.cu"
             path.write_text(HEADER + '#include "sm90_moe_gemm_launch.cuh"\n\n'
                             f"MOE_GEMM_INSTANTIATE({d}, {n_major}, {t}, {gather_a})\n")
-    # EXPERIMENT (wip/fp8-rowwise): FP8 operands with rowwise scales, bf16 output, K-major weights.
+    # FP8 operands with rowwise scales, bf16 output, K-major weights (8-bit WGMMA reads K-major shared memory).
     for tile, t in (("128x256", "k128x256"), ("128x128", "k128x128")):
         path = out_dir / f"sm90_moe_gemm_fp8_rowwise_bf16_{tile}.cu"
         path.write_text(HEADER + '#include "sm90_moe_gemm_fp8_launch.cuh"\n\n'

@@ -107,7 +107,7 @@ char const* check_grouped_gemm_plan(GroupedGemmParams const& params, GroupedGemm
 // check_grouped_gemm_plan refuses).
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream);
 
-// EXPERIMENT (wip/fp8-rowwise): the grouped GEMM of FP8 e4m3 operands, `a` [M, K] and `b` [E, N, K] (K-major only),
+// The grouped GEMM of FP8 e4m3 operands, `a` [M, K] and `b` [E, N, K] (K-major only),
 // into bf16 `d`, times x_scale[r] (float32 [M]) and w_scale[e, c] (float32 [E, N]). params.dtype is the output's
 // (bf16); K, lda, ldb and batch_stride_b must be multiples of 16 (16-byte rows). plan_grouped_gemm_fp8 plans it
 // (128x256 or 128x128 tiles, no split-K); run_grouped_gemm_fp8_rowwise checks and launches, as run_grouped_gemm.

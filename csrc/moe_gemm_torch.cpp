@@ -123,7 +123,7 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
   return out;
 }
 
-// EXPERIMENT (wip/fp8-rowwise): y = (x * x_scale[:, None]) @ (W[e] * w_scale[e][:, None]).T per expert, bf16, for
+// y = (x * x_scale[:, None]) @ (W[e] * w_scale[e][:, None]).T per expert, bf16, for
 // float8_e4m3fn x [M, K] and weight [E, N, K] (K-major), x_scale float32 [M], w_scale float32 [E, N]. The Python
 // router (moe_gemm/_ops.py) sends only these cases here; the checks below say what else is refused.
 at::Tensor grouped_mm_fp8_rowwise_cuda(at::Tensor const& x, at::Tensor const& x_scale, at::Tensor const& weight,

@@ -1,10 +1,7 @@
-// EXPERIMENT (wip/fp8-rowwise, not yet called by the extension, never run): the forward kernel on FP8 operands
-// with rowwise scales (x_scale [M], w_scale [E, N]) applied before the store, bf16 output. K-major operands only
-// (8-bit WGMMA reads K-major shared memory): [E, N, K] weights. 128-byte k-blocks: 128 e4m3 columns.
-// Compiled with nvcc 13.0 (2026-12-02). The scales are applied while the tile is packed to 16 bits (pack_tile's
-// scale), which leaves 8 bytes of spill at 128x256 as in the bf16 kernels; scaling the accumulators first spilled
-// 304. Host side (moe_gemm.cpp entry, torch binding, Python router), the generator and the blockwise form:
-// wip/fp8-kernel-plan.md.
+// The forward kernel on FP8 operands with rowwise scales (x_scale [M], w_scale [E, N]), bf16 output. K-major
+// operands only (8-bit WGMMA reads K-major shared memory): [E, N, K] weights. 128-byte k-blocks: 128 e4m3 columns.
+// The scales are applied while the tile is packed to 16 bits (pack_tile's scale), not to the float32 accumulators
+// first: that would hold a second copy of them and spill (docs/design.md, "FP8").
 #pragma once
 
 #include "cute/tensor.hpp"

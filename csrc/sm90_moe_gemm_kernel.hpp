@@ -575,7 +575,7 @@ class Sm90MoeGemmKernel {
       if constexpr (kGatherA) {
         // Every lane waits for each stage and copies its chunks of the token tile's rows 0-31 (warps 1-3 copy
         // the others, load_gathered_rows); thread 0 arms the barrier with the weight tile's bytes
-        // (producer_acquire) and the leader loads it.
+        // (producer_acquire) and the leader loads it first: one TMA instruction that then runs beside the copies.
         GatheredTile tile(params, work, int(threadIdx.x));
         PipelineState state = write_state;
         for (int k = 0; k < k_blocks.count; ++k) {
@@ -585,10 +585,10 @@ class Sm90MoeGemmKernel {
           pipeline.producer_acquire(state);
           uint64_t* const barrier = pipeline.producer_get_barrier(state);
           int const k_block = k_blocks.begin + k;
-          tile.load(params, k_block, state.index(), shared_storage, barrier);
           if (is_leader) {
             copy(tma_b.with(*barrier, mcast_mask_b), tBgB(_, _, _, k_block), tBsB(_, _, _, state.index()));
           }
+          tile.load(params, k_block, state.index(), shared_storage, barrier);
           ++state;
         }
         if (is_leader && claims && k_blocks.count == 0) {

@@ -19,9 +19,11 @@ namespace moe_gemm {
 
 // The gathering kernels' copies (cp.async, which TMA's row-less boxes cannot replace: see GatheredTokenRows in
 // sm90_moe_gemm_kernel.hpp). 16 bytes from global `source` to shared `address`, or 16 zeros without a read when
-// `reads` is false.
+// `reads` is false. L2::256B: L2 fetches the 256 bytes around each read, so a row's next k-block is on its way
+// while this one is copied (docs/design.md, "Gathered token rows").
 CUTLASS_DEVICE void copy_16_bytes_or_zeros(uint32_t address, void const* source, bool reads) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(source), "r"(reads ? 16 : 0)
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(address), "l"(source),
+               "r"(reads ? 16 : 0)
                : "memory");
 }
 

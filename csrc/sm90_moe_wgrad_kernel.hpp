@@ -393,10 +393,10 @@ class Sm90MoeWgradKernel {
   }
 
   // kGatherL / kGatherR: the k-blocks of one tile from stage `state` on, as producer thread `thread` (0-127) takes
-  // part in them: it waits for each stage, copies its chunks of the gathered operand (chunk thread % 8 of
-  // reduction rows thread / 8 + 16 i of every run, into their places in the stage: GatheredReductionRows), has them
-  // arrive on the stage's barrier when they land, and calls other_loads(barrier, stage, k), which warp 0 uses to
-  // load the other operand. The indices of the next k-block's rows are read before the wait for this one's stage,
+  // part in them: it waits for each stage, calls other_loads(barrier, stage, k), which warp 0 uses to load the
+  // other operand, copies its chunks of the gathered operand (chunk thread % 8 of reduction rows thread / 8 + 16 i
+  // of every run, into their places in the stage: GatheredReductionRows) and has them arrive on the stage's barrier
+  // when they land. The indices of the next k-block's rows are read before the wait for this one's stage,
   // so that their latency passes under the wait.
   template <class OtherLoads>
   CUTLASS_DEVICE static void load_gathered_k_blocks(Params const& params, MainloopPipeline& pipeline,
@@ -432,6 +432,7 @@ class Sm90MoeWgradKernel {
       }
       pipeline.producer_acquire(state);  // waits; thread 0 alone arms the barrier
       uint64_t* barrier = pipeline.producer_get_barrier(state);
+      other_loads(barrier, int(state.index()), k);  // first: one TMA instruction that then runs beside the copies
       uint32_t const stage_base = cute::cast_smem_ptr_to_uint(smem + state.index() * kStageElements);
       CUTLASS_PRAGMA_UNROLL
       for (int run = 0; run < kGatherRuns; ++run) {
@@ -448,7 +449,6 @@ class Sm90MoeWgradKernel {
         }
       }
       arrive_when_copies_land(barrier);
-      other_loads(barrier, int(state.index()), k);
       ++state;
     }
   }

@@ -98,7 +98,7 @@ SCHEMAS = {
         "ScalarType? out_dtype=None) -> Tensor"
     ),
     "quantize_fp8": "(Tensor x, int? group=128) -> (Tensor x_fp8, Tensor x_scale)",
-    # EXPERIMENT (wip/fp8-rowwise): the CUDA kernel of grouped_mm_fp8's rowwise case, called by its router only.
+    # The CUDA kernel of grouped_mm_fp8's rowwise case, called by its router only (grouped_mm_fp8_cuda).
     "_grouped_mm_fp8_rowwise": "(Tensor x, Tensor x_scale, Tensor weight, Tensor w_scale, Tensor m_sizes) -> Tensor",
     "route": (
         "(Tensor router_logits, int top_k, str scoring, bool renormalize, int? n_group, int? topk_group, "
@@ -559,7 +559,7 @@ def _cuda_kernel_in_extension(name: str) -> bool:
 
 
 # Whether _C has the FP8 GEMM's CUDA kernel: only then do its inputs on an sm_90 GPU follow that kernel's rules
-# (_validation.check_kernel_layout). EXPERIMENT (wip/fp8-rowwise): the kernel of the rowwise case.
+# (_validation.check_kernel_layout). The kernel computes the rowwise case; blockwise scales run PyTorch ops.
 FP8_KERNEL_BUILT = _cuda_kernel_in_extension("_grouped_mm_fp8_rowwise")
 
 

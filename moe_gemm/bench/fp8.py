@@ -1,19 +1,17 @@
-"""The FP8 benchmark (``python -m moe_gemm.bench --fp8``): on the suite's GEMMs, moe_gemm's FP8 GEMM with DeepSeek-V3's
-scaling (``grouped_forward_fp8``: activations per row and 128 columns, weights per 128 x 128 block) against
-``torch._scaled_grouped_mm`` with rowwise scales (its only grouped scaling) and against moe_gemm's bf16 GEMM, on the
-same data, timed in turn (``bench_interleaved_ms``).
+"""The FP8 benchmark (``python -m moe_gemm.bench --fp8``): on the suite's GEMMs, moe_gemm's FP8 GEMM
+(``grouped_mm_fp8``) against ``torch._scaled_grouped_mm`` and against moe_gemm's bf16 GEMM, on the same data, timed in
+turn (``bench_interleaved_ms``).
 
-The data are the suite's bf16 random rows and weights, quantized by moe_gemm for moe_gemm (``quantize_fp8``,
-``quantize_fp8_weight``) and rowwise for torch (one scale per row of x and per output channel of the weight,
-``amax / 448``). Each moe_gemm output is checked first against the float32 product of its dequantized operands
+Both FP8 GEMMs get the same operands: the suite's bf16 random rows and weights quantized rowwise (one scale per row of
+x and per output channel of the weight, ``quantize_fp8(group=None)``: ``amax / 448``), the one scaling that
+``torch._scaled_grouped_mm`` and moe_gemm's FP8 CUDA kernel share (blockwise scales, DeepSeek-V3's, still run PyTorch
+ops in moe_gemm). Each moe_gemm output is checked first against the float32 product of its dequantized operands
 (relative Frobenius error <= ``MAX_REL_ERROR``). Ceilings, measured in the same run: the FP8 dense matmul
 (``torch._scaled_mm``, 8192^3, rowwise scales) and the copy bandwidth; 'x floor' counts one byte per element of x and
 of the weights of the experts with rows, two per output element. ``speedup`` is ``torch._scaled_grouped_mm``'s time
 over moe_gemm's, ``x_bf16`` moe_gemm bf16's over moe_gemm FP8's. A torch baseline that refuses a shape is reported
-beside the row, and does not fail it.
-
-Until moe_gemm's FP8 CUDA kernel lands, its FP8 op runs PyTorch ops (``_ops.FP8_KERNEL_BUILT`` False): the preamble
-says so, and the times are those of that path.
+beside the row, and does not fail it. Without the FP8 CUDA kernel (``_ops.FP8_KERNEL_BUILT`` False) moe_gemm's FP8 op
+runs PyTorch ops: the preamble says so, and the times are those of that path.
 """
 
 import argparse
@@ -25,7 +23,6 @@ import moe_gemm
 from moe_gemm import _ops
 from moe_gemm.bench import report, timing
 from moe_gemm.bench.suite import MAX_REL_ERROR, floor_ms, gemm_cost
-from moe_gemm.layer_fp8 import quantize_fp8_weight
 from moe_gemm.reference import dequantize_fp8_reference
 
 TABLE = ("model", "tokens", "gemm", "M", "N", "K", "active", "fp8_ms", "fp8_tflops", "fp8_x_floor", "scaled_gmm_ms",
@@ -58,7 +55,7 @@ def check_fp8(out: torch.Tensor, x_fp8, x_scale, w_fp8, w_scale, host_counts: li
     start = 0
     for expert, count in enumerate(host_counts):
         if count:
-            weight = dequantize_fp8_reference(w_fp8[expert], w_scale[expert], block_rows=128, dtype=torch.float32)
+            weight = dequantize_fp8_reference(w_fp8[expert], w_scale[expert], dtype=torch.float32)
             ref[start : start + count] = x[start : start + count] @ weight.t()
         start += count
     error = torch.linalg.vector_norm(out.float() - ref).item() / max(torch.linalg.vector_norm(ref).item(), 1e-30)
@@ -75,8 +72,8 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
     host_counts = counts.tolist()
     m_sizes = counts.to(weight.device)
     x = torch.randn(row["M"], k, device=weight.device, dtype=torch.bfloat16)
-    x_fp8, x_scale = moe_gemm.quantize_fp8(x)
-    w_fp8, w_scale = quantize_fp8_weight(weight)
+    x_fp8, x_scale = rowwise(x)
+    w_fp8, w_scale = rowwise(weight)
     timed, problems = {}, []
     op = torch.ops.moe_gemm.grouped_mm_fp8.default
     try:
@@ -89,12 +86,10 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
         problem = f"moe_gemm FP8 failed: {report.error_line(error)}"
     weight_bf16 = weight.to(torch.bfloat16)
     timed["bf16_ms"] = lambda: torch.ops.moe_gemm.grouped_mm.default(x, weight_bf16, m_sizes, False)
-    x_row, x_row_scale = rowwise(x)
-    w_row, w_row_scale = rowwise(weight)
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
 
     def scaled_grouped_mm():
-        return torch._scaled_grouped_mm(x_row, w_row.transpose(-2, -1), x_row_scale, w_row_scale, offs=offs,
+        return torch._scaled_grouped_mm(x_fp8, w_fp8.transpose(-2, -1), x_scale, w_scale, offs=offs,
                                         out_dtype=torch.bfloat16)  # fmt: skip
 
     try:
@@ -121,7 +116,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["geometric means (speedup: torch._scaled_grouped_mm rowwise ms / moe_gemm FP8 blockwise ms):"]
+    lines = ["geometric means (speedup: torch._scaled_grouped_mm ms / moe_gemm FP8 ms, both rowwise):"]
     for label, stats in summary.items():
         lines.append(f"  {label:<12} speedup {stats['fp8_speedup']:6.2f}  vs moe_gemm bf16 {stats['x_bf16']:6.2f}  "
                      f"x floor {stats['fp8_x_floor']:6.2f}")  # fmt: skip
