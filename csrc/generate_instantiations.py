@@ -47,11 +47,13 @@ def main() -> None:
             path = out_dir / f"sm90_moe_gemm_{dtype}_{layout}_{tile}{suffix}.cu"
             path.write_text(HEADER + '#include "sm90_moe_gemm_launch.cuh"\n\n'
                             f"MOE_GEMM_INSTANTIATE({d}, {n_major}, {t}, {gather_a})\n")
-    # FP8 operands with rowwise scales, bf16 output, K-major weights (8-bit WGMMA reads K-major shared memory).
-    for tile, t in (("128x256", "k128x256"), ("128x128", "k128x128")):
-        path = out_dir / f"sm90_moe_gemm_fp8_rowwise_bf16_{tile}.cu"
+    # FP8 operands, bf16 output, K-major weights (8-bit WGMMA reads K-major shared memory): rowwise scales on two
+    # tiles, blockwise ones on 128x128 (plan_grouped_gemm_fp8).
+    for scales, tile, t in (("rowwise", "128x256", "k128x256"), ("rowwise", "128x128", "k128x128"),
+                            ("blockwise", "128x128", "k128x128")):
+        path = out_dir / f"sm90_moe_gemm_fp8_{scales}_bf16_{tile}.cu"
         path.write_text(HEADER + '#include "sm90_moe_gemm_fp8_launch.cuh"\n\n'
-                        f"MOE_GEMM_INSTANTIATE_FP8_ROWWISE({t})\n")
+                        f"MOE_GEMM_INSTANTIATE_FP8({t}, k{scales.capitalize()})\n")
     for (dtype, d), (out, fp32) in itertools.product(DTYPES.items(), WGRAD_OUTPUTS.items()):
         gathers = [("", "kNone")]
         if out == "same":

@@ -248,21 +248,24 @@ cudaError_t run_config(GroupedGemmParams const& params, GroupedGemmPlan const& p
 
 }  // namespace
 
-template <TileConfig kConfig>
-cudaError_t run_sm90_moe_gemm_fp8_rowwise(GroupedGemmParams const& params, float const* x_scale, float const* w_scale,
-                                          GroupedGemmPlan const& plan, cudaStream_t stream);
+template <TileConfig kConfig, Fp8Scales kScales>
+cudaError_t run_sm90_moe_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams const& scales,
+                                  GroupedGemmPlan const& plan, cudaStream_t stream);
 
-GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& p, PlanOverride const& override) {
-  // The configurations with an FP8 kernel: 128x256 where the heuristic takes a 256-wide tile, else 128x128.
+GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& p, Fp8Scales scales, PlanOverride const& override) {
+  // The configurations with an FP8 kernel. Rowwise: 128x256 where the heuristic takes a 256-wide tile, else 128x128.
+  // Blockwise: 128x128, whose n-block is one weight scale block (a 128x256 tile would hold a second set of
+  // accumulators for the k-block in flight: 256 registers a thread).
   PlanOverride fp8 = override;
   TileConfig const wanted = override.config != TileConfig::kAuto ? override.config : choose_tile_config(p.M, p.N, p.E);
-  fp8.config = tile_config_info(wanted).tile_n == 256 && !tile_config_info(wanted).swap_ab ? TileConfig::k128x256
-                                                                                           : TileConfig::k128x128;
+  bool const wide = tile_config_info(wanted).tile_n == 256 && !tile_config_info(wanted).swap_ab;
+  fp8.config = wide && scales == Fp8Scales::kRowwise ? TileConfig::k128x256 : TileConfig::k128x128;
   fp8.split_k = 1;
   return plan_grouped_gemm(p, fp8);
 }
 
-char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, GroupedGemmPlan const& plan) {
+char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, Fp8ScaleParams const& scales,
+                                   GroupedGemmPlan const& plan) {
   if (p.dtype != DType::kBFloat16) {
     return "the FP8 kernel writes bfloat16";
   }
@@ -272,8 +275,22 @@ char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, GroupedGemmPlan c
   if (p.K % 16 != 0 || p.N % 16 != 0 || p.lda % 16 != 0 || p.ldb % 16 != 0 || p.batch_stride_b % 16 != 0) {
     return "the FP8 kernel needs N, K and the operands' row and expert strides in multiples of 16 (16-byte rows)";
   }
-  if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x256 && plan.config != TileConfig::k128x128) {
-    return "the FP8 kernel has 128x256 and 128x128 tiles";
+  if (scales.kind == Fp8Scales::kRowwise) {
+    if (scales.x_groups != 0) {
+      return "rowwise FP8 scales: x_scale [M] (x_groups 0)";
+    }
+    if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x256 && plan.config != TileConfig::k128x128) {
+      return "the rowwise FP8 kernel has 128x256 and 128x128 tiles";
+    }
+  } else if (scales.kind == Fp8Scales::kBlockwise) {
+    if (scales.x_groups != 0 && scales.x_groups != (p.K + 127) / 128) {
+      return "blockwise FP8 scales: x_scale [M, ceil(K / 128)] or [M] (x_groups ceil(K / 128) or 0)";
+    }
+    if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x128) {
+      return "the blockwise FP8 kernel has 128x128 tiles";
+    }
+  } else {
+    return "FP8 scales are rowwise or blockwise";
   }
   if (plan.split_k > 1) {
     return "the FP8 kernel does not split K";
@@ -281,10 +298,10 @@ char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, GroupedGemmPlan c
   return check_grouped_gemm(p);
 }
 
-cudaError_t run_grouped_gemm_fp8_rowwise(GroupedGemmParams const& params, float const* x_scale, float const* w_scale,
-                                         GroupedGemmPlan const& plan, cudaStream_t stream) {
-  if (check_grouped_gemm_fp8(params, plan) != nullptr || (params.M > 0 && x_scale == nullptr) ||
-      (params.E > 0 && w_scale == nullptr)) {
+cudaError_t run_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams const& scales,
+                                 GroupedGemmPlan const& plan, cudaStream_t stream) {
+  if (check_grouped_gemm_fp8(params, scales, plan) != nullptr || (params.M > 0 && scales.x_scale == nullptr) ||
+      (params.E > 0 && scales.w_scale == nullptr)) {
     return cudaErrorInvalidValue;
   }
   if (params.M == 0 || params.N == 0) {
@@ -296,10 +313,13 @@ cudaError_t run_grouped_gemm_fp8_rowwise(GroupedGemmParams const& params, float 
   if (cudaError_t status = prepare_launch(plan.workspace, params.workspace, stream); status != cudaSuccess) {
     return status;
   }
-  if (plan.config == TileConfig::k128x256) {
-    return run_sm90_moe_gemm_fp8_rowwise<TileConfig::k128x256>(params, x_scale, w_scale, plan, stream);
+  if (scales.kind == Fp8Scales::kBlockwise) {
+    return run_sm90_moe_gemm_fp8<TileConfig::k128x128, Fp8Scales::kBlockwise>(params, scales, plan, stream);
   }
-  return run_sm90_moe_gemm_fp8_rowwise<TileConfig::k128x128>(params, x_scale, w_scale, plan, stream);
+  if (plan.config == TileConfig::k128x256) {
+    return run_sm90_moe_gemm_fp8<TileConfig::k128x256, Fp8Scales::kRowwise>(params, scales, plan, stream);
+  }
+  return run_sm90_moe_gemm_fp8<TileConfig::k128x128, Fp8Scales::kRowwise>(params, scales, plan, stream);
 }
 
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {

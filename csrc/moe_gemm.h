@@ -107,14 +107,27 @@ char const* check_grouped_gemm_plan(GroupedGemmParams const& params, GroupedGemm
 // check_grouped_gemm_plan refuses).
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream);
 
-// The grouped GEMM of FP8 e4m3 operands, `a` [M, K] and `b` [E, N, K] (K-major only),
-// into bf16 `d`, times x_scale[r] (float32 [M]) and w_scale[e, c] (float32 [E, N]). params.dtype is the output's
-// (bf16); K, lda, ldb and batch_stride_b must be multiples of 16 (16-byte rows). plan_grouped_gemm_fp8 plans it
-// (128x256 or 128x128 tiles, no split-K); run_grouped_gemm_fp8_rowwise checks and launches, as run_grouped_gemm.
-GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& params, PlanOverride const& override = PlanOverride{});
-char const* check_grouped_gemm_fp8(GroupedGemmParams const& params, GroupedGemmPlan const& plan);
-cudaError_t run_grouped_gemm_fp8_rowwise(GroupedGemmParams const& params, float const* x_scale, float const* w_scale,
-                                         GroupedGemmPlan const& plan, cudaStream_t stream);
+// The float32 scales of an FP8 grouped GEMM, device memory (Fp8Scales in moe_dtype.h):
+//   kRowwise:   x_scale [M], w_scale [E, N];
+//   kBlockwise: x_scale [M, x_groups] with x_groups = ceil(K / 128), or [M] with x_groups = 0;
+//               w_scale [E, ceil(N / 128), ceil(K / 128)] (DeepSeek-V3's weight_scale_inv).
+struct Fp8ScaleParams {
+  Fp8Scales kind = Fp8Scales::kRowwise;
+  float const* x_scale = nullptr;
+  float const* w_scale = nullptr;
+  int32_t x_groups = 0;
+};
+
+// The grouped GEMM of FP8 e4m3 operands, `a` [M, K] and `b` [E, N, K] (K-major only), into bf16 `d`:
+// d[r, c] = sum_k (a[r, k] * x scale) * (b[e, c, k] * w scale). params.dtype is the output's (bf16); N, K, lda, ldb
+// and batch_stride_b must be multiples of 16 (16-byte rows). plan_grouped_gemm_fp8 plans it (rowwise: 128x256 or
+// 128x128 tiles; blockwise: 128x128; no split-K); run_grouped_gemm_fp8 checks and launches, as run_grouped_gemm.
+GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8Scales scales,
+                                      PlanOverride const& override = PlanOverride{});
+char const* check_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams const& scales,
+                                   GroupedGemmPlan const& plan);
+cudaError_t run_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams const& scales,
+                                 GroupedGemmPlan const& plan, cudaStream_t stream);
 
 // Weight gradient, a K-grouped GEMM: the reduction runs over each expert's rows, read from m_sizes on
 // the GPU. With L = grad_y, R = x (weight [E, N, K]) or L = x, R = grad_y (weight_transposed, [E, K, N]):

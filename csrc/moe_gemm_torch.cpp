@@ -123,23 +123,37 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
   return out;
 }
 
-// y = (x * x_scale[:, None]) @ (W[e] * w_scale[e][:, None]).T per expert, bf16, for
-// float8_e4m3fn x [M, K] and weight [E, N, K] (K-major), x_scale float32 [M], w_scale float32 [E, N]. The Python
-// router (moe_gemm/_ops.py) sends only these cases here; the checks below say what else is refused.
-at::Tensor grouped_mm_fp8_rowwise_cuda(at::Tensor const& x, at::Tensor const& x_scale, at::Tensor const& weight,
-                                       at::Tensor const& w_scale, at::Tensor const& m_sizes) {
-  char const* op = "moe_gemm._grouped_mm_fp8_rowwise";
+// grouped_mm_fp8's CUDA kernel: y = dequantized x @ dequantized W[e].T per expert, bf16, for float8_e4m3fn x [M, K]
+// and weight [E, N, K] (K-major). Rowwise: x_scale [M], w_scale [E, N]; blockwise: x_scale [M, ceil(K/128)] or [M],
+// w_scale [E, ceil(N/128), ceil(K/128)]; all float32 and contiguous. The Python router (moe_gemm/_ops.py) sends only
+// these cases here; the checks below say what else is refused.
+at::Tensor grouped_mm_fp8_kernel_cuda(at::Tensor const& x, at::Tensor const& x_scale, at::Tensor const& weight,
+                                      at::Tensor const& w_scale, at::Tensor const& m_sizes) {
+  char const* op = "moe_gemm._grouped_mm_fp8_kernel";
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 3 && m_sizes.dim() == 1, op, ": x [M, K], weight [E, N, K], m_sizes [E]");
   TORCH_CHECK(x.scalar_type() == at::kFloat8_e4m3fn && weight.scalar_type() == at::kFloat8_e4m3fn, op,
               ": x and weight must be float8_e4m3fn");
   TORCH_CHECK(x_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat, op,
               ": the scales must be float32");
   int64_t const M = x.size(0), K = x.size(1), E = weight.size(0), N = weight.size(1);
+  int64_t const k_groups = (K + 127) / 128, n_groups = (N + 127) / 128;
   TORCH_CHECK(weight.size(2) == K && m_sizes.numel() == E, op, ": x [M, K], weight [E, N, K], m_sizes [E] disagree");
-  TORCH_CHECK(x_scale.dim() == 1 && x_scale.numel() == M && x_scale.is_contiguous(), op,
-              ": x_scale must be a contiguous [M]");
-  TORCH_CHECK(w_scale.dim() == 2 && w_scale.size(0) == E && w_scale.size(1) == N && w_scale.is_contiguous(), op,
-              ": w_scale must be a contiguous [E, N]");
+  moe_gemm::Fp8ScaleParams scales;
+  if (w_scale.dim() == 2) {
+    scales.kind = moe_gemm::Fp8Scales::kRowwise;
+    TORCH_CHECK(w_scale.size(0) == E && w_scale.size(1) == N, op, ": per-channel w_scale must be [E, N]");
+    TORCH_CHECK(x_scale.dim() == 1, op, ": per-channel w_scale goes with x_scale [M]");
+  } else {
+    scales.kind = moe_gemm::Fp8Scales::kBlockwise;
+    TORCH_CHECK(w_scale.dim() == 3 && w_scale.size(0) == E && w_scale.size(1) == n_groups &&
+                    w_scale.size(2) == k_groups,
+                op, ": w_scale must be [E, N] or [E, ceil(N/128), ceil(K/128)]");
+    TORCH_CHECK(x_scale.dim() == 1 || (x_scale.dim() == 2 && x_scale.size(1) == k_groups), op,
+                ": x_scale must be [M] or [M, ceil(K/128)]");
+    scales.x_groups = x_scale.dim() == 2 ? int32_t(k_groups) : 0;
+  }
+  TORCH_CHECK(x_scale.size(0) == M && x_scale.is_contiguous() && w_scale.is_contiguous(), op,
+              ": x_scale must have M rows, and both scales must be contiguous");
   TORCH_CHECK(x.is_cuda() && weight.device() == x.device() && m_sizes.device() == x.device() &&
                   x_scale.device() == x.device() && w_scale.device() == x.device(),
               op, ": all tensors must be on the same CUDA device");
@@ -166,15 +180,15 @@ at::Tensor grouped_mm_fp8_rowwise_cuda(at::Tensor const& x, at::Tensor const& x_
   params.M = M;
   params.N = N;
   params.K = K;
-  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm_fp8(params, current_plan_override());
-  char const* problem = moe_gemm::check_grouped_gemm_fp8(params, plan);
+  scales.x_scale = x_scale.data_ptr<float>();
+  scales.w_scale = w_scale.data_ptr<float>();
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm_fp8(params, scales.kind, current_plan_override());
+  char const* problem = moe_gemm::check_grouped_gemm_fp8(params, scales, plan);
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
-  float const* xs = x_scale.data_ptr<float>();
-  float const* ws = w_scale.data_ptr<float>();
   run_planned(
       params, plan,
-      [xs, ws](moe_gemm::GroupedGemmParams const& p, moe_gemm::GroupedGemmPlan const& pl, cudaStream_t stream) {
-        return moe_gemm::run_grouped_gemm_fp8_rowwise(p, xs, ws, pl, stream);
+      [scales](moe_gemm::GroupedGemmParams const& p, moe_gemm::GroupedGemmPlan const& pl, cudaStream_t stream) {
+        return moe_gemm::run_grouped_gemm_fp8(p, scales, pl, stream);
       },
       x.options(), op);
   return out;
@@ -321,7 +335,7 @@ void grouped_mm_wgrad_accumulate_cuda(at::Tensor main_grad, at::Tensor const& x,
 
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
-  m.impl("_grouped_mm_fp8_rowwise", &grouped_mm_fp8_rowwise_cuda);
+  m.impl("_grouped_mm_fp8_kernel", &grouped_mm_fp8_kernel_cuda);
   m.impl("grouped_mm_gather", &grouped_mm_gather_cuda);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
   m.impl("grouped_mm_wgrad_gather", &grouped_mm_wgrad_gather_cuda);

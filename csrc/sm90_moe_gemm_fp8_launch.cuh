@@ -1,7 +1,6 @@
-// The forward kernel on FP8 operands with rowwise scales (x_scale [M], w_scale [E, N]), bf16 output. K-major
-// operands only (8-bit WGMMA reads K-major shared memory): [E, N, K] weights. 128-byte k-blocks: 128 e4m3 columns.
-// The scales are applied while the tile is packed to 16 bits (pack_tile's scale), not to the float32 accumulators
-// first: that would hold a second copy of them and spill (docs/design.md, "FP8").
+// The forward kernel on FP8 operands, bf16 output, with rowwise scales (applied while the tile is packed to 16 bits,
+// pack_tile's scale) or blockwise ones (applied to each k-block, mma_blockwise). K-major operands only (8-bit WGMMA
+// reads K-major shared memory): [E, N, K] weights. 128-byte k-blocks: 128 e4m3 columns (docs/design.md, "FP8").
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -16,7 +15,7 @@
 
 namespace moe_gemm {
 
-template <TileConfig kConfig>
+template <TileConfig kConfig, Fp8Scales kScales>
 struct Sm90MoeFp8GemmConfig {
   static_assert(!TileTraits<kConfig>::kSwapAB, "FP8: the token tiles, not the swapped decode ones");
   using ElementIn = cutlass::float_e4m3_t;
@@ -31,18 +30,19 @@ struct Sm90MoeFp8GemmConfig {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<ElementD>(cute::size<0>(TileShape{}))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>::CollectiveOp;
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, ElementD, false, false, false, true>;
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, ElementD, false, false, false, kScales>;
 };
 
-// p.a: fp8 [M, K] rows; p.b: fp8 [E, N, K]; p.d: bf16 [M, N]; x_scale [M], w_scale [E, N] float32.
-template <TileConfig kConfig>
-cudaError_t run_sm90_moe_gemm_fp8_rowwise(GroupedGemmParams const& p, float const* x_scale, float const* w_scale,
-                                          GroupedGemmPlan const& plan, cudaStream_t stream) {
-  using Kernel = typename Sm90MoeFp8GemmConfig<kConfig>::Kernel;
+// p.a: fp8 [M, K] rows; p.b: fp8 [E, N, K]; p.d: bf16 [M, N]; the scales as Fp8ScaleParams says.
+template <TileConfig kConfig, Fp8Scales kScales>
+cudaError_t run_sm90_moe_gemm_fp8(GroupedGemmParams const& p, Fp8ScaleParams const& scales,
+                                  GroupedGemmPlan const& plan, cudaStream_t stream) {
+  using Kernel = typename Sm90MoeFp8GemmConfig<kConfig, kScales>::Kernel;
   typename Kernel::Arguments const args{p.a, p.lda, p.b, p.ldb, p.batch_stride_b, p.d, p.ldd, p.m_sizes,
                                         p.m_sizes_int64, p.M, int32_t(p.N), int32_t(p.K), p.E,
                                         TileTraits<kConfig>::kGroupM, 1, plan.dynamic_schedule, p.workspace,
-                                        plan.workspace, nullptr, 0, x_scale, w_scale};
+                                        plan.workspace, nullptr, 0, scales.x_scale, scales.w_scale,
+                                        scales.x_groups};
   typename Kernel::Params params{};
   if (cudaError_t status = Kernel::to_underlying_arguments(args, params); status != cudaSuccess) {
     return status;
@@ -52,7 +52,7 @@ cudaError_t run_sm90_moe_gemm_fp8_rowwise(GroupedGemmParams const& p, float cons
 
 }  // namespace moe_gemm
 
-#define MOE_GEMM_INSTANTIATE_FP8_ROWWISE(CONFIG)                                                         \
-  template cudaError_t moe_gemm::run_sm90_moe_gemm_fp8_rowwise<moe_gemm::TileConfig::CONFIG>(             \
-      moe_gemm::GroupedGemmParams const&, float const*, float const*, moe_gemm::GroupedGemmPlan const&, \
+#define MOE_GEMM_INSTANTIATE_FP8(CONFIG, SCALES)                                                            \
+  template cudaError_t moe_gemm::run_sm90_moe_gemm_fp8<moe_gemm::TileConfig::CONFIG, moe_gemm::Fp8Scales::SCALES>( \
+      moe_gemm::GroupedGemmParams const&, moe_gemm::Fp8ScaleParams const&, moe_gemm::GroupedGemmPlan const&,   \
       cudaStream_t);

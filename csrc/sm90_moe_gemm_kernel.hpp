@@ -50,6 +50,7 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/pipeline/pipeline.hpp"
 
+#include "moe_dtype.h"
 #include "moe_gemm_workspace.h"
 #include "sm90_moe_epilogue.hpp"
 #include "sm90_moe_mainloop.hpp"
@@ -116,19 +117,26 @@ constexpr bool token_rows_are_contiguous() {
   return true;
 }
 
-// kRowwiseScales: FP8 operands with one float32 scale per row of A (x_scale [M]) and per output column of each
-// expert's weight (w_scale [E, N]); the accumulators are multiplied by both before the store (D = x_scale[r] *
-// w_scale[e, c] * sum_k a[r, k] b[c, k]), since the scales do not vary along K.
-template <bool kEnabled>
-struct RowwiseScales {
-  float const* x_scale;  // [M]
-  float const* w_scale;  // [E, N]
+// The float32 scales of FP8 operands (Fp8Scales in moe_gemm.h).
+// kRowwise: one per row of A (x_scale [M]) and per output column of each expert's weight (w_scale [E, N]); the
+// accumulators are multiplied by both before the store (D = x_scale[r] * w_scale[e, c] * sum_k a[r, k] b[c, k]),
+// since the scales do not vary along K.
+// kBlockwise: w_scale [E, ceil(N / 128), ceil(K / 128)], one per 128 x 128 block of each expert's weight, and
+// x_scale [M, x_groups] with x_groups = ceil(K / 128) (one per row and 128 columns) or [M] (x_groups = 0). They vary
+// along K, so each 128-deep k-block is multiplied apart and added in, times its scales (mma_blockwise).
+template <Fp8Scales kScales>
+struct ScaleParams {
+  float const* x_scale;
+  float const* w_scale;
+  int32_t x_groups;  // kBlockwise: x_scale's row stride, 0 for [M]
+  int32_t k_groups;  // kBlockwise: ceil(K / 128)
+  int32_t n_groups;  // kBlockwise: ceil(N / 128)
 };
 template <>
-struct RowwiseScales<false> {};
+struct ScaleParams<Fp8Scales::kNone> {};
 
 template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false,
-          bool kGatherA_ = false, bool kRowwiseScales_ = false>
+          bool kGatherA_ = false, Fp8Scales kScales_ = Fp8Scales::kNone>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -216,9 +224,13 @@ class Sm90MoeGemmKernel {
   static_assert(!kGatherA || (kClusterSize == 1 && !kSwapAB && kTileM == int(cutlass::NumThreadsPerWarpGroup)),
                 "gathered rows: cooperative 128-row tiles without clusters");
   using GatherParams = GatheredTokenRows<kGatherA>;
-  static constexpr bool kRowwiseScales = kRowwiseScales_;
-  static_assert(!kRowwiseScales || (!kSplitK && !kSwapAB && !kGatherA && sizeof(ElementD) == 2),
-                "rowwise FP8 scales: plain tiles of a 16-bit output (scaled while packed, PendingTile)");
+  static constexpr Fp8Scales kScales = kScales_;
+  static constexpr bool kRowwiseScales = kScales == Fp8Scales::kRowwise;
+  static constexpr bool kBlockwiseScales = kScales == Fp8Scales::kBlockwise;
+  static_assert(kScales == Fp8Scales::kNone || (!kSplitK && !kSwapAB && !kGatherA && sizeof(ElementD) == 2),
+                "FP8 scales: plain tiles of a 16-bit output (rowwise ones are applied while packed, PendingTile)");
+  static_assert(!kBlockwiseScales || (kTileN == 128 && kTileK == 128 && kClusterSize == 1),
+                "blockwise FP8 scales: 128 x 128 tiles of 128-deep k-blocks, one weight scale block each");
   // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
   static constexpr uint32_t kTileSlotReaders =
       kNumConsumerThreads + (kGatherA ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
@@ -283,7 +295,7 @@ class Sm90MoeGemmKernel {
     int* tile_arrivals;    // [tile slots] splits done per tile, zeroed before the launch
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
     GatherParams gather;   // kGatherA only
-    RowwiseScales<kRowwiseScales> scales;
+    ScaleParams<kScales> scales;  // FP8 only
   };
 
   // The host's side of a launch, in plain values: the call's tensors and the plan's choices. The kernel
@@ -309,9 +321,11 @@ class Sm90MoeGemmKernel {
     // gather_source_rows rows instead of M.
     int64_t const* gather_rows;    // [M], device memory
     int64_t gather_source_rows;
-    // kRowwiseScales: x_scale [M] and w_scale [E, N], float32, device memory.
+    // FP8 (ScaleParams): x_scale [M] or [M, x_groups], w_scale [E, N] or [E, ceil(N / 128), ceil(K / 128)],
+    // float32, device memory.
     float const* x_scale = nullptr;
     float const* w_scale = nullptr;
+    int32_t x_groups = 0;
   };
 
   // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
@@ -365,8 +379,8 @@ class Sm90MoeGemmKernel {
         status != cudaSuccess) {
       return status;
     }
-    if constexpr (kRowwiseScales) {
-      params.scales = {args.x_scale, args.w_scale};
+    if constexpr (kScales != Fp8Scales::kNone) {
+      params.scales = {args.x_scale, args.w_scale, args.x_groups, (args.K + 127) / 128, (args.N + 127) / 128};
     }
     if constexpr (kGatherA) {
       params.gather = {args.tokens, args.ld_tokens, args.gather_source_rows, args.gather_rows};
@@ -798,7 +812,13 @@ class Sm90MoeGemmKernel {
         clear(accumulators);
         store_pending(0, kChunks);
       } else {
-        if constexpr (kDeferStore) {
+        if constexpr (kBlockwiseScales) {
+          mma_blockwise<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count,
+                                                     mma_thread_idx, shared_storage.tensors,
+                                                     BlockwiseScalesOf(params, work, tiled_mma, mma_thread_idx),
+                                                     [&](int k) { store_pending(k, k + 1); });
+          store_pending(k_blocks.count, kChunks);
+        } else if constexpr (kDeferStore) {
           mma_with_hook<kChunks, CollectiveMainloop, kGatherA>(pipeline, read_state, accumulators, k_blocks.count,
                                                      mma_thread_idx, shared_storage.tensors,
                                                      [&](int k) { store_pending(k, k + 1); });
@@ -873,6 +893,38 @@ class Sm90MoeGemmKernel {
     }
     CUTLASS_DEVICE float operator()(int h, int group, int c, int) const {
       return row_scale[h] * __ldg(w_scale + cute::min(8 * group + c, last_col));
+    }
+  };
+
+  // kBlockwiseScales, mma_blockwise's scales: load(k, s) sets s[h] to the factor of k-block k for this thread's row
+  // of half h, x_scale[row, k] * w_scale[expert, n_block, k] (x_scale[row] * ... for x_scale [M]). Rows past the
+  // expert read the scale of its last row (they are not stored); the whole tile shares its weight block.
+  struct BlockwiseScalesOf {
+    float const* x_rows[2];  // x_scale of the two rows, at k-block 0
+    float const* w_blocks;   // w_scale[expert, n_block, :]
+    int32_t x_k_stride;      // 1, or 0 for x_scale [M]
+    CUTLASS_DEVICE BlockwiseScalesOf(Params const& params, MoeWorkTile const& work, TiledMma const& tiled_mma,
+                                     int mma_thread_idx) {
+      using namespace cute;
+      Tensor coords =
+          tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
+      int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
+      int32_t const last_row = work.rows - work.m_block * kTileM - 1;
+      int64_t const ld = params.scales.x_groups > 0 ? params.scales.x_groups : 1;
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        x_rows[h] = params.scales.x_scale + (row0 + cute::min(int32_t(get<0>(coords(2 * h))), last_row)) * ld;
+      }
+      x_k_stride = params.scales.x_groups > 0 ? 1 : 0;
+      w_blocks = params.scales.w_scale +
+                 (int64_t(work.expert) * params.scales.n_groups + work.n_block) * params.scales.k_groups;
+    }
+    CUTLASS_DEVICE void load(int k, float (&scale)[2]) const {
+      float const w = __ldg(w_blocks + k);
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        scale[h] = __ldg(x_rows[h] + k * x_k_stride) * w;
+      }
     }
   };
 

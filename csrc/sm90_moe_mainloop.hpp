@@ -208,6 +208,78 @@ CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline&
   pipeline.consumer_release(release_state);
 }
 
+// The MMAs of one tile whose k-blocks each have their own scales (FP8 with blockwise scales): each k-block is
+// multiplied into `block` (its first WGMMA zeroes it), waited for, and added into `accumulators` times its scale,
+// scales.load(k, s) giving s[h] for the thread's row of half h (WGMMA's accumulator layout ((2 columns, 2 row
+// halves, N / 8 column groups), MMA_M, MMA_N), one 64-row block per warpgroup). The next k-block's scales are read
+// under this one's MMAs. hook(k) runs after k-block k's MMAs are issued, for k < kHookSteps, as in mma_with_hook.
+// Waiting for each k-block idles this warpgroup's tensor-core queue while it adds, not the SM's: the other
+// warpgroup's MMAs run meanwhile. E.g. k-block k of K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s[h] =
+// x_scale[row_h, k] * w_scale[expert, n_block, k], and accumulators += s[h] * block over the k-block's 128 columns.
+template <int kHookSteps, class CollectiveMainloop, class Accumulators, class Scales, class Hook>
+CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline& pipeline,
+                                  typename CollectiveMainloop::PipelineState read_state, Accumulators& accumulators,
+                                  int k_tiles, int thread_idx, typename CollectiveMainloop::TensorStorage& tensors,
+                                  Scales const& scales, Hook&& hook) {
+  using namespace cute;
+  using TiledMma = typename CollectiveMainloop::TiledMma;
+  static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 && size<1>(Accumulators{}) == 1 &&
+                size<2>(Accumulators{}) == 1, "one 64-row block of WGMMA accumulators per warpgroup");
+  constexpr int kColumnGroups = size<0, 2>(Accumulators{});
+  Tensor sA = make_tensor(make_smem_ptr(tensors.smem_A.data()), typename CollectiveMainloop::SmemLayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(tensors.smem_B.data()), typename CollectiveMainloop::SmemLayoutB{});
+  constexpr int kWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+  auto const warp_group_layout = make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+  int const warp_group = __shfl_sync(0xffffffff, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+  TiledMma tiled_mma;
+  auto thread_mma = tiled_mma.get_slice(warp_group_layout(warp_group));
+  Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, PIPE)
+  Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, PIPE)
+  Accumulators block;
+  clear(accumulators);
+  float next[2];
+  if (k_tiles > 0) {
+    scales.load(0, next);
+  }
+  CUTLASS_PRAGMA_NO_UNROLL
+  for (int k = 0; k < k_tiles; ++k) {
+    float const scale[2] = {next[0], next[1]};
+    auto const token = pipeline.consumer_try_wait(read_state);
+    pipeline.consumer_wait(read_state, token);
+    int const stage = read_state.index();
+    warpgroup_fence_operand(block);
+    warpgroup_arrive();
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTLASS_PRAGMA_UNROLL
+    for (int k_step = 0; k_step < size<2>(tCrA); ++k_step) {
+      cute::gemm(tiled_mma, tCrA(_, _, k_step, stage), tCrB(_, _, k_step, stage), block);
+      tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    if (k + 1 < k_tiles) {
+      scales.load(k + 1, next);
+    }
+    if (k < kHookSteps) {
+      hook(k);
+    }
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(block);
+    pipeline.consumer_release(read_state);
+    ++read_state;
+    CUTLASS_PRAGMA_UNROLL
+    for (int group = 0; group < kColumnGroups; ++group) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < 2; ++c) {
+          auto const i = make_coord(make_coord(c, h, group), 0, 0);
+          accumulators(i) = fmaf(block(i), scale[h], accumulators(i));
+        }
+      }
+    }
+  }
+}
+
 // The MMA warpgroups' side of the small pipeline through which the TMA warp hands them each decoded
 // tile: waits for slot `state`, copies it out, frees it. The compiler barriers keep the copy between
 // the wait and the release (the pipeline's asm does not tell the compiler it touches memory).

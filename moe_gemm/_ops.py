@@ -98,8 +98,8 @@ SCHEMAS = {
         "ScalarType? out_dtype=None) -> Tensor"
     ),
     "quantize_fp8": "(Tensor x, int? group=128) -> (Tensor x_fp8, Tensor x_scale)",
-    # The CUDA kernel of grouped_mm_fp8's rowwise case, called by its router only (grouped_mm_fp8_cuda).
-    "_grouped_mm_fp8_rowwise": "(Tensor x, Tensor x_scale, Tensor weight, Tensor w_scale, Tensor m_sizes) -> Tensor",
+    # The CUDA kernel of grouped_mm_fp8's rowwise and blockwise cases, called by its router only (grouped_mm_fp8_cuda).
+    "_grouped_mm_fp8_kernel": "(Tensor x, Tensor x_scale, Tensor weight, Tensor w_scale, Tensor m_sizes) -> Tensor",
     "route": (
         "(Tensor router_logits, int top_k, str scoring, bool renormalize, int? n_group, int? topk_group, "
         "Tensor? e_score_correction_bias, float routed_scaling_factor) -> (Tensor weights, Tensor ids)"
@@ -559,16 +559,19 @@ def _cuda_kernel_in_extension(name: str) -> bool:
 
 
 # Whether _C has the FP8 GEMM's CUDA kernel: only then do its inputs on an sm_90 GPU follow that kernel's rules
-# (_validation.check_kernel_layout). The kernel computes the rowwise case; blockwise scales run PyTorch ops.
-FP8_KERNEL_BUILT = _cuda_kernel_in_extension("_grouped_mm_fp8_rowwise")
+# (_validation.check_kernel_layout).
+FP8_KERNEL_BUILT = _cuda_kernel_in_extension("_grouped_mm_fp8_kernel")
 
 
-def _fp8_rowwise_kernel_applies(x, x_scale, weight, weight_scale, weight_transposed, out_dtype) -> bool:
-    """Whether ``_grouped_mm_fp8_rowwise`` computes this ``grouped_mm_fp8`` call: rowwise scales, [E, N, K] weights,
-    bf16 output, 16-byte rows and starts, on a device whose kernels run."""
+def _fp8_kernel_applies(x, x_scale, weight, weight_scale, weight_transposed, out_dtype) -> bool:
+    """Whether ``_grouped_mm_fp8_kernel`` computes this ``grouped_mm_fp8`` call: rowwise scales (x_scale [M],
+    weight_scale [E, N]) or blockwise weight scales ([E, ceil(N/128), ceil(K/128)], with x_scale [M, ceil(K/128)] or
+    [M]), [E, N, K] weights, bf16 output, 16-byte rows and starts, on a device whose kernels run. Blockwise x with
+    per-channel weights runs PyTorch ops."""
+    scales = (x_scale.dim() == 1 and weight_scale.dim() == 2) or weight_scale.dim() == 3
     return (
-        FP8_KERNEL_BUILT and x.is_cuda and kernels_available(x.device) and x_scale.dim() == 1
-        and weight_scale.dim() == 2 and not weight_transposed and out_dtype in (None, torch.bfloat16)
+        FP8_KERNEL_BUILT and x.is_cuda and kernels_available(x.device) and scales and not weight_transposed
+        and out_dtype in (None, torch.bfloat16)
         and x.shape[1] % 16 == 0 and weight.shape[1] % 16 == 0 and (x.shape[0] == 0 or x.stride(1) == 1)
         and x.stride(0) % 16 == 0 and weight.stride(2) == 1 and weight.stride(1) % 16 == 0
         and weight.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
@@ -576,9 +579,9 @@ def _fp8_rowwise_kernel_applies(x, x_scale, weight, weight_scale, weight_transpo
 
 
 def grouped_mm_fp8_cuda(x, x_scale, weight, weight_scale, m_sizes, weight_transposed=False, out_dtype=None):
-    """``moe_gemm::grouped_mm_fp8`` on CUDA: the rowwise kernel where it applies, else the PyTorch ops."""
-    if _fp8_rowwise_kernel_applies(x, x_scale, weight, weight_scale, weight_transposed, out_dtype):
-        return torch.ops.moe_gemm._grouped_mm_fp8_rowwise.default(
+    """``moe_gemm::grouped_mm_fp8`` on CUDA: the kernel where it applies, else the PyTorch ops."""
+    if _fp8_kernel_applies(x, x_scale, weight, weight_scale, weight_transposed, out_dtype):
+        return torch.ops.moe_gemm._grouped_mm_fp8_kernel.default(
             x, x_scale.contiguous(), weight, weight_scale.contiguous(), m_sizes.contiguous()
         )
     return grouped_mm_fp8_torch(x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype)
@@ -594,13 +597,13 @@ def _no_fp8_backward(name: str):
 torch.library.register_kernel("moe_gemm::grouped_mm_fp8", "cpu", grouped_mm_fp8_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_fp8", "cuda", grouped_mm_fp8_cuda)
 torch.library.register_kernel("moe_gemm::quantize_fp8", ("cpu", "cuda"), quantize_fp8_torch)
-for _name in ("grouped_mm_fp8", "quantize_fp8", "_grouped_mm_fp8_rowwise"):
+for _name in ("grouped_mm_fp8", "quantize_fp8", "_grouped_mm_fp8_kernel"):
     # Without it, torch would backpropagate zeros through the op, with a warning.
     torch.library.register_autograd(f"moe_gemm::{_name}", _no_fp8_backward(_name))
 
 
-@torch.library.register_fake("moe_gemm::_grouped_mm_fp8_rowwise")
-def _grouped_mm_fp8_rowwise_fake(x, x_scale, weight, w_scale, m_sizes):
+@torch.library.register_fake("moe_gemm::_grouped_mm_fp8_kernel")
+def _grouped_mm_fp8_kernel_fake(x, x_scale, weight, w_scale, m_sizes):
     return x.new_empty(x.shape[0], weight.shape[1], dtype=torch.bfloat16)
 
 

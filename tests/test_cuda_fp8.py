@@ -1,8 +1,10 @@
-"""The rowwise FP8 CUDA kernel (``_grouped_mm_fp8_rowwise``, reached through ``grouped_forward_fp8``'s router):
-against the float64 reference of its dequantized operands on fresh random data, NaN-poisoned outputs, experts
-without rows and ending mid-tile, tails of at most 64 rows, sizes summing short of M, both tile configurations, K and
-N at the 16-element limit; the router's other cases on the PyTorch path; CUDA-graph replay with new sizes; opcheck and
-torch.compile."""
+"""The FP8 CUDA kernel (``_grouped_mm_fp8_kernel``, reached through ``grouped_forward_fp8``'s router), with rowwise
+scales (x per row, weight per output channel) and blockwise ones (weight per 128 x 128 block, x per row and 128
+columns or per row): against the float64 reference of its dequantized operands on fresh random data whose magnitude
+varies from block to block (a scale read from the wrong block shows), NaN-poisoned outputs, experts without rows and
+ending mid-tile, tails of at most 64 rows, sizes summing short of M, both rowwise tiles, K and N at the 16-element
+limit and ending mid-block; the router's other cases on the PyTorch path; CUDA-graph replay with new sizes; opcheck
+and torch.compile."""
 
 import pytest
 import torch
@@ -10,76 +12,103 @@ from helpers import assert_close_to_reference, requires_cuda_op
 
 import moe_gemm
 from moe_gemm import _ops
+from moe_gemm.layer_fp8 import quantize_fp8_weight
 from moe_gemm.reference import grouped_mm_fp8_reference
 from moe_gemm.testing import plan_override
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op,
               pytest.mark.skipif(not _ops.FP8_KERNEL_BUILT, reason="the FP8 kernel is not built")]  # fmt: skip
 
+# x_scale, weight_scale: "rows" [M], "channels" [E, N], "groups" [M, ceil(K/128)], "blocks" [E, ceil(N/128), ...].
+SCALINGS = {"rowwise": ("rows", "channels"), "blockwise": ("groups", "blocks"), "blockwise, x per row": ("rows", "blocks")}
 
-def rowwise_problem(sizes, n, k, num_rows=None, seed=0):
-    """x quantized per row, weight per output channel (both by quantize_fp8 with group None), on the GPU."""
+
+def fp8_problem(sizes, n, k, scaling="rowwise", num_rows=None, seed=0):
+    """x and weights quantized as ``scaling`` says, on the GPU: ``(x, x_scale, weight, weight_scale, m_sizes)``. The
+    values' magnitude varies per 128-column group of x and per 128 x 128 block of the weights (over 2**-6 to 2**6)."""
+    x_kind, weight_kind = SCALINGS[scaling]
     generator = torch.Generator().manual_seed(seed)
     num_rows = sum(max(size, 0) for size in sizes) if num_rows is None else num_rows
-    x, x_scale = moe_gemm.quantize_fp8(torch.randn(num_rows, k, generator=generator).bfloat16(), group=None)
-    weight_high = torch.randn(len(sizes), n, k, generator=generator) * torch.rand(len(sizes), n, 1, generator=generator)
-    weight, weight_scale = moe_gemm.quantize_fp8(weight_high.reshape(-1, k), group=None)
+    groups = (k + 127) // 128
+
+    def block_magnitudes(*shape):
+        return 2.0 ** torch.randint(-6, 7, shape, generator=generator).float()
+
+    x_high = torch.randn(num_rows, k, generator=generator)
+    x_high *= block_magnitudes(num_rows, groups).repeat_interleave(128, dim=1)[:, :k]
+    weight_high = torch.randn(len(sizes), n, k, generator=generator)
+    blocks = block_magnitudes(len(sizes), (n + 127) // 128, groups)
+    weight_high *= blocks.repeat_interleave(128, dim=1).repeat_interleave(128, dim=2)[:, :n, :k]
+    x, x_scale = moe_gemm.quantize_fp8(x_high.bfloat16(), group=128 if x_kind == "groups" else None)
+    if weight_kind == "channels":
+        weight, weight_scale = moe_gemm.quantize_fp8(weight_high.reshape(-1, k), group=None)
+        weight, weight_scale = weight.view(len(sizes), n, k), weight_scale.view(len(sizes), n)
+    else:
+        weight, weight_scale = quantize_fp8_weight(weight_high)
     cuda = {"device": "cuda"}
-    return (x.to(**cuda), x_scale.to(**cuda), weight.view(len(sizes), n, k).to(**cuda),
-            weight_scale.view(len(sizes), n).to(**cuda), torch.tensor(sizes, **cuda))  # fmt: skip
+    return (x.to(**cuda), x_scale.to(**cuda), weight.to(**cuda), weight_scale.to(**cuda),
+            torch.tensor(sizes, **cuda))  # fmt: skip
 
 
 def run_poisoned(x, x_scale, weight, weight_scale, m_sizes):
     poison = torch.full((x.shape[0] * weight.shape[1] + 4096,), float("nan"), device="cuda", dtype=torch.bfloat16)
     del poison  # the caching allocator hands this NaN block to the output
-    assert _ops._fp8_rowwise_kernel_applies(x, x_scale, weight, weight_scale, False, None), "the kernel's case"
+    assert _ops._fp8_kernel_applies(x, x_scale, weight, weight_scale, False, None), "the kernel's case"
     out = moe_gemm.grouped_forward_fp8(x, x_scale, weight, weight_scale, m_sizes)
-    op = torch.ops.moe_gemm._grouped_mm_fp8_rowwise.default
+    op = torch.ops.moe_gemm._grouped_mm_fp8_kernel.default
     assert torch.equal(out, op(x, x_scale, weight, weight_scale, m_sizes)), "not bitwise reproducible"
     return out
 
 
+def reference_of(x, x_scale, weight, weight_scale, sizes):
+    return grouped_mm_fp8_reference(x.cpu(), x_scale.cpu(), weight.cpu(), weight_scale.cpu(), sizes, False)
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
 @pytest.mark.parametrize("config", ["128x256", "128x128"])
 @pytest.mark.parametrize(
     "sizes, n, k",
     [
         ([0, 5, 300, 0, 17], 256, 512),       # ragged, empty experts, tails under 64 rows
-        ([1, 64, 65, 300, 2, 193, 63], 2880, 576),  # around the 64-row half tile, N ending mid-tile
+        ([1, 64, 65, 300, 2, 193, 63], 2880, 576),  # around the 64-row half tile, N ending mid-tile and mid-block
         ([1000], 144, 16),                    # E = 1, one partial k-block, N at the 16 limit
         ([7, 0, 129], 4096, 7168),            # DeepSeek-V3's K: 56 k-blocks
+        ([40, 260], 272, 2880),               # GPT-OSS's K: the last k-block and scale group 64 columns wide
     ],
 )
-def test_matches_the_float64_reference(sizes, n, k, config):
-    x, x_scale, weight, weight_scale, m_sizes = rowwise_problem(sizes, n, k)
-    with plan_override(tile_config=config):
+def test_matches_the_float64_reference(sizes, n, k, config, scaling):
+    x, x_scale, weight, weight_scale, m_sizes = fp8_problem(sizes, n, k, scaling)
+    with plan_override(tile_config=config):  # blockwise scales run 128x128 whatever is asked
         out = run_poisoned(x, x_scale, weight, weight_scale, m_sizes)
-    reference = grouped_mm_fp8_reference(x.cpu(), x_scale.cpu(), weight.cpu(), weight_scale.cpu(), sizes, False)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert_close_to_reference(out.float().cpu(), reference, dtype=torch.bfloat16)
+    assert_close_to_reference(out.float().cpu(), reference_of(x, x_scale, weight, weight_scale, sizes),
+                              dtype=torch.bfloat16)  # fmt: skip
 
 
-def test_rows_past_the_experts_are_zero_and_never_read():
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_rows_past_the_experts_are_zero_and_never_read(scaling):
     sizes = [5, 0, 40]
-    x, x_scale, weight, weight_scale, m_sizes = rowwise_problem(sizes, 256, 256, num_rows=70)
+    x, x_scale, weight, weight_scale, m_sizes = fp8_problem(sizes, 256, 256, scaling, num_rows=70)
     x_scale[45:] = float("nan")  # rows 45.. belong to no expert: their scales must not reach the output
     out = run_poisoned(x, x_scale, weight, weight_scale, m_sizes)
     assert torch.equal(out[45:], torch.zeros_like(out[45:]))
-    reference = grouped_mm_fp8_reference(x.cpu(), x_scale.cpu(), weight.cpu(), weight_scale.cpu(), sizes, False)
+    reference = reference_of(x, x_scale, weight, weight_scale, sizes)
     assert_close_to_reference(out[:45].float().cpu(), reference[:45], dtype=torch.bfloat16)
 
 
 def test_other_cases_take_the_pytorch_path():
-    x, x_scale, weight, weight_scale, m_sizes = rowwise_problem([10, 20], 256, 256)
-    blocks = torch.rand(2, 2, 2, device="cuda") + 0.5
-    assert not _ops._fp8_rowwise_kernel_applies(x, x_scale, weight, blocks, False, None)
-    assert not _ops._fp8_rowwise_kernel_applies(x, x_scale, weight, weight_scale, False, torch.float32)
-    out = moe_gemm.grouped_forward_fp8(x, x_scale, weight, blocks, m_sizes)
-    reference = grouped_mm_fp8_reference(x.cpu(), x_scale.cpu(), weight.cpu(), blocks.cpu(), [10, 20], False)
-    assert_close_to_reference(out.float().cpu(), reference, dtype=torch.bfloat16)
+    x, x_scale, weight, weight_scale, m_sizes = fp8_problem([10, 20], 256, 256, "blockwise")
+    channels = torch.rand(2, 256, device="cuda") + 0.5
+    assert not _ops._fp8_kernel_applies(x, x_scale, weight, channels, False, None)  # x per group, weight per channel
+    assert not _ops._fp8_kernel_applies(x, x_scale, weight, weight_scale, False, torch.float32)
+    out = moe_gemm.grouped_forward_fp8(x, x_scale, weight, channels, m_sizes)
+    assert_close_to_reference(out.float().cpu(), reference_of(x, x_scale, weight, channels, [10, 20]),
+                              dtype=torch.bfloat16)  # fmt: skip
 
 
-def test_cuda_graph_replay_with_new_sizes():
-    x, x_scale, weight, weight_scale, m_sizes = rowwise_problem([100, 28, 0], 512, 256)
+@pytest.mark.parametrize("scaling", ["rowwise", "blockwise"])
+def test_cuda_graph_replay_with_new_sizes(scaling):
+    x, x_scale, weight, weight_scale, m_sizes = fp8_problem([100, 28, 0], 512, 256, scaling)
     run = lambda: moe_gemm.grouped_forward_fp8(x, x_scale, weight, weight_scale, m_sizes)  # noqa: E731
     run()
     graph = torch.cuda.CUDAGraph()
@@ -87,13 +116,14 @@ def test_cuda_graph_replay_with_new_sizes():
         out = run()
     m_sizes.copy_(torch.tensor([3, 0, 125], device="cuda"))
     graph.replay()
-    reference = grouped_mm_fp8_reference(x.cpu(), x_scale.cpu(), weight.cpu(), weight_scale.cpu(), [3, 0, 125], False)
-    assert_close_to_reference(out.float().cpu(), reference, dtype=torch.bfloat16)
+    assert_close_to_reference(out.float().cpu(), reference_of(x, x_scale, weight, weight_scale, [3, 0, 125]),
+                              dtype=torch.bfloat16)  # fmt: skip
 
 
-def test_opcheck_and_compile():
-    x, x_scale, weight, weight_scale, m_sizes = rowwise_problem([10, 22], 256, 128)
-    torch.library.opcheck(torch.ops.moe_gemm._grouped_mm_fp8_rowwise.default,
+@pytest.mark.parametrize("scaling", ["rowwise", "blockwise"])
+def test_opcheck_and_compile(scaling):
+    x, x_scale, weight, weight_scale, m_sizes = fp8_problem([10, 22], 256, 128, scaling)
+    torch.library.opcheck(torch.ops.moe_gemm._grouped_mm_fp8_kernel.default,
                           (x, x_scale, weight, weight_scale, m_sizes),
                           test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
     compiled = torch.compile(moe_gemm.grouped_forward_fp8, fullgraph=True)

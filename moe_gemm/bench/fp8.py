@@ -4,9 +4,10 @@ turn (``bench_interleaved_ms``).
 
 Both FP8 GEMMs get the same operands: the suite's bf16 random rows and weights quantized rowwise (one scale per row of
 x and per output channel of the weight, ``quantize_fp8(group=None)``: ``amax / 448``), the one scaling that
-``torch._scaled_grouped_mm`` and moe_gemm's FP8 CUDA kernel share (blockwise scales, DeepSeek-V3's, still run PyTorch
-ops in moe_gemm). Each moe_gemm output is checked first against the float32 product of its dequantized operands
-(relative Frobenius error <= ``MAX_REL_ERROR``). Ceilings, measured in the same run: the FP8 dense matmul
+``torch._scaled_grouped_mm`` has. The ``blockwise`` columns time moe_gemm with DeepSeek-V3's scaling on the same data
+(x per row and 128 columns, ``quantize_fp8``; weights per 128 x 128 block, ``quantize_fp8_weight``), which torch
+lacks. Each moe_gemm output is checked first against the float32 product of its dequantized operands (relative
+Frobenius error <= ``MAX_REL_ERROR``). Ceilings, measured in the same run: the FP8 dense matmul
 (``torch._scaled_mm``, 8192^3, rowwise scales) and the copy bandwidth; 'x floor' counts one byte per element of x and
 of the weights of the experts with rows, two per output element. ``speedup`` is ``torch._scaled_grouped_mm``'s time
 over moe_gemm's, ``x_bf16`` moe_gemm bf16's over moe_gemm FP8's. A torch baseline that refuses a shape is reported
@@ -23,10 +24,12 @@ import moe_gemm
 from moe_gemm import _ops
 from moe_gemm.bench import report, timing
 from moe_gemm.bench.suite import MAX_REL_ERROR, floor_ms, gemm_cost
+from moe_gemm.layer_fp8 import quantize_fp8_weight
 from moe_gemm.reference import dequantize_fp8_reference
 
 TABLE = ("model", "tokens", "gemm", "M", "N", "K", "active", "fp8_ms", "fp8_tflops", "fp8_x_floor", "scaled_gmm_ms",
-         "fp8_speedup", "bf16_ms", "x_bf16", "rel_error", "check")  # fmt: skip
+         "fp8_speedup", "bf16_ms", "x_bf16", "rel_error", "blockwise_ms", "blockwise_tflops", "blockwise_x_floor",
+         "blockwise_rel_error", "check")  # fmt: skip
 
 
 def measure_fp8_ceiling() -> float:
@@ -55,7 +58,7 @@ def check_fp8(out: torch.Tensor, x_fp8, x_scale, w_fp8, w_scale, host_counts: li
     start = 0
     for expert, count in enumerate(host_counts):
         if count:
-            weight = dequantize_fp8_reference(w_fp8[expert], w_scale[expert], dtype=torch.float32)
+            weight = dequantize_fp8_reference(w_fp8[expert], w_scale[expert], block_rows=128, dtype=torch.float32)
             ref[start : start + count] = x[start : start + count] @ weight.t()
         start += count
     error = torch.linalg.vector_norm(out.float() - ref).item() / max(torch.linalg.vector_norm(ref).item(), 1e-30)
@@ -74,16 +77,26 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
     x = torch.randn(row["M"], k, device=weight.device, dtype=torch.bfloat16)
     x_fp8, x_scale = rowwise(x)
     w_fp8, w_scale = rowwise(weight)
-    timed, problems = {}, []
+    x_groups = moe_gemm.quantize_fp8(x)
+    w_blocks = quantize_fp8_weight(weight)
+    timed, failures = {}, []
     op = torch.ops.moe_gemm.grouped_mm_fp8.default
-    try:
-        out = op(x_fp8, x_scale, w_fp8, w_scale, m_sizes, False, torch.bfloat16)
-        row["rel_error"], problem = check_fp8(out, x_fp8, x_scale, w_fp8, w_scale, host_counts)
-        del out
+    for name, (x_q, x_s), (w_q, w_s) in (("fp8", (x_fp8, x_scale), (w_fp8, w_scale)),
+                                         ("blockwise", x_groups, w_blocks)):  # fmt: skip
+        try:
+            out = op(x_q, x_s, w_q, w_s, m_sizes, False, torch.bfloat16)
+            error_key = "rel_error" if name == "fp8" else f"{name}_rel_error"
+            row[error_key], problem = check_fp8(out, x_q, x_s, w_q, w_s, host_counts)
+            del out
+        except RuntimeError as error:
+            problem = f"moe_gemm FP8 failed: {report.error_line(error)}"
         if problem is None:
-            timed["fp8_ms"] = lambda: op(x_fp8, x_scale, w_fp8, w_scale, m_sizes, False, torch.bfloat16)
-    except RuntimeError as error:
-        problem = f"moe_gemm FP8 failed: {report.error_line(error)}"
+            timed[f"{name}_ms"] = lambda x_q=x_q, x_s=x_s, w_q=w_q, w_s=w_s: op(x_q, x_s, w_q, w_s, m_sizes, False,
+                                                                                torch.bfloat16)  # fmt: skip
+        else:
+            failures.append(f"{name}: {problem}")
+    problem = "; ".join(failures) or None
+    problems = []
     weight_bf16 = weight.to(torch.bfloat16)
     timed["bf16_ms"] = lambda: torch.ops.moe_gemm.grouped_mm.default(x, weight_bf16, m_sizes, False)
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
@@ -105,21 +118,31 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
         row.update(fp8_tflops=row["flops"] / ms / 1e9, fp8_x_floor=ms / row["floor_ms"], x_bf16=row["bf16_ms"] / ms)
         if row.get("scaled_gmm_ms"):
             row["fp8_speedup"] = row["scaled_gmm_ms"] / ms
+    if row.get("blockwise_ms"):
+        ms = row["blockwise_ms"]
+        row.update(blockwise_tflops=row["flops"] / ms / 1e9, blockwise_x_floor=ms / row["floor_ms"],
+                   blockwise_x_bf16=row["bf16_ms"] / ms)
+        if row.get("scaled_gmm_ms"):
+            row["blockwise_speedup"] = row["scaled_gmm_ms"] / ms
     return row
 
 
 def summarize(rows: list[dict]) -> dict:
     """Geometric means over all rows and over those of >= 256 tokens: speedup over torch, over bf16, x floor."""
     groups = {"all": rows, "tokens>=256": [r for r in rows if r["tokens"] >= 256]}
-    return {label: {key: report.geomean(r.get(key) for r in group) for key in ("fp8_speedup", "x_bf16", "fp8_x_floor")}
+    keys = ("fp8_speedup", "x_bf16", "fp8_x_floor", "blockwise_speedup", "blockwise_x_bf16", "blockwise_x_floor")
+    return {label: {key: report.geomean(r.get(key) for r in group) for key in keys}
             for label, group in groups.items()}  # fmt: skip
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["geometric means (speedup: torch._scaled_grouped_mm ms / moe_gemm FP8 ms, both rowwise):"]
+    lines = ["geometric means (speedup: torch._scaled_grouped_mm ms, rowwise, over moe_gemm FP8 ms):"]
     for label, stats in summary.items():
-        lines.append(f"  {label:<12} speedup {stats['fp8_speedup']:6.2f}  vs moe_gemm bf16 {stats['x_bf16']:6.2f}  "
-                     f"x floor {stats['fp8_x_floor']:6.2f}")  # fmt: skip
+        for scaling, prefix in (("rowwise", "fp8_speedup x_bf16 fp8_x_floor"),
+                                ("blockwise", "blockwise_speedup blockwise_x_bf16 blockwise_x_floor")):  # fmt: skip
+            speedup, x_bf16, x_floor = (stats[key] for key in prefix.split())
+            lines.append(f"  {label:<12} {scaling:<9} speedup {speedup:6.2f}  vs moe_gemm bf16 {x_bf16:6.2f}  "
+                         f"x floor {x_floor:6.2f}")  # fmt: skip
     return "\n".join(lines)
 
 

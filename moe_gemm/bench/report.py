@@ -97,6 +97,10 @@ COLUMNS = {
     "fp8_speedup": Column("speedup", 7, ".2f"),
     "bf16_ms": Column("bf16_ms", 8, ".3f"),
     "x_bf16": Column("x_bf16", 6, ".2f"),
+    "blockwise_ms": Column("block_ms", 8, ".3f"),
+    "blockwise_tflops": Column("TFLOP/s", 7, ".1f"),
+    "blockwise_x_floor": Column("x_floor", 7, ".2f"),
+    "blockwise_rel_error": Column("rel_err", 7, ".1e"),
     # Expert parallelism (bench/ep.py): per rank, the slowest rank's median.
     "transport": Column("transport", 16, "s"),
     "world": Column("world", 5, "d"),
