@@ -192,8 +192,10 @@ class Sm90MoeGemmKernel {
   static_assert(kTileN % kEpiN == 0);
   static constexpr int kChunks = kTileN / kEpiN;
   // 16-bit tiles are stored under the next tile's MMAs (consume()); the swapped and split-K tiles store
-  // from registers or partials.
-  static constexpr bool kDeferStore = !kSwapAB && !kSplitK && sizeof(ElementD) == 2;
+  // from registers or partials, and blockwise FP8 tiles at once: their registers hold two more accumulators
+  // instead (mma_blockwise).
+  static constexpr bool kDeferStore =
+      !kSwapAB && !kSplitK && sizeof(ElementD) == 2 && kScales_ != Fp8Scales::kBlockwise;
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
@@ -813,11 +815,9 @@ class Sm90MoeGemmKernel {
         store_pending(0, kChunks);
       } else {
         if constexpr (kBlockwiseScales) {
-          mma_blockwise<kChunks, CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count,
-                                                     mma_thread_idx, shared_storage.tensors,
-                                                     BlockwiseScalesOf(params, work, tiled_mma, mma_thread_idx),
-                                                     [&](int k) { store_pending(k, k + 1); });
-          store_pending(k_blocks.count, kChunks);
+          mma_blockwise<CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
+                                            shared_storage.tensors,
+                                            BlockwiseScalesOf(params, work, tiled_mma, mma_thread_idx));
         } else if constexpr (kDeferStore) {
           mma_with_hook<kChunks, CollectiveMainloop, kGatherA>(pipeline, read_state, accumulators, k_blocks.count,
                                                      mma_thread_idx, shared_storage.tensors,

@@ -209,18 +209,17 @@ CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline&
 }
 
 // The MMAs of one tile whose k-blocks each have their own scales (FP8 with blockwise scales): each k-block is
-// multiplied into `block` (its first WGMMA zeroes it), waited for, and added into `accumulators` times its scale,
-// scales.load(k, s) giving s[h] for the thread's row of half h (WGMMA's accumulator layout ((2 columns, 2 row
-// halves, N / 8 column groups), MMA_M, MMA_N), one 64-row block per warpgroup). The next k-block's scales are read
-// under this one's MMAs. hook(k) runs after k-block k's MMAs are issued, for k < kHookSteps, as in mma_with_hook.
-// Waiting for each k-block idles this warpgroup's tensor-core queue while it adds, not the SM's: the other
-// warpgroup's MMAs run meanwhile. E.g. k-block k of K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s[h] =
-// x_scale[row_h, k] * w_scale[expert, n_block, k], and accumulators += s[h] * block over the k-block's 128 columns.
-template <int kHookSteps, class CollectiveMainloop, class Accumulators, class Scales, class Hook>
+// multiplied into a block accumulator (its first WGMMA zeroes it), waited for, and added into `accumulators` times
+// its scale, scales.load(k, s) giving s[h] for the thread's row of half h (WGMMA's accumulator layout ((2 columns,
+// 2 row halves, N / 8 column groups), MMA_M, MMA_N), one 64-row block per warpgroup). Two block accumulators take
+// turns, so that k-block k + 1's MMAs are queued before k-block k is waited for and added: the tensor cores never
+// wait for the addition. E.g. K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s[h] = x_scale[row_h, k] *
+// w_scale[expert, n_block, k], and accumulators += s[h] * block over each k-block's 128 columns.
+template <class CollectiveMainloop, class Accumulators, class Scales>
 CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline& pipeline,
                                   typename CollectiveMainloop::PipelineState read_state, Accumulators& accumulators,
                                   int k_tiles, int thread_idx, typename CollectiveMainloop::TensorStorage& tensors,
-                                  Scales const& scales, Hook&& hook) {
+                                  Scales const& scales) {
   using namespace cute;
   using TiledMma = typename CollectiveMainloop::TiledMma;
   static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 && size<1>(Accumulators{}) == 1 &&
@@ -235,18 +234,17 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
   auto thread_mma = tiled_mma.get_slice(warp_group_layout(warp_group));
   Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, PIPE)
   Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, PIPE)
-  Accumulators block;
+  auto release_state = read_state;
   clear(accumulators);
-  float next[2];
-  if (k_tiles > 0) {
-    scales.load(0, next);
+  if (k_tiles <= 0) {
+    return;
   }
-  CUTLASS_PRAGMA_NO_UNROLL
-  for (int k = 0; k < k_tiles; ++k) {
-    float const scale[2] = {next[0], next[1]};
+  // Queues the next k-block's MMAs into `block`.
+  auto issue = [&](Accumulators& block) {
     auto const token = pipeline.consumer_try_wait(read_state);
     pipeline.consumer_wait(read_state, token);
     int const stage = read_state.index();
+    warpgroup_fence_operand(accumulators);
     warpgroup_fence_operand(block);
     warpgroup_arrive();
     tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -256,16 +254,19 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
       tiled_mma.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    if (k + 1 < k_tiles) {
-      scales.load(k + 1, next);
-    }
-    if (k < kHookSteps) {
-      hook(k);
-    }
-    warpgroup_wait<0>();
     warpgroup_fence_operand(block);
-    pipeline.consumer_release(read_state);
+    warpgroup_fence_operand(accumulators);
     ++read_state;
+  };
+  // Adds the oldest k-block in flight, `block`, times `scale`, once its MMAs are done (Newer: how many later
+  // k-blocks' MMAs are queued behind them, 0 or 1, known at compile time so that ptxas sees which WGMMA registers
+  // are ready), and frees its stage.
+  auto add = [&](auto newer, Accumulators& block, float const (&scale)[2]) {
+    warpgroup_wait<decltype(newer)::value>();
+    warpgroup_fence_operand(block);
+    warpgroup_fence_operand(accumulators);
+    pipeline.consumer_release(release_state);
+    ++release_state;
     CUTLASS_PRAGMA_UNROLL
     for (int group = 0; group < kColumnGroups; ++group) {
       CUTLASS_PRAGMA_UNROLL
@@ -277,6 +278,28 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
         }
       }
     }
+  };
+  Accumulators even, odd;  // the blocks of the even and the odd k-blocks
+  float scale[2], next[2];   // those of k-blocks k and k + 1
+  scales.load(0, scale);
+  issue(even);
+  int k = 0;
+  CUTLASS_PRAGMA_NO_UNROLL
+  for (; k + 2 < k_tiles; k += 2) {  // even holds k-block k; k + 1 and k + 2 follow
+    issue(odd);
+    scales.load(k + 1, next);
+    add(Int<1>{}, even, scale);
+    issue(even);
+    scales.load(k + 2, scale);
+    add(Int<1>{}, odd, next);
+  }
+  if (k + 1 < k_tiles) {  // the last two
+    issue(odd);
+    scales.load(k + 1, next);
+    add(Int<1>{}, even, scale);
+    add(Int<0>{}, odd, next);
+  } else {
+    add(Int<0>{}, even, scale);
   }
 }
 
