@@ -35,6 +35,11 @@ def gather_tile_configs(table: pathlib.Path = TABLE) -> dict[str, str]:
     return {name: enum for enum, name, gather_a in ROW.findall(table.read_text()) if gather_a == "true"}
 
 
+# The FP8 forward kernels, (scales, tile): bf16 output, K-major weights (8-bit WGMMA reads K-major shared memory);
+# rowwise scales on two tiles, blockwise ones on 128x128 (plan_grouped_gemm_fp8 in moe_gemm.cpp).
+FP8_KERNELS = (("rowwise", "128x256"), ("rowwise", "128x128"), ("blockwise", "128x128"))
+
+
 def main() -> None:
     out_dir = HERE / "instantiations"
     out_dir.mkdir(exist_ok=True)
@@ -47,13 +52,10 @@ def main() -> None:
             path = out_dir / f"sm90_moe_gemm_{dtype}_{layout}_{tile}{suffix}.cu"
             path.write_text(HEADER + '#include "sm90_moe_gemm_launch.cuh"\n\n'
                             f"MOE_GEMM_INSTANTIATE({d}, {n_major}, {t}, {gather_a})\n")
-    # FP8 operands, bf16 output, K-major weights (8-bit WGMMA reads K-major shared memory): rowwise scales on two
-    # tiles, blockwise ones on 128x128 (plan_grouped_gemm_fp8).
-    for scales, tile, t in (("rowwise", "128x256", "k128x256"), ("rowwise", "128x128", "k128x128"),
-                            ("blockwise", "128x128", "k128x128")):
+    for scales, tile in FP8_KERNELS:
         path = out_dir / f"sm90_moe_gemm_fp8_{scales}_bf16_{tile}.cu"
         path.write_text(HEADER + '#include "sm90_moe_gemm_fp8_launch.cuh"\n\n'
-                        f"MOE_GEMM_INSTANTIATE_FP8({t}, k{scales.capitalize()})\n")
+                        f"MOE_GEMM_INSTANTIATE_FP8(k{tile}, k{scales.capitalize()})\n")
     for (dtype, d), (out, fp32) in itertools.product(DTYPES.items(), WGRAD_OUTPUTS.items()):
         gathers = [("", "kNone")]
         if out == "same":

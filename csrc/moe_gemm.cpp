@@ -279,7 +279,8 @@ char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, Fp8ScaleParams co
     if (scales.x_groups != 0) {
       return "rowwise FP8 scales: x_scale [M] (x_groups 0)";
     }
-    if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x256 && plan.config != TileConfig::k128x128) {
+    if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x256 &&
+        plan.config != TileConfig::k128x128) {
       return "the rowwise FP8 kernel has 128x256 and 128x128 tiles";
     }
   } else if (scales.kind == Fp8Scales::kBlockwise) {

@@ -20,8 +20,8 @@ struct Sm90MoeFp8GemmConfig {
   static_assert(!TileTraits<kConfig>::kSwapAB, "FP8: the token tiles, not the swapped decode ones");
   using ElementIn = cutlass::float_e4m3_t;
   using ElementD = cutlass::bfloat16_t;
-  using TileShape = cute::Shape<cute::Int<TileTraits<kConfig>::kInfo.tile_m>, cute::Int<TileTraits<kConfig>::kInfo.tile_n>,
-                                cute::_128>;
+  static constexpr TileConfigInfo kInfo = TileTraits<kConfig>::kInfo;
+  using TileShape = cute::Shape<cute::Int<kInfo.tile_m>, cute::Int<kInfo.tile_n>, cute::_128>;
   using ClusterShape = typename TileTraits<kConfig>::ClusterShape;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,

@@ -146,8 +146,10 @@ def grouped_forward_fp8(
         Not differentiable (no FP8 training yet): an argument that requires grad while grad mode is on raises
         ValueError, rather than a result silently cut off from the graph.
 
-    PyTorch ops for now on every device (dequantized per expert to float32, a host read of the sizes); the CUDA
-    kernel is issue 25's.
+    On an sm_90 GPU with the kernels built, ``[E, N, K]`` weights with a bf16 output run the FP8 CUDA kernel, with
+    rowwise scales (``x_scale [M]``, ``weight_scale [E, N]``) or blockwise weight scales (either ``x_scale``); the
+    other cases, and every other device, run PyTorch ops (dequantized per expert to float32, a host read of the
+    sizes).
     """
     kernels = _ops.FP8_KERNEL_BUILT and _kernels_for(x)
     weight, weight_scale, weight_transposed = _validation.validate_fp8(

@@ -20,7 +20,11 @@ pytestmark = [pytest.mark.gpu, requires_cuda_op,
               pytest.mark.skipif(not _ops.FP8_KERNEL_BUILT, reason="the FP8 kernel is not built")]  # fmt: skip
 
 # x_scale, weight_scale: "rows" [M], "channels" [E, N], "groups" [M, ceil(K/128)], "blocks" [E, ceil(N/128), ...].
-SCALINGS = {"rowwise": ("rows", "channels"), "blockwise": ("groups", "blocks"), "blockwise, x per row": ("rows", "blocks")}
+SCALINGS = {
+    "rowwise": ("rows", "channels"),
+    "blockwise": ("groups", "blocks"),
+    "blockwise, x per row": ("rows", "blocks"),
+}
 
 
 def fp8_problem(sizes, n, k, scaling="rowwise", num_rows=None, seed=0):

@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, suite: dict) -> int:
     """The FP8 table for the arguments of ``python -m moe_gemm.bench``; exit status 1 when a shape fails its check."""
     torch.manual_seed(args.seed)
     ceilings = (measure_fp8_ceiling(), report.measure_ceilings()[1])
-    kernel = "CUDA kernel" if _ops.FP8_KERNEL_BUILT else "PyTorch ops (no FP8 CUDA kernel built yet)"
+    kernel = "CUDA kernel" if _ops.FP8_KERNEL_BUILT else "PyTorch ops (the FP8 CUDA kernel is not built)"
     report.print_preamble(f"fp8 (moe_gemm's FP8 GEMM: {kernel}); routing {args.routing}, seed {args.seed}")
     print(f"# ceilings: dense FP8 8192^3 _scaled_mm {ceilings[0]:.0f} TFLOP/s, d2d copy {ceilings[1]:.2f} TB/s")
     total = len(args.models) * len(args.tokens) * len(args.gemms)
