@@ -9,10 +9,12 @@
 //   ./build/moe_gemm_profiler --wgrad --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048   (weight gradient)
 //   ./build/moe_gemm_profiler --wgrad --gather=x --experts=128 --tokens=4096 --topk=8 --n=1536 --k=2048
 //                                                                  (weight gradient, x's rows gathered; or grad_y)
+//   ./build/moe_gemm_profiler --dtype=fp8 --scales=blockwise --experts=256 --tokens=4096 --n=4096 --k=7168
+//                                                 (FP8 operands with DeepSeek-V3's scales; or --scales=rowwise)
 //   ncu --set full ./build/moe_gemm_profiler --tokens=16384 --ncu     (one launch, nothing else)
 //
-// Inputs are small random integers, so the float32 accumulation is exact and the output must equal
-// the reference rounded to the output type, element for element.
+// Inputs are small random integers (FP8 scales powers of two), so the float32 accumulation is exact and the
+// output must equal the reference rounded to the output type, element for element.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,7 +50,8 @@ struct Options {
   int64_t n = 1536;
   int64_t k = 2048;
   int extra_rows = 0;            // rows past the last expert (must come out as zeros)
-  std::string dtype = "bf16";    // bf16 | fp16
+  std::string dtype = "bf16";    // bf16 | fp16 | fp8 (e4m3 operands, bf16 output)
+  std::string scales = "blockwise";  // --dtype=fp8: rowwise (x [M], w [E, N]) | blockwise (x [M, K/128], w blocks)
   std::string layout = "nk";     // nk: weight [E, N, K];  kn: weight [E, K, N]
   std::string routing = "uniform";  // uniform | skewed
   std::string config = "auto";   // auto or a name of csrc/moe_tile_configs.h
@@ -76,6 +79,7 @@ struct Options {
     cmd.get_cmd_line_argument("k", k);
     cmd.get_cmd_line_argument("extra_rows", extra_rows);
     cmd.get_cmd_line_argument("dtype", dtype);
+    cmd.get_cmd_line_argument("scales", scales);
     cmd.get_cmd_line_argument("layout", layout);
     cmd.get_cmd_line_argument("routing", routing);
     cmd.get_cmd_line_argument("config", config);
@@ -107,7 +111,9 @@ struct Options {
         "  --sizes=a,b,c                     explicit rows per expert instead of routing\n"
         "  --n=N --k=K                       GEMM sizes (multiples of 8)\n"
         "  --extra_rows=R                    rows past the last expert (checked to be zero)\n"
-        "  --dtype=bf16|fp16  --layout=nk|kn\n"
+        "  --dtype=bf16|fp16|fp8  --layout=nk|kn\n"
+        "  --scales=rowwise|blockwise        --dtype=fp8: x per row and w per channel, or x per row and 128\n"
+        "                                    columns and w per 128 x 128 block (DeepSeek-V3's); bf16 output, nk\n"
         "  --config=%s\n"
         "                                    the tile configuration (default: the heuristic)\n"
         "  --dynamic=1|0|-1                  dynamic (tile counter) or static tile scheduling (-1: heuristic)\n"
@@ -389,6 +395,164 @@ int run(Options const& opt) {
   return passed ? 0 : 1;
 }
 
+// --dtype=fp8: the scale of index i, a power of two from 2^-1 to 2^1, so that scaled products stay exact.
+__global__ void fill_power_of_two_scales(float* ptr, int64_t count, uint32_t seed) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    uint64_t const h = (uint64_t(i) * 0x9E3779B97F4A7C15ull + seed) >> 33;
+    ptr[i] = float(h % 3 == 0 ? 0.5 : h % 3 == 1 ? 1.0 : 2.0);
+  }
+}
+
+// The FP8 reference: d[row, col] = sum over k-blocks of (sum_k a * b) * x scale * w scale, the scales as
+// moe_gemm::Fp8ScaleParams lays them out (x_groups 0: one x scale per row; rowwise: w_scale [E, N]).
+__global__ void reference_grouped_gemm_fp8(cutlass::float_e4m3_t const* a, cutlass::float_e4m3_t const* b,
+                                           moe_gemm::Fp8ScaleParams scales, float* d, int const* row_expert,
+                                           int64_t rows, int64_t n, int64_t k) {
+  int64_t const idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= rows * n) return;
+  int64_t const row = idx / n, col = idx % n;
+  int const e = row_expert[row];
+  if (e < 0) {
+    d[idx] = 0.f;
+    return;
+  }
+  int64_t const k_groups = (k + 127) / 128, n_groups = (n + 127) / 128;
+  float sum = 0.f;
+  for (int64_t g = 0; g < k_groups; ++g) {
+    float block = 0.f;
+    for (int64_t i = g * 128; i < std::min(k, g * 128 + 128); ++i) {
+      block += float(a[row * k + i]) * float(b[(int64_t(e) * n + col) * k + i]);
+    }
+    float const x_scale = scales.x_scale[scales.x_groups > 0 ? row * scales.x_groups + g : row];
+    float const w_scale = scales.kind == moe_gemm::Fp8Scales::kRowwise
+                              ? scales.w_scale[int64_t(e) * n + col]
+                              : scales.w_scale[(int64_t(e) * n_groups + col / 128) * k_groups + g];
+    sum += block * x_scale * w_scale;
+  }
+  d[idx] = sum;
+}
+
+// --dtype=fp8: the FP8 kernel (run_grouped_gemm_fp8), e4m3 operands [M, K] and [E, N, K], bf16 output, the
+// scales of --scales.
+int run_fp8(Options const& opt) {
+  using Fp8 = cutlass::float_e4m3_t;
+  using Out = cutlass::bfloat16_t;
+  Rows const rows = rows_of(opt);
+  std::vector<int> const& sizes = rows.sizes;
+  int const E = int(sizes.size());
+  int64_t const rows_routed = rows.routed, M = rows.M, N = opt.n, K = opt.k;
+  int64_t const k_groups = (K + 127) / 128, n_groups = (N + 127) / 128;
+  int const experts_hit = int(std::count_if(sizes.begin(), sizes.end(), [](int s) { return s > 0; }));
+  bool const blockwise = opt.scales == "blockwise";
+  if (!blockwise && opt.scales != "rowwise") {
+    std::fprintf(stderr, "unknown --scales=%s (rowwise or blockwise)\n", opt.scales.c_str());
+    return 1;
+  }
+  std::vector<int> row_expert(M, -1);
+  for (int e = 0, row = 0; e < E; ++e)
+    for (int i = 0; i < sizes[e]; ++i) row_expert[row++] = e;
+
+  int64_t const b_count = int64_t(E) * N * K;
+  int64_t const x_scale_count = blockwise ? M * k_groups : M;
+  int64_t const w_scale_count = blockwise ? int64_t(E) * n_groups * k_groups : int64_t(E) * N;
+  Fp8 *a, *b;
+  Out* d;
+  float *x_scale, *w_scale;
+  int* m_sizes;
+  CHECK_CUDA(cudaMalloc(&a, std::max<int64_t>(1, M * K)));
+  CHECK_CUDA(cudaMalloc(&b, std::max<int64_t>(1, b_count)));
+  CHECK_CUDA(cudaMalloc(&d, std::max<int64_t>(1, M * N) * sizeof(Out)));
+  CHECK_CUDA(cudaMalloc(&x_scale, std::max<int64_t>(1, x_scale_count) * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&w_scale, std::max<int64_t>(1, w_scale_count) * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&m_sizes, std::max(1, E) * sizeof(int)));
+  fill_small_integers<<<1024, 256>>>(a, M * K, uint32_t(opt.seed) * 2 + 1);
+  fill_small_integers<<<1024, 256>>>(b, b_count, uint32_t(opt.seed) * 2 + 2);
+  fill_power_of_two_scales<<<1024, 256>>>(x_scale, x_scale_count, uint32_t(opt.seed) * 2 + 3);
+  fill_power_of_two_scales<<<1024, 256>>>(w_scale, w_scale_count, uint32_t(opt.seed) * 2 + 4);
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaMemcpy(m_sizes, sizes.data(), E * sizeof(int), cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemset(d, 0xFF, M * N * sizeof(Out)));  // NaN: an element the kernel skips shows up
+
+  moe_gemm::GroupedGemmParams params;
+  params.a = a;
+  params.b = b;
+  params.d = d;
+  params.m_sizes = m_sizes;
+  params.dtype = moe_gemm::DType::kBFloat16;  // the output's
+  params.M = M;
+  params.N = N;
+  params.K = K;
+  params.E = E;
+  params.lda = K;
+  params.ldb = K;
+  params.batch_stride_b = N * K;
+  params.ldd = N;
+  moe_gemm::Fp8ScaleParams scales;
+  scales.kind = blockwise ? moe_gemm::Fp8Scales::kBlockwise : moe_gemm::Fp8Scales::kRowwise;
+  scales.x_scale = x_scale;
+  scales.w_scale = w_scale;
+  scales.x_groups = blockwise ? int32_t(k_groups) : 0;
+  moe_gemm::PlanOverride plan_override;
+  plan_override.dynamic_schedule = opt.dynamic;
+  if (!moe_gemm::parse_tile_config(opt.config.c_str(), &plan_override.config)) {
+    std::fprintf(stderr, "unknown --config=%s\n", opt.config.c_str());
+    return 1;
+  }
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm_fp8(params, scales.kind, plan_override);
+  if (char const* problem = moe_gemm::check_grouped_gemm_fp8(params, scales, plan)) {
+    std::fprintf(stderr, "cannot run: %s\n", problem);
+    return 1;
+  }
+  params.workspace = allocate_workspace(plan.workspace.total_bytes);
+  auto launch = [&]() { CHECK_CUDA(moe_gemm::run_grouped_gemm_fp8(params, scales, plan, nullptr)); };
+  if (!first_launch(opt, launch)) {
+    return 0;
+  }
+
+  bool passed = true;
+  if (opt.verify) {
+    float* ref;
+    int* dev_row_expert;
+    CHECK_CUDA(cudaMalloc(&ref, std::max<int64_t>(1, M * N) * sizeof(float)));
+    CHECK_CUDA(cudaMalloc(&dev_row_expert, std::max<int64_t>(1, M) * sizeof(int)));
+    CHECK_CUDA(cudaMemcpy(dev_row_expert, row_expert.data(), M * sizeof(int), cudaMemcpyHostToDevice));
+    if (M * N > 0) {
+      reference_grouped_gemm_fp8<<<unsigned((M * N + 255) / 256), 256>>>(a, b, scales, ref, dev_row_expert, M, N, K);
+      CHECK_CUDA(cudaGetLastError());
+    }
+    std::vector<Out> out(M * N);
+    std::vector<float> host_d(M * N), host_ref(M * N);
+    CHECK_CUDA(cudaMemcpy(out.data(), d, M * N * sizeof(Out), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, M * N * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int64_t i = 0; i < M * N; ++i) {
+      host_d[i] = float(out[i]);
+      host_ref[i] = float(Out(host_ref[i]));  // the exact sum, rounded to bf16
+    }
+    passed = count_mismatches(host_d, host_ref, [&](int64_t i) {
+               return "row " + std::to_string(i / N) + " col " + std::to_string(i % N);
+             }) == 0;
+    CHECK_CUDA(cudaFree(ref));
+    CHECK_CUDA(cudaFree(dev_row_expert));
+  }
+
+  double const ms = time_launches(opt, launch);
+  double const flops = 2.0 * rows_routed * N * K;
+  double const bytes = double(experts_hit) * N * K + double(M) * K + double(M) * N * sizeof(Out);
+  std::printf("experts=%d hit=%d M=%lld N=%lld K=%lld dtype=fp8 scales=%s config=%s schedule=%s\n", E, experts_hit,
+              (long long)M, (long long)N, (long long)K, opt.scales.c_str(), moe_gemm::tile_config_name(plan.config),
+              plan.dynamic_schedule ? "dynamic" : "static");
+  print_time(ms, flops, bytes);
+
+  CHECK_CUDA(cudaFree(a));
+  CHECK_CUDA(cudaFree(b));
+  CHECK_CUDA(cudaFree(d));
+  CHECK_CUDA(cudaFree(x_scale));
+  CHECK_CUDA(cudaFree(w_scale));
+  CHECK_CUDA(cudaFree(m_sizes));
+  if (params.workspace) CHECK_CUDA(cudaFree(params.workspace));
+  return passed ? 0 : 1;
+}
+
 // grad_W[e][p][q] = sum over the expert's rows of L[row][p] * R[row][q]; one thread per gradient element. Row
 // `row` of L is row l_rows[row] of `l` when l_rows is given, likewise for R.
 template <class Element>
@@ -552,6 +716,14 @@ int main(int argc, char const** argv) {
                  opt.gather_operand.c_str());
     return 1;
   }
+  if (opt.dtype == "fp8") {
+    if (opt.wgrad || opt.gather || opt.layout != "nk" || opt.split_k > 1) {
+      std::fprintf(stderr, "--dtype=fp8: the forward of [E, N, K] weights only (no --wgrad, --gather, --layout=kn or "
+                           "--split_k)\n");
+      return 1;
+    }
+    return run_fp8(opt);
+  }
   if (opt.wgrad) {
     if (opt.dtype == "fp16") return run_wgrad<cutlass::half_t>(opt);
     if (opt.dtype == "bf16") return run_wgrad<cutlass::bfloat16_t>(opt);
@@ -559,6 +731,6 @@ int main(int argc, char const** argv) {
     if (opt.dtype == "fp16") return run<cutlass::half_t>(opt);
     if (opt.dtype == "bf16") return run<cutlass::bfloat16_t>(opt);
   }
-  std::fprintf(stderr, "unknown --dtype=%s (bf16 or fp16)\n", opt.dtype.c_str());
+  std::fprintf(stderr, "unknown --dtype=%s (bf16, fp16 or fp8)\n", opt.dtype.c_str());
   return 1;
 }
