@@ -892,6 +892,8 @@ class Sm90MoeGemmKernel {
       last_col = params.N - 1 - col;
     }
     CUTLASS_DEVICE float operator()(int h, int group, int c, int) const {
+      static_assert(kTileM / kRowsPerWarpGroup<TiledMma, kTileM> == 2 && kRowsPerWarpGroup<TiledMma, kTileM> == 64,
+                    "one 64-row block per warpgroup: the row block argument is always 0");
       return row_scale[h] * __ldg(w_scale + cute::min(8 * group + c, last_col));
     }
   };

@@ -514,7 +514,7 @@ def grouped_mm_fp8_torch(x, x_scale, weight, weight_scale, m_sizes, weight_trans
     and multiplied in float32, then rounded to ``out_dtype``. Reads the sizes on the host, as ``grouped_mm_torch``'s
     loop; dequantizes one expert's weight at a time, and only those of the experts that own rows."""
     weight, weight_scale, weight_transposed = _validation.validate_fp8(
-        x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype, cuda_kernel=False
+        x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype
     )
     if weight_transposed:
         # [E, N, K] views. Block scales follow the weight's dims; per-channel ones are [E, N] in both layouts.
@@ -558,8 +558,7 @@ def _cuda_kernel_in_extension(name: str) -> bool:
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_gemm::{name}", "CUDA")
 
 
-# Whether _C has the FP8 GEMM's CUDA kernel: only then do its inputs on an sm_90 GPU follow that kernel's rules
-# (_validation.check_kernel_layout).
+# Whether _C has the FP8 GEMM's CUDA kernel (grouped_mm_fp8_cuda routes to it what it can take).
 FP8_KERNEL_BUILT = _cuda_kernel_in_extension("_grouped_mm_fp8_kernel")
 
 

@@ -267,10 +267,10 @@ def fp8_groups(size: int) -> int:
     return -(-size // FP8_GROUP)
 
 
-def validate_fp8(x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype, *, cuda_kernel):
+def validate_fp8(x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype):
     """All checks of ``grouped_forward_fp8`` (TypeError or ValueError naming the argument, saying what was expected and
-    what was given); ``cuda_kernel`` adds the CUDA kernel's rules (``check_kernel_layout``: N and K multiples of 16,
-    16-byte fp8 rows). Returns ``(weight, weight_scale, weight_transposed)`` to pass on: a weight whose memory is the
+    what was given). The CUDA kernel's own rules (N and K multiples of 16, 16-byte rows, [E, N, K] memory) refuse
+    nothing: its router (``_ops.grouped_mm_fp8_cuda``) sends what the kernel cannot take to the PyTorch ops. Returns ``(weight, weight_scale, weight_transposed)`` to pass on: a weight whose memory is the
     other layout is read through its transposed view (``normalize_weight_layout``), its block scales transposed alike.
     """
     tensors = {"x": x, "x_scale": x_scale, "weight": weight, "weight_scale": weight_scale, "m_sizes": m_sizes}
@@ -311,8 +311,6 @@ def validate_fp8(x, x_scale, weight, weight_scale, m_sizes, weight_transposed, o
     normalized, flag = normalize_weight_layout(weight, weight_transposed)
     if normalized is not weight and weight_scale.dim() == 3:
         weight_scale = weight_scale.transpose(-1, -2)
-    if cuda_kernel:
-        check_kernel_layout(x, normalized, flag)
     return normalized, weight_scale, flag
 
 

@@ -151,9 +151,8 @@ def grouped_forward_fp8(
     other cases, and every other device, run PyTorch ops (dequantized per expert to float32, a host read of the
     sizes).
     """
-    kernels = _ops.FP8_KERNEL_BUILT and _kernels_for(x)
     weight, weight_scale, weight_transposed = _validation.validate_fp8(
-        x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype, cuda_kernel=kernels
+        x, x_scale, weight, weight_scale, m_sizes, weight_transposed, out_dtype
     )
     inputs = {"x": x, "x_scale": x_scale, "weight": weight, "weight_scale": weight_scale}
     _validation.check_no_grad("grouped_forward_fp8", inputs)

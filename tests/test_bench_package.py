@@ -136,4 +136,5 @@ def test_the_fp8_table_on_cpu_checks_moe_gemm_and_reports_torch_refusing(cpu_sta
     for row in rows:  # moe_gemm's FP8 result checked and timed; torch's baseline has no CPU kernel: said, no failure
         # The bf16 output rounded: 1.7e-3 seen.
         assert row["check"] == "ok" and row["rel_error"] < 4e-3 and row["fp8_ms"] > 0 and row["x_bf16"] > 0
-        assert "scaled_gmm_ms" not in row and "torch._scaled_grouped_mm refused" in row["problem"]
+        assert "scaled_gmm_ms" not in row and "scaled_gmm_default_ms" not in row
+        assert "torch._scaled_grouped_mm (use_fast_accum=True) refused" in row["problem"]

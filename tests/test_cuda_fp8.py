@@ -55,10 +55,13 @@ def fp8_problem(sizes, n, k, scaling="rowwise", num_rows=None, seed=0):
 
 
 def run_poisoned(x, x_scale, weight, weight_scale, m_sizes):
-    poison = torch.full((x.shape[0] * weight.shape[1] + 4096,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    numel = x.shape[0] * weight.shape[1]
+    poison = torch.full((numel,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    poisoned = poison.data_ptr()
     del poison  # the caching allocator hands this NaN block to the output
     assert _ops._fp8_kernel_applies(x, x_scale, weight, weight_scale, False, None), "the kernel's case"
     out = moe_gemm.grouped_forward_fp8(x, x_scale, weight, weight_scale, m_sizes)
+    assert numel == 0 or out.data_ptr() == poisoned, "the output did not get the NaN-poisoned block"
     op = torch.ops.moe_gemm._grouped_mm_fp8_kernel.default
     assert torch.equal(out, op(x, x_scale, weight, weight_scale, m_sizes)), "not bitwise reproducible"
     return out
@@ -90,7 +93,7 @@ def test_matches_the_float64_reference(sizes, n, k, config, scaling):
 
 
 @pytest.mark.parametrize("scaling", list(SCALINGS))
-def test_rows_past_the_experts_are_zero_and_never_read(scaling):
+def test_rows_past_the_experts_are_zero_whatever_their_scales(scaling):
     sizes = [5, 0, 40]
     x, x_scale, weight, weight_scale, m_sizes = fp8_problem(sizes, 256, 256, scaling, num_rows=70)
     x_scale[45:] = float("nan")  # rows 45.. belong to no expert: their scales must not reach the output
@@ -98,6 +101,22 @@ def test_rows_past_the_experts_are_zero_and_never_read(scaling):
     assert torch.equal(out[45:], torch.zeros_like(out[45:]))
     reference = reference_of(x, x_scale, weight, weight_scale, sizes)
     assert_close_to_reference(out[:45].float().cpu(), reference[:45], dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", ["K not a multiple of 16", "N not a multiple of 16, [E, K, N]", "float32 output"])
+def test_what_the_kernel_cannot_take_runs_pytorch_ops(case):
+    # The kernel's rules refuse nothing on the GPU: grouped_forward_fp8 computes these as on the CPU.
+    k, n = (200, 256) if case.startswith("K") else (256, 40) if case.startswith("N") else (256, 256)
+    x, x_scale, weight, weight_scale, m_sizes = fp8_problem([7, 0, 30], n, k, "rowwise")
+    transposed = case.startswith("N")
+    w = weight.transpose(-1, -2).contiguous() if transposed else weight
+    out_dtype = torch.float32 if case == "float32 output" else torch.bfloat16
+    assert not _ops._fp8_kernel_applies(x, x_scale, w, weight_scale, transposed, out_dtype)
+    out = moe_gemm.grouped_forward_fp8(x, x_scale, w, weight_scale, m_sizes, weight_transposed=transposed,
+                                       out_dtype=out_dtype)  # fmt: skip
+    assert out.dtype == out_dtype
+    assert_close_to_reference(out.float().cpu(), reference_of(x, x_scale, weight, weight_scale, [7, 0, 30]),
+                              dtype=torch.bfloat16)  # fmt: skip
 
 
 def test_other_cases_take_the_pytorch_path():

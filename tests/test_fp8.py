@@ -434,22 +434,13 @@ GENERAL_CASES = {
     ),
 }  # fmt: skip
 
+# What only the CUDA kernel cannot take (its router sends these to the PyTorch ops): the function computes them.
 KERNEL_CASES = {
-    "K not a multiple of 16": (
-        good(x=fp8(12, 200), weight=fp8(3, 32, 200)), ValueError,
-        r"^x: the CUDA kernel needs K \(columns of x\) to be a multiple of 16 \(16-byte rows\), got 200",
-    ),
-    "N not a multiple of 16": (
-        good(weight=fp8(3, 40, 256)), ValueError, r"^weight: the CUDA kernel needs N to be a multiple of 16 .* N = 40"
-    ),
-    "N not a multiple of 16, transposed": (
-        good(weight=fp8(3, 256, 40), weight_scale=torch.ones(3, 2, 1), weight_transposed=True), ValueError,
-        r"^weight: .* N = 40",
-    ),
-    "x column-major": (
-        good(x=fp8(256, 12).t()), ValueError,
-        r"^x: the CUDA kernel cannot read it in place: the last dimension must have stride 1",
-    ),
+    "K not a multiple of 16": good(x=fp8(12, 200), weight=fp8(3, 32, 200)),
+    "N not a multiple of 16": good(weight=fp8(3, 40, 256)),
+    "N not a multiple of 16, transposed": good(weight=fp8(3, 256, 40), weight_scale=torch.ones(3, 2, 1),
+                                               weight_transposed=True),
+    "x column-major": good(x=fp8(256, 12).t()),
 }  # fmt: skip
 
 
@@ -475,28 +466,33 @@ def test_the_ops_pytorch_kernel_rejects(case):
         torch.ops.moe_gemm.grouped_mm_fp8(*arguments.values())
 
 
-@pytest.mark.parametrize("case", {**GENERAL_CASES, **KERNEL_CASES})
-def test_cuda_kernel_validation_rejects(case):
-    arguments, error, message = {**GENERAL_CASES, **KERNEL_CASES}[case]
+@pytest.mark.parametrize("case", GENERAL_CASES)
+def test_validation_rejects(case):
+    arguments, error, message = GENERAL_CASES[case]
     with pytest.raises(error, match=message):
-        _validation.validate_fp8(*arguments.values(), cuda_kernel=True)
+        _validation.validate_fp8(*arguments.values())
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_validation_leaves_what_only_the_cuda_kernel_refuses_to_its_router(case):
+    _validation.validate_fp8(*KERNEL_CASES[case].values())  # no error: the router takes them to the PyTorch ops
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES)
 def test_the_pytorch_path_takes_what_only_the_cuda_kernel_refuses(case):
-    arguments, _, _ = KERNEL_CASES[case]
+    arguments = KERNEL_CASES[case]
     assert call_function(arguments).shape == (12, arguments["weight"].shape[1 + arguments["weight_transposed"]])
 
 
-def test_cuda_kernel_validation_accepts_both_layouts_and_reads_the_other_one_through_a_view():
+def test_validation_accepts_both_layouts_and_reads_the_other_one_through_a_view():
     arguments = good()
     stored, stored_scale = arguments["weight"], arguments["weight_scale"]
-    weight, scale, flag = _validation.validate_fp8(*arguments.values(), cuda_kernel=True)
+    weight, scale, flag = _validation.validate_fp8(*arguments.values())
     assert weight is stored and scale is stored_scale and flag is False
     # An [E, N, K] weight handed over as its [E, K, N] view is read in place, its block scales transposed alike.
     arguments.update(weight=stored.transpose(-1, -2), weight_scale=stored_scale.transpose(-1, -2))
     arguments["weight_transposed"] = True
-    weight, scale, flag = _validation.validate_fp8(*arguments.values(), cuda_kernel=True)
+    weight, scale, flag = _validation.validate_fp8(*arguments.values())
     assert weight.is_contiguous() and weight.data_ptr() == stored.data_ptr() and flag is False
     assert torch.equal(scale, stored_scale) and scale.shape == (3, 1, 2)
 

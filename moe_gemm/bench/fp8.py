@@ -7,12 +7,15 @@ x and per output channel of the weight, ``quantize_fp8(group=None)``: ``amax / 4
 ``torch._scaled_grouped_mm`` has. The ``blockwise`` columns time moe_gemm with DeepSeek-V3's scaling on the same data
 (x per row and 128 columns, ``quantize_fp8``; weights per 128 x 128 block, ``quantize_fp8_weight``), which torch
 lacks. Each moe_gemm output is checked first against the float32 product of its dequantized operands (relative
-Frobenius error <= ``MAX_REL_ERROR``). Ceilings, measured in the same run: the FP8 dense matmul
-(``torch._scaled_mm``, 8192^3, rowwise scales) and the copy bandwidth; 'x floor' counts one byte per element of x and
-of the weights of the experts with rows, two per output element. ``speedup`` is ``torch._scaled_grouped_mm``'s time
-over moe_gemm's, ``x_bf16`` moe_gemm bf16's over moe_gemm FP8's. A torch baseline that refuses a shape is reported
-beside the row, and does not fail it. Without the FP8 CUDA kernel (``_ops.FP8_KERNEL_BUILT`` False) moe_gemm's FP8 op
-runs PyTorch ops: the preamble says so, and the times are those of that path.
+Frobenius error <= ``MAX_REL_ERROR``). torch runs with ``use_fast_accum=True``, the accumulation of moe_gemm's
+rowwise kernel (CUTLASS's FP8 fast accumulation over the whole of K; the blockwise kernel promotes to float32 every
+128 columns), and ``torch_acc_ms`` with its default, ``use_fast_accum=False``. Ceilings, measured in the same run:
+the FP8 dense matmul (``torch._scaled_mm``, 8192^3, rowwise scales) and the copy bandwidth; 'x floor' counts one byte
+per element of x and of the weights of the experts with rows, two per output element. ``speedup`` is
+``torch._scaled_grouped_mm``'s time (fast accumulation) over moe_gemm's, ``x_bf16`` moe_gemm bf16's over moe_gemm
+FP8's. A torch baseline that refuses a shape is reported beside the row, and does not fail it. Without the FP8 CUDA
+kernel (``_ops.FP8_KERNEL_BUILT`` False) moe_gemm's FP8 op runs PyTorch ops: the preamble says so, and the times are
+those of that path.
 """
 
 import argparse
@@ -28,8 +31,8 @@ from moe_gemm.layer_fp8 import quantize_fp8_weight
 from moe_gemm.reference import dequantize_fp8_reference
 
 TABLE = ("model", "tokens", "gemm", "M", "N", "K", "active", "fp8_ms", "fp8_tflops", "fp8_x_floor", "scaled_gmm_ms",
-         "fp8_speedup", "bf16_ms", "x_bf16", "rel_error", "blockwise_ms", "blockwise_tflops", "blockwise_x_floor",
-         "blockwise_rel_error", "check")  # fmt: skip
+         "scaled_gmm_default_ms", "fp8_speedup", "bf16_ms", "x_bf16", "rel_error", "blockwise_ms", "blockwise_tflops",
+         "blockwise_x_floor", "blockwise_rel_error", "check")  # fmt: skip
 
 
 def measure_fp8_ceiling() -> float:
@@ -101,15 +104,18 @@ def measure_shape(model: str, tokens: int, gemm: str, weight: torch.Tensor, coun
     timed["bf16_ms"] = lambda: torch.ops.moe_gemm.grouped_mm.default(x, weight_bf16, m_sizes, False)
     offs = torch.cumsum(m_sizes, 0).to(torch.int32)
 
-    def scaled_grouped_mm():
-        return torch._scaled_grouped_mm(x_fp8, w_fp8.transpose(-2, -1), x_scale, w_scale, offs=offs,
-                                        out_dtype=torch.bfloat16)  # fmt: skip
+    for key, fast_accum in (("scaled_gmm_ms", True), ("scaled_gmm_default_ms", False)):
 
-    try:
-        scaled_grouped_mm()
-        timed["scaled_gmm_ms"] = scaled_grouped_mm
-    except (RuntimeError, AttributeError, NotImplementedError) as error:
-        problems.append(f"torch._scaled_grouped_mm refused: {report.error_line(error)}")
+        def scaled_grouped_mm(fast_accum=fast_accum):
+            return torch._scaled_grouped_mm(x_fp8, w_fp8.transpose(-2, -1), x_scale, w_scale, offs=offs,
+                                            out_dtype=torch.bfloat16, use_fast_accum=fast_accum)  # fmt: skip
+
+        try:
+            scaled_grouped_mm()
+            timed[key] = scaled_grouped_mm
+        except (RuntimeError, AttributeError, NotImplementedError, TypeError) as error:
+            problems.append(f"torch._scaled_grouped_mm (use_fast_accum={fast_accum}) refused: "
+                            f"{report.error_line(error)}")  # fmt: skip
     row.update(zip(timed, timing.bench_interleaved_ms(list(timed.values()))))
     row["check"] = "ok" if problem is None else "FAIL"
     row["problem"] = "; ".join(p for p in [problem, *problems] if p) or None

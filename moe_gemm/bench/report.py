@@ -94,6 +94,7 @@ COLUMNS = {
     "fp8_tflops": Column("TFLOP/s", 7, ".1f"),
     "fp8_x_floor": Column("x_floor", 7, ".2f"),
     "scaled_gmm_ms": Column("torch_ms", 8, ".3f"),
+    "scaled_gmm_default_ms": Column("torch_acc_ms", 12, ".3f"),
     "fp8_speedup": Column("speedup", 7, ".2f"),
     "bf16_ms": Column("bf16_ms", 8, ".3f"),
     "x_bf16": Column("x_bf16", 6, ".2f"),
