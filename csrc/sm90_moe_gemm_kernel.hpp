@@ -870,6 +870,27 @@ class Sm90MoeGemmKernel {
     }
   }
 
+  // FP8: the rows of A (global indices) of this thread's accumulators, row half h, clamped into the expert (rows
+  // past it read its last row's scale; they are not stored), and the thread's first column of the tile.
+  struct ThreadRows {
+    int64_t row[2];
+    int32_t col;
+    CUTLASS_DEVICE ThreadRows(MoeWorkTile const& work, TiledMma const& tiled_mma, int mma_thread_idx) {
+      using namespace cute;
+      static_assert(kTileM / kRowsPerWarpGroup<TiledMma, kTileM> == 2 && kRowsPerWarpGroup<TiledMma, kTileM> == 64,
+                    "one 64-row block per warpgroup: two rows per thread");
+      Tensor coords =
+          tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
+      int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
+      int32_t const last_row = work.rows - work.m_block * kTileM - 1;
+      CUTLASS_PRAGMA_UNROLL
+      for (int h = 0; h < 2; ++h) {
+        row[h] = row0 + cute::min(int32_t(get<0>(coords(2 * h))), last_row);
+      }
+      col = int32_t(get<1>(coords(0)));
+    }
+  };
+
   // kRowwiseScales, as pack_tile's scale: the factor of accumulator (pair element c, row half h, column group g) of
   // row block m (one 64-row block per warpgroup here).
   struct RowwiseScaleOf {
@@ -878,44 +899,34 @@ class Sm90MoeGemmKernel {
     int32_t last_col;      // columns from w_scale on that exist (clamped: those past N are not stored)
     CUTLASS_DEVICE RowwiseScaleOf(Params const& params, MoeWorkTile const& work, TiledMma const& tiled_mma,
                                   int mma_thread_idx) {
-      using namespace cute;
-      Tensor coords =
-          tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
-      int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
-      int32_t const last_row = work.rows - work.m_block * kTileM - 1;
+      ThreadRows const rows(work, tiled_mma, mma_thread_idx);
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h) {
-        row_scale[h] = __ldg(params.scales.x_scale + row0 + cute::min(int32_t(get<0>(coords(2 * h))), last_row));
+        row_scale[h] = __ldg(params.scales.x_scale + rows.row[h]);
       }
-      int32_t const col = work.n_block * kTileN + int32_t(get<1>(coords(0)));
+      int32_t const col = work.n_block * kTileN + rows.col;
       w_scale = params.scales.w_scale + int64_t(work.expert) * params.N + col;
       last_col = params.N - 1 - col;
     }
-    CUTLASS_DEVICE float operator()(int h, int group, int c, int) const {
-      static_assert(kTileM / kRowsPerWarpGroup<TiledMma, kTileM> == 2 && kRowsPerWarpGroup<TiledMma, kTileM> == 64,
-                    "one 64-row block per warpgroup: the row block argument is always 0");
+    CUTLASS_DEVICE float operator()(int h, int group, int c, int) const {  // row block 0: ThreadRows' assert
       return row_scale[h] * __ldg(w_scale + cute::min(8 * group + c, last_col));
     }
   };
 
   // kBlockwiseScales, mma_blockwise's scales: load(k, s) sets s[h] to the factor of k-block k for this thread's row
-  // of half h, x_scale[row, k] * w_scale[expert, n_block, k] (x_scale[row] * ... for x_scale [M]). Rows past the
-  // expert read the scale of its last row (they are not stored); the whole tile shares its weight block.
+  // of half h, x_scale[row, k] * w_scale[expert, n_block, k] (x_scale[row] * ... for x_scale [M]); the whole tile
+  // shares its weight block.
   struct BlockwiseScalesOf {
     float const* x_rows[2];  // x_scale of the two rows, at k-block 0
     float const* w_blocks;   // w_scale[expert, n_block, :]
     int32_t x_k_stride;      // 1, or 0 for x_scale [M]
     CUTLASS_DEVICE BlockwiseScalesOf(Params const& params, MoeWorkTile const& work, TiledMma const& tiled_mma,
                                      int mma_thread_idx) {
-      using namespace cute;
-      Tensor coords =
-          tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
-      int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
-      int32_t const last_row = work.rows - work.m_block * kTileM - 1;
+      ThreadRows const rows(work, tiled_mma, mma_thread_idx);
       int64_t const ld = params.scales.x_groups > 0 ? params.scales.x_groups : 1;
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h) {
-        x_rows[h] = params.scales.x_scale + (row0 + cute::min(int32_t(get<0>(coords(2 * h))), last_row)) * ld;
+        x_rows[h] = params.scales.x_scale + rows.row[h] * ld;
       }
       x_k_stride = params.scales.x_groups > 0 ? 1 : 0;
       w_blocks = params.scales.w_scale +

@@ -226,6 +226,37 @@ int64_t count_mismatches(std::vector<float> const& got, std::vector<float> const
   return mismatches;
 }
 
+// Whether the kernel's output d [M, N] equals, element for element, the float32 reference that
+// launch_reference(ref, row_expert) writes on the device (row_expert [M]: each row's expert, -1 past the last),
+// rounded to the output type.
+template <class Out, class LaunchReference>
+bool matches_reference(Out const* d, int64_t M, int64_t N, std::vector<int> const& row_expert,
+                       LaunchReference&& launch_reference) {
+  float* ref;
+  int* dev_row_expert;
+  CHECK_CUDA(cudaMalloc(&ref, std::max<int64_t>(1, M * N) * sizeof(float)));
+  CHECK_CUDA(cudaMalloc(&dev_row_expert, std::max<int64_t>(1, M) * sizeof(int)));
+  CHECK_CUDA(cudaMemcpy(dev_row_expert, row_expert.data(), M * sizeof(int), cudaMemcpyHostToDevice));
+  if (M * N > 0) {
+    launch_reference(ref, dev_row_expert);
+    CHECK_CUDA(cudaGetLastError());
+  }
+  std::vector<Out> out(M * N);
+  std::vector<float> host_d(M * N), host_ref(M * N);
+  CHECK_CUDA(cudaMemcpy(out.data(), d, M * N * sizeof(Out), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, M * N * sizeof(float), cudaMemcpyDeviceToHost));
+  for (int64_t i = 0; i < M * N; ++i) {
+    host_d[i] = float(out[i]);
+    host_ref[i] = float(Out(host_ref[i]));  // the exact sum, rounded to the output type
+  }
+  bool const passed = count_mismatches(host_d, host_ref, [&](int64_t i) {
+                        return "row " + std::to_string(i / N) + " col " + std::to_string(i % N);
+                      }) == 0;
+  CHECK_CUDA(cudaFree(ref));
+  CHECK_CUDA(cudaFree(dev_row_expert));
+  return passed;
+}
+
 // Device memory of `bytes` (nullptr for none), poisoned with 0xFF bytes (NaN in every float type): a
 // split that reads a partial nobody wrote shows up as NaN. The counters at its start are zeroed by run_*.
 void* allocate_workspace(size_t bytes) {
@@ -291,9 +322,8 @@ int run(Options const& opt) {
   for (int64_t r = 0; r < int64_t(gather_rows.size()); ++r) gather_rows[r] = r * 7919 % a_rows;
 
   Element *a, *b, *d;
-  int *m_sizes, *dev_row_expert;
+  int* m_sizes;
   int64_t* dev_gather_rows = nullptr;
-  float* ref;
   CHECK_CUDA(cudaMalloc(&a, std::max<int64_t>(1, a_rows * K) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&b, std::max<int64_t>(1, b_count) * sizeof(Element)));
   CHECK_CUDA(cudaMalloc(&d, std::max<int64_t>(1, M * N) * sizeof(Element)));
@@ -353,31 +383,10 @@ int run(Options const& opt) {
     return 0;
   }
 
-  bool passed = true;
-  if (opt.verify) {
-    CHECK_CUDA(cudaMalloc(&ref, std::max<int64_t>(1, M * N) * sizeof(float)));
-    CHECK_CUDA(cudaMalloc(&dev_row_expert, std::max<int64_t>(1, M) * sizeof(int)));
-    CHECK_CUDA(cudaMemcpy(dev_row_expert, row_expert.data(), M * sizeof(int), cudaMemcpyHostToDevice));
-    int64_t const elements = M * N;
-    if (elements > 0) {
-      reference_grouped_gemm<<<unsigned((elements + 255) / 256), 256>>>(a, dev_gather_rows, b, ref, dev_row_expert,
-                                                                        M, N, K, params.b_n_major);
-      CHECK_CUDA(cudaGetLastError());
-    }
-    std::vector<Element> out(M * N);
-    std::vector<float> host_d(M * N), host_ref(M * N);
-    CHECK_CUDA(cudaMemcpy(out.data(), d, M * N * sizeof(Element), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, M * N * sizeof(float), cudaMemcpyDeviceToHost));
-    for (int64_t i = 0; i < M * N; ++i) {
-      host_d[i] = float(out[i]);
-      host_ref[i] = float(Element(host_ref[i]));  // the exact sum, rounded to the output type
-    }
-    passed = count_mismatches(host_d, host_ref, [&](int64_t i) {
-               return "row " + std::to_string(i / N) + " col " + std::to_string(i % N);
-             }) == 0;
-    CHECK_CUDA(cudaFree(ref));
-    CHECK_CUDA(cudaFree(dev_row_expert));
-  }
+  bool const passed = !opt.verify || matches_reference(d, M, N, row_expert, [&](float* ref, int const* experts) {
+    reference_grouped_gemm<<<unsigned((M * N + 255) / 256), 256>>>(a, dev_gather_rows, b, ref, experts, M, N, K,
+                                                                  params.b_n_major);
+  });
 
   double const ms = time_launches(opt, launch);
   double const flops = 2.0 * rows_routed * N * K;
@@ -511,31 +520,9 @@ int run_fp8(Options const& opt) {
     return 0;
   }
 
-  bool passed = true;
-  if (opt.verify) {
-    float* ref;
-    int* dev_row_expert;
-    CHECK_CUDA(cudaMalloc(&ref, std::max<int64_t>(1, M * N) * sizeof(float)));
-    CHECK_CUDA(cudaMalloc(&dev_row_expert, std::max<int64_t>(1, M) * sizeof(int)));
-    CHECK_CUDA(cudaMemcpy(dev_row_expert, row_expert.data(), M * sizeof(int), cudaMemcpyHostToDevice));
-    if (M * N > 0) {
-      reference_grouped_gemm_fp8<<<unsigned((M * N + 255) / 256), 256>>>(a, b, scales, ref, dev_row_expert, M, N, K);
-      CHECK_CUDA(cudaGetLastError());
-    }
-    std::vector<Out> out(M * N);
-    std::vector<float> host_d(M * N), host_ref(M * N);
-    CHECK_CUDA(cudaMemcpy(out.data(), d, M * N * sizeof(Out), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaMemcpy(host_ref.data(), ref, M * N * sizeof(float), cudaMemcpyDeviceToHost));
-    for (int64_t i = 0; i < M * N; ++i) {
-      host_d[i] = float(out[i]);
-      host_ref[i] = float(Out(host_ref[i]));  // the exact sum, rounded to bf16
-    }
-    passed = count_mismatches(host_d, host_ref, [&](int64_t i) {
-               return "row " + std::to_string(i / N) + " col " + std::to_string(i % N);
-             }) == 0;
-    CHECK_CUDA(cudaFree(ref));
-    CHECK_CUDA(cudaFree(dev_row_expert));
-  }
+  bool const passed = !opt.verify || matches_reference(d, M, N, row_expert, [&](float* ref, int const* experts) {
+    reference_grouped_gemm_fp8<<<unsigned((M * N + 255) / 256), 256>>>(a, b, scales, ref, experts, M, N, K);
+  });
 
   double const ms = time_launches(opt, launch);
   double const flops = 2.0 * rows_routed * N * K;
