@@ -248,6 +248,28 @@ cudaError_t run_config(GroupedGemmParams const& params, GroupedGemmPlan const& p
 
 }  // namespace
 
+namespace {
+
+// What the forward launches (16-bit and FP8) do once their checks pass, before the kernel: nothing for an empty
+// output, zeros for an empty reduction (K = 0 or no experts: every row is an empty sum or past the last expert),
+// else the workspace's counters zeroed. `launch` says whether the kernel is still to run; the status is that of
+// what was done.
+cudaError_t prepare_forward(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream,
+                            bool& launch) {
+  launch = false;
+  if (params.M == 0 || params.N == 0) {
+    return cudaSuccess;
+  }
+  if (params.K == 0 || params.E == 0) {
+    return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);  // 16-bit outputs
+  }
+  cudaError_t const status = prepare_launch(plan.workspace, params.workspace, stream);
+  launch = status == cudaSuccess;
+  return status;
+}
+
+}  // namespace
+
 template <TileConfig kConfig, Fp8Scales kScales>
 cudaError_t run_sm90_moe_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams const& scales,
                                   GroupedGemmPlan const& plan, cudaStream_t stream);
@@ -305,13 +327,8 @@ cudaError_t run_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams
       (params.E > 0 && scales.w_scale == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  if (params.M == 0 || params.N == 0) {
-    return cudaSuccess;
-  }
-  if (params.K == 0 || params.E == 0) {
-    return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);
-  }
-  if (cudaError_t status = prepare_launch(plan.workspace, params.workspace, stream); status != cudaSuccess) {
+  bool launch = false;
+  if (cudaError_t status = prepare_forward(params, plan, stream, launch); !launch) {
     return status;
   }
   if (scales.kind == Fp8Scales::kBlockwise) {
@@ -327,14 +344,8 @@ cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan co
   if (check_grouped_gemm(params) != nullptr || check_grouped_gemm_plan(params, plan) != nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (params.M == 0 || params.N == 0) {
-    return cudaSuccess;
-  }
-  if (params.K == 0 || params.E == 0) {
-    // Nothing to multiply: every row is either an empty sum or past the last expert.
-    return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);
-  }
-  if (cudaError_t status = prepare_launch(plan.workspace, params.workspace, stream); status != cudaSuccess) {
+  bool launch = false;
+  if (cudaError_t status = prepare_forward(params, plan, stream, launch); !launch) {
     return status;
   }
   return with_16bit_dtype_and_flag(params.dtype, params.b_n_major, [&](auto dtype, auto b_n_major) {
