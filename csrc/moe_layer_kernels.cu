@@ -10,12 +10,14 @@
 #include "moe_layer_kernels.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 namespace moe_gemm {
 
@@ -415,6 +417,79 @@ __global__ void moe_combine_kernel(CombineParams const params) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// FP8 quantization
+
+// max that propagates NaN from either side, as torch's amax does (fmaxf drops it).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ float warp_nan_max(float value) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = nan_max(value, __shfl_xor_sync(kFullMask, value, offset));
+  }
+  return value;
+}
+
+// amax / 448 floored at FLT_MIN, NaN kept (torch's clamp_min keeps it).
+__device__ __forceinline__ float fp8_scale(float amax) {
+  float const scale = amax / 448.0f;
+  return scale < FLT_MIN ? FLT_MIN : scale;
+}
+
+// Saturation to +-448 then round to nearest even, as clamp then .to(torch.float8_e4m3fn); NaN stays NaN.
+__device__ __forceinline__ uint8_t to_e4m3(float value) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(value, __NV_SATFINITE, __NV_E4M3));
+}
+
+// Lane l of the row's warp reads and writes columns base + 32 i + l: each warp access is one contiguous run.
+template <typename Element>
+__global__ void moe_quantize_fp8_kernel(QuantizeFp8Params const params) {
+  int const lane = threadIdx.x % kWarpSize;
+  int64_t const warps = int64_t(gridDim.x) * (blockDim.x / kWarpSize);
+  int64_t const groups = (params.K + 127) / 128;
+  for (int64_t row = blockIdx.x * int64_t(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; row < params.rows;
+       row += warps) {
+    Element const* x = static_cast<Element const*>(params.x) + row * params.ld;
+    uint8_t* out = params.x_fp8 + row * params.K;
+    if (params.group == 0) {
+      float amax = 0.0f;
+      for (int64_t c = lane; c < params.K; c += kWarpSize) {
+        amax = nan_max(amax, fabsf(to_float(x[c])));
+      }
+      float const scale = fp8_scale(warp_nan_max(amax));
+      if (lane == 0) {
+        params.scale[row] = scale;
+      }
+      for (int64_t c = lane; c < params.K; c += kWarpSize) {
+        out[c] = to_e4m3(to_float(x[c]) / scale);
+      }
+      continue;
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      float values[4];
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int64_t const c = g * 128 + i * kWarpSize + lane;
+        values[i] = c < params.K ? to_float(x[c]) : 0.0f;
+        amax = nan_max(amax, fabsf(values[i]));
+      }
+      float const scale = fp8_scale(warp_nan_max(amax));
+      if (lane == 0) {
+        params.scale[row * groups + g] = scale;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int64_t const c = g * 128 + i * kWarpSize + lane;
+        if (c < params.K) {
+          out[c] = to_e4m3(values[i] / scale);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Type dispatch
 
 template <typename Function>
@@ -540,6 +615,24 @@ cudaError_t run_combine(CombineParams const& params, cudaStream_t stream) {
       moe_combine_kernel<Element, Weight><<<grid, kThreads, 0, stream>>>(params);
       return cudaGetLastError();
     });
+  });
+}
+
+cudaError_t run_quantize_fp8(QuantizeFp8Params const& params, cudaStream_t stream) {
+  if (params.rows == 0 || (params.K == 0 && params.group != 0)) {
+    return cudaSuccess;
+  }
+  if (params.group != 0 && params.group != 128) {
+    return cudaErrorInvalidValue;
+  }
+  return with_element(params.dtype, [&](auto element) {
+    using Element = decltype(element);
+    constexpr int kThreads = 256;
+    int64_t const warps_needed = params.rows;
+    int const blocks = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>((warps_needed + kThreads / kWarpSize - 1) / (kThreads / kWarpSize), 8192)));
+    moe_quantize_fp8_kernel<Element><<<blocks, kThreads, 0, stream>>>(params);
+    return cudaGetLastError();
   });
 }
 

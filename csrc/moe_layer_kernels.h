@@ -1,8 +1,8 @@
 // The seam of the MoE layer's small kernels (moe_layer_kernels.cu): dispatch, the gated activation and its
-// backward, and combine, with plain pointers and sizes, no torch types. They compute what moe_gemm/dispatch.py and
-// moe_gemm/layer.py compute with tensor ops, in one launch each, so that a decode step of
-// moe_gemm.experts_forward costs a handful of launches instead of about twenty-five ops, and a prefill step reads
-// and writes each activation once.
+// backward, combine and FP8 quantization, with plain pointers and sizes, no torch types. They compute what
+// moe_gemm/dispatch.py, moe_gemm/layer.py and moe_gemm/_ops.py compute with tensor ops, in one launch each, so that
+// a decode step of moe_gemm.experts_forward costs a handful of launches instead of about twenty-five ops, and a
+// prefill step reads and writes each activation once.
 #pragma once
 
 #include <cstdint>
@@ -101,10 +101,28 @@ struct CombineParams {
   DType weights_dtype = DType::kFloat32;
 };
 
+// FP8 quantization, as moe_gemm/_ops.py's quantize_fp8_torch computes it, bit for bit: over each group of row r
+// (128 columns [128 g, 128 g + 128), or the whole row when group is 0), scale = max(amax / 448, FLT_MIN) in
+// float32, and x_fp8[r, c] = x[r, c] / scale saturated to +-448 and rounded to the nearest float8_e4m3fn (even on
+// ties). A NaN or +-inf makes its group's amax and scale NaN or inf, and the group dequantizes to NaN. E.g. a group
+// whose largest magnitude is 3.5 gets scale 3.5 / 448 = 0.0078125, and its 3.5 becomes 448. One warp per row; one
+// pass over the row per group of 128, two for a whole row.
+struct QuantizeFp8Params {
+  void const* x = nullptr;  // [rows, K], rows ld elements apart, inner stride 1
+  int64_t ld = 0;
+  uint8_t* x_fp8 = nullptr;  // [rows, K] contiguous float8_e4m3fn
+  float* scale = nullptr;    // [rows, ceil(K / 128)] contiguous, or [rows] when group is 0
+  int64_t rows = 0;
+  int64_t K = 0;
+  int32_t group = 128;  // 128 or 0
+  DType dtype = DType::kBFloat16;
+};
+
 // Asynchronous launches on `stream` (nothing for empty inputs); each returns the launch status.
 cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream);
 cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream_t stream);
 cudaError_t run_gated_activation_backward(GatedActivationBackwardParams const& params, cudaStream_t stream);
 cudaError_t run_combine(CombineParams const& params, cudaStream_t stream);
+cudaError_t run_quantize_fp8(QuantizeFp8Params const& params, cudaStream_t stream);
 
 }  // namespace moe_gemm

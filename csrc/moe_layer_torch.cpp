@@ -1,9 +1,10 @@
-// The CUDA kernels of the ops moe_gemm::dispatch_pairs, gated_activation, gated_activation_backward and
-// combine_rows (their schemas and fake kernels are Python, in moe_gemm/_ops.py): the MoE layer's small kernels of
-// moe_layer_kernels.cu. The layer calls them only where moe_gemm/_ops.py's *_applies say they take the arguments;
-// the checks here guard direct calls.
+// The CUDA kernels of the ops moe_gemm::dispatch_pairs, gated_activation, gated_activation_backward,
+// combine_rows and _quantize_fp8_kernel (their schemas and fake kernels are Python, in moe_gemm/_ops.py): the MoE
+// layer's small kernels of moe_layer_kernels.cu. The layer calls them only where moe_gemm/_ops.py's *_applies (or
+// routers) say they take the arguments; the checks here guard direct calls.
 #include <algorithm>
 #include <array>
+#include <optional>
 #include <tuple>
 #include <utility>
 
@@ -162,6 +163,32 @@ at::Tensor combine_cuda(at::Tensor const& y, at::Tensor const& row_of_pair, at::
   return out;
 }
 
+// (x_fp8 float8_e4m3fn [M, K], x_scale float32 [M, ceil(K/128)] or [M]) of x [M, K] (bf16, fp16 or float32, inner
+// stride 1): quantize_fp8's CUDA kernel (QuantizeFp8Params).
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_kernel_cuda(at::Tensor const& x, std::optional<int64_t> group) {
+  TORCH_CHECK(x.dim() == 2, "moe_gemm: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(!group.has_value() || *group == 128, "moe_gemm: group must be 128 or None");
+  TORCH_CHECK(x.is_cuda() && (x.size(0) <= 1 || x.size(1) == 0 || x.stride(1) == 1),
+              "moe_gemm: x must be a CUDA tensor of inner stride 1");
+  moe_gemm::check_sm90(x.device(), kOp);
+  c10::cuda::CUDAGuard device_guard(x.device());
+  int64_t const M = x.size(0), K = x.size(1);
+  at::Tensor x_fp8 = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scale = group.has_value() ? at::empty({M, (K + 127) / 128}, x.options().dtype(at::kFloat))
+                                       : at::empty({M}, x.options().dtype(at::kFloat));
+  moe_gemm::QuantizeFp8Params params;
+  params.x = x.data_ptr();
+  params.ld = M > 1 ? x.stride(0) : K;
+  params.x_fp8 = static_cast<uint8_t*>(x_fp8.data_ptr());
+  params.scale = scale.data_ptr<float>();
+  params.rows = M;
+  params.K = K;
+  params.group = group.has_value() ? 128 : 0;
+  params.dtype = moe_gemm::to_dtype(x.scalar_type(), kOp, "x");
+  C10_CUDA_CHECK(moe_gemm::run_quantize_fp8(params, c10::cuda::getCurrentCUDAStream()));
+  return {x_fp8, scale};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
@@ -169,4 +196,5 @@ TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("gated_activation", &gated_activation_cuda);
   m.impl("gated_activation_backward", &gated_activation_backward_cuda);
   m.impl("combine_rows", &combine_cuda);
+  m.impl("_quantize_fp8_kernel", &quantize_fp8_kernel_cuda);
 }

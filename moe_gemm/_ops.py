@@ -98,6 +98,8 @@ SCHEMAS = {
         "ScalarType? out_dtype=None) -> Tensor"
     ),
     "quantize_fp8": "(Tensor x, int? group=128) -> (Tensor x_fp8, Tensor x_scale)",
+    # quantize_fp8's CUDA kernel (csrc/moe_layer_kernels.h, QuantizeFp8Params), called by its router only.
+    "_quantize_fp8_kernel": "(Tensor x, int? group=128) -> (Tensor x_fp8, Tensor x_scale)",
     # The CUDA kernel of grouped_mm_fp8's rowwise and blockwise cases, called by its router only (grouped_mm_fp8_cuda).
     "_grouped_mm_fp8_kernel": "(Tensor x, Tensor x_scale, Tensor weight, Tensor w_scale, Tensor m_sizes) -> Tensor",
     "route": (
@@ -595,8 +597,21 @@ def _no_fp8_backward(name: str):
 
 torch.library.register_kernel("moe_gemm::grouped_mm_fp8", "cpu", grouped_mm_fp8_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_fp8", "cuda", grouped_mm_fp8_cuda)
-torch.library.register_kernel("moe_gemm::quantize_fp8", ("cpu", "cuda"), quantize_fp8_torch)
-for _name in ("grouped_mm_fp8", "quantize_fp8", "_grouped_mm_fp8_kernel"):
+QUANTIZE_FP8_KERNEL_BUILT = _cuda_kernel_in_extension("_quantize_fp8_kernel")
+
+
+def quantize_fp8_cuda(x, group=128):
+    """``moe_gemm::quantize_fp8`` on CUDA: one kernel (``_quantize_fp8_kernel``, bit for bit ``quantize_fp8_torch``)
+    for bfloat16, float16 and float32 on a device whose kernels run, else the PyTorch ops."""
+    _validation.check_quantize_fp8(x, group)
+    if QUANTIZE_FP8_KERNEL_BUILT and kernels_available(x.device) and x.dtype in ROUTE_AND_LAYER_KERNEL_DTYPES:
+        return torch.ops.moe_gemm._quantize_fp8_kernel.default(x if x.stride(-1) == 1 else x.contiguous(), group)
+    return quantize_fp8_torch(x, group)
+
+
+torch.library.register_kernel("moe_gemm::quantize_fp8", "cpu", quantize_fp8_torch)
+torch.library.register_kernel("moe_gemm::quantize_fp8", "cuda", quantize_fp8_cuda)
+for _name in ("grouped_mm_fp8", "quantize_fp8", "_grouped_mm_fp8_kernel", "_quantize_fp8_kernel"):
     # Without it, torch would backpropagate zeros through the op, with a warning.
     torch.library.register_autograd(f"moe_gemm::{_name}", _no_fp8_backward(_name))
 
@@ -613,6 +628,7 @@ def _grouped_mm_fp8_fake(x, x_scale, weight, weight_scale, m_sizes, weight_trans
 
 
 @torch.library.register_fake("moe_gemm::quantize_fp8")
+@torch.library.register_fake("moe_gemm::_quantize_fp8_kernel")
 def _quantize_fp8_fake(x, group=128):
     num_rows, k = x.shape
     scale_shape = (num_rows,) if group is None else (num_rows, _validation.fp8_groups(k))

@@ -1,10 +1,11 @@
-"""The FP8 CUDA kernel (``_grouped_mm_fp8_kernel``, reached through ``grouped_forward_fp8``'s router), with rowwise
-scales (x per row, weight per output channel) and blockwise ones (weight per 128 x 128 block, x per row and 128
-columns or per row): against the float64 reference of its dequantized operands on fresh random data whose magnitude
-varies from block to block (a scale read from the wrong block shows), NaN-poisoned outputs, experts without rows and
-ending mid-tile, tails of at most 64 rows, sizes summing short of M, both rowwise tiles, K and N at the 16-element
-limit and ending mid-block; the router's other cases on the PyTorch path; CUDA-graph replay with new sizes; opcheck
-and torch.compile."""
+"""The FP8 CUDA kernels. The GEMM (``_grouped_mm_fp8_kernel``, reached through ``grouped_forward_fp8``'s router),
+with rowwise scales (x per row, weight per output channel) and blockwise ones (weight per 128 x 128 block, x per row
+and 128 columns or per row): against the float64 reference of its dequantized operands on fresh random data whose
+magnitude varies from block to block (a scale read from the wrong block shows), NaN-poisoned outputs, experts without
+rows and ending mid-tile, tails of at most 64 rows, sizes summing short of M, both rowwise tiles, K and N at the
+16-element limit and ending mid-block; the router's other cases on the PyTorch path; CUDA-graph replay with new
+sizes; opcheck and torch.compile. The quantization (``_quantize_fp8_kernel``, reached through ``quantize_fp8``): bit
+for bit the PyTorch ops' result, zeros, NaN, inf and subnormal results included, on strided rows too."""
 
 import pytest
 import torch
@@ -152,3 +153,54 @@ def test_opcheck_and_compile(scaling):
     compiled = torch.compile(moe_gemm.grouped_forward_fp8, fullgraph=True)
     assert torch.equal(compiled(x, x_scale, weight, weight_scale, m_sizes),
                        moe_gemm.grouped_forward_fp8(x, x_scale, weight, weight_scale, m_sizes))  # fmt: skip
+
+
+def special_rows(num_rows, k, dtype, seed=0):
+    """Random rows whose magnitude varies per 128-column group (2**-20 to 2**12, so that some values land among
+    e4m3's subnormals), with a zero row, -0.0, a NaN and an inf in the first rows when there is room."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = (k + 127) // 128
+    x = torch.randn(num_rows, k, generator=generator)
+    magnitudes = 2.0 ** torch.randint(-20, 13, (num_rows, max(groups, 1)), generator=generator)
+    x *= magnitudes.repeat_interleave(128, 1)[:, :k]
+    if num_rows >= 4 and k >= 2:
+        x[0] = 0.0
+        x[1, 0] = -0.0
+        x[2, 1] = float("nan")
+        x[3, k - 1] = float("inf")
+    return x.to(dtype)
+
+
+def bits(tensor):
+    """The tensor's bytes as integers, so that NaNs compare equal to themselves."""
+    return tensor.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("group", [128, None])
+@pytest.mark.parametrize("num_rows, k", [(0, 256), (5, 0), (37, 2880), (2, 7168), (300, 16), (6, 130)])
+def test_the_quantize_kernel_is_bitwise_the_pytorch_ops(num_rows, k, group, dtype):
+    assert _ops.QUANTIZE_FP8_KERNEL_BUILT
+    x = special_rows(num_rows, k, dtype).cuda()
+    x_fp8, x_scale = moe_gemm.quantize_fp8(x, group=group)
+    expected_fp8, expected_scale = _ops.quantize_fp8_torch(x, group)
+    assert x_fp8.dtype == torch.float8_e4m3fn and x_scale.dtype == torch.float32
+    assert x_fp8.shape == expected_fp8.shape and x_scale.shape == expected_scale.shape
+    assert torch.equal(bits(x_fp8), bits(expected_fp8)) and torch.equal(bits(x_scale), bits(expected_scale))
+    if num_rows >= 4 and k >= 2:  # the NaN and the inf make their groups NaN, never a silent finite value
+        assert x_fp8[2].float().isnan().any() and x_fp8[3].float().isnan().any()
+
+
+@pytest.mark.parametrize("group", [128, None])
+def test_the_quantize_kernel_reads_strided_rows(group):
+    wide = special_rows(40, 700, torch.bfloat16, seed=1).cuda()
+    for x in (wide[:, 50:650], wide[::3, :600], wide[:, :600].t().contiguous().t()):  # row-strided, column-major
+        got, expected = moe_gemm.quantize_fp8(x, group=group), _ops.quantize_fp8_torch(x.contiguous(), group)
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("group", [128, None])
+def test_opcheck_quantize_kernel(group):
+    x = special_rows(20, 300, torch.bfloat16, seed=2).cuda().nan_to_num(0.0, 0.0, 0.0)
+    torch.library.opcheck(torch.ops.moe_gemm._quantize_fp8_kernel.default, (x, group),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip
