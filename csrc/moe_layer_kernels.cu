@@ -430,9 +430,11 @@ __device__ __forceinline__ float warp_nan_max(float value) {
   return value;
 }
 
-// amax / 448 floored at FLT_MIN, NaN kept (torch's clamp_min keeps it).
+// amax / 448 floored at FLT_MIN, NaN kept (torch's clamp_min keeps it). A product with the reciprocal, as
+// _ops.fp8_scale writes it (torch on CUDA divides by a Python number that way): the division can differ in the
+// last bit.
 __device__ __forceinline__ float fp8_scale(float amax) {
-  float const scale = amax / 448.0f;
+  float const scale = __fmul_rn(amax, 1.0f / 448.0f);
   return scale < FLT_MIN ? FLT_MIN : scale;
 }
 
@@ -441,50 +443,70 @@ __device__ __forceinline__ uint8_t to_e4m3(float value) {
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(value, __NV_SATFINITE, __NV_E4M3));
 }
 
-// Lane l of the row's warp reads and writes columns base + 32 i + l: each warp access is one contiguous run.
+// Groups of 128 columns: one warp per (row, group), lane l holding columns 32 i + l of it, so that each warp access
+// is one contiguous run and a short input (decode's few rows) still spreads over every SM.
 template <typename Element>
-__global__ void moe_quantize_fp8_kernel(QuantizeFp8Params const params) {
+__global__ void moe_quantize_fp8_groups_kernel(QuantizeFp8Params const params) {
   int const lane = threadIdx.x % kWarpSize;
   int64_t const warps = int64_t(gridDim.x) * (blockDim.x / kWarpSize);
   int64_t const groups = (params.K + 127) / 128;
-  for (int64_t row = blockIdx.x * int64_t(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize; row < params.rows;
-       row += warps) {
+  for (int64_t item = blockIdx.x * int64_t(blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
+       item < params.rows * groups; item += warps) {
+    int64_t const row = item / groups;
+    int64_t const first = (item % groups) * 128;
     Element const* x = static_cast<Element const*>(params.x) + row * params.ld;
     uint8_t* out = params.x_fp8 + row * params.K;
-    if (params.group == 0) {
-      float amax = 0.0f;
-      for (int64_t c = lane; c < params.K; c += kWarpSize) {
-        amax = nan_max(amax, fabsf(to_float(x[c])));
-      }
-      float const scale = fp8_scale(warp_nan_max(amax));
-      if (lane == 0) {
-        params.scale[row] = scale;
-      }
-      for (int64_t c = lane; c < params.K; c += kWarpSize) {
-        out[c] = to_e4m3(to_float(x[c]) / scale);
-      }
-      continue;
+    float values[4];
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int64_t const c = first + i * kWarpSize + lane;
+      values[i] = c < params.K ? to_float(x[c]) : 0.0f;
+      amax = nan_max(amax, fabsf(values[i]));
     }
-    for (int64_t g = 0; g < groups; ++g) {
-      float values[4];
-      float amax = 0.0f;
+    float const scale = fp8_scale(warp_nan_max(amax));
+    if (lane == 0) {
+      params.scale[item] = scale;
+    }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int64_t const c = g * 128 + i * kWarpSize + lane;
-        values[i] = c < params.K ? to_float(x[c]) : 0.0f;
-        amax = nan_max(amax, fabsf(values[i]));
+    for (int i = 0; i < 4; ++i) {
+      int64_t const c = first + i * kWarpSize + lane;
+      if (c < params.K) {
+        out[c] = to_e4m3(__fdiv_rn(values[i], scale));
       }
-      float const scale = fp8_scale(warp_nan_max(amax));
-      if (lane == 0) {
-        params.scale[row * groups + g] = scale;
-      }
+    }
+  }
+}
+
+// One scale per row: one block per row, the block's max over shared memory, then a second read of the row (from L1
+// or L2) to write it.
+template <typename Element, int kThreads>
+__global__ void moe_quantize_fp8_rows_kernel(QuantizeFp8Params const params) {
+  __shared__ float warp_amax[kThreads / kWarpSize];
+  for (int64_t row = blockIdx.x; row < params.rows; row += gridDim.x) {
+    Element const* x = static_cast<Element const*>(params.x) + row * params.ld;
+    uint8_t* out = params.x_fp8 + row * params.K;
+    float amax = 0.0f;
+    for (int64_t c = threadIdx.x; c < params.K; c += kThreads) {
+      amax = nan_max(amax, fabsf(to_float(x[c])));
+    }
+    amax = warp_nan_max(amax);
+    if (threadIdx.x % kWarpSize == 0) {
+      warp_amax[threadIdx.x / kWarpSize] = amax;
+    }
+    __syncthreads();
+    amax = 0.0f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int64_t const c = g * 128 + i * kWarpSize + lane;
-        if (c < params.K) {
-          out[c] = to_e4m3(values[i] / scale);
-        }
-      }
+    for (int w = 0; w < kThreads / kWarpSize; ++w) {
+      amax = nan_max(amax, warp_amax[w]);
+    }
+    __syncthreads();  // warp_amax is rewritten by the next row
+    float const scale = fp8_scale(amax);
+    if (threadIdx.x == 0) {
+      params.scale[row] = scale;
+    }
+    for (int64_t c = threadIdx.x; c < params.K; c += kThreads) {
+      out[c] = to_e4m3(__fdiv_rn(to_float(x[c]), scale));
     }
   }
 }
@@ -628,10 +650,15 @@ cudaError_t run_quantize_fp8(QuantizeFp8Params const& params, cudaStream_t strea
   return with_element(params.dtype, [&](auto element) {
     using Element = decltype(element);
     constexpr int kThreads = 256;
-    int64_t const warps_needed = params.rows;
-    int const blocks = static_cast<int>(std::max<int64_t>(
-        1, std::min<int64_t>((warps_needed + kThreads / kWarpSize - 1) / (kThreads / kWarpSize), 8192)));
-    moe_quantize_fp8_kernel<Element><<<blocks, kThreads, 0, stream>>>(params);
+    if (params.group == 0) {
+      int const blocks = static_cast<int>(std::min<int64_t>(params.rows, 65536));
+      moe_quantize_fp8_rows_kernel<Element, kThreads><<<blocks, kThreads, 0, stream>>>(params);
+    } else {
+      int64_t const items = params.rows * ((params.K + 127) / 128);
+      constexpr int kWarps = kThreads / kWarpSize;
+      int const blocks = static_cast<int>(std::min<int64_t>((items + kWarps - 1) / kWarps, 65536));
+      moe_quantize_fp8_groups_kernel<Element><<<blocks, kThreads, 0, stream>>>(params);
+    }
     return cudaGetLastError();
   });
 }

@@ -533,9 +533,17 @@ def grouped_mm_fp8_torch(x, x_scale, weight, weight_scale, m_sizes, weight_trans
     return out
 
 
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """``amax / 448`` floored at ``FP8_MIN_SCALE``, written as a product with the reciprocal: torch on CUDA divides by
+    a Python number that way and on CPU it does not, so the two devices' scales would differ in the last bit (amax 3.0
+    gives 0x3bdb6db7 by division, 0x3bdb6db8 by the product); the product is what both, and ``_quantize_fp8_kernel``,
+    compute."""
+    return (amax * (1.0 / FP8_MAX)).clamp_min(FP8_MIN_SCALE)
+
+
 def quantize_fp8_torch(x, group=128):
     """``moe_gemm::quantize_fp8`` in PyTorch ops, in float32: over each group of ``group`` columns of a row (the whole
-    row when None), ``scale = amax / 448`` floored at ``FP8_MIN_SCALE``, ``x_fp8 = x / scale`` rounded to nearest.
+    row when None), ``scale = amax / 448`` floored at ``FP8_MIN_SCALE`` (``fp8_scale``), ``x_fp8 = x / scale`` rounded to nearest.
     The quotient is clamped to +-448: rounding can carry the group's amax a hair past it, and whether a cast past the
     format's range saturates or gives NaN is up to the torch version. No sync, no check of the values: a NaN or +-inf
     makes its group's scale NaN or inf, and the whole group dequantizes to NaN."""
@@ -549,7 +557,7 @@ def quantize_fp8_torch(x, group=128):
         groups = _validation.fp8_groups(k)
         padded = torch.nn.functional.pad(values.abs(), (0, groups * group - k))
         amax = padded.reshape(num_rows, groups, group).amax(dim=2)
-    scale = (amax / FP8_MAX).clamp_min(FP8_MIN_SCALE)
+    scale = fp8_scale(amax)
     per_column = scale.unsqueeze(1) if group is None else scale[:, torch.arange(k, device=x.device) // group]
     x_fp8 = (values / per_column).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return x_fp8.contiguous(), scale

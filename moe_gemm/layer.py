@@ -447,6 +447,10 @@ class _ExpertsFunction(torch.autograd.Function):
             ctx.options = (act, concatenated, gate_up_flag, down_flag, num_experts)
             # A weight read through its transposed view gets its gradient transposed back.
             ctx.weights_viewed = (gate_up_read is not gate_up_proj, down_read is not down_proj)
+        if ctx is not None and torch.compiler.is_compiling():
+            # torch 2.11's Dynamo hands this Function's backward a zero gradient unless its output is a copy (every
+            # gradient of tests/test_layer.py's trace test came out zero; torch 2.13 needs no copy).
+            out = out.clone()
         return out
 
     @staticmethod

@@ -1,11 +1,13 @@
-"""``python -m moe_gemm.bench --ep`` as a group of one on the CPU (gloo), and its command line. Several ranks run it
-in tests/test_distributed.py."""
+"""``python -m moe_gemm.bench --ep`` as a group of one: on the CPU (gloo), or through NCCL on the GPU where the kernels
+run; and its command line. Several ranks run it in tests/test_distributed.py."""
 
 import json
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from moe_gemm import _ops
 from moe_gemm.bench import __main__ as cli
 from moe_gemm.bench import ep
 from moe_gemm.distributed import TRANSPORTS
@@ -32,7 +34,9 @@ def test_ep_benchmark_as_a_group_of_one(tmp_path, capsys):
     assert ep.run(args, configs={"tiny": TINY}) == 0
     assert not dist.is_initialized()  # the group it made is gone
     report = json.loads(path.read_text())
-    assert report["world_size"] == 1 and report["device"] == "CPU"
+    # With the kernels (a GPU machine), the same run goes through NCCL on the one GPU.
+    on_gpu = _ops.kernels_unavailable_reason() is None and torch.cuda.is_available()
+    assert report["world_size"] == 1 and report["device"] == (torch.cuda.get_device_name() if on_gpu else "CPU")
     rows = report["rows"]
     assert [(r["tokens"], r["transport"], r["step"]) for r in rows] == [
         (tokens, name, step) for tokens in (0, 7) for name in TRANSPORTS for step in ("dispatch", "combine")
@@ -45,4 +49,7 @@ def test_ep_benchmark_as_a_group_of_one(tmp_path, capsys):
     assert layer["tokens"] == 6 and layer["check"] == "ok" and layer["rel_error"] < 1e-2
     assert layer["fwd_tflops"] == pytest.approx(6 * 6 * 2 * 32 * 16 / (layer["fwd_ms"] * 1e9))
     out = capsys.readouterr().out
-    assert "1 rank(s) of CPU" in out and "smoke test" in out
+    if on_gpu:
+        assert f"1 rank(s) of {report['device']}" in out and "smoke test" not in out
+    else:
+        assert "1 rank(s) of CPU" in out and "smoke test" in out

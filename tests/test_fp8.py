@@ -209,12 +209,13 @@ def test_quantize_fp8_round_trip(dtype, group):
     assert x_fp8.dtype == FP8 and x_fp8.shape == (37, 300) and x_fp8.is_contiguous()
     assert scale.dtype == torch.float32 and scale.shape == ((37, 3) if group else (37,))
 
-    # Each group's scale is its amax / 448, so its largest value lands on +-448.
+    # Each group's scale is its amax / 448 (as a product with the reciprocal, which torch on CUDA computes for a
+    # division by a number; _ops.fp8_scale), so its largest value lands on +-448.
     width = group or 300
     for start in range(0, 300, width):
         amax = x[:, start : start + width].float().abs().amax(dim=1)
         scale_column = scale[:, start // width] if group else scale
-        assert torch.equal(scale_column, amax / 448)
+        assert torch.equal(scale_column, amax * (1.0 / 448))
         assert torch.equal(x_fp8[:, start : start + width].float().abs().amax(dim=1), torch.full((37,), 448.0))
 
     x = x.double()

@@ -15,12 +15,13 @@ from moe_gemm.reference import experts_forward_reference
 
 def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[E, N, K]`` -> float8_e4m3fn weight and ``[E, ceil(N/128), ceil(K/128)]`` scales, amax / 448 per 128 x 128
-    block: written here apart from the package's ``quantize_fp8_weight``, which is checked against it."""
+    block (as a product with the reciprocal, the package's rounding): written here apart from the package's
+    ``quantize_fp8_weight``, which is checked against it."""
     num_experts, n, k = weight.shape
     nb, kb = -(-n // 128), -(-k // 128)
     padded = torch.nn.functional.pad(weight.float(), (0, kb * 128 - k, 0, nb * 128 - n))
     blocks = padded.reshape(num_experts, nb, 128, kb, 128)
-    scale = (blocks.abs().amax(dim=(2, 4)) / 448).clamp_min(1e-12)
+    scale = (blocks.abs().amax(dim=(2, 4)) * (1.0 / 448)).clamp_min(1e-12)
     quantized = (blocks / scale[:, :, None, :, None]).reshape(num_experts, nb * 128, kb * 128)[:, :n, :k]
     return quantized.to(torch.float8_e4m3fn), scale
 
