@@ -12,6 +12,9 @@ namespace moe_gemm {
 
 template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA>
 cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream);
+template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, GateUpLayout kGateUp>
+cudaError_t run_sm90_moe_gemm_gated(GroupedGemmParams const& params, GroupedGemmPlan const& plan,
+                                    cudaStream_t stream);
 
 namespace {
 
@@ -78,6 +81,25 @@ TileConfig gather_tile_config(TileConfig config) {
   return TileConfig::k128x128;  // a tile width without a gathering configuration: the narrowest one
 }
 
+TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout) {
+  TileConfigInfo const& info = tile_config_info(config);
+  if (info.swap_ab || layout == GateUpLayout::kNone) {
+    return TileConfig::kAuto;
+  }
+  // The widest gated tile no wider than `config`'s whose half divides I (concatenated halves are loaded and
+  // stored half a tile at a time); interleaved columns need no such division.
+  TileConfig best = TileConfig::kAuto;
+  int best_n = 0;
+  for (TileConfigInfo const& candidate : kTileConfigs) {
+    bool const divides = layout != GateUpLayout::kConcatenated || I % (candidate.tile_n / 2) == 0;
+    if (candidate.gated && candidate.tile_n <= info.tile_n && candidate.tile_n > best_n && divides) {
+      best = candidate.config;
+      best_n = candidate.tile_n;
+    }
+  }
+  return best;
+}
+
 // Split-K pays only when the tiles leave at least half the SMs idle (decode): then S = floor(SMs / T)
 // splits of at least 1024 of K each, at most 16, where T is the most tiles the sizes allow. Example
 // (132 SMs): Mixtral-8x7B down at 1 token (M = 2, E = 8, N = 4096, K = 14336, 16x128s): T = 2 x 32 = 64
@@ -115,12 +137,21 @@ GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& p, PlanOverride const
     TileConfig const chosen = choose_tile_config(p.M, p.N, p.E);
     plan.config = p.gather_rows != nullptr ? gather_tile_config(chosen) : chosen;
   }
+  // A gated call runs the gated configuration of that choice where there is one (an override's own only if it is
+  // gated and fits I): unsplit, since the gated kernels have no split-K.
+  if (p.gate_up_layout != GateUpLayout::kNone) {
+    TileConfig const gated = gated_tile_config(plan.config, p.N / 2, p.gate_up_layout);
+    plan.gated = gated != TileConfig::kAuto && (override.config == TileConfig::kAuto || gated == plan.config);
+    if (plan.gated) {
+      plan.config = gated;
+    }
+  }
   TileConfigInfo const& tile = tile_config_info(plan.config);
   int64_t const tiles_n = ceil_div(p.N, tile.tile_n);
 
   // An explicit split is clamped to the k-blocks (no empty split), and so that the work units (tile slots x
   // splits) stay below 2^30: the kernel counts them in 32 bits.
-  if (tile.split_k) {
+  if (tile.split_k && !plan.gated) {
     int64_t const split = override.split_k > 0 ? override.split_k
                                                : choose_split_k(p.M, p.N, p.K, p.E, plan.sm_count, plan.config);
     int64_t const tile_slots = max_m_blocks(p.M, p.E, tile.tile_m) * tiles_n;
@@ -193,7 +224,8 @@ char const* check_grouped_gemm(GroupedGemmParams const& p) {
   if (p.N % 8 != 0 || p.K % 8 != 0) {
     return "N and K must be multiples of 8 (rows of 16 bytes for TMA)";
   }
-  if (p.lda % 8 != 0 || p.ldb % 8 != 0 || p.batch_stride_b % 8 != 0 || p.ldd % 8 != 0) {
+  // With K = 0 nothing is read (the output is zeros), and torch gives an empty row the stride 1.
+  if ((p.K > 0 && (p.lda % 8 != 0 || p.ldb % 8 != 0 || p.batch_stride_b % 8 != 0)) || p.ldd % 8 != 0) {
     return "row and expert strides must be multiples of 8 elements (16 bytes)";
   }
   if (!aligned16(p.a) || !aligned16(p.b) || !aligned16(p.d)) {
@@ -201,6 +233,16 @@ char const* check_grouped_gemm(GroupedGemmParams const& p) {
   }
   if (p.E > 0 && p.m_sizes == nullptr) {
     return "m_sizes is null";
+  }
+  if (p.gate_up_layout != GateUpLayout::kNone) {
+    if (p.N % 16 != 0) {
+      return "a gated call needs N = 2I with I a multiple of 8 (rows of 16 bytes for TMA)";
+    }
+    if (p.activated == nullptr || !aligned16(p.activated) || p.ld_activated % 8 != 0 || p.ld_activated < p.N / 2) {
+      return "a gated call needs its [M, I] output at a 16-byte aligned address, rows a multiple of 8 elements apart";
+    }
+  } else if (p.d == nullptr && p.M > 0 && p.N > 0) {
+    return "D is null";
   }
   // Gathering, `a` is the [gather_source_rows, K] source, its rows indexed in 32 bits.
   if (p.gather_rows != nullptr && p.M > 0 &&
@@ -215,6 +257,11 @@ char const* check_grouped_gemm_plan(GroupedGemmParams const& p, GroupedGemmPlan 
     return "this tile configuration has no kernel that gathers A's rows (the configurations marked gather_a in "
            "csrc/moe_tile_configs.h have one)";
   }
+  if (p.gate_up_layout != GateUpLayout::kNone && plan.config != TileConfig::kAuto && !plan.gated) {
+    return "no gated-epilogue kernel for this call: the swapped decode tiles have none, concatenated gate and up "
+           "halves need I a multiple of 64, and a forced configuration must be a gated "
+           "one (the configurations marked gated in csrc/moe_tile_configs.h); run the GEMM, then the activation";
+  }
   return nullptr;
 }
 
@@ -222,8 +269,25 @@ namespace {
 
 // The kernel of one configuration, gathering or not (check_grouped_gemm_plan refused a gathering call of a
 // configuration without a gathering kernel before this).
+template <DType kDType, bool kBNMajor, TileConfig kConfig, GateUpLayout kGateUp>
+cudaError_t run_gated_kernel(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {
+  if (params.gather_rows != nullptr) {
+    return run_sm90_moe_gemm_gated<kDType, kBNMajor, kConfig, true, kGateUp>(params, plan, stream);
+  }
+  return run_sm90_moe_gemm_gated<kDType, kBNMajor, kConfig, false, kGateUp>(params, plan, stream);
+}
+
 template <DType kDType, bool kBNMajor, TileConfig kConfig>
 cudaError_t run_kernel(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {
+  if constexpr (tile_config_info(kConfig).gated) {
+    static_assert(tile_config_info(kConfig).gather_a, "the gated configurations gather too");
+    if (params.gate_up_layout == GateUpLayout::kInterleaved) {
+      return run_gated_kernel<kDType, kBNMajor, kConfig, GateUpLayout::kInterleaved>(params, plan, stream);
+    }
+    if (params.gate_up_layout == GateUpLayout::kConcatenated) {
+      return run_gated_kernel<kDType, kBNMajor, kConfig, GateUpLayout::kConcatenated>(params, plan, stream);
+    }
+  }
   if constexpr (tile_config_info(kConfig).gather_a) {
     if (params.gather_rows != nullptr) {
       return run_sm90_moe_gemm<kDType, kBNMajor, kConfig, true>(params, plan, stream);
@@ -261,7 +325,16 @@ cudaError_t prepare_forward(GroupedGemmParams const& params, GroupedGemmPlan con
     return cudaSuccess;
   }
   if (params.K == 0 || params.E == 0) {
-    return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);  // 16-bit outputs
+    // Nothing to multiply: every row is either an empty sum or past the last expert (gated: act(0) * 0 = 0). The
+    // outputs are 16-bit; the gated kernel's activated output has N / 2 columns.
+    if (params.gate_up_layout != GateUpLayout::kNone) {
+      cudaError_t const status =
+          cudaMemset2DAsync(params.activated, params.ld_activated * 2, 0, params.N, params.M, stream);
+      if (status != cudaSuccess || params.d == nullptr) {
+        return status;
+      }
+    }
+    return cudaMemset2DAsync(params.d, params.ldd * 2, 0, params.N * 2, params.M, stream);
   }
   cudaError_t const status = prepare_launch(plan.workspace, params.workspace, stream);
   launch = status == cudaSuccess;

@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include "moe_activation.h"
 #include "moe_dtype.h"
 #include "moe_gemm_workspace.h"
 #include "moe_tile_configs.h"
@@ -47,6 +48,14 @@ struct GroupedGemmParams {
   // [0, gather_source_rows) reads a row of zeros (cp.async's zero-fill; nothing outside `a` is read).
   int64_t const* gather_rows = nullptr;
   int64_t gather_source_rows = 0;  // rows of `a` when gathering (1 to 2^31 - 1)
+  // The gated activation in the epilogue (gate_up_layout not kNone; the op grouped_mm_gated): D's N = 2I columns
+  // are gate and up, laid out as gate_up_layout says (so are the weight's N rows); the call writes
+  // activated[r, i] = act(gate[r, i]) * up[r, i] ([M, I], rounded as moe_layer_kernels.h's gated activation of the
+  // 16-bit D) and D itself only when d is not null. Rows past the last expert are zeros in both.
+  GateUpLayout gate_up_layout = GateUpLayout::kNone;
+  GatedActivation activation = GatedActivation::kSilu;
+  void* activated = nullptr;      // [M, I], row stride ld_activated, inner stride 1
+  int64_t ld_activated = 0;
 };
 
 // What tests and A/B measurements may force instead of the heuristics. check_plan_override() says whether
@@ -72,6 +81,11 @@ struct GroupedGemmPlan {
   int sm_count = 0;                       // the SMs the persistent grid may use
   int64_t max_units = 0;                  // the most work units (cluster tiles x splits) the sizes allow
   WorkspaceLayout workspace;              // counters (zeroed by run_grouped_gemm) and split-K partials
+  // A gated call (gate_up_layout not kNone): whether `config` runs the gated epilogue. When false (decode sizes,
+  // whose swapped tiles have none, or concatenated halves that no gated tile divides), run_grouped_gemm refuses
+  // the plan, and the caller runs the plain GEMM (the same params with gate_up_layout kNone) then the separate
+  // activation (moe_layer_kernels.h): check_grouped_gemm_plan says why.
+  bool gated = false;
 };
 
 // Returns the configuration the heuristic picks for these shapes (never kAuto). Only the rows per expert
@@ -82,6 +96,12 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E);
 // gathering kernel, else the one without clusters or swapped operands of the same tile width (128x256 for
 // its clusters, 128x128 for the swapped decode tiles, which keeps split-K for decode).
 TileConfig gather_tile_config(TileConfig config);
+
+// The configuration with the gated epilogue in place of `config` (not kAuto) for I = N / 2 output columns, or kAuto
+// for none: the gated one of the same tile width (128x256 for its clusters), the narrower 128x128 for concatenated
+// halves when I is not a multiple of 128, none for the swapped decode tiles (the activation stays a kernel of its
+// own there) nor for concatenated halves when I is not a multiple of 64.
+TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout);
 
 // The split-K factor the heuristic picks for these shapes and a resolved (not kAuto) configuration:
 // 1 unless the tiles are too few to keep every SM streaming weights (decode).

@@ -1,14 +1,17 @@
 // The grouped GEMMs' binding to torch: the CUDA kernels of the ops moe_gemm::grouped_mm, grouped_mm_gather,
-// grouped_mm_wgrad, grouped_mm_wgrad_gather and grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake
-// kernels, autograd and CPU path are declared in Python, moe_gemm/_ops.py), translating tensors into the torch-free
-// GroupedGemmParams (GroupedWgradParams) and planning each call; and the extension module moe_gemm._C, whose
+// grouped_mm_gated, _grouped_mm_fp8_kernel, grouped_mm_wgrad, grouped_mm_wgrad_gather and
+// grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake kernels, autograd and CPU path are declared in
+// Python, moe_gemm/_ops.py), translating tensors into the torch-free GroupedGemmParams (GroupedWgradParams) and
+// planning each call; and the extension module moe_gemm._C, whose
 // set_plan_override(), plan_grouped_gemm() and tile_config_names() serve moe_gemm.testing. The routing and layer
 // kernels have their own bindings (moe_routing_torch.cpp, moe_layer_torch.cpp).
 #include <Python.h>
 
+#include <array>
 #include <exception>
 #include <mutex>
 #include <optional>
+#include <utility>
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -16,6 +19,7 @@
 #include <torch/library.h>
 
 #include "moe_gemm.h"
+#include "moe_layer_kernels.h"
 #include "moe_torch_checks.h"
 
 namespace {
@@ -61,8 +65,47 @@ void run_planned(Params& params, Plan const& plan, Run run, at::TensorOptions op
 // gather_rows (int64 [M]) the rows x[gather_rows] of x [T, K], read in place by the kernel. The indices are not
 // checked on the device (that would cost a pass over them, or a sync): one outside [0, T) is the caller's bug,
 // as with index_select's device assert; the kernel then reads a row of zeros and never memory outside x.
+// What a gated call (grouped_mm_gated) adds: the activation, the layout of gate and up, and its outputs.
+struct GatedOutputs {
+  moe_gemm::GatedActivation act;
+  moe_gemm::GateUpLayout layout;
+  bool write_pre_activation;
+  at::Tensor activated;  // [M, I], filled in by grouped_mm_cuda_impl
+};
+
+// The values of grouped_mm_gated's `str act` (moe_gemm._ops.ACTIVATIONS).
+constexpr std::array<std::pair<c10::string_view, moe_gemm::GatedActivation>, 3> kGatedActivations{
+    {{"silu", moe_gemm::GatedActivation::kSilu},
+     {"gelu", moe_gemm::GatedActivation::kGelu},
+     {"gelu_tanh", moe_gemm::GatedActivation::kGeluTanh}}};
+
+// The unfused gated call, where no gated-epilogue kernel applies (decode sizes): the plain GEMM's gate_up, then the
+// separate activation kernel, which rounds the same way as the fused epilogue.
+void run_gated_unfused(moe_gemm::GroupedGemmParams params, at::Tensor& gate_up, GatedOutputs const& gated,
+                       at::TensorOptions options, char const* op) {
+  params.gate_up_layout = moe_gemm::GateUpLayout::kNone;
+  params.activated = nullptr;
+  params.d = gate_up.data_ptr();
+  params.ldd = gate_up.stride(0);
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
+  char const* problem = moe_gemm::check_grouped_gemm_plan(params, plan);
+  TORCH_CHECK(problem == nullptr, op, ": ", problem, "; got tile_config ", moe_gemm::tile_config_name(plan.config),
+              " (moe_gemm.testing.plan_override)");
+  run_planned(params, plan, moe_gemm::run_grouped_gemm, options, op);
+  moe_gemm::GatedActivationParams activation;
+  activation.gate_up = gate_up.data_ptr();
+  activation.out = gated.activated.data_ptr();
+  activation.rows = params.M;
+  activation.I = params.N / 2;
+  activation.dtype = params.dtype;
+  activation.act = gated.act;
+  activation.concatenated = gated.layout == moe_gemm::GateUpLayout::kConcatenated;
+  C10_CUDA_CHECK(moe_gemm::run_gated_activation(activation, at::cuda::getCurrentCUDAStream()));
+}
+
 at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_rows, at::Tensor const& weight,
-                                at::Tensor const& m_sizes, bool weight_transposed, char const* op) {
+                                at::Tensor const& m_sizes, bool weight_transposed, char const* op,
+                                GatedOutputs* gated = nullptr) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [", gather_rows ? "T" : "M", ", K], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 3, op, ": weight must be 3-D, got ", weight.sizes());
   TORCH_CHECK(m_sizes.dim() == 1, op, ": m_sizes must be 1-D [E], got ", m_sizes.sizes());
@@ -91,8 +134,14 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
   moe_gemm::check_sm90(x.device(), op);
 
   c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (out.numel() == 0) {
+  if (gated != nullptr) {
+    TORCH_CHECK(N % 16 == 0, op, ": the weight's gate and up rows must number 2I with I a multiple of 8, got ", N);
+    gated->activated = at::empty({M, N / 2}, x.options());
+  }
+  // A gated call that does not keep the pre-activation writes none (unless it runs unfused, below).
+  bool const writes_out = gated == nullptr || gated->write_pre_activation;
+  at::Tensor out = at::empty({writes_out ? M : 0, N}, x.options());
+  if (M == 0 || N == 0) {
     return out;
   }
 
@@ -104,7 +153,14 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
   params.ldb = weight.stride(1);
   params.batch_stride_b = weight.stride(0);
   params.b_n_major = weight_transposed;
-  params.ldd = out.stride(0);
+  params.d = writes_out ? out.data_ptr() : nullptr;
+  params.ldd = writes_out ? out.stride(0) : 0;
+  if (gated != nullptr) {
+    params.gate_up_layout = gated->layout;
+    params.activation = gated->act;
+    params.activated = gated->activated.data_ptr();
+    params.ld_activated = gated->activated.stride(0);
+  }
   params.M = M;
   params.N = N;
   params.K = K;
@@ -116,6 +172,11 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
   TORCH_CHECK(problem == nullptr, op, ": ", problem);
 
   moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
+  if (gated != nullptr && !plan.gated && plan.config != moe_gemm::TileConfig::kAuto) {
+    at::Tensor gate_up = writes_out ? out : at::empty({M, N}, x.options());
+    run_gated_unfused(params, gate_up, *gated, x.options(), op);
+    return out;
+  }
   problem = moe_gemm::check_grouped_gemm_plan(params, plan);
   TORCH_CHECK(problem == nullptr, op, ": ", problem, "; got tile_config ", moe_gemm::tile_config_name(plan.config),
               " (moe_gemm.testing.plan_override)");
@@ -213,6 +274,26 @@ void check_row_indices(at::Tensor const& rows, at::Tensor const& source, char co
   TORCH_CHECK(rows.device() == source.device(), op, ": ", name, " must be on the device of its operand (",
               source.device(), "), got ", rows.device());
   TORCH_CHECK(rows.numel() <= 1 || rows.stride(0) == 1, op, ": ", name, " must be contiguous");
+}
+
+// (activated = act(gate) * up [M, I], gate_up [M, 2I] or None): the up-projection with the gated activation in its
+// epilogue (grouped_mm, or grouped_mm_gather with gather_rows, then gated_activation, in one kernel where the plan has
+// a gated one: see GroupedGemmPlan::gated).
+std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_mm_gated_cuda(
+    at::Tensor const& x, std::optional<at::Tensor> const& gather_rows, at::Tensor const& weight,
+    at::Tensor const& m_sizes, bool weight_transposed, c10::string_view act, bool concatenated,
+    bool write_pre_activation) {
+  char const* op = "moe_gemm.grouped_mm_gated";
+  GatedOutputs gated{moe_gemm::from_name(act, kGatedActivations, op, "act"),
+                     concatenated ? moe_gemm::GateUpLayout::kConcatenated : moe_gemm::GateUpLayout::kInterleaved,
+                     write_pre_activation, at::Tensor()};
+  at::Tensor gate_up = grouped_mm_cuda_impl(x, gather_rows.has_value() ? &*gather_rows : nullptr, weight, m_sizes,
+                                            weight_transposed, op, &gated);
+  std::optional<at::Tensor> pre_activation;
+  if (write_pre_activation) {
+    pre_activation = gate_up;
+  }
+  return {gated.activated, pre_activation};
 }
 
 // The expert GEMM's weight gradient, grouped along the rows: grad_W[e] = grad_y_e^T @ x_e ([E, N, K]), or
@@ -337,6 +418,7 @@ TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm_cuda);
   m.impl("_grouped_mm_fp8_kernel", &grouped_mm_fp8_kernel_cuda);
   m.impl("grouped_mm_gather", &grouped_mm_gather_cuda);
+  m.impl("grouped_mm_gated", &grouped_mm_gated_cuda);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
   m.impl("grouped_mm_wgrad_gather", &grouped_mm_wgrad_gather_cuda);
   m.impl("grouped_mm_wgrad_accumulate_", &grouped_mm_wgrad_accumulate_cuda);
@@ -408,6 +490,39 @@ PyObject* plan_grouped_gemm(PyObject* /*module*/, PyObject* args) {
                        plan.dynamic_schedule ? Py_True : Py_False);
 }
 
+// moe_gemm._C.plan_gated(M: int, N: int, K: int, E: int, concatenated: bool, gather: bool) -> tuple[str, bool]: the
+// tile configuration of a grouped_mm_gated call of these sizes now (as plan_grouped_gemm), and whether it runs the
+// gated epilogue (else the GEMM, then the separate activation kernel).
+PyObject* plan_gated(PyObject* /*module*/, PyObject* args) {
+  long long M = 0, N = 0, K = 0;
+  int E = 0;
+  int concatenated = 0;
+  int gather = 0;
+  if (!PyArg_ParseTuple(args, "LLLipp:plan_gated", &M, &N, &K, &E, &concatenated, &gather)) {
+    return nullptr;
+  }
+  if (M < 0 || N < 0 || K < 0 || E < 0) {
+    PyErr_Format(PyExc_ValueError, "sizes must be non-negative, got M=%lld, N=%lld, K=%lld, E=%d", M, N, K, E);
+    return nullptr;
+  }
+  moe_gemm::GroupedGemmParams params;
+  params.M = M;
+  params.N = N;
+  params.K = K;
+  params.E = E;
+  params.gate_up_layout = concatenated ? moe_gemm::GateUpLayout::kConcatenated : moe_gemm::GateUpLayout::kInterleaved;
+  static int64_t const gather_marker = 0;
+  params.gather_rows = gather ? &gather_marker : nullptr;
+  try {
+    params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  } catch (std::exception const& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
+  return Py_BuildValue("(sO)", moe_gemm::tile_config_name(plan.config), plan.gated ? Py_True : Py_False);
+}
+
 // moe_gemm._C.tile_config_names() -> tuple[str, ...]: the table's names (csrc/moe_tile_configs.h), in order.
 PyObject* tile_config_names(PyObject* /*module*/, PyObject* /*unused*/) {
   PyObject* names = PyTuple_New(moe_gemm::kNumTileConfigs);
@@ -434,6 +549,10 @@ PyMethodDef module_methods[] = {
      "plan_grouped_gemm(M: int, N: int, K: int, E: int, gather: bool = False) -> tuple[str, int, bool]\n"
      "The (tile_config, split_k, dynamic_schedule) a grouped_mm (gather: grouped_mm_gather) call of these sizes "
      "would run with now; use moe_gemm.testing.resolved_plan."},
+    {"plan_gated", plan_gated, METH_VARARGS,
+     "plan_gated(M: int, N: int, K: int, E: int, concatenated: bool, gather: bool) -> tuple[str, bool]\n"
+     "The tile_config a grouped_mm_gated call of these sizes would run with now, and whether the activation runs "
+     "in its epilogue; use moe_gemm.testing.resolved_gated_plan."},
     {"tile_config_names", tile_config_names, METH_NOARGS,
      "tile_config_names() -> tuple[str, ...]\nThe names of the kernel's tile configurations."},
     {nullptr, nullptr, 0, nullptr}};

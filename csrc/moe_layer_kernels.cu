@@ -226,20 +226,6 @@ __global__ void moe_dispatch_place_kernel(DispatchParams const params, int64_t c
 // ---------------------------------------------------------------------------------------------------------------
 // Gated activation
 
-template <GatedActivation kAct>
-__device__ __forceinline__ float activate(float x) {
-  if constexpr (kAct == GatedActivation::kSilu) {
-    return x / (1.0f + expf(-x));  // PyTorch's CUDA silu
-  } else if constexpr (kAct == GatedActivation::kGelu) {
-    return x * 0.5f * (1.0f + erff(x * float(M_SQRT1_2)));  // PyTorch's CUDA gelu, approximate="none"
-  } else {
-    constexpr float kBeta = float(M_SQRT2 * M_2_SQRTPI * 0.5);
-    constexpr float kKappa = 0.044715f;
-    float const inner = kBeta * (x + kKappa * x * x * x);
-    return 0.5f * x * (1.0f + tanhf(inner));  // PyTorch's CUDA gelu, approximate="tanh"
-  }
-}
-
 // d act(x) / dx, with PyTorch's CUDA formulas (silu_backward, gelu_backward).
 template <GatedActivation kAct>
 __device__ __forceinline__ float activate_derivative(float x) {

@@ -9,6 +9,7 @@
 
 #include <cuda_runtime.h>
 
+#include "moe_activation.h"
 #include "moe_dtype.h"
 
 namespace moe_gemm {
@@ -43,8 +44,6 @@ inline int64_t dispatch_workspace_ints(int64_t P, int32_t E) {
   int64_t const blocks = (P + kDispatchPairsPerBlock - 1) / kDispatchPairsPerBlock;
   return blocks > 1 ? blocks * (int64_t(E) + 1) : 0;
 }
-
-enum class GatedActivation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
 
 // out[r, i] = act(gate[r, i]) * up[r, i], rounded to the element type after the activation and after the
 // product, as PyTorch's ops round. gate_up is [rows, 2I] contiguous: [gate; up] halves when concatenated,

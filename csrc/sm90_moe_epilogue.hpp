@@ -89,14 +89,17 @@ CUTLASS_DEVICE void pack_tile(Accumulators const& accumulators, PackedTile<Eleme
   }
 }
 
-// store_packed_chunk and store_tile_through_smem take smem_d, issue_store, store_count and
+// store_chunk_through_smem, store_packed_chunk and store_tile_through_smem take smem_d, issue_store, store_count and
 // warp_group_barrier as described at store_tile_through_smem below.
-// Chunk kChunk of a packed tile: wait until the buffer's previous store has read it, stmatrix, then TMA.
-template <int kChunk, int kTileN, int kEpiN, int kEpiBuffers, class SmemTensorD, class Packed, class TiledMma,
-          class IssueStore>
-CUTLASS_DEVICE void store_packed_chunk(SmemTensorD const& smem_d, Packed const& packed, TiledMma const& tiled_mma,
-                                       int thread_idx, cutlass::arch::NamedBarrier const& warp_group_barrier,
-                                       int& store_count, IssueStore&& issue_store) {
+// One chunk of 16-bit outputs: wait until the buffer's previous store has read it, stmatrix, then TMA.
+// fragment(m, store)[j] is the thread's pair of matrix j of stmatrix number `store` (over the chunk's 16-column
+// blocks) of row block m, as pack_tile orders them (a pointer into a PackedTile, or an array of 4 registers); issue_store gets kChunk. kTileN is the MMA
+// tile's width (the rows of its C partition place the stmatrix addresses), whatever the chunk's tile.
+template <int kChunk, int kTileN, int kEpiN, int kEpiBuffers, int kRowBlocks, class SmemTensorD, class TiledMma,
+          class Fragment, class IssueStore>
+CUTLASS_DEVICE void store_chunk_through_smem(SmemTensorD const& smem_d, TiledMma const& tiled_mma, int thread_idx,
+                                             cutlass::arch::NamedBarrier const& warp_group_barrier, int& store_count,
+                                             Fragment&& fragment, IssueStore&& issue_store) {
   using namespace cute;
   constexpr int kTileM = size<0>(SmemTensorD{});
   constexpr int kGroupRows = kRowsPerWarpGroup<TiledMma, kTileM>;
@@ -104,7 +107,6 @@ CUTLASS_DEVICE void store_packed_chunk(SmemTensorD const& smem_d, Packed const& 
                     size<2>(typename TiledMma::ThrLayoutVMNK{}) == 1,
                 "the warpgroups split the tile along M");
   static_assert(size<1>(SmemTensorD{}) == kEpiN && size<2>(SmemTensorD{}) == kEpiBuffers);
-  constexpr int kRowBlocks = Packed::kRowBlocks;
   int const group_row0 = thread_idx / int(cutlass::NumThreadsPerWarpGroup) * kGroupRows;
   bool const group_leader = thread_idx % int(cutlass::NumThreadsPerWarpGroup) == 0;
   int const buffer = store_count % kEpiBuffers;
@@ -125,7 +127,7 @@ CUTLASS_DEVICE void store_packed_chunk(SmemTensorD const& smem_d, Packed const& 
     CUTLASS_PRAGMA_UNROLL
     for (int store = 0; store < kEpiN / 16; ++store) {
       int const address_col = (2 * store + lane / 16) * 8;
-      uint32_t const* regs = &packed.regs[packed_index<kEpiN, kRowBlocks>(kChunk, m, store, 0)];
+      auto const regs = fragment(m, store);
       cute::SM90_U32x4_STSM_N::copy(regs[0], regs[1], regs[2], regs[3],
                                     reinterpret_cast<cute::uint128_t&>(smem_d(address_row, address_col, buffer)));
     }
@@ -136,6 +138,19 @@ CUTLASS_DEVICE void store_packed_chunk(SmemTensorD const& smem_d, Packed const& 
   if (group_leader) {
     issue_store(kChunk, &smem_d(group_row0, 0, buffer), group_row0);
   }
+}
+
+// Chunk kChunk of a packed tile.
+template <int kChunk, int kTileN, int kEpiN, int kEpiBuffers, class SmemTensorD, class Packed, class TiledMma,
+          class IssueStore>
+CUTLASS_DEVICE void store_packed_chunk(SmemTensorD const& smem_d, Packed const& packed, TiledMma const& tiled_mma,
+                                       int thread_idx, cutlass::arch::NamedBarrier const& warp_group_barrier,
+                                       int& store_count, IssueStore&& issue_store) {
+  constexpr int kRowBlocks = Packed::kRowBlocks;
+  store_chunk_through_smem<kChunk, kTileN, kEpiN, kEpiBuffers, kRowBlocks>(
+      smem_d, tiled_mma, thread_idx, warp_group_barrier, store_count,
+      [&](int m, int store) { return &packed.regs[packed_index<kEpiN, kRowBlocks>(kChunk, m, store, 0)]; },
+      issue_store);
 }
 
 // Calls f(Int<i>{}) for the one compile-time i in [0, kCount) equal to the runtime `index` (none if out of

@@ -34,7 +34,13 @@
 //     A is row gather_rows[r] of a source tensor [T, K], so that the MoE layer multiplies hidden[token_of_row]
 //     without materialising it. The producer warpgroup's 128 threads copy the token tile's rows with cp.async,
 //     eight threads per 128-byte row, into the 128-byte swizzle the whole tile's TMA box would have written
-//     (GatheredTokenRows). Without kGatherA none of it is compiled in.
+//     (GatheredTokenRows). Without kGatherA none of it is compiled in;
+//   - the gated activation of the up-projection (kGateUp, a separate instantiation, cooperative tiles without
+//     clusters, with or without kGatherA): the tile of gate_up leaves as act(gate) * up, [rows, I], and when the
+//     caller asks for it as gate_up too (sm90_moe_gated_epilogue.hpp). Gate and up of an output column meet in
+//     one thread's registers: interleaved weight rows give them as neighbouring columns; with concatenated
+//     [gate; up] rows the producer loads each B tile as half a tile of gate rows over the matching half of up
+//     rows (GateUpHalves). Without kGateUp none of it is compiled in.
 #pragma once
 
 #include <cuda.h>
@@ -52,7 +58,9 @@
 
 #include "moe_dtype.h"
 #include "moe_gemm_workspace.h"
+#include "moe_activation.h"
 #include "sm90_moe_epilogue.hpp"
+#include "sm90_moe_gated_epilogue.hpp"
 #include "sm90_moe_mainloop.hpp"
 #include "sm90_moe_tile_scheduler.hpp"
 #include "sm90_ragged_tma.hpp"
@@ -135,8 +143,65 @@ struct ScaleParams {
 template <>
 struct ScaleParams<Fp8Scales::kNone> {};
 
+// kGateUp, concatenated [gate; up] weight rows: the weights seen as (N', K, E) with row n' = r + kHalf h + kTileN b
+// (r < kHalf = kTileN / 2, h = 0 gate or 1 up, b the n-block) at weight row r + kHalf b + I h. One TMA box of this
+// hierarchical view loads n-block b's gate rows over its up rows, the tile the MMA then sees; the plain view's
+// box (kTileN consecutive rows) lands in the same shared memory, row after row. I must be a multiple of kHalf.
+template <int kHalf>
+struct GateUpHalves {
+  // Weights [E, N, K] (N-major false: K contiguous) or [E, K, N] (true), N = 2 I.
+  template <bool kNMajor, class Element>
+  static auto tensor(Element const* weights, int32_t N, int32_t K, int32_t E, int64_t ld, int64_t batch_stride) {
+    using namespace cute;
+    int32_t const I = N / 2;
+    auto const shape = make_shape(make_shape(Int<kHalf>{}, Int<2>{}, I / kHalf), K, E);
+    if constexpr (kNMajor) {
+      return make_tensor(weights, make_layout(shape, make_stride(make_stride(Int<1>{}, int64_t(I), int64_t(kHalf)),
+                                                                 ld, batch_stride)));
+    } else {
+      return make_tensor(weights, make_layout(shape, make_stride(make_stride(ld, ld * I, ld * kHalf), Int<1>{},
+                                                                 batch_stride)));
+    }
+  }
+  // The shape of the TMA's coordinate tensor, as the view's.
+  CUTE_HOST_DEVICE static auto shape(int32_t N, int32_t K, int32_t E) {
+    using namespace cute;
+    return make_shape(make_shape(Int<kHalf>{}, Int<2>{}, N / 2 / kHalf), K, E);
+  }
+};
+
+// The type of GateUpHalves' TMA load for a mainloop (its B operand's copy, layout and tile); int when unused.
+template <bool kEnabled, class Mainloop, int kHalf>
+struct GateUpHalvesTma {
+  static constexpr bool kNMajor = cute::is_static<decltype(cute::get<0>(typename Mainloop::StrideB{}))>::value;
+  using type = decltype(cute::make_tma_copy_B_sm90(
+      typename Mainloop::GmemTiledCopyB{},
+      GateUpHalves<kHalf>::template tensor<kNMajor>(static_cast<typename Mainloop::InternalElementB const*>(nullptr),
+                                                    0, 0, 0, 0, 0),
+      typename Mainloop::SmemLayoutB{}(cute::_, cute::_, cute::Int<0>{}), typename Mainloop::TileShape{},
+      typename Mainloop::DispatchPolicy::ClusterShape{}));
+};
+template <class Mainloop, int kHalf>
+struct GateUpHalvesTma<false, Mainloop, kHalf> {
+  using type = int;
+};
+
+// kGateUp: the B descriptor of concatenated rows, the activated output's store descriptor and the call's activation.
+template <GateUpLayout kLayout, class TmaWeightHalves>
+struct GatedEpilogueParams {
+  TmaWeightHalves tma_load_weight_halves;  // concatenated only
+  CUtensorMap tma_store_activated;         // ragged view of activated [M, I], boxes of kEpiN columns x kStoreRows
+  void* activated;
+  int64_t ld_activated;
+  int32_t I;
+  GatedActivation act;
+  bool write_pre_activation;  // D (ptr_d, tma_store_d) is gate_up; otherwise ptr_d is null
+};
+template <class TmaWeightHalves>
+struct GatedEpilogueParams<GateUpLayout::kNone, TmaWeightHalves> {};
+
 template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false,
-          bool kGatherA_ = false, Fp8Scales kScales_ = Fp8Scales::kNone>
+          bool kGatherA_ = false, Fp8Scales kScales_ = Fp8Scales::kNone, GateUpLayout kGateUp_ = GateUpLayout::kNone>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -194,8 +259,7 @@ class Sm90MoeGemmKernel {
   // 16-bit tiles are stored under the next tile's MMAs (consume()); the swapped and split-K tiles store
   // from registers or partials, and blockwise FP8 tiles at once: their registers hold two more accumulators
   // instead (mma_blockwise).
-  static constexpr bool kDeferStore =
-      !kSwapAB && !kSplitK && sizeof(ElementD) == 2 && kScales_ != Fp8Scales::kBlockwise;
+  static constexpr bool kDeferStore = !kSwapAB && !kSplitK && sizeof(ElementD) == 2 && kScales_ != Fp8Scales::kBlockwise;
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
@@ -236,6 +300,20 @@ class Sm90MoeGemmKernel {
   // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
   static constexpr uint32_t kTileSlotReaders =
       kNumConsumerThreads + (kGatherA ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
+
+  // kGateUp: the tile of gate_up (N = 2 I columns) leaves as act(gate) * up (kTileN / 2 columns of [M, I]) and,
+  // when written, as itself; both wait in registers, as a deferred 16-bit tile does (PendingGatedTile).
+  static constexpr GateUpLayout kGateUp = kGateUp_;
+  static constexpr bool kGated = kGateUp != GateUpLayout::kNone;
+  static constexpr bool kConcatenated = kGateUp == GateUpLayout::kConcatenated;
+  static_assert(!kGated || (kClusterSize == 1 && !kSwapAB && !kSplitK && sizeof(ElementD) == 2 && kTileM == 128),
+                "the gated epilogue: cooperative 16-bit 128-row tiles without clusters, split-K or swapped operands");
+  static constexpr int kGateUpHalf = kTileN / 2;
+  using WeightHalves = GateUpHalves<kGateUpHalf>;
+  using TmaWeightHalves = typename GateUpHalvesTma<kConcatenated, CollectiveMainloop, kGateUpHalf>::type;
+  using GatedParams = GatedEpilogueParams<kGateUp, TmaWeightHalves>;
+  // The chunk stores a held tile takes, one per k-block of the next tile (mma_with_hook).
+  static constexpr int kPendingSteps = kGated ? kChunks / 2 : kChunks;
 
   // Split-K: work unit u is split u % split_k of tile u / split_k, and runs k-blocks [begin, begin + count).
   struct KBlockRange {
@@ -298,6 +376,7 @@ class Sm90MoeGemmKernel {
     float* partials;       // [tile slots][split_k][partial_rows][kTileN] fp32 partial sums
     GatherParams gather;   // kGatherA only
     ScaleParams<kScales> scales;  // FP8 only
+    GatedParams gated;     // kGateUp only
   };
 
   // The host's side of a launch, in plain values: the call's tensors and the plan's choices. The kernel
@@ -328,6 +407,10 @@ class Sm90MoeGemmKernel {
     float const* x_scale = nullptr;
     float const* w_scale = nullptr;
     int32_t x_groups = 0;
+    // kGateUp: N = 2 I; `d` is gate_up, or null when only the activation is written.
+    void* activated = nullptr;     // [M, I], rows ld_activated elements apart
+    int64_t ld_activated = 0;
+    GatedActivation act = GatedActivation::kSilu;
   };
 
   // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
@@ -376,8 +459,31 @@ class Sm90MoeGemmKernel {
       params.tma_load_half_tokens = make_tma_copy(SM90_TMA_LOAD{}, tensor_a, SmemLayoutHalfTokens{},
                                                   make_shape(Int<kTileM / 2>{}, Int<kTileK>{}), Int<1>{});
     }
-    if (cudaError_t status =
-            detail::encode_ragged<ElementD>(&params.tma_store_d, args.d, N, args.ldd, kEpiN, kStoreRows);
+    if constexpr (kGated) {
+      int32_t const I = N / 2;
+      params.gated.I = I;
+      params.gated.act = args.act;
+      params.gated.activated = args.activated;
+      params.gated.ld_activated = args.ld_activated;
+      params.gated.write_pre_activation = args.d != nullptr;
+      if (cudaError_t status = detail::encode_ragged<ElementD>(&params.gated.tma_store_activated, args.activated, I,
+                                                               args.ld_activated, kEpiN, kStoreRows);
+          status != cudaSuccess) {
+        return status;
+      }
+      if constexpr (kConcatenated) {
+        params.gated.tma_load_weight_halves = make_tma_copy_B_sm90(
+            typename Mainloop::GmemTiledCopyB{},
+            WeightHalves::template tensor<kWeightsNMajor>(static_cast<Internal const*>(args.weights), N, K, E,
+                                                          args.ld_weights, args.batch_stride_weights),
+            typename Mainloop::SmemLayoutB{}(_, _, Int<0>{}), TileShape{}, ClusterShape{});
+      }
+    }
+    // (Gated without the pre-activation, D's descriptor views the activation: valid, never stored through.)
+    bool const d_is_activated = kGated && args.d == nullptr;
+    if (cudaError_t status = detail::encode_ragged<ElementD>(
+            &params.tma_store_d, d_is_activated ? args.activated : args.d, d_is_activated ? N / 2 : N,
+            d_is_activated ? args.ld_activated : args.ldd, kEpiN, kStoreRows);
         status != cudaSuccess) {
       return status;
     }
@@ -423,6 +529,12 @@ class Sm90MoeGemmKernel {
     if (roles.warp_idx == 0 && lane_predicate) {
       CollectiveMainloop::prefetch_tma_descriptors(params.mainloop);
       cute::prefetch_tma_descriptor(&params.tma_store_d);
+      if constexpr (kGated) {
+        cute::prefetch_tma_descriptor(&params.gated.tma_store_activated);
+        if constexpr (kConcatenated) {
+          cute::prefetch_tma_descriptor(params.gated.tma_load_weight_halves.get_tma_descriptor());
+        }
+      }
     }
 
     // Pipelines from the TMA warp (producer; gathering, the whole producer warpgroup) to the two MMA warpgroups
@@ -452,7 +564,7 @@ class Sm90MoeGemmKernel {
             load_gathered_rows(params, pipeline, tile_pipeline, shared_storage, roles.thread_idx);
           }
         },
-        [&] {
+        [&]() __attribute__((always_inline)) {  // a call would split the WGMMA pipeline (ptxas C7510)
           consume(params, pipeline, tile_pipeline, shared_storage, roles.mma_thread_idx,
                   roles.thread_idx - int(cutlass::NumThreadsPerWarpGroup));
         });
@@ -501,14 +613,27 @@ class Sm90MoeGemmKernel {
     using namespace cute;
     Scheduler scheduler(params.scheduler);
     auto const& tma_a = params.mainloop.tma_load_a;
-    auto const& tma_b = params.mainloop.tma_load_b;
+    // Concatenated gate and up rows: each B tile is half a tile of gate rows over the same half of up rows.
+    auto const& tma_b = [&]() -> auto const& {
+      if constexpr (kConcatenated) {
+        return params.gated.tma_load_weight_halves;
+      } else {
+        return params.mainloop.tma_load_b;
+      }
+    }();
     int32_t const num_experts = params.scheduler.experts.num_experts;
     // Coordinate tensors of the TMA descriptors: the tokens are (M, K, 1), the weights (N, K, E); A is
     // the tokens and B the weights, or the other way round when swapped.
     auto const tokens_shape = make_shape(int32_t(params.scheduler.experts.rows_total), params.K, 1);
     auto const weights_shape = make_shape(params.N, params.K, num_experts);
     Tensor mA = tma_a.get_tma_tensor(kSwapAB ? weights_shape : tokens_shape);
-    Tensor mB = tma_b.get_tma_tensor(kSwapAB ? tokens_shape : weights_shape);
+    Tensor mB = [&] {
+      if constexpr (kConcatenated) {
+        return tma_b.get_tma_tensor(WeightHalves::shape(params.N, params.K, num_experts));
+      } else {
+        return tma_b.get_tma_tensor(kSwapAB ? tokens_shape : weights_shape);
+      }
+    }();
     Tensor sA = make_tensor(make_smem_ptr(shared_storage.tensors.smem_A.data()),
                             typename CollectiveMainloop::SmemLayoutA{});  // (BLK_M, BLK_K, PIPE)
     Tensor sB = make_tensor(make_smem_ptr(shared_storage.tensors.smem_B.data()),
@@ -790,10 +915,20 @@ class Sm90MoeGemmKernel {
     // kDeferStore: the finished tile waits in registers, packed to 16 bits, and is stored a chunk per
     // k-block under the next tile's MMAs (sm90_moe_mainloop.hpp). Every path through a tile below stores
     // what is pending before the tile's own output becomes pending.
-    MaybePendingTile<kDeferStore, kTileN, kEpiN, kEpiBuffers, ElementD, Accumulators, StoreTarget> pending;
-    auto const store_pending = [&](int first_chunk, int last_chunk) {
+    // kGateUp: the tile's activation, held until its chunks are stored (the pre-activation goes at once).
+    cute::conditional_t<kGated,
+                        PendingGatedTile<kGateUp, kTileN, kEpiN, kEpiBuffers, ElementD, Accumulators, StoreTarget>,
+                        MaybePendingTile<kDeferStore, kTileN, kEpiN, kEpiBuffers, ElementD, Accumulators, StoreTarget>>
+        pending;
+    auto const store_pending = [&](int first_chunk, int last_chunk) __attribute__((always_inline)) {
       pending.store(first_chunk, last_chunk, sD, tiled_mma, mma_thread_idx, epilogue_barrier, store_count,
-                    [&](StoreTarget const& target) { return issue_store(params, target); });
+                    [&](StoreTarget const& target) {
+                      if constexpr (kGated) {
+                        return issue_gated_store<true>(params, target);
+                      } else {
+                        return issue_store(params, target);
+                      }
+                    });
     };
 
     TilePipelineState tile_read;
@@ -812,17 +947,18 @@ class Sm90MoeGemmKernel {
         release_stages(pipeline, read_state, k_blocks.count);
         read_state.advance(k_blocks.count);
         clear(accumulators);
-        store_pending(0, kChunks);
+        store_pending(0, kPendingSteps);
       } else {
         if constexpr (kBlockwiseScales) {
           mma_blockwise<CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                                             shared_storage.tensors,
                                             BlockwiseScalesOf(params, work, tiled_mma, mma_thread_idx));
         } else if constexpr (kDeferStore) {
-          mma_with_hook<kChunks, CollectiveMainloop, kGatherA>(pipeline, read_state, accumulators, k_blocks.count,
-                                                     mma_thread_idx, shared_storage.tensors,
-                                                     [&](int k) { store_pending(k, k + 1); });
-          store_pending(k_blocks.count, kChunks);  // the chunks fewer k-blocks than chunks left over
+          mma_with_hook<kPendingSteps, CollectiveMainloop, kGatherA>(pipeline, read_state, accumulators,
+                                                                     k_blocks.count, mma_thread_idx,
+                                                                     shared_storage.tensors,
+                                                                     [&](int k) { store_pending(k, k + 1); });
+          store_pending(k_blocks.count, kPendingSteps);  // the chunks fewer k-blocks than chunks left over
         } else if constexpr (kGatherA) {  // CUTLASS's mma() has no proxy fence for stages written by cp.async
           mma_with_hook<0, CollectiveMainloop, true>(pipeline, read_state, accumulators, k_blocks.count,
                                                      mma_thread_idx, shared_storage.tensors, [](int) {});
@@ -852,6 +988,10 @@ class Sm90MoeGemmKernel {
           if (k_blocks.count < kChunks) {
             store_pending(0, kChunks);
           }
+        } else if constexpr (kGated) {
+          pending.hold(accumulators, target, params.gated.write_pre_activation, params.gated.act, sD, tiled_mma,
+                       mma_thread_idx, epilogue_barrier, store_count,
+                       [&](StoreTarget const& target) { return issue_gated_store<false>(params, target); });
         } else if (kDeferStore && k_blocks.count >= kChunks) {
           pending.hold(accumulators, target);
         } else {
@@ -862,7 +1002,7 @@ class Sm90MoeGemmKernel {
         }
       }
     }
-    store_pending(0, kChunks);
+    store_pending(0, kPendingSteps);
     zero_uncovered_rows(params, rows_covered, consumer_thread_idx);
     // Shared memory must outlive the TMA stores that read it (each warpgroup's leader issued its own).
     if (mma_thread_idx % cutlass::NumThreadsPerWarpGroup == 0) {
@@ -997,6 +1137,31 @@ class Sm90MoeGemmKernel {
     };
   }
 
+  // kGateUp: the issue_store of a held tile's chunk of the pre-activation (kActivated false) or of the activation.
+  // A pre-activation chunk of concatenated halves goes to gate_up's gate columns (the tile's first half) or up
+  // columns (I further on); the gate half never crosses column I, a multiple of kTileN / 2.
+  template <bool kActivated>
+  CUTLASS_DEVICE static auto issue_gated_store(Params const& params, StoreTarget const& target) {
+    return [&params, target](int chunk, auto* smem_box, int row_offset) {
+      int32_t const wrap = kRaggedWindow;  // a register: the copies take their coordinates by reference
+      int32_t const rows_here = min(kStoreRows, target.tile_rows - row_offset);
+      int32_t const window_row = kRaggedWindow - rows_here;
+      int32_t const row_end = target.tile_row0 + row_offset + rows_here;
+      int32_t const half_col0 = target.col0 / 2;  // the n-block's first column of [M, I]
+      if constexpr (kActivated) {
+        int32_t const col = half_col0 + chunk * kEpiN;
+        cute::SM90_TMA_STORE_4D::copy(&params.gated.tma_store_activated, smem_box, col, window_row, row_end, wrap);
+      } else {
+        constexpr int kHalfChunks = kChunks / 2;
+        int32_t const col = kConcatenated ? (chunk >= kHalfChunks ? params.gated.I : 0) + half_col0 +
+                                                (chunk % kHalfChunks) * kEpiN
+                                          : target.col0 + chunk * kEpiN;
+        cute::SM90_TMA_STORE_4D::copy(&params.tma_store_d, smem_box, col, window_row, row_end, wrap);
+      }
+      cute::tma_store_arrive();
+    };
+  }
+
   // Registers -> swizzled shared memory -> TMA store, 64 columns at a time, each warpgroup its own rows
   // (kStoreRows). Each of the two buffers is reused only after the store issued from it two chunks ago
   // has read it.
@@ -1031,7 +1196,16 @@ class Sm90MoeGemmKernel {
   }
 
   // Rows [rows_covered, M) belong to no expert.
+  // kGateUp: of the activation, and of the pre-activation when it is written.
   CUTLASS_DEVICE static void zero_uncovered_rows(Params const& params, int64_t rows_covered, int consumer_thread_idx) {
+    if constexpr (kGated) {
+      zero_rows<kNumConsumerThreads>(static_cast<ElementD*>(params.gated.activated), params.gated.ld_activated,
+                                     params.gated.I, rows_covered, params.scheduler.experts.rows_total,
+                                     consumer_thread_idx);
+      if (!params.gated.write_pre_activation) {
+        return;
+      }
+    }
     zero_rows<kNumConsumerThreads>(params.ptr_d, params.ldd, params.N, rows_covered,
                                    params.scheduler.experts.rows_total, consumer_thread_idx);
   }

@@ -56,14 +56,15 @@ struct Sm90MoeGemmConfig {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(kTileRows)>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  template <bool kSplitK, bool kGatherA>
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK, kSwapAB, kGatherA>;
+  template <bool kSplitK, bool kGatherA, GateUpLayout kGateUp = GateUpLayout::kNone>
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK, kSwapAB, kGatherA, Fp8Scales::kNone, kGateUp>;
 };
 
-template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, bool kSplitK>
+template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, bool kSplitK,
+          GateUpLayout kGateUp = GateUpLayout::kNone>
 cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan const& plan, cudaStream_t stream) {
-  using Kernel = typename Sm90MoeGemmConfig<kDType, kBNMajor, kConfig>::template Kernel<kSplitK, kGatherA>;
-  typename Kernel::Arguments const args{p.a,
+  using Kernel = typename Sm90MoeGemmConfig<kDType, kBNMajor, kConfig>::template Kernel<kSplitK, kGatherA, kGateUp>;
+  typename Kernel::Arguments args{p.a,
                                         p.lda,
                                         p.b,
                                         p.ldb,
@@ -83,6 +84,9 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan con
                                         plan.workspace,
                                         p.gather_rows,
                                         p.gather_source_rows};
+  args.activated = p.activated;
+  args.ld_activated = p.ld_activated;
+  args.act = p.activation;
   typename Kernel::Params params{};
   if (cudaError_t status = Kernel::to_underlying_arguments(args, params); status != cudaSuccess) {
     return status;
@@ -105,10 +109,25 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan const&
   return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, kGatherA, false>(p, plan, stream);
 }
 
+// The gated epilogue (kGateUp: interleaved or concatenated gate and up), gathering or not, for the configurations
+// whose row has one: no split-K (the plan runs these unsplit).
+template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, GateUpLayout kGateUp>
+cudaError_t run_sm90_moe_gemm_gated(GroupedGemmParams const& p, GroupedGemmPlan const& plan, cudaStream_t stream) {
+  static_assert(TileTraits<kConfig>::kInfo.gated && kGateUp != GateUpLayout::kNone, "a configuration with gated kernels");
+  return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, kGatherA, false, kGateUp>(p, plan, stream);
+}
+
 }  // namespace moe_gemm
 
 // One explicit instantiation per .cu file: a configuration's kernel, or (GATHER_A true) its gathering one.
 #define MOE_GEMM_INSTANTIATE(DTYPE, B_N_MAJOR, CONFIG, GATHER_A)                               \
   template cudaError_t moe_gemm::run_sm90_moe_gemm<moe_gemm::DType::DTYPE, B_N_MAJOR,          \
                                                    moe_gemm::TileConfig::CONFIG, GATHER_A>(     \
+      moe_gemm::GroupedGemmParams const&, moe_gemm::GroupedGemmPlan const&, cudaStream_t);
+
+// The gated epilogue's instantiation of a configuration: LAYOUT kInterleaved or kConcatenated.
+#define MOE_GEMM_INSTANTIATE_GATED(DTYPE, B_N_MAJOR, CONFIG, GATHER_A, LAYOUT)                        \
+  template cudaError_t moe_gemm::run_sm90_moe_gemm_gated<moe_gemm::DType::DTYPE, B_N_MAJOR,          \
+                                                         moe_gemm::TileConfig::CONFIG, GATHER_A,      \
+                                                         moe_gemm::GateUpLayout::LAYOUT>(             \
       moe_gemm::GroupedGemmParams const&, moe_gemm::GroupedGemmPlan const&, cudaStream_t);

@@ -10,6 +10,14 @@ The ops (``torch.ops.moe_gemm.<name>``):
   the layer calls it below its own. The CUDA kernel does not check the indices (a pass over them, or a sync, would
   cost what the gather saves): one outside ``[0, x.shape[0])`` is the caller's bug, as with ``index_select``'s device
   assert; the kernel then reads a row of zeros, never memory outside ``x``. The PyTorch path raises (IndexError).
+- ``grouped_mm_gated(x, gather_rows, weight, m_sizes, weight_transposed, act, concatenated, write_pre_activation)``:
+  the MoE layer's up-projection with its gated activation, ``(activated [M, I], gate_up [M, 2I] or None)``:
+  ``gate_up = grouped_mm(x, ...)`` (``grouped_mm_gather`` when ``gather_rows`` is given) and ``activated =
+  act(gate) * up`` (``activation.gated_activation``, gate and up concatenated halves or interleaved columns of
+  gate_up and of the weight's ``2I`` rows), ``gate_up`` returned only with ``write_pre_activation`` (the backward
+  keeps it). The CUDA kernel computes the activation in the GEMM's epilogue from the 16-bit gate_up, rounding as the
+  separate ``gated_activation`` kernel does (bitwise the same); where no gated tile applies (decode sizes,
+  concatenated halves with I not a multiple of 64) it runs the GEMM, then that kernel. No autograd.
 - ``grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
   (``x_e.T @ grad_y_e`` when ``weight_transposed``), shaped like the weight, in the dtype of ``x``.
 - ``grouped_mm_wgrad_gather(x, grad_y, m_sizes, weight_transposed=False, x_rows=None, grad_y_rows=None)``:
@@ -55,6 +63,7 @@ import warnings
 import torch
 
 from moe_gemm import _validation
+from moe_gemm.activation import check_activation_name, gated_activation
 from moe_gemm.reference import clamped_group_ends, expert_row_ranges, grouped_mm_wgrad_reference
 
 
@@ -84,6 +93,10 @@ SCHEMAS = {
     "grouped_mm": "(Tensor x, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
     "grouped_mm_gather": (
         "(Tensor x, Tensor gather_rows, Tensor weight, Tensor m_sizes, bool weight_transposed=False) -> Tensor"
+    ),
+    "grouped_mm_gated": (
+        "(Tensor x, Tensor? gather_rows, Tensor weight, Tensor m_sizes, bool weight_transposed, str act, "
+        "bool concatenated, bool write_pre_activation) -> (Tensor activated, Tensor? gate_up)"
     ),
     "grouped_mm_wgrad": "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
     "grouped_mm_wgrad_gather": (
@@ -288,6 +301,23 @@ def grouped_mm_gather_torch(x, gather_rows, weight, m_sizes, weight_transposed=F
     return grouped_mm_torch(x.index_select(0, gather_rows), weight, m_sizes, weight_transposed)
 
 
+def grouped_mm_gated_torch(
+    x, gather_rows, weight, m_sizes, weight_transposed, act, concatenated, write_pre_activation
+):
+    """``moe_gemm::grouped_mm_gated`` in PyTorch ops: ``grouped_mm_torch`` (of the gathered rows with
+    ``gather_rows``), then ``activation.gated_activation``."""
+    check_activation_name(act)
+    n = weight.shape[2] if weight_transposed else weight.shape[1]
+    if weight.dim() == 3 and n % 2 != 0:
+        raise ValueError(f"the weight's gate and up rows must be 2I, an even number, got {n}")
+    if gather_rows is None:
+        gate_up = grouped_mm_torch(x, weight, m_sizes, weight_transposed)
+    else:
+        gate_up = grouped_mm_gather_torch(x, gather_rows, weight, m_sizes, weight_transposed)
+    activated = gated_activation(gate_up, act, concatenated)
+    return activated, (gate_up if write_pre_activation else None)
+
+
 def _empty_groups(m_sizes: torch.Tensor, ends: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``[E]`` bool: the experts that own no row (``ends`` from ``clamped_group_ends(m_sizes, num_rows)``), on the
     device, without a sync."""
@@ -377,6 +407,7 @@ def grouped_mm_wgrad_accumulate_torch(main_grad, x, grad_y, m_sizes, weight_tran
 _TORCH_PATH_DEVICES = ("cpu",) if _C is not None else ("cpu", "cuda")
 torch.library.register_kernel("moe_gemm::grouped_mm", _TORCH_PATH_DEVICES, grouped_mm_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_gather", _TORCH_PATH_DEVICES, grouped_mm_gather_torch)
+torch.library.register_kernel("moe_gemm::grouped_mm_gated", _TORCH_PATH_DEVICES, grouped_mm_gated_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", _TORCH_PATH_DEVICES, grouped_mm_wgrad_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_wgrad_gather", _TORCH_PATH_DEVICES, grouped_mm_wgrad_gather_torch)
 torch.library.register_kernel(
@@ -394,6 +425,13 @@ def _grouped_mm_fake(x, weight, m_sizes, weight_transposed=False):
 def _grouped_mm_gather_fake(x, gather_rows, weight, m_sizes, weight_transposed=False):
     n = weight.shape[2] if weight_transposed else weight.shape[1]
     return x.new_empty(gather_rows.shape[0], n)
+
+
+@torch.library.register_fake("moe_gemm::grouped_mm_gated")
+def _grouped_mm_gated_fake(x, gather_rows, weight, m_sizes, weight_transposed, act, concatenated, write_pre_activation):
+    rows = x.shape[0] if gather_rows is None else gather_rows.shape[0]
+    n = weight.shape[2] if weight_transposed else weight.shape[1]
+    return x.new_empty(rows, n // 2), (x.new_empty(rows, n) if write_pre_activation else None)
 
 
 @torch.library.register_fake("moe_gemm::grouped_mm_wgrad")
@@ -543,7 +581,8 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
 
 def quantize_fp8_torch(x, group=128):
     """``moe_gemm::quantize_fp8`` in PyTorch ops, in float32: over each group of ``group`` columns of a row (the whole
-    row when None), ``scale = amax / 448`` floored at ``FP8_MIN_SCALE`` (``fp8_scale``), ``x_fp8 = x / scale`` rounded to nearest.
+    row when None), ``scale = amax / 448`` floored at ``FP8_MIN_SCALE`` (``fp8_scale``), ``x_fp8 = x / scale``
+    rounded to nearest.
     The quotient is clamped to +-448: rounding can carry the group's amax a hair past it, and whether a cast past the
     format's range saturates or gives NaN is up to the torch version. No sync, no check of the values: a NaN or +-inf
     makes its group's scale NaN or inf, and the whole group dequantizes to NaN."""
@@ -570,6 +609,8 @@ def _cuda_kernel_in_extension(name: str) -> bool:
 
 # Whether _C has the FP8 GEMM's CUDA kernel (grouped_mm_fp8_cuda routes to it what it can take).
 FP8_KERNEL_BUILT = _cuda_kernel_in_extension("_grouped_mm_fp8_kernel")
+# Whether _C has grouped_mm_gated's CUDA kernel (the gated activation in the up-projection's epilogue).
+GATED_KERNEL_BUILT = _cuda_kernel_in_extension("grouped_mm_gated")
 
 
 def _fp8_kernel_applies(x, x_scale, weight, weight_scale, weight_transposed, out_dtype) -> bool:

@@ -199,6 +199,32 @@ def _expert_gemm(x, weight, m_sizes, weight_transposed, *, x_name="x", weight_na
     return y, weight_read, flag
 
 
+def _expert_gemm_gated(
+    x, weight, m_sizes, weight_transposed, act, concatenated, write_pre_activation, *, gather_rows=None, **names
+):
+    """``_expert_gemm`` of the up-projection with its gated activation in the GEMM's epilogue
+    (``grouped_mm_gated``): returns ``(activated, gate_up or None, weight_read, weight_transposed_read)``, the same bits
+    as ``_expert_gemm`` followed by ``_ops.gated_activation_kernel``. For CUDA inputs whose device runs the kernels
+    (``gated_gemm_applies``)."""
+    weight_read, flag = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=True, **names)
+    m_sizes = m_sizes.contiguous()
+    _check_sizes_if_asked(m_sizes, x.shape[0] if gather_rows is None else gather_rows.shape[0])
+    activated, gate_up = call_below_autograd(
+        torch.ops.moe_gemm.grouped_mm_gated.default, x, gather_rows, weight_read, m_sizes, flag, act, concatenated,
+        write_pre_activation,
+    )  # fmt: skip
+    return activated, gate_up, weight_read, flag
+
+
+def gated_gemm_applies(x: torch.Tensor, act) -> bool:
+    """Whether the layer's up-projection can run ``grouped_mm_gated`` (the activation in the GEMM's epilogue): a named
+    activation on 16-bit CUDA rows whose device runs the kernels."""
+    return (
+        _ops.GATED_KERNEL_BUILT and _kernels_for(x) and x.dtype in (torch.bfloat16, torch.float16)
+        and act in _ops.ACTIVATIONS
+    )  # fmt: skip
+
+
 def _expert_gemm_backward(grad_y, x, weight_read, m_sizes, weight_transposed_read, needs_grad_x, needs_grad_w):
     """``(grad_x, grad_w)`` of ``y = _expert_gemm(...)[0]``; None where not needed. ``grad_w`` is the gradient of
     ``weight_read`` (transpose it back for a weight that was read through its transposed view)."""

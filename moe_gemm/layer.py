@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_gemm import _ops, _validation
+from moe_gemm.activation import ACTIVATIONS, check_activation_name, gated_activation, split_gate_up
 from moe_gemm.dispatch import (
     DispatchInfo,
     combine,
@@ -30,33 +31,18 @@ from moe_gemm.dispatch import (
     sum_token_rows,
     valid_pairs,
 )
-from moe_gemm.functional import _expert_gemm, _expert_gemm_backward, grouped_forward
+from moe_gemm.functional import (
+    _expert_gemm,
+    _expert_gemm_backward,
+    _expert_gemm_gated,
+    gated_gemm_applies,
+    grouped_forward,
+)
 from moe_gemm.routing import route
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,  # SwiGLU
-    "gelu": F.gelu,  # GeGLU with the exact (erf) GELU
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GeGLU with the tanh approximation
-}
-
-
-def _check_activation_name(act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {act!r}")
-
-
-def _split_gate_up(gate_up: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return gate_up.chunk(2, dim=-1) if concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
-
-
-def gated_activation(gate_up: torch.Tensor, act: str = "silu", concatenated: bool = True) -> torch.Tensor:
-    """``act(gate) * up`` of ``[rows, 2I]``, returning ``[rows, I]``.
-
-    ``concatenated``: the columns are ``[gate; up]`` halves; otherwise interleaved ``gate0, up0, gate1, up1, ...``.
-    """
-    _check_activation_name(act)
-    gate, up = _split_gate_up(gate_up, concatenated)
-    return ACTIVATIONS[act](gate) * up
+# The activation formulas live in moe_gemm.activation (shared with the fused op's PyTorch path, moe_gemm._ops).
+_check_activation_name = check_activation_name
+_split_gate_up = split_gate_up
 
 
 def gated_activation_backward(
@@ -409,24 +395,32 @@ class _ExpertsFunction(torch.autograd.Function):
         up_columns = gate_up_proj.shape[2] if weight_transposed else gate_up_proj.shape[1]
         # The gathering kernel reads hidden in place, so hidden must have the layout the kernels take (a copy has).
         gather = _validation.kernel_layout_problem(hidden) is None
-        if gather and _ops.gather_in_gemm(token_of_row.shape[0], num_experts, up_columns):
-            # The GEMM reads hidden[token_of_row] in place: no [T * k, H] copy.
-            gate_up, gate_up_read, gate_up_flag = _expert_gemm(
-                hidden, gate_up_proj, m_sizes, weight_transposed, gather_rows=token_of_row, **names
-            )
+        gather = gather and _ops.gather_in_gemm(token_of_row.shape[0], num_experts, up_columns)
+        # The GEMM reads hidden[token_of_row] in place when it gathers: no [T * k, H] copy.
+        x_rows, gather_rows = (hidden, token_of_row) if gather else (hidden.index_select(0, token_of_row), None)
+        if ctx is None and gate_up_bias is None and gated_gemm_applies(hidden, act):
+            # No gradient wanted: the activation in the GEMM's epilogue, and no [T * k, 2I] pre-activation written.
+            # With one (the backward keeps the pre-activation) the two launches below are as fast or faster
+            # (docs/design.md, "The gated activation in the up-projection's epilogue").
+            activated, gate_up, gate_up_read, gate_up_flag = _expert_gemm_gated(
+                x_rows, gate_up_proj, m_sizes, weight_transposed, act, concatenated, False, gather_rows=gather_rows,
+                **names,
+            )  # fmt: skip
         else:
-            x_sorted = hidden.index_select(0, token_of_row)
-            gate_up, gate_up_read, gate_up_flag = _expert_gemm(x_sorted, gate_up_proj, m_sizes, weight_transposed, **names)
-            del x_sorted
+            gate_up, gate_up_read, gate_up_flag = _expert_gemm(
+                x_rows, gate_up_proj, m_sizes, weight_transposed, gather_rows=gather_rows, **names
+            )
+            activated = None
+        del x_rows
         # Dropped rows (expert E) borrow the last expert's bias: combine ignores them and gives them zero gradient.
         bias_row = None
         if gate_up_bias is not None or down_bias is not None:
             bias_row = expert_of_row.clamp_max(num_experts - 1)
         if gate_up_bias is not None:
             gate_up = gate_up + gate_up_bias[bias_row]
-        if _ops.gated_activation_kernel_applies(gate_up, act):
+        if activated is None and _ops.gated_activation_kernel_applies(gate_up, act):
             activated = _ops.gated_activation_kernel(gate_up, act, concatenated)
-        else:
+        elif activated is None:
             activated = gated_activation(gate_up, act, concatenated)
         y_sorted, down_read, down_flag = _expert_gemm(
             activated, down_proj, m_sizes, weight_transposed, x_name="the gated activation", weight_name="down_proj"

@@ -39,6 +39,9 @@ SPLIT_K_TILE_CONFIGS: tuple[str, ...] = ("128x128", "16x128s", "32x128s")
 # The configurations with a kernel that gathers A's rows (the gather_a column): grouped_mm_gather runs only these,
 # and refuses an override that names another. tests/test_testing.py checks this list against the table too.
 GATHER_TILE_CONFIGS: tuple[str, ...] = ("128x256", "128x128")
+# The configurations with gated-epilogue kernels (the gated column): grouped_mm_gated fuses the activation only
+# with these. tests/test_testing.py checks this list against the table too.
+GATED_TILE_CONFIGS: tuple[str, ...] = ("128x256",)
 
 
 def _extension() -> ModuleType | None:
@@ -151,3 +154,18 @@ def resolved_plan(M: int, N: int, K: int, E: int, gather: bool = False) -> tuple
     tile_config, split_k, dynamic_schedule = extension.plan_grouped_gemm(*sizes, True) if gather else (
         extension.plan_grouped_gemm(*sizes))
     return tile_config, split_k, bool(dynamic_schedule)
+
+
+def resolved_gated_plan(
+    M: int, N: int, K: int, E: int, concatenated: bool, gather: bool = False
+) -> tuple[str, bool]:
+    """``(tile_config, fused)`` of a ``grouped_mm_gated`` call with x [M, K] (with ``gather``, M gathered rows) and a
+    weight of N = 2I gate and up rows, now and under the current override: ``fused`` when the activation runs in the
+    GEMM's epilogue (a configuration of :data:`GATED_TILE_CONFIGS`), else the GEMM runs ``tile_config`` and the
+    separate activation kernel follows. ``("auto", False)`` when there is nothing to multiply. Needs the CUDA
+    extension (RuntimeError without)."""
+    extension = _extension()
+    if extension is None or not hasattr(extension, "plan_gated"):
+        raise RuntimeError("resolved_gated_plan needs the CUDA extension moe_gemm._C (built, and recent enough)")
+    tile_config, fused = extension.plan_gated(int(M), int(N), int(K), int(E), bool(concatenated), bool(gather))
+    return tile_config, bool(fused)

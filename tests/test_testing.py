@@ -52,13 +52,17 @@ def test_the_static_names_are_the_cpp_table():
 
 def test_the_instantiations_are_generated_from_the_table():
     # One forward .cu per dtype x layout x configuration of the table, a gathering one more for each configuration
-    # whose gather_a column is true, four weight-gradient ones and, for gradients in the input dtype, one more per
-    # gathered operand (L or R), the FP8 kernels of the generator's list, nothing else.
+    # whose gather_a column is true, four gated ones (interleaved or concatenated, gathering or not) for each whose
+    # gated column is true, four weight-gradient ones and, for gradients in the input dtype, one more per gathered
+    # operand (L or R), the FP8 kernels of the generator's list, nothing else.
     generator = load_generator()
     expected = {f"sm90_moe_gemm_{dtype}_{layout}_{config}.cu"
                 for dtype in generator.DTYPES for layout in generator.WEIGHT_LAYOUTS for config in generator.tile_configs()}
     expected |= {f"sm90_moe_gemm_{dtype}_{layout}_{config}_gather.cu" for dtype in generator.DTYPES
                  for layout in generator.WEIGHT_LAYOUTS for config in generator.gather_tile_configs()}
+    expected |= {f"sm90_moe_gemm_{dtype}_{layout}_{config}_gated_{gate_up}{gather}.cu" for dtype in generator.DTYPES
+                 for layout in generator.WEIGHT_LAYOUTS for config in generator.gated_tile_configs()
+                 for gate_up in generator.GATE_UP_LAYOUTS for gather in ("", "_gather")}
     expected |= {f"sm90_moe_wgrad_{dtype}_{out}.cu" for dtype in generator.DTYPES for out in generator.WGRAD_OUTPUTS}
     expected |= {f"sm90_moe_wgrad_{dtype}_same_gather_{operand}.cu" for dtype in generator.DTYPES
                  for operand in generator.WGRAD_GATHERS}
@@ -162,6 +166,18 @@ def table_rows():
 
 def test_the_split_k_names_are_the_cpp_tables_split_k_column():
     assert set(testing.SPLIT_K_TILE_CONFIGS) == {name for name, (split, _) in table_rows().items() if split == "true"}
+
+
+def test_the_gated_names_are_the_cpp_tables_gated_column():
+    import re
+    row = re.compile(r'^\s*X\(k\w+,\s*"([^"]+)",(?:\s*\d+,){5}(?:\s*(?:true|false),){3}\s*(true|false),',
+                     re.MULTILINE)
+    table = (ROOT / "csrc" / "moe_tile_configs.h").read_text()
+    gated = {name for name, column in row.findall(table) if column == "true"}
+    assert set(testing.GATED_TILE_CONFIGS) == gated
+    assert set(testing.GATED_TILE_CONFIGS) == set(load_generator().gated_tile_configs())
+    # The gated kernels gather too (one instantiation each way).
+    assert set(testing.GATED_TILE_CONFIGS) <= set(testing.GATHER_TILE_CONFIGS)
 
 
 def test_the_gather_names_are_the_cpp_tables_gather_a_column():
