@@ -8,8 +8,9 @@ from helpers import assert_close_to_reference, relative_error, requires_cuda_op
 from test_layer import make_experts_problem
 
 import moe_gemm
-from moe_gemm import _ops
+from moe_gemm import _ops, layer
 from moe_gemm.reference import experts_forward_reference
+from moe_gemm.testing import resolved_gated_plan
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -85,3 +86,35 @@ def test_moe_layer_with_fused_routing_matches_float32():
     assert_close_to_reference(out.float().cpu(), ref, dtype=torch.bfloat16)
     out.float().square().sum().backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["copied_rows", "gathered_rows"])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_inference_runs_the_gated_epilogue_with_the_training_paths_bits(act, gather, monkeypatch):
+    # Without a gradient the up-projection is grouped_mm_gated (the activation in the GEMM's epilogue); with one, the
+    # GEMM and then the activation kernel. Both round alike, so the layer's outputs agree bit for bit.
+    if gather:
+        monkeypatch.setattr(_ops, "GATHER_MIN_ROWS_PER_EXPERT", 1)
+    num_tokens, num_experts, top_k, hidden, intermediate = 2048, 8, 2, 512, 512
+    tensors, _ = make_experts_problem(
+        num_tokens, num_experts, top_k, hidden, intermediate, dtype=torch.bfloat16, sentinels=0.05, device="cuda"
+    )
+    ids = tensors.pop("top_k_index")
+    _, fused = resolved_gated_plan(num_tokens * top_k, 2 * intermediate, hidden, num_experts, True, gather)
+    assert fused  # these sizes plan the gated 128x256 tile
+    gathered = []
+    gated_gemm = layer._expert_gemm_gated
+
+    def recording_gated_gemm(*args, **kwargs):
+        gathered.append(kwargs["gather_rows"] is not None)
+        return gated_gemm(*args, **kwargs)
+
+    monkeypatch.setattr(layer, "_expert_gemm_gated", recording_gated_gemm)
+    with torch.no_grad():
+        served = moe_gemm.experts_forward(top_k_index=ids, act=act, **tensors)
+    assert gathered == [gather]
+    trained = moe_gemm.experts_forward(
+        top_k_index=ids, act=act, **{name: t.requires_grad_() for name, t in tensors.items()}
+    )
+    assert gathered == [gather]  # the training forward did not call it
+    assert torch.equal(served, trained.detach())
