@@ -206,7 +206,8 @@ def _expert_gemm_gated(
     (``grouped_mm_gated``): returns ``(activated, gate_up or None, weight_read, weight_transposed_read)``, the same bits
     as ``_expert_gemm`` followed by ``_ops.gated_activation_kernel``. For CUDA inputs whose device runs the kernels
     (``gated_gemm_applies``)."""
-    weight_read, flag = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=_kernels_for(x), **names)
+    kernels = _kernels_for(x)
+    weight_read, flag = _validation.validate(x, weight, m_sizes, weight_transposed, cuda_kernel=kernels, **names)
     m_sizes = m_sizes.contiguous()
     _check_sizes_if_asked(m_sizes, x.shape[0] if gather_rows is None else gather_rows.shape[0])
     activated, gate_up = call_below_autograd(
