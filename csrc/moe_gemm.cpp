@@ -258,8 +258,8 @@ char const* check_grouped_gemm_plan(GroupedGemmParams const& p, GroupedGemmPlan 
            "csrc/moe_tile_configs.h have one)";
   }
   if (p.gate_up_layout != GateUpLayout::kNone && plan.config != TileConfig::kAuto && !plan.gated) {
-    return "no gated-epilogue kernel for this call: the swapped decode tiles have none, concatenated gate and up "
-           "halves need I a multiple of 64, and a forced configuration must be a gated "
+    return "no gated-epilogue kernel for this call: only the 128x256 tiles have one, concatenated gate and up "
+           "halves need I a multiple of 128, and a forced configuration must be a gated "
            "one (the configurations marked gated in csrc/moe_tile_configs.h); run the GEMM, then the activation";
   }
   return nullptr;

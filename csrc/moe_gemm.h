@@ -81,8 +81,8 @@ struct GroupedGemmPlan {
   int sm_count = 0;                       // the SMs the persistent grid may use
   int64_t max_units = 0;                  // the most work units (cluster tiles x splits) the sizes allow
   WorkspaceLayout workspace;              // counters (zeroed by run_grouped_gemm) and split-K partials
-  // A gated call (gate_up_layout not kNone): whether `config` runs the gated epilogue. When false (decode sizes,
-  // whose swapped tiles have none, or concatenated halves that no gated tile divides), run_grouped_gemm refuses
+  // A gated call (gate_up_layout not kNone): whether `config` runs the gated epilogue. When false (a tile other
+  // than 128x256 planned, or concatenated halves with I not a multiple of 128), run_grouped_gemm refuses
   // the plan, and the caller runs the plain GEMM (the same params with gate_up_layout kNone) then the separate
   // activation (moe_layer_kernels.h): check_grouped_gemm_plan says why.
   bool gated = false;
@@ -98,9 +98,9 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E);
 TileConfig gather_tile_config(TileConfig config);
 
 // The configuration with the gated epilogue in place of `config` (not kAuto) for I = N / 2 output columns, or kAuto
-// for none: the gated one of the same tile width (128x256 for its clusters), the narrower 128x128 for concatenated
-// halves when I is not a multiple of 128, none for the swapped decode tiles (the activation stays a kernel of its
-// own there) nor for concatenated halves when I is not a multiple of 64.
+// for none: 128x256 (the one gated tile) in place of 128x256 and its clusters; none for the narrower tiles (128x128,
+// which the heuristic picks at 128 rows per expert or fewer, and the swapped decode tiles: the activation stays a
+// kernel of its own there) nor for concatenated halves when I is not a multiple of 128.
 TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout);
 
 // The split-K factor the heuristic picks for these shapes and a resolved (not kAuto) configuration:

@@ -1,5 +1,5 @@
 // The MoE layer's small kernels: dispatch (a stable counting sort of the (token, slot) pairs by expert),
-// the gated activation and its backward, and combine. See moe_layer_kernels.h for what each computes.
+// the gated activation and its backward, combine, and the FP8 quantization of activations. See moe_layer_kernels.h for what each computes.
 //
 // NOTES: at decode sizes these replace about twenty-five PyTorch ops (each a few microseconds of host time)
 // by three launches; at prefill sizes they read and write each activation once instead of once per op.

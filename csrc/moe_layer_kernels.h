@@ -104,8 +104,9 @@ struct CombineParams {
 // (128 columns [128 g, 128 g + 128), or the whole row when group is 0), scale = max(amax / 448, FLT_MIN) in
 // float32, and x_fp8[r, c] = x[r, c] / scale saturated to +-448 and rounded to the nearest float8_e4m3fn (even on
 // ties). A NaN or +-inf makes its group's amax and scale NaN or inf, and the group dequantizes to NaN. E.g. a group
-// whose largest magnitude is 3.5 gets scale 3.5 / 448 = 0.0078125, and its 3.5 becomes 448. One warp per row; one
-// pass over the row per group of 128, two for a whole row.
+// whose largest magnitude is 3.5 gets scale 3.5 / 448 = 0.0078125, and its 3.5 becomes 448. The scale is the product
+// amax * (1 / 448), as torch on CUDA computes it. One warp per (row, group of 128); one block per row for a whole
+// row, which it reads twice.
 struct QuantizeFp8Params {
   void const* x = nullptr;  // [rows, K], rows ld elements apart, inner stride 1
   int64_t ld = 0;

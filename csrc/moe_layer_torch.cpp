@@ -168,7 +168,7 @@ at::Tensor combine_cuda(at::Tensor const& y, at::Tensor const& row_of_pair, at::
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_kernel_cuda(at::Tensor const& x, std::optional<int64_t> group) {
   TORCH_CHECK(x.dim() == 2, "moe_gemm: x must be [M, K], got ", x.sizes());
   TORCH_CHECK(!group.has_value() || *group == 128, "moe_gemm: group must be 128 or None");
-  TORCH_CHECK(x.is_cuda() && (x.size(0) <= 1 || x.size(1) == 0 || x.stride(1) == 1),
+  TORCH_CHECK(x.is_cuda() && (x.size(1) <= 1 || x.stride(1) == 1),
               "moe_gemm: x must be a CUDA tensor of inner stride 1");
   moe_gemm::check_sm90(x.device(), kOp);
   c10::cuda::CUDAGuard device_guard(x.device());

@@ -12,7 +12,8 @@
 // the tokens its N: decode tiles), a split-K instantiation, an instantiation that gathers A's rows (each row
 // read from a row of a source tensor that the call names: grouped_mm_gather), kernels with the gated activation in
 // the epilogue (interleaved and concatenated gate and up, gathering too where gather_a is true: grouped_mm_gated),
-// m-blocks per raster group (L2 locality; of cluster m-blocks in a cluster along M). Why each exists: docs/design.md, "Tile configurations".
+// m-blocks per raster group (L2 locality; of cluster m-blocks in a cluster along M). Why each exists:
+// docs/design.md, "Tile configurations".
 #pragma once
 
 // X(Enum, "name", tile_m, tile_n, tile_k, cluster_m, cluster_n, swap_ab, split_k, gather_a, gated, group_m)

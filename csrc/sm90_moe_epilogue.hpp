@@ -93,8 +93,9 @@ CUTLASS_DEVICE void pack_tile(Accumulators const& accumulators, PackedTile<Eleme
 // warp_group_barrier as described at store_tile_through_smem below.
 // One chunk of 16-bit outputs: wait until the buffer's previous store has read it, stmatrix, then TMA.
 // fragment(m, store)[j] is the thread's pair of matrix j of stmatrix number `store` (over the chunk's 16-column
-// blocks) of row block m, as pack_tile orders them (a pointer into a PackedTile, or an array of 4 registers); issue_store gets kChunk. kTileN is the MMA
-// tile's width (the rows of its C partition place the stmatrix addresses), whatever the chunk's tile.
+// blocks) of row block m, as pack_tile orders them (a pointer into a PackedTile, or an array of 4 registers);
+// issue_store gets kChunk. kTileN is the MMA tile's width (the rows of its C partition place the stmatrix
+// addresses), whatever the chunk's tile.
 template <int kChunk, int kTileN, int kEpiN, int kEpiBuffers, int kRowBlocks, class SmemTensorD, class TiledMma,
           class Fragment, class IssueStore>
 CUTLASS_DEVICE void store_chunk_through_smem(SmemTensorD const& smem_d, TiledMma const& tiled_mma, int thread_idx,

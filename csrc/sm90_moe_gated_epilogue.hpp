@@ -15,12 +15,10 @@
 // and up rounded to 16 bits, act(gate) in float32 (moe_activation.h) rounded, times up, rounded. So the fused
 // and the unfused paths agree bitwise.
 //
-// Both outputs are 16-bit. The tile is packed as the GEMM's own output is (PackedTile: the rounded
-// pre-activation, 32 registers of a 128x128 tile) and stored at once, 64-column chunks through shared memory:
-// the kTileN / 64 chunks of the pre-activation when it is written, then the kTileN / 128 chunks of the
-// activation, computed from the packed registers as each is stored. Not under the next tile's MMAs, as plain
-// tiles are: beside the next accumulators, the packed tile and the activations' temporaries spilled
-// (docs/design.md, "The gated activation in the up-projection's epilogue").
+// Both outputs are 16-bit, stored in 64-column chunks through shared memory. The tile is packed as the GEMM's own
+// output is (PackedTile: the rounded pre-activation, 64 registers of a 128x256 tile); the kTileN / 64 chunks of the
+// pre-activation are stored at once when written; the activation is computed from the packed registers and held
+// (32 registers) until its kTileN / 128 chunks are stored under the next tile's MMAs (PendingGatedTile).
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -98,9 +96,11 @@ CUTLASS_DEVICE void gated_fragment(Packed const& packed, int m, int store, cutla
 // A finished tile of gate_up: its pre-activation stored at once (when written), its activation computed and held
 // in registers, packed, until its chunks are stored under the next tile's MMAs. Holding only the activation (a
 // quarter of the float accumulators' registers) leaves the next tile's accumulators room: holding the packed
-// pre-activation and computing the activation from it under the next MMAs needed a 384-byte stack frame at 128x256.
+// pre-activation and computing the activation from it under the next MMAs needed a 368-392 byte stack frame at
+// 128x256.
 // Target is the kernel's, with a member `active`. store() takes chunks [first, last) of the held activation.
-template <GateUpLayout kLayout, int kTileN, int kEpiN, int kEpiBuffers, class ElementD, class Accumulators, class Target>
+template <GateUpLayout kLayout, int kTileN, int kEpiN, int kEpiBuffers, class ElementD, class Accumulators,
+          class Target>
 class PendingGatedTile {
  public:
   static_assert(kLayout != GateUpLayout::kNone);
@@ -120,7 +120,8 @@ class PendingGatedTile {
     Packed packed;
     pack_tile<kTileN, kEpiN>(accumulators, packed);
     if (write_pre) {
-      store_pre_chunks<0>(packed, smem_d, tiled_mma, thread_idx, warp_group_barrier, store_count, make_issue_pre(target));
+      store_pre_chunks<0>(packed, smem_d, tiled_mma, thread_idx, warp_group_barrier, store_count,
+                          make_issue_pre(target));
     }
     // One switch per tile: a switch per chunk or per fragment kept all three activations' temporaries live together.
     switch (act) {

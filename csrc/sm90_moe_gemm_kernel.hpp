@@ -259,7 +259,8 @@ class Sm90MoeGemmKernel {
   // 16-bit tiles are stored under the next tile's MMAs (consume()); the swapped and split-K tiles store
   // from registers or partials, and blockwise FP8 tiles at once: their registers hold two more accumulators
   // instead (mma_blockwise).
-  static constexpr bool kDeferStore = !kSwapAB && !kSplitK && sizeof(ElementD) == 2 && kScales_ != Fp8Scales::kBlockwise;
+  static constexpr bool kDeferStore =
+      !kSwapAB && !kSplitK && sizeof(ElementD) == 2 && kScales_ != Fp8Scales::kBlockwise;
   using SmemLayoutD = decltype(cute::tile_to_shape(
       cute::GMMA::Layout_K_SW128_Atom<ElementD>{},
       cute::make_shape(cute::Int<kTileM>{}, cute::Int<kEpiN>{}, cute::Int<kEpiBuffers>{})));
@@ -301,8 +302,8 @@ class Sm90MoeGemmKernel {
   static constexpr uint32_t kTileSlotReaders =
       kNumConsumerThreads + (kGatherA ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
 
-  // kGateUp: the tile of gate_up (N = 2 I columns) leaves as act(gate) * up (kTileN / 2 columns of [M, I]) and,
-  // when written, as itself; both wait in registers, as a deferred 16-bit tile does (PendingGatedTile).
+  // kGateUp: the tile of gate_up (N = 2 I columns) leaves as act(gate) * up (kTileN / 2 columns of [M, I]),
+  // held in registers as a deferred 16-bit tile is, and, when written, as itself, stored at once (PendingGatedTile).
   static constexpr GateUpLayout kGateUp = kGateUp_;
   static constexpr bool kGated = kGateUp != GateUpLayout::kNone;
   static constexpr bool kConcatenated = kGateUp == GateUpLayout::kConcatenated;

@@ -113,7 +113,8 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan const&
 // whose row has one: no split-K (the plan runs these unsplit).
 template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, GateUpLayout kGateUp>
 cudaError_t run_sm90_moe_gemm_gated(GroupedGemmParams const& p, GroupedGemmPlan const& plan, cudaStream_t stream) {
-  static_assert(TileTraits<kConfig>::kInfo.gated && kGateUp != GateUpLayout::kNone, "a configuration with gated kernels");
+  static_assert(TileTraits<kConfig>::kInfo.gated && kGateUp != GateUpLayout::kNone,
+                "a configuration with gated kernels");
   return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, kGatherA, false, kGateUp>(p, plan, stream);
 }
 

@@ -16,8 +16,9 @@ The ops (``torch.ops.moe_gemm.<name>``):
   act(gate) * up`` (``activation.gated_activation``, gate and up concatenated halves or interleaved columns of
   gate_up and of the weight's ``2I`` rows), ``gate_up`` returned only with ``write_pre_activation`` (the backward
   keeps it). The CUDA kernel computes the activation in the GEMM's epilogue from the 16-bit gate_up, rounding as the
-  separate ``gated_activation`` kernel does (bitwise the same); where no gated tile applies (decode sizes,
-  concatenated halves with I not a multiple of 64) it runs the GEMM, then that kernel. No autograd.
+  separate ``gated_activation`` kernel does (bitwise the same); where no gated tile applies (the plan is not a
+  128x256 tile, e.g. at 128 rows per expert or fewer; concatenated halves with I not a multiple of 128) it runs the
+  GEMM, then that kernel. No autograd.
 - ``grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
   (``x_e.T @ grad_y_e`` when ``weight_transposed``), shaped like the weight, in the dtype of ``x``.
 - ``grouped_mm_wgrad_gather(x, grad_y, m_sizes, weight_transposed=False, x_rows=None, grad_y_rows=None)``:
@@ -34,8 +35,8 @@ The ops (``torch.ops.moe_gemm.<name>``):
   ``grouped_mm`` of float8_e4m3fn ``x`` and ``weight`` times their float32 scales (the layouts are
   ``moe_gemm.grouped_forward_fp8``'s), ``[M, N]`` in ``out_dtype`` (None: bfloat16), rows past the last expert zero.
 - ``quantize_fp8(x, group=128)``: ``(x_fp8, x_scale)``, ``x`` in float8_e4m3fn with one float32 scale per row and 128
-  columns (``group`` None: per row). The two FP8 ops have PyTorch kernels only, for CPU and CUDA, until ``_C`` brings
-  CUDA ones (issue 25); no backward: one raises.
+  columns (``group`` None: per row). On a GPU whose kernels run, both have CUDA kernels (``_grouped_mm_fp8_kernel``
+  where its layouts apply, ``_quantize_fp8_kernel``), else PyTorch ops; no backward: one raises.
 - ``route(router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias,
   routed_scaling_factor)``: ``moe_gemm.route``'s ``(weights float32 [T, k], ids int64 [T, k])``.
 - ``dispatch_pairs``, ``gated_activation``, ``gated_activation_backward`` and ``combine_rows``: the MoE layer's small

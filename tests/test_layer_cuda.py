@@ -10,7 +10,7 @@ from test_layer import make_experts_problem
 import moe_gemm
 from moe_gemm import _ops, layer
 from moe_gemm.reference import experts_forward_reference
-from moe_gemm.testing import resolved_gated_plan
+from moe_gemm.testing import PlanOverride, plan_override, resolved_gated_plan
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op]
 
@@ -110,11 +110,13 @@ def test_inference_runs_the_gated_epilogue_with_the_training_paths_bits(act, gat
         return gated_gemm(*args, **kwargs)
 
     monkeypatch.setattr(layer, "_expert_gemm_gated", recording_gated_gemm)
-    with torch.no_grad():
-        served = moe_gemm.experts_forward(top_k_index=ids, act=act, **tensors)
-    assert gathered == [gather]
-    trained = moe_gemm.experts_forward(
-        top_k_index=ids, act=act, **{name: t.requires_grad_() for name, t in tensors.items()}
-    )
+    # One tile configuration for both (the training path's GEMM would otherwise run 128x256 in clusters of two).
+    with plan_override(PlanOverride("128x256")):
+        with torch.no_grad():
+            served = moe_gemm.experts_forward(top_k_index=ids, act=act, **tensors)
+        assert gathered == [gather]
+        trained = moe_gemm.experts_forward(
+            top_k_index=ids, act=act, **{name: t.requires_grad_() for name, t in tensors.items()}
+        )
     assert gathered == [gather]  # the training forward did not call it
     assert torch.equal(served, trained.detach())
