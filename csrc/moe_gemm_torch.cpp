@@ -455,6 +455,30 @@ PyObject* set_plan_override(PyObject* /*module*/, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// The params a planning query plans for: the sizes (ValueError when negative), whether the call gathers (only
+// that reaches the plan, not where from) and the current device's SM count (RuntimeError without CUDA). False with
+// the Python error set.
+bool planning_params(long long M, long long N, long long K, int E, bool gather,
+                     moe_gemm::GroupedGemmParams& params) {
+  if (M < 0 || N < 0 || K < 0 || E < 0) {
+    PyErr_Format(PyExc_ValueError, "sizes must be non-negative, got M=%lld, N=%lld, K=%lld, E=%d", M, N, K, E);
+    return false;
+  }
+  params.M = M;
+  params.N = N;
+  params.K = K;
+  params.E = E;
+  static int64_t const gather_marker = 0;
+  params.gather_rows = gather ? &gather_marker : nullptr;
+  try {
+    params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  } catch (std::exception const& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return false;
+  }
+  return true;
+}
+
 // moe_gemm._C.plan_grouped_gemm(M: int, N: int, K: int, E: int, gather: bool = False) -> tuple[str, int, bool]:
 // the tile configuration, split-K factor and dynamic schedule that a grouped_mm call (grouped_mm_gather with
 // gather) of these sizes would run with now, on the current device (its SM count) and under the current
@@ -464,25 +488,9 @@ PyObject* plan_grouped_gemm(PyObject* /*module*/, PyObject* args) {
   long long M = 0, N = 0, K = 0;
   int E = 0;
   int gather = 0;
-  if (!PyArg_ParseTuple(args, "LLLi|p:plan_grouped_gemm", &M, &N, &K, &E, &gather)) {
-    return nullptr;
-  }
-  if (M < 0 || N < 0 || K < 0 || E < 0) {
-    PyErr_Format(PyExc_ValueError, "sizes must be non-negative, got M=%lld, N=%lld, K=%lld, E=%d", M, N, K, E);
-    return nullptr;
-  }
   moe_gemm::GroupedGemmParams params;
-  params.M = M;
-  params.N = N;
-  params.K = K;
-  params.E = E;
-  // Only whether the call gathers reaches the plan, not where from.
-  static int64_t const gather_marker = 0;
-  params.gather_rows = gather ? &gather_marker : nullptr;
-  try {
-    params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  } catch (std::exception const& error) {
-    PyErr_SetString(PyExc_RuntimeError, error.what());
+  if (!PyArg_ParseTuple(args, "LLLi|p:plan_grouped_gemm", &M, &N, &K, &E, &gather) ||
+      !planning_params(M, N, K, E, gather != 0, params)) {
     return nullptr;
   }
   moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
@@ -498,27 +506,12 @@ PyObject* plan_gated(PyObject* /*module*/, PyObject* args) {
   int E = 0;
   int concatenated = 0;
   int gather = 0;
-  if (!PyArg_ParseTuple(args, "LLLipp:plan_gated", &M, &N, &K, &E, &concatenated, &gather)) {
-    return nullptr;
-  }
-  if (M < 0 || N < 0 || K < 0 || E < 0) {
-    PyErr_Format(PyExc_ValueError, "sizes must be non-negative, got M=%lld, N=%lld, K=%lld, E=%d", M, N, K, E);
-    return nullptr;
-  }
   moe_gemm::GroupedGemmParams params;
-  params.M = M;
-  params.N = N;
-  params.K = K;
-  params.E = E;
-  params.gate_up_layout = concatenated ? moe_gemm::GateUpLayout::kConcatenated : moe_gemm::GateUpLayout::kInterleaved;
-  static int64_t const gather_marker = 0;
-  params.gather_rows = gather ? &gather_marker : nullptr;
-  try {
-    params.sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  } catch (std::exception const& error) {
-    PyErr_SetString(PyExc_RuntimeError, error.what());
+  if (!PyArg_ParseTuple(args, "LLLipp:plan_gated", &M, &N, &K, &E, &concatenated, &gather) ||
+      !planning_params(M, N, K, E, gather != 0, params)) {
     return nullptr;
   }
+  params.gate_up_layout = concatenated ? moe_gemm::GateUpLayout::kConcatenated : moe_gemm::GateUpLayout::kInterleaved;
   moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
   return Py_BuildValue("(sO)", moe_gemm::tile_config_name(plan.config), plan.gated ? Py_True : Py_False);
 }
