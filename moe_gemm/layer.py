@@ -40,9 +40,6 @@ from moe_gemm.functional import (
 )
 from moe_gemm.routing import route
 
-# The activation formulas live in moe_gemm.activation (shared with the fused op's PyTorch path, moe_gemm._ops).
-_check_activation_name = check_activation_name
-_split_gate_up = split_gate_up
 
 
 def gated_activation_backward(
@@ -64,7 +61,7 @@ def gated_activation_backward(
     the same in one CUDA kernel that writes no float32 ``[rows, I]`` tensor.
     """
     acc_dtype = torch.float64 if torch.float64 in (gate_up.dtype, row_weights.dtype) else torch.float32
-    gate, up = _split_gate_up(gate_up, concatenated)
+    gate, up = split_gate_up(gate_up, concatenated)
     activated_gate = ACTIVATIONS[act](gate)  # the forward's roundings
     activated = (activated_gate * up).to(acc_dtype)
     grad = grad_activated.to(acc_dtype)
@@ -143,7 +140,7 @@ def experts_forward(
     """
     named_act = isinstance(act, str)
     if named_act:
-        _check_activation_name(act)
+        check_activation_name(act)
     _check_experts_arguments(
         hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, weight_transposed,
         named_act,
@@ -583,7 +580,7 @@ class _StackedExperts(nn.Module):
     ):
         super().__init__()
         if isinstance(act, str):
-            _check_activation_name(act)
+            check_activation_name(act)
         elif not callable(act):
             raise TypeError(f"act must be one of {tuple(ACTIVATIONS)} or a callable, got {type(act).__name__}")
         factory = {"device": device, "dtype": dtype}

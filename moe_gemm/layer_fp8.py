@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from moe_gemm import _ops, _validation
+from moe_gemm.activation import check_activation_name, gated_activation
 from moe_gemm.dispatch import combine_pairs, sort_pairs, valid_pairs
 from moe_gemm.functional import grouped_forward_fp8, quantize_fp8
-from moe_gemm.layer import MoEExperts, _check_activation_name, gated_activation
+from moe_gemm.layer import MoEExperts
 
 
 def experts_forward_fp8(
@@ -75,7 +76,7 @@ def experts_forward_fp8(
             f"got {_describe(top_k_weights)}"
         )
     if isinstance(act, str):
-        _check_activation_name(act)
+        check_activation_name(act)
     _validation.check_no_grad("experts_forward_fp8", {"hidden": hidden, "top_k_weights": top_k_weights})
     num_experts, top_k = gate_up_proj.shape[0], top_k_index.shape[1]
 
