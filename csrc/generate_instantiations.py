@@ -45,8 +45,9 @@ def gated_tile_configs(table: pathlib.Path = TABLE) -> dict[str, str]:
 
 
 # The FP8 forward kernels, (scales, tile): bf16 output, K-major weights (8-bit WGMMA reads K-major shared memory);
-# rowwise scales on two tiles, blockwise ones on 128x128 (plan_grouped_gemm_fp8 in moe_gemm.cpp).
-FP8_KERNELS = (("rowwise", "128x256"), ("rowwise", "128x128"), ("blockwise", "128x128"))
+# rowwise scales on three tiles (the swapped 32x128s for decode), blockwise ones on 128x128 (plan_grouped_gemm_fp8 in
+# moe_gemm.cpp).
+FP8_KERNELS = (("rowwise", "128x256"), ("rowwise", "128x128"), ("rowwise", "32x128s"), ("blockwise", "128x128"))
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def main() -> None:
     for scales, tile in FP8_KERNELS:
         path = out_dir / f"sm90_moe_gemm_fp8_{scales}_bf16_{tile}.cu"
         path.write_text(HEADER + '#include "sm90_moe_gemm_fp8_launch.cuh"\n\n'
-                        f"MOE_GEMM_INSTANTIATE_FP8(k{tile}, k{scales.capitalize()})\n")
+                        f"MOE_GEMM_INSTANTIATE_FP8({tile_configs()[tile]}, k{scales.capitalize()})\n")
     for (dtype, d), (out, fp32) in itertools.product(DTYPES.items(), WGRAD_OUTPUTS.items()):
         gathers = [("", "kNone")]
         if out == "same":

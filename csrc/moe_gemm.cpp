@@ -348,13 +348,18 @@ cudaError_t run_sm90_moe_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParam
                                   GroupedGemmPlan const& plan, cudaStream_t stream);
 
 GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& p, Fp8Scales scales, PlanOverride const& override) {
-  // The configurations with an FP8 kernel. Rowwise: 128x256 where the heuristic takes a 256-wide tile, else 128x128.
-  // Blockwise: 128x128, whose n-block is one weight scale block (a 128x256 tile would hold a second set of
-  // accumulators for the k-block in flight: 256 registers a thread).
+  // The configurations with an FP8 kernel. Rowwise: 128x256 where the heuristic takes a 256-wide tile, the swapped
+  // 32x128s where it takes a swapped decode tile, else 128x128. Blockwise: 128x128, whose n-block is one weight
+  // scale block (a 128x256 tile would hold a second set of accumulators for the k-block in flight: 256 registers a
+  // thread).
   PlanOverride fp8 = override;
   TileConfig const wanted = override.config != TileConfig::kAuto ? override.config : choose_tile_config(p.M, p.N, p.E);
   bool const wide = tile_config_info(wanted).tile_n == 256 && !tile_config_info(wanted).swap_ab;
-  fp8.config = wide && scales == Fp8Scales::kRowwise ? TileConfig::k128x256 : TileConfig::k128x128;
+  bool const decode = tile_config_info(wanted).swap_ab;
+  fp8.config = scales != Fp8Scales::kRowwise ? TileConfig::k128x128
+               : wide                        ? TileConfig::k128x256
+               : decode                      ? TileConfig::k32x128SwapAB
+                                             : TileConfig::k128x128;
   fp8.split_k = 1;
   return plan_grouped_gemm(p, fp8);
 }
@@ -375,8 +380,8 @@ char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, Fp8ScaleParams co
       return "rowwise FP8 scales: x_scale [M] (x_groups 0)";
     }
     if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x256 &&
-        plan.config != TileConfig::k128x128) {
-      return "the rowwise FP8 kernel has 128x256 and 128x128 tiles";
+        plan.config != TileConfig::k128x128 && plan.config != TileConfig::k32x128SwapAB) {
+      return "the rowwise FP8 kernel has 128x256, 128x128 and 32x128s tiles";
     }
   } else if (scales.kind == Fp8Scales::kBlockwise) {
     if (scales.x_groups != 0 && scales.x_groups != (p.K + 127) / 128) {
@@ -409,6 +414,9 @@ cudaError_t run_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams
   }
   if (plan.config == TileConfig::k128x256) {
     return run_sm90_moe_gemm_fp8<TileConfig::k128x256, Fp8Scales::kRowwise>(params, scales, plan, stream);
+  }
+  if (plan.config == TileConfig::k32x128SwapAB) {
+    return run_sm90_moe_gemm_fp8<TileConfig::k32x128SwapAB, Fp8Scales::kRowwise>(params, scales, plan, stream);
   }
   return run_sm90_moe_gemm_fp8<TileConfig::k128x128, Fp8Scales::kRowwise>(params, scales, plan, stream);
 }

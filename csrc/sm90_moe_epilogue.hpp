@@ -321,10 +321,15 @@ struct OutputTile {
 // Swapped tiles: direct stores from the accumulator registers, transposed; rows past the expert and
 // columns past N are skipped. Each thread owns pairs of adjacent MMA columns, i.e. two rows of D:
 // two 16-bit stores (decode: the output is a small part of the bytes moved). TileShape is the MMA's
-// (columns of D, rows of D, k).
-template <class TileShape, class ElementD, class Accumulators, class TiledMma>
+// (columns of D, rows of D, k). scale(row, col) of D's tile multiplies each value (rowwise FP8 scales; TileUnscaled
+// otherwise), read only for the rows and columns stored.
+struct TileUnscaled {
+  CUTLASS_DEVICE float operator()(int, int) const { return 1.0f; }
+};
+
+template <class TileShape, class ElementD, class Accumulators, class TiledMma, class Scale = TileUnscaled>
 CUTLASS_DEVICE void store_tile_transposed(OutputTile<ElementD> const& out, Accumulators const& accumulators,
-                                          TiledMma const& tiled_mma, int thread_idx) {
+                                          TiledMma const& tiled_mma, int thread_idx, Scale const& scale = {}) {
   using namespace cute;
   auto thread_mma = tiled_mma.get_thread_slice(thread_idx);
   Tensor tCcD = thread_mma.partition_C(make_identity_tensor(take<0, 2>(TileShape{})));  // MMA coordinates
@@ -333,7 +338,7 @@ CUTLASS_DEVICE void store_tile_transposed(OutputTile<ElementD> const& out, Accum
   for (int i = 0; i < size(accumulators); ++i) {
     int const row = get<1>(tCcD(i)), col = get<0>(tCcD(i));  // MMA (column, row) of D
     if (row < out.rows && col < out.cols) {
-      out.ptr[int64_t(row) * out.ldd + col] = ElementD(accumulators(i));
+      out.ptr[int64_t(row) * out.ldd + col] = ElementD(accumulators(i) * scale(row, col));
     }
   }
 }

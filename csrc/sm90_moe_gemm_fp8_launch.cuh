@@ -1,6 +1,8 @@
 // The forward kernel on FP8 operands, bf16 output, with rowwise scales (applied while the tile is packed to 16 bits,
-// pack_tile's scale) or blockwise ones (applied to each k-block, mma_blockwise). K-major operands only (8-bit WGMMA
-// reads K-major shared memory): [E, N, K] weights. 128-byte k-blocks: 128 e4m3 columns (docs/design.md, "FP8").
+// pack_tile's scale, or as a swapped decode tile is stored, store_tile_transposed's) or blockwise ones (applied to
+// each k-block, mma_blockwise). K-major operands only (8-bit WGMMA reads K-major shared memory): [E, N, K] weights,
+// which are K-major as WGMMA's A operand (the swapped tiles) and as its B. 128-byte k-blocks: 128 e4m3 columns
+// (docs/design.md, "FP8").
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -17,20 +19,24 @@ namespace moe_gemm {
 
 template <TileConfig kConfig, Fp8Scales kScales>
 struct Sm90MoeFp8GemmConfig {
-  static_assert(!TileTraits<kConfig>::kSwapAB, "FP8: the token tiles, not the swapped decode ones");
+  static constexpr bool kSwapAB = TileTraits<kConfig>::kSwapAB;
+  static_assert(!kSwapAB || kScales == Fp8Scales::kRowwise, "FP8 decode tiles: rowwise scales");
   using ElementIn = cutlass::float_e4m3_t;
   using ElementD = cutlass::bfloat16_t;
   static constexpr TileConfigInfo kInfo = TileTraits<kConfig>::kInfo;
-  using TileShape = cute::Shape<cute::Int<kInfo.tile_m>, cute::Int<kInfo.tile_n>, cute::_128>;
+  // The MMA's tile: the output tile, or its transpose for the swapped decode tiles (weight columns x tokens x k).
+  using TileShape = cute::Shape<cute::Int<kSwapAB ? kInfo.tile_n : kInfo.tile_m>,
+                                cute::Int<kSwapAB ? kInfo.tile_m : kInfo.tile_n>, cute::_128>;
+  static constexpr int kTileRows = cute::size<kSwapAB ? 1 : 0>(TileShape{});
   using ClusterShape = typename TileTraits<kConfig>::ClusterShape;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       ElementIn, cutlass::layout::RowMajor, 16,
       ElementIn, cutlass::layout::ColumnMajor, 16,
       float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<ElementD>(cute::size<0>(TileShape{}))>,
+      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<ElementD>(kTileRows)>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>::CollectiveOp;
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, ElementD, false, false, false, kScales>;
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, ElementD, false, kSwapAB, false, kScales>;
 };
 
 // p.a: fp8 [M, K] rows; p.b: fp8 [E, N, K]; p.d: bf16 [M, N]; the scales as Fp8ScaleParams says.

@@ -294,8 +294,10 @@ class Sm90MoeGemmKernel {
   static constexpr Fp8Scales kScales = kScales_;
   static constexpr bool kRowwiseScales = kScales == Fp8Scales::kRowwise;
   static constexpr bool kBlockwiseScales = kScales == Fp8Scales::kBlockwise;
-  static_assert(kScales == Fp8Scales::kNone || (!kSplitK && !kSwapAB && !kGatherA && sizeof(ElementD) == 2),
-                "FP8 scales: plain tiles of a 16-bit output (rowwise ones are applied while packed, PendingTile)");
+  static_assert(kScales == Fp8Scales::kNone ||
+                    (!kSplitK && !kGatherA && sizeof(ElementD) == 2 && (!kSwapAB || kScales == Fp8Scales::kRowwise)),
+                "FP8 scales: unsplit tiles of a 16-bit output, the swapped decode tiles with rowwise scales only "
+                "(applied while packed, PendingTile, or as stored, store_tile_transposed)");
   static_assert(!kBlockwiseScales || (kTileN == 128 && kTileK == 128 && kClusterSize == 1),
                 "blockwise FP8 scales: 128 x 128 tiles of 128-deep k-blocks, one weight scale block each");
   // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
@@ -973,6 +975,9 @@ class Sm90MoeGemmKernel {
       if constexpr (kSplitK) {
         store_split_and_reduce(params, work, unit.tile, k_blocks.split, accumulators, tiled_mma, mma_thread_idx,
                                shared_storage);
+      } else if constexpr (kSwapAB && kRowwiseScales) {
+        store_tile_transposed<TileShape>(output_tile(params, work), accumulators, tiled_mma, mma_thread_idx,
+                                         TileRowwiseScaleOf(params, work));
       } else if constexpr (kSwapAB) {
         store_tile_transposed<TileShape>(output_tile(params, work), accumulators, tiled_mma, mma_thread_idx);
       } else if (work.m_block * kTileM < work.rows && work.n_block * kTileN < params.N &&
@@ -1052,6 +1057,17 @@ class Sm90MoeGemmKernel {
     CUTLASS_DEVICE float operator()(int h, int group, int c, int) const {  // row block 0: ThreadRows' assert
       return row_scale[h] * __ldg(w_scale + cute::min(8 * group + c, last_col));
     }
+  };
+
+  // kRowwiseScales on the swapped decode tiles, store_tile_transposed's scale: x_scale[row] * w_scale[expert, col]
+  // of the tile's row and column, the factor RowwiseScaleOf gives the other tiles.
+  struct TileRowwiseScaleOf {
+    float const* x_scale;  // at the tile's first row
+    float const* w_scale;  // the expert's, at the tile's first column
+    CUTLASS_DEVICE TileRowwiseScaleOf(Params const& params, MoeWorkTile const& work)
+        : x_scale(params.scales.x_scale + work.row_start + int64_t(work.m_block) * kTileM),
+          w_scale(params.scales.w_scale + int64_t(work.expert) * params.N + work.n_block * kTileN) {}
+    CUTLASS_DEVICE float operator()(int row, int col) const { return __ldg(x_scale + row) * __ldg(w_scale + col); }
   };
 
   // kBlockwiseScales, mma_blockwise's scales: load(k, s) sets s[h] to the factor of k-block k for this thread's row

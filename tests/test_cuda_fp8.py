@@ -73,7 +73,7 @@ def reference_of(x, x_scale, weight, weight_scale, sizes):
 
 
 @pytest.mark.parametrize("scaling", list(SCALINGS))
-@pytest.mark.parametrize("config", ["128x256", "128x128"])
+@pytest.mark.parametrize("config", ["128x256", "128x128", "32x128s"])
 @pytest.mark.parametrize(
     "sizes, n, k",
     [
@@ -86,7 +86,7 @@ def reference_of(x, x_scale, weight, weight_scale, sizes):
 )
 def test_matches_the_float64_reference(sizes, n, k, config, scaling):
     x, x_scale, weight, weight_scale, m_sizes = fp8_problem(sizes, n, k, scaling)
-    with plan_override(tile_config=config):  # blockwise scales run 128x128 whatever is asked
+    with plan_override(tile_config=config):  # blockwise scales run 128x128 whatever is asked, rowwise 32x128s swapped
         out = run_poisoned(x, x_scale, weight, weight_scale, m_sizes)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert_close_to_reference(out.float().cpu(), reference_of(x, x_scale, weight, weight_scale, sizes),
