@@ -77,6 +77,7 @@ if [ -x build/profiler/moe_gemm_profiler ]; then
               "--gather --experts=128 --tokens=4096 --topk=8 --n=1536 --k=768" \
               "--dtype=fp8 --scales=rowwise --sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --extra_rows=9" \
               "--dtype=fp8 --scales=rowwise --sizes=1,64,65,300,2,193,63 --n=2880 --k=576 --config=128x128" \
+              "--dtype=fp8 --scales=rowwise --sizes=0,31,32,0,17,1,33,16 --n=2880 --k=2880 --config=32x128s --extra_rows=9" \
               "--dtype=fp8 --scales=blockwise --sizes=0,5,300,0,17,1000,0,260 --n=2880 --k=2880 --extra_rows=9" \
               "--dtype=fp8 --scales=blockwise --experts=256 --tokens=1024 --topk=8 --n=4096 --k=7168 --routing=skewed" \
               "--wgrad --sizes=0,5,300,0,17 --n=256 --k=520 --extra_rows=9" \
