@@ -469,6 +469,19 @@ def gather_in_gemm(num_rows: int, num_experts: int, num_columns: int) -> bool:
     return rows_per_expert >= GATHER_MIN_ROWS_PER_EXPERT and num_columns <= GATHER_MAX_COLUMNS
 
 
+# Where the layer's weight gradients read hidden[token_of_row] and grad_out[token_of_row] in place
+# (grouped_mm_wgrad_gather) rather than from copies. To be set from scripts/backward_ab.py's measurements.
+WGRAD_GATHER_MIN_ROWS_PER_EXPERT = 1024
+
+
+def gather_in_wgrad(num_rows: int, num_experts: int) -> bool:
+    """Whether the layer's backward reads its gathered rows in place: the weight gradients through
+    ``grouped_mm_wgrad_gather``, the down-projection's input gradient through ``grouped_mm_gather`` where
+    ``gather_in_gemm`` says so. E.g. 32768 tokens of top-8 over 128 experts (2048 rows each) gather."""
+    rows_per_expert = num_rows // max(1, min(num_experts, num_rows))
+    return rows_per_expert >= WGRAD_GATHER_MIN_ROWS_PER_EXPERT
+
+
 def call_below_autograd(op, *args):
     """``op(*args)`` straight to its CPU or CUDA kernel, skipping its Autograd kernel: for eager calls whose
     gradient is handled by the caller's own autograd.Function. The Autograd kernel that torch.library.register_autograd

@@ -459,10 +459,29 @@ class _ExpertsFunction(torch.autograd.Function):
         # Dropped pairs weigh 0: their rows lie past sum(m_sizes), where the GEMMs write zeros.
         row_weights = torch.where(valid_pair, top_k_weights.to(acc_dtype), 0).view(-1).index_select(0, saved.pair_of_row)
 
-        grad_rows = grad_out.contiguous().index_select(0, saved.token_of_row)
-        grad_activated, _ = _expert_gemm_backward(
-            grad_rows, None, saved.down_read, saved.m_sizes, down_flag, True, False
+        grad_out = grad_out.contiguous()
+        rows = saved.token_of_row.shape[0]
+        # The GEMMs read grad_out[token_of_row] and hidden[token_of_row] in place where their gathering kernels are
+        # as fast as the copies they replace (not with create_graph: those ops have no autograd of their own).
+        gather = (
+            not torch.is_grad_enabled() and _ops.gather_in_wgrad(rows, num_experts)
+            and _validation.kernel_layout_problem(grad_out) is None
+        )  # fmt: skip
+        activated_columns = saved.down_read.shape[1] if down_flag else saved.down_read.shape[2]
+        gather_grad_rows = (
+            gather and saved.down_bias is None and _ops.gather_in_gemm(rows, num_experts, activated_columns)
         )
+        if gather_grad_rows:
+            grad_rows = None
+            grad_activated = _ops.call_below_autograd(
+                _ops.gemm_op("grouped_mm_gather", grad_out.device), grad_out, saved.token_of_row, saved.down_read,
+                saved.m_sizes, not down_flag,
+            )  # fmt: skip
+        else:
+            grad_rows = grad_out.index_select(0, saved.token_of_row)
+            grad_activated, _ = _expert_gemm_backward(
+                grad_rows, None, saved.down_read, saved.m_sizes, down_flag, True, False
+            )
         if _ops.gated_activation_kernel_applies(saved.gate_up, act) and acc_dtype == torch.float32:
             backward_parts = _ops.gated_activation_backward_kernel(
                 grad_activated, saved.gate_up, row_weights, act, concatenated
@@ -479,12 +498,17 @@ class _ExpertsFunction(torch.autograd.Function):
                 bias_dots = grad_out.to(acc_dtype) @ saved.down_bias.to(acc_dtype).T
                 grad_pairs = grad_pairs + bias_dots.gather(1, ids.clamp(0, num_experts - 1))
             grads[1] = torch.where(valid_pair, grad_pairs, 0).to(top_k_weights.dtype)
-        if needs[3]:
+        if needs[3] and grad_rows is None:
+            grads[3] = _ops.call_below_autograd(
+                _ops.gemm_op("grouped_mm_wgrad_gather", grad_out.device), weighted_activated, grad_out,
+                saved.m_sizes, down_flag, None, saved.token_of_row,
+            )  # fmt: skip
+        elif needs[3]:
             _, grads[3] = _expert_gemm_backward(
                 grad_rows, weighted_activated, saved.down_read, saved.m_sizes, down_flag, False, True
             )
-            if ctx.weights_viewed[1]:
-                grads[3] = grads[3].transpose(-1, -2)
+        if needs[3] and ctx.weights_viewed[1]:
+            grads[3] = grads[3].transpose(-1, -2)
         del weighted_activated
         if needs[5]:
             grads[5] = _bias_grad(
@@ -500,13 +524,18 @@ class _ExpertsFunction(torch.autograd.Function):
             )
             grads[0] = _sum_token_rows(grad_x_sorted, saved.row_of_pair, ids, num_experts)
             del grad_x_sorted
-        if needs[2]:
+        if needs[2] and gather and _validation.kernel_layout_problem(saved.hidden) is None:
+            grads[2] = _ops.call_below_autograd(
+                _ops.gemm_op("grouped_mm_wgrad_gather", grad_out.device), saved.hidden, grad_gate_up,
+                saved.m_sizes, gate_up_flag, saved.token_of_row, None,
+            )  # fmt: skip
+        elif needs[2]:
             x_sorted = saved.hidden.index_select(0, saved.token_of_row)
             _, grads[2] = _expert_gemm_backward(
                 grad_gate_up, x_sorted, saved.gate_up_read, saved.m_sizes, gate_up_flag, False, True
             )
-            if ctx.weights_viewed[0]:
-                grads[2] = grads[2].transpose(-1, -2)
+        if needs[2] and ctx.weights_viewed[0]:
+            grads[2] = grads[2].transpose(-1, -2)
         return tuple(grads)
 
 

@@ -464,3 +464,41 @@ def test_up_projection_copies_a_hidden_the_kernels_cannot_read_in_place(monkeypa
         inputs["hidden"], inputs["top_k_index"], inputs["top_k_weights"], inputs["gate_up_proj"], inputs["down_proj"]
     )
     assert_close_to_reference(out, expected)
+
+
+def test_the_backward_gathers_at_many_rows_per_expert():
+    assert _ops.gather_in_wgrad(32768 * 8, 128)  # sonic-3: 2048 rows per expert
+    assert not _ops.gather_in_wgrad(2048 * 8, 128)  # 128 rows per expert
+    assert not _ops.gather_in_wgrad(0, 8)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("layout", ["nk", "kn", "nk_viewed"])
+def test_backward_reading_rows_in_place_gives_the_copys_gradients(layout, bias, monkeypatch):
+    # With the thresholds lowered, the backward reads grad_out[token_of_row] (the down-projection's input gradient and
+    # weight gradient; copied instead when there is a down bias, whose gradient reads the copy) and
+    # hidden[token_of_row] (the gate/up weight gradient) in place. The gradients are the copying backward's, in
+    # float64 where both are exact to the last bits of the same sums.
+    inputs, options = make_experts_problem(96, 4, 2, transposed=layout == "kn", bias=bias, sentinels=0.1)
+    if layout == "nk_viewed":
+        for name in ("gate_up_proj", "down_proj"):
+            inputs[name] = inputs[name].transpose(1, 2).contiguous().transpose(1, 2)
+    differentiable = [name for name in inputs if name != "top_k_index"]
+    grad_out = torch.randn(inputs["hidden"].shape, dtype=torch.float64)
+
+    def gradients():
+        leaves = {name: t.detach().requires_grad_(name != "top_k_index") for name, t in inputs.items()}
+        out = moe_gemm.experts_forward(**leaves, **options)
+        return torch.autograd.grad(out, [leaves[name] for name in differentiable], grad_out)
+
+    copied = gradients()
+    monkeypatch.setattr(_ops, "WGRAD_GATHER_MIN_ROWS_PER_EXPERT", 32)
+    monkeypatch.setattr(_ops, "GATHER_MIN_ROWS_PER_EXPERT", 32)
+    names = []
+    gemm_op = _ops.gemm_op
+    monkeypatch.setattr(_ops, "gemm_op", lambda name, device: names.append(name) or gemm_op(name, device))
+    gathered = gradients()
+    assert names.count("grouped_mm_wgrad_gather") == (1 if bias else 2)
+    assert names.count("grouped_mm_gather") == (1 if bias else 2)  # the up-projection, the down's input gradient
+    for name, a, b in zip(differentiable, gathered, copied):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
