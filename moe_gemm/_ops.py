@@ -469,17 +469,24 @@ def gather_in_gemm(num_rows: int, num_experts: int, num_columns: int) -> bool:
     return rows_per_expert >= GATHER_MIN_ROWS_PER_EXPERT and num_columns <= GATHER_MAX_COLUMNS
 
 
-# Where the layer's weight gradients read hidden[token_of_row] and grad_out[token_of_row] in place
-# (grouped_mm_wgrad_gather) rather than from copies. To be set from scripts/backward_ab.py's measurements.
+# Where the layer's weight gradients read hidden[token_of_row] or grad_out[token_of_row] in place
+# (grouped_mm_wgrad_gather) rather than from a copy. The kernel copies the gathered rows once per output tile that
+# reads them: the other operand's width over its tile's (128 when the gathered rows are R, 256 when they are L), where
+# the copy is written once. On the H200 (2048 rows per expert) it ran 1.33x and 1.08x index_select +
+# grouped_mm_wgrad at 2 and 4 such reads as L, 1.04x at 4 as R, 0.99x at 6, 0.76-0.90x at 8-16 and 0.68x at 32
+# (BENCHMARKS.md, "The backward's gathered rows").
 WGRAD_GATHER_MIN_ROWS_PER_EXPERT = 1024
+WGRAD_GATHER_MAX_READS = 4
 
 
-def gather_in_wgrad(num_rows: int, num_experts: int) -> bool:
-    """Whether the layer's backward reads its gathered rows in place: the weight gradients through
-    ``grouped_mm_wgrad_gather``, the down-projection's input gradient through ``grouped_mm_gather`` where
-    ``gather_in_gemm`` says so. E.g. 32768 tokens of top-8 over 128 experts (2048 rows each) gather."""
+def gather_in_wgrad(num_rows: int, num_experts: int, other_columns: int, gathered_is_l: bool) -> bool:
+    """Whether the layer's backward computes a weight gradient from gathered rows read in place
+    (``grouped_mm_wgrad_gather``) rather than from a copy; ``other_columns`` is the other operand's width. E.g. 32768
+    tokens of top-16 over 256 experts (2048 rows each) against 512 columns (2 tiles of 256 as L, 4 of 128 as R):
+    gather; against 2048 columns, or at 128 rows per expert: copy."""
     rows_per_expert = num_rows // max(1, min(num_experts, num_rows))
-    return rows_per_expert >= WGRAD_GATHER_MIN_ROWS_PER_EXPERT
+    reads = -(-other_columns // (256 if gathered_is_l else 128))
+    return rows_per_expert >= WGRAD_GATHER_MIN_ROWS_PER_EXPERT and reads <= WGRAD_GATHER_MAX_READS
 
 
 def call_below_autograd(op, *args):

@@ -461,16 +461,20 @@ class _ExpertsFunction(torch.autograd.Function):
 
         grad_out = grad_out.contiguous()
         rows = saved.token_of_row.shape[0]
-        # The GEMMs read grad_out[token_of_row] and hidden[token_of_row] in place where their gathering kernels are
-        # as fast as the copies they replace (not with create_graph: those ops have no autograd of their own).
-        gather = (
-            not torch.is_grad_enabled() and _ops.gather_in_wgrad(rows, num_experts)
-            and _validation.kernel_layout_problem(grad_out) is None
-        )  # fmt: skip
         activated_columns = saved.down_read.shape[1] if down_flag else saved.down_read.shape[2]
+        # The GEMMs read grad_out[token_of_row] and hidden[token_of_row] in place where their gathering kernels are
+        # faster than the copies they replace (not with create_graph: those ops have no autograd of their own).
+        # grad_out's rows feed the down-projection's input and weight gradients: both gather, or one copy serves both.
+        gather = not torch.is_grad_enabled()
         gather_grad_rows = (
-            gather and saved.down_bias is None and _ops.gather_in_gemm(rows, num_experts, activated_columns)
-        )
+            gather and saved.down_bias is None and _validation.kernel_layout_problem(grad_out) is None
+            and _ops.gather_in_gemm(rows, num_experts, activated_columns)
+            and _ops.gather_in_wgrad(rows, num_experts, activated_columns, gathered_is_l=not down_flag)
+        )  # fmt: skip
+        gather_hidden = (
+            gather and saved.hidden is not None and _validation.kernel_layout_problem(saved.hidden) is None
+            and _ops.gather_in_wgrad(rows, num_experts, saved.gate_up.shape[1], gathered_is_l=gate_up_flag)
+        )  # fmt: skip
         if gather_grad_rows:
             grad_rows = None
             grad_activated = _ops.call_below_autograd(
@@ -524,7 +528,7 @@ class _ExpertsFunction(torch.autograd.Function):
             )
             grads[0] = _sum_token_rows(grad_x_sorted, saved.row_of_pair, ids, num_experts)
             del grad_x_sorted
-        if needs[2] and gather and _validation.kernel_layout_problem(saved.hidden) is None:
+        if needs[2] and gather_hidden:
             grads[2] = _ops.call_below_autograd(
                 _ops.gemm_op("grouped_mm_wgrad_gather", grad_out.device), saved.hidden, grad_gate_up,
                 saved.m_sizes, gate_up_flag, saved.token_of_row, None,

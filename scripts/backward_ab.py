@@ -1,8 +1,9 @@
 """The fused layer's backward reading its gathered rows in place against copying them (GPU; BENCHMARKS.md, "The
-backward's gathered rows"): ``experts_forward`` forward+backward on the layer configs with ``_ops.gather_in_wgrad``
-on (the weight gradients through ``grouped_mm_wgrad_gather``, the down-projection's input gradient through
-``grouped_mm_gather`` where ``gather_in_gemm`` says so) and off (``index_select`` copies), timed in turn in one
-process, with each step's peak memory and the largest relative difference between the two paths' gradients. Then
+backward's gathered rows"): ``experts_forward`` forward+backward on the layer configs with every weight gradient
+gathering (the weight gradients through ``grouped_mm_wgrad_gather``, the down-projection's input gradient through
+``grouped_mm_gather`` where ``gather_in_gemm`` says so) and none (``index_select`` copies), timed in turn in one
+process against ``gather_in_wgrad``'s rule, with each step's peak memory and the largest relative difference of the
+gradients to the copying backward's. Then
 the weight-gradient kernels alone: ``grouped_mm_wgrad_gather`` against ``index_select`` + ``grouped_mm_wgrad`` and
 ``grouped_mm_wgrad`` of contiguous rows, the gathered operand as L (``[E, K, N]`` weights) and as R (``[E, N, K]``).
 
@@ -30,28 +31,31 @@ def layer_ab(T, d, n, E, K):
     weights = torch.rand(T, K, device="cuda").softmax(dim=1).requires_grad_()
     grad_out = torch.randn(T, d, **options)
     leaves = (hidden, weights, gate_up, down)
-    default = _ops.WGRAD_GATHER_MIN_ROWS_PER_EXPERT
+    default = (_ops.WGRAD_GATHER_MIN_ROWS_PER_EXPERT, _ops.WGRAD_GATHER_MAX_READS)
+    variants = {"rule": default, "all": (0, NEVER), "copy": (NEVER, 0)}
 
-    def step(threshold):
-        _ops.WGRAD_GATHER_MIN_ROWS_PER_EXPERT = threshold
+    def step(variant):
+        _ops.WGRAD_GATHER_MIN_ROWS_PER_EXPERT, _ops.WGRAD_GATHER_MAX_READS = variants[variant]
         try:
             out = moe_gemm.experts_forward(hidden, ids, weights, gate_up, down)
             return torch.autograd.grad(out, leaves, grad_out)
         finally:
-            _ops.WGRAD_GATHER_MIN_ROWS_PER_EXPERT = default
+            _ops.WGRAD_GATHER_MIN_ROWS_PER_EXPERT, _ops.WGRAD_GATHER_MAX_READS = default
 
-    gathered, copied = step(0), step(NEVER)
-    differences = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(gathered, copied)]
-    peaks = []
-    for threshold in (0, NEVER):
+    copied = step("copy")
+    differences = [((a.float() - b.float()).norm() / b.float().norm()).item()
+                   for variant in ("rule", "all") for a, b in zip(step(variant), copied)]  # fmt: skip
+    del copied
+    peaks = {}
+    for variant in variants:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(threshold)
+        step(variant)
         torch.cuda.synchronize()
-        peaks.append((torch.cuda.max_memory_allocated() - base) / 1e9)
-    times = bench_interleaved_ms([lambda: step(0), lambda: step(NEVER)], 50, 600)
-    return times, peaks, max(differences)
+        peaks[variant] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    times = bench_interleaved_ms([lambda v=v: step(v) for v in variants], 50, 600)
+    return dict(zip(variants, times)), peaks, max(differences)
 
 
 def wgrad_ab(T, d, n, E, K):
@@ -78,13 +82,14 @@ def main() -> int:
     args = parser.parse_args()
     configs = load_layer_configs()["configs"]
     torch.manual_seed(0)
-    print("layer forward+backward, ms (gathered / copied), peak GB of the step, largest gradient difference")
+    print("layer forward+backward, ms and peak GB of the step: gather_in_wgrad's rule / every weight gradient gathering"
+          " / every one copying; copy's time over the rule's; largest relative gradient difference to the copy's")
     for name in args.configs:
         c = configs[name]
-        shape = (c["T"], c["d"], c["n"], c["E"], c["K"])
-        (t_gather, t_copy), (p_gather, p_copy), difference = layer_ab(*shape)
-        print(f"  {name:14s} {t_gather:8.3f} / {t_copy:8.3f}  {t_copy / t_gather:5.3f}x   peak {p_gather:5.2f} / "
-              f"{p_copy:5.2f} GB   grad diff {difference:.1e}", flush=True)
+        times, peaks, difference = layer_ab(c["T"], c["d"], c["n"], c["E"], c["K"])
+        print(f"  {name:14s} {times['rule']:8.3f} / {times['all']:8.3f} / {times['copy']:8.3f} ms  "
+              f"{times['copy'] / times['rule']:5.3f}x   peak {peaks['rule']:5.2f} / {peaks['all']:5.2f} / "
+              f"{peaks['copy']:5.2f} GB   grad diff {difference:.1e}", flush=True)
         torch.cuda.empty_cache()
     print("gate/up weight gradient alone, ms: copy + wgrad / gathered / wgrad of contiguous rows (copy / gathered)")
     for name in args.configs:
