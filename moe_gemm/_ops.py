@@ -473,7 +473,7 @@ def gather_in_gemm(num_rows: int, num_experts: int, num_columns: int) -> bool:
 # (grouped_mm_wgrad_gather) rather than from a copy. The kernel copies the gathered rows once per output tile that
 # reads them: the other operand's width over its tile's (128 when the gathered rows are R, 256 when they are L), where
 # the copy is written once. On the H200 (2048 rows per expert) it ran 1.33x and 1.08x index_select +
-# grouped_mm_wgrad at 2 and 4 such reads as L, 1.04x at 4 as R, 0.99x at 6, 0.76-0.90x at 8-16 and 0.68x at 32
+# grouped_mm_wgrad at 2 and 4 such reads as L, 1.04x at 4 as R, 0.99x at 6, 0.76-0.89x at 8-16 and 0.68x at 32
 # (BENCHMARKS.md, "The backward's gathered rows").
 WGRAD_GATHER_MIN_ROWS_PER_EXPERT = 1024
 WGRAD_GATHER_MAX_READS = 4

@@ -464,12 +464,13 @@ class _ExpertsFunction(torch.autograd.Function):
         activated_columns = saved.down_read.shape[1] if down_flag else saved.down_read.shape[2]
         # The GEMMs read grad_out[token_of_row] and hidden[token_of_row] in place where their gathering kernels are
         # faster than the copies they replace (not with create_graph: those ops have no autograd of their own).
-        # grad_out's rows feed the down-projection's input and weight gradients: both gather, or one copy serves both.
+        # grad_out's rows feed the down-projection's input and weight gradients: both gather (each by its own rule),
+        # or one copy serves both.
         gather = not torch.is_grad_enabled()
+        down_wgrad_gathers = _ops.gather_in_wgrad(rows, num_experts, activated_columns, gathered_is_l=not down_flag)
         gather_grad_rows = (
             gather and saved.down_bias is None and _validation.kernel_layout_problem(grad_out) is None
-            and _ops.gather_in_gemm(rows, num_experts, activated_columns)
-            and _ops.gather_in_wgrad(rows, num_experts, activated_columns, gathered_is_l=not down_flag)
+            and _ops.gather_in_gemm(rows, num_experts, activated_columns) and (down_wgrad_gathers or not needs[3])
         )  # fmt: skip
         gather_hidden = (
             gather and saved.hidden is not None and _validation.kernel_layout_problem(saved.hidden) is None

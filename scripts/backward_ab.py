@@ -1,13 +1,13 @@
 """The fused layer's backward reading its gathered rows in place against copying them (GPU; BENCHMARKS.md, "The
 backward's gathered rows"): ``experts_forward`` forward+backward on the layer configs with every weight gradient
-gathering (the weight gradients through ``grouped_mm_wgrad_gather``, the down-projection's input gradient through
-``grouped_mm_gather`` where ``gather_in_gemm`` says so) and none (``index_select`` copies), timed in turn in one
-process against ``gather_in_wgrad``'s rule, with each step's peak memory and the largest relative difference of the
-gradients to the copying backward's. Then
-the weight-gradient kernels alone: ``grouped_mm_wgrad_gather`` against ``index_select`` + ``grouped_mm_wgrad`` and
-``grouped_mm_wgrad`` of contiguous rows, the gathered operand as L (``[E, K, N]`` weights) and as R (``[E, N, K]``).
+gathering (through ``grouped_mm_wgrad_gather``; the down-projection's only where ``gather_in_gemm`` lets its input
+gradient read ``g``'s rows in place too, through ``grouped_mm_gather``) and none (``index_select`` copies), timed in
+turn in one process against ``gather_in_wgrad``'s rule, with each step's peak memory and the largest relative
+difference of the gradients to the copying backward's. Then the weight-gradient kernels alone:
+``grouped_mm_wgrad_gather`` against ``index_select`` + ``grouped_mm_wgrad`` and ``grouped_mm_wgrad`` of contiguous
+rows, the gathered operand as L (``[E, K, N]`` weights) and as R (``[E, N, K]``).
 
-    python scripts/backward_ab.py [--configs sonic-1 sonic-3 sonic-4 qwen3-30b-a3b]
+    python scripts/backward_ab.py [--configs sonic-1 sonic-2 sonic-3 sonic-4 qwen3-30b-a3b]
 """
 import argparse
 
@@ -78,7 +78,7 @@ def wgrad_ab(T, d, n, E, K):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=["sonic-1", "sonic-3", "sonic-4", "qwen3-30b-a3b"])
+    parser.add_argument("--configs", nargs="+", default=["sonic-1", "sonic-2", "sonic-3", "sonic-4", "qwen3-30b-a3b"])
     args = parser.parse_args()
     configs = load_layer_configs()["configs"]
     torch.manual_seed(0)

@@ -507,3 +507,24 @@ def test_backward_reading_rows_in_place_gives_the_copys_gradients(layout, bias, 
     assert names.count("grouped_mm_gather") == (1 if bias else 2)  # the up-projection, the down's input gradient
     for name, a, b in zip(differentiable, gathered, copied):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "max_reads, expected", [(1, {"nk": 1, "kn": 0}), (2, {"nk": 1, "kn": 2})], ids=["one_read", "two_reads"]
+)
+def test_each_weight_gradient_gathers_by_its_own_operand_side(max_reads, expected, monkeypatch):
+    # n = 192: the down weight gradient's other operand is 192 wide, one tile of 256 when grad_out's rows are L
+    # ([E, N, K] weights, "nk") and two of 128 when they are R ("kn"); the gate/up one's is 384 wide, hidden's rows
+    # R for "nk" (3 reads) and L for "kn" (2). At most one read: only nk's down gathers; two: nk's down, kn's both.
+    monkeypatch.setattr(_ops, "GATHER_MIN_ROWS_PER_EXPERT", 1)
+    monkeypatch.setattr(_ops, "WGRAD_GATHER_MIN_ROWS_PER_EXPERT", 1)
+    monkeypatch.setattr(_ops, "WGRAD_GATHER_MAX_READS", max_reads)
+    for layout, count in expected.items():
+        inputs, options = make_experts_problem(24, 4, 2, 16, 192, transposed=layout == "kn", sentinels=0.1)
+        leaves = {name: t.requires_grad_(name != "top_k_index") for name, t in inputs.items()}
+        names = []
+        gemm_op = _ops.gemm_op
+        monkeypatch.setattr(_ops, "gemm_op", lambda name, device: names.append(name) or gemm_op(name, device))
+        moe_gemm.experts_forward(**leaves, **options).sum().backward()
+        monkeypatch.setattr(_ops, "gemm_op", gemm_op)
+        assert names.count("grouped_mm_wgrad_gather") == count, (layout, names)
