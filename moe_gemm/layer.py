@@ -466,15 +466,17 @@ class _ExpertsFunction(torch.autograd.Function):
         # faster than the copies they replace (not with create_graph: those ops have no autograd of their own).
         # grad_out's rows feed the down-projection's input and weight gradients: both gather (each by its own rule),
         # or one copy serves both.
+        # (The size rules first: at decode sizes they say no at once, before the layout checks' host work.)
         gather = not torch.is_grad_enabled()
         down_wgrad_gathers = _ops.gather_in_wgrad(rows, num_experts, activated_columns, gathered_is_l=not down_flag)
         gather_grad_rows = (
-            gather and saved.down_bias is None and _validation.kernel_layout_problem(grad_out) is None
-            and _ops.gather_in_gemm(rows, num_experts, activated_columns) and (down_wgrad_gathers or not needs[3])
+            gather and saved.down_bias is None and _ops.gather_in_gemm(rows, num_experts, activated_columns)
+            and (down_wgrad_gathers or not needs[3]) and _validation.kernel_layout_problem(grad_out) is None
         )  # fmt: skip
         gather_hidden = (
-            gather and saved.hidden is not None and _validation.kernel_layout_problem(saved.hidden) is None
+            gather and saved.hidden is not None
             and _ops.gather_in_wgrad(rows, num_experts, saved.gate_up.shape[1], gathered_is_l=gate_up_flag)
+            and _validation.kernel_layout_problem(saved.hidden) is None
         )  # fmt: skip
         if gather_grad_rows:
             grad_rows = None
