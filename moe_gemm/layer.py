@@ -364,6 +364,9 @@ class _ExpertsFunction(torch.autograd.Function):
        GEMM summed over each token's rows, and the gate/up weight's gradient from the rows of ``hidden`` gathered
        again.
 
+    The rows of ``grad_out`` and ``hidden`` are read in place by the GEMMs where their gathering kernels beat the copy
+    (``_ops.gather_in_gemm``, ``_ops.gather_in_wgrad``), else copied once.
+
     The roundings differ from autograd through the composed ops (one rounding per element instead of one per op),
     not the math; ``experts_forward(..., fused=False)`` runs that composition. Why one node: at decode sizes
     autograd's per-op bookkeeping (about 25 nodes) was most of the layer's host time. ``forward`` takes ``ctx``
