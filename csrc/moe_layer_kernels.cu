@@ -518,6 +518,42 @@ int elementwise_blocks(int64_t num_vectors, int threads) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((num_vectors + threads - 1) / threads, 8192)));
 }
 
+
+// PullRowsParams: block (x, s) copies rows x * kPullRowsPerBlock .. + kPullRowsPerBlock of source s, 16 bytes per
+// thread per step. The loads cross NVLink: the CTA keeps kPullRowsPerBlock rows of requests in flight.
+constexpr int kPullRowsPerBlock = 4;
+constexpr int kPullThreads = 256;
+constexpr int kPullLoadsInFlight = 4;
+
+__global__ void __launch_bounds__(kPullThreads) moe_pull_rows_kernel(PullRowsParams params) {
+  int const source = int(blockIdx.y);
+  int64_t const count = params.counts[source];
+  int64_t const first = int64_t(blockIdx.x) * kPullRowsPerBlock;
+  if (first >= count) {
+    return;
+  }
+  int64_t const rows = count - first < kPullRowsPerBlock ? count - first : kPullRowsPerBlock;
+  char const* const peer = static_cast<char const*>(params.peer_ptrs[source]) + params.region_offset;
+  char const* const from = peer + (params.src_start[source] + first) * params.row_bytes;
+  char* const to = static_cast<char*>(params.out) + (params.dst_start[source] + first) * params.row_bytes;
+  int64_t const chunks = rows * params.row_bytes / 16;  // the rows are contiguous on both sides
+  // kPullLoadsInFlight loads before their stores: one 16-byte load at a time would wait out NVLink's latency each.
+  for (int64_t c = threadIdx.x; c < chunks; c += kPullLoadsInFlight * kPullThreads) {
+    uint4 values[kPullLoadsInFlight];
+#pragma unroll
+    for (int u = 0; u < kPullLoadsInFlight; ++u) {
+      if (c + u * kPullThreads < chunks) {
+        values[u] = reinterpret_cast<uint4 const*>(from)[c + u * kPullThreads];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPullLoadsInFlight; ++u) {
+      if (c + u * kPullThreads < chunks) {
+        reinterpret_cast<uint4*>(to)[c + u * kPullThreads] = values[u];
+      }
+    }
+  }
+}
 }  // namespace
 
 cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream) {
@@ -647,6 +683,15 @@ cudaError_t run_quantize_fp8(QuantizeFp8Params const& params, cudaStream_t strea
     }
     return cudaGetLastError();
   });
+}
+
+cudaError_t run_pull_rows(PullRowsParams const& params, cudaStream_t stream) {
+  if (params.max_rows == 0 || params.num_sources == 0) {
+    return cudaSuccess;
+  }
+  dim3 const grid(unsigned((params.max_rows + kPullRowsPerBlock - 1) / kPullRowsPerBlock), unsigned(params.num_sources));
+  moe_pull_rows_kernel<<<grid, kPullThreads, 0, stream>>>(params);
+  return cudaGetLastError();
 }
 
 }  // namespace moe_gemm

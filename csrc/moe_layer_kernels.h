@@ -118,11 +118,32 @@ struct QuantizeFp8Params {
   DType dtype = DType::kBFloat16;
 };
 
+// Expert parallelism's pull (moe_gemm/distributed.py, SymmetricMemoryTransport): copies blocks of rows out of the
+// peers' symmetric buffers, which this GPU reads over NVLink. For each source s < num_sources, rows i < counts[s]
+// (never more than max_rows) of the block that starts at row src_start[s] of peer s's region go to row
+// dst_start[s] + i of out. Peer s's region begins region_offset bytes into its buffer, peer_ptrs[s] (the device
+// array of torch's symmetric memory, buffer_ptrs_dev). Rows are row_bytes long (a multiple of 16) and contiguous;
+// rows of out outside the blocks are not written. E.g. W = 2, this rank 1, counts [3, 0], src_start [5, 0],
+// dst_start [0, 0]: out[0..2] = rows 5..7 of rank 0's region. The sizes live on the GPU (no host sync); the grid is
+// sized by max_rows, so that a CUDA graph replays it with any counts.
+struct PullRowsParams {
+  void const* const* peer_ptrs = nullptr;  // [num_sources], device memory
+  int64_t region_offset = 0;              // bytes
+  int64_t const* src_start = nullptr;     // [num_sources], rows
+  int64_t const* dst_start = nullptr;     // [num_sources], rows
+  int64_t const* counts = nullptr;        // [num_sources]
+  void* out = nullptr;
+  int64_t row_bytes = 0;
+  int64_t max_rows = 0;  // counts[s] <= max_rows
+  int32_t num_sources = 0;
+};
+
 // Asynchronous launches on `stream` (nothing for empty inputs); each returns the launch status.
 cudaError_t run_dispatch(DispatchParams const& params, cudaStream_t stream);
 cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream_t stream);
 cudaError_t run_gated_activation_backward(GatedActivationBackwardParams const& params, cudaStream_t stream);
 cudaError_t run_combine(CombineParams const& params, cudaStream_t stream);
 cudaError_t run_quantize_fp8(QuantizeFp8Params const& params, cudaStream_t stream);
+cudaError_t run_pull_rows(PullRowsParams const& params, cudaStream_t stream);
 
 }  // namespace moe_gemm

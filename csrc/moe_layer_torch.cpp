@@ -191,10 +191,44 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_kernel_cuda(at::Tensor const& x,
 
 }  // namespace
 
+// pull_rows_(out, peer_ptrs, region_offset, src_start, dst_start, counts, max_rows): PullRowsParams, from the device
+// array of peer buffer pointers at address peer_ptrs (torch's symmetric memory, buffer_ptrs_dev) into out, a
+// contiguous CUDA tensor of rows 16-byte multiples long. src_start, dst_start and counts are int64 [W] on out's
+// device; every block must lie inside out and inside the peers' regions (the caller sizes them; not checked here,
+// it would read the sizes on the host).
+void pull_rows_cuda(at::Tensor out, int64_t peer_ptrs, int64_t region_offset, at::Tensor const& src_start,
+                    at::Tensor const& dst_start, at::Tensor const& counts, int64_t max_rows) {
+  check_cuda_contiguous(out, "out");
+  TORCH_CHECK(out.dim() == 2 && (out.size(1) * out.element_size()) % 16 == 0,
+              "moe_gemm: pull_rows_'s out must be [rows, N] with rows of a multiple of 16 bytes, got ", out.sizes());
+  int64_t const W = counts.numel();
+  for (auto const& [tensor, name] : {std::pair{&src_start, "src_start"}, std::pair{&dst_start, "dst_start"},
+                                     std::pair{&counts, "counts"}}) {
+    check_cuda_contiguous(*tensor, name);
+    TORCH_CHECK(tensor->scalar_type() == at::kLong && tensor->numel() == W && tensor->device() == out.device(),
+                "moe_gemm: pull_rows_'s ", name, " must be int64 [W] on out's device");
+  }
+  TORCH_CHECK(peer_ptrs != 0 && region_offset >= 0 && max_rows >= 0 && W <= 65535,
+              "moe_gemm: pull_rows_ needs the peers' pointer array, a region offset >= 0 and max_rows >= 0");
+  c10::cuda::CUDAGuard device_guard(out.device());
+  moe_gemm::PullRowsParams params;
+  params.peer_ptrs = reinterpret_cast<void const* const*>(peer_ptrs);
+  params.region_offset = region_offset;
+  params.src_start = src_start.data_ptr<int64_t>();
+  params.dst_start = dst_start.data_ptr<int64_t>();
+  params.counts = counts.data_ptr<int64_t>();
+  params.out = out.data_ptr();
+  params.row_bytes = out.size(1) * out.element_size();
+  params.max_rows = max_rows;
+  params.num_sources = static_cast<int32_t>(W);
+  C10_CUDA_CHECK(moe_gemm::run_pull_rows(params, c10::cuda::getCurrentCUDAStream()));
+}
+
 TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("dispatch_pairs", &dispatch_cuda);
   m.impl("gated_activation", &gated_activation_cuda);
   m.impl("gated_activation_backward", &gated_activation_backward_cuda);
   m.impl("combine_rows", &combine_cuda);
   m.impl("_quantize_fp8_kernel", &quantize_fp8_kernel_cuda);
+  m.impl("pull_rows_", &pull_rows_cuda);
 }

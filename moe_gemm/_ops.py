@@ -130,6 +130,11 @@ SCHEMAS = {
         "(Tensor grad_gate_up, Tensor weighted_activated, Tensor grad_row_weights)"
     ),
     "combine_rows": "(Tensor y_sorted, Tensor row_of_pair, Tensor weights, Tensor ids, int num_experts) -> Tensor",
+    # Expert parallelism's pull over symmetric memory (csrc/moe_layer_kernels.h, PullRowsParams); CUDA only.
+    "pull_rows_": (
+        "(Tensor(a!) out, int peer_ptrs, int region_offset, Tensor src_start, Tensor dst_start, Tensor counts, "
+        "int max_rows) -> ()"
+    ),
 }
 
 # Registrations live as long as this object.

@@ -22,6 +22,7 @@ exchange)`` returns each of this rank's pairs' ``y`` in the row order of ``excha
 ``RankFlags`` before any row moves and calls ``raise_for_other_ranks``. ``AllToAllTransport`` is the portable one.
 """
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_gemm.dispatch import DispatchInfo, cached_arange, combine, dispatch
+from moe_gemm import _ops
+from moe_gemm.dispatch import DispatchInfo, cached_arange, combine, dispatch, sort_pairs
 from moe_gemm.layer import MoEExperts, _check_experts_arguments, _check_module_input, _StackedExperts
 
 
@@ -123,6 +125,8 @@ class Exchange:
     send_splits: list[int]
     recv_splits: list[int]
     differentiable: bool
+    plan: "PullPlan | None" = None  # the symmetric-memory transport's (no host splits)
+    buffers: "SymmetricMemoryBuffers | None" = None
 
 
 class AllToAllTransport:
@@ -145,6 +149,11 @@ class AllToAllTransport:
     trip, for a receiver that expands rows into pairs through a second index. That is for a transport whose bytes
     dominate (``docs/design.md``, "Expert parallelism"); here the rows stay pairs, the layout of ``dispatch``.
     """
+
+    @staticmethod
+    def unavailable_reason(device: torch.device) -> str | None:
+        """Why this transport cannot run on ``device``, or None: it runs wherever torch.distributed does."""
+        return None
 
     def __init__(self, group, num_experts: int):
         self.group = group
@@ -193,6 +202,11 @@ class AllToAllTransport:
         )
         return received_rows, local_expert_of_row, exchange
 
+    @staticmethod
+    def rows_moved(exchange: Exchange) -> tuple[int, int]:
+        """The rows this rank sends in the exchange's dispatch (one per pair) and combine (one per pair received)."""
+        return sum(exchange.send_splits), sum(exchange.recv_splits)
+
     def combine(self, y_rows: torch.Tensor, exchange: Exchange) -> torch.Tensor:
         """The expert outputs of the rows received, sent home: ``[T * top_k, H]`` in the row order of
         ``exchange.info``, zeros in the rows of dropped pairs."""
@@ -207,8 +221,438 @@ class AllToAllTransport:
         return all_to_all_rows(rows, send_splits, recv_splits, self.group, num_rows_out)
 
 
+# How long a rank waits in the symmetric-memory barrier for the others before the device traps (a peer that raised
+# between phases would otherwise leave it spinning for good).
+BARRIER_TIMEOUT_MS = 120_000
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class SymmetricMemoryBuffers:
+    """The symmetric-memory transport's regions on one rank, in one buffer of torch's symmetric memory (peer pointers
+    over NVLink; CUDA, one node), built collectively at the first forward on every rank of ``group``:
+
+    - ``header``: ``[E + W]`` int64, this rank's pair count per global expert, then its token count per rank;
+    - ``send``: ``[capacity, H]`` rows (the tokens sent, at most ``token_capacity`` of them; in the backward, the
+      gradients of the pairs' outputs, up to ``capacity``);
+    - ``slots``: ``[capacity, 2]`` int64, column 0 the token row of each pair sent, within its destination's block;
+    - ``recv``: ``[W * capacity, H]`` rows (the experts' outputs, per pair; in the backward, the tokens' gradients).
+
+    ``pull`` copies blocks of rows out of the peers' regions with one kernel (``moe_gemm::pull_rows_``); ``barrier``
+    is torch's device-side barrier: no host sync anywhere.
+    """
+
+    def __init__(self, group, *, world_size: int, rank: int, num_experts: int, capacity: int, token_capacity: int,
+                 hidden_size: int, dtype: torch.dtype, device: torch.device):  # fmt: skip
+        self.world_size, self.rank, self.num_experts, self.hidden_size, self.dtype = (
+            world_size, rank, num_experts, hidden_size, dtype
+        )  # fmt: skip
+        self.capacity, self.token_capacity = capacity, token_capacity
+        self.row_bytes = hidden_size * torch.empty((), dtype=dtype).element_size()
+        self.header_length = num_experts + world_size
+        self.offsets = {"send": _round_up(self.header_length * 8, 128)}
+        self.offsets["slots"] = self.offsets["send"] + _round_up(capacity * self.row_bytes, 128)
+        self.offsets["recv"] = self.offsets["slots"] + _round_up(capacity * 16, 128)
+        self.last_side = None
+        self.buffer = self._allocate(self.offsets["recv"] + world_size * capacity * self.row_bytes, group, device)
+
+    def _allocate(self, num_bytes: int, group, device: torch.device) -> torch.Tensor:
+        """This rank's buffer, ``num_bytes`` of symmetric memory, exchanged with the group's (collective)."""
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        group = group if group is not None else dist.group.WORLD
+        backend = symm_mem.get_backend(device) if hasattr(symm_mem, "get_backend") else None
+        if backend not in (None, "CUDA"):
+            # The pull kernel reads peers through the pointers and the barrier of the CUDA backend.
+            raise RuntimeError(f"transport='symmetric_memory' needs torch's CUDA symmetric memory, got {backend!r}")
+        if torch.torch_version.TorchVersion(torch.__version__) < (2, 11):
+            # torch 2.9 and 2.10 register the group's store with symmetric memory here; 2.11 does it itself.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(group.group_name)
+        buffer = symm_mem.empty(num_bytes, dtype=torch.uint8, device=device)
+        self.handle = symm_mem.rendezvous(buffer, group)
+        # The peers' pointers (buffer_ptrs_dev, get_buffer) start at their allocations, the buffer this far in.
+        self.base_offset = int(getattr(self.handle, "offset", 0))
+        return buffer
+
+    def local(self, region: str) -> torch.Tensor:
+        """This rank's ``region``: ``"header"``, ``"send"``, ``"slots"`` or ``"recv"``."""
+        if region == "header":
+            return self.buffer[: self.header_length * 8].view(torch.int64)
+        start = self.offsets[region]
+        if region == "slots":
+            return self.buffer[start : start + self.capacity * 16].view(torch.int64).view(self.capacity, 2)
+        rows = self.capacity * (1 if region == "send" else self.world_size)
+        return self.buffer[start : start + rows * self.row_bytes].view(self.dtype).view(rows, self.hidden_size)
+
+    def barrier(self) -> None:
+        # A rank that raised between phases would leave the others spinning: after the timeout the device traps.
+        self.handle.barrier(channel=0, timeout_ms=BARRIER_TIMEOUT_MS)
+
+    def enter_side(self, side: str) -> None:
+        """Before a phase writes ``side`` (``"send"``: header, send and slots; ``"recv"``): phases alternate sides, so
+        that a phase's barrier also tells every rank that the peers finished reading what it overwrites; when one
+        writes the side the last one wrote (a backward that autograd pruned, a benchmark timing one phase over and
+        over), an extra barrier first. Every rank runs the same phases, so every rank decides alike."""
+        if self.last_side == side:
+            self.barrier()
+        self.last_side = side
+
+    def peer_headers(self) -> torch.Tensor:
+        """``[W, E + W]``: every rank's header (this rank's included)."""
+        return torch.stack([
+            self.handle.get_buffer(peer, (self.header_length,), torch.int64, self.base_offset // 8)
+            for peer in range(self.world_size)
+        ])  # fmt: skip
+
+    def pull(self, out: torch.Tensor, region: str, src_start: torch.Tensor, dst_start: torch.Tensor,
+             counts: torch.Tensor, max_rows: int) -> torch.Tensor:  # fmt: skip
+        """Rows ``[src_start[s], + counts[s])`` of peer ``s``'s ``region`` (rows of ``out``'s width and dtype) into
+        rows ``[dst_start[s], ...)`` of ``out``, for every ``s``."""
+        torch.ops.moe_gemm.pull_rows_(
+            out, self.handle.buffer_ptrs_dev, self.base_offset + self.offsets[region], src_start, dst_start, counts,
+            max_rows,
+        )  # fmt: skip
+        return out
+
+
+@dataclass
+class Route:
+    """One pull: from every peer's ``region`` (written by ``write``, the same region here), rows ``[src[s], +
+    counts[s])`` into rows ``[dst[s], ...)`` of an ``[num_out, H]`` result; at most ``max_rows`` per peer."""
+
+    region: str
+    src: torch.Tensor
+    dst: torch.Tensor
+    counts: torch.Tensor
+    num_out: int
+    max_rows: int
+
+
+@dataclass
+class PullPlan:
+    """Where one forward's rows are on every rank, for the symmetric-memory transport's pulls (on the device).
+
+    With ``S`` the capacity in pairs, ``C`` in tokens and this rank ``r``: ``tokens_to_experts`` brings source
+    ``s``'s tokens for this rank's experts into rows ``[s * C, ...)``, ``tokens_home`` their gradients back into
+    the home's token order; ``pairs_home`` brings this rank's pairs' outputs from each expert rank into ``y_sorted``
+    (the pairs sorted by global expert), ``pairs_to_experts`` their gradients to rows ``[s * S, ...)`` of the expert
+    ranks, in the slots the forward used.
+    """
+
+    tokens_to_experts: Route
+    tokens_home: Route
+    pairs_home: Route
+    pairs_to_experts: Route
+    slots_to_experts: Route
+
+    def reverse(self, name: str) -> str:
+        return {"tokens_to_experts": "tokens_home", "tokens_home": "tokens_to_experts",
+                "pairs_home": "pairs_to_experts", "pairs_to_experts": "pairs_home"}[name]  # fmt: skip
+
+
+def _write_and_pull(rows: torch.Tensor, buffers, route: Route, write_region: str) -> torch.Tensor:
+    """One phase: ``rows`` into this rank's ``write_region``, the barrier, the pull of ``route`` (zeros outside the
+    pulled blocks: sentinel slots, dropped pairs)."""
+    buffers.enter_side("send" if write_region == "send" else "recv")
+    buffers.local(write_region)[: rows.shape[0]].copy_(rows)
+    buffers.barrier()
+    return _pull_route(rows, buffers, route)
+
+
+def _pull_route(rows: torch.Tensor, buffers, route: Route) -> torch.Tensor:
+    out = torch.zeros(route.num_out, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    return buffers.pull(out, route.region, route.src, route.dst, route.counts, route.max_rows)
+
+
+# The region each route's phase writes its rows into (the one its peers read).
+_WRITES = {"tokens_to_experts": "send", "pairs_to_experts": "send", "tokens_home": "recv", "pairs_home": "recv"}
+
+
+class _Pull(torch.autograd.Function):
+    """The phase of route ``name`` under autograd (``prewritten``: its rows already written and the barrier passed,
+    as the forward dispatch does to read the headers in between). Backward: the reverse route's phase."""
+
+    @staticmethod
+    def forward(ctx, rows, buffers, plan, name, prewritten):
+        ctx.buffers, ctx.plan, ctx.name = buffers, plan, name
+        route = getattr(plan, name)
+        if prewritten:
+            return _pull_route(rows, buffers, route)
+        return _write_and_pull(rows, buffers, route, _WRITES[name])
+
+    @staticmethod
+    def backward(ctx, grad):
+        reverse = ctx.plan.reverse(ctx.name)
+        grad_rows = _write_and_pull(grad.contiguous(), ctx.buffers, getattr(ctx.plan, reverse), _WRITES[reverse])
+        return grad_rows, None, None, None, None
+
+
+class _ExpandTokens(torch.autograd.Function):
+    """``tokens[index]``: each received pair's row from its token's, read once per rank over NVLink and copied here
+    per pair. Backward: each token's pairs' gradients summed in a fixed order (``pairs_of_token [U, k]``, -1 for
+    none), in float32 (float64 for float64), rounded once: bitwise reproducible, unlike the atomics of
+    ``index_select``'s own."""
+
+    @staticmethod
+    def forward(ctx, tokens, index, pairs_of_token):
+        ctx.save_for_backward(pairs_of_token)
+        return tokens.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pairs_of_token,) = ctx.saved_tensors
+        accumulate = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        total = torch.zeros(pairs_of_token.shape[0], grad.shape[1], dtype=accumulate, device=grad.device)
+        for k in range(pairs_of_token.shape[1]):
+            pair = pairs_of_token[:, k]
+            rows = grad.index_select(0, pair.clamp(min=0)).to(accumulate)
+            total += torch.where(pair[:, None] >= 0, rows, 0)
+        return total.to(grad.dtype), None, None
+
+
+def _pairs_of_token(token_of_pair: torch.Tensor, valid: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """``[num_tokens, top_k]`` int64: the pairs of each token row in pair order, -1 after its last (at most ``top_k``
+    valid pairs per token). Tensor ops, no host sync."""
+    key = torch.where(valid, token_of_pair, num_tokens)
+    order = torch.sort(key, stable=True).indices
+    sorted_key = key.index_select(0, order)
+    first = torch.searchsorted(sorted_key, sorted_key)
+    occurrence = (torch.arange(key.shape[0], device=key.device) - first).clamp(max=top_k - 1)
+    table = torch.full((num_tokens + 1, top_k), -1, dtype=torch.int64, device=key.device)
+    # The invalid pairs all land in the extra row num_tokens (which wins there does not matter: it is dropped).
+    table.index_put_((sorted_key, occurrence), order)
+    return table[:num_tokens]
+
+
+# One gloo group (the ranks' flags, on the host) per process group, built on first use by its ranks alone.
+_GLOO_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+# The symmetric-memory buffers, shared by the layers of one shape: no state outlives a phase, and the phases of
+# consecutive layers alternate sides like those of one layer (SymmetricMemoryBuffers.enter_side).
+_SHARED_BUFFERS: dict[tuple, "SymmetricMemoryBuffers"] = {}
+
+
+def _gloo_group(group) -> dist.ProcessGroup:
+    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+    if ranks not in _GLOO_GROUPS:
+        # Built by this group's ranks only: expert-parallel subgroups (data x expert parallelism) differ by rank.
+        _GLOO_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+    return _GLOO_GROUPS[ranks]
+
+
+class SymmetricMemoryTransport:
+    """The sync-free transport (CUDA, one node): the rows travel through torch's symmetric memory, each rank pulling
+    what it needs from its peers' buffers with ``moe_gemm::pull_rows_`` after a device-side barrier
+    (``SymmetricMemoryBuffers``). No host sync: the counts and offsets stay on the device. Static buffers, sized for
+    ``max_tokens`` tokens per rank: ``S = max_tokens * top_k`` pairs sent and ``W * S`` received (the worst case,
+    every pair of every rank to this one), so that a CUDA graph can capture the layer.
+
+    ``dispatch``: the home rank sorts its pairs by global expert and its tokens by destination rank, and writes each
+    token row once per destination rank (not once per expert), the token row of each pair within its destination's
+    block, and its counts (per expert, per rank). After the barrier every rank reads the ``W`` headers, pulls from
+    each source ``s`` its token rows into rows ``[s * C, ...)`` (``C = max_tokens * min(W, top_k)``) and the pairs'
+    token rows, and copies each pair's row from its token's into pair slots ``[s * S, ...)``, in the source's pair
+    order: the rows the experts run on (sentinel slots past each source's count are dropped). ``combine``: the
+    experts' outputs, per pair, go into ``recv`` in those slots; after the barrier the home rank pulls its blocks back
+    into ``y_sorted``. The backward runs the phases in reverse. Each phase writes the other side (``send`` and
+    ``slots``, or ``recv``) than the phase before, so one barrier per phase keeps every write after the peers' last
+    read of that region. Each layer has its own buffers.
+
+    The ranks' flags (rejected arguments, grad modes) and buffer sizes go over a gloo group on the host, no device
+    sync; not while a CUDA graph is captured, where every rank is taken to pass its checks.
+    """
+
+    # What builds the regions: SymmetricMemoryBuffers; the CPU tests substitute shared host memory.
+    buffers_class = None
+
+    def __init__(self, group, num_experts: int, *, max_tokens: int | None = None):
+        if max_tokens is None or max_tokens < 1:
+            raise ValueError(
+                "transport='symmetric_memory' needs max_tokens, the most tokens any rank passes to one forward (its "
+                f"buffers are static, sized for every pair of every rank reaching one rank), got {max_tokens}"
+            )
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.world_size
+        self.max_tokens = max_tokens
+        self._flags_group = _gloo_group(group)
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        """Why this transport cannot run on ``device``, or None."""
+        if cls.buffers_class is not None:
+            return None
+        if device.type != "cuda":
+            return "symmetric memory is CUDA only"
+        return _ops.kernels_unavailable_reason(device)
+
+    def _buffers_for(self, hidden: torch.Tensor, top_k: int):
+        """The buffers of this shape, shared with every layer of the same shape in the group (built collectively on
+        first use: not while a CUDA graph is captured, so a warm-up forward must come first)."""
+        buffers_class = self.buffers_class or SymmetricMemoryBuffers
+        ranks = tuple(dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD))
+        key = (buffers_class, ranks, self.num_experts, self.max_tokens, top_k, hidden.shape[1], hidden.dtype,
+               hidden.device)  # fmt: skip
+        if key not in _SHARED_BUFFERS:
+            if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "transport='symmetric_memory' builds its buffers at the first forward of each shape, which a "
+                    "CUDA graph cannot capture: run one forward of that shape before capturing"
+                )
+            _SHARED_BUFFERS[key] = buffers_class(
+                self.group, world_size=self.world_size, rank=self.rank, num_experts=self.num_experts,
+                capacity=self.max_tokens * top_k, token_capacity=self.max_tokens * min(self.world_size, top_k),
+                hidden_size=hidden.shape[1], dtype=hidden.dtype, device=hidden.device,
+            )  # fmt: skip
+        return _SHARED_BUFFERS[key]
+
+    def _exchange_flags(self, flags: RankFlags, top_k: int) -> tuple[list[RankFlags], list[tuple[int, int]]]:
+        """Every rank's flags and buffer sizes ``(top_k, max_tokens)``, over the gloo group (host memory: no device
+        sync). While a CUDA graph is captured nothing is exchanged: every rank is taken to pass its checks with this
+        rank's sizes."""
+        sizes = (top_k, self.max_tokens)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return [flags] * self.world_size, [sizes] * self.world_size
+        mine = torch.tensor([*flags.as_list(), *sizes], dtype=torch.int64)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(gathered, mine, group=self._flags_group)
+        return (
+            [RankFlags(*map(bool, row[:-2].tolist())) for row in gathered],
+            [tuple(row[-2:].tolist()) for row in gathered],
+        )
+
+    def _check_ranks(self, flags: RankFlags, local_error: Exception | None, hidden, top_k_index) -> bool:
+        """Raise on every rank as ``raise_for_other_ranks`` says, the static sizes included; return whether the
+        exchanges are differentiable."""
+        if local_error is None and hidden.shape[0] > self.max_tokens:
+            local_error = ValueError(
+                f"hidden: {hidden.shape[0]} tokens, more than the symmetric-memory transport's max_tokens "
+                f"{self.max_tokens} (its buffers are static: build the layer with a larger max_tokens)"
+            )
+            flags = RankFlags(True, flags.needs_grad, flags.grad_enabled)
+        top_k = top_k_index.shape[1] if top_k_index.dim() == 2 else 0
+        all_flags, sizes = self._exchange_flags(flags, top_k)
+        # The buffers are sized by top_k and max_tokens, the same on every rank: a rank that differs from rank 0 is
+        # rejected (it raises the ValueError, the others a RuntimeError naming it).
+        if local_error is None and sizes[self.rank] != sizes[0]:
+            local_error = ValueError(
+                f"top_k_index: {top_k} slots per token and max_tokens {self.max_tokens} on rank {self.rank}, "
+                f"{sizes[0][0]} and {sizes[0][1]} on rank 0; the symmetric-memory transport sizes its buffers by "
+                "both, which every rank must share"
+            )
+        for rank, rank_sizes in enumerate(sizes):
+            if rank_sizes != sizes[0]:
+                all_flags[rank] = RankFlags(True, all_flags[rank].needs_grad, all_flags[rank].grad_enabled)
+        return raise_for_other_ranks(all_flags, local_error, self.rank)
+
+    def plan(self, headers: torch.Tensor, num_pairs: int, num_token_rows: int, buffers) -> PullPlan:
+        """The ``PullPlan`` of every rank's header ``[W, E + W]`` (tensor ops, on the device)."""
+        world_size, num_local, rank = self.world_size, self.num_local_experts, self.rank
+        capacity, token_capacity = buffers.capacity, buffers.token_capacity
+        device = headers.device
+        pairs = headers[:, : self.num_experts].reshape(world_size, world_size, num_local).sum(dim=2)  # [src, dst]
+        tokens = headers[:, self.num_experts :]  # [source, destination rank]
+        # Each source's pairs are sorted by global expert and its tokens by destination rank: its block for rank d
+        # starts after its blocks for ranks < d.
+        pair_starts, token_starts = torch.cumsum(pairs, dim=1) - pairs, torch.cumsum(tokens, dim=1) - tokens
+        ranks = torch.arange(world_size, device=device, dtype=torch.int64)
+        return PullPlan(
+            tokens_to_experts=Route("send", token_starts[:, rank].contiguous(), ranks * token_capacity,
+                                    tokens[:, rank].contiguous(), world_size * token_capacity, token_capacity),
+            tokens_home=Route("recv", torch.full_like(ranks, rank * token_capacity), token_starts[rank].contiguous(),
+                              tokens[rank].contiguous(), num_token_rows, token_capacity),
+            pairs_home=Route("recv", torch.full_like(ranks, rank * capacity), pair_starts[rank].contiguous(),
+                             pairs[rank].contiguous(), num_pairs, capacity),
+            pairs_to_experts=Route("send", pair_starts[:, rank].contiguous(), ranks * capacity,
+                                   pairs[:, rank].contiguous(), world_size * capacity, capacity),
+            slots_to_experts=Route("slots", pair_starts[:, rank].contiguous(), ranks * capacity,
+                                   pairs[:, rank].contiguous(), world_size * capacity, capacity),
+        )  # fmt: skip
+
+    def dispatch(
+        self, hidden: torch.Tensor, top_k_index: torch.Tensor, flags: RankFlags, local_error: Exception | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor, Exchange]:  # fmt: skip
+        """As ``AllToAllTransport.dispatch``, with ``W * S`` pair rows received: source ``s``'s in slots
+        ``[s * S, s * S + n_s)`` in its pair order, the others sentinel rows (local expert ``E / W``)."""
+        differentiable = self._check_ranks(flags, local_error, hidden, top_k_index)
+        world_size, num_local, top_k = self.world_size, self.num_local_experts, top_k_index.shape[1]
+        buffers = self._buffers_for(hidden, top_k)
+        num_tokens = hidden.shape[0]
+        # The pairs, sorted by global expert (no rows gathered: the tokens travel, once per rank).
+        m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair = sort_pairs(top_k_index, self.num_experts)
+        info = DispatchInfo(None, m_sizes, expert_of_row, pair_of_row, row_of_pair, valid_pair)
+        # The tokens, sorted by destination rank: token t goes to rank d once if any of its experts lives there.
+        destination = torch.where(valid_pair, top_k_index.to(torch.int64) // num_local, world_size)
+        reached = torch.zeros(num_tokens, world_size + 1, dtype=torch.bool, device=device)
+        reached.scatter_(1, destination, True)
+        ranks = torch.arange(world_size, device=device, dtype=torch.int64)
+        rank_ids = torch.where(reached[:, :world_size], ranks, world_size)
+        token_info = dispatch(hidden, rank_ids, world_size)
+        token_rows = token_info.x_sorted
+        if differentiable and not token_rows.requires_grad:
+            # As AllToAllTransport: every rank records the pulls, so that every rank's backward runs its phases.
+            token_rows = token_rows.detach().requires_grad_()
+        # Each pair's token row within its destination's block: (t, d)'s row among the tokens minus the block start.
+        token_starts = torch.cumsum(token_info.m_sizes, dim=0) - token_info.m_sizes
+        token_of_row = pair_of_row // max(top_k, 1)
+        destination_of_row = expert_of_row.clamp(max=self.num_experts - 1) // num_local
+        slot = token_info.row_of_pair.index_select(0, token_of_row * world_size + destination_of_row)
+        slot = slot - token_starts.index_select(0, destination_of_row)
+
+        # The dispatch phase by hand (the headers are read between the barrier and the pulls, to plan them).
+        num_sent = min(token_rows.shape[0], buffers.token_capacity)
+        buffers.enter_side("send")
+        buffers.local("header").copy_(torch.cat([m_sizes, token_info.m_sizes]))
+        buffers.local("send")[:num_sent].copy_(token_rows.detach()[:num_sent])
+        buffers.local("slots")[: slot.shape[0], 0].copy_(slot)
+        buffers.barrier()
+        plan = self.plan(buffers.peer_headers(), top_k_index.numel(), token_rows.shape[0], buffers)
+        if differentiable:
+            tokens = _Pull.apply(token_rows, buffers, plan, "tokens_to_experts", True)
+        else:
+            tokens = _pull_route(token_rows, buffers, plan.tokens_to_experts)
+        slots_route = plan.slots_to_experts
+        slots = buffers.pull(
+            torch.zeros(slots_route.num_out, 2, dtype=torch.int64, device=device), "slots", slots_route.src,
+            slots_route.dst, slots_route.counts, slots_route.max_rows,
+        )[:, 0].view(world_size, buffers.capacity)  # fmt: skip
+        # Pair slot i of source s: its token's row s * C + slots[s, i]; valid for i below the source's count.
+        in_block = torch.arange(buffers.capacity, device=device) < slots_route.counts[:, None]
+        token_index = (slots + ranks[:, None] * buffers.token_capacity).view(-1)
+        valid = in_block.view(-1)
+        pairs_of_token = _pairs_of_token(token_index, valid, tokens.shape[0], top_k)
+        rows = _ExpandTokens.apply(tokens, token_index, pairs_of_token) if differentiable else tokens[token_index]
+        # The local expert of pair slot i of source s: the number of the source's cumulative counts for this rank's
+        # experts at or below i (E / W past its count: a sentinel, dropped).
+        headers = buffers.peer_headers()  # the same values plan read; reading again costs W tiny copies
+        local_counts = headers[:, : self.num_experts].reshape(world_size, world_size, num_local)[:, self.rank]
+        slot_index = torch.arange(buffers.capacity, device=device, dtype=torch.int64).expand(world_size, -1)
+        local_expert_of_row = torch.searchsorted(
+            torch.cumsum(local_counts, dim=1), slot_index.contiguous(), right=True
+        ).view(-1)
+        return rows, local_expert_of_row, Exchange(info, [], [], differentiable, plan, buffers)
+
+    @staticmethod
+    def rows_moved(exchange: Exchange) -> tuple[int, int]:
+        """The rows this rank sends in the exchange's dispatch (its tokens, once per destination rank) and combine
+        (the outputs of the pairs it received), read on the host."""
+        plan = exchange.plan
+        return int(plan.tokens_home.counts.sum()), int(plan.pairs_to_experts.counts.sum())
+
+    def combine(self, y_rows: torch.Tensor, exchange: Exchange) -> torch.Tensor:
+        if exchange.differentiable:
+            return _Pull.apply(y_rows, exchange.buffers, exchange.plan, "pairs_home", False)
+        return _write_and_pull(y_rows, exchange.buffers, exchange.plan.pairs_home, "recv")
+
+
 # The transports by name; ``ExpertParallelExperts(transport=...)`` picks one.
-TRANSPORTS = {"all_to_all": AllToAllTransport}
+TRANSPORTS = {"all_to_all": AllToAllTransport, "symmetric_memory": SymmetricMemoryTransport}
 
 
 def _group_size_and_rank(group) -> tuple[int, int]:
@@ -232,8 +676,9 @@ class ExpertParallelExperts(_StackedExperts):
     slice of a whole layer's weights instead.
 
     ``transport`` (one of ``TRANSPORTS``) moves the rows: ``"all_to_all"`` (``AllToAllTransport``) syncs with the host
-    once per forward for the split sizes. Every rank calls ``forward`` (and, when gradients are needed,
-    ``backward``) together, each with its own tokens, possibly none.
+    once per forward for the split sizes; ``"symmetric_memory"`` (``SymmetricMemoryTransport``, CUDA, one node) does
+    not, with static buffers for ``max_tokens`` tokens per rank and forward. Every rank calls ``forward`` (and, when
+    gradients are needed, ``backward``) together, each with its own tokens, possibly none.
 
     ``forward`` returns ``[T, H]``: ``out[t] = sum_j w[t, j] * expert_{id[t, j]}(hidden[t])``, ids outside ``[0, E)``
     adding nothing, the sum over ``j`` in float32 in slot order: what ``experts_forward`` over all ``E`` experts
@@ -256,6 +701,7 @@ class ExpertParallelExperts(_StackedExperts):
         intermediate_size: int,
         group: dist.ProcessGroup | None = None,
         transport: str = "all_to_all",
+        max_tokens: int | None = None,
         act: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
         bias: bool = False,
         device: torch.device | str | None = None,
@@ -274,12 +720,21 @@ class ExpertParallelExperts(_StackedExperts):
         self.num_experts, self.num_local_experts = num_experts, num_local_experts
         self.group, self.world_size, self.rank = group, world_size, rank
         self.first_expert = rank * num_local_experts
-        self.transport = transport
-        self._transport = TRANSPORTS[transport](group, num_experts)
+        if transport == "symmetric_memory":
+            element_size = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+            if hidden_size * element_size % 16:
+                raise ValueError(
+                    f"transport='symmetric_memory' moves rows of a multiple of 16 bytes: hidden_size {hidden_size} "
+                    f"of {dtype or torch.get_default_dtype()} is {hidden_size * element_size} bytes"
+                )
+        self.transport, self.max_tokens = transport, max_tokens
+        options = {"max_tokens": max_tokens} if transport == "symmetric_memory" else {}
+        self._transport = TRANSPORTS[transport](group, num_experts, **options)
 
     @classmethod
     def from_experts(
-        cls, experts: MoEExperts, *, group: dist.ProcessGroup | None = None, transport: str = "all_to_all"
+        cls, experts: MoEExperts, *, group: dist.ProcessGroup | None = None, transport: str = "all_to_all",
+        max_tokens: int | None = None,
     ) -> "ExpertParallelExperts":
         """This rank's slice of a whole layer's ``experts`` (copies, with their device, dtype and ``requires_grad``;
         ``experts`` is left as it is). Every rank passes the same weights, e.g. built from one seed or loaded from
@@ -293,6 +748,7 @@ class ExpertParallelExperts(_StackedExperts):
             intermediate_size=experts.intermediate_size,
             group=group,
             transport=transport,
+            max_tokens=max_tokens,
             act=experts.act,
             bias=experts.down_proj_bias is not None,
             device="meta",  # replaced by the slices below
@@ -348,7 +804,8 @@ class ExpertParallelExperts(_StackedExperts):
 
 
 def expert_parallel(
-    model: nn.Module, group: dist.ProcessGroup | None = None, *, transport: str = "all_to_all"
+    model: nn.Module, group: dist.ProcessGroup | None = None, *, transport: str = "all_to_all",
+    max_tokens: int | None = None,
 ) -> list[str]:
     """Replace every ``MoEExperts`` inside ``model`` (``moe_gemm.MoE``'s ``experts``, or the blocks of
     ``fuse_experts``) by ``ExpertParallelExperts.from_experts``: this rank keeps its slice of the experts, and the
@@ -368,9 +825,11 @@ def expert_parallel(
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        experts = ExpertParallelExperts.from_experts(getattr(parent, child), group=group, transport=transport)
+        experts = ExpertParallelExperts.from_experts(
+            getattr(parent, child), group=group, transport=transport, max_tokens=max_tokens
+        )
         setattr(parent, child, experts)
     return names
 
 
-__all__ = ["TRANSPORTS", "AllToAllTransport", "ExpertParallelExperts", "expert_parallel"]
+__all__ = ["TRANSPORTS", "AllToAllTransport", "ExpertParallelExperts", "SymmetricMemoryTransport", "expert_parallel"]

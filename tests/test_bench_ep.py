@@ -38,18 +38,24 @@ def test_ep_benchmark_as_a_group_of_one(tmp_path, capsys):
     on_gpu = _ops.kernels_unavailable_reason() is None and torch.cuda.is_available()
     assert report["world_size"] == 1 and report["device"] == (torch.cuda.get_device_name() if on_gpu else "CPU")
     rows = report["rows"]
+    # Symmetric memory runs on the GPU only (there, through torch's symmetric memory at world size 1).
+    transports = list(TRANSPORTS) if on_gpu else ["all_to_all"]
     assert [(r["tokens"], r["transport"], r["step"]) for r in rows] == [
-        (tokens, name, step) for tokens in (0, 7) for name in TRANSPORTS for step in ("dispatch", "combine")
+        (tokens, name, step) for tokens in (0, 7) for name in transports for step in ("dispatch", "combine")
     ]
-    for row in rows:  # every pair's row once: tokens * K rows of d bf16 values
-        assert row["ep_mb"] == pytest.approx(row["tokens"] * 2 * 32 * 2 / 1e6)
+    for row in rows:  # every pair's row once: tokens * K rows of d bf16 values; symmetric memory's dispatch sends each
+        # token once per rank, here tokens rows
+        rows_sent = row["tokens"] * (1 if (row["transport"], row["step"]) == ("symmetric_memory", "dispatch") else 2)
+        assert row["ep_mb"] == pytest.approx(rows_sent * 32 * 2 / 1e6)
         assert row["ep_ms"] > 0 and row["check"] == "ok"
-    (layer,) = report["layer_rows"]
-    # One rank: the layer's output is checked against experts_forward on the same weights.
-    assert layer["tokens"] == 6 and layer["check"] == "ok" and layer["rel_error"] < 1e-2
-    assert layer["fwd_tflops"] == pytest.approx(6 * 6 * 2 * 32 * 16 / (layer["fwd_ms"] * 1e9))
+    assert [layer["transport"] for layer in report["layer_rows"]] == transports
+    for layer in report["layer_rows"]:
+        # One rank: the layer's output is checked against experts_forward on the same weights.
+        assert layer["tokens"] == 6 and layer["check"] == "ok" and layer["rel_error"] < 1e-2
+        assert layer["fwd_tflops"] == pytest.approx(6 * 6 * 2 * 32 * 16 / (layer["fwd_ms"] * 1e9))
     out = capsys.readouterr().out
     if on_gpu:
         assert f"1 rank(s) of {report['device']}" in out and "smoke test" not in out
     else:
         assert "1 rank(s) of CPU" in out and "smoke test" in out
+        assert "not run: symmetric_memory (symmetric memory is CUDA only)" in out

@@ -25,9 +25,19 @@ from helpers import assert_close_to_reference
 import moe_gemm
 from moe_gemm.bench import __main__ as bench_cli
 from moe_gemm.bench import ep as bench_ep
-from moe_gemm.distributed import TRANSPORTS, ExpertParallelExperts, expert_parallel
+from moe_gemm.distributed import (
+    TRANSPORTS,
+    ExpertParallelExperts,
+    SymmetricMemoryBuffers,
+    SymmetricMemoryTransport,
+    expert_parallel,
+)
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE = 8, 16, 8
+# The symmetric-memory transport's static size in these ranks: the most tokens of any rank in CASES.
+MAX_TOKENS = 9
+# Bytes of host memory shared by the ranks, standing in for each rank's symmetric memory (HostSymmetricBuffers).
+SHARED_POOL_BYTES = 4 * 1024 * 1024
 # The --ep benchmark's config in these ranks: T is unused (--tokens and --ep-layer-tokens set the tokens per rank).
 BENCH_CONFIG = {"T": 0, "d": 16, "n": 8, "E": 8, "K": 3}
 WORLD_SIZES = (2, 4)
@@ -106,6 +116,39 @@ def make_problem(case: Case, world_size: int) -> dict:
     }
 
 
+class HostSymmetricBuffers(SymmetricMemoryBuffers):
+    """``SymmetricMemoryBuffers`` in host memory shared by the ranks' processes, for the CPU tests: the same regions
+    and layout, carved from ``pool`` (``[W, bytes]``, one row per rank, shared before the ranks started) in the order
+    the ranks build transports (the same on every rank); the barrier is gloo's, the pull copies the blocks with
+    tensor ops. What the CUDA class does otherwise (torch's symmetric memory, its device barrier, the pull kernel)
+    runs on GPUs only."""
+
+    pool: torch.Tensor | None = None
+    used = 0
+
+    def _allocate(self, num_bytes, group, device):
+        start = HostSymmetricBuffers.used
+        HostSymmetricBuffers.used += -(-num_bytes // 128) * 128
+        assert HostSymmetricBuffers.used <= self.pool.shape[1], "SHARED_POOL_BYTES is too small"
+        self.group = group
+        self.peers = [self.pool[peer, start : start + num_bytes] for peer in range(self.world_size)]
+        return self.peers[self.rank]
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
+    def peer_headers(self) -> torch.Tensor:
+        return torch.stack([peer[: self.header_length * 8].view(torch.int64) for peer in self.peers])
+
+    def pull(self, out, region, src_start, dst_start, counts, max_rows):
+        offset, row_bytes = self.offsets[region], out.shape[1] * out.element_size()
+        for peer, src, dst, count in zip(self.peers, src_start.tolist(), dst_start.tolist(), counts.tolist()):
+            assert 0 <= count <= max_rows
+            rows = peer[offset : offset + (src + count) * row_bytes].view(out.dtype).view(-1, out.shape[1])
+            out[dst : dst + count] = rows[src:]
+        return out
+
+
 def forward_backward(experts: torch.nn.Module, hidden, top_k_index, top_k_weights, grad_out) -> dict:
     """The output and the gradients of ``<out, grad_out>`` for hidden, the routing weights and every parameter."""
     hidden = hidden.detach().requires_grad_()
@@ -135,10 +178,12 @@ def run_cases(rank: int, world_size: int, out_dir: str) -> dict:
     results = {}
     for case in CASES:
         problem = make_problem(case, world_size)
-        experts = ExpertParallelExperts.from_experts(problem["experts"])
         mine = rank_slice(problem["tokens"], rank)
         arguments = [problem[name][mine] for name in ("hidden", "top_k_index", "top_k_weights", "grad_out")]
-        results[case.name] = [forward_backward(experts, *arguments) for _ in range(2)]
+        for transport, options in (("all_to_all", {}), ("symmetric_memory", {"max_tokens": MAX_TOKENS})):
+            experts = ExpertParallelExperts.from_experts(problem["experts"], transport=transport, **options)
+            key = case.name if transport == "all_to_all" else f"{case.name}/{transport}"
+            results[key] = [forward_backward(experts, *arguments) for _ in range(2)]
 
     problem = make_problem(CASES[0], world_size)
     experts = ExpertParallelExperts.from_experts(problem["experts"])
@@ -156,10 +201,42 @@ def run_cases(rank: int, world_size: int, out_dir: str) -> dict:
     results["errors"] = {
         "indivisible": error_of(lambda: ExpertParallelExperts(num_experts=6 if world_size == 4 else 5, **sizes)),
         "transport": error_of(lambda: ExpertParallelExperts(num_experts=8, transport="nvshmem", **sizes)),
+        "symmetric_memory_without_max_tokens": error_of(
+            lambda: ExpertParallelExperts(num_experts=8, transport="symmetric_memory", **sizes)
+        ),
+        "symmetric_memory_row_size": error_of(lambda: ExpertParallelExperts(
+            num_experts=8, hidden_size=12, intermediate_size=4, transport="symmetric_memory", max_tokens=4,
+            dtype=torch.bfloat16,
+        )),  # fmt: skip
         "hidden_width_on_rank_1": error_of(call_with(1, hidden=hidden[:, :-1])),
         "hidden_dtype_on_last_rank": error_of(call_with(last, hidden=hidden.float())),
         "weights_shape_on_rank_0": error_of(call_with(0, top_k_weights=weights[:, :1])),
     }
+
+    symmetric = ExpertParallelExperts.from_experts(
+        problem["experts"], transport="symmetric_memory", max_tokens=MAX_TOKENS
+    )
+
+    def symmetric_call_with(rank_to_break: int, **broken):
+        arguments = {"hidden": hidden, "top_k_index": ids, "top_k_weights": weights}
+        if rank == rank_to_break:
+            arguments.update(broken)
+        return lambda: symmetric(**arguments)
+
+    too_many = problem["hidden"][:1].expand(MAX_TOKENS + 1, -1)
+    results["errors"]["symmetric_memory_tokens_on_rank_0"] = error_of(symmetric_call_with(
+        0, hidden=too_many, top_k_index=ids[:1].expand(MAX_TOKENS + 1, -1),
+        top_k_weights=weights[:1].expand(MAX_TOKENS + 1, -1),
+    ))  # fmt: skip
+    results["errors"]["symmetric_memory_top_k_on_rank_1"] = error_of(
+        symmetric_call_with(1, top_k_index=ids[:, :1], top_k_weights=weights[:, :1])
+    )
+    results["symmetric_after_errors"] = forward_backward(symmetric, hidden, ids, weights, problem["grad_out"][mine])
+    # A backward that autograd prunes (the down weight's gradient alone skips the dispatch pull's backward): the next
+    # forward writes the side the last phase wrote, and must still see every peer done reading it.
+    pruned_out = symmetric(hidden, ids, weights)
+    torch.autograd.grad(pruned_out, [symmetric.down_proj], problem["grad_out"][mine])
+    results["symmetric_after_pruned_backward"] = symmetric(hidden, ids, weights).detach()
 
     def grad_mode_on_rank_0_only():
         hidden_leaf = hidden.detach().requires_grad_(rank == 0)
@@ -199,8 +276,10 @@ def run_cases(rank: int, world_size: int, out_dir: str) -> dict:
     return results
 
 
-def _rank_main(rank: int, world_size: int, store_path: str, out_dir: str) -> None:
+def _rank_main(rank: int, world_size: int, store_path: str, out_dir: str, pool: torch.Tensor) -> None:
     torch.set_num_threads(1)  # ranks share the cores: tiny tensors, no intra-op threads
+    HostSymmetricBuffers.pool = pool
+    SymmetricMemoryTransport.buffers_class = HostSymmetricBuffers
     store = dist.FileStore(store_path, world_size)
     # gloo's own timeout, shorter than the join's: a collective left waiting raises in the process too.
     timeout = datetime.timedelta(seconds=JOIN_TIMEOUT_S // 2)
@@ -215,9 +294,10 @@ def run_on_ranks(world_size: int, directory: str) -> list[dict]:
     """``run_cases`` on ``world_size`` processes; fails (and kills them) after ``JOIN_TIMEOUT_S``."""
     # Imported once, in the forkserver, for every process it forks.
     mp.set_forkserver_preload(["torch", "torch._dynamo", "moe_gemm", "test_distributed"])
+    pool = torch.zeros(world_size, SHARED_POOL_BYTES, dtype=torch.uint8).share_memory_()
     context = mp.start_processes(
-        _rank_main, args=(world_size, os.path.join(directory, "store"), directory), nprocs=world_size, join=False,
-        start_method="forkserver",
+        _rank_main, args=(world_size, os.path.join(directory, "store"), directory, pool), nprocs=world_size,
+        join=False, start_method="forkserver",
     )  # fmt: skip
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not context.join(timeout=max(deadline - time.monotonic(), 0)):
@@ -241,13 +321,19 @@ def reference(case: Case, world_size: int) -> tuple[dict, dict]:
     return problem, forward_backward(problem["experts"], *[problem[name] for name in names])
 
 
+def result_key(case: Case, transport: str) -> str:
+    return case.name if transport == "all_to_all" else f"{case.name}/{transport}"
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_NAMES)
-def test_matches_one_process_forward_and_gradients(ranks_results, case):
+def test_matches_one_process_forward_and_gradients(ranks_results, case, transport):
+    # The symmetric-memory transport runs here on HostSymmetricBuffers: its plan, slots, phases and backward.
     world_size, results = ranks_results
     problem, expected = reference(case, world_size)
     local = NUM_EXPERTS // world_size
     for rank, result in enumerate(results):
-        got = result[case.name][0]
+        got = result[result_key(case, transport)][0]
         mine, experts = rank_slice(problem["tokens"], rank), slice(rank * local, (rank + 1) * local)
         for name, value in got.items():
             # Per-token results are this rank's tokens; parameter gradients are this rank's experts'.
@@ -257,11 +343,12 @@ def test_matches_one_process_forward_and_gradients(ranks_results, case):
             assert_close_to_reference(value, want, dtype=torch.bfloat16 if case.dtype == torch.bfloat16 else None)
 
 
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_NAMES)
-def test_runs_are_bitwise_identical(ranks_results, case):
+def test_runs_are_bitwise_identical(ranks_results, case, transport):
     _, results = ranks_results
     for result in results:
-        first, second = result[case.name]
+        first, second = result[result_key(case, transport)]
         assert all(torch.equal(first[name], second[name]) for name in first)
 
 
@@ -288,7 +375,15 @@ def test_every_rank_raises_and_none_hangs(ranks_results):
         errors = result["errors"]
         assert errors["indivisible"][0] == "ValueError"
         assert "num_experts must be a positive multiple of the group's world size" in errors["indivisible"][1]
-        assert errors["transport"] == ("ValueError", "transport must be one of ('all_to_all',), got 'nvshmem'")
+        assert errors["transport"] == (
+            "ValueError", "transport must be one of ('all_to_all', 'symmetric_memory'), got 'nvshmem'"
+        )
+        assert errors["symmetric_memory_without_max_tokens"][0] == "ValueError"
+        assert "transport='symmetric_memory' needs max_tokens" in errors["symmetric_memory_without_max_tokens"][1]
+        assert errors["symmetric_memory_row_size"] == ("ValueError", (
+            "transport='symmetric_memory' moves rows of a multiple of 16 bytes: hidden_size 12 of torch.bfloat16 is "
+            "24 bytes"
+        ))  # fmt: skip
         for name, broken_rank, error, message in (
             ("hidden_width_on_rank_1", 1, "ValueError", "hidden: expected shape [T, H] with H = 16"),
             ("hidden_dtype_on_last_rank", last, "TypeError", "are torch.float64 but hidden is torch.float32"),
@@ -296,6 +391,15 @@ def test_every_rank_raises_and_none_hangs(ranks_results):
         ):
             if rank == broken_rank:
                 assert errors[name][0] == error and message in errors[name][1], (name, errors[name])
+            else:
+                assert errors[name][0] == "RuntimeError", (name, errors[name])
+                assert f"rank(s) [{broken_rank}] of the expert-parallel group rejected" in errors[name][1]
+        for name, broken_rank, message in (
+            ("symmetric_memory_tokens_on_rank_0", 0, "10 tokens, more than the symmetric-memory transport's"),
+            ("symmetric_memory_top_k_on_rank_1", 1, "1 slots per token and max_tokens 9 on rank 1"),
+        ):
+            if rank == broken_rank:
+                assert errors[name][0] == "ValueError" and message in errors[name][1], (name, errors[name])
             else:
                 assert errors[name][0] == "RuntimeError", (name, errors[name])
                 assert f"rank(s) [{broken_rank}] of the expert-parallel group rejected" in errors[name][1]
@@ -309,6 +413,8 @@ def test_the_group_works_after_the_errors(ranks_results):
     for rank, result in enumerate(results):
         mine = rank_slice(problem["tokens"], rank)
         assert_close_to_reference(result["after_errors"]["out"], expected["out"][mine])
+        assert_close_to_reference(result["symmetric_after_errors"]["hidden"], expected["hidden"][mine])
+        assert_close_to_reference(result["symmetric_after_pruned_backward"], expected["out"][mine])
         # Rank 0 alone asked for gradients; the others still ran the backward's exchanges.
         assert_close_to_reference(result["grad_on_rank_0_only"]["out"], expected["out"][mine])
         grad = result["grad_on_rank_0_only"]["hidden"]
@@ -371,11 +477,15 @@ def test_ep_benchmark_measures_every_transport_on_every_rank(ranks_results):
     for row in report["rows"]:
         assert row["world"] == world_size and row["tokens"] == 5 and row["check"] == "ok"
         assert row["ep_ms"] > 0 and row["ep_gbs"] > 0
-        # It dispatches its own 5 * 3 pairs, and combines (sends back) the rows it received, some of every rank's.
-        if row["step"] == "dispatch":
+        # It dispatches its own 5 * 3 pairs (all_to_all: a row each; symmetric memory: a row per token and rank, at
+        # least one per token, at most one per pair), and combines (sends back) the rows it received.
+        if row["step"] == "dispatch" and row["transport"] == "all_to_all":
             assert row["ep_mb"] == pytest.approx(5 * 3 * row_mb)
+        elif row["step"] == "dispatch":
+            assert 5 * row_mb - 1e-12 <= row["ep_mb"] <= 5 * min(3, world_size) * row_mb + 1e-12
         else:
             assert 0 < row["ep_mb"] <= world_size * 5 * 3 * row_mb
-    (layer,) = report["layer_rows"]
-    assert layer["check"] == "ok" and 0 <= layer["rel_error"] < 1e-2
+    assert [layer["transport"] for layer in report["layer_rows"]] == list(TRANSPORTS)
+    for layer in report["layer_rows"]:
+        assert layer["check"] == "ok" and 0 <= layer["rel_error"] < 1e-2
     assert layer["fwd_tflops"] > 0 and layer["fwd_bwd_tflops"] > 0

@@ -3,8 +3,9 @@
     torchrun --nproc-per-node 8 -m moe_gemm.bench --ep [--configs NAME ...] [--tokens T ...]
         [--ep-layer-tokens T] [--quick] [--json PATH]
 
-Without ``torchrun`` it runs as a group of one. Every transport of ``moe_gemm.distributed.TRANSPORTS`` runs in the same
-process group, one after the other on the same data, so their figures compare within the run.
+Without ``torchrun`` it runs as a group of one. Every transport of ``moe_gemm.distributed.TRANSPORTS`` that runs on the
+device (``symmetric_memory``: CUDA, sized for the step's tokens) runs in the same process group, one after the other
+on the same data, so their figures compare within the run.
 
 Two tables, for each config of ``bench/layer_configs.json`` named by ``--configs`` (default ``CONFIGS``: Qwen3-30B-A3B
 and DeepSeek-V3), with its hidden size d, E experts and top_k K:
@@ -88,6 +89,16 @@ def uniform_routing(tokens: int, num_experts: int, top_k: int, device, generator
     return scores.topk(top_k, dim=1).indices
 
 
+def available_transports(device: torch.device) -> list[str]:
+    """The transports of ``TRANSPORTS`` that run on ``device`` (symmetric memory: CUDA only)."""
+    return [name for name, transport in TRANSPORTS.items() if transport.unavailable_reason(device) is None]
+
+
+def transport_options(name: str, tokens: int) -> dict:
+    """What the transport ``name`` needs beyond the group and E: the symmetric-memory one, its static size."""
+    return {"max_tokens": max(tokens, 1)} if name == "symmetric_memory" else {}
+
+
 def measure_transport(name: str, config: dict, tokens: int, setup: dict) -> list[dict]:
     """The dispatch and combine rows of every transport at ``tokens`` tokens per rank."""
     device, dtype, generator = setup["device"], setup["dtype"], setup["generator"]
@@ -95,13 +106,14 @@ def measure_transport(name: str, config: dict, tokens: int, setup: dict) -> list
     ids = uniform_routing(tokens, config["E"], config["K"], device, generator)
     flags = RankFlags(rejected=False, needs_grad=False, grad_enabled=False)
     rows = []
-    for transport_name, transport_class in TRANSPORTS.items():
-        transport = transport_class(None, config["E"])
+    for transport_name in available_transports(device):
+        transport = TRANSPORTS[transport_name](None, config["E"], **transport_options(transport_name, tokens))
         received, _, exchange = transport.dispatch(hidden, ids, flags, None, device)
         element_bytes = hidden.element_size() * config["d"]
+        rows_sent, rows_received = transport.rows_moved(exchange)
         steps = {
-            "dispatch": (lambda: transport.dispatch(hidden, ids, flags, None, device), sum(exchange.send_splits)),
-            "combine": (lambda: transport.combine(received, exchange), sum(exchange.recv_splits)),
+            "dispatch": (lambda: transport.dispatch(hidden, ids, flags, None, device), rows_sent),
+            "combine": (lambda: transport.combine(received, exchange), rows_received),
         }
         for step, (fn, rows_sent) in steps.items():
             ms = timed_ms(fn, device)
@@ -126,7 +138,10 @@ def measure_layer(name: str, config: dict, tokens: int, setup: dict) -> list[dic
     whole = moe_gemm.MoEExperts(**sizes, device=device, dtype=dtype)
     with torch.no_grad():
         reference = moe_gemm.experts_forward(hidden, ids, weights, whole.gate_up_proj, whole.down_proj)
-    layers = {name: ExpertParallelExperts.from_experts(whole, transport=name) for name in TRANSPORTS}
+    layers = {
+        name: ExpertParallelExperts.from_experts(whole, transport=name, **transport_options(name, tokens))
+        for name in available_transports(device)
+    }
     del whole
     rows = []
     for transport_name, layer in layers.items():
@@ -169,8 +184,11 @@ def run(args: argparse.Namespace, configs: dict[str, dict] | None = None) -> int
         printing = rank == 0
         if printing:
             smoke = "" if use_cuda else " (gloo: a smoke test of the harness, no GPU figures)"
+            skipped = [f"{name} ({TRANSPORTS[name].unavailable_reason(device)})" for name in TRANSPORTS
+                       if name not in available_transports(device)]  # fmt: skip
+            not_run = f"; not run: {', '.join(skipped)}" if skipped else ""
             print(f"# {moe_gemm.build_info()}; {world} rank(s) of {report.device_name()}{smoke}; transports "
-                  f"{', '.join(TRANSPORTS)}")
+                  f"{', '.join(available_transports(device))}{not_run}")
             print(f"# dtype {args.dtype}, seed {args.seed}; routing uniform; GB/s per GPU: the rows each rank sends "
                   "(its own share included) over the step's time, slowest rank's median; TFLOP/s per GPU: fwd "
                   f"6*T*K*d*n, fwd+bwd 18*T*K*d*n with T the tokens per rank")  # fmt: skip
