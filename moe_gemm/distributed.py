@@ -428,19 +428,22 @@ def _pairs_of_token(token_of_pair: torch.Tensor, valid: torch.Tensor, num_tokens
     return table[:num_tokens]
 
 
-# One gloo group (the ranks' flags, on the host) per process group, built on first use by its ranks alone.
-_GLOO_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+# One gloo group (the ranks' flags, on the host) per process group, built on first use by its ranks alone. Both
+# dicts are keyed by the process group object itself, not its ranks: a group destroyed and initialised again (a
+# benchmark, then a test, in one process) has the same ranks, and its predecessor's groups and buffers are dead.
+_GLOO_GROUPS: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
 # The symmetric-memory buffers, shared by the layers of one shape: no state outlives a phase, and the phases of
 # consecutive layers alternate sides like those of one layer (SymmetricMemoryBuffers.enter_side).
 _SHARED_BUFFERS: dict[tuple, "SymmetricMemoryBuffers"] = {}
 
 
 def _gloo_group(group) -> dist.ProcessGroup:
-    ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-    if ranks not in _GLOO_GROUPS:
+    group = group if group is not None else dist.group.WORLD
+    if group not in _GLOO_GROUPS:
         # Built by this group's ranks only: expert-parallel subgroups (data x expert parallelism) differ by rank.
-        _GLOO_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
-    return _GLOO_GROUPS[ranks]
+        ranks = dist.get_process_group_ranks(group)
+        _GLOO_GROUPS[group] = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+    return _GLOO_GROUPS[group]
 
 
 class SymmetricMemoryTransport:
@@ -495,8 +498,8 @@ class SymmetricMemoryTransport:
         """The buffers of this shape, shared with every layer of the same shape in the group (built collectively on
         first use: not while a CUDA graph is captured, so a warm-up forward must come first)."""
         buffers_class = self.buffers_class or SymmetricMemoryBuffers
-        ranks = tuple(dist.get_process_group_ranks(self.group if self.group is not None else dist.group.WORLD))
-        key = (buffers_class, ranks, self.num_experts, self.max_tokens, top_k, hidden.shape[1], hidden.dtype,
+        group = self.group if self.group is not None else dist.group.WORLD
+        key = (buffers_class, group, self.num_experts, self.max_tokens, top_k, hidden.shape[1], hidden.dtype,
                hidden.device)  # fmt: skip
         if key not in _SHARED_BUFFERS:
             if hidden.is_cuda and torch.cuda.is_current_stream_capturing():
