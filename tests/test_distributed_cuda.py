@@ -69,7 +69,9 @@ def test_matches_the_whole_layer_and_reruns_bitwise(group_of_one, transport):
     ids, weights = make_routing(seed=0)
     hidden = torch.randn(NUM_TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
     grad_out = torch.randn_like(hidden)
-    expected = forward_and_gradients(copy.deepcopy(whole).float(), hidden.float(), ids, weights, grad_out.float())
+    # The reference: the same layer in float32 on the CPU (the CUDA kernels take 16-bit types only).
+    on_cpu = [t.cpu() for t in (hidden.float(), ids, weights, grad_out.float())]
+    expected = forward_and_gradients(copy.deepcopy(whole).float().cpu(), *on_cpu)
     layer = ExpertParallelExperts.from_experts(whole, transport=transport, max_tokens=NUM_TOKENS)
     first = forward_and_gradients(layer, hidden, ids, weights, grad_out)
     second = forward_and_gradients(layer, hidden, ids, weights, grad_out)
@@ -77,7 +79,7 @@ def test_matches_the_whole_layer_and_reruns_bitwise(group_of_one, transport):
     for name, value in first.items():
         assert value is not None and torch.isfinite(value).all(), name
         # bfloat16 against the same layer in float32 (a float32 routing-weight gradient carries bf16 rounding).
-        assert_close_to_reference(value, expected[name], dtype=torch.bfloat16)
+        assert_close_to_reference(value, expected[name].cuda(), dtype=torch.bfloat16)
         assert torch.equal(value, second[name]), name
 
 
