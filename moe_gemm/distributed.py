@@ -150,6 +150,9 @@ class AllToAllTransport:
     dominate (``docs/design.md``, "Expert parallelism"); here the rows stay pairs, the layout of ``dispatch``.
     """
 
+    # Whether a CUDA graph can capture dispatch and combine: no, the split sizes go to the host.
+    graph_safe = False
+
     @staticmethod
     def unavailable_reason(device: torch.device) -> str | None:
         """Why this transport cannot run on ``device``, or None: it runs wherever torch.distributed does."""
@@ -470,6 +473,8 @@ class SymmetricMemoryTransport:
 
     # What builds the regions: SymmetricMemoryBuffers; the CPU tests substitute shared host memory.
     buffers_class = None
+    # A CUDA graph captures dispatch and combine (after one forward of the shape has built the buffers).
+    graph_safe = True
 
     def __init__(self, group, num_experts: int, *, max_tokens: int | None = None):
         if max_tokens is None or max_tokens < 1:
@@ -615,7 +620,8 @@ class SymmetricMemoryTransport:
         buffers.local("send")[:num_sent].copy_(token_rows.detach()[:num_sent])
         buffers.local("slots")[: slot.shape[0], 0].copy_(slot)
         buffers.barrier()
-        plan = self.plan(buffers.peer_headers(), top_k_index.numel(), token_rows.shape[0], buffers)
+        headers = buffers.peer_headers()
+        plan = self.plan(headers, top_k_index.numel(), token_rows.shape[0], buffers)
         if differentiable:
             tokens = _Pull.apply(token_rows, buffers, plan, "tokens_to_experts", True)
         else:
@@ -633,7 +639,6 @@ class SymmetricMemoryTransport:
         rows = _ExpandTokens.apply(tokens, token_index, pairs_of_token) if differentiable else tokens[token_index]
         # The local expert of pair slot i of source s: the number of the source's cumulative counts for this rank's
         # experts at or below i (E / W past its count: a sentinel, dropped).
-        headers = buffers.peer_headers()  # the same values plan read; reading again costs W tiny copies
         local_counts = headers[:, : self.num_experts].reshape(world_size, world_size, num_local)[:, self.rank]
         slot_index = torch.arange(buffers.capacity, device=device, dtype=torch.int64).expand(world_size, -1)
         local_expert_of_row = torch.searchsorted(

@@ -13,7 +13,10 @@ and DeepSeek-V3), with its hidden size d, E experts and top_k K:
 - transport: ``dispatch`` (the rows of this rank's ``(token, slot)`` pairs to the ranks of their experts, the counts
   with them) and ``combine`` (the rows back), at ``--tokens`` tokens per rank (default ``TRANSPORT_TOKENS``: decode
   and prefill sizes), routing uniform over the experts. GB/s per GPU: the bytes of every row this rank sends, its
-  own share included (a group of one copies them all locally), over the time of the step.
+  own share included (a group of one copies them all locally), over the time of the step; for a transport that a
+  CUDA graph can capture (``symmetric_memory``), the step replayed from one too (``graph ms``, ``graph GB/s``): a
+  single eager step also waits for its host work, about 80 small launches for the symmetric-memory dispatch, which
+  a graph removes and which a layer's GEMMs hide in a model (no host sync).
 - layer: ``ExpertParallelExperts`` (SwiGLU, the config's n) at ``--ep-layer-tokens`` (``LAYER_TOKENS``) tokens per
   rank, forward and forward+backward TFLOP/s per GPU in the layer benchmark's convention (forward ``6*T*K*d*n``
   with T this rank's tokens; ``bench/layer.py``), the forward timed as in training (autograd recording).
@@ -51,7 +54,8 @@ LAYER_TOKENS = 8192
 QUICK_LAYER_TOKENS = 1024
 WARMUP, REPS = 3, 20
 
-TRANSPORT_TABLE = ("config", "transport", "world", "tokens", "step", "ep_mb", "ep_ms", "ep_gbs", "check")
+TRANSPORT_TABLE = ("config", "transport", "world", "tokens", "step", "ep_mb", "ep_ms", "ep_gbs", "ep_graph_ms",
+                   "ep_graph_gbs", "check")  # fmt: skip
 LAYER_TABLE = ("config", "transport", "world", "tokens", "fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops",
                "rel_error", "check")  # fmt: skip
 
@@ -118,9 +122,15 @@ def measure_transport(name: str, config: dict, tokens: int, setup: dict) -> list
         for step, (fn, rows_sent) in steps.items():
             ms = timed_ms(fn, device)
             megabytes = rows_sent * element_bytes / 1e6
-            rows.append({"config": name, "transport": transport_name, "world": setup["world"], "tokens": tokens,
-                         "step": step, "ep_mb": megabytes, "ep_ms": ms, "ep_gbs": megabytes / ms,
-                         "check": "ok"})  # fmt: skip
+            row = {"config": name, "transport": transport_name, "world": setup["world"], "tokens": tokens,
+                   "step": step, "ep_mb": megabytes, "ep_ms": ms, "ep_gbs": megabytes / ms, "check": "ok"}  # fmt: skip
+            if TRANSPORTS[transport_name].graph_safe and device.type == "cuda":
+                # The step replayed from a CUDA graph, as a server captures its decode step: no host work.
+                graph, _ = timing.capture(fn)
+                row["ep_graph_ms"] = timed_ms(graph.replay, device)
+                row["ep_graph_gbs"] = megabytes / row["ep_graph_ms"]
+                del graph
+            rows.append(row)
     return rows
 
 

@@ -109,6 +109,8 @@ COLUMNS = {
     "ep_mb": Column("MB", 9, ".2f"),
     "ep_ms": Column("ms", 9, ".3f"),
     "ep_gbs": Column("GB/s", 7, ".1f"),
+    "ep_graph_ms": Column("graph ms", 9, ".3f"),
+    "ep_graph_gbs": Column("graph GB/s", 10, ".1f"),
 }
 
 
