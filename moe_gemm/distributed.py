@@ -240,7 +240,8 @@ class SymmetricMemoryBuffers:
     - ``header``: ``[E + W]`` int64, this rank's pair count per global expert, then its token count per rank;
     - ``send``: ``[capacity, H]`` rows (the tokens sent, at most ``token_capacity`` of them; in the backward, the
       gradients of the pairs' outputs, up to ``capacity``);
-    - ``slots``: ``[capacity, 2]`` int64, column 0 the token row of each pair sent, within its destination's block;
+    - ``slots``: ``[capacity, 2]`` int64 per pair sent: its token's row within its destination's block, and its
+      place among that token's pairs to the same destination;
     - ``recv``: ``[W * capacity, H]`` rows (the experts' outputs, per pair; in the backward, the tokens' gradients).
 
     ``pull`` copies blocks of rows out of the peers' regions with one kernel (``moe_gemm::pull_rows_``); ``barrier``
@@ -417,17 +418,15 @@ class _ExpandTokens(torch.autograd.Function):
         return total.to(grad.dtype), None, None
 
 
-def _pairs_of_token(token_of_pair: torch.Tensor, valid: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
-    """``[num_tokens, top_k]`` int64: the pairs of each token row in pair order, -1 after its last (at most ``top_k``
-    valid pairs per token). Tensor ops, no host sync."""
-    key = torch.where(valid, token_of_pair, num_tokens)
-    order = torch.sort(key, stable=True).indices
-    sorted_key = key.index_select(0, order)
-    first = torch.searchsorted(sorted_key, sorted_key)
-    occurrence = (torch.arange(key.shape[0], device=key.device) - first).clamp(max=top_k - 1)
-    table = torch.full((num_tokens + 1, top_k), -1, dtype=torch.int64, device=key.device)
-    # The invalid pairs all land in the extra row num_tokens (which wins there does not matter: it is dropped).
-    table.index_put_((sorted_key, occurrence), order)
+def _pairs_of_token(token_of_slot: torch.Tensor, occurrence: torch.Tensor, valid: torch.Tensor, num_tokens: int,
+                    top_k: int) -> torch.Tensor:  # fmt: skip
+    """``[num_tokens, top_k]`` int64: the pair slots of each received token row, the ``j``-th in column ``occurrence
+    = j`` (its home's slot order), -1 after its last. One scatter to distinct places: no sort, no host sync."""
+    table = torch.full((num_tokens + 1, top_k), -1, dtype=torch.int64, device=token_of_slot.device)
+    # The invalid slots all land in the extra row num_tokens (which wins there does not matter: it is dropped).
+    row = torch.where(valid, token_of_slot, num_tokens)
+    slot = torch.arange(token_of_slot.shape[0], device=token_of_slot.device)
+    table.index_put_((row, torch.where(valid, occurrence, 0)), slot)
     return table[:num_tokens]
 
 
@@ -612,13 +611,18 @@ class SymmetricMemoryTransport:
         destination_of_row = expert_of_row.clamp(max=self.num_experts - 1) // num_local
         slot = token_info.row_of_pair.index_select(0, token_of_row * world_size + destination_of_row)
         slot = slot - token_starts.index_select(0, destination_of_row)
+        # Each pair's place among its token's pairs to the same rank, in slot order (the receiver's table of the
+        # pairs of each token row, for the backward's fixed-order sum): [T, K, K] comparisons, K at most a few dozen.
+        earlier = torch.ones(top_k, top_k, dtype=torch.bool, device=device).tril(-1)
+        occurrence = ((destination[:, :, None] == destination[:, None, :]) & earlier).sum(dim=2).view(-1)
+        occurrence_of_row = occurrence.index_select(0, pair_of_row)
 
         # The dispatch phase by hand (the headers are read between the barrier and the pulls, to plan them).
         num_sent = min(token_rows.shape[0], buffers.token_capacity)
         buffers.enter_side("send")
         buffers.local("header").copy_(torch.cat([m_sizes, token_info.m_sizes]))
         buffers.local("send")[:num_sent].copy_(token_rows.detach()[:num_sent])
-        buffers.local("slots")[: slot.shape[0], 0].copy_(slot)
+        buffers.local("slots")[: slot.shape[0]].copy_(torch.stack([slot, occurrence_of_row], dim=1))
         buffers.barrier()
         headers = buffers.peer_headers()
         plan = self.plan(headers, top_k_index.numel(), token_rows.shape[0], buffers)
@@ -630,12 +634,12 @@ class SymmetricMemoryTransport:
         slots = buffers.pull(
             torch.zeros(slots_route.num_out, 2, dtype=torch.int64, device=device), "slots", slots_route.src,
             slots_route.dst, slots_route.counts, slots_route.max_rows,
-        )[:, 0].view(world_size, buffers.capacity)  # fmt: skip
-        # Pair slot i of source s: its token's row s * C + slots[s, i]; valid for i below the source's count.
+        ).view(world_size, buffers.capacity, 2)  # fmt: skip
+        # Pair slot i of source s: its token's row s * C + slots[s, i, 0]; valid for i below the source's count.
         in_block = torch.arange(buffers.capacity, device=device) < slots_route.counts[:, None]
-        token_index = (slots + ranks[:, None] * buffers.token_capacity).view(-1)
+        token_index = (slots[:, :, 0] + ranks[:, None] * buffers.token_capacity).view(-1)
         valid = in_block.view(-1)
-        pairs_of_token = _pairs_of_token(token_index, valid, tokens.shape[0], top_k)
+        pairs_of_token = _pairs_of_token(token_index, slots[:, :, 1].reshape(-1), valid, tokens.shape[0], top_k)
         rows = _ExpandTokens.apply(tokens, token_index, pairs_of_token) if differentiable else tokens[token_index]
         # The local expert of pair slot i of source s: the number of the source's cumulative counts for this rank's
         # experts at or below i (E / W past its count: a sentinel, dropped).
