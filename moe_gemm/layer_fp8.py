@@ -12,8 +12,17 @@ scale per row and 128 columns, as transformers' "dynamic" activation scheme does
 5. each token's rows are summed with their routing weights in float32, in slot order (``combine_pairs``).
 
 E.g. DeepSeek-V3 (H = 7168, I = 2048, top-8): the up GEMM reads 7168 / 128 = 56 scales per row and 32 x 56 per
-expert's gate/up block grid. No backward: FP8 training is not supported, and inputs that require gradients under
-grad mode raise.
+expert's gate/up block grid.
+
+Differentiable in ``hidden`` and ``top_k_weights`` (the fp8 weights are frozen: fine-tuning around fp8 experts, or a
+router trained through them). The input gradient runs in FP8 too, with the same scaling: each token's output
+gradient is quantized once per row and 128 columns, the down GEMM's transpose reads the fp8 weight transposed in
+memory with its block scales (a 128 x 128 block is one in either orientation; ``_transposed_gemm``), the activation's backward runs in float32 from the saved
+pre-activation as in the bf16 layer (``layer.gated_activation_backward``; the routing weights' gradient is
+``<grad_activated, activated>`` per row), and the pre-activation's gradient is quantized for the up GEMM's
+transpose. A per-output-channel weight scale scales the reduction of the transposed GEMM, so it is folded into the
+gradient rows before they are quantized. Saved for the backward: the routing, the pre-activation ``[T * k, 2I]``.
+Weight gradients are not computed (the weights are fp8 buffers): an fp8 weight or scale that requires grad raises.
 """
 
 import functools
@@ -26,7 +35,7 @@ from moe_gemm import _ops, _validation
 from moe_gemm.activation import check_activation_name, gated_activation
 from moe_gemm.dispatch import combine_pairs, sort_pairs, valid_pairs
 from moe_gemm.functional import grouped_forward_fp8, quantize_fp8
-from moe_gemm.layer import MoEExperts
+from moe_gemm.layer import MoEExperts, _sum_token_rows, gated_activation_backward
 
 
 def experts_forward_fp8(
@@ -77,21 +86,41 @@ def experts_forward_fp8(
         )
     if isinstance(act, str):
         check_activation_name(act)
-    _validation.check_no_grad("experts_forward_fp8", {"hidden": hidden, "top_k_weights": top_k_weights})
-    num_experts, top_k = gate_up_proj.shape[0], top_k_index.shape[1]
+    weights = {"gate_up_proj": gate_up_proj, "gate_up_proj_scale": gate_up_proj_scale, "down_proj": down_proj,
+               "down_proj_scale": down_proj_scale}  # fmt: skip
+    for name, value in weights.items():
+        if torch.is_grad_enabled() and isinstance(value, torch.Tensor) and value.requires_grad:
+            raise ValueError(
+                f"{name}: experts_forward_fp8 computes no gradient for its fp8 weights and scales (frozen; the "
+                f"gradients of hidden and top_k_weights it does compute), got a tensor that requires grad; pass "
+                f"{name}.detach()"
+            )
+    options = (act, weight_transposed, concatenated)
+    if torch.is_grad_enabled() and (hidden.requires_grad or top_k_weights.requires_grad):
+        return _ExpertsFP8Function.apply(hidden, top_k_weights, top_k_index, *weights.values(), options)
+    return _forward(None, hidden, top_k_weights, top_k_index, *weights.values(), options)
 
+
+def _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+             options):  # fmt: skip
+    """The forward; saves what the backward needs on ``ctx`` unless it is None."""
+    act, weight_transposed, concatenated = options
+    num_experts, top_k = gate_up_proj.shape[0], top_k_index.shape[1]
     hidden_fp8, hidden_scale = quantize_fp8(hidden)
     if _ops.dispatch_kernel_applies(top_k_index, num_experts):
-        m_sizes, _, _, token_of_row, row_of_pair = _ops.dispatch_kernel(top_k_index, num_experts)
+        m_sizes, expert_of_row, pair_of_row, token_of_row, row_of_pair = _ops.dispatch_kernel(top_k_index, num_experts)
     else:
-        m_sizes, _, pair_of_row, row_of_pair, _ = sort_pairs(top_k_index, num_experts)
+        m_sizes, expert_of_row, pair_of_row, row_of_pair, _ = sort_pairs(top_k_index, num_experts)
         token_of_row = pair_of_row // max(top_k, 1)
-    # fp8 rows are gathered as bytes: index_select has no float8 kernel on every device.
-    x_fp8 = hidden_fp8.view(torch.uint8).index_select(0, token_of_row).view(torch.float8_e4m3fn)
-    x_scale = hidden_scale.index_select(0, token_of_row)
+    x_fp8, x_scale = _gather_rows(hidden_fp8, hidden_scale, token_of_row)
     fp8 = {"weight_transposed": weight_transposed, "out_dtype": hidden.dtype}
     gate_up = grouped_forward_fp8(x_fp8, x_scale, gate_up_proj, gate_up_proj_scale, m_sizes, **fp8)
     activated = gated_activation(gate_up, act, concatenated) if isinstance(act, str) else act(gate_up)
+    if ctx is not None:
+        ctx.save_for_backward(top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
+                              down_proj_scale, gate_up, m_sizes, expert_of_row, pair_of_row, token_of_row,
+                              row_of_pair)  # fmt: skip
+        ctx.options = options
     del gate_up
     activated_fp8, activated_scale = quantize_fp8(activated)
     del activated
@@ -99,6 +128,89 @@ def experts_forward_fp8(
     if _ops.combine_kernel_applies(y_sorted, top_k_weights, top_k_index):
         return _ops.combine_kernel(y_sorted, row_of_pair, top_k_weights, top_k_index, num_experts)
     return combine_pairs(y_sorted, row_of_pair, valid_pairs(top_k_index, num_experts), top_k_weights)
+
+
+def _gather_rows(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of quantized ``values`` and their ``scale``: fp8 rows are gathered as bytes (index_select has no float8
+    kernel on every device)."""
+    gathered = values.view(torch.uint8).index_select(0, rows).view(torch.float8_e4m3fn)
+    return gathered, scale.index_select(0, rows)
+
+
+def _transposed_gemm(rows, quantized_rows, weight, weight_scale, m_sizes, expert_of_row, weight_transposed,
+                     out_dtype):  # fmt: skip
+    """``rows @ W_e`` (the input gradient of ``x @ W_e.T``) in FP8, ``W_e`` the forward's ``[N, K]`` weight, through
+    ``grouped_forward_fp8``. Hopper's fp8 MMA reads both operands K-major, here N-major: the weight's transpose in
+    memory, ``[E, K, N]``, which a ``weight_transposed`` weight already is, and which is copied once per call
+    otherwise (the weight's bytes read and written: DeepSeek-V3's gate/up weight, 7.5 GB of fp8, takes about 3.5 ms on
+    an H200). A block scale is the same block's in either orientation; the rows come ``quantized_rows``, ``(values,
+    scale)``, or are quantized here. A per-output-channel scale ``[E, N]`` scales this GEMM's reduction instead: it
+    multiplies ``rows`` before they are quantized, and the weight is read with unit block scales."""
+    if not weight_transposed:
+        weight = weight.transpose(1, 2).contiguous()
+        weight_scale = weight_scale.transpose(1, 2).contiguous() if weight_scale.dim() == 3 else weight_scale
+    if weight_scale.dim() == 2:
+        channel_scale = weight_scale.index_select(0, expert_of_row.clamp(max=weight.shape[0] - 1))
+        quantized_rows = quantize_fp8(rows.float() * channel_scale)
+        blocks = [_validation.fp8_groups(size) for size in weight.shape[1:]]
+        weight_scale = torch.ones(weight.shape[0], *blocks, dtype=torch.float32, device=weight.device)
+    elif quantized_rows is None:
+        quantized_rows = quantize_fp8(rows)
+    return grouped_forward_fp8(*quantized_rows, weight, weight_scale, m_sizes, out_dtype=out_dtype)
+
+
+class _ExpertsFP8Function(torch.autograd.Function):
+    """``experts_forward_fp8`` under autograd: the gradients of ``hidden`` and ``top_k_weights`` (module
+    docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
+                down_proj_scale, options):  # fmt: skip
+        return _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
+                        down_proj_scale, options)  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (top_k_weights, ids, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale, gate_up, m_sizes,
+         expert_of_row, pair_of_row, token_of_row, row_of_pair) = ctx.saved_tensors  # fmt: skip
+        act, weight_transposed, concatenated = ctx.options
+        num_experts = gate_up_proj.shape[0]
+        valid_pair = valid_pairs(ids, num_experts)
+        row_weights = torch.where(valid_pair, top_k_weights.float(), 0).view(-1).index_select(0, pair_of_row)
+        grad_out = grad_out.contiguous()
+        # Each row's gradient is its token's: quantized once per token (as the forward's hidden), then gathered;
+        # with per-channel scales each row is scaled by its expert's first.
+        if down_proj_scale.dim() == 2:
+            grad_rows, quantized_rows = grad_out.index_select(0, token_of_row), None
+        else:
+            grad_rows, quantized_rows = None, _gather_rows(*quantize_fp8(grad_out), token_of_row)
+        grad_activated = _transposed_gemm(grad_rows, quantized_rows, down_proj, down_proj_scale, m_sizes,
+                                          expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
+        del grad_rows, quantized_rows
+        if isinstance(act, str):
+            if _ops.gated_activation_kernel_applies(gate_up, act):
+                backward = _ops.gated_activation_backward_kernel
+            else:
+                backward = gated_activation_backward
+            grad_gate_up, _, grad_row_weights = backward(grad_activated, gate_up, row_weights, act, concatenated)
+        else:
+            # A callable activation: its own autograd, on the saved pre-activation.
+            with torch.enable_grad():
+                pre_activation = gate_up.detach().requires_grad_()
+                activated = act(pre_activation)
+                weighted = grad_activated.float() * row_weights[:, None]
+                (grad_gate_up,) = torch.autograd.grad(activated, pre_activation, weighted.to(activated.dtype))
+            grad_row_weights = (activated.detach().float() * grad_activated.float()).sum(dim=1)
+        del grad_activated, gate_up
+        grads = [None] * 8
+        if ctx.needs_input_grad[1]:
+            grad_pairs = grad_row_weights.index_select(0, row_of_pair).view(ids.shape)
+            grads[1] = torch.where(valid_pair, grad_pairs, 0).to(top_k_weights.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x_sorted = _transposed_gemm(grad_gate_up, None, gate_up_proj, gate_up_proj_scale, m_sizes,
+                                             expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
+            grads[0] = _sum_token_rows(grad_x_sorted, row_of_pair, ids, num_experts)
+        return tuple(grads)
 
 
 def _gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:

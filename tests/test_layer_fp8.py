@@ -92,6 +92,113 @@ def test_stays_within_fp8_error_of_the_unquantized_layer():
     assert 1e-2 < error < 0.1
 
 
+def quantize_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[E, N, K]`` -> float8_e4m3fn weight and ``[E, N]`` scales, amax / 448 per output channel."""
+    scale = (weight.float().abs().amax(dim=2) * (1.0 / 448)).clamp_min(1e-12)
+    return (weight.float() / scale[:, :, None]).to(torch.float8_e4m3fn), scale
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return weight.double() * scale.double()[:, :, None] if scale.dim() == 2 else dequantize_blocks(weight, scale)
+
+
+def fp8_gradients(inputs: dict, fp8: dict, grad_out: torch.Tensor, **options) -> dict[str, torch.Tensor]:
+    hidden = inputs["hidden"].to(torch.bfloat16).requires_grad_()
+    weights = inputs["top_k_weights"].clone().requires_grad_()
+    out = experts_forward_fp8(hidden, inputs["top_k_index"], weights, **fp8, **options)
+    out.backward(grad_out)
+    return {"out": out.detach(), "hidden": hidden.grad, "top_k_weights": weights.grad}
+
+
+def backward_pipeline_reference(inputs: dict, fp8: dict, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The backward's steps per pair with float64 GEMMs, quantized where the layer quantizes: each token's output
+    gradient (per row and 128 columns), through the down weight's transpose (rounded to bfloat16), SwiGLU's backward
+    from the bfloat16 pre-activation with the forward's roundings (rounded to bfloat16), quantized, through the gate/up weight's transpose
+    (rounded to bfloat16), summed per token; the routing weight's gradient <grad_activated, activated>."""
+    gate_up_weight = dequantize(fp8["gate_up_proj"], fp8["gate_up_proj_scale"])
+    down_weight = dequantize(fp8["down_proj"], fp8["down_proj_scale"])
+    hidden = quantized_rows(inputs["hidden"].to(torch.bfloat16))
+    grad_rows = quantized_rows(grad_out)
+    ids, weights = inputs["top_k_index"], inputs["top_k_weights"]
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float64)
+    grad_weights = torch.zeros(ids.shape, dtype=torch.float64)
+    for t, experts in enumerate(ids.tolist()):
+        for j, expert in enumerate(experts):
+            if not 0 <= expert < gate_up_weight.shape[0]:
+                continue
+            pre = (hidden[t] @ gate_up_weight[expert].T).to(torch.bfloat16).double()
+            gate, up = pre.chunk(2)
+            sigmoid = torch.sigmoid(gate)
+            # silu(gate) and the activation rounded to bfloat16 as the forward rounds them.
+            activated_gate = (gate * sigmoid).to(torch.bfloat16).double()
+            activated = (activated_gate * up).to(torch.bfloat16).double()
+            grad_activated = (grad_rows[t] @ down_weight[expert]).to(torch.bfloat16).double()
+            grad_weights[t, j] = (grad_activated * activated).sum()
+            weighted = grad_activated * weights[t, j].double()
+            grad_gate = weighted * up * sigmoid * (1 + gate * (1 - sigmoid))
+            grad_pre = torch.cat([grad_gate, weighted * activated_gate]).to(torch.bfloat16)
+            grad_hidden[t] += (quantized_rows(grad_pre[None])[0] @ gate_up_weight[expert]).to(torch.bfloat16).double()
+    return {"hidden": grad_hidden, "top_k_weights": grad_weights}
+
+
+def test_gradients_match_a_float64_pipeline_that_quantizes_at_the_same_points():
+    inputs, fp8 = make_fp8_problem()
+    grad_out = torch.randn(inputs["hidden"].shape).to(torch.bfloat16)
+    got = fp8_gradients(inputs, fp8, grad_out)
+    expected = backward_pipeline_reference(inputs, fp8, grad_out)
+    # float32 sums against float64, and now and then an fp8 rounding flipped by them: 1.7e-3 and 6e-5 seen (the
+    # unquantized layer is 4-7% away).
+    for name, tolerance in (("hidden", 5e-3), ("top_k_weights", 5e-4)):
+        assert got[name].dtype == (torch.bfloat16 if name == "hidden" else inputs["top_k_weights"].dtype)
+        assert relative_error(got[name].double(), expected[name]) < tolerance, name
+    dropped = (inputs["top_k_index"] < 0) | (inputs["top_k_index"] >= fp8["gate_up_proj"].shape[0])
+    assert dropped.any() and torch.equal(got["top_k_weights"][dropped], torch.zeros_like(got["top_k_weights"][dropped]))
+
+
+@pytest.mark.parametrize("granularity", ["blocks", "channels"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["nk", "kn"])
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "callable"])
+def test_gradients_stay_within_fp8_error_of_the_unquantized_layer(granularity, transposed, act):
+    inputs, _ = make_fp8_problem()
+    quantize = quantize_blocks if granularity == "blocks" else quantize_channels
+    fp8 = {}
+    for name in ("gate_up_proj", "down_proj"):
+        values, scale = quantize(inputs[name])
+        dequantized = dequantize(values, scale)
+        if transposed:  # the other layout in memory, with its blocks (a per-channel scale stays [E, N])
+            values = values.transpose(1, 2).contiguous()
+            scale = scale.transpose(1, 2).contiguous() if scale.dim() == 3 else scale
+        fp8 |= {name: values, f"{name}_scale": scale, f"exact_{name}": dequantized}
+    exact_weights = {name: fp8.pop(f"exact_{name}") for name in ("gate_up_proj", "down_proj")}
+    options = {"weight_transposed": transposed, "act": torch.nn.functional.silu if act == "callable" else act}
+    if act == "callable":  # experts_forward_fp8's callable maps the [rows, 2I] pre-activation to [rows, I]
+        options["act"] = lambda gate_up: torch.nn.functional.silu(gate_up.chunk(2, -1)[0]) * gate_up.chunk(2, -1)[1]
+    grad_out = torch.randn(inputs["hidden"].shape).to(torch.bfloat16)
+    got = fp8_gradients(inputs, fp8, grad_out, **options)
+    # float64 autograd through the dequantized weights, activations unquantized.
+    hidden = inputs["hidden"].double().requires_grad_()
+    weights = inputs["top_k_weights"].double().requires_grad_()
+    exact = moe_gemm.experts_forward(hidden, inputs["top_k_index"], weights, exact_weights["gate_up_proj"],
+                                     exact_weights["down_proj"], act="silu" if act == "callable" else act)  # fmt: skip
+    exact.backward(grad_out.double())
+    for name, want in (("out", exact.detach()), ("hidden", hidden.grad), ("top_k_weights", weights.grad)):
+        # Each GEMM's operands rounded to 3 mantissa bits: 4-7% seen, a wrong transpose or scale is ~100%.
+        assert 1e-3 < relative_error(got[name].double(), want) < 0.1, name
+
+
+def test_gradients_of_experts_without_rows_and_of_no_tokens():
+    inputs, fp8 = make_fp8_problem(num_tokens=5)
+    inputs["top_k_index"][:, :] = torch.tensor([0, 2, -1])  # experts 1, 3-5 get no rows
+    grad_out = torch.randn(inputs["hidden"].shape).to(torch.bfloat16)
+    got = fp8_gradients(inputs, fp8, grad_out)
+    assert torch.isfinite(got["hidden"]).all() and got["hidden"].abs().sum() > 0
+    assert torch.equal(got["top_k_weights"][:, 2], torch.zeros(5))
+    none = {"hidden": inputs["hidden"][:0], "top_k_index": inputs["top_k_index"][:0],
+            "top_k_weights": inputs["top_k_weights"][:0]}  # fmt: skip
+    empty = fp8_gradients(none, fp8, grad_out[:0])
+    assert empty["hidden"].shape == (0, inputs["hidden"].shape[1]) and empty["top_k_weights"].shape == (0, 3)
+
+
 def test_tokens_whose_ids_are_all_sentinels_are_zero_and_no_tokens_give_no_rows():
     inputs, fp8 = make_fp8_problem(num_tokens=5)
     inputs["hidden"] = inputs["hidden"].to(torch.bfloat16)
@@ -113,8 +220,8 @@ def test_bad_arguments_raise():
         experts_forward_fp8(hidden, ids[:3], weights, **fp8)
     with pytest.raises(ValueError, match="act must be one of"):
         experts_forward_fp8(hidden, ids, weights, **fp8, act="relu")
-    with pytest.raises(ValueError, match="requires grad"):
-        experts_forward_fp8(hidden.requires_grad_(), ids, weights, **fp8)
+    with pytest.raises(ValueError, match="down_proj_scale: experts_forward_fp8 computes no gradient for its fp8"):
+        experts_forward_fp8(hidden, ids, weights, **(fp8 | {"down_proj_scale": fp8["down_proj_scale"].detach().requires_grad_()}))
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         experts_forward_fp8(hidden.detach(), ids, weights, **(fp8 | {"down_proj": fp8["down_proj"].float()}))
 
