@@ -141,14 +141,12 @@ def _transposed_gemm(rows, quantized_rows, weight, weight_scale, m_sizes, expert
                      out_dtype):  # fmt: skip
     """``rows @ W_e`` (the input gradient of ``x @ W_e.T``) in FP8, ``W_e`` the forward's ``[N, K]`` weight, through
     ``grouped_forward_fp8``. Hopper's fp8 MMA reads both operands K-major, here N-major: the weight's transpose in
-    memory, ``[E, K, N]``, which a ``weight_transposed`` weight already is, and which is copied once per call
-    otherwise (the weight's bytes read and written: DeepSeek-V3's gate/up weight, 7.5 GB of fp8, takes about 3.5 ms on
-    an H200). A block scale is the same block's in either orientation; the rows come ``quantized_rows``, ``(values,
+    memory, ``[E, K, N]``, which a ``weight_transposed`` weight already is, and which ``_transposed_in_memory`` makes
+    once otherwise. A block scale is the same block's in either orientation; the rows come ``quantized_rows``, ``(values,
     scale)``, or are quantized here. A per-output-channel scale ``[E, N]`` scales this GEMM's reduction instead: it
     multiplies ``rows`` before they are quantized, and the weight is read with unit block scales."""
     if not weight_transposed:
-        weight = weight.transpose(1, 2).contiguous()
-        weight_scale = weight_scale.transpose(1, 2).contiguous() if weight_scale.dim() == 3 else weight_scale
+        weight, weight_scale = _transposed_in_memory(weight, weight_scale)
     if weight_scale.dim() == 2:
         channel_scale = weight_scale.index_select(0, expert_of_row.clamp(max=weight.shape[0] - 1))
         quantized_rows = quantize_fp8(rows.float() * channel_scale)
@@ -157,6 +155,25 @@ def _transposed_gemm(rows, quantized_rows, weight, weight_scale, m_sizes, expert
     elif quantized_rows is None:
         quantized_rows = quantize_fp8(rows)
     return grouped_forward_fp8(*quantized_rows, weight, weight_scale, m_sizes, out_dtype=out_dtype)
+
+
+def _transposed_in_memory(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight [E, N, K]``'s transpose in memory, ``[E, K, N]`` contiguous, and its block scale's (a per-channel
+    scale as it is). The weights are frozen, so the copy is made once and kept on the weight itself while neither
+    tensor changes (their versions): the fp8 weights' memory twice over, once a backward has run. E.g. a
+    torch-op transpose of DeepSeek-V3's gate/up weight, 7.5 GB of bytes read across rows, costs tens of ms, more than
+    the layer's backward."""
+    key = (weight._version, scale, scale._version)
+    cached = getattr(weight, "_moe_gemm_transposed", None)
+    if cached is not None and cached[0][0] == key[0] and cached[0][1] is scale and cached[0][2] == key[2]:
+        return cached[1]
+    transposed = (
+        weight.transpose(1, 2).contiguous(),
+        scale.transpose(1, 2).contiguous() if scale.dim() == 3 else scale,
+    )
+    if not torch.compiler.is_compiling():
+        weight._moe_gemm_transposed = (key, transposed)
+    return transposed
 
 
 class _ExpertsFP8Function(torch.autograd.Function):

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_close_to_reference, requires_cuda_op
+from helpers import relative_error, requires_cuda_op
 
 import moe_gemm
 from moe_gemm.distributed import TRANSPORTS, ExpertParallelExperts
@@ -72,14 +72,17 @@ def test_matches_the_whole_layer_and_reruns_bitwise(group_of_one, transport):
     # The reference: the same layer in float32 on the CPU (the CUDA kernels take 16-bit types only).
     on_cpu = [t.cpu() for t in (hidden.float(), ids, weights, grad_out.float())]
     expected = forward_and_gradients(copy.deepcopy(whole).float().cpu(), *on_cpu)
+    one_gpu = forward_and_gradients(whole, hidden, ids, weights, grad_out)  # the layer without expert parallelism
     layer = ExpertParallelExperts.from_experts(whole, transport=transport, max_tokens=NUM_TOKENS)
     first = forward_and_gradients(layer, hidden, ids, weights, grad_out)
     second = forward_and_gradients(layer, hidden, ids, weights, grad_out)
-    assert set(first) == set(expected)
+    assert set(first) == set(expected) == set(one_gpu)
     for name, value in first.items():
         assert value is not None and torch.isfinite(value).all(), name
-        # bfloat16 against the same layer in float32 (a float32 routing-weight gradient carries bf16 rounding).
-        assert_close_to_reference(value, expected[name].cuda(), dtype=torch.bfloat16)
+        # As close to the float32 layer as the bf16 layer on one GPU is (one gradient sat at 1.09e-2 through either
+        # transport, above the generic bf16 tolerance), and never far.
+        error, one_gpu_error = (relative_error(v.cpu().double(), expected[name].double()) for v in (value, one_gpu[name]))
+        assert error <= 1.25 * one_gpu_error + 1e-3 and error < 3e-2, name
         assert torch.equal(value, second[name]), name
 
 

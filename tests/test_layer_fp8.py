@@ -199,6 +199,23 @@ def test_gradients_of_experts_without_rows_and_of_no_tokens():
     assert empty["hidden"].shape == (0, inputs["hidden"].shape[1]) and empty["top_k_weights"].shape == (0, 3)
 
 
+def test_the_transposed_weight_is_made_once_and_again_when_the_weight_changes():
+    from moe_gemm.layer_fp8 import _transposed_in_memory
+
+    _, fp8 = make_fp8_problem(num_tokens=1)
+    weight, scale = fp8["down_proj"].clone(), fp8["down_proj_scale"].clone()
+    first = _transposed_in_memory(weight, scale)
+    assert torch.equal(first[0].view(torch.uint8), weight.transpose(1, 2).view(torch.uint8))
+    assert first[0].is_contiguous() and torch.equal(first[1], scale.transpose(1, 2))
+    assert _transposed_in_memory(weight, scale)[0] is first[0]  # kept
+    weight.view(torch.uint8)[0, 0, 0] += 1  # an in-place change of the weight, then of its scale: made again
+    again = _transposed_in_memory(weight, scale)
+    assert again[0] is not first[0] and torch.equal(again[0].view(torch.uint8), weight.transpose(1, 2).view(torch.uint8))
+    scale.mul_(2)
+    assert torch.equal(_transposed_in_memory(weight, scale)[1], scale.transpose(1, 2))
+    assert _transposed_in_memory(weight, scale.clone())[1] is not _transposed_in_memory(weight, scale)[1]
+
+
 def test_tokens_whose_ids_are_all_sentinels_are_zero_and_no_tokens_give_no_rows():
     inputs, fp8 = make_fp8_problem(num_tokens=5)
     inputs["hidden"] = inputs["hidden"].to(torch.bfloat16)
