@@ -66,11 +66,13 @@ def init_group(device: torch.device) -> bool:
     if dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # Bound to this rank's GPU (NCCL's barrier would otherwise guess it, with a warning).
+    options = {"device_id": device} if device.type == "cuda" else {}
     if "RANK" in os.environ:
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10), **options)
     else:
         store = dist.FileStore(tempfile.mktemp(prefix="moe_gemm_ep_"), 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, **options)
     return True
 
 
