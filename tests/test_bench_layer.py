@@ -196,16 +196,35 @@ def test_table_lines():
     assert line.split()[:3] == ["sonic-1", "-", "-"] and line.endswith("OOM    liger ran out of memory")
 
 
+def test_the_router_in_the_model_dtype_rounds_its_products_as_that_dtype():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16, 64, generator=generator).bfloat16()
+    router = torch.randn(8, 64, generator=generator).bfloat16()
+    exact = layer.router_logits(hidden, router)  # float32 products of the bf16 values
+    assert exact.dtype == torch.float32 and torch.equal(exact, hidden.float() @ router.float().T)
+    model = layer.router_logits(hidden, router, "model")
+    # The same logits up to the bf16 output's rounding (2**-8 relative), in float32 for the routing.
+    assert model.dtype == torch.float32 and torch.equal(model, (hidden @ router.T).float())
+    assert 0 < (model - exact).abs().max() <= 2**-8 * exact.abs().max()
+
+
 def test_command_line_of_the_layer_mode():
     args = cli.parse_args(["--layer"])
     assert cli.mode_of(args) is layer
     assert args.configs is None and args.quick is False and args.liger_autotune is False
-    args = cli.parse_args(["--layer", "--configs", "sonic-2", "deepseek-v3", "--quick", "--liger-autotune"])
+    assert args.router_dtype == "float32"
+    args = cli.parse_args(["--layer", "--configs", "sonic-2", "deepseek-v3", "--quick", "--liger-autotune",
+                           "--router-dtype", "model"])  # fmt: skip
     assert args.configs == ["sonic-2", "deepseek-v3"] and args.quick and args.liger_autotune
+    assert args.router_dtype == "model"
     assert args.tokens == [32, 4096]  # --quick still means the quick token counts for the other tables
 
 
-@pytest.mark.parametrize("argv", [["--layer", "--configs", "mixtral"], ["--configs", "sonic-1"], ["--liger-autotune"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["--layer", "--configs", "mixtral"], ["--configs", "sonic-1"], ["--liger-autotune"], ["--router-dtype", "model"],
+     ["--layer", "--router-dtype", "float16"]],
+)  # fmt: skip
 def test_command_line_rejects(argv, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
@@ -286,8 +305,8 @@ def test_a_wrong_or_out_of_memory_implementation_is_a_row_and_the_case_goes_on(m
     pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
     layer_function = layer.layer_function
 
-    def broken(implementation, tiny, liger=None):
-        forward = layer_function(implementation, tiny, liger)
+    def broken(implementation, tiny, liger=None, router_dtype="float32"):
+        forward = layer_function(implementation, tiny, liger, router_dtype)
         if implementation == "batched_mm":
             return lambda hidden: 2 * forward(hidden)
         if implementation == "liger":

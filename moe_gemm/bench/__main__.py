@@ -64,9 +64,15 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
         "--liger-autotune", action="store_true",
         help="--layer: let Liger's fused MoE autotune (minutes per shape) rather than set LIGER_FUSED_MOE_AUTOTUNE=0",
     )  # fmt: skip
+    parser.add_argument(
+        "--router-dtype", choices=layer.ROUTER_DTYPES, default="float32",
+        help="--layer: the router Linear in float32 (default) or in the run's dtype, as SonicMoE's layer runs it",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.liger_autotune and not args.layer:
         parser.error("--liger-autotune goes with --layer")
+    if args.router_dtype != "float32" and not args.layer:
+        parser.error("--router-dtype goes with --layer")
     if args.configs and not (args.layer or args.ep):
         parser.error("--configs goes with --layer or --ep")
     if args.ep_layer_tokens is not None and not args.ep:

@@ -2,7 +2,8 @@
 
 Run on a Hopper GPU with the kernels built::
 
-    python -m moe_gemm.bench --layer [--configs NAME ...] [--quick] [--liger-autotune] [--json PATH]
+    python -m moe_gemm.bench --layer [--configs NAME ...] [--quick] [--liger-autotune] [--router-dtype model]
+        [--json PATH]
 
 The configs are those of ``layer_configs.json`` beside this module (``--quick``: ``QUICK_CONFIGS`` at T /
 ``QUICK_TOKEN_DIVISOR``). Each config is T tokens, hidden size d, expert intermediate size n, E experts, top_k K,
@@ -10,8 +11,9 @@ SwiGLU experts with the weights in Hugging Face's layout, ``gate_up_proj [E, 2n,
 ``down_proj [E, d, n]``, a router weight ``[E, d]``, all in the run's dtype, random at scale 0.02, and hidden
 states ``[T, d]``.
 
-What is timed is the whole layer: the router ``Linear`` in float32 (``F.linear(h.float(), router.float())``), the
-softmax top-k renormalised, and the experts. The implementations share the very same parameter tensors:
+What is timed is the whole layer: the router ``Linear`` in float32 (``F.linear(h.float(), router.float())``; with
+``--router-dtype model``, in the run's dtype, as SonicMoE's layer runs it), the softmax top-k renormalised, and the
+experts. The implementations share the very same parameter tensors:
 
 - ``moe_gemm``: ``moe_gemm.route(logits, K, scoring="softmax", renormalize=True)`` and ``moe_gemm.experts_forward``;
 - ``moe_gemm_unfused``: the same with ``experts_forward(..., fused=False)``: the composed ops under autograd, the
@@ -276,8 +278,18 @@ def make_layer(config: dict, device: torch.device | str, dtype: torch.dtype, gen
     return Layer(router, experts, config["K"])
 
 
-def router_logits(hidden: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
-    """The router ``Linear`` in float32, as ``moe_gemm.MoE`` and most MoE models run it."""
+# The router's precision (``--router-dtype``): the float32 ``Linear`` of the anchors' convention (on CUDA cores: at
+# sonic-4, 32768 x 4096 x 256, it is most of what the layer spends outside its experts), or the run's dtype on the
+# tensor cores, as SonicMoE's layer computes its logits (``F.linear(x, router_w)``), rounded to float32 for the
+# routing that follows.
+ROUTER_DTYPES = ("float32", "model")
+
+
+def router_logits(hidden: torch.Tensor, router: torch.Tensor, router_dtype: str = "float32") -> torch.Tensor:
+    """``[T, E]`` float32 logits: the router ``Linear`` in float32 (as ``moe_gemm.MoE`` and DeepSeek-V3's gate run
+    it), or in the dtype of ``hidden`` (``router_dtype="model"``)."""
+    if router_dtype == "model":
+        return F.linear(hidden, router).float()
     return F.linear(hidden.float(), router.float())
 
 
@@ -317,16 +329,17 @@ def implementation_names(liger_available: bool) -> tuple[str, ...]:
 
 
 def layer_function(
-    implementation: str, layer: Layer, liger: type | None = None
+    implementation: str, layer: Layer, liger: type | None = None, router_dtype: str = "float32"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``f(hidden [T, d]) -> [T, d]``: the whole layer (router, routing, experts) of one implementation on ``layer``'s
-    parameters. ``liger`` is ``LigerFusedMoEFunction`` for ``"liger"``."""
+    parameters. ``liger`` is ``LigerFusedMoEFunction`` for ``"liger"``; ``router_dtype`` one of ``ROUTER_DTYPES``,
+    the same for every implementation."""
     experts, top_k = layer.experts, layer.top_k
     if implementation in ("moe_gemm", "moe_gemm_unfused"):
         options = {"fused": False} if implementation == "moe_gemm_unfused" else {}
 
         def moe_gemm_layer(hidden):
-            logits = router_logits(hidden, layer.router)
+            logits = router_logits(hidden, layer.router, router_dtype)
             weights, ids = moe_gemm.route(logits, top_k, scoring="softmax", renormalize=True)
             return moe_gemm.experts_forward(hidden, ids, weights, experts.gate_up_proj, experts.down_proj, **options)
 
@@ -334,7 +347,7 @@ def layer_function(
     if implementation == "liger":
 
         def liger_layer(hidden):
-            weights, ids = route_like_transformers(router_logits(hidden, layer.router), top_k, hidden.dtype)
+            weights, ids = route_like_transformers(router_logits(hidden, layer.router, router_dtype), top_k, hidden.dtype)
             # Liger's routing kernels read the ids as int32.
             return liger.apply(hidden, experts.gate_up_proj, experts.down_proj, ids.to(torch.int32), weights)
 
@@ -343,7 +356,7 @@ def layer_function(
         raise ValueError(f"unknown implementation {implementation!r}")
 
     def transformers_layer(hidden):
-        weights, ids = route_like_transformers(router_logits(hidden, layer.router), top_k, hidden.dtype)
+        weights, ids = route_like_transformers(router_logits(hidden, layer.router, router_dtype), top_k, hidden.dtype)
         experts.config._experts_implementation = implementation
         return experts(hidden, ids, weights)
 
@@ -364,6 +377,7 @@ class Setup(NamedTuple):
     generator: torch.Generator | None = None
     timer: Callable[[Callable[[], object]], float] = layer_timer
     liger: type | None = None
+    router_dtype: str = "float32"
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -428,7 +442,7 @@ def measure_case(name: str, config: dict, published: dict, setup: Setup) -> list
             row["check"], row["problem"] = "FAIL", f"not checked: {REFERENCE} gave no output"
             continue
         try:
-            out = measure_implementation(row, layer_function(impl, layer, setup.liger), hidden, grad_out, layer,
+            out = measure_implementation(row, layer_function(impl, layer, setup.liger, setup.router_dtype), hidden, grad_out, layer,
                                          reference, setup)  # fmt: skip
             if impl == REFERENCE:
                 reference = out
@@ -489,9 +503,10 @@ def run(args: argparse.Namespace, suite: dict, device: str = "cuda", timer: Call
     device = torch.device(device)
     torch.manual_seed(args.seed)
     setup = Setup(implementation_names(liger is not None), getattr(torch, args.dtype), device,
-                  torch.Generator(device=device).manual_seed(args.seed), timer, liger)  # fmt: skip
+                  torch.Generator(device=device).manual_seed(args.seed), timer, liger, args.router_dtype)  # fmt: skip
+    router = "float32" if args.router_dtype == "float32" else f"{args.dtype} (the run's dtype)"
     report.print_preamble(f"layer; transformers {transformers.__version__}; {liger_line}; dtype {args.dtype}, "
-                          f"seed {args.seed}; router Linear in float32, softmax top-k renormalised")  # fmt: skip
+                          f"seed {args.seed}; router Linear in {router}, softmax top-k renormalised")  # fmt: skip
     print(f"# {LEGEND}")
     cases = ((name, config, published.get(name, {})) for name, config in configs.items())
     rows = report.measure_table(TABLE, cases, len(configs), functools.partial(measure_case, setup=setup))
@@ -514,6 +529,7 @@ def run(args: argparse.Namespace, suite: dict, device: str = "cuda", timer: Call
     summary = summarize(rows, decode_rows, routing_rows, published)
     return report.finish(
         args, format_summary(summary), rows, also_checked=[*decode_rows, *routing_rows], mode="layer",
+        router_dtype=args.router_dtype,
         transformers=transformers.__version__, liger=liger_line, configs=configs, summary=summary,
         decode_rows=decode_rows, routing_rows=routing_rows,
     )  # fmt: skip
