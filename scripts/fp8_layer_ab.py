@@ -1,0 +1,62 @@
+"""The FP8 experts layer against the bf16 one on the same weights (GPU): forward, and forward+backward with the
+gradients of the hidden states and routing weights only (the experts frozen in both: ``MoEExpertsFP8`` has fp8
+buffers, ``MoEExperts``' parameters are set not to require grad). Timed in turn in one process
+(``timing.bench_ms``, L2 flushed); TFLOP/s with forward ``6*T*K*d*n`` and forward+backward ``12*T*K*d*n`` (the
+two input-gradient GEMMs cost what the two forward GEMMs do). The first backward makes the fp8 weights' transposes,
+which the warm-up covers.
+
+    python scripts/fp8_layer_ab.py [--configs qwen3-30b-a3b deepseek-v3] [--tokens 16384 4096]
+"""
+import argparse
+
+import torch
+
+import moe_gemm
+from moe_gemm.bench import timing
+from moe_gemm.bench.layer import load_layer_configs
+
+
+def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float]]:
+    """``{"bf16": (fwd_ms, fwd_bwd_ms), "fp8": ...}`` at ``T`` tokens, uniform routing."""
+    bf16 = moe_gemm.MoEExperts(num_experts=E, hidden_size=d, intermediate_size=n, device="cuda",
+                               dtype=torch.bfloat16).requires_grad_(False)  # fmt: skip
+    fp8 = moe_gemm.MoEExpertsFP8.from_experts(bf16)
+    hidden = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
+    weights = torch.rand(T, K, device="cuda", requires_grad=True)
+    grad_out = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    times = {}
+    for name, experts in (("bf16", bf16), ("fp8", fp8)):
+
+        def forward(experts=experts):
+            with torch.no_grad():
+                return experts(hidden, ids, weights)
+
+        def step(experts=experts):
+            hidden.grad = weights.grad = None
+            experts(hidden, ids, weights).backward(grad_out)
+
+        times[name] = (timing.bench_ms(forward), timing.bench_ms(step))
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[16384, 4096], help="T per config, in order")
+    args = parser.parse_args()
+    configs = load_layer_configs()["configs"]
+    print(f"# {moe_gemm.build_info()}; {torch.cuda.get_device_name()}")
+    for name, tokens in zip(args.configs, args.tokens):
+        config = configs[name] | {"T": tokens}
+        times = measure(**config)
+        flops = 6 * tokens * config["K"] * config["d"] * config["n"]
+        cells = [f"{impl} fwd {fwd:.3f} ms ({flops / fwd / 1e9:.0f} TFLOP/s), fwd+bwd {both:.3f} ms "
+                 f"({2 * flops / both / 1e9:.0f})" for impl, (fwd, both) in times.items()]  # fmt: skip
+        speedup = [times["bf16"][i] / times["fp8"][i] for i in range(2)]
+        print(f"{name} T={tokens}: {'; '.join(cells)}; fp8 speedup {speedup[0]:.2f}x / {speedup[1]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
