@@ -439,6 +439,13 @@ _GLOO_GROUPS: dict[dist.ProcessGroup, dist.ProcessGroup] = {}
 _SHARED_BUFFERS: dict[tuple, "SymmetricMemoryBuffers"] = {}
 
 
+def release_shared_buffers() -> None:
+    """Drop this process's symmetric-memory buffers (every shape's), e.g. between the sizes of a benchmark, where
+    each ``max_tokens`` keeps its own set (``W * max_tokens * top_k`` rows each). Every rank calls it at the same
+    point, after the last phase that used them finished on every rank; the next forward builds them again."""
+    _SHARED_BUFFERS.clear()
+
+
 def _gloo_group(group) -> dist.ProcessGroup:
     group = group if group is not None else dist.group.WORLD
     if group not in _GLOO_GROUPS:
@@ -464,7 +471,7 @@ class SymmetricMemoryTransport:
     experts' outputs, per pair, go into ``recv`` in those slots; after the barrier the home rank pulls its blocks back
     into ``y_sorted``. The backward runs the phases in reverse. Each phase writes the other side (``send`` and
     ``slots``, or ``recv``) than the phase before, so one barrier per phase keeps every write after the peers' last
-    read of that region. Each layer has its own buffers.
+    read of that region. The layers of one shape share one set of buffers.
 
     The ranks' flags (rejected arguments, grad modes) and buffer sizes go over a gloo group on the host, no device
     sync; not while a CUDA graph is captured, where every rank is taken to pass its checks.

@@ -1,5 +1,5 @@
-"""The experts layer with FP8 expert weights, for inference: ``experts_forward_fp8``, the module ``MoEExpertsFP8`` and
-``quantize_fp8_weight``, which makes its weights.
+"""The experts layer with frozen FP8 expert weights: ``experts_forward_fp8``, the module ``MoEExpertsFP8`` and
+``quantize_fp8_weight``, which makes its weights. For inference, and for training what lies around the experts.
 
 The weights are float8_e4m3fn with float32 scales, one per 128 x 128 block (as DeepSeek-V3's checkpoints and
 transformers' fine-grained FP8 store them) or one per output channel; the activations are quantized on the fly, one
@@ -26,6 +26,7 @@ Weight gradients are not computed (the weights are fp8 buffers): an fp8 weight o
 """
 
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -69,7 +70,7 @@ def experts_forward_fp8(
 
     Raises:
         TypeError, ValueError: for arguments that do not fit (``grouped_forward_fp8``'s checks name the weight);
-        ValueError for an input that requires gradients while grad mode is on.
+        ValueError for an fp8 weight or scale that requires gradients while grad mode is on (they get none).
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden: expected a 2-D tensor [T, H], got {_describe(hidden)}")
@@ -146,7 +147,8 @@ def _transposed_gemm(rows, quantized_rows, weight, weight_scale, m_sizes, expert
     scale)``, or are quantized here. A per-output-channel scale ``[E, N]`` scales this GEMM's reduction instead: it
     multiplies ``rows`` before they are quantized, and the weight is read with unit block scales."""
     if not weight_transposed:
-        weight, weight_scale = _transposed_in_memory(weight, weight_scale)
+        weight = _transposed_in_memory(weight)
+        weight_scale = weight_scale.transpose(1, 2).contiguous() if weight_scale.dim() == 3 else weight_scale
     if weight_scale.dim() == 2:
         channel_scale = weight_scale.index_select(0, expert_of_row.clamp(max=weight.shape[0] - 1))
         quantized_rows = quantize_fp8(rows.float() * channel_scale)
@@ -157,22 +159,27 @@ def _transposed_gemm(rows, quantized_rows, weight, weight_scale, m_sizes, expert
     return grouped_forward_fp8(*quantized_rows, weight, weight_scale, m_sizes, out_dtype=out_dtype)
 
 
-def _transposed_in_memory(weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [E, N, K]``'s transpose in memory, ``[E, K, N]`` contiguous, and its block scale's (a per-channel
-    scale as it is). The weights are frozen, so the copy is made once and kept on the weight itself while neither
-    tensor changes (their versions): the fp8 weights' memory twice over, once a backward has run. E.g. a
-    torch-op transpose of DeepSeek-V3's gate/up weight, 7.5 GB of bytes read across rows, costs tens of ms, more than
-    the layer's backward."""
-    key = (weight._version, scale, scale._version)
-    cached = getattr(weight, "_moe_gemm_transposed", None)
-    if cached is not None and cached[0][0] == key[0] and cached[0][1] is scale and cached[0][2] == key[2]:
+# The fp8 weights' transposes in memory, made at their first backward: id(weight) -> ((data_ptr, version), copy),
+# each entry dropped when its weight is freed (weakref.finalize). Beside the weights, not on them: a tensor's
+# attributes would travel with it through torch.save and deepcopy.
+_TRANSPOSED: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
+
+
+def _transposed_in_memory(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [E, N, K]``'s transpose in memory, ``[E, K, N]`` contiguous. The weights are frozen, so the copy is
+    made once and kept while the weight's storage and version stay the same: the fp8 weights' memory twice over,
+    once a backward has run. (A write through ``weight.data`` changes neither: make a new tensor instead.) E.g. a
+    torch-op transpose of DeepSeek-V3's gate/up weight, 7.5 GB of bytes read across rows, took 44.5 ms on an H200,
+    four times the layer's whole backward."""
+    key = (weight.data_ptr(), weight._version)
+    cached = _TRANSPOSED.get(id(weight))
+    if cached is not None and cached[0] == key:
         return cached[1]
-    transposed = (
-        weight.transpose(1, 2).contiguous(),
-        scale.transpose(1, 2).contiguous() if scale.dim() == 3 else scale,
-    )
+    transposed = weight.transpose(1, 2).contiguous()
     if not torch.compiler.is_compiling():
-        weight._moe_gemm_transposed = (key, transposed)
+        if cached is None:
+            weakref.finalize(weight, _TRANSPOSED.pop, id(weight), None)
+        _TRANSPOSED[id(weight)] = (key, transposed)
     return transposed
 
 
@@ -187,6 +194,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
                         down_proj_scale, options)  # fmt: skip
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (top_k_weights, ids, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale, gate_up, m_sizes,
          expert_of_row, pair_of_row, token_of_row, row_of_pair) = ctx.saved_tensors  # fmt: skip
@@ -263,7 +271,7 @@ def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 class MoEExpertsFP8(nn.Module):
-    """``MoEExperts`` with FP8 weights, for inference: ``forward(hidden, top_k_index, top_k_weights)`` runs
+    """``MoEExperts`` with frozen FP8 weights: ``forward(hidden, top_k_index, top_k_weights)`` runs
     ``experts_forward_fp8``. Buffers (not parameters: nothing trains them) ``gate_up_proj [E, 2I, H]`` and
     ``down_proj [E, H, I]`` in float8_e4m3fn with their 128 x 128 block scales ``gate_up_proj_scale`` and
     ``down_proj_scale``. ``from_experts`` quantizes a ``MoEExperts``; e.g. ``layer.experts =

@@ -113,12 +113,23 @@ def fp8_gradients(inputs: dict, fp8: dict, grad_out: torch.Tensor, **options) ->
 def backward_pipeline_reference(inputs: dict, fp8: dict, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
     """The backward's steps per pair with float64 GEMMs, quantized where the layer quantizes: each token's output
     gradient (per row and 128 columns), through the down weight's transpose (rounded to bfloat16), SwiGLU's backward
-    from the bfloat16 pre-activation with the forward's roundings (rounded to bfloat16), quantized, through the gate/up weight's transpose
-    (rounded to bfloat16), summed per token; the routing weight's gradient <grad_activated, activated>."""
+    from the bfloat16 pre-activation with the forward's roundings (rounded to bfloat16), quantized, through the
+    gate/up weight's transpose (rounded to bfloat16), summed per token; the routing weight's gradient
+    <grad_activated, activated>. With per-channel scales ``[E, N]`` each pair's gradient row is multiplied by its
+    expert's scale (in float32) before it is quantized, and the GEMM reads the unscaled fp8 values."""
     gate_up_weight = dequantize(fp8["gate_up_proj"], fp8["gate_up_proj_scale"])
-    down_weight = dequantize(fp8["down_proj"], fp8["down_proj_scale"])
     hidden = quantized_rows(inputs["hidden"].to(torch.bfloat16))
     grad_rows = quantized_rows(grad_out)
+
+    def transposed_gemm(row: torch.Tensor, name: str, expert: int, token_row=None) -> torch.Tensor:
+        """``row @ W_e`` as the layer computes it, rounded to bfloat16."""
+        values, scale = fp8[name], fp8[f"{name}_scale"]
+        if scale.dim() == 2:
+            quantized = quantized_rows((row.float() * scale[expert])[None])[0]
+            return (quantized @ values[expert].double()).to(torch.bfloat16).double()
+        quantized = token_row if token_row is not None else quantized_rows(row[None])[0]
+        return (quantized @ dequantize(values, scale)[expert]).to(torch.bfloat16).double()
+
     ids, weights = inputs["top_k_index"], inputs["top_k_weights"]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float64)
     grad_weights = torch.zeros(ids.shape, dtype=torch.float64)
@@ -132,12 +143,12 @@ def backward_pipeline_reference(inputs: dict, fp8: dict, grad_out: torch.Tensor)
             # silu(gate) and the activation rounded to bfloat16 as the forward rounds them.
             activated_gate = (gate * sigmoid).to(torch.bfloat16).double()
             activated = (activated_gate * up).to(torch.bfloat16).double()
-            grad_activated = (grad_rows[t] @ down_weight[expert]).to(torch.bfloat16).double()
+            grad_activated = transposed_gemm(grad_out[t], "down_proj", expert, token_row=grad_rows[t])
             grad_weights[t, j] = (grad_activated * activated).sum()
             weighted = grad_activated * weights[t, j].double()
             grad_gate = weighted * up * sigmoid * (1 + gate * (1 - sigmoid))
             grad_pre = torch.cat([grad_gate, weighted * activated_gate]).to(torch.bfloat16)
-            grad_hidden[t] += (quantized_rows(grad_pre[None])[0] @ gate_up_weight[expert]).to(torch.bfloat16).double()
+            grad_hidden[t] += transposed_gemm(grad_pre, "gate_up_proj", expert)
     return {"hidden": grad_hidden, "top_k_weights": grad_weights}
 
 
@@ -153,6 +164,27 @@ def test_gradients_match_a_float64_pipeline_that_quantizes_at_the_same_points():
         assert relative_error(got[name].double(), expected[name]) < tolerance, name
     dropped = (inputs["top_k_index"] < 0) | (inputs["top_k_index"] >= fp8["gate_up_proj"].shape[0])
     assert dropped.any() and torch.equal(got["top_k_weights"][dropped], torch.zeros_like(got["top_k_weights"][dropped]))
+
+
+@pytest.mark.parametrize("granularity", ["blocks", "channels"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["nk", "kn"])
+def test_gradients_of_both_scalings_and_layouts_match_the_float64_pipeline(granularity, transposed):
+    inputs, _ = make_fp8_problem()
+    quantize = quantize_blocks if granularity == "blocks" else quantize_channels
+    logical, layer = {}, {}  # the [E, N, K] weights of the reference; the layer's, in the layout under test
+    for name in ("gate_up_proj", "down_proj"):
+        values, scale = quantize(inputs[name])
+        logical |= {name: values, f"{name}_scale": scale}
+        if transposed:  # the other layout in memory, with its blocks (a per-channel scale stays [E, N])
+            values = values.transpose(1, 2).contiguous()
+            scale = scale.transpose(1, 2).contiguous() if scale.dim() == 3 else scale
+        layer |= {name: values, f"{name}_scale": scale}
+    grad_out = torch.randn(inputs["hidden"].shape).to(torch.bfloat16)
+    got = fp8_gradients(inputs, layer, grad_out, weight_transposed=transposed)
+    expected = backward_pipeline_reference(inputs, logical, grad_out)
+    # As above (the unquantized layer: 4-7%).
+    assert relative_error(got["hidden"].double(), expected["hidden"]) < 5e-3
+    assert relative_error(got["top_k_weights"].double(), expected["top_k_weights"]) < 5e-4
 
 
 @pytest.mark.parametrize("granularity", ["blocks", "channels"])
@@ -200,20 +232,46 @@ def test_gradients_of_experts_without_rows_and_of_no_tokens():
 
 
 def test_the_transposed_weight_is_made_once_and_again_when_the_weight_changes():
-    from moe_gemm.layer_fp8 import _transposed_in_memory
+    import gc
+
+    from moe_gemm import layer_fp8
 
     _, fp8 = make_fp8_problem(num_tokens=1)
-    weight, scale = fp8["down_proj"].clone(), fp8["down_proj_scale"].clone()
-    first = _transposed_in_memory(weight, scale)
-    assert torch.equal(first[0].view(torch.uint8), weight.transpose(1, 2).view(torch.uint8))
-    assert first[0].is_contiguous() and torch.equal(first[1], scale.transpose(1, 2))
-    assert _transposed_in_memory(weight, scale)[0] is first[0]  # kept
-    weight.view(torch.uint8)[0, 0, 0] += 1  # an in-place change of the weight, then of its scale: made again
-    again = _transposed_in_memory(weight, scale)
-    assert again[0] is not first[0] and torch.equal(again[0].view(torch.uint8), weight.transpose(1, 2).view(torch.uint8))
-    scale.mul_(2)
-    assert torch.equal(_transposed_in_memory(weight, scale)[1], scale.transpose(1, 2))
-    assert _transposed_in_memory(weight, scale.clone())[1] is not _transposed_in_memory(weight, scale)[1]
+    weight = fp8["down_proj"].clone()
+    first = layer_fp8._transposed_in_memory(weight)
+    assert first.is_contiguous() and torch.equal(first.view(torch.uint8), weight.transpose(1, 2).view(torch.uint8))
+    assert layer_fp8._transposed_in_memory(weight) is first  # kept
+    weight.view(torch.uint8)[0, 0, 0] += 1  # an in-place change: made again
+    again = layer_fp8._transposed_in_memory(weight)
+    assert again is not first and torch.equal(again.view(torch.uint8), weight.transpose(1, 2).view(torch.uint8))
+    assert not hasattr(weight, "_moe_gemm_transposed")  # kept beside the weight, not on it (torch.save, deepcopy)
+    key = id(weight)
+    del weight, first, again
+    gc.collect()
+    assert key not in layer_fp8._TRANSPOSED  # dropped with its weight
+
+
+def test_each_backward_reuses_the_transposes_when_the_scales_are_new_views(monkeypatch):
+    # transformers' integration passes a new view of each scale per call (weight_scale_inv.float()[:, :n]): the
+    # weight's transpose is still made once.
+    from moe_gemm import layer_fp8
+
+    inputs, fp8 = make_fp8_problem(num_tokens=8)
+    made = []
+    original = torch.Tensor.contiguous
+
+    def counting(tensor, *args, **kwargs):
+        if tensor.dtype == torch.float8_e4m3fn and not tensor.is_contiguous():
+            made.append(tensor.shape)
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting)
+    grad_out = torch.randn(inputs["hidden"].shape).to(torch.bfloat16)
+    for _ in range(3):
+        views = fp8 | {name: fp8[name][:] for name in ("gate_up_proj_scale", "down_proj_scale")}
+        fp8_gradients(inputs, views, grad_out)
+    assert len(made) == 2  # down_proj's and gate_up_proj's, at the first backward only
+    assert layer_fp8._TRANSPOSED  # kept
 
 
 def test_tokens_whose_ids_are_all_sentinels_are_zero_and_no_tokens_give_no_rows():

@@ -44,7 +44,7 @@ from moe_gemm import _ops
 from moe_gemm.bench import report, timing
 from moe_gemm.bench.layer import layer_flops, load_layer_configs
 from moe_gemm.bench.suite import MAX_REL_ERROR
-from moe_gemm.distributed import TRANSPORTS, ExpertParallelExperts, RankFlags
+from moe_gemm.distributed import TRANSPORTS, ExpertParallelExperts, RankFlags, release_shared_buffers
 
 CONFIGS = ("qwen3-30b-a3b", "deepseek-v3")
 # Tokens per rank: decode sizes, then prefill.
@@ -133,6 +133,8 @@ def measure_transport(name: str, config: dict, tokens: int, setup: dict) -> list
                 row["ep_graph_gbs"] = megabytes / row["ep_graph_ms"]
                 del graph
             rows.append(row)
+    # Each token count sized its own buffers: free them (every rank, after timed_ms's closing all-reduce).
+    release_shared_buffers()
     return rows
 
 
@@ -173,6 +175,8 @@ def measure_layer(name: str, config: dict, tokens: int, setup: dict) -> list[dic
         for metric in ("fwd", "fwd_bwd"):
             row[f"{metric}_tflops"] = flops[metric] / (row[f"{metric}_ms"] * 1e9)
         rows.append(row)
+    del layers
+    release_shared_buffers()
     return rows
 
 
