@@ -3,7 +3,8 @@ gradients of the hidden states and routing weights only (the experts frozen in b
 buffers, ``MoEExperts``' parameters are set not to require grad). Timed in turn in one process
 (``timing.bench_ms``, L2 flushed); TFLOP/s with forward ``6*T*K*d*n`` and forward+backward ``12*T*K*d*n`` (the
 two input-gradient GEMMs cost what the two forward GEMMs do). The first backward makes the fp8 weights' transposes,
-which the warm-up covers.
+which the warm-up covers. Peak memory: the CUDA memory allocated during one forward+backward above what was allocated
+before it (weights, inputs and, for fp8, the kept transposes, which are reported apart).
 
     python scripts/fp8_layer_ab.py [--configs qwen3-30b-a3b deepseek-v3] [--tokens 16384 4096]
 """
@@ -16,8 +17,19 @@ from moe_gemm.bench import timing
 from moe_gemm.bench.layer import load_layer_configs
 
 
-def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float]]:
-    """``{"bf16": (fwd_ms, fwd_bwd_ms), "fp8": ...}`` at ``T`` tokens, uniform routing."""
+def peak_gb(step) -> float:
+    """GB allocated at the peak of one ``step()`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
+def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float, float]]:
+    """``{"bf16": (fwd_ms, fwd_bwd_ms, peak_gb), "fp8": ...}`` at ``T`` tokens, uniform routing, and
+    ``"transposes_gb"``: the fp8 weights' kept transposes."""
     bf16 = moe_gemm.MoEExperts(num_experts=E, hidden_size=d, intermediate_size=n, device="cuda",
                                dtype=torch.bfloat16).requires_grad_(False)  # fmt: skip
     fp8 = moe_gemm.MoEExpertsFP8.from_experts(bf16)
@@ -36,7 +48,13 @@ def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, fl
             hidden.grad = weights.grad = None
             experts(hidden, ids, weights).backward(grad_out)
 
-        times[name] = (timing.bench_ms(forward), timing.bench_ms(step))
+        allocated = torch.cuda.memory_allocated()
+        fwd_ms, step_ms = timing.bench_ms(forward), timing.bench_ms(step)
+        hidden.grad = weights.grad = None
+        times[name] = (fwd_ms, step_ms, peak_gb(step))
+        hidden.grad = weights.grad = None
+        if name == "fp8":  # the first backward made the transposes, which stay
+            times["transposes_gb"] = (torch.cuda.memory_allocated() - allocated) / 1e9
     return times
 
 
@@ -51,10 +69,12 @@ def main() -> int:
         config = configs[name] | {"T": tokens}
         times = measure(**config)
         flops = 6 * tokens * config["K"] * config["d"] * config["n"]
+        transposes = times.pop("transposes_gb")
         cells = [f"{impl} fwd {fwd:.3f} ms ({flops / fwd / 1e9:.0f} TFLOP/s), fwd+bwd {both:.3f} ms "
-                 f"({2 * flops / both / 1e9:.0f})" for impl, (fwd, both) in times.items()]  # fmt: skip
+                 f"({2 * flops / both / 1e9:.0f}), peak {peak:.2f} GB" for impl, (fwd, both, peak) in times.items()]  # fmt: skip
         speedup = [times["bf16"][i] / times["fp8"][i] for i in range(2)]
-        print(f"{name} T={tokens}: {'; '.join(cells)}; fp8 speedup {speedup[0]:.2f}x / {speedup[1]:.2f}x")
+        print(f"{name} T={tokens}: {'; '.join(cells)}; fp8 speedup {speedup[0]:.2f}x / {speedup[1]:.2f}x; "
+              f"fp8 transposes kept {transposes:.2f} GB")
     return 0
 
 
