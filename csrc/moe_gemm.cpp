@@ -244,10 +244,14 @@ char const* check_grouped_gemm(GroupedGemmParams const& p) {
   } else if (p.d == nullptr && p.M > 0 && p.N > 0) {
     return "D is null";
   }
-  // Gathering, `a` is the [gather_source_rows, K] source, its rows indexed in 32 bits.
+  // Gathering, `a` is the [gather_source_rows, K] source, its rows indexed in 32 bits and their stride in bytes a
+  // 32-bit number (16-bit elements).
   if (p.gather_rows != nullptr && p.M > 0 &&
       (p.gather_source_rows < 1 || p.gather_source_rows >= (int64_t(1) << 31))) {
     return "a gathering call needs 1 to 2^31 - 1 source rows";
+  }
+  if (p.gather_rows != nullptr && p.M > 0 && p.lda >= (int64_t(1) << 31)) {
+    return "a gathering call needs its source rows less than 2^31 elements apart";
   }
   return nullptr;
 }

@@ -60,6 +60,9 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
     if (p.M > 0 && (source_rows < 1 || source_rows >= (int64_t(1) << 31))) {
       return "the gathered operand's source must have 1 to 2^31 - 1 rows (TMA coordinates)";
     }
+    if (p.M > 0 && (p.l_rows != nullptr ? p.ldl : p.ldr) >= (int64_t(1) << 31)) {
+      return "the gathered operand's source rows must be less than 2^31 elements apart";
+    }
   }
   // The scheduler numbers the 128x256 tiles of all experts' gradients with int32s.
   if (((p.P + 127) / 128) * ((p.Q + 255) / 256) * int64_t(p.E) >= (int64_t(1) << 31) - (int64_t(1) << 20)) {

@@ -101,8 +101,8 @@ struct HalfTokenTiles<false, Mainloop, kRows, kCols> {
 // bits 7-9), so the WGMMA descriptors read the stage unchanged.
 template <bool kEnabled>
 struct GatheredTokenRows {
-  void const* tokens;        // the source [T, K], rows ld elements apart
-  int64_t ld;
+  void const* tokens;        // the source [T, K], rows row_bytes apart (less than 4 GiB: moe_gemm.cpp checks)
+  uint32_t row_bytes;
   int64_t source_rows;       // T
   int64_t const* rows;       // [M]: row r of A is row rows[r] of the source
 };
@@ -494,7 +494,8 @@ class Sm90MoeGemmKernel {
       params.scales = {args.x_scale, args.w_scale, args.x_groups, (args.K + 127) / 128, (args.N + 127) / 128};
     }
     if constexpr (kGatherA) {
-      params.gather = {args.tokens, args.ld_tokens, args.gather_source_rows, args.gather_rows};
+      params.gather = {args.tokens, uint32_t(args.ld_tokens * int64_t(sizeof(typename CollectiveMainloop::InternalElementA))),
+                       args.gather_source_rows, args.gather_rows};
       // The token tiles come by cp.async: the stage's barrier expects only the weight tile's bytes.
       params.mainloop.tma_transaction_bytes = Mainloop::TmaTransactionBytesNK;
     }
@@ -720,7 +721,7 @@ class Sm90MoeGemmKernel {
         // Every lane waits for each stage and copies its chunks of the token tile's rows 0-31 (warps 1-3 copy
         // the others, load_gathered_rows); thread 0 arms the barrier with the weight tile's bytes
         // (producer_acquire) and the leader loads it first: one TMA instruction that then runs beside the copies.
-        GatheredTile tile(params, work, int(threadIdx.x));
+        GatheredTile tile(params, work, int(threadIdx.x), shared_storage);
         PipelineState state = write_state;
         for (int k = 0; k < k_blocks.count; ++k) {
           if (is_leader && claims && k == k_blocks.count - 1) {
@@ -834,44 +835,64 @@ class Sm90MoeGemmKernel {
                   "gathered rows: 128-byte rows under the 128-byte swizzle, one after another in each stage");
     static constexpr int kRowsPerThread = kTileM * 8 / int(cutlass::NumThreadsPerWarpGroup);  // 8
     static constexpr int kRowStep = int(cutlass::NumThreadsPerWarp) / 8;                        // 4
-    // Source rows as 32-bit indices (-1: zero-filled), their addresses computed per k-block: the producer
-    // warpgroup has 40 registers a thread.
-    int32_t sources[kRowsPerThread];
-    uint32_t smem_offset;         // the thread's first chunk in stage 0, before the swizzle
-    int32_t column;               // the chunk's first column in k-block 0
+    static constexpr uint32_t kStageBytes = uint32_t(kTileM * kTileK * sizeof(Element));
+    static_assert(kRowsPerThread * kRowStep * 4 == kTileM && kStageBytes % 1024 == 0,
+                  "four warps of four rows an instruction; every stage at the same phase of the 1024-byte swizzle");
+    // What stays the same over the tile's k-blocks, so that a copy costs one multiply-add for its source address
+    // besides the copy itself (computing each address from the row index, the swizzle included, took about 150
+    // instructions a k-block and left the MMA warpgroups waiting for their stages). The producer warpgroup has 40
+    // registers a thread.
+    uint32_t rows[kRowsPerThread];  // source rows, 0 where nothing is read
+    uint32_t reads;                 // bit i: row i is read (in the expert, its index in [0, T))
+    uint32_t smem_offset[2];        // the chunk's place in the stage, swizzled, in the thread's rows of even / odd i
+    uint32_t column_bytes;          // the chunk's first byte within a k-block of the row
 
     // The source row of an index outside [0, T) is not read: the row is zero-filled, as TMA's bounds check did.
     // Such an index is the caller's bug all the same (the PyTorch path raises for it); the kernel does not report it.
-    CUTLASS_DEVICE GatheredTile(Params const& params, MoeWorkTile const& work, int producer_thread) {
+    // The swizzle: TMA's 128-byte swizzle XORs the 16-byte chunk index (address bits 4-6) with address bits 7-9,
+    // i.e. with (the stage's 128-byte line + the row) mod 8. Every stage starts at the same phase of it (stages are
+    // multiples of 1024 bytes), and rows 4i apart differ by 4 (i odd) or 0 (i even) mod 8: two offsets serve all
+    // eight rows. E.g. lane 9 of warp 0 (row 1, chunk 1) with the stages 1024-aligned: rows 1, 9, 17, ... put it at
+    // chunk 1 ^ 1 = 0, rows 5, 13, 21, ... at chunk 1 ^ 5 = 4.
+    CUTLASS_DEVICE GatheredTile(Params const& params, MoeWorkTile const& work, int producer_thread,
+                                SharedStorage& shared_storage) {
       int const lane = producer_thread % cutlass::NumThreadsPerWarp;
       int const first_row = (producer_thread / cutlass::NumThreadsPerWarp) * 32 + lane / 8;
-      column = (lane % 8) * int(16 / sizeof(Element));
-      smem_offset = uint32_t(first_row) * kTokenRowBytes + uint32_t(lane % 8) * 16;
+      uint32_t const chunk = uint32_t(lane % 8);
+      column_bytes = chunk * 16;
+      uint32_t const phase = (cute::cast_smem_ptr_to_uint(shared_storage.tensors.smem_A.data()) >> 7) + first_row;
+      CUTLASS_PRAGMA_UNROLL
+      for (int odd = 0; odd < 2; ++odd) {
+        smem_offset[odd] = uint32_t(first_row + odd * kRowStep) * kTokenRowBytes +
+                           ((chunk ^ ((phase + uint32_t(odd * kRowStep)) & 7u)) << 4);
+      }
       int32_t const rows_in_tile = work.rows - work.m_block * kTileM;
       int64_t const first = work.row_start + int64_t(work.m_block) * kTileM;
+      reads = 0;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRowsPerThread; ++i) {
         int const tile_row = first_row + i * kRowStep;
         int64_t const source = tile_row < rows_in_tile ? params.gather.rows[first + tile_row] : -1;
-        sources[i] = source >= 0 && source < params.gather.source_rows ? int32_t(source) : -1;
+        bool const valid = source >= 0 && source < params.gather.source_rows;
+        rows[i] = valid ? uint32_t(source) : 0u;
+        reads |= uint32_t(valid) << i;
       }
     }
 
     // k-block `k_block` of the thread's chunks into stage `stage`, and their arrival on its barrier.
     CUTLASS_DEVICE void load(Params const& params, int k_block, int stage, SharedStorage& shared_storage,
                              uint64_t* barrier) {
-      uint32_t const stage_base = cute::cast_smem_ptr_to_uint(shared_storage.tensors.smem_A.data() +
-                                                             stage * (kTileM * kTileK));
-      int32_t const col = k_block * kTileK + column;
-      bool const in_k = col < params.K;
-      Element const* const tokens = static_cast<Element const*>(params.gather.tokens);
+      uint32_t const stage_base =
+          cute::cast_smem_ptr_to_uint(shared_storage.tensors.smem_A.data()) + uint32_t(stage) * kStageBytes;
+      int32_t const col = k_block * kTileK + int32_t(column_bytes / sizeof(Element));
+      uint32_t const mask = col < params.K ? reads : 0u;
+      char const* const k_block_start = static_cast<char const*>(params.gather.tokens) +
+                                        int64_t(k_block) * kTokenRowBytes + column_bytes;
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < kRowsPerThread; ++i) {
-        uint32_t address = stage_base + smem_offset + uint32_t(i * kRowStep) * kTokenRowBytes;
-        address ^= ((address >> 7) & 7u) << 4;  // TMA's 128-byte swizzle
-        bool const reads = sources[i] >= 0 && in_k;
-        Element const* const source = reads ? tokens + int64_t(sources[i]) * params.gather.ld + col : tokens;
-        copy_16_bytes_or_zeros(address, source, reads);
+        uint32_t const address = stage_base + smem_offset[i % 2] + uint32_t((i / 2) * 2 * kRowStep) * kTokenRowBytes;
+        char const* const source = k_block_start + uint64_t(rows[i]) * params.gather.row_bytes;
+        copy_16_bytes_or_zeros(address, source, (mask >> i) & 1u);
       }
       arrive_when_copies_land(barrier);
     }
@@ -891,7 +912,7 @@ class Sm90MoeGemmKernel {
         wait_for_copies();
         return;
       }
-      GatheredTile tile(params, unit.work, producer_thread);
+      GatheredTile tile(params, unit.work, producer_thread, shared_storage);
       for (int k = 0; k < unit.k_blocks.count; ++k) {
         pipeline.producer_acquire(state);  // waits: thread 0 alone arms the barrier
         tile.load(params, unit.k_blocks.begin + k, state.index(), shared_storage, pipeline.producer_get_barrier(state));

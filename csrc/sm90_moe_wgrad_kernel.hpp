@@ -61,8 +61,8 @@ constexpr int wgrad_epilogue_smem_bytes(int tile_p) { return 2 * tile_p * 128; }
 // one-row TMA boxes).
 template <bool kEnabled>
 struct GatheredReductionRows {
-  void const* source;   // [T, cols], rows ld elements apart
-  int64_t ld;
+  void const* source;   // [T, cols], rows row_bytes apart (less than 4 GiB: moe_wgrad.cpp checks)
+  uint32_t row_bytes;
   int64_t source_rows;  // T
   int64_t const* rows;  // [M]: reduction row i of the operand is row rows[i] of the source
   int32_t cols;         // the source's width: P for L, Q for R
@@ -219,7 +219,8 @@ class Sm90MoeWgradKernel {
       status = detail::encode_ragged<ElementIn>(&params.tma_r, args.r, args.Q, args.ldr, kBoxCols, kTileK);
     }
     if constexpr (kGather) {
-      params.gather = {kGatherL ? args.l : args.r, kGatherL ? args.ldl : args.ldr, args.gather_source_rows,
+      params.gather = {kGatherL ? args.l : args.r,
+                       uint32_t((kGatherL ? args.ldl : args.ldr) * int64_t(sizeof(ElementIn))), args.gather_source_rows,
                        args.gather_rows, int32_t(kGatherL ? args.P : args.Q)};
     }
     if (status == cudaSuccess) {
@@ -392,13 +393,14 @@ class Sm90MoeWgradKernel {
   // lanes 16, 20, 24 and 28 of ring[p % kIndexPairs].
   static constexpr int kIndexPairs = 2;
 
-  // The index of slot (lane % 16) of k-block 2 * pair + lane / 16 of the tile (`rows` reduction rows, `k_tiles`
-  // k-blocks), or -1 past its end.
-  CUTLASS_DEVICE static int64_t prefetch_indices(int64_t const* indices, int32_t rows, int k_tiles, int pair,
-                                                 int lane, int slot_row) {
+  // The source row of slot (lane % 16) of k-block 2 * pair + lane / 16 of the tile (`rows` reduction rows, `k_tiles`
+  // k-blocks), or -1 past its end or for an index outside [0, source_rows).
+  CUTLASS_DEVICE static int32_t prefetch_row(int64_t const* indices, int32_t rows, int64_t source_rows, int k_tiles,
+                                             int pair, int lane, int slot_row) {
     int const k = 2 * pair + lane / 16;
     int32_t const row = k * kTileK + slot_row;
-    return k < k_tiles && row < rows ? indices[row] : int64_t(-1);
+    int64_t const index = k < k_tiles && row < rows ? indices[row] : int64_t(-1);
+    return index >= 0 && index < source_rows ? int32_t(index) : -1;
   }
 
   // kGatherL / kGatherR: the k-blocks of one tile from stage `state` on, as producer thread `thread` (0-127) takes
@@ -408,6 +410,9 @@ class Sm90MoeWgradKernel {
   // when they land. Rows whose index is outside [0, T) are zero-filled: such an index is the caller's bug all the
   // same (the PyTorch path raises for it); the kernel does not report it, and nothing outside the source is ever
   // read. Every lane of the warpgroup runs the same k-blocks (the shuffles take the whole warp).
+  // A copy's shared-memory address is the stage's plus a constant per thread: the swizzle XORs the chunk with
+  // (the stage's 128-byte line + run * kTileK + row) mod 8, and stages (multiples of 1024 bytes), runs (kTileK rows)
+  // and the 16 rows between a thread's rows are all multiples of 8 lines, so only the thread's first row counts.
   template <class OtherLoads>
   CUTLASS_DEVICE static void load_gathered_k_blocks(Params const& params, MainloopPipeline& pipeline,
                                                     PipelineState state, WgradWorkTile const& work, int k_tiles,
@@ -421,18 +426,29 @@ class Sm90MoeWgradKernel {
                   "gathered rows: 128-byte runs under the 128-byte swizzle, at (run * 64 + row) * 64 in each stage");
     static_assert(kGatherRowsPerThread == 4 && kGatherRowStep == 16, "the index slots assume 4 x 16 rows per warp");
     constexpr int kStageElements = kGatherCols * kTileK;
+    static_assert(kStageElements * sizeof(ElementIn) % 1024 == 0 && kTileK % 8 == 0,
+                  "every stage and run at the same phase of the 1024-byte swizzle");
     auto* smem = kGatherL ? shared_storage.tensors.smem_A.data() : shared_storage.tensors.smem_B.data();
-    int const chunk = thread % 8;
+    uint32_t const chunk = uint32_t(thread % 8);
     int const lane = thread % 32;
     int const slot = lane % 16;
     int const slot_row = thread / 32 * 4 + slot % 4 + 16 * (slot / 4);
-    int32_t const col0 = (kGatherL ? work.p_block * kTileP : work.q_block * kTileQ) + chunk * 8;
-    ElementIn const* const source = static_cast<ElementIn const*>(params.gather.source);
+    uint32_t const first_row = uint32_t(thread / 8);
+    uint32_t const phase = (cute::cast_smem_ptr_to_uint(smem) >> 7) + first_row;
+    uint32_t const thread_offset = first_row * 128 + ((chunk ^ (phase & 7u)) << 4);
+    int32_t const col0 = (kGatherL ? work.p_block * kTileP : work.q_block * kTileQ) + int32_t(chunk) * 8;
+    uint32_t runs_in_source = 0;  // bit run: the run's chunk lies within the source's columns
+    CUTLASS_PRAGMA_UNROLL
+    for (int run = 0; run < kGatherRuns; ++run) {
+      runs_in_source |= uint32_t(col0 + run * kBoxCols < params.gather.cols) << run;
+    }
+    char const* const tile_source =
+        static_cast<char const*>(params.gather.source) + int64_t(col0) * int64_t(sizeof(ElementIn));
     int64_t const* indices = params.gather.rows + work.row_start;
-    int64_t ring[kIndexPairs];
+    int32_t ring[kIndexPairs];
     CUTLASS_PRAGMA_UNROLL
     for (int j = 0; j < kIndexPairs; ++j) {
-      ring[j] = prefetch_indices(indices, work.rows, k_tiles, j, lane, slot_row);
+      ring[j] = prefetch_row(indices, work.rows, params.gather.source_rows, k_tiles, j, lane, slot_row);
     }
     for (int pair0 = 0; 2 * pair0 < k_tiles; pair0 += kIndexPairs) {
       CUTLASS_PRAGMA_UNROLL
@@ -443,28 +459,26 @@ class Sm90MoeWgradKernel {
             pipeline.producer_acquire(state);  // waits; thread 0 alone arms the barrier
             uint64_t* barrier = pipeline.producer_get_barrier(state);
             other_loads(barrier, int(state.index()), 2 * (pair0 + j) + half);  // first: one TMA instruction
-            uint32_t const stage_base = cute::cast_smem_ptr_to_uint(smem + state.index() * kStageElements);
+            uint32_t const thread_base =
+                cute::cast_smem_ptr_to_uint(smem + state.index() * kStageElements) + thread_offset;
             CUTLASS_PRAGMA_UNROLL
             for (int i = 0; i < kGatherRowsPerThread; ++i) {
-              int64_t const index = __shfl_sync(0xffffffff, ring[j], half * 16 + lane / 8 + 4 * i);
-              bool const valid = index >= 0 && index < params.gather.source_rows;
-              ElementIn const* const row_source = source + (valid ? index : 0) * params.gather.ld;
-              int const row = thread / 8 + i * kGatherRowStep;
+              int32_t const row = __shfl_sync(0xffffffff, ring[j], half * 16 + lane / 8 + 4 * i);
+              char const* const row_source = tile_source + uint64_t(uint32_t(max(row, 0))) * params.gather.row_bytes;
               CUTLASS_PRAGMA_UNROLL
               for (int run = 0; run < kGatherRuns; ++run) {
-                int32_t const col = col0 + run * kBoxCols;
-                uint32_t address = stage_base + uint32_t(((run * kTileK + row) * kBoxCols) * int(sizeof(ElementIn))) +
-                                   uint32_t(chunk * 16);
-                address ^= ((address >> 7) & 7u) << 4;  // TMA's 128-byte swizzle
-                bool const reads = valid && col < params.gather.cols;
-                copy_16_bytes_or_zeros(address, reads ? row_source + col : source, reads);
+                uint32_t const address =
+                    thread_base + uint32_t((run * kTileK + i * kGatherRowStep) * kBoxCols * int(sizeof(ElementIn)));
+                bool const reads = row >= 0 && ((runs_in_source >> run) & 1u);
+                copy_16_bytes_or_zeros(address, row_source + run * 128, reads);
               }
             }
             arrive_when_copies_land(barrier);
             ++state;
           }
         }
-        ring[j] = prefetch_indices(indices, work.rows, k_tiles, pair0 + j + kIndexPairs, lane, slot_row);
+        ring[j] = prefetch_row(indices, work.rows, params.gather.source_rows, k_tiles, pair0 + j + kIndexPairs, lane,
+                               slot_row);
       }
     }
   }

@@ -459,17 +459,18 @@ def _grouped_mm_wgrad_accumulate_fake(main_grad, x, grad_y, m_sizes, weight_tran
 # As choose_tile_config (csrc/moe_gemm.cpp): from 32 rows per expert on, the plan runs 128-row tiles, which have
 # gathering kernels; below, the swapped decode tiles, which do not, and the copy of so few rows costs little.
 # Where the layer's up-projection reads hidden[token_of_row] in place (grouped_mm_gather) rather than from a copy.
-# The gathering kernel copies each token tile once per n-block, the copy once in all, so the gather wins at few
-# n-blocks: on the H200 it ran 1.38x copy + grouped_mm at N = 512 and 1.10x at N = 1024 (2048 rows per expert),
-# 1.01x at N = 1536 and 0.62-0.89x at N = 4096; 0.72x at 128 rows per expert (docs/design.md, "Gathered rows").
+# The gathering kernel copies each token tile once per n-block, the copy once in all, so the gather loses at many
+# n-blocks: on the H200, 2048 rows per expert, it ran 1.54x copy + grouped_mm at N = 512, 1.24x at N = 1024, 1.14x
+# at N = 1536 and 1.01x at N = 4096 (16 n-blocks, the widest measured); 0.81-0.91x at 128 rows per expert
+# (BENCHMARKS.md, "Gathered rows").
 GATHER_MIN_ROWS_PER_EXPERT = 1024
-GATHER_MAX_COLUMNS = 1024
+GATHER_MAX_COLUMNS = 4096
 
 
 def gather_in_gemm(num_rows: int, num_experts: int, num_columns: int) -> bool:
     """Whether the layer's up-projection (``num_columns`` outputs per row) reads its token rows through
     ``grouped_mm_gather`` rather than from a copy: e.g. 32768 tokens of top-8 over 128 experts (2048 rows each) into
-    1024 columns gather; into 4096 columns, or 8 tokens (0.5 rows each), they copy."""
+    1024 or 4096 columns gather; into 5760 columns, or 2048 tokens (128 rows each), they copy."""
     rows_per_expert = num_rows // max(1, min(num_experts, num_rows))
     return rows_per_expert >= GATHER_MIN_ROWS_PER_EXPERT and num_columns <= GATHER_MAX_COLUMNS
 
@@ -477,18 +478,19 @@ def gather_in_gemm(num_rows: int, num_experts: int, num_columns: int) -> bool:
 # Where the layer's weight gradients read hidden[token_of_row] or grad_out[token_of_row] in place
 # (grouped_mm_wgrad_gather) rather than from a copy. The kernel copies the gathered rows once per output tile that
 # reads them: the other operand's width over its tile's (128 when the gathered rows are R, 256 when they are L), where
-# the copy is written once. On the H200 (2048 rows per expert) it ran 1.33x and 1.08x index_select +
-# grouped_mm_wgrad at 2 and 4 such reads as L, 1.04x at 4 as R, 0.99x at 6, 0.76-0.89x at 8-16 and 0.68x at 32
-# (BENCHMARKS.md, "The backward's gathered rows").
+# the copy is written once. On the H200 (2048 rows per expert) it ran 1.52x index_select + grouped_mm_wgrad at 2
+# such reads as L, 1.49x at 4 as R, 1.23x / 1.20x at 4 as L / 8 as R, 1.07-1.13x at 6-16 and 1.00x at 32, the most
+# measured (BENCHMARKS.md, "The backward's gathered rows").
 WGRAD_GATHER_MIN_ROWS_PER_EXPERT = 1024
-WGRAD_GATHER_MAX_READS = 4
+WGRAD_GATHER_MAX_READS = 32
 
 
 def gather_in_wgrad(num_rows: int, num_experts: int, other_columns: int, gathered_is_l: bool) -> bool:
     """Whether the layer's backward computes a weight gradient from gathered rows read in place
     (``grouped_mm_wgrad_gather``) rather than from a copy; ``other_columns`` is the other operand's width. E.g. 32768
-    tokens of top-16 over 256 experts (2048 rows each) against 512 columns (2 tiles of 256 as L, 4 of 128 as R):
-    gather; against 2048 columns, or at 128 rows per expert: copy."""
+    tokens of top-16 over 256 experts (2048 rows each) against 512 columns (2 tiles of 256 as L, 4 of 128 as R), or
+    of top-4 over 64 experts against 4096 columns (32 tiles as R): gather; against 8192 columns as R, or at 128 rows
+    per expert: copy."""
     rows_per_expert = num_rows // max(1, min(num_experts, num_rows))
     reads = -(-other_columns // (256 if gathered_is_l else 128))
     return rows_per_expert >= WGRAD_GATHER_MIN_ROWS_PER_EXPERT and reads <= WGRAD_GATHER_MAX_READS

@@ -427,7 +427,8 @@ def test_from_modules_needs_biases_in_every_expert_or_none():
 
 def test_the_up_projection_gathers_at_many_rows_per_expert_and_few_columns():
     assert _ops.gather_in_gemm(32768 * 8, 128, 1024)  # sonic-3: 2048 rows per expert into 1024 columns
-    assert not _ops.gather_in_gemm(32768 * 4, 64, 4096)  # sonic-1: 4096 columns
+    assert _ops.gather_in_gemm(32768 * 4, 64, 4096)  # sonic-1: 4096 columns, 16 n-blocks
+    assert not _ops.gather_in_gemm(32768 * 4, 64, 5760)  # wider than measured
     assert not _ops.gather_in_gemm(2048 * 8, 128, 1024)  # 128 rows per expert
     assert not _ops.gather_in_gemm(0, 8, 512)
 
@@ -470,9 +471,10 @@ def test_the_weight_gradients_gather_at_many_rows_per_expert_read_by_few_tiles()
     # sonic-4 (32768 tokens, top-16 over 256 experts: 2048 rows per expert), n = 256.
     assert _ops.gather_in_wgrad(32768 * 16, 256, 512, gathered_is_l=False)  # gate/up, hidden as R: 4 tiles of 128
     assert _ops.gather_in_wgrad(32768 * 16, 256, 256, gathered_is_l=True)  # down, grad_out as L: 1 tile of 256
-    assert not _ops.gather_in_wgrad(32768 * 4, 64, 4096, gathered_is_l=False)  # sonic-1's gate/up: 32 tiles
+    assert _ops.gather_in_wgrad(32768 * 4, 64, 4096, gathered_is_l=False)  # sonic-1's gate/up: 32 tiles of 128
+    assert not _ops.gather_in_wgrad(32768 * 4, 64, 8192, gathered_is_l=False)  # 64 tiles: more than measured
     assert _ops.gather_in_wgrad(32768 * 8, 128, 1024, gathered_is_l=True)  # 4 tiles of 256
-    assert not _ops.gather_in_wgrad(32768 * 8, 128, 1024, gathered_is_l=False)  # 8 tiles of 128
+    assert _ops.gather_in_wgrad(32768 * 8, 128, 1024, gathered_is_l=False)  # 8 tiles of 128
     assert not _ops.gather_in_wgrad(2048 * 8, 128, 512, gathered_is_l=True)  # 128 rows per expert
     assert not _ops.gather_in_wgrad(0, 8, 512, gathered_is_l=True)
 
