@@ -250,8 +250,8 @@ char const* check_grouped_gemm(GroupedGemmParams const& p) {
       (p.gather_source_rows < 1 || p.gather_source_rows >= (int64_t(1) << 31))) {
     return "a gathering call needs 1 to 2^31 - 1 source rows";
   }
-  if (p.gather_rows != nullptr && p.M > 0 && p.lda >= (int64_t(1) << 31)) {
-    return "a gathering call needs its source rows less than 2^31 elements apart";
+  if (p.gather_rows != nullptr && p.M > 0 && (p.lda < 0 || p.lda >= (int64_t(1) << 31))) {
+    return "a gathering call needs its source rows 0 to 2^31 - 1 elements apart";
   }
   return nullptr;
 }

@@ -60,8 +60,9 @@ char const* check_grouped_wgrad(GroupedWgradParams const& p) {
     if (p.M > 0 && (source_rows < 1 || source_rows >= (int64_t(1) << 31))) {
       return "the gathered operand's source must have 1 to 2^31 - 1 rows (TMA coordinates)";
     }
-    if (p.M > 0 && (p.l_rows != nullptr ? p.ldl : p.ldr) >= (int64_t(1) << 31)) {
-      return "the gathered operand's source rows must be less than 2^31 elements apart";
+    int64_t const ld = p.l_rows != nullptr ? p.ldl : p.ldr;
+    if (p.M > 0 && (ld < 0 || ld >= (int64_t(1) << 31))) {
+      return "the gathered operand's source rows must be 0 to 2^31 - 1 elements apart";
     }
   }
   // The scheduler numbers the 128x256 tiles of all experts' gradients with int32s.
