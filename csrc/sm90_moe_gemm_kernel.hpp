@@ -839,9 +839,9 @@ class Sm90MoeGemmKernel {
     static_assert(kRowsPerThread * kRowStep * 4 == kTileM && kStageBytes % 1024 == 0,
                   "four warps of four rows an instruction; every stage at the same phase of the 1024-byte swizzle");
     // What stays the same over the tile's k-blocks, so that a copy costs one multiply-add for its source address
-    // besides the copy itself (computing each address from the row index, the swizzle included, took about 150
-    // instructions a k-block and left the MMA warpgroups waiting for their stages). The producer warpgroup has 40
-    // registers a thread.
+    // besides the copy itself: deriving every address from the row index each k-block kept the producer too busy to
+    // refill a freed stage in time (docs/design.md, "Gathered token rows"). The producer warpgroup has 40 registers
+    // a thread.
     uint32_t rows[kRowsPerThread];  // source rows, 0 where nothing is read
     uint32_t reads;                 // bit i: row i is read (in the expert, its index in [0, T))
     uint32_t smem_offset[2];        // the chunk's place in the stage, swizzled, in the thread's rows of even / odd i
