@@ -14,17 +14,7 @@ import torch
 
 import moe_gemm
 from moe_gemm.bench import timing
-from moe_gemm.bench.layer import load_layer_configs
-
-
-def peak_gb(step) -> float:
-    """GB allocated at the peak of one ``step()`` above what was allocated before it."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 1e9
+from moe_gemm.bench.layer import load_layer_configs, peak_gb
 
 
 def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float, float]]:
@@ -50,8 +40,7 @@ def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, fl
 
         allocated = torch.cuda.memory_allocated()
         fwd_ms, step_ms = timing.bench_ms(forward), timing.bench_ms(step)
-        hidden.grad = weights.grad = None
-        times[name] = (fwd_ms, step_ms, peak_gb(step))
+        times[name] = (fwd_ms, step_ms, peak_gb(step, (hidden, weights), hidden.device))
         hidden.grad = weights.grad = None
         if name == "fp8":  # the first backward made the transposes, which stay
             times["transposes_gb"] = (torch.cuda.memory_allocated() - allocated) / 1e9
