@@ -226,28 +226,6 @@ __global__ void moe_dispatch_place_kernel(DispatchParams const params, int64_t c
 // ---------------------------------------------------------------------------------------------------------------
 // Gated activation
 
-// d act(x) / dx, with PyTorch's CUDA formulas (silu_backward, gelu_backward).
-template <GatedActivation kAct>
-__device__ __forceinline__ float activate_derivative(float x) {
-  if constexpr (kAct == GatedActivation::kSilu) {
-    float const sigmoid = 1.0f / (1.0f + expf(-x));
-    return sigmoid * (1.0f + x * (1.0f - sigmoid));
-  } else if constexpr (kAct == GatedActivation::kGelu) {
-    constexpr float kAlpha = float(M_2_SQRTPI * M_SQRT1_2 * 0.5);
-    float const cdf = 0.5f * (1.0f + erff(x * float(M_SQRT1_2)));
-    float const pdf = expf(-0.5f * x * x) * kAlpha;
-    return cdf + x * pdf;
-  } else {
-    constexpr float kBeta = float(M_SQRT2 * M_2_SQRTPI * 0.5);
-    constexpr float kKappa = 0.044715f;
-    float const x_squared = x * x;
-    float const tanh_inner = tanhf(kBeta * (x + kKappa * x_squared * x));
-    float const left_derivative = 0.5f * (1.0f + tanh_inner);
-    float const right_derivative = 0.5f * x * (1.0f - tanh_inner * tanh_inner);
-    return left_derivative + right_derivative * kBeta * (1.0f + 3.0f * kKappa * x_squared);
-  }
-}
-
 // The gate and up values of columns [column, column + kVector) of a gate_up row, in either layout.
 template <typename Element, bool kConcatenated>
 __device__ __forceinline__ void load_gate_up(Element const* row, int64_t I, int64_t column, Element (&gate)[kVector],
@@ -344,15 +322,13 @@ __global__ void moe_gated_activation_backward_kernel(GatedActivationBackwardPara
       Vector<Element> weighted;
 #pragma unroll
       for (int i = 0; i < kVector; ++i) {
-        float const x = to_float(gate[i]), u = to_float(up[i]), g = to_float(grad.values[i]);
-        // The forward's roundings: act(gate), then act(gate) * up, each in the element type.
-        float const activated_gate = to_float(from_float<Element>(activate<kAct>(x)));
-        float const activated = to_float(from_float<Element>(activated_gate * u));
-        dot = fmaf(activated, g, dot);
-        weighted.values[i] = from_float<Element>(weight * activated);
-        float const weighted_grad = weight * g;
-        grad_up[i] = from_float<Element>(weighted_grad * activated_gate);
-        grad_gate[i] = from_float<Element>(weighted_grad * u * activate_derivative<kAct>(x));
+        float const g = to_float(grad.values[i]);
+        GatedGradient const out = gated_gradient<kAct>(
+            to_float(gate[i]), to_float(up[i]), g, weight, [](float x) { return to_float(from_float<Element>(x)); });
+        dot = fmaf(out.activated, g, dot);
+        weighted.values[i] = from_float<Element>(out.weighted);
+        grad_up[i] = from_float<Element>(out.grad_up);
+        grad_gate[i] = from_float<Element>(out.grad_gate);
       }
       store_gate_up<Element, kConcatenated>(grad_gate_up + row * 2 * params.I, params.I, column, grad_gate, grad_up);
       *reinterpret_cast<Vector<Element>*>(weighted_activated + row * params.I + column) = weighted;
