@@ -3,8 +3,7 @@ with MAX_JOBS > 1 compiles the configurations in parallel. The tile configuratio
 csrc/moe_tile_configs.h; those whose gather_a column is true get a second, gathering kernel
 (sm90_moe_gemm_<dtype>_<layout>_<tile>_gather.cu), those whose gated column is true four kernels with the gated
 activation in the epilogue, for interleaved and concatenated gate and up, gathering or not
-(sm90_moe_gemm_<dtype>_<layout>_<tile>_gated_<gate_up>[_gather].cu), and two with its backward, gathering or not
-(sm90_moe_gemm_<dtype>_<layout>_<tile>_gated_backward[_gather].cu; one kernel reads either layout). The weight gradient has one tile configuration: a
+(sm90_moe_gemm_<dtype>_<layout>_<tile>_gated_<gate_up>[_gather].cu). The weight gradient has one tile configuration: a
 kernel per input dtype x output dtype, and for gradients in the input dtype (the MoE layer's) two more that gather L's
 or R's rows (sm90_moe_wgrad_<dtype>_same_gather_{l,r}.cu). Run this after changing that table."""
 import itertools
@@ -71,10 +70,6 @@ def main() -> None:
             path = out_dir / f"sm90_moe_gemm_{dtype}_{layout}_{tile}_gated_{gate_up}{suffix}.cu"
             path.write_text(HEADER + '#include "sm90_moe_gemm_launch.cuh"\n\n'
                             f"MOE_GEMM_INSTANTIATE_GATED({d}, {n_major}, {t}, {gather_a}, {g})\n")
-        for suffix, gather_a in (("", "false"), ("_gather", "true")):
-            path = out_dir / f"sm90_moe_gemm_{dtype}_{layout}_{tile}_gated_backward{suffix}.cu"
-            path.write_text(HEADER + '#include "sm90_moe_gemm_launch.cuh"\n\n'
-                            f"MOE_GEMM_INSTANTIATE_GATED_BACKWARD({d}, {n_major}, {t}, {gather_a})\n")
     for scales, tile in FP8_KERNELS:
         path = out_dir / f"sm90_moe_gemm_fp8_{scales}_bf16_{tile}.cu"
         path.write_text(HEADER + '#include "sm90_moe_gemm_fp8_launch.cuh"\n\n'

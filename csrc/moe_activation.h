@@ -1,7 +1,6 @@
 // The gated activations of the MoE layer's up-projection and their backward, shared by the separate kernels
-// (moe_layer_kernels.cu) and the GEMM epilogues that fuse them (sm90_moe_gated_epilogue.hpp, the forward;
-// sm90_moe_gemm_kernel.hpp's gated backward): one formula in one place, so that both round the same float32 values
-// and agree bitwise. The enums are plain C++; the device
+// (moe_layer_kernels.cu) and the GEMM epilogue that fuses the forward (sm90_moe_gated_epilogue.hpp): one formula in
+// one place, so that both round the same float32 values and agree bitwise. The enums are plain C++; the device
 // formula is compiled by nvcc only.
 #pragma once
 
@@ -28,6 +27,7 @@ __device__ __forceinline__ float activate(float x) {
     return 0.5f * x * (1.0f + tanhf(inner));  // PyTorch's CUDA gelu, approximate="tanh"
   }
 }
+
 // d act(x) / dx, with PyTorch's CUDA formulas (silu_backward, gelu_backward).
 template <GatedActivation kAct>
 __device__ __forceinline__ float activate_derivative(float x) {

@@ -15,9 +15,6 @@ cudaError_t run_sm90_moe_gemm(GroupedGemmParams const& params, GroupedGemmPlan c
 template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, GateUpLayout kGateUp>
 cudaError_t run_sm90_moe_gemm_gated(GroupedGemmParams const& params, GroupedGemmPlan const& plan,
                                     cudaStream_t stream);
-template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA>
-cudaError_t run_sm90_moe_gemm_gated_backward(GroupedGemmParams const& params, GroupedGemmPlan const& plan,
-                                             cudaStream_t stream);
 
 namespace {
 
@@ -84,7 +81,7 @@ TileConfig gather_tile_config(TileConfig config) {
   return TileConfig::k128x128;  // a tile width without a gathering configuration: the narrowest one
 }
 
-TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout, bool backward) {
+TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout) {
   TileConfigInfo const& info = tile_config_info(config);
   if (info.swap_ab || layout == GateUpLayout::kNone) {
     return TileConfig::kAuto;
@@ -94,7 +91,7 @@ TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout, 
   TileConfig best = TileConfig::kAuto;
   int best_n = 0;
   for (TileConfigInfo const& candidate : kTileConfigs) {
-    bool const divides = backward || layout != GateUpLayout::kConcatenated || I % (candidate.tile_n / 2) == 0;
+    bool const divides = layout != GateUpLayout::kConcatenated || I % (candidate.tile_n / 2) == 0;
     if (candidate.gated && candidate.tile_n <= info.tile_n && candidate.tile_n > best_n && divides) {
       best = candidate.config;
       best_n = candidate.tile_n;
@@ -140,12 +137,10 @@ GroupedGemmPlan plan_grouped_gemm(GroupedGemmParams const& p, PlanOverride const
     TileConfig const chosen = choose_tile_config(p.M, p.N, p.E);
     plan.config = p.gather_rows != nullptr ? gather_tile_config(chosen) : chosen;
   }
-  // A gated call (forward or backward) runs the gated configuration of that choice where there is one (an
-  // override's own only if it is gated and fits I): unsplit, since the gated kernels have no split-K.
-  bool const backward = p.gated_backward != GateUpLayout::kNone;
-  if (p.gate_up_layout != GateUpLayout::kNone || backward) {
-    TileConfig const gated = backward ? gated_tile_config(plan.config, p.N, p.gated_backward, true)
-                                      : gated_tile_config(plan.config, p.N / 2, p.gate_up_layout);
+  // A gated call runs the gated configuration of that choice where there is one (an override's own only if it is
+  // gated and fits I): unsplit, since the gated kernels have no split-K.
+  if (p.gate_up_layout != GateUpLayout::kNone) {
+    TileConfig const gated = gated_tile_config(plan.config, p.N / 2, p.gate_up_layout);
     plan.gated = gated != TileConfig::kAuto && (override.config == TileConfig::kAuto || gated == plan.config);
     if (plan.gated) {
       plan.config = gated;
@@ -249,20 +244,6 @@ char const* check_grouped_gemm(GroupedGemmParams const& p) {
   } else if (p.d == nullptr && p.M > 0 && p.N > 0) {
     return "D is null";
   }
-  if (p.gated_backward != GateUpLayout::kNone) {
-    if (p.gate_up_layout != GateUpLayout::kNone) {
-      return "a call is the gated activation's forward or its backward, not both";
-    }
-    // (row_dots is sized by the plan's tile: run_grouped_gemm checks it.)
-    if (p.gate_up == nullptr || p.grad_gate_up == nullptr || p.row_weights == nullptr) {
-      return "a gated backward call needs gate_up, grad_gate_up and row_weights";
-    }
-    if (!aligned16(p.gate_up) || !aligned16(p.grad_gate_up) || p.ld_gate_up % 8 != 0 || p.ld_grad_gate_up % 8 != 0 ||
-        p.ld_gate_up < 2 * p.N || p.ld_grad_gate_up < 2 * p.N) {
-      return "a gated backward call needs gate_up and grad_gate_up [M, 2N] at 16-byte aligned addresses, rows a "
-             "multiple of 8 elements apart";
-    }
-  }
   // Gathering, `a` is the [gather_source_rows, K] source, its rows indexed in 32 bits and their stride in bytes a
   // 32-bit number (16-bit elements).
   if (p.gather_rows != nullptr && p.M > 0 &&
@@ -279,11 +260,6 @@ char const* check_grouped_gemm_plan(GroupedGemmParams const& p, GroupedGemmPlan 
   if (p.gather_rows != nullptr && plan.config != TileConfig::kAuto && !tile_config_info(plan.config).gather_a) {
     return "this tile configuration has no kernel that gathers A's rows (the configurations marked gather_a in "
            "csrc/moe_tile_configs.h have one)";
-  }
-  if (p.gated_backward != GateUpLayout::kNone && plan.config != TileConfig::kAuto && !plan.gated) {
-    return "no gated-backward kernel for this call: only the 128x256 tiles have one, and a forced configuration "
-           "must be a gated one (the configurations marked gated in csrc/moe_tile_configs.h); run the GEMM, then "
-           "gated_activation_backward";
   }
   if (p.gate_up_layout != GateUpLayout::kNone && plan.config != TileConfig::kAuto && !plan.gated) {
     return "no gated-epilogue kernel for this call: only the 128x256 tiles have one, concatenated gate and up "
@@ -309,12 +285,6 @@ template <DType kDType, bool kBNMajor, TileConfig kConfig>
 cudaError_t run_kernel(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {
   if constexpr (tile_config_info(kConfig).gated) {
     static_assert(tile_config_info(kConfig).gather_a, "the gated configurations gather too");
-    if (params.gated_backward != GateUpLayout::kNone) {
-      if (params.gather_rows != nullptr) {
-        return run_sm90_moe_gemm_gated_backward<kDType, kBNMajor, kConfig, true>(params, plan, stream);
-      }
-      return run_sm90_moe_gemm_gated_backward<kDType, kBNMajor, kConfig, false>(params, plan, stream);
-    }
     if (params.gate_up_layout == GateUpLayout::kInterleaved) {
       return run_gated_kernel<kDType, kBNMajor, kConfig, GateUpLayout::kInterleaved>(params, plan, stream);
     }
@@ -456,10 +426,7 @@ cudaError_t run_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams
 }
 
 cudaError_t run_grouped_gemm(GroupedGemmParams const& params, GroupedGemmPlan const& plan, cudaStream_t stream) {
-  // A gated backward call runs only as a gated plan (K = 0 or no experts plan none: the rows of an empty reduction
-  // still have weight * activated, which the caller computes with the separate kernel).
-  if (check_grouped_gemm(params) != nullptr || check_grouped_gemm_plan(params, plan) != nullptr ||
-      (params.gated_backward != GateUpLayout::kNone && (params.row_dots == nullptr || !plan.gated))) {
+  if (check_grouped_gemm(params) != nullptr || check_grouped_gemm_plan(params, plan) != nullptr) {
     return cudaErrorInvalidValue;
   }
   bool launch = false;

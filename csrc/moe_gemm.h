@@ -56,19 +56,6 @@ struct GroupedGemmParams {
   GatedActivation activation = GatedActivation::kSilu;
   void* activated = nullptr;      // [M, I], row stride ld_activated, inner stride 1
   int64_t ld_activated = 0;
-  // The gated activation's backward in the epilogue (gated_backward, the layout of gate and up in gate_up, not kNone;
-  // the op grouped_mm_gated_backward), for `activation`: the GEMM's product is grad_activated [M, N] (N = I),
-  // rounded to 16 bits, and the call writes moe_layer_kernels.h's gated_activation_backward of it, bitwise:
-  // D = row_weights[r] * activated [M, I], grad_gate_up [M, 2I], and row_dots[b, r] the dot product
-  // <activated[r], grad_activated[r]> over n-block b's columns (the routing weight's gradient is their sum over b).
-  // Rows past the last expert are zeros in all three.
-  GateUpLayout gated_backward = GateUpLayout::kNone;
-  void const* gate_up = nullptr;       // [M, 2I], row stride ld_gate_up, inner stride 1
-  int64_t ld_gate_up = 0;
-  float const* row_weights = nullptr;  // [M]
-  void* grad_gate_up = nullptr;        // [M, 2I], row stride ld_grad_gate_up, inner stride 1
-  int64_t ld_grad_gate_up = 0;
-  float* row_dots = nullptr;           // [ceil(N / tile_n), M] for the plan's tile_n, contiguous
 };
 
 // What tests and A/B measurements may force instead of the heuristics. check_plan_override() says whether
@@ -94,10 +81,10 @@ struct GroupedGemmPlan {
   int sm_count = 0;                       // the SMs the persistent grid may use
   int64_t max_units = 0;                  // the most work units (cluster tiles x splits) the sizes allow
   WorkspaceLayout workspace;              // counters (zeroed by run_grouped_gemm) and split-K partials
-  // A gated call (gate_up_layout or gated_backward not kNone): whether `config` runs the gated epilogue. When
-  // false (a tile other than 128x256 planned, or, forward, concatenated halves with I not a multiple of 128),
-  // run_grouped_gemm refuses the plan, and the caller runs the plain GEMM (the same params with gate_up_layout
-  // and gated_backward kNone) then the separate kernel (moe_layer_kernels.h): check_grouped_gemm_plan says why.
+  // A gated call (gate_up_layout not kNone): whether `config` runs the gated epilogue. When false (a tile other
+  // than 128x256 planned, or concatenated halves with I not a multiple of 128), run_grouped_gemm refuses
+  // the plan, and the caller runs the plain GEMM (the same params with gate_up_layout kNone) then the separate
+  // activation (moe_layer_kernels.h): check_grouped_gemm_plan says why.
   bool gated = false;
 };
 
@@ -114,9 +101,7 @@ TileConfig gather_tile_config(TileConfig config);
 // for none: 128x256 (the one gated tile) in place of 128x256 and its clusters; none for the narrower tiles (128x128,
 // which the heuristic picks at 128 rows per expert or fewer, and the swapped decode tiles: the activation stays a
 // kernel of its own there) nor for concatenated halves when I is not a multiple of 128.
-// `backward`: for the gated backward (I = N), whose epilogue reads gate and up from memory, so that the layout
-// constrains nothing.
-TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout, bool backward = false);
+TileConfig gated_tile_config(TileConfig config, int64_t I, GateUpLayout layout);
 
 // The split-K factor the heuristic picks for these shapes and a resolved (not kAuto) configuration:
 // 1 unless the tiles are too few to keep every SM streaming weights (decode).

@@ -1,5 +1,5 @@
 // The grouped GEMMs' binding to torch: the CUDA kernels of the ops moe_gemm::grouped_mm, grouped_mm_gather,
-// grouped_mm_gated, grouped_mm_gated_backward, _grouped_mm_fp8_kernel, grouped_mm_wgrad, grouped_mm_wgrad_gather and
+// grouped_mm_gated, _grouped_mm_fp8_kernel, grouped_mm_wgrad, grouped_mm_wgrad_gather and
 // grouped_mm_wgrad_accumulate_ (TORCH_LIBRARY_IMPL; their schemas, fake kernels, autograd and CPU path are declared in
 // Python, moe_gemm/_ops.py), translating tensors into the torch-free GroupedGemmParams (GroupedWgradParams) and
 // planning each call; and the extension module moe_gemm._C, whose
@@ -103,55 +103,9 @@ void run_gated_unfused(moe_gemm::GroupedGemmParams params, at::Tensor& gate_up, 
   C10_CUDA_CHECK(moe_gemm::run_gated_activation(activation, at::cuda::getCurrentCUDAStream()));
 }
 
-// What a gated backward call (grouped_mm_gated_backward) adds: the activation, the layout of gate and up in gate_up,
-// the saved pre-activation and the routing weight of each row; its other outputs.
-struct GatedBackwardOutputs {
-  moe_gemm::GatedActivation act;
-  moe_gemm::GateUpLayout layout;
-  at::Tensor gate_up;           // [M, 2I], contiguous
-  at::Tensor row_weights;       // [M] float32, contiguous
-  at::Tensor grad_gate_up;      // [M, 2I], filled in by grouped_mm_cuda_impl
-  at::Tensor grad_row_weights;  // [M] float32, filled in by grouped_mm_cuda_impl
-};
-
-// The unfused gated backward, where no gated-backward kernel applies (decode sizes, K = 0, no experts): the plain
-// GEMM's grad_activated, then the separate gated_activation_backward kernel, whose outputs the fused epilogue's equal
-// (bitwise, but for the dot products' order of addition); rows past the last expert then zeroed, as the fused kernel
-// leaves them (without a sync: the mask is computed on the device).
-void run_gated_backward_unfused(moe_gemm::GroupedGemmParams params, at::Tensor& weighted,
-                                GatedBackwardOutputs& backward, at::Tensor const& m_sizes, at::TensorOptions options,
-                                char const* op) {
-  at::Tensor grad_activated = at::empty({params.M, params.N}, options);
-  params.gated_backward = moe_gemm::GateUpLayout::kNone;
-  params.d = grad_activated.data_ptr();
-  params.ldd = grad_activated.stride(0);
-  moe_gemm::GroupedGemmPlan const plan = moe_gemm::plan_grouped_gemm(params, current_plan_override());
-  char const* problem = moe_gemm::check_grouped_gemm_plan(params, plan);
-  TORCH_CHECK(problem == nullptr, op, ": ", problem, "; got tile_config ", moe_gemm::tile_config_name(plan.config),
-              " (moe_gemm.testing.plan_override)");
-  run_planned(params, plan, moe_gemm::run_grouped_gemm, options, op);
-  moe_gemm::GatedActivationBackwardParams activation;
-  activation.grad_activated = grad_activated.data_ptr();
-  activation.gate_up = backward.gate_up.data_ptr();
-  activation.row_weights = backward.row_weights.data_ptr<float>();
-  activation.grad_gate_up = backward.grad_gate_up.data_ptr();
-  activation.weighted_activated = weighted.data_ptr();
-  activation.grad_row_weights = backward.grad_row_weights.data_ptr<float>();
-  activation.rows = params.M;
-  activation.I = params.N;
-  activation.dtype = params.dtype;
-  activation.act = backward.act;
-  activation.concatenated = backward.layout == moe_gemm::GateUpLayout::kConcatenated;
-  C10_CUDA_CHECK(moe_gemm::run_gated_activation_backward(activation, at::cuda::getCurrentCUDAStream()));
-  at::Tensor const past = at::arange(params.M, m_sizes.options().dtype(at::kLong)) >= m_sizes.sum();
-  weighted.masked_fill_(past.unsqueeze(1), 0);
-  backward.grad_gate_up.masked_fill_(past.unsqueeze(1), 0);
-  backward.grad_row_weights.masked_fill_(past, 0);
-}
-
 at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_rows, at::Tensor const& weight,
                                 at::Tensor const& m_sizes, bool weight_transposed, char const* op,
-                                GatedOutputs* gated = nullptr, GatedBackwardOutputs* backward = nullptr) {
+                                GatedOutputs* gated = nullptr) {
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [", gather_rows ? "T" : "M", ", K], got ", x.sizes());
   TORCH_CHECK(weight.dim() == 3, op, ": weight must be 3-D, got ", weight.sizes());
   TORCH_CHECK(m_sizes.dim() == 1, op, ": m_sizes must be 1-D [E], got ", m_sizes.sizes());
@@ -184,25 +138,6 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
     TORCH_CHECK(N % 16 == 0, op, ": the weight's gate and up rows must number 2I with I a multiple of 8, got ", N);
     gated->activated = at::empty({M, N / 2}, x.options());
   }
-  if (backward != nullptr) {
-    TORCH_CHECK(backward->gate_up.dim() == 2 && backward->gate_up.size(0) == M && backward->gate_up.size(1) == 2 * N &&
-                    backward->gate_up.scalar_type() == x.scalar_type(),
-                op, ": gate_up must be [M, 2I] = [", M, ", ", 2 * N, "] of x's dtype, got ", backward->gate_up.sizes(),
-                " ", backward->gate_up.scalar_type());
-    TORCH_CHECK(backward->row_weights.dim() == 1 && backward->row_weights.size(0) == M &&
-                    backward->row_weights.scalar_type() == at::kFloat,
-                op, ": row_weights must be float32 [M] = [", M, "], got ", backward->row_weights.sizes(), " ",
-                backward->row_weights.scalar_type());
-    for (auto const& [tensor, name] :
-         {std::pair{&backward->gate_up, "gate_up"}, std::pair{&backward->row_weights, "row_weights"}}) {
-      TORCH_CHECK(tensor->device() == x.device(), op, ": ", name, " must be on the device of x");
-      TORCH_CHECK(tensor->is_contiguous(), op, ": ", name, " must be contiguous");
-    }
-    backward->grad_gate_up = at::empty({M, 2 * N}, x.options());
-    // Dot products over no columns are zeros.
-    backward->grad_row_weights =
-        N == 0 ? at::zeros({M}, x.options().dtype(at::kFloat)) : at::empty({M}, x.options().dtype(at::kFloat));
-  }
   // A gated call that does not keep the pre-activation writes none (unless it runs unfused, below).
   bool const writes_out = gated == nullptr || gated->write_pre_activation;
   at::Tensor out = at::empty({writes_out ? M : 0, N}, x.options());
@@ -226,15 +161,6 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
     params.activated = gated->activated.data_ptr();
     params.ld_activated = gated->activated.stride(0);
   }
-  if (backward != nullptr) {
-    params.gated_backward = backward->layout;
-    params.activation = backward->act;
-    params.gate_up = backward->gate_up.data_ptr();
-    params.ld_gate_up = 2 * N;
-    params.row_weights = backward->row_weights.data_ptr<float>();
-    params.grad_gate_up = backward->grad_gate_up.data_ptr();
-    params.ld_grad_gate_up = 2 * N;
-  }
   params.M = M;
   params.N = N;
   params.K = K;
@@ -251,24 +177,10 @@ at::Tensor grouped_mm_cuda_impl(at::Tensor const& x, at::Tensor const* gather_ro
     run_gated_unfused(params, gate_up, *gated, x.options(), op);
     return out;
   }
-  at::Tensor row_dots;
-  if (backward != nullptr) {
-    if (!plan.gated || K == 0 || params.E == 0) {
-      run_gated_backward_unfused(params, out, *backward, m_sizes, x.options(), op);
-      return out;
-    }
-    int64_t const tile_n = moe_gemm::tile_config_info(plan.config).tile_n;
-    row_dots = at::empty({(N + tile_n - 1) / tile_n, M}, x.options().dtype(at::kFloat));
-    params.row_dots = row_dots.data_ptr<float>();
-  }
   problem = moe_gemm::check_grouped_gemm_plan(params, plan);
   TORCH_CHECK(problem == nullptr, op, ": ", problem, "; got tile_config ", moe_gemm::tile_config_name(plan.config),
               " (moe_gemm.testing.plan_override)");
   run_planned(params, plan, moe_gemm::run_grouped_gemm, x.options(), op);
-  if (backward != nullptr) {
-    // The n-blocks' parts of each row's dot product, summed in n-block order (deterministic).
-    backward->grad_row_weights = row_dots.size(0) == 1 ? row_dots[0] : row_dots.sum(0);
-  }
   return out;
 }
 
@@ -382,24 +294,6 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> grouped_mm_gated_cuda(
     pre_activation = gate_up;
   }
   return {gated.activated, pre_activation};
-}
-
-// (grad_gate_up [M, 2I], weighted_activated [M, I], grad_row_weights float32 [M]): the down-projection's input
-// gradient grad_activated = grouped_mm(grad_y, weight) (grouped_mm_gather with gather_rows) with
-// gated_activation_backward(grad_activated, gate_up, row_weights, act, concatenated) in its epilogue, in one kernel
-// where the plan has a gated one (see GroupedGemmPlan::gated); rows past the last expert zero in all three.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_gated_backward_cuda(
-    at::Tensor const& grad_y, std::optional<at::Tensor> const& gather_rows, at::Tensor const& weight,
-    at::Tensor const& m_sizes, bool weight_transposed, at::Tensor const& gate_up, at::Tensor const& row_weights,
-    c10::string_view act, bool concatenated) {
-  char const* op = "moe_gemm.grouped_mm_gated_backward";
-  GatedBackwardOutputs backward{moe_gemm::from_name(act, kGatedActivations, op, "act"),
-                                concatenated ? moe_gemm::GateUpLayout::kConcatenated
-                                             : moe_gemm::GateUpLayout::kInterleaved,
-                                gate_up, row_weights, at::Tensor(), at::Tensor()};
-  at::Tensor weighted = grouped_mm_cuda_impl(grad_y, gather_rows.has_value() ? &*gather_rows : nullptr, weight,
-                                             m_sizes, weight_transposed, op, nullptr, &backward);
-  return {backward.grad_gate_up, weighted, backward.grad_row_weights};
 }
 
 // The expert GEMM's weight gradient, grouped along the rows: grad_W[e] = grad_y_e^T @ x_e ([E, N, K]), or
@@ -525,7 +419,6 @@ TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("_grouped_mm_fp8_kernel", &grouped_mm_fp8_kernel_cuda);
   m.impl("grouped_mm_gather", &grouped_mm_gather_cuda);
   m.impl("grouped_mm_gated", &grouped_mm_gated_cuda);
-  m.impl("grouped_mm_gated_backward", &grouped_mm_gated_backward_cuda);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cuda);
   m.impl("grouped_mm_wgrad_gather", &grouped_mm_wgrad_gather_cuda);
   m.impl("grouped_mm_wgrad_accumulate_", &grouped_mm_wgrad_accumulate_cuda);

@@ -180,9 +180,6 @@ class PendingTile {
     target_ = target;
   }
 
-  // The held tile's registers, for an epilogue that rewrites them before they are stored (the gated backward's).
-  CUTLASS_DEVICE PackedTile<ElementD, Accumulators>& held() { return packed_; }
-
   // Stores chunks [first, last) of the held tile, if any; once the last chunk is out, holds none. make_issue(target)
   // returns the issue_store of store_tile_through_smem (below), whose other arguments these are too.
   template <class SmemTensorD, class TiledMma, class MakeIssue>

@@ -200,31 +200,8 @@ struct GatedEpilogueParams {
 template <class TmaWeightHalves>
 struct GatedEpilogueParams<GateUpLayout::kNone, TmaWeightHalves> {};
 
-// kGatedBackward: what the epilogue reads and writes besides D, which is weight * activated ([M, I], I = N). The
-// GEMM's own product is grad_activated, the gradient of the gated activation for a routing weight of 1.
-template <bool kEnabled>
-struct GatedBackwardParams {
-  void const* gate_up;       // [M, 2I], the saved pre-activation, rows ld_gate_up elements apart
-  void* grad_gate_up;        // [M, 2I], rows ld_grad_gate_up elements apart
-  float const* row_weights;  // [M]
-  float* row_dots;           // [ceil(I / kTileN), M]: each n-block's share of <activated, grad_activated>
-  int64_t ld_gate_up;
-  int64_t ld_grad_gate_up;
-  GatedActivation act;
-  bool concatenated;         // [gate; up] halves, else interleaved gate0, up0, gate1, up1, ...
-};
-template <>
-struct GatedBackwardParams<false> {};
-
-// gated_gradient's rounding: float32 -> Element -> float32.
-template <class Element>
-struct RoundTo {
-  CUTLASS_DEVICE float operator()(float x) const { return float(Element(x)); }
-};
-
 template <class CollectiveMainloop_, class ElementD_, bool kSplitK_ = false, bool kSwapAB_ = false,
-          bool kGatherA_ = false, Fp8Scales kScales_ = Fp8Scales::kNone, GateUpLayout kGateUp_ = GateUpLayout::kNone,
-          bool kGatedBackward_ = false>
+          bool kGatherA_ = false, Fp8Scales kScales_ = Fp8Scales::kNone, GateUpLayout kGateUp_ = GateUpLayout::kNone>
 class Sm90MoeGemmKernel {
  public:
   using CollectiveMainloop = CollectiveMainloop_;
@@ -341,15 +318,6 @@ class Sm90MoeGemmKernel {
   // The chunk stores a held tile takes, one per k-block of the next tile (mma_with_hook).
   static constexpr int kPendingSteps = kGated ? kChunks / 2 : kChunks;
 
-  // kGatedBackward (the down-projection's input gradient in the MoE layer's backward): the tile of grad_activated
-  // leaves as gated_activation_backward's outputs (gated_backward_tile): grad_gate_up stored from registers,
-  // each row's dot product for the routing weight's gradient, and weight * activated as D, stored as a plain tile.
-  static constexpr bool kGatedBackward = kGatedBackward_;
-  static_assert(!kGatedBackward || (!kGated && kClusterSize == 1 && !kSwapAB && !kSplitK && sizeof(ElementD) == 2 &&
-                                    kTileM == 128 && kScales == Fp8Scales::kNone),
-                "the gated backward's epilogue: cooperative 16-bit 128-row tiles without clusters, split-K or scales");
-  using GatedBackward = GatedBackwardParams<kGatedBackward>;
-
   // Split-K: work unit u is split u % split_k of tile u / split_k, and runs k-blocks [begin, begin + count).
   struct KBlockRange {
     int32_t split;
@@ -412,7 +380,6 @@ class Sm90MoeGemmKernel {
     GatherParams gather;   // kGatherA only
     ScaleParams<kScales> scales;  // FP8 only
     GatedParams gated;     // kGateUp only
-    GatedBackward gated_backward;  // kGatedBackward only
   };
 
   // The host's side of a launch, in plain values: the call's tensors and the plan's choices. The kernel
@@ -447,14 +414,6 @@ class Sm90MoeGemmKernel {
     void* activated = nullptr;     // [M, I], rows ld_activated elements apart
     int64_t ld_activated = 0;
     GatedActivation act = GatedActivation::kSilu;
-    // kGatedBackward (act as above): `d` is weight * activated [M, N].
-    void const* gate_up = nullptr;  // [M, 2N], rows ld_gate_up elements apart
-    int64_t ld_gate_up = 0;
-    void* grad_gate_up = nullptr;   // [M, 2N], rows ld_grad_gate_up elements apart
-    int64_t ld_grad_gate_up = 0;
-    float const* row_weights = nullptr;  // [M]
-    float* row_dots = nullptr;           // [ceil(N / kTileN), M]
-    bool concatenated = false;
   };
 
   // Host code: fills `params` from `args`; fails only when a TMA descriptor cannot be encoded.
@@ -533,10 +492,6 @@ class Sm90MoeGemmKernel {
     }
     if constexpr (kScales != Fp8Scales::kNone) {
       params.scales = {args.x_scale, args.w_scale, args.x_groups, (args.K + 127) / 128, (args.N + 127) / 128};
-    }
-    if constexpr (kGatedBackward) {
-      params.gated_backward = {args.gate_up,  args.grad_gate_up,    args.row_weights, args.row_dots,
-                               args.ld_gate_up, args.ld_grad_gate_up, args.act,         args.concatenated};
     }
     if constexpr (kGatherA) {
       params.gather = {args.tokens, uint32_t(args.ld_tokens * int64_t(sizeof(typename CollectiveMainloop::InternalElementA))),
@@ -1018,9 +973,6 @@ class Sm90MoeGemmKernel {
         clear(accumulators);
         store_pending(0, kPendingSteps);
       } else {
-        if constexpr (kGatedBackward) {
-          prefetch_gate_up_tile(params, work, mma_thread_idx);
-        }
         if constexpr (kBlockwiseScales) {
           mma_blockwise<CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                                             shared_storage.tensors,
@@ -1067,19 +1019,13 @@ class Sm90MoeGemmKernel {
           pending.hold(accumulators, target, params.gated.write_pre_activation, params.gated.act, sD, tiled_mma,
                        mma_thread_idx, epilogue_barrier, store_count,
                        [&](StoreTarget const& target) { return issue_gated_store<false>(params, target); });
-        } else if constexpr (kGatedBackward) {
-          // Held whatever the k-blocks (store_pending stores what the next tile's MMAs do not cover).
+        } else if (kDeferStore && k_blocks.count >= kChunks) {
           pending.hold(accumulators, target);
-          gated_backward_tile(params, work, pending.held(), mma_thread_idx);
         } else {
-          if (kDeferStore && k_blocks.count >= kChunks) {
-            pending.hold(accumulators, target);
-          } else {
-            // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs (deferring
-            // such tiles too looked slower in the weight gradient; docs/design.md).
-            store_tile_tma(params, target, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier,
-                           store_count);
-          }
+          // Not deferred, or too few k-blocks to cover the stores under the next tile's MMAs (deferring
+          // such tiles too looked slower in the weight gradient; docs/design.md).
+          store_tile_tma(params, target, accumulators, tiled_mma, mma_thread_idx, sD, epilogue_barrier,
+                         store_count);
         }
       }
     }
@@ -1203,176 +1149,6 @@ class Sm90MoeGemmKernel {
     }
   }
 
-  // kGatedBackward: the tile's columns of gate_up (the gate and up halves' kTileN-column slices, or 2 kTileN
-  // interleaved columns) asked into L2 as the tile's MMAs start, so that gated_backward_tile's loads after them
-  // find them there: one bulk prefetch per consumer thread, of row t / 2, first or second half.
-  CUTLASS_DEVICE static void prefetch_gate_up_tile(Params const& params, MoeWorkTile const& work, int mma_thread_idx) {
-    static_assert(kNumMmaThreads == 2 * kTileM, "two halves of each row");
-    GatedBackward const& gb = params.gated_backward;
-    int32_t const r = mma_thread_idx / 2, half = mma_thread_idx % 2;
-    int32_t const col0 = work.n_block * kTileN;
-    int32_t const cols = min(kTileN, params.N - col0);
-    if (r >= work.rows - work.m_block * kTileM || cols <= 0) {
-      return;
-    }
-    int64_t const row = work.row_start + int64_t(work.m_block) * kTileM + r;
-    int64_t const col = gb.concatenated ? half * int64_t(params.N) + col0 : 2 * int64_t(col0) + half * cols;
-    char const* const address =
-        static_cast<char const*>(gb.gate_up) + (row * gb.ld_gate_up + col) * int64_t(sizeof(ElementD));
-    // 16-byte multiples: N, col0 and the row stride are multiples of 8 elements (moe_gemm.cpp checks).
-    uint32_t const bytes = uint32_t(cols) * uint32_t(sizeof(ElementD));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(address), "r"(bytes) : "memory");
-  }
-
-  // kGatedBackward: `packed` holds grad_activated's tile, packed to 16 bits as D would be (pack_tile's order). Each
-  // thread reads the gate and up of its own pairs' positions from gate_up (neighbouring columns c, c + 1: 4 bytes of
-  // each half, or 8 interleaved), computes gated_gradient (moe_activation.h: the separate kernel's formula and
-  // roundings, so the three tensors agree bitwise with it), stores grad_gate_up from registers, rewrites the pair
-  // as weight * activated (then stored as D), and writes its rows' dot products over the tile's columns (a quad's
-  // four threads hold a row's) to the n-block's row of row_dots. Rows past the expert's end and columns past N are
-  // neither read nor written. Packing first leaves half the accumulators' registers live here: working on the
-  // float accumulators spilled 3.9 KB.
-  template <class Packed>
-  CUTLASS_DEVICE static void gated_backward_tile(Params const& params, MoeWorkTile const& work, Packed& packed,
-                                                 int mma_thread_idx) {
-    // One switch per tile: a switch per element would keep every activation's temporaries live together.
-    bool const concatenated = params.gated_backward.concatenated;
-    switch (params.gated_backward.act) {
-      case GatedActivation::kGelu:
-        return concatenated
-                   ? gated_backward_tile_as<GatedActivation::kGelu, true>(params, work, packed, mma_thread_idx)
-                   : gated_backward_tile_as<GatedActivation::kGelu, false>(params, work, packed, mma_thread_idx);
-      case GatedActivation::kGeluTanh:
-        return concatenated
-                   ? gated_backward_tile_as<GatedActivation::kGeluTanh, true>(params, work, packed, mma_thread_idx)
-                   : gated_backward_tile_as<GatedActivation::kGeluTanh, false>(params, work, packed, mma_thread_idx);
-      default:
-        return concatenated
-                   ? gated_backward_tile_as<GatedActivation::kSilu, true>(params, work, packed, mma_thread_idx)
-                   : gated_backward_tile_as<GatedActivation::kSilu, false>(params, work, packed, mma_thread_idx);
-    }
-  }
-
-  // gated_backward_tile's loads of one batch: the gate and up pairs of packed registers [8 batch, 8 batch + 8).
-  template <bool kConcatenatedRows>
-  CUTLASS_DEVICE static void load_gate_up_batch(ElementD const* const (&gate_up)[2], bool const (&row_ok)[2],
-                                                int32_t col0, int32_t I, int batch, uint32_t (&gate)[8],
-                                                uint32_t (&up)[8]) {
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < 8; ++i) {
-      int const j = i % 4, h = j % 2;
-      // Register 8 batch + i is (chunk * kStores + store) = 2 batch + i / 4, matrix j: group 2 (2 batch + i / 4) + j / 2.
-      int32_t const col = col0 + 32 * batch + 16 * (i / 4) + 8 * (j / 2);
-      bool const ok = row_ok[h] && col < I;
-      if constexpr (kConcatenatedRows) {
-        gate[i] = ok ? __ldg(reinterpret_cast<uint32_t const*>(gate_up[h] + col)) : 0u;
-        up[i] = ok ? __ldg(reinterpret_cast<uint32_t const*>(gate_up[h] + I + col)) : 0u;
-      } else {
-        // gate c, up c, gate c + 1, up c + 1
-        uint2 const pairs = ok ? __ldg(reinterpret_cast<uint2 const*>(gate_up[h] + 2 * col)) : make_uint2(0u, 0u);
-        gate[i] = __byte_perm(pairs.x, pairs.y, 0x5410);
-        up[i] = __byte_perm(pairs.x, pairs.y, 0x7632);
-      }
-    }
-  }
-
-  template <GatedActivation kAct, bool kConcatenatedRows, class Packed>
-  CUTLASS_DEVICE static void gated_backward_tile_as(Params const& params, MoeWorkTile const& work, Packed& packed,
-                                                    int mma_thread_idx) {
-    static_assert(Packed::kRowBlocks == 1 && kRowsPerWarpGroup<TiledMma, kTileM> == 64,
-                  "one 64-row block per warpgroup");
-    constexpr int kRegs = int(sizeof(packed.regs) / sizeof(uint32_t));  // (chunk, store, j), pack_tile's order
-    constexpr int kBatch = 8;
-    constexpr int kBatches = kRegs / kBatch;
-    static_assert(kRegs % kBatch == 0 && kEpiN / 16 % 2 == 0, "a batch is two stores' registers of one chunk");
-    GatedBackward const& gb = params.gated_backward;
-    // WGMMA's accumulator layout: thread t of warpgroup w holds rows 64 w + 16 (t / 32) + (t % 32) / 4 + 8 h and
-    // columns 8 g + 2 (t % 4) + c, c = 0, 1, of every 8-column group g; packed register (chunk, store, j) is the
-    // pair of row half h = j % 2 in group g = chunk kEpiN / 8 + 2 store + j / 2 (pack_tile).
-    int const t = mma_thread_idx % int(cutlass::NumThreadsPerWarpGroup);
-    int32_t const thread_row =
-        kRowsPerWarpGroup<TiledMma, kTileM> * (mma_thread_idx / int(cutlass::NumThreadsPerWarpGroup)) + 16 * (t / 32) +
-        (t % 32) / 4;
-    int32_t const tile_rows = work.rows - work.m_block * kTileM;
-    int32_t const col0 = work.n_block * kTileN + 2 * (t % 4);
-    int32_t const I = params.N;
-    RoundTo<ElementD> const round;
-    bool row_ok[2];
-    float weight[2], dot[2];
-    ElementD const* gate_up[2];
-    ElementD* grad_gate_up[2];
-    CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      int32_t const r = thread_row + 8 * h;
-      row_ok[h] = r < tile_rows;
-      int64_t const row = work.row_start + int64_t(work.m_block) * kTileM + (row_ok[h] ? r : 0);
-      weight[h] = row_ok[h] ? __ldg(gb.row_weights + row) : 0.0f;
-      dot[h] = 0.0f;
-      gate_up[h] = static_cast<ElementD const*>(gb.gate_up) + row * gb.ld_gate_up;
-      grad_gate_up[h] = static_cast<ElementD*>(gb.grad_gate_up) + row * gb.ld_grad_gate_up;
-    }
-    // A rolled loop over batches of 8 registers, the next batch's loads issued before this one's arithmetic: fully
-    // unrolled, the tile's arithmetic was some 6000 instructions a thread, run once per tile, and the kernel ran at
-    // half the speed of the two launches it replaces (instruction fetches; BENCHMARKS.md). Each pass takes the first
-    // 8 registers and appends their results, so that after the last pass the registers are in order again.
-    uint32_t gate[kBatch], up[kBatch];
-    load_gate_up_batch<kConcatenatedRows>(gate_up, row_ok, col0, I, 0, gate, up);
-#pragma unroll 1
-    for (int batch = 0; batch < kBatches; ++batch) {
-      uint32_t next_gate[kBatch], next_up[kBatch];
-      bool const more[2] = {row_ok[0] && batch + 1 < kBatches, row_ok[1] && batch + 1 < kBatches};
-      load_gate_up_batch<kConcatenatedRows>(gate_up, more, col0, I, batch + 1, next_gate, next_up);
-      uint32_t results[kBatch];
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kBatch; ++i) {
-        int const j = i % 4, h = j % 2;
-        int32_t const col = col0 + 32 * batch + 16 * (i / 4) + 8 * (j / 2);
-        uint32_t const grads = packed.regs[i];
-        ElementD grad_gate[2], grad_up[2], weighted[2];
-        CUTLASS_PRAGMA_UNROLL
-        for (int c = 0; c < 2; ++c) {
-          float const grad = float(packed_half<ElementD>(grads, c));
-          GatedGradient const out = gated_gradient<kAct>(float(packed_half<ElementD>(gate[i], c)),
-                                                         float(packed_half<ElementD>(up[i], c)), grad, weight[h],
-                                                         round);
-          dot[h] = fmaf(out.activated, grad, dot[h]);
-          weighted[c] = ElementD(out.weighted);
-          grad_gate[c] = ElementD(out.grad_gate);
-          grad_up[c] = ElementD(out.grad_up);
-        }
-        results[i] = pack_halves(weighted[0], weighted[1]);
-        if (row_ok[h] && col < I) {
-          if constexpr (kConcatenatedRows) {
-            *reinterpret_cast<uint32_t*>(grad_gate_up[h] + col) = pack_halves(grad_gate[0], grad_gate[1]);
-            *reinterpret_cast<uint32_t*>(grad_gate_up[h] + I + col) = pack_halves(grad_up[0], grad_up[1]);
-          } else {
-            *reinterpret_cast<uint2*>(grad_gate_up[h] + 2 * col) =
-                make_uint2(pack_halves(grad_gate[0], grad_up[0]), pack_halves(grad_gate[1], grad_up[1]));
-          }
-        }
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kRegs - kBatch; ++i) {
-        packed.regs[i] = packed.regs[i + kBatch];
-      }
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < kBatch; ++i) {
-        packed.regs[kRegs - kBatch + i] = results[i];
-        gate[i] = next_gate[i];
-        up[i] = next_up[i];
-      }
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int h = 0; h < 2; ++h) {
-      dot[h] += __shfl_xor_sync(0xffffffff, dot[h], 1);
-      dot[h] += __shfl_xor_sync(0xffffffff, dot[h], 2);
-      if (row_ok[h] && t % 4 == 0) {
-        int64_t const row = work.row_start + int64_t(work.m_block) * kTileM + thread_row + 8 * h;
-        gb.row_dots[int64_t(work.n_block) * params.scheduler.experts.rows_total + row] = dot[h];
-      }
-    }
-  }
-
   // Where a tile goes: its first row of D, the expert's rows from there on (at least 1) and its first
   // column; `active` when the warpgroup has rows of it to store.
   struct StoreTarget {
@@ -1458,20 +1234,8 @@ class Sm90MoeGemmKernel {
   }
 
   // Rows [rows_covered, M) belong to no expert.
-  // kGateUp: of the activation, and of the pre-activation when it is written. kGatedBackward: of grad_gate_up and
-  // of every n-block's row dots too.
+  // kGateUp: of the activation, and of the pre-activation when it is written.
   CUTLASS_DEVICE static void zero_uncovered_rows(Params const& params, int64_t rows_covered, int consumer_thread_idx) {
-    if constexpr (kGatedBackward) {
-      GatedBackward const& gb = params.gated_backward;
-      int64_t const rows_total = params.scheduler.experts.rows_total;
-      zero_rows<kNumConsumerThreads>(static_cast<ElementD*>(gb.grad_gate_up), gb.ld_grad_gate_up, 2 * int64_t(params.N),
-                                     rows_covered, rows_total, consumer_thread_idx);
-      int64_t const rows = rows_total - rows_covered;
-      for (int64_t i = int64_t(blockIdx.x) * kNumConsumerThreads + consumer_thread_idx; i < rows * params.scheduler.tiles_n;
-           i += int64_t(gridDim.x) * kNumConsumerThreads) {
-        gb.row_dots[(i / rows) * rows_total + rows_covered + i % rows] = 0.0f;
-      }
-    }
     if constexpr (kGated) {
       zero_rows<kNumConsumerThreads>(static_cast<ElementD*>(params.gated.activated), params.gated.ld_activated,
                                      params.gated.I, rows_covered, params.scheduler.experts.rows_total,

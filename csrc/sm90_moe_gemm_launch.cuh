@@ -56,16 +56,14 @@ struct Sm90MoeGemmConfig {
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<Element>(kTileRows)>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  template <bool kSplitK, bool kGatherA, GateUpLayout kGateUp = GateUpLayout::kNone, bool kGatedBackward = false>
-  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK, kSwapAB, kGatherA, Fp8Scales::kNone, kGateUp,
-                                   kGatedBackward>;
+  template <bool kSplitK, bool kGatherA, GateUpLayout kGateUp = GateUpLayout::kNone>
+  using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, Element, kSplitK, kSwapAB, kGatherA, Fp8Scales::kNone, kGateUp>;
 };
 
 template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA, bool kSplitK,
-          GateUpLayout kGateUp = GateUpLayout::kNone, bool kGatedBackward = false>
+          GateUpLayout kGateUp = GateUpLayout::kNone>
 cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan const& plan, cudaStream_t stream) {
-  using Kernel = typename Sm90MoeGemmConfig<kDType, kBNMajor, kConfig>::template Kernel<kSplitK, kGatherA, kGateUp,
-                                                                                        kGatedBackward>;
+  using Kernel = typename Sm90MoeGemmConfig<kDType, kBNMajor, kConfig>::template Kernel<kSplitK, kGatherA, kGateUp>;
   typename Kernel::Arguments args{p.a,
                                         p.lda,
                                         p.b,
@@ -89,13 +87,6 @@ cudaError_t launch_sm90_moe_gemm(GroupedGemmParams const& p, GroupedGemmPlan con
   args.activated = p.activated;
   args.ld_activated = p.ld_activated;
   args.act = p.activation;
-  args.gate_up = p.gate_up;
-  args.ld_gate_up = p.ld_gate_up;
-  args.grad_gate_up = p.grad_gate_up;
-  args.ld_grad_gate_up = p.ld_grad_gate_up;
-  args.row_weights = p.row_weights;
-  args.row_dots = p.row_dots;
-  args.concatenated = p.gated_backward == GateUpLayout::kConcatenated;
   typename Kernel::Params params{};
   if (cudaError_t status = Kernel::to_underlying_arguments(args, params); status != cudaSuccess) {
     return status;
@@ -127,16 +118,6 @@ cudaError_t run_sm90_moe_gemm_gated(GroupedGemmParams const& p, GroupedGemmPlan 
   return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, kGatherA, false, kGateUp>(p, plan, stream);
 }
 
-// The gated activation's backward in the epilogue (p.gated_backward: interleaved or concatenated gate and up, read
-// from memory, so one kernel serves both), gathering or not, for the configurations with gated kernels: no split-K.
-template <DType kDType, bool kBNMajor, TileConfig kConfig, bool kGatherA>
-cudaError_t run_sm90_moe_gemm_gated_backward(GroupedGemmParams const& p, GroupedGemmPlan const& plan,
-                                             cudaStream_t stream) {
-  static_assert(TileTraits<kConfig>::kInfo.gated, "a configuration with gated kernels");
-  return launch_sm90_moe_gemm<kDType, kBNMajor, kConfig, kGatherA, false, GateUpLayout::kNone, true>(p, plan,
-                                                                                                     stream);
-}
-
 }  // namespace moe_gemm
 
 // One explicit instantiation per .cu file: a configuration's kernel, or (GATHER_A true) its gathering one.
@@ -150,10 +131,4 @@ cudaError_t run_sm90_moe_gemm_gated_backward(GroupedGemmParams const& p, Grouped
   template cudaError_t moe_gemm::run_sm90_moe_gemm_gated<moe_gemm::DType::DTYPE, B_N_MAJOR,          \
                                                          moe_gemm::TileConfig::CONFIG, GATHER_A,      \
                                                          moe_gemm::GateUpLayout::LAYOUT>(             \
-      moe_gemm::GroupedGemmParams const&, moe_gemm::GroupedGemmPlan const&, cudaStream_t);
-
-// The gated backward's instantiation of a configuration.
-#define MOE_GEMM_INSTANTIATE_GATED_BACKWARD(DTYPE, B_N_MAJOR, CONFIG, GATHER_A)                                 \
-  template cudaError_t moe_gemm::run_sm90_moe_gemm_gated_backward<moe_gemm::DType::DTYPE, B_N_MAJOR,            \
-                                                                  moe_gemm::TileConfig::CONFIG, GATHER_A>(       \
       moe_gemm::GroupedGemmParams const&, moe_gemm::GroupedGemmPlan const&, cudaStream_t);

@@ -19,15 +19,6 @@ The ops (``torch.ops.moe_gemm.<name>``):
   separate ``gated_activation`` kernel does (bitwise the same); where no gated tile applies (the plan is not a
   128x256 tile, e.g. at 128 rows per expert or fewer; concatenated halves with I not a multiple of 128) it runs the
   GEMM, then that kernel. No autograd.
-- ``grouped_mm_gated_backward(grad_y, gather_rows, weight, m_sizes, weight_transposed, gate_up, row_weights, act,
-  concatenated)``: the MoE layer's down-projection input gradient with the gated activation's backward,
-  ``(grad_gate_up [M, 2I], weighted_activated [M, I], grad_row_weights float32 [M])``: ``grad_activated =
-  grouped_mm(grad_y, ...)`` (``grouped_mm_gather`` with ``gather_rows``; ``weight`` read as that op reads it, N = I),
-  then ``activation.gated_activation_backward(grad_activated, gate_up, row_weights, act, concatenated)``
-  (``row_weights`` float32 ``[M]``, ``gate_up`` the saved ``[M, 2I]`` pre-activation); rows past the last expert are
-  zero in all three. The CUDA kernel does this in the GEMM's epilogue, rounding as the separate
-  ``gated_activation_backward`` kernel does (bitwise the same, but for the order in which each row's dot product is
-  summed); where no gated tile applies it runs the GEMM, then that kernel. No autograd.
 - ``grouped_mm_wgrad(x, grad_y, m_sizes, weight_transposed=False)``: ``grad_W[e] = grad_y_e.T @ x_e``
   (``x_e.T @ grad_y_e`` when ``weight_transposed``), shaped like the weight, in the dtype of ``x``.
 - ``grouped_mm_wgrad_gather(x, grad_y, m_sizes, weight_transposed=False, x_rows=None, grad_y_rows=None)``:
@@ -73,7 +64,7 @@ import warnings
 import torch
 
 from moe_gemm import _validation
-from moe_gemm.activation import check_activation_name, gated_activation, gated_activation_backward
+from moe_gemm.activation import check_activation_name, gated_activation
 from moe_gemm.reference import clamped_group_ends, expert_row_ranges, grouped_mm_wgrad_reference
 
 
@@ -107,11 +98,6 @@ SCHEMAS = {
     "grouped_mm_gated": (
         "(Tensor x, Tensor? gather_rows, Tensor weight, Tensor m_sizes, bool weight_transposed, str act, "
         "bool concatenated, bool write_pre_activation) -> (Tensor activated, Tensor? gate_up)"
-    ),
-    "grouped_mm_gated_backward": (
-        "(Tensor grad_y, Tensor? gather_rows, Tensor weight, Tensor m_sizes, bool weight_transposed, Tensor gate_up, "
-        "Tensor row_weights, str act, bool concatenated) -> "
-        "(Tensor grad_gate_up, Tensor weighted_activated, Tensor grad_row_weights)"
     ),
     "grouped_mm_wgrad": "(Tensor x, Tensor grad_y, Tensor m_sizes, bool weight_transposed=False) -> Tensor",
     "grouped_mm_wgrad_gather": (
@@ -338,34 +324,6 @@ def grouped_mm_gated_torch(
     return activated, (gate_up if write_pre_activation else None)
 
 
-def grouped_mm_gated_backward_torch(
-    grad_y, gather_rows, weight, m_sizes, weight_transposed, gate_up, row_weights, act, concatenated
-):
-    """``moe_gemm::grouped_mm_gated_backward`` in PyTorch ops: ``grouped_mm_torch`` (of the gathered rows with
-    ``gather_rows``), then ``activation.gated_activation_backward``, and the rows past the last expert zeroed."""
-    check_activation_name(act)
-    if gather_rows is None:
-        grad_activated = grouped_mm_torch(grad_y, weight, m_sizes, weight_transposed)
-    else:
-        grad_activated = grouped_mm_gather_torch(grad_y, gather_rows, weight, m_sizes, weight_transposed)
-    rows, n = grad_activated.shape
-    if gate_up.shape != (rows, 2 * n) or gate_up.dtype != grad_y.dtype:
-        raise ValueError(
-            f"gate_up must be [M, 2I] = [{rows}, {2 * n}] of grad_y's dtype {grad_y.dtype}, got {tuple(gate_up.shape)} "
-            f"{gate_up.dtype}"
-        )
-    if row_weights.shape != (rows,) or row_weights.dtype != torch.float32:
-        raise ValueError(f"row_weights must be float32 [M] = [{rows}], got {tuple(row_weights.shape)} {row_weights.dtype}")
-    grad_gate_up, weighted, grad_row_weights = gated_activation_backward(
-        grad_activated, gate_up, row_weights, act, concatenated
-    )
-    past = torch.arange(rows, device=grad_y.device) >= m_sizes.to(torch.int64).clamp_min(0).sum()
-    return (
-        grad_gate_up.masked_fill_(past[:, None], 0), weighted.masked_fill_(past[:, None], 0),
-        grad_row_weights.float().masked_fill_(past, 0),
-    )  # fmt: skip
-
-
 def _empty_groups(m_sizes: torch.Tensor, ends: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``[E]`` bool: the experts that own no row (``ends`` from ``clamped_group_ends(m_sizes, num_rows)``), on the
     device, without a sync."""
@@ -456,9 +414,6 @@ _TORCH_PATH_DEVICES = ("cpu",) if _C is not None else ("cpu", "cuda")
 torch.library.register_kernel("moe_gemm::grouped_mm", _TORCH_PATH_DEVICES, grouped_mm_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_gather", _TORCH_PATH_DEVICES, grouped_mm_gather_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_gated", _TORCH_PATH_DEVICES, grouped_mm_gated_torch)
-torch.library.register_kernel(
-    "moe_gemm::grouped_mm_gated_backward", _TORCH_PATH_DEVICES, grouped_mm_gated_backward_torch
-)
 torch.library.register_kernel("moe_gemm::grouped_mm_wgrad", _TORCH_PATH_DEVICES, grouped_mm_wgrad_torch)
 torch.library.register_kernel("moe_gemm::grouped_mm_wgrad_gather", _TORCH_PATH_DEVICES, grouped_mm_wgrad_gather_torch)
 torch.library.register_kernel(
@@ -483,15 +438,6 @@ def _grouped_mm_gated_fake(x, gather_rows, weight, m_sizes, weight_transposed, a
     rows = x.shape[0] if gather_rows is None else gather_rows.shape[0]
     n = weight.shape[2] if weight_transposed else weight.shape[1]
     return x.new_empty(rows, n // 2), (x.new_empty(rows, n) if write_pre_activation else None)
-
-
-@torch.library.register_fake("moe_gemm::grouped_mm_gated_backward")
-def _grouped_mm_gated_backward_fake(
-    grad_y, gather_rows, weight, m_sizes, weight_transposed, gate_up, row_weights, act, concatenated
-):
-    rows = grad_y.shape[0] if gather_rows is None else gather_rows.shape[0]
-    n = weight.shape[2] if weight_transposed else weight.shape[1]
-    return grad_y.new_empty(rows, 2 * n), grad_y.new_empty(rows, n), row_weights.new_empty(rows)
 
 
 @torch.library.register_fake("moe_gemm::grouped_mm_wgrad")
@@ -529,20 +475,6 @@ def gather_in_gemm(num_rows: int, num_experts: int, num_columns: int) -> bool:
     return rows_per_expert >= GATHER_MIN_ROWS_PER_EXPERT and num_columns <= GATHER_MAX_COLUMNS
 
 
-# The gated kernels are 128x256 tiles, which plan_grouped_gemm takes above one 128-row m-block per expert
-# (choose_tile_config, csrc/moe_gemm.cpp); below that grouped_mm_gated_backward runs the GEMM, then the separate
-# kernel, and then zeroes the rows past the last expert, which the layer's own two calls do not need.
-GATED_BACKWARD_MIN_ROWS_PER_EXPERT = 129
-
-
-def gated_backward_in_gemm(num_rows: int, num_experts: int) -> bool:
-    """Whether the layer's backward runs the activation's backward in the epilogue of the down-projection's input
-    gradient (``grouped_mm_gated_backward``): where that op's kernel applies, e.g. 4096 tokens of top-8 over 128
-    experts (256 rows each), not 2048 (128 rows each)."""
-    rows_per_expert = num_rows // max(1, min(num_experts, num_rows))
-    return GATED_BACKWARD_KERNEL_BUILT and rows_per_expert >= GATED_BACKWARD_MIN_ROWS_PER_EXPERT
-
-
 # Where the layer's weight gradients read hidden[token_of_row] or grad_out[token_of_row] in place
 # (grouped_mm_wgrad_gather) rather than from a copy. The kernel copies the gathered rows once per output tile that
 # reads them: the other operand's width over its tile's (128 when the gathered rows are R, 256 when they are L), where
@@ -577,9 +509,9 @@ def call_below_autograd(op, *args):
 
 
 def gemm_op(name: str, device: torch.device):
-    """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_gather``, ``grouped_mm_gated_backward``,
-    ``grouped_mm_wgrad``, ``grouped_mm_wgrad_gather``, ``grouped_mm_wgrad_accumulate_``, ``grouped_mm_fp8`` or
-    ``quantize_fp8``) for tensors on ``device``: the op, or its PyTorch path on a CUDA device where the extension is loaded but cannot run (the op's
+    """What computes ``moe_gemm::<name>`` (``grouped_mm``, ``grouped_mm_gather``, ``grouped_mm_wgrad``,
+    ``grouped_mm_wgrad_gather``, ``grouped_mm_wgrad_accumulate_``, ``grouped_mm_fp8`` or ``quantize_fp8``) for tensors
+    on ``device``: the op, or its PyTorch path on a CUDA device where the extension is loaded but cannot run (the op's
     CUDA kernel there would refuse it).
     ``grouped_mm_wgrad_gather`` is called with its row indices as keywords or positions after ``weight_transposed``:
     ``gemm_op("grouped_mm_wgrad_gather", device)(x, grad_y, m_sizes, weight_transposed, x_rows, grad_y_rows)``."""
@@ -707,9 +639,6 @@ def _cuda_kernel_in_extension(name: str) -> bool:
 FP8_KERNEL_BUILT = _cuda_kernel_in_extension("_grouped_mm_fp8_kernel")
 # Whether _C has grouped_mm_gated's CUDA kernel (the gated activation in the up-projection's epilogue).
 GATED_KERNEL_BUILT = _cuda_kernel_in_extension("grouped_mm_gated")
-# Whether _C has grouped_mm_gated_backward's CUDA kernel (the activation's backward in the down-projection's input
-# gradient).
-GATED_BACKWARD_KERNEL_BUILT = _cuda_kernel_in_extension("grouped_mm_gated_backward")
 
 
 def _fp8_kernel_applies(x, x_scale, weight, weight_scale, weight_transposed, out_dtype) -> bool:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_gemm import _ops, _validation
-from moe_gemm.activation import ACTIVATIONS, check_activation_name, gated_activation, gated_activation_backward
+from moe_gemm.activation import ACTIVATIONS, check_activation_name, gated_activation, split_gate_up
 from moe_gemm.dispatch import (
     DispatchInfo,
     combine,
@@ -40,6 +40,48 @@ from moe_gemm.functional import (
 )
 from moe_gemm.routing import route
 
+
+
+def gated_activation_backward(
+    grad_activated: torch.Tensor, gate_up: torch.Tensor, row_weights: torch.Tensor, act: str, concatenated: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activation's part of the layer's backward, from the saved pre-activation ``gate_up [rows, 2I]``.
+
+    Row ``r`` feeds ``row_weights[r] * (activated[r] @ down_e.T)`` into its token's output, where ``activated =
+    gated_activation(gate_up, act, concatenated)``; ``grad_activated [rows, I]`` is the gradient of ``activated``
+    for a routing weight of 1 (the token's output gradient through ``down_e`` alone). Returns, in one pass:
+
+    - ``grad_gate_up [rows, 2I]``: the gradient of ``gate_up`` (its layout), for the row's routing weight;
+    - ``weighted_activated [rows, I]``: ``row_weights[:, None] * activated``, the operand of the down projection's
+      weight gradient (``grad_W_down[e] = grad_out_rows_e.T @ weighted_activated_e``);
+    - ``grad_row_weights [rows]``: ``(activated * grad_activated).sum(1)``, the routing weight's gradient, float32
+      (float64 for float64 inputs).
+
+    Each element is computed in float32 (float64) and rounded once. ``_ops.gated_activation_backward_kernel`` computes
+    the same in one CUDA kernel that writes no float32 ``[rows, I]`` tensor.
+    """
+    acc_dtype = torch.float64 if torch.float64 in (gate_up.dtype, row_weights.dtype) else torch.float32
+    gate, up = split_gate_up(gate_up, concatenated)
+    activated_gate = ACTIVATIONS[act](gate)  # the forward's roundings
+    activated = (activated_gate * up).to(acc_dtype)
+    grad = grad_activated.to(acc_dtype)
+    grad_row_weights = (activated * grad).sum(dim=1)
+    weights = row_weights.to(acc_dtype)[:, None]
+    weighted_grad = grad * weights
+    grad_up = weighted_grad * activated_gate.to(acc_dtype)
+    gate = gate.to(acc_dtype)
+    grad_activated_gate = weighted_grad * up.to(acc_dtype)
+    if act == "silu":
+        grad_gate = torch.ops.aten.silu_backward(grad_activated_gate, gate)
+    else:
+        approximate = "tanh" if act == "gelu_tanh" else "none"
+        grad_gate = torch.ops.aten.gelu_backward(grad_activated_gate, gate, approximate=approximate)
+    if concatenated:
+        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1)
+    else:
+        grad_gate_up = torch.stack([grad_gate, grad_up], dim=-1).view(grad_gate.shape[0], -1)
+    dtype = gate_up.dtype
+    return grad_gate_up.to(dtype), (activated * weights).to(dtype), grad_row_weights
 
 
 def _grouped_linear(
@@ -439,42 +481,25 @@ class _ExpertsFunction(torch.autograd.Function):
             and _ops.gather_in_wgrad(rows, num_experts, saved.gate_up.shape[1], gathered_is_l=gate_up_flag)
             and _validation.kernel_layout_problem(saved.hidden) is None
         )  # fmt: skip
-        # The activation's backward in the epilogue of the GEMM that computes grad_activated, where its kernel applies
-        # (16-bit, float32 routing weights, no create_graph); else that GEMM, then the separate kernel (or the PyTorch
-        # ops). Both give the same bits (docs/design.md, "The experts layer").
-        kernel_backward = _ops.gated_activation_kernel_applies(saved.gate_up, act) and acc_dtype == torch.float32
-        fused_backward = (
-            kernel_backward and gather and saved.gate_up.dtype in (torch.bfloat16, torch.float16)
-            and _ops.gated_backward_in_gemm(rows, num_experts)
-        )  # fmt: skip
-        grad_rows = None if gather_grad_rows else grad_out.index_select(0, saved.token_of_row)
-        if fused_backward:
-            rows_source, rows_index = (grad_out, saved.token_of_row) if gather_grad_rows else (grad_rows, None)
-            backward_parts = _ops.call_below_autograd(
-                _ops.gemm_op("grouped_mm_gated_backward", grad_out.device), rows_source, rows_index, saved.down_read,
-                saved.m_sizes, not down_flag, saved.gate_up, row_weights.contiguous(), act, concatenated,
+        if gather_grad_rows:
+            grad_rows = None
+            grad_activated = _ops.call_below_autograd(
+                _ops.gemm_op("grouped_mm_gather", grad_out.device), grad_out, saved.token_of_row, saved.down_read,
+                saved.m_sizes, not down_flag,
             )  # fmt: skip
         else:
-            if gather_grad_rows:
-                grad_activated = _ops.call_below_autograd(
-                    _ops.gemm_op("grouped_mm_gather", grad_out.device), grad_out, saved.token_of_row, saved.down_read,
-                    saved.m_sizes, not down_flag,
-                )  # fmt: skip
-            else:
-                grad_activated, _ = _expert_gemm_backward(
-                    grad_rows, None, saved.down_read, saved.m_sizes, down_flag, True, False
-                )
-            if kernel_backward:
-                backward_parts = _ops.gated_activation_backward_kernel(
-                    grad_activated, saved.gate_up, row_weights, act, concatenated
-                )
-            else:
-                backward_parts = gated_activation_backward(
-                    grad_activated, saved.gate_up, row_weights, act, concatenated
-                )
-            del grad_activated
+            grad_rows = grad_out.index_select(0, saved.token_of_row)
+            grad_activated, _ = _expert_gemm_backward(
+                grad_rows, None, saved.down_read, saved.m_sizes, down_flag, True, False
+            )
+        if _ops.gated_activation_kernel_applies(saved.gate_up, act) and acc_dtype == torch.float32:
+            backward_parts = _ops.gated_activation_backward_kernel(
+                grad_activated, saved.gate_up, row_weights, act, concatenated
+            )
+        else:
+            backward_parts = gated_activation_backward(grad_activated, saved.gate_up, row_weights, act, concatenated)
         grad_gate_up, weighted_activated, grad_row_weights = backward_parts
-        del backward_parts
+        del grad_activated, backward_parts
 
         if needs[1]:
             grad_pairs = grad_row_weights.index_select(0, saved.row_of_pair).view(ids.shape)

@@ -36,8 +36,7 @@ from moe_gemm import _ops, _validation
 from moe_gemm.activation import check_activation_name, gated_activation
 from moe_gemm.dispatch import combine_pairs, sort_pairs, valid_pairs
 from moe_gemm.functional import grouped_forward_fp8, quantize_fp8
-from moe_gemm.activation import gated_activation_backward
-from moe_gemm.layer import MoEExperts, _sum_token_rows
+from moe_gemm.layer import MoEExperts, _sum_token_rows, gated_activation_backward
 
 
 def experts_forward_fp8(

@@ -53,7 +53,7 @@ def test_the_static_names_are_the_cpp_table():
 def test_the_instantiations_are_generated_from_the_table():
     # One forward .cu per dtype x layout x configuration of the table, a gathering one more for each configuration
     # whose gather_a column is true, four gated ones (interleaved or concatenated, gathering or not) for each whose
-    # gated column is true and two with its backward (gathering or not), four weight-gradient ones and, for gradients in the input dtype, one more per gathered
+    # gated column is true, four weight-gradient ones and, for gradients in the input dtype, one more per gathered
     # operand (L or R), the FP8 kernels of the generator's list, nothing else.
     generator = load_generator()
     expected = {f"sm90_moe_gemm_{dtype}_{layout}_{config}.cu"
@@ -63,9 +63,6 @@ def test_the_instantiations_are_generated_from_the_table():
     expected |= {f"sm90_moe_gemm_{dtype}_{layout}_{config}_gated_{gate_up}{gather}.cu" for dtype in generator.DTYPES
                  for layout in generator.WEIGHT_LAYOUTS for config in generator.gated_tile_configs()
                  for gate_up in generator.GATE_UP_LAYOUTS for gather in ("", "_gather")}
-    expected |= {f"sm90_moe_gemm_{dtype}_{layout}_{config}_gated_backward{gather}.cu" for dtype in generator.DTYPES
-                 for layout in generator.WEIGHT_LAYOUTS for config in generator.gated_tile_configs()
-                 for gather in ("", "_gather")}
     expected |= {f"sm90_moe_wgrad_{dtype}_{out}.cu" for dtype in generator.DTYPES for out in generator.WGRAD_OUTPUTS}
     expected |= {f"sm90_moe_wgrad_{dtype}_same_gather_{operand}.cu" for dtype in generator.DTYPES
                  for operand in generator.WGRAD_GATHERS}
