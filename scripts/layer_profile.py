@@ -12,12 +12,16 @@ written once: the activation (gate_up in, activated out) and combine (P rows in,
 backward (grad_activated and gate_up in, grad_gate_up and weight * activated out) and the token sum of the input
 gradient backward. With P = T * K rows, d the hidden size and n the intermediate size.
 
-    python scripts/layer_profile.py [--configs sonic-1 sonic-4] [--steps 3] [--top 12]
+``--router`` adds the kernels of the benchmark's router (``F.linear`` in bf16, as ``--router-dtype model``) and
+routing (``moe_gemm.route``, softmax top-k renormalised) per forward, which the benchmark's layer times too.
+
+    python scripts/layer_profile.py [--configs sonic-1 sonic-4] [--steps 3] [--top 12] [--router]
 """
 import argparse
 import collections
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import moe_gemm
@@ -78,6 +82,7 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--router", action="store_true")
     args = parser.parse_args()
     configs = load_layer_configs()["configs"]
     torch.manual_seed(0)
@@ -119,6 +124,15 @@ def main() -> int:
                   f"the phase {flops / (gemm_floor + rest_floor) / 1e9:.0f} TFLOP/s at its floor")
             for kernel, ms in sorted(times.items(), key=lambda item: -item[1])[: args.top]:
                 print(f"    {ms:8.3f} ms {100 * ms / max(total, 1e-9):5.1f}%  {short(kernel)}")
+        if args.router:
+            router = torch.randn(E, d, **options) * 0.02
+
+            def route():
+                logits = F.linear(hidden, router).float()
+                return moe_gemm.route(logits, K, scoring="softmax", renormalize=True)
+
+            router_times = kernel_times(route, args.steps)
+            print(f"  router and routing: {sum(router_times.values()):.3f} ms of kernels per forward")
         del hidden, gate_up, down, grad_out
         torch.cuda.empty_cache()
     return 0
