@@ -12,20 +12,25 @@ written once: the activation (gate_up in, activated out) and combine (P rows in,
 backward (grad_activated and gate_up in, grad_gate_up and weight * activated out) and the token sum of the input
 gradient backward. With P = T * K rows, d the hidden size and n the intermediate size.
 
+``--clocks`` adds, for the experts' forward, its kernels' time in the profiler right after a rest and again after the
+benchmark's timing of it (``layer_timer``), that timing itself, and the SM clock (``torch.cuda.clock_rate``) before
+and after: the benchmark's figures are those of a GPU that has lowered its clocks.
+
 ``--router`` adds the kernels of the benchmark's router (``F.linear`` in bf16, as ``--router-dtype model``) and
 routing (``moe_gemm.route``, softmax top-k renormalised) per forward, which the benchmark's layer times too.
 
-    python scripts/layer_profile.py [--configs sonic-1 sonic-4] [--steps 3] [--top 12] [--router]
+    python scripts/layer_profile.py [--configs sonic-1 sonic-4] [--steps 3] [--top 12] [--router] [--clocks]
 """
 import argparse
 import collections
+import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import moe_gemm
-from moe_gemm.bench.layer import load_layer_configs
+from moe_gemm.bench.layer import layer_timer, load_layer_configs
 from moe_gemm.bench.suite import floor_ms, measure_ceilings
 
 GEMM_KERNEL_NAMES = ("Sm90MoeGemmKernel", "Sm90MoeWgrad")
@@ -83,6 +88,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--router", action="store_true")
+    parser.add_argument("--clocks", action="store_true")
     args = parser.parse_args()
     configs = load_layer_configs()["configs"]
     torch.manual_seed(0)
@@ -124,6 +130,15 @@ def main() -> int:
                   f"the phase {flops / (gemm_floor + rest_floor) / 1e9:.0f} TFLOP/s at its floor")
             for kernel, ms in sorted(times.items(), key=lambda item: -item[1])[: args.top]:
                 print(f"    {ms:8.3f} ms {100 * ms / max(total, 1e-9):5.1f}%  {short(kernel)}")
+        if args.clocks:
+            forward()
+            torch.cuda.synchronize()
+            time.sleep(2)  # a rested GPU first
+            rested, rested_clock = sum(kernel_times(forward, args.steps).values()), torch.cuda.clock_rate()
+            timed = layer_timer(forward)
+            busy, busy_clock = sum(kernel_times(forward, args.steps).values()), torch.cuda.clock_rate()
+            print(f"  clocks: forward kernels {rested:.3f} ms rested ({rested_clock} MHz), timed as the benchmark times "
+                  f"it {timed:.3f} ms, kernels right after {busy:.3f} ms ({busy_clock} MHz)")
         if args.router:
             router = torch.randn(E, d, **options) * 0.02
 
