@@ -13,8 +13,8 @@ backward (grad_activated and gate_up in, grad_gate_up and weight * activated out
 gradient backward. With P = T * K rows, d the hidden size and n the intermediate size.
 
 ``--clocks`` adds, for the experts' forward, its kernels' time in the profiler right after a rest and again after the
-benchmark's timing of it (``layer_timer``), that timing itself, and the SM clock (``torch.cuda.clock_rate``) before
-and after: the benchmark's figures are those of a GPU that has lowered its clocks.
+benchmark's timing of it (``layer_timer``), that timing itself, and the SM clock (``torch.cuda.clock_rate``) after
+each profile: the benchmark's figures are those of a GPU that has lowered its clocks.
 
 ``--router`` adds the kernels of the benchmark's router (``F.linear`` in bf16, as ``--router-dtype model``) and
 routing (``moe_gemm.route``, softmax top-k renormalised) per forward, which the benchmark's layer times too.
@@ -52,7 +52,9 @@ def kernel_times(fn, steps: int) -> dict[str, float]:
     return times
 
 
-def phase_floors(T: int, d: int, n: int, E: int, K: int, ceilings: tuple[float, float]) -> dict[str, tuple[float, float]]:
+def phase_floors(
+    T: int, d: int, n: int, E: int, K: int, ceilings: tuple[float, float]
+) -> dict[str, tuple[float, float]]:
     """{phase: (the GEMMs' floor ms, the other kernels' floor ms)} of one forward and one backward, 16-bit data."""
     P, rows_e = T * K, min(E, T * K)  # rows; experts with rows (random routing reaches them all)
     bandwidth = ceilings[1]
