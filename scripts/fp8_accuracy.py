@@ -67,8 +67,8 @@ def main() -> int:
             weight = (torch.randn(n, k, generator=generator) / k**0.5).bfloat16()
             for kind in ("normal", "outliers"):
                 bf16, rowwise, blockwise = errors(rows(kind, args.rows, k, generator), weight)
-                print(f"{model_name:18s} {gemm:5s} {n:6d} {k:6d}  {kind:8s} {bf16:8.2e} {rowwise:8.2e} {blockwise:9.2e}",
-                      flush=True)
+                row = f"{model_name:18s} {gemm:5s} {n:6d} {k:6d}  {kind:8s} {bf16:8.2e} {rowwise:8.2e} {blockwise:9.2e}"
+                print(row, flush=True)
     return 0
 
 

@@ -139,8 +139,8 @@ def main() -> int:
             rested, rested_clock = sum(kernel_times(forward, args.steps).values()), torch.cuda.clock_rate()
             timed = layer_timer(forward)
             busy, busy_clock = sum(kernel_times(forward, args.steps).values()), torch.cuda.clock_rate()
-            print(f"  clocks: forward kernels {rested:.3f} ms rested ({rested_clock} MHz), timed as the benchmark times "
-                  f"it {timed:.3f} ms, kernels right after {busy:.3f} ms ({busy_clock} MHz)")
+            print(f"  clocks: forward kernels {rested:.3f} ms rested ({rested_clock} MHz), timed as the benchmark "
+                  f"times it {timed:.3f} ms, kernels right after {busy:.3f} ms ({busy_clock} MHz)")
         if args.router:
             router = torch.randn(E, d, **options) * 0.02
 
