@@ -20,12 +20,9 @@ import torch
 
 import moe_gemm
 from moe_gemm.bench.suite import gemm_shape, load_suite
+from moe_gemm.demo import relative_error
 from moe_gemm.layer_fp8 import quantize_fp8_weight
 from moe_gemm.reference import dequantize_fp8_reference
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return (torch.linalg.vector_norm(out.float() - ref) / torch.linalg.vector_norm(ref)).item()
 
 
 def rows(kind: str, m: int, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -26,11 +26,10 @@ import collections
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import moe_gemm
-from moe_gemm.bench.layer import layer_timer, load_layer_configs
+from moe_gemm.bench.layer import layer_timer, load_layer_configs, router_logits
 from moe_gemm.bench.suite import floor_ms, measure_ceilings
 
 GEMM_KERNEL_NAMES = ("Sm90MoeGemmKernel", "Sm90MoeWgrad")
@@ -145,8 +144,7 @@ def main() -> int:
             router = torch.randn(E, d, **options) * 0.02
 
             def route():
-                logits = F.linear(hidden, router).float()
-                return moe_gemm.route(logits, K, scoring="softmax", renormalize=True)
+                return moe_gemm.route(router_logits(hidden, router, "model"), K, scoring="softmax", renormalize=True)
 
             router_times = kernel_times(route, args.steps)
             print(f"  router and routing: {sum(router_times.values()):.3f} ms of kernels per forward")
