@@ -1091,9 +1091,9 @@ class Sm90MoeGemmKernel {
     CUTLASS_DEVICE float operator()(int row, int col) const { return __ldg(x_scale + row) * __ldg(w_scale + col); }
   };
 
-  // kBlockwiseScales, mma_blockwise's scales: load(k, s) sets s[h] to the factor of k-block k for this thread's row
-  // of half h, x_scale[row, k] * w_scale[expert, n_block, k] (x_scale[row] * ... for x_scale [M]); the whole tile
-  // shares its weight block.
+  // kBlockwiseScales, mma_blockwise's scales: load(k) gives k-block k's BlockScales for this thread, x_scale[row, k]
+  // of its row of each half (x_scale[row] for x_scale [M]) and w_scale[expert, n_block, k], which the whole tile
+  // shares.
   struct BlockwiseScalesOf {
     float const* x_rows[2];  // x_scale of the two rows, at k-block 0
     float const* w_blocks;   // w_scale[expert, n_block, :]
@@ -1110,12 +1110,8 @@ class Sm90MoeGemmKernel {
       w_blocks = params.scales.w_scale +
                  (int64_t(work.expert) * params.scales.n_groups + work.n_block) * params.scales.k_groups;
     }
-    CUTLASS_DEVICE void load(int k, float (&scale)[2]) const {
-      float const w = __ldg(w_blocks + k);
-      CUTLASS_PRAGMA_UNROLL
-      for (int h = 0; h < 2; ++h) {
-        scale[h] = __ldg(x_rows[h] + k * x_k_stride) * w;
-      }
+    CUTLASS_DEVICE BlockScales load(int k) const {
+      return {{__ldg(x_rows[0] + k * x_k_stride), __ldg(x_rows[1] + k * x_k_stride)}, __ldg(w_blocks + k)};
     }
   };
 

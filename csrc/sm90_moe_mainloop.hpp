@@ -208,13 +208,21 @@ CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline&
   pipeline.consumer_release(release_state);
 }
 
+// A k-block's blockwise FP8 scales for one thread: x[h] of its row of half h, w of the tile's weight block.
+struct BlockScales {
+  float x[2];
+  float w;
+};
+
 // The MMAs of one tile whose k-blocks each have their own scales (FP8 with blockwise scales): each k-block is
 // multiplied into a block accumulator (its first WGMMA zeroes it), waited for, and added into `accumulators` times
-// its scale, scales.load(k, s) giving s[h] for the thread's row of half h (WGMMA's accumulator layout ((2 columns,
-// 2 row halves, N / 8 column groups), MMA_M, MMA_N), one 64-row block per warpgroup). Two block accumulators take
-// turns, so that k-block k + 1's MMAs are queued before k-block k is waited for and added: the tensor cores never
-// wait for the addition. E.g. K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s[h] = x_scale[row_h, k] *
-// w_scale[expert, n_block, k], and accumulators += s[h] * block over each k-block's 128 columns.
+// its scale, scales.load(k) giving the k-block's BlockScales, s.x[h] * s.w for the thread's row of half h (WGMMA's
+// accumulator layout ((2 columns, 2 row halves, N / 8 column groups), MMA_M, MMA_N), one 64-row block per
+// warpgroup). Two block accumulators take turns, so that k-block k + 1's MMAs are queued before k-block k is waited
+// for and added: the tensor cores never wait for the addition. The scales are loaded two k-blocks before they are
+// added, so that the addition does not wait for their loads either (they come from L2, in about as long as a
+// k-block's MMAs take). E.g. K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s.x[h] = x_scale[row_h, k], s.w =
+// w_scale[expert, n_block, k], and accumulators += s.x[h] * s.w * block over each k-block's 128 columns.
 template <class CollectiveMainloop, class Accumulators, class Scales>
 CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline& pipeline,
                                   typename CollectiveMainloop::PipelineState read_state, Accumulators& accumulators,
@@ -261,12 +269,13 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
   // Adds the oldest k-block in flight, `block`, times `scale`, once its MMAs are done (Newer: how many later
   // k-blocks' MMAs are queued behind them, 0 or 1, known at compile time so that ptxas sees which WGMMA registers
   // are ready), and frees its stage.
-  auto add = [&](auto newer, Accumulators& block, float const (&scale)[2]) {
+  auto add = [&](auto newer, Accumulators& block, BlockScales const& s) {
     warpgroup_wait<decltype(newer)::value>();
     warpgroup_fence_operand(block);
     warpgroup_fence_operand(accumulators);
     pipeline.consumer_release(release_state);
     ++release_state;
+    float const scale[2] = {s.x[0] * s.w, s.x[1] * s.w};
     CUTLASS_PRAGMA_UNROLL
     for (int group = 0; group < kColumnGroups; ++group) {
       CUTLASS_PRAGMA_UNROLL
@@ -280,26 +289,27 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
     }
   };
   Accumulators even, odd;  // the blocks of the even and the odd k-blocks
-  float scale[2], next[2];   // those of k-blocks k and k + 1
-  scales.load(0, scale);
+  // The scales of k-block k, or of the last one past it (loaded ahead, not added).
+  auto scales_of = [&](int k) { return scales.load(min(k, k_tiles - 1)); };
+  BlockScales s_even = scales_of(0), s_odd = scales_of(1);  // those of the k-blocks in even and odd
   issue(even);
   int k = 0;
   CUTLASS_PRAGMA_NO_UNROLL
   for (; k + 2 < k_tiles; k += 2) {  // even holds k-block k; k + 1 and k + 2 follow
     issue(odd);
-    scales.load(k + 1, next);
-    add(Int<1>{}, even, scale);
+    BlockScales const next_even = scales_of(k + 2), next_odd = scales_of(k + 3);
+    add(Int<1>{}, even, s_even);
     issue(even);
-    scales.load(k + 2, scale);
-    add(Int<1>{}, odd, next);
+    add(Int<1>{}, odd, s_odd);
+    s_even = next_even;
+    s_odd = next_odd;
   }
   if (k + 1 < k_tiles) {  // the last two
     issue(odd);
-    scales.load(k + 1, next);
-    add(Int<1>{}, even, scale);
-    add(Int<0>{}, odd, next);
+    add(Int<1>{}, even, s_even);
+    add(Int<0>{}, odd, s_odd);
   } else {
-    add(Int<0>{}, even, scale);
+    add(Int<0>{}, even, s_even);
   }
 }
 
