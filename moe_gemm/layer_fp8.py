@@ -14,15 +14,19 @@ scale per row and 128 columns, as transformers' "dynamic" activation scheme does
 E.g. DeepSeek-V3 (H = 7168, I = 2048, top-8): the up GEMM reads 7168 / 128 = 56 scales per row and 32 x 56 per
 expert's gate/up block grid.
 
-Differentiable in ``hidden`` and ``top_k_weights`` (the fp8 weights are frozen: fine-tuning around fp8 experts, or a
-router trained through them). The input gradient runs in FP8 too, with the same scaling: each token's output
+Differentiable in ``hidden`` and ``top_k_weights`` (fp8 weights are frozen: fine-tuning around fp8 experts, or a
+router trained through them). Weights given in high precision instead (bfloat16, float16 or float32, their scales
+None) are trained: each call quantizes them in 128 x 128 blocks, the forward and the input gradient run in FP8 on
+those, and their gradients are computed in the dtype of ``hidden`` from its rows and from the backward's rows before
+they are quantized (``_weight_gradient``), as DeepSeek-V3's FP8 training keeps its master weights and, here, its
+weight gradients in higher precision. The input gradient runs in FP8 too, with the same scaling: each token's output
 gradient is quantized once per row and 128 columns, the down GEMM's transpose reads the fp8 weight transposed in
 memory with its block scales (a 128 x 128 block is one in either orientation; ``_transposed_gemm``), the activation's backward runs in float32 from the saved
 pre-activation as in the bf16 layer (``layer.gated_activation_backward``; the routing weights' gradient is
 ``<grad_activated, activated>`` per row), and the pre-activation's gradient is quantized for the up GEMM's
 transpose. A per-output-channel weight scale scales the reduction of the transposed GEMM, so it is folded into the
-gradient rows before they are quantized. Saved for the backward: the routing, the pre-activation ``[T * k, 2I]``.
-Weight gradients are not computed (the weights are fp8 buffers): an fp8 weight or scale that requires grad raises.
+gradient rows before they are quantized. Saved for the backward: the routing, the pre-activation ``[T * k, 2I]``,
+and for trained weights their fp8 copies and ``hidden`` itself. An fp8 weight or scale that requires grad raises.
 """
 
 import functools
@@ -36,7 +40,7 @@ from moe_gemm import _ops, _validation
 from moe_gemm.activation import check_activation_name, gated_activation
 from moe_gemm.dispatch import combine_pairs, sort_pairs, valid_pairs
 from moe_gemm.functional import grouped_forward_fp8, quantize_fp8
-from moe_gemm.layer import MoEExperts, _sum_token_rows, gated_activation_backward
+from moe_gemm.layer import MoEExperts, _check_module_input, _sum_token_rows, gated_activation_backward
 
 
 def experts_forward_fp8(
@@ -58,10 +62,12 @@ def experts_forward_fp8(
         hidden: ``[T, H]`` bfloat16, float16 or float32; the output's dtype, and that of the GEMMs' outputs.
         top_k_index, top_k_weights: ``[T, k]``, as for ``experts_forward`` (ids outside ``[0, E)`` add nothing).
         gate_up_proj, down_proj: float8_e4m3fn ``[E, 2I, H]`` and ``[E, H, I]`` (``[E, H, 2I]`` and ``[E, I, H]``
-            when ``weight_transposed``).
+            when ``weight_transposed``); or bfloat16, float16 or float32 ``[E, 2I, H]`` and ``[E, H, I]`` with both
+            scales None: weights to train, quantized in 128 x 128 blocks at each call, their gradients computed
+            where they require grad (module docstring).
         gate_up_proj_scale, down_proj_scale: their float32 scales, ``grouped_forward_fp8``'s ``weight_scale``:
             one per 128 x 128 block (``[E, ceil(2I / 128), ceil(H / 128)]`` and ``[E, ceil(H / 128), ceil(I / 128)]``)
-            or per output channel (``[E, 2I]`` and ``[E, H]``).
+            or per output channel (``[E, 2I]`` and ``[E, H]``); None for weights to train.
         act, concatenated: as for ``experts_forward``; a callable maps the ``[rows, 2I]`` gate/up output (in the
             dtype of ``hidden``) to the ``[rows, I]`` input of the down projection.
 
@@ -70,7 +76,8 @@ def experts_forward_fp8(
 
     Raises:
         TypeError, ValueError: for arguments that do not fit (``grouped_forward_fp8``'s checks name the weight);
-        ValueError for an fp8 weight or scale that requires gradients while grad mode is on (they get none).
+        ValueError for an fp8 weight or scale that requires gradients while grad mode is on (they get none), for
+        one scale None and not the other, and for weights to train with ``weight_transposed``.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
         raise ValueError(f"hidden: expected a 2-D tensor [T, H], got {_describe(hidden)}")
@@ -89,7 +96,10 @@ def experts_forward_fp8(
         check_activation_name(act)
     weights = {"gate_up_proj": gate_up_proj, "gate_up_proj_scale": gate_up_proj_scale, "down_proj": down_proj,
                "down_proj_scale": down_proj_scale}  # fmt: skip
+    trained = _check_trained_weights(weights, weight_transposed)
     for name, value in weights.items():
+        if trained and name in ("gate_up_proj", "down_proj"):
+            continue
         if torch.is_grad_enabled() and isinstance(value, torch.Tensor) and value.requires_grad:
             raise ValueError(
                 f"{name}: experts_forward_fp8 computes no gradient for its fp8 weights and scales (frozen; the "
@@ -97,14 +107,42 @@ def experts_forward_fp8(
                 f"{name}.detach()"
             )
     options = (act, weight_transposed, concatenated)
-    if torch.is_grad_enabled() and (hidden.requires_grad or top_k_weights.requires_grad):
+    differentiable = (hidden, top_k_weights, gate_up_proj, down_proj) if trained else (hidden, top_k_weights)
+    if torch.is_grad_enabled() and any(value.requires_grad for value in differentiable):
         return _ExpertsFP8Function.apply(hidden, top_k_weights, top_k_index, *weights.values(), options)
-    return _forward(None, hidden, top_k_weights, top_k_index, *weights.values(), options)
+    if trained:
+        gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj)
+        down_proj, down_proj_scale = quantize_fp8_weight(down_proj)
+    return _forward(None, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
+                    down_proj_scale, options)  # fmt: skip
+
+
+def _check_trained_weights(weights: dict, weight_transposed: bool) -> bool:
+    """Whether the weights are given to train (high-precision, both scales None); raises for a mix."""
+    scales_missing = [weights[name] is None for name in ("gate_up_proj_scale", "down_proj_scale")]
+    if any(scales_missing) and not all(scales_missing):
+        raise ValueError(
+            "gate_up_proj_scale, down_proj_scale: both None (weights to train, quantized at each call) or both given "
+            "(fp8 weights), got one of each"
+        )
+    if not all(scales_missing):
+        return False
+    for name in ("gate_up_proj", "down_proj"):
+        value = weights[name]
+        if not isinstance(value, torch.Tensor) or value.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(
+                f"{name}: weights to train (scales None) are torch.bfloat16, torch.float16 or torch.float32, got {got}"
+            )
+    if weight_transposed:
+        raise ValueError("weight_transposed: weights to train are [E, 2I, H] and [E, H, I] (weight_transposed=False)")
+    return True
 
 
 def _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
-             options):  # fmt: skip
-    """The forward; saves what the backward needs on ``ctx`` unless it is None."""
+             options, saved_hidden=None):  # fmt: skip
+    """The forward on fp8 weights; saves what the backward needs on ``ctx`` unless it is None (``saved_hidden``
+    too: ``hidden`` where the weights train, else None)."""
     act, weight_transposed, concatenated = options
     num_experts, top_k = gate_up_proj.shape[0], top_k_index.shape[1]
     hidden_fp8, hidden_scale = quantize_fp8(hidden)
@@ -120,7 +158,7 @@ def _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj
     if ctx is not None:
         ctx.save_for_backward(top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
                               down_proj_scale, gate_up, m_sizes, expert_of_row, pair_of_row, token_of_row,
-                              row_of_pair)  # fmt: skip
+                              row_of_pair, saved_hidden)  # fmt: skip
         ctx.options = options
     del gate_up
     activated_fp8, activated_scale = quantize_fp8(activated)
@@ -184,21 +222,30 @@ def _transposed_in_memory(weight: torch.Tensor) -> torch.Tensor:
 
 
 class _ExpertsFP8Function(torch.autograd.Function):
-    """``experts_forward_fp8`` under autograd: the gradients of ``hidden`` and ``top_k_weights`` (module
-    docstring)."""
+    """``experts_forward_fp8`` under autograd: the gradients of ``hidden`` and ``top_k_weights``, and of weights
+    given to train (module docstring)."""
 
     @staticmethod
     def forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
                 down_proj_scale, options):  # fmt: skip
+        ctx.weight_dtypes = None
+        saved_hidden = None
+        if gate_up_proj_scale is None:  # weights to train
+            ctx.weight_dtypes = (gate_up_proj.dtype, down_proj.dtype)
+            gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj)
+            down_proj, down_proj_scale = quantize_fp8_weight(down_proj)
+            saved_hidden = hidden if ctx.needs_input_grad[3] or ctx.needs_input_grad[5] else None
         return _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
-                        down_proj_scale, options)  # fmt: skip
+                        down_proj_scale, options, saved_hidden)  # fmt: skip
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (top_k_weights, ids, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale, gate_up, m_sizes,
-         expert_of_row, pair_of_row, token_of_row, row_of_pair) = ctx.saved_tensors  # fmt: skip
+         expert_of_row, pair_of_row, token_of_row, row_of_pair, hidden) = ctx.saved_tensors  # fmt: skip
         act, weight_transposed, concatenated = ctx.options
+        needs = ctx.needs_input_grad
+        trains = ctx.weight_dtypes is not None and (needs[3] or needs[5])
         num_experts = gate_up_proj.shape[0]
         valid_pair = valid_pairs(ids, num_experts)
         row_weights = torch.where(valid_pair, top_k_weights.float(), 0).view(-1).index_select(0, pair_of_row)
@@ -217,7 +264,9 @@ class _ExpertsFP8Function(torch.autograd.Function):
                 backward = _ops.gated_activation_backward_kernel
             else:
                 backward = gated_activation_backward
-            grad_gate_up, _, grad_row_weights = backward(grad_activated, gate_up, row_weights, act, concatenated)
+            grad_gate_up, weighted_activated, grad_row_weights = backward(
+                grad_activated, gate_up, row_weights, act, concatenated
+            )
         else:
             # A callable activation: its own autograd, on the saved pre-activation.
             with torch.enable_grad():
@@ -226,16 +275,41 @@ class _ExpertsFP8Function(torch.autograd.Function):
                 weighted = grad_activated.float() * row_weights[:, None]
                 (grad_gate_up,) = torch.autograd.grad(activated, pre_activation, weighted.to(activated.dtype))
             grad_row_weights = (activated.detach().float() * grad_activated.float()).sum(dim=1)
+            weighted_activated = (activated.detach().float() * row_weights[:, None]).to(grad_out.dtype)
         del grad_activated, gate_up
         grads = [None] * 8
-        if ctx.needs_input_grad[1]:
+        if needs[1]:
             grad_pairs = grad_row_weights.index_select(0, row_of_pair).view(ids.shape)
             grads[1] = torch.where(valid_pair, grad_pairs, 0).to(top_k_weights.dtype)
-        if ctx.needs_input_grad[0]:
+        if trains and needs[5]:
+            # grad_down[e] sums (w * grad_out[token]) (x) activated over its rows: grad_out[token] (x) (w * activated).
+            grads[5] = _weight_gradient(weighted_activated, grad_out, m_sizes, None, token_of_row)
+            grads[5] = grads[5].to(ctx.weight_dtypes[1])
+        del weighted_activated
+        if needs[0]:
             grad_x_sorted = _transposed_gemm(grad_gate_up, None, gate_up_proj, gate_up_proj_scale, m_sizes,
                                              expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
             grads[0] = _sum_token_rows(grad_x_sorted, row_of_pair, ids, num_experts)
+            del grad_x_sorted
+        if trains and needs[3]:
+            grads[3] = _weight_gradient(hidden, grad_gate_up.to(hidden.dtype), m_sizes, token_of_row, None)
+            grads[3] = grads[3].to(ctx.weight_dtypes[0])
         return tuple(grads)
+
+
+def _weight_gradient(x, grad_y, m_sizes, x_rows, grad_y_rows):
+    """``grad_W[e] = grad_y_e.T @ x_e`` over each expert's rows, one operand's rows read in place (``x_rows`` or
+    ``grad_y_rows``: ``grouped_mm_wgrad_gather``), in the dtype of ``x``: the CUDA kernel where it takes the operands,
+    else PyTorch ops (float32 rows, rows whose layout the kernel refuses)."""
+    op = _ops.gemm_op("grouped_mm_wgrad_gather", x.device)
+    kernel_takes = (
+        x.dtype in _validation.GEMM_DTYPES
+        and _validation.kernel_layout_problem(x) is None
+        and _validation.kernel_layout_problem(grad_y) is None
+    )
+    if x.is_cuda and not kernel_takes:
+        op = _ops.grouped_mm_wgrad_gather_torch
+    return _ops.call_below_autograd(op, x, grad_y.contiguous(), m_sizes, False, x_rows, grad_y_rows)
 
 
 def _gated(act: Callable[[torch.Tensor], torch.Tensor], gate_up: torch.Tensor) -> torch.Tensor:
@@ -251,22 +325,24 @@ def _describe(value) -> str:
 def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight_fp8, weight_scale)`` of an ``[E, N, K]`` weight: float8_e4m3fn values and float32 scales
     ``[E, ceil(N / 128), ceil(K / 128)]``, one per 128 x 128 block (the last ones partial), ``amax / 448`` floored as
-    ``quantize_fp8``'s, the layout of DeepSeek-V3's ``weight_scale_inv``. A one-time conversion, in PyTorch ops; an
-    ``[E, K, N]`` weight quantized this way is ``weight_transposed``'s layout with its blocks
-    (``grouped_forward_fp8``)."""
+    ``quantize_fp8``'s, the layout of DeepSeek-V3's ``weight_scale_inv``. In PyTorch ops, a few experts at a time
+    (float32 copies of at most 2^28 elements: DeepSeek-V3's gate_up_proj whole would take 30 GB); an ``[E, K, N]``
+    weight quantized this way is ``weight_transposed``'s layout with its blocks (``grouped_forward_fp8``)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.is_floating_point():
         raise ValueError(f"weight: expected a 3-D float tensor [E, N, K], got {_describe(weight)}")
     num_experts, n, k = weight.shape
     blocks_n, blocks_k = _validation.fp8_groups(n), _validation.fp8_groups(k)
     values = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     scale = torch.empty(num_experts, blocks_n, blocks_k, dtype=torch.float32, device=weight.device)
-    for expert in range(num_experts):  # one expert in float32 at a time (DeepSeek-V3's gate_up_proj whole: 30 GB)
-        padding = (0, blocks_k * 128 - k, 0, blocks_n * 128 - n)
-        padded = torch.nn.functional.pad(weight[expert].detach().float(), padding)
-        blocks = padded.view(blocks_n, 128, blocks_k, 128)
-        scale[expert] = _ops.fp8_scale(blocks.abs().amax(dim=(1, 3)))
-        quotient = (blocks / scale[expert][:, None, :, None]).clamp(-_ops.FP8_MAX, _ops.FP8_MAX)
-        values[expert] = quotient.view(blocks_n * 128, blocks_k * 128)[:n, :k]
+    chunk = max(1, (1 << 28) // max(1, blocks_n * blocks_k * 128 * 128))
+    padding = (0, blocks_k * 128 - k, 0, blocks_n * 128 - n)
+    for first in range(0, num_experts, chunk):
+        experts = slice(first, min(first + chunk, num_experts))
+        padded = torch.nn.functional.pad(weight[experts].detach().float(), padding)
+        blocks = padded.view(-1, blocks_n, 128, blocks_k, 128)
+        scale[experts] = _ops.fp8_scale(blocks.abs().amax(dim=(2, 4)))
+        quotient = (blocks / scale[experts][:, :, None, :, None]).clamp(-_ops.FP8_MAX, _ops.FP8_MAX)
+        values[experts] = quotient.view(-1, blocks_n * 128, blocks_k * 128)[:, :n, :k]
     return values, scale
 
 
@@ -310,3 +386,35 @@ class MoEExpertsFP8(nn.Module):
         act = repr(self.act) if isinstance(self.act, str) else type(self.act).__name__
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, act={act}, weights float8_e4m3fn in 128 x 128 blocks")
+
+
+class MoEExpertsFP8Training(MoEExperts):
+    """``MoEExperts`` trained in FP8: its parameters stay what they are (the master weights, in their dtype); each
+    forward quantizes them in 128 x 128 blocks and runs ``experts_forward_fp8`` on them, so the forward and the input
+    gradient run in FP8 and the weight gradients in the dtype of ``hidden`` (module docstring). ``from_experts``
+    takes a ``MoEExperts``' parameters themselves, not copies: ``layer.experts =
+    MoEExpertsFP8Training.from_experts(layer.experts)`` trains a ``moe_gemm.MoE``'s experts in FP8 with the same
+    parameters (an optimizer built before keeps them). No biases (the FP8 layer has none yet)."""
+
+    @classmethod
+    def from_experts(cls, experts: MoEExperts) -> "MoEExpertsFP8Training":
+        """A module holding ``experts``' own ``gate_up_proj`` and ``down_proj``; raises ValueError for biases."""
+        if not isinstance(experts, MoEExperts):
+            raise TypeError(f"experts: expected a moe_gemm.MoEExperts, got {type(experts).__name__}")
+        if experts.down_proj_bias is not None:
+            raise ValueError("MoEExpertsFP8Training.from_experts: experts with biases are not supported in FP8 yet")
+        module = cls(num_experts=experts.num_experts, hidden_size=experts.hidden_size,
+                     intermediate_size=experts.intermediate_size, act=experts.act, device="meta")  # fmt: skip
+        module.gate_up_proj, module.down_proj = experts.gate_up_proj, experts.down_proj
+        return module
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        _check_module_input(self, hidden, self.gate_up_proj)
+        if self.down_proj_bias is not None:
+            raise ValueError("MoEExpertsFP8Training: experts with biases are not supported in FP8 yet")
+        return experts_forward_fp8(hidden, top_k_index, top_k_weights, self.gate_up_proj, None, self.down_proj, None,
+                                   act=self._layer_act())  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, forward and input gradient in FP8 (128 x 128 weight blocks)"
+

@@ -116,7 +116,9 @@ def backward_pipeline_reference(inputs: dict, fp8: dict, grad_out: torch.Tensor)
     from the bfloat16 pre-activation with the forward's roundings (rounded to bfloat16), quantized, through the
     gate/up weight's transpose (rounded to bfloat16), summed per token; the routing weight's gradient
     <grad_activated, activated>. With per-channel scales ``[E, N]`` each pair's gradient row is multiplied by its
-    expert's scale (in float32) before it is quantized, and the GEMM reads the unscaled fp8 values."""
+    expert's scale (in float32) before it is quantized, and the GEMM reads the unscaled fp8 values. The weight
+    gradients of weights to train, from the unquantized rows: ``gate_up_proj`` sums grad_pre (x) hidden[t] over the
+    expert's pairs, ``down_proj`` grad_out[t] (x) (w * activated, rounded to bfloat16)."""
     gate_up_weight = dequantize(fp8["gate_up_proj"], fp8["gate_up_proj_scale"])
     hidden = quantized_rows(inputs["hidden"].to(torch.bfloat16))
     grad_rows = quantized_rows(grad_out)
@@ -133,6 +135,9 @@ def backward_pipeline_reference(inputs: dict, fp8: dict, grad_out: torch.Tensor)
     ids, weights = inputs["top_k_index"], inputs["top_k_weights"]
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float64)
     grad_weights = torch.zeros(ids.shape, dtype=torch.float64)
+    unquantized = inputs["hidden"].to(torch.bfloat16).double()
+    grad_gate_up_proj = torch.zeros(fp8["gate_up_proj"].shape, dtype=torch.float64)
+    grad_down_proj = torch.zeros(fp8["down_proj"].shape, dtype=torch.float64)
     for t, experts in enumerate(ids.tolist()):
         for j, expert in enumerate(experts):
             if not 0 <= expert < gate_up_weight.shape[0]:
@@ -149,7 +154,11 @@ def backward_pipeline_reference(inputs: dict, fp8: dict, grad_out: torch.Tensor)
             grad_gate = weighted * up * sigmoid * (1 + gate * (1 - sigmoid))
             grad_pre = torch.cat([grad_gate, weighted * activated_gate]).to(torch.bfloat16)
             grad_hidden[t] += transposed_gemm(grad_pre, "gate_up_proj", expert)
-    return {"hidden": grad_hidden, "top_k_weights": grad_weights}
+            grad_gate_up_proj[expert] += torch.outer(grad_pre.double(), unquantized[t])
+            weighted_activated = (activated * weights[t, j].double()).to(torch.bfloat16).double()
+            grad_down_proj[expert] += torch.outer(grad_out[t].double(), weighted_activated)
+    return {"hidden": grad_hidden, "top_k_weights": grad_weights, "gate_up_proj": grad_gate_up_proj,
+            "down_proj": grad_down_proj}  # fmt: skip
 
 
 def test_gradients_match_a_float64_pipeline_that_quantizes_at_the_same_points():

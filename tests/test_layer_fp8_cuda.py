@@ -1,6 +1,7 @@
 """The FP8 experts layer on the GPU (``experts_forward_fp8`` through the FP8 kernels): forward and the gradients of
 ``hidden`` and ``top_k_weights`` against the float64 pipeline of tests/test_layer_fp8.py that quantizes at the same
-points, block and per-channel scales, both weight layouts."""
+points, block and per-channel scales, both weight layouts; and weights given to train, with their gradients (the
+weight-gradient kernels on the unquantized rows)."""
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from test_layer_fp8 import (
     quantize_blocks,
     quantize_channels,
 )
+
+from test_layer_fp8_training import quantized_as_the_layer_does, trained_gradients
 
 from moe_gemm import _ops
 
@@ -58,3 +61,22 @@ def test_gradients_of_both_scalings_and_layouts_match_the_float64_pipeline(granu
     expected = backward_pipeline_reference(inputs, logical, grad_out)
     for name, tolerance in (("hidden", 1e-2), ("top_k_weights", 5e-3)):  # as above
         assert relative_error(got[name].cpu().double(), expected[name]) < tolerance, name
+
+
+@pytest.mark.parametrize(
+    "num_tokens, num_experts, top_k, hidden, intermediate", [(40, 6, 3, 200, 72), (300, 8, 4, 512, 256)]
+)
+def test_trained_weights_and_their_gradients_match_the_float64_pipeline(num_tokens, num_experts, top_k, hidden,
+                                                                         intermediate):  # fmt: skip
+    inputs, _ = make_fp8_problem(num_tokens, num_experts, top_k, hidden, intermediate)
+    grad_out = torch.randn(inputs["hidden"].shape).to(torch.bfloat16)
+    got = trained_gradients(on("cuda", inputs), grad_out.cuda())
+    fp8 = quantized_as_the_layer_does(inputs)
+    expected = backward_pipeline_reference(inputs, fp8, grad_out)
+    expected["out"] = pipeline_reference(inputs, fp8)
+    # As for frozen weights above; the weight gradients: float32 sums of bfloat16 products in the kernels' order.
+    tolerances = {"out": 5e-3, "hidden": 1e-2, "top_k_weights": 5e-3, "gate_up_proj": 1e-2, "down_proj": 1e-2}
+    for name, tolerance in tolerances.items():
+        assert got[name].is_cuda and relative_error(got[name].cpu().double(), expected[name]) < tolerance, name
+    for name in ("gate_up_proj", "down_proj"):  # expert 1 gets no rows
+        assert torch.equal(got[name][1], torch.zeros_like(got[name][1])), name
