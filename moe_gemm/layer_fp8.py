@@ -40,7 +40,14 @@ from moe_gemm import _ops, _validation
 from moe_gemm.activation import check_activation_name, gated_activation
 from moe_gemm.dispatch import combine_pairs, sort_pairs, valid_pairs
 from moe_gemm.functional import grouped_forward_fp8, quantize_fp8
-from moe_gemm.layer import MoEExperts, _check_module_input, _sum_token_rows, gated_activation_backward
+from moe_gemm.layer import (
+    MoEExperts,
+    _check_expert_weights,
+    _check_module_input,
+    _StackedExperts,
+    _sum_token_rows,
+    gated_activation_backward,
+)
 
 
 def experts_forward_fp8(
@@ -97,14 +104,16 @@ def experts_forward_fp8(
     weights = {"gate_up_proj": gate_up_proj, "gate_up_proj_scale": gate_up_proj_scale, "down_proj": down_proj,
                "down_proj_scale": down_proj_scale}  # fmt: skip
     trained = _check_trained_weights(weights, weight_transposed)
+    if trained:
+        _check_expert_weights(hidden.shape[1], gate_up_proj, down_proj, None, None, False, isinstance(act, str))
     for name, value in weights.items():
         if trained and name in ("gate_up_proj", "down_proj"):
             continue
         if torch.is_grad_enabled() and isinstance(value, torch.Tensor) and value.requires_grad:
             raise ValueError(
-                f"{name}: experts_forward_fp8 computes no gradient for its fp8 weights and scales (frozen; the "
+                f"{name}: experts_forward_fp8 computes no gradient for fp8 weights and scales (frozen; the "
                 f"gradients of hidden and top_k_weights it does compute), got a tensor that requires grad; pass "
-                f"{name}.detach()"
+                f"{name}.detach(), or high-precision weights with both scales None to train them"
             )
     options = (act, weight_transposed, concatenated)
     differentiable = (hidden, top_k_weights, gate_up_proj, down_proj) if trained else (hidden, top_k_weights)
@@ -131,8 +140,10 @@ def _check_trained_weights(weights: dict, weight_transposed: bool) -> bool:
         value = weights[name]
         if not isinstance(value, torch.Tensor) or value.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            hint = "; fp8 weights come with their scales" if got == _validation.FP8_DTYPE else ""
             raise TypeError(
-                f"{name}: weights to train (scales None) are torch.bfloat16, torch.float16 or torch.float32, got {got}"
+                f"{name}: weights to train (scales None) are torch.bfloat16, torch.float16 or torch.float32, "
+                f"got {got}{hint}"
             )
     if weight_transposed:
         raise ValueError("weight_transposed: weights to train are [E, 2I, H] and [E, H, I] (weight_transposed=False)")
@@ -177,15 +188,16 @@ def _gather_rows(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) 
 
 
 def _transposed_gemm(rows, quantized_rows, weight, weight_scale, m_sizes, expert_of_row, weight_transposed,
-                     out_dtype):  # fmt: skip
+                     out_dtype, keep_transpose=True):  # fmt: skip
     """``rows @ W_e`` (the input gradient of ``x @ W_e.T``) in FP8, ``W_e`` the forward's ``[N, K]`` weight, through
     ``grouped_forward_fp8``. Hopper's fp8 MMA reads both operands K-major, here N-major: the weight's transpose in
     memory, ``[E, K, N]``, which a ``weight_transposed`` weight already is, and which ``_transposed_in_memory`` makes
-    once otherwise. A block scale is the same block's in either orientation; the rows come ``quantized_rows``, ``(values,
+    once otherwise (and keeps, unless ``keep_transpose`` is False: the per-call copies of weights to train, dropped
+    once read). A block scale is the same block's in either orientation; the rows come ``quantized_rows``, ``(values,
     scale)``, or are quantized here. A per-output-channel scale ``[E, N]`` scales this GEMM's reduction instead: it
     multiplies ``rows`` before they are quantized, and the weight is read with unit block scales."""
     if not weight_transposed:
-        weight = _transposed_in_memory(weight)
+        weight = _transposed_in_memory(weight) if keep_transpose else weight.transpose(1, 2).contiguous()
         weight_scale = weight_scale.transpose(1, 2).contiguous() if weight_scale.dim() == 3 else weight_scale
     if weight_scale.dim() == 2:
         channel_scale = weight_scale.index_select(0, expert_of_row.clamp(max=weight.shape[0] - 1))
@@ -234,7 +246,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
             ctx.weight_dtypes = (gate_up_proj.dtype, down_proj.dtype)
             gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj)
             down_proj, down_proj_scale = quantize_fp8_weight(down_proj)
-            saved_hidden = hidden if ctx.needs_input_grad[3] or ctx.needs_input_grad[5] else None
+            saved_hidden = hidden if ctx.needs_input_grad[3] else None  # gate_up_proj's gradient reads it
         return _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
                         down_proj_scale, options, saved_hidden)  # fmt: skip
 
@@ -256,8 +268,9 @@ class _ExpertsFP8Function(torch.autograd.Function):
             grad_rows, quantized_rows = grad_out.index_select(0, token_of_row), None
         else:
             grad_rows, quantized_rows = None, _gather_rows(*quantize_fp8(grad_out), token_of_row)
+        keep = ctx.weight_dtypes is None  # fp8 weights kept across steps, not this call's copies
         grad_activated = _transposed_gemm(grad_rows, quantized_rows, down_proj, down_proj_scale, m_sizes,
-                                          expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
+                                          expert_of_row, weight_transposed, grad_out.dtype, keep)  # fmt: skip
         del grad_rows, quantized_rows
         if isinstance(act, str):
             if _ops.gated_activation_kernel_applies(gate_up, act):
@@ -288,7 +301,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
         del weighted_activated
         if needs[0]:
             grad_x_sorted = _transposed_gemm(grad_gate_up, None, gate_up_proj, gate_up_proj_scale, m_sizes,
-                                             expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
+                                             expert_of_row, weight_transposed, grad_out.dtype, keep)  # fmt: skip
             grads[0] = _sum_token_rows(grad_x_sorted, row_of_pair, ids, num_experts)
             del grad_x_sorted
         if trains and needs[3]:
@@ -298,17 +311,27 @@ class _ExpertsFP8Function(torch.autograd.Function):
 
 
 def _weight_gradient(x, grad_y, m_sizes, x_rows, grad_y_rows):
-    """``grad_W[e] = grad_y_e.T @ x_e`` over each expert's rows, one operand's rows read in place (``x_rows`` or
-    ``grad_y_rows``: ``grouped_mm_wgrad_gather``), in the dtype of ``x``: the CUDA kernel where it takes the operands,
-    else PyTorch ops (float32 rows, rows whose layout the kernel refuses)."""
-    op = _ops.gemm_op("grouped_mm_wgrad_gather", x.device)
+    """``grad_W[e] = grad_y_e.T @ x_e`` over each expert's rows, in the dtype of ``x``; the rows of one operand are
+    those of a source at ``x_rows`` or ``grad_y_rows``. The CUDA kernel reads them in place where
+    ``_ops.gather_in_wgrad`` finds that faster than a copy (as the bf16 layer's backward), from a copy otherwise;
+    PyTorch ops where the kernel does not take the operands (float32, or rows whose layout it refuses)."""
+    source, rows = (x, x_rows) if x_rows is not None else (grad_y, grad_y_rows)
+    other = grad_y if x_rows is not None else x
     kernel_takes = (
         x.dtype in _validation.GEMM_DTYPES
-        and _validation.kernel_layout_problem(x) is None
-        and _validation.kernel_layout_problem(grad_y) is None
+        and _validation.kernel_layout_problem(source) is None
+        and _validation.kernel_layout_problem(other) is None
     )
     if x.is_cuda and not kernel_takes:
         op = _ops.grouped_mm_wgrad_gather_torch
+    elif x.is_cuda and not _ops.gather_in_wgrad(rows.shape[0], m_sizes.shape[0], other.shape[1],
+                                                 gathered_is_l=x_rows is None):  # fmt: skip
+        copied = source.index_select(0, rows)
+        x, grad_y = (copied, grad_y) if x_rows is not None else (x, copied)
+        x_rows = grad_y_rows = None
+        op = _ops.gemm_op("grouped_mm_wgrad_gather", x.device)
+    else:
+        op = _ops.gemm_op("grouped_mm_wgrad_gather", x.device)
     return _ops.call_below_autograd(op, x, grad_y.contiguous(), m_sizes, False, x_rows, grad_y_rows)
 
 
@@ -322,27 +345,33 @@ def _describe(value) -> str:
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
+# quantize_fp8_weight's float32 copies: at most this many elements at a time (DeepSeek-V3's gate_up_proj whole would
+# take 30 GB).
+QUANTIZE_CHUNK_ELEMENTS = 1 << 28
+
+
 def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight_fp8, weight_scale)`` of an ``[E, N, K]`` weight: float8_e4m3fn values and float32 scales
     ``[E, ceil(N / 128), ceil(K / 128)]``, one per 128 x 128 block (the last ones partial), ``amax / 448`` floored as
-    ``quantize_fp8``'s, the layout of DeepSeek-V3's ``weight_scale_inv``. In PyTorch ops, a few experts at a time
-    (float32 copies of at most 2^28 elements: DeepSeek-V3's gate_up_proj whole would take 30 GB); an ``[E, K, N]``
-    weight quantized this way is ``weight_transposed``'s layout with its blocks (``grouped_forward_fp8``)."""
+    ``quantize_fp8``'s, the layout of DeepSeek-V3's ``weight_scale_inv``. In PyTorch ops, on a float32 copy of a few
+    experts at a time (``QUANTIZE_CHUNK_ELEMENTS``, padded to whole blocks); an ``[E, K, N]`` weight quantized this way
+    is ``weight_transposed``'s layout with its blocks (``grouped_forward_fp8``)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.is_floating_point():
         raise ValueError(f"weight: expected a 3-D float tensor [E, N, K], got {_describe(weight)}")
     num_experts, n, k = weight.shape
     blocks_n, blocks_k = _validation.fp8_groups(n), _validation.fp8_groups(k)
     values = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     scale = torch.empty(num_experts, blocks_n, blocks_k, dtype=torch.float32, device=weight.device)
-    chunk = max(1, (1 << 28) // max(1, blocks_n * blocks_k * 128 * 128))
+    chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, blocks_n * blocks_k * 128 * 128))
     padding = (0, blocks_k * 128 - k, 0, blocks_n * 128 - n)
     for first in range(0, num_experts, chunk):
-        experts = slice(first, min(first + chunk, num_experts))
-        padded = torch.nn.functional.pad(weight[experts].detach().float(), padding)
-        blocks = padded.view(-1, blocks_n, 128, blocks_k, 128)
+        count = min(chunk, num_experts - first)
+        experts = slice(first, first + count)
+        blocks = torch.nn.functional.pad(weight[experts].detach().float(), padding)
+        blocks = blocks.view(count, blocks_n, 128, blocks_k, 128)
         scale[experts] = _ops.fp8_scale(blocks.abs().amax(dim=(2, 4)))
-        quotient = (blocks / scale[experts][:, :, None, :, None]).clamp(-_ops.FP8_MAX, _ops.FP8_MAX)
-        values[experts] = quotient.view(-1, blocks_n * 128, blocks_k * 128)[:, :n, :k]
+        blocks.div_(scale[experts][:, :, None, :, None]).clamp_(-_ops.FP8_MAX, _ops.FP8_MAX)
+        values[experts] = blocks.view(count, blocks_n * 128, blocks_k * 128)[:, :n, :k]
     return values, scale
 
 
@@ -388,13 +417,27 @@ class MoEExpertsFP8(nn.Module):
                 f"intermediate_size={self.intermediate_size}, act={act}, weights float8_e4m3fn in 128 x 128 blocks")
 
 
-class MoEExpertsFP8Training(MoEExperts):
-    """``MoEExperts`` trained in FP8: its parameters stay what they are (the master weights, in their dtype); each
-    forward quantizes them in 128 x 128 blocks and runs ``experts_forward_fp8`` on them, so the forward and the input
-    gradient run in FP8 and the weight gradients in the dtype of ``hidden`` (module docstring). ``from_experts``
-    takes a ``MoEExperts``' parameters themselves, not copies: ``layer.experts =
-    MoEExpertsFP8Training.from_experts(layer.experts)`` trains a ``moe_gemm.MoE``'s experts in FP8 with the same
-    parameters (an optimizer built before keeps them). No biases (the FP8 layer has none yet)."""
+class MoEExpertsFP8Training(_StackedExperts):
+    """Experts trained in FP8, ``MoEExperts``' parameters and layouts: they stay what they are (the master weights, in
+    their dtype); each forward quantizes them in 128 x 128 blocks and runs ``experts_forward_fp8`` on them, so the
+    forward and the input gradient run in FP8, and the weight gradients are computed in the dtype of ``hidden`` (the
+    parameters'), from unquantized rows (module docstring). ``from_experts`` takes a ``MoEExperts``' parameters
+    themselves, not copies: ``layer.experts = MoEExpertsFP8Training.from_experts(layer.experts)`` trains a
+    ``moe_gemm.MoE``'s experts in FP8 with the same parameters (an optimizer built before keeps them). No biases (the
+    FP8 layer has none yet). Not a ``MoEExperts``: ``moe_gemm.distributed.expert_parallel`` leaves it alone."""
+
+    def __init__(
+        self,
+        *,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str | Callable[[torch.Tensor], torch.Tensor] = "silu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__(num_experts, hidden_size, intermediate_size, act, False, device, dtype)
+        self.num_experts = num_experts
 
     @classmethod
     def from_experts(cls, experts: MoEExperts) -> "MoEExpertsFP8Training":
@@ -410,11 +453,9 @@ class MoEExpertsFP8Training(MoEExperts):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         _check_module_input(self, hidden, self.gate_up_proj)
-        if self.down_proj_bias is not None:
-            raise ValueError("MoEExpertsFP8Training: experts with biases are not supported in FP8 yet")
         return experts_forward_fp8(hidden, top_k_index, top_k_weights, self.gate_up_proj, None, self.down_proj, None,
                                    act=self._layer_act())  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, forward and input gradient in FP8 (128 x 128 weight blocks)"
-
+        return (f"num_experts={self.num_experts}, {self._sizes_repr()}, forward and input gradient in FP8 (128 x 128 "
+                "weight blocks)")

@@ -304,7 +304,7 @@ def test_bad_arguments_raise():
         experts_forward_fp8(hidden, ids[:3], weights, **fp8)
     with pytest.raises(ValueError, match="act must be one of"):
         experts_forward_fp8(hidden, ids, weights, **fp8, act="relu")
-    with pytest.raises(ValueError, match="down_proj_scale: experts_forward_fp8 computes no gradient for its fp8"):
+    with pytest.raises(ValueError, match="down_proj_scale: experts_forward_fp8 computes no gradient for fp8 weights"):
         experts_forward_fp8(hidden, ids, weights, **(fp8 | {"down_proj_scale": fp8["down_proj_scale"].detach().requires_grad_()}))
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         experts_forward_fp8(hidden.detach(), ids, weights, **(fp8 | {"down_proj": fp8["down_proj"].float()}))
