@@ -134,6 +134,7 @@ def test_the_module_trains_the_experts_own_parameters():
     optimizer = torch.optim.SGD(experts.parameters(), lr=0.1)
     trained = MoEExpertsFP8Training.from_experts(experts)
     assert trained.gate_up_proj is experts.gate_up_proj and trained.down_proj is experts.down_proj
+    assert not isinstance(trained, moe_gemm.MoEExperts)  # expert_parallel() would make it a bf16 layer again
     hidden = torch.randn(32, 256, dtype=torch.bfloat16)
     ids = torch.randint(0, 4, (32, 2))
     weights = torch.rand(32, 2)
