@@ -6,7 +6,11 @@ two input-gradient GEMMs cost what the two forward GEMMs do). The first backward
 which the warm-up covers. Peak memory: the CUDA memory allocated during one forward+backward above what was allocated
 before it (weights, inputs and, for fp8, the kept transposes, which are reported apart).
 
-    python scripts/fp8_layer_ab.py [--configs qwen3-30b-a3b deepseek-v3] [--tokens 16384 4096]
+    python scripts/fp8_layer_ab.py [--configs qwen3-30b-a3b deepseek-v3] [--tokens 16384 4096] [--train]
+
+With ``--train`` the experts train in both: ``MoEExperts`` in bf16 against ``MoEExpertsFP8Training`` on the same
+parameters (each step quantizes them; forward and input gradient in FP8, weight gradients in bf16), forward+backward
+then ``18*T*K*d*n``, peak memory with the weight gradients.
 """
 import argparse
 
@@ -47,23 +51,50 @@ def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, fl
     return times
 
 
+def measure_training(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float, float]]:
+    """``{"bf16": (fwd_ms, fwd_bwd_ms, peak_gb), "fp8": ...}`` with every gradient, the weights' included."""
+    bf16 = moe_gemm.MoEExperts(num_experts=E, hidden_size=d, intermediate_size=n, device="cuda", dtype=torch.bfloat16)
+    fp8 = moe_gemm.MoEExpertsFP8Training.from_experts(bf16)
+    hidden = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
+    weights = torch.rand(T, K, device="cuda", requires_grad=True)
+    grad_out = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    differentiable = (hidden, weights, bf16.gate_up_proj, bf16.down_proj)
+    times = {}
+    for name, experts in (("bf16", bf16), ("fp8", fp8)):
+
+        def forward(experts=experts):
+            with torch.no_grad():
+                return experts(hidden, ids, weights)
+
+        def step(experts=experts):
+            for tensor in differentiable:
+                tensor.grad = None
+            experts(hidden, ids, weights).backward(grad_out)
+
+        times[name] = (timing.bench_ms(forward), timing.bench_ms(step), peak_gb(step, differentiable, hidden.device))
+    return times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[16384, 4096], help="T per config, in order")
+    parser.add_argument("--train", action="store_true", help="the weights train too (module docstring)")
     args = parser.parse_args()
     configs = load_layer_configs()["configs"]
     print(f"# {moe_gemm.build_info()}; {torch.cuda.get_device_name()}")
     for name, tokens in zip(args.configs, args.tokens):
         config = configs[name] | {"T": tokens}
-        times = measure(**config)
+        times = measure_training(**config) if args.train else measure(**config)
         flops = 6 * tokens * config["K"] * config["d"] * config["n"]
-        transposes = times.pop("transposes_gb")
+        step_flops = (3 if args.train else 2) * flops
+        transposes = times.pop("transposes_gb", None)
         cells = [f"{impl} fwd {fwd:.3f} ms ({flops / fwd / 1e9:.0f} TFLOP/s), fwd+bwd {both:.3f} ms "
-                 f"({2 * flops / both / 1e9:.0f}), peak {peak:.2f} GB" for impl, (fwd, both, peak) in times.items()]  # fmt: skip
+                 f"({step_flops / both / 1e9:.0f}), peak {peak:.2f} GB" for impl, (fwd, both, peak) in times.items()]  # fmt: skip
         speedup = [times["bf16"][i] / times["fp8"][i] for i in range(2)]
-        print(f"{name} T={tokens}: {'; '.join(cells)}; fp8 speedup {speedup[0]:.2f}x / {speedup[1]:.2f}x; "
-              f"fp8 transposes kept {transposes:.2f} GB")
+        kept = "" if transposes is None else f"; fp8 transposes kept {transposes:.2f} GB"
+        print(f"{name} T={tokens}: {'; '.join(cells)}; fp8 speedup {speedup[0]:.2f}x / {speedup[1]:.2f}x{kept}")
     return 0
 
 
