@@ -26,7 +26,8 @@ pre-activation as in the bf16 layer (``layer.gated_activation_backward``; the ro
 ``<grad_activated, activated>`` per row), and the pre-activation's gradient is quantized for the up GEMM's
 transpose. A per-output-channel weight scale scales the reduction of the transposed GEMM, so it is folded into the
 gradient rows before they are quantized. Saved for the backward: the routing, the pre-activation ``[T * k, 2I]``,
-and for trained weights their fp8 copies and ``hidden`` itself. An fp8 weight or scale that requires grad raises.
+and for weights to train ``hidden`` itself (the backward quantizes their transposes from the master weights). An fp8
+weight or scale that requires grad raises.
 """
 
 import functools
@@ -151,9 +152,10 @@ def _check_trained_weights(weights: dict, weight_transposed: bool) -> bool:
 
 
 def _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
-             options, saved_hidden=None):  # fmt: skip
-    """The forward on fp8 weights; saves what the backward needs on ``ctx`` unless it is None (``saved_hidden``
-    too: ``hidden`` where the weights train, else None)."""
+             options, trained=None):  # fmt: skip
+    """The forward on fp8 weights; saves what the backward needs on ``ctx`` unless it is None. Weights to train pass
+    ``trained``, ``(hidden or None, gate_up_proj, down_proj)``, saved instead of the fp8 weights and their scales:
+    the backward quantizes the master weights' transposes itself."""
     act, weight_transposed, concatenated = options
     num_experts, top_k = gate_up_proj.shape[0], top_k_index.shape[1]
     hidden_fp8, hidden_scale = quantize_fp8(hidden)
@@ -167,9 +169,11 @@ def _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj
     gate_up = grouped_forward_fp8(x_fp8, x_scale, gate_up_proj, gate_up_proj_scale, m_sizes, **fp8)
     activated = gated_activation(gate_up, act, concatenated) if isinstance(act, str) else act(gate_up)
     if ctx is not None:
-        ctx.save_for_backward(top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
-                              down_proj_scale, gate_up, m_sizes, expert_of_row, pair_of_row, token_of_row,
-                              row_of_pair, saved_hidden)  # fmt: skip
+        saved_hidden, weights = None, (gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale)
+        if trained is not None:
+            saved_hidden, weights = trained[0], (trained[1], None, trained[2], None)
+        ctx.save_for_backward(top_k_weights, top_k_index, *weights, gate_up, m_sizes, expert_of_row, pair_of_row,
+                              token_of_row, row_of_pair, saved_hidden)  # fmt: skip
         ctx.options = options
     del gate_up
     activated_fp8, activated_scale = quantize_fp8(activated)
@@ -188,16 +192,15 @@ def _gather_rows(values: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor) 
 
 
 def _transposed_gemm(rows, quantized_rows, weight, weight_scale, m_sizes, expert_of_row, weight_transposed,
-                     out_dtype, keep_transpose=True):  # fmt: skip
+                     out_dtype):  # fmt: skip
     """``rows @ W_e`` (the input gradient of ``x @ W_e.T``) in FP8, ``W_e`` the forward's ``[N, K]`` weight, through
     ``grouped_forward_fp8``. Hopper's fp8 MMA reads both operands K-major, here N-major: the weight's transpose in
     memory, ``[E, K, N]``, which a ``weight_transposed`` weight already is, and which ``_transposed_in_memory`` makes
-    once otherwise (and keeps, unless ``keep_transpose`` is False: the per-call copies of weights to train, dropped
-    once read). A block scale is the same block's in either orientation; the rows come ``quantized_rows``, ``(values,
+    once otherwise. A block scale is the same block's in either orientation; the rows come ``quantized_rows``, ``(values,
     scale)``, or are quantized here. A per-output-channel scale ``[E, N]`` scales this GEMM's reduction instead: it
     multiplies ``rows`` before they are quantized, and the weight is read with unit block scales."""
     if not weight_transposed:
-        weight = _transposed_in_memory(weight) if keep_transpose else weight.transpose(1, 2).contiguous()
+        weight = _transposed_in_memory(weight)
         weight_scale = weight_scale.transpose(1, 2).contiguous() if weight_scale.dim() == 3 else weight_scale
     if weight_scale.dim() == 2:
         channel_scale = weight_scale.index_select(0, expert_of_row.clamp(max=weight.shape[0] - 1))
@@ -240,15 +243,15 @@ class _ExpertsFP8Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
                 down_proj_scale, options):  # fmt: skip
-        ctx.weight_dtypes = None
-        saved_hidden = None
+        ctx.weight_dtypes = trained = None
         if gate_up_proj_scale is None:  # weights to train
             ctx.weight_dtypes = (gate_up_proj.dtype, down_proj.dtype)
+            # gate_up_proj's gradient reads hidden; the backward quantizes the transposes of the master weights.
+            trained = (hidden if ctx.needs_input_grad[3] else None, gate_up_proj, down_proj)
             gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj)
             down_proj, down_proj_scale = quantize_fp8_weight(down_proj)
-            saved_hidden = hidden if ctx.needs_input_grad[3] else None  # gate_up_proj's gradient reads it
         return _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
-                        down_proj_scale, options, saved_hidden)  # fmt: skip
+                        down_proj_scale, options, trained)  # fmt: skip
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -257,7 +260,13 @@ class _ExpertsFP8Function(torch.autograd.Function):
          expert_of_row, pair_of_row, token_of_row, row_of_pair, hidden) = ctx.saved_tensors  # fmt: skip
         act, weight_transposed, concatenated = ctx.options
         needs = ctx.needs_input_grad
-        trains = ctx.weight_dtypes is not None and (needs[3] or needs[5])
+        trains = ctx.weight_dtypes is not None
+        if trains:
+            # The transposes' 128 x 128 blocks are the weights' own, so this is the forward's quantization,
+            # transposed in memory ([E, K, N]: weight_transposed's layout), made from the master weights.
+            gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj.transpose(1, 2))
+            down_proj, down_proj_scale = quantize_fp8_weight(down_proj.transpose(1, 2))
+            weight_transposed = True
         num_experts = gate_up_proj.shape[0]
         valid_pair = valid_pairs(ids, num_experts)
         row_weights = torch.where(valid_pair, top_k_weights.float(), 0).view(-1).index_select(0, pair_of_row)
@@ -268,10 +277,9 @@ class _ExpertsFP8Function(torch.autograd.Function):
             grad_rows, quantized_rows = grad_out.index_select(0, token_of_row), None
         else:
             grad_rows, quantized_rows = None, _gather_rows(*quantize_fp8(grad_out), token_of_row)
-        keep = ctx.weight_dtypes is None  # fp8 weights kept across steps, not this call's copies
         grad_activated = _transposed_gemm(grad_rows, quantized_rows, down_proj, down_proj_scale, m_sizes,
-                                          expert_of_row, weight_transposed, grad_out.dtype, keep)  # fmt: skip
-        del grad_rows, quantized_rows
+                                          expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
+        del grad_rows, quantized_rows, down_proj
         if isinstance(act, str):
             if _ops.gated_activation_kernel_applies(gate_up, act):
                 backward = _ops.gated_activation_backward_kernel
@@ -301,7 +309,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
         del weighted_activated
         if needs[0]:
             grad_x_sorted = _transposed_gemm(grad_gate_up, None, gate_up_proj, gate_up_proj_scale, m_sizes,
-                                             expert_of_row, weight_transposed, grad_out.dtype, keep)  # fmt: skip
+                                             expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
             grads[0] = _sum_token_rows(grad_x_sorted, row_of_pair, ids, num_experts)
             del grad_x_sorted
         if trains and needs[3]:
