@@ -371,12 +371,13 @@ def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     values = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     scale = torch.empty(num_experts, blocks_n, blocks_k, dtype=torch.float32, device=weight.device)
     chunk = max(1, QUANTIZE_CHUNK_ELEMENTS // max(1, blocks_n * blocks_k * 128 * 128))
-    padding = (0, blocks_k * 128 - k, 0, blocks_n * 128 - n)
     for first in range(0, num_experts, chunk):
         count = min(chunk, num_experts - first)
         experts = slice(first, first + count)
-        blocks = torch.nn.functional.pad(weight[experts].detach().float(), padding)
-        blocks = blocks.view(count, blocks_n, 128, blocks_k, 128)
+        # A float32 copy padded with zeros to whole blocks, never the weight itself (the division below is in place).
+        padded = torch.zeros(count, blocks_n * 128, blocks_k * 128, dtype=torch.float32, device=weight.device)
+        padded[:, :n, :k] = weight[experts].detach()
+        blocks = padded.view(count, blocks_n, 128, blocks_k, 128)
         scale[experts] = _ops.fp8_scale(blocks.abs().amax(dim=(2, 4)))
         blocks.div_(scale[experts][:, :, None, :, None]).clamp_(-_ops.FP8_MAX, _ops.FP8_MAX)
         values[experts] = blocks.view(count, blocks_n * 128, blocks_k * 128)[:, :n, :k]

@@ -102,6 +102,13 @@ def test_the_weights_are_quantized_a_few_experts_at_a_time(monkeypatch):
     monkeypatch.setattr(moe_gemm.layer_fp8, "QUANTIZE_CHUNK_ELEMENTS", 2 * 256 * 256)  # two experts' blocks
     chunked = quantize_fp8_weight(weight)
     assert torch.equal(whole[0].view(torch.uint8), chunked[0].view(torch.uint8)) and torch.equal(whole[1], chunked[1])
+    master = torch.randn(2, 256, 128)  # float32, whole blocks: the float32 copy could have been the weight itself
+    before = master.clone()
+    values, scale = quantize_fp8_weight(master)
+    values_t, scale_t = quantize_fp8_weight(master.transpose(1, 2))  # the backward's: the same blocks, transposed
+    assert torch.equal(master, before)
+    assert torch.equal(values.transpose(1, 2).contiguous().view(torch.uint8), values_t.view(torch.uint8))
+    assert torch.equal(scale.transpose(1, 2), scale_t)
     for shape in ((3, 0, 64), (3, 64, 0), (0, 64, 64)):
         values, scale = quantize_fp8_weight(torch.zeros(shape))
         assert values.shape == shape and scale.shape == (shape[0], -(-shape[1] // 128), -(-shape[2] // 128))
