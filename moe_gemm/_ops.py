@@ -667,7 +667,9 @@ def grouped_mm_fp8_cuda(x, x_scale, weight, weight_scale, m_sizes, weight_transp
 
 def _no_fp8_backward(name: str):
     def backward(ctx, *grads):
-        raise RuntimeError(f"moe_gemm::{name} has no backward (no FP8 training yet): detach its inputs")
+        raise RuntimeError(
+            f"moe_gemm::{name} has no backward (FP8 experts train through experts_forward_fp8): detach its inputs"
+        )
 
     return backward
 

@@ -336,8 +336,8 @@ def check_no_grad(function: str, tensors: dict) -> None:
     for name, value in tensors.items():
         if value.requires_grad:
             raise ValueError(
-                f"{name}: {function} has no backward (no FP8 training yet), got a tensor that requires grad; pass "
-                f"{name}.detach() or call it under torch.no_grad()"
+                f"{name}: {function} has no backward (FP8 experts train through experts_forward_fp8), got a "
+                f"tensor that requires grad; pass {name}.detach() or call it under torch.no_grad()"
             )
 
 

@@ -143,8 +143,8 @@ def grouped_forward_fp8(
 
     Returns:
         ``[M, N]`` in ``out_dtype``; rows past ``sum(m_sizes)`` are zero, whatever ``x`` and ``x_scale`` hold there.
-        Not differentiable (no FP8 training yet): an argument that requires grad while grad mode is on raises
-        ValueError, rather than a result silently cut off from the graph.
+        Not differentiable (FP8 experts train through ``experts_forward_fp8``): an argument that requires grad
+        while grad mode is on raises ValueError, rather than a result silently cut off from the graph.
 
     On an sm_90 GPU with the kernels built, ``[E, N, K]`` weights with a bf16 output run the FP8 CUDA kernel, with
     rowwise scales (``x_scale [M]``, ``weight_scale [E, N]``) or blockwise weight scales (either ``x_scale``); the
