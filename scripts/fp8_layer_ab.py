@@ -21,16 +21,21 @@ from moe_gemm.bench import timing
 from moe_gemm.bench.layer import load_layer_configs, peak_gb
 
 
+def layer_inputs(T: int, d: int, E: int, K: int) -> tuple[torch.Tensor, ...]:
+    """``(hidden, ids, weights, grad_out)`` of ``T`` tokens, uniform routing; hidden and weights require grad."""
+    hidden = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
+    weights = torch.rand(T, K, device="cuda", requires_grad=True)
+    return hidden, ids, weights, torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+
+
 def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float, float]]:
     """``{"bf16": (fwd_ms, fwd_bwd_ms, peak_gb), "fp8": ...}`` at ``T`` tokens, uniform routing, and
     ``"transposes_gb"``: the fp8 weights' kept transposes."""
     bf16 = moe_gemm.MoEExperts(num_experts=E, hidden_size=d, intermediate_size=n, device="cuda",
                                dtype=torch.bfloat16).requires_grad_(False)  # fmt: skip
     fp8 = moe_gemm.MoEExpertsFP8.from_experts(bf16)
-    hidden = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ids = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
-    weights = torch.rand(T, K, device="cuda", requires_grad=True)
-    grad_out = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    hidden, ids, weights, grad_out = layer_inputs(T, d, E, K)
     times = {}
     for name, experts in (("bf16", bf16), ("fp8", fp8)):
 
@@ -55,10 +60,7 @@ def measure_training(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[
     """``{"bf16": (fwd_ms, fwd_bwd_ms, peak_gb), "fp8": ...}`` with every gradient, the weights' included."""
     bf16 = moe_gemm.MoEExperts(num_experts=E, hidden_size=d, intermediate_size=n, device="cuda", dtype=torch.bfloat16)
     fp8 = moe_gemm.MoEExpertsFP8Training.from_experts(bf16)
-    hidden = torch.randn(T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ids = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
-    weights = torch.rand(T, K, device="cuda", requires_grad=True)
-    grad_out = torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
+    hidden, ids, weights, grad_out = layer_inputs(T, d, E, K)
     differentiable = (hidden, weights, bf16.gate_up_proj, bf16.down_proj)
     times = {}
     for name, experts in (("bf16", bf16), ("fp8", fp8)):
