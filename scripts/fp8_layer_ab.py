@@ -29,39 +29,15 @@ def layer_inputs(T: int, d: int, E: int, K: int) -> tuple[torch.Tensor, ...]:
     return hidden, ids, weights, torch.randn(T, d, device="cuda", dtype=torch.bfloat16)
 
 
-def measure(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float, float]]:
-    """``{"bf16": (fwd_ms, fwd_bwd_ms, peak_gb), "fp8": ...}`` at ``T`` tokens, uniform routing, and
-    ``"transposes_gb"``: the fp8 weights' kept transposes."""
+def measure(T: int, d: int, n: int, E: int, K: int, train: bool = False) -> dict[str, tuple[float, float, float]]:
+    """``{"bf16": (fwd_ms, fwd_bwd_ms, peak_gb), "fp8": ...}`` at ``T`` tokens, uniform routing. Frozen experts
+    (``MoEExpertsFP8``), with ``"transposes_gb"``: the fp8 weights' kept transposes; or with ``train`` every gradient,
+    the weights' included (``MoEExpertsFP8Training`` on the bf16 experts' parameters)."""
     bf16 = moe_gemm.MoEExperts(num_experts=E, hidden_size=d, intermediate_size=n, device="cuda",
-                               dtype=torch.bfloat16).requires_grad_(False)  # fmt: skip
-    fp8 = moe_gemm.MoEExpertsFP8.from_experts(bf16)
+                               dtype=torch.bfloat16).requires_grad_(train)  # fmt: skip
+    fp8 = (moe_gemm.MoEExpertsFP8Training if train else moe_gemm.MoEExpertsFP8).from_experts(bf16)
     hidden, ids, weights, grad_out = layer_inputs(T, d, E, K)
-    times = {}
-    for name, experts in (("bf16", bf16), ("fp8", fp8)):
-
-        def forward(experts=experts):
-            with torch.no_grad():
-                return experts(hidden, ids, weights)
-
-        def step(experts=experts):
-            hidden.grad = weights.grad = None
-            experts(hidden, ids, weights).backward(grad_out)
-
-        allocated = torch.cuda.memory_allocated()
-        fwd_ms, step_ms = timing.bench_ms(forward), timing.bench_ms(step)
-        times[name] = (fwd_ms, step_ms, peak_gb(step, (hidden, weights), hidden.device))
-        hidden.grad = weights.grad = None
-        if name == "fp8":  # the first backward made the transposes, which stay
-            times["transposes_gb"] = (torch.cuda.memory_allocated() - allocated) / 1e9
-    return times
-
-
-def measure_training(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[float, float, float]]:
-    """``{"bf16": (fwd_ms, fwd_bwd_ms, peak_gb), "fp8": ...}`` with every gradient, the weights' included."""
-    bf16 = moe_gemm.MoEExperts(num_experts=E, hidden_size=d, intermediate_size=n, device="cuda", dtype=torch.bfloat16)
-    fp8 = moe_gemm.MoEExpertsFP8Training.from_experts(bf16)
-    hidden, ids, weights, grad_out = layer_inputs(T, d, E, K)
-    differentiable = (hidden, weights, bf16.gate_up_proj, bf16.down_proj)
+    differentiable = (hidden, weights, bf16.gate_up_proj, bf16.down_proj) if train else (hidden, weights)
     times = {}
     for name, experts in (("bf16", bf16), ("fp8", fp8)):
 
@@ -74,7 +50,13 @@ def measure_training(T: int, d: int, n: int, E: int, K: int) -> dict[str, tuple[
                 tensor.grad = None
             experts(hidden, ids, weights).backward(grad_out)
 
-        times[name] = (timing.bench_ms(forward), timing.bench_ms(step), peak_gb(step, differentiable, hidden.device))
+        allocated = torch.cuda.memory_allocated()
+        fwd_ms, step_ms = timing.bench_ms(forward), timing.bench_ms(step)
+        times[name] = (fwd_ms, step_ms, peak_gb(step, differentiable, hidden.device))
+        for tensor in differentiable:
+            tensor.grad = None
+        if name == "fp8" and not train:  # the first backward made the transposes, which stay
+            times["transposes_gb"] = (torch.cuda.memory_allocated() - allocated) / 1e9
     return times
 
 
@@ -88,7 +70,7 @@ def main() -> int:
     print(f"# {moe_gemm.build_info()}; {torch.cuda.get_device_name()}")
     for name, tokens in zip(args.configs, args.tokens):
         config = configs[name] | {"T": tokens}
-        times = measure_training(**config) if args.train else measure(**config)
+        times = measure(**config, train=args.train)
         flops = 6 * tokens * config["K"] * config["d"] * config["n"]
         step_flops = (3 if args.train else 2) * flops
         transposes = times.pop("transposes_gb", None)
