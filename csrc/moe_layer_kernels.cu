@@ -1,5 +1,6 @@
-// The MoE layer's small kernels: dispatch (a stable counting sort of the (token, slot) pairs by expert),
-// the gated activation and its backward, combine, and the FP8 quantization of activations. See moe_layer_kernels.h for what each computes.
+// The MoE layer's small kernels: dispatch (a stable counting sort of the (token, slot) pairs by expert), the gated
+// activation and its backward, combine, and the FP8 quantization of activations and of expert weights. See
+// moe_layer_kernels.h for what each computes.
 //
 // NOTES: at decode sizes these replace about twenty-five PyTorch ops (each a few microseconds of host time)
 // by three launches; at prefill sizes they read and write each activation once instead of once per op.
@@ -473,6 +474,108 @@ __global__ void moe_quantize_fp8_rows_kernel(QuantizeFp8Params const params) {
   }
 }
 
+// QuantizeFp8WeightParams: thread block (j, i, e) quantizes block (e, i, j) of the stored weight.
+constexpr int kWeightBlock = 128;
+constexpr int kWeightThreads = 256;
+
+template <typename Element>
+struct alignas(16) WeightVector {
+  Element values[16 / sizeof(Element)];
+};
+
+template <typename Element, bool kTransposed>
+__global__ void __launch_bounds__(kWeightThreads) moe_quantize_fp8_weight_kernel(QuantizeFp8WeightParams const params) {
+  constexpr int kWidth = 16 / sizeof(Element);  // values per vector: 8 of a 16-bit type, 4 floats
+  constexpr int kVectorsPerRow = kWeightBlock / kWidth;
+  constexpr int kVectorsPerThread = kWeightBlock * kVectorsPerRow / kWeightThreads;
+  __shared__ float warp_amax[kWeightThreads / kWarpSize];
+  // The quantized block as stored, [a][b], for the transposed writes.
+  __shared__ alignas(16) uint8_t tile[kTransposed ? kWeightBlock * kWeightBlock : 16];
+  int64_t const e = blockIdx.z;
+  int64_t const a0 = int64_t(blockIdx.y) * kWeightBlock;
+  int64_t const b0 = int64_t(blockIdx.x) * kWeightBlock;
+  Element const* weight = static_cast<Element const*>(params.weight) + e * params.stride_e;
+  // All loads first, so that each thread has kVectorsPerThread of them in flight. A vector lies wholly inside the
+  // weight or wholly past its edge (B is a multiple of 8); past it, zeros, as the PyTorch path's padding.
+  WeightVector<Element> loaded[kVectorsPerThread];
+#pragma unroll
+  for (int i = 0; i < kVectorsPerThread; ++i) {
+    int const v = threadIdx.x + i * kWeightThreads;
+    int64_t const a = a0 + v / kVectorsPerRow, b = b0 + (v % kVectorsPerRow) * kWidth;
+    if (a < params.A && b < params.B) {
+      loaded[i] = *reinterpret_cast<WeightVector<Element> const*>(weight + a * params.stride_a + b);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) {
+        loaded[i].values[j] = from_float<Element>(0.0f);
+      }
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVectorsPerThread; ++i) {
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      amax = nan_max(amax, fabsf(to_float(loaded[i].values[j])));
+    }
+  }
+  amax = warp_nan_max(amax);
+  if (threadIdx.x % kWarpSize == 0) {
+    warp_amax[threadIdx.x / kWarpSize] = amax;
+  }
+  __syncthreads();
+  amax = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWeightThreads / kWarpSize; ++w) {
+    amax = nan_max(amax, warp_amax[w]);
+  }
+  float const scale = fp8_scale(amax);
+  if (threadIdx.x == 0) {
+    int64_t const block = kTransposed ? (e * gridDim.x + blockIdx.x) * gridDim.y + blockIdx.y
+                                      : (e * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    params.scale[block] = scale;
+  }
+  using Packed = std::conditional_t<kWidth == 8, uint2, uint32_t>;  // kWidth fp8 values
+#pragma unroll
+  for (int i = 0; i < kVectorsPerThread; ++i) {
+    uint32_t words[kWidth / 4] = {};
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) {
+      words[j / 4] |= uint32_t(to_e4m3(__fdiv_rn(to_float(loaded[i].values[j]), scale))) << (8 * (j % 4));
+    }
+    int const v = threadIdx.x + i * kWeightThreads;
+    int const a = v / kVectorsPerRow, b = (v % kVectorsPerRow) * kWidth;
+    if constexpr (kTransposed) {
+      *reinterpret_cast<Packed*>(tile + a * kWeightBlock + b) = *reinterpret_cast<Packed const*>(words);
+    } else if (a0 + a < params.A && b0 + b < params.B) {
+      *reinterpret_cast<Packed*>(params.values + (e * params.A + a0 + a) * params.B + b0 + b) =
+          *reinterpret_cast<Packed const*>(words);
+    }
+  }
+  if constexpr (kTransposed) {
+    __syncthreads();
+    // Thread t writes column b = t % 128 of the stored block, rows a .. a + 7 for eight a in its half: a warp's
+    // shared-memory reads are 32 consecutive bytes of one row; its stores, 8 bytes into each of 32 output rows.
+    int const b = threadIdx.x % kWeightBlock;
+    if (b0 + b >= params.B) {
+      return;
+    }
+    constexpr int kHalf = kWeightBlock / (kWeightThreads / kWeightBlock);
+    for (int a = (threadIdx.x / kWeightBlock) * kHalf; a < (threadIdx.x / kWeightBlock + 1) * kHalf; a += 8) {
+      if (a0 + a >= params.A) {
+        break;
+      }
+      uint32_t words[2] = {};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        words[j / 4] |= uint32_t(tile[(a + j) * kWeightBlock + b]) << (8 * (j % 4));
+      }
+      *reinterpret_cast<uint2*>(params.values + (e * params.B + b0 + b) * params.A + a0 + a) =
+          make_uint2(words[0], words[1]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Type dispatch
 
@@ -656,6 +759,29 @@ cudaError_t run_quantize_fp8(QuantizeFp8Params const& params, cudaStream_t strea
       constexpr int kWarps = kThreads / kWarpSize;
       int const blocks = static_cast<int>(std::min<int64_t>((items + kWarps - 1) / kWarps, 65536));
       moe_quantize_fp8_groups_kernel<Element><<<blocks, kThreads, 0, stream>>>(params);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t run_quantize_fp8_weight(QuantizeFp8WeightParams const& params, cudaStream_t stream) {
+  if (params.E == 0 || params.A == 0 || params.B == 0) {
+    return cudaSuccess;
+  }
+  int64_t const blocks_a = (params.A + kWeightBlock - 1) / kWeightBlock;
+  int64_t const blocks_b = (params.B + kWeightBlock - 1) / kWeightBlock;
+  bool const aligned = reinterpret_cast<uintptr_t>(params.weight) % 16 == 0 && params.stride_e % 8 == 0 &&
+                       params.stride_a % 8 == 0 && params.B % 8 == 0 && (!params.transposed || params.A % 8 == 0);
+  if (!aligned || params.E > 65535 || blocks_a > 65535 || blocks_b > (int64_t{1} << 31) - 1) {
+    return cudaErrorInvalidValue;
+  }
+  dim3 const grid(unsigned(blocks_b), unsigned(blocks_a), unsigned(params.E));
+  return with_element(params.dtype, [&](auto element) {
+    using Element = decltype(element);
+    if (params.transposed) {
+      moe_quantize_fp8_weight_kernel<Element, true><<<grid, kWeightThreads, 0, stream>>>(params);
+    } else {
+      moe_quantize_fp8_weight_kernel<Element, false><<<grid, kWeightThreads, 0, stream>>>(params);
     }
     return cudaGetLastError();
   });

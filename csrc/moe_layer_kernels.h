@@ -118,6 +118,29 @@ struct QuantizeFp8Params {
   DType dtype = DType::kBFloat16;
 };
 
+// FP8 quantization of expert weights in 128 x 128 blocks, as moe_gemm/layer_fp8.py's quantize_fp8_weight computes it
+// in PyTorch ops, bit for bit: over block (e, i, j) = rows [128 i, 128 i + 128) x columns [128 j, 128 j + 128) of
+// weight[e] (the last blocks partial), scale = max(amax / 448, FLT_MIN) and values = weight / scale saturated to
+// +-448 and rounded to the nearest float8_e4m3fn, as QuantizeFp8Params does per row group. The weight is read as
+// stored, [E, A, B] with B contiguous; with `transposed` the values and scales are written as those of its transpose
+// [E, B, A] (the backward's layout: the blocks are the same, so this is the stored weight's quantization,
+// transposed). E.g. A = 200, B = 72: two blocks per expert, rows 0-127 and 128-199, each one block of columns.
+// One thread block per weight block: each thread loads 16-byte vectors of it into registers, the block reduces the
+// amax, and each thread writes its values, or for `transposed` puts them in shared memory, from where each thread
+// writes eight values of a column of the stored block (a row of the output) at a time.
+struct QuantizeFp8WeightParams {
+  void const* weight = nullptr;  // [E, A, B]: 16-byte aligned, rows stride_a, experts stride_e elements apart
+  int64_t stride_e = 0;          // both multiples of 8
+  int64_t stride_a = 0;
+  uint8_t* values = nullptr;  // float8_e4m3fn [E, A, B], or [E, B, A] when transposed; contiguous
+  float* scale = nullptr;     // [E, ceil(A / 128), ceil(B / 128)], or [E, ceil(B / 128), ceil(A / 128)]; contiguous
+  int64_t E = 0;
+  int64_t A = 0;  // a multiple of 8 when transposed
+  int64_t B = 0;  // a multiple of 8
+  bool transposed = false;
+  DType dtype = DType::kBFloat16;
+};
+
 // Expert parallelism's pull (moe_gemm/distributed.py, SymmetricMemoryTransport): copies blocks of rows out of the
 // peers' symmetric buffers, which this GPU reads over NVLink. For each source s < num_sources, rows i < counts[s]
 // (never more than max_rows) of the block that starts at row src_start[s] of peer s's region go to row
@@ -144,6 +167,7 @@ cudaError_t run_gated_activation(GatedActivationParams const& params, cudaStream
 cudaError_t run_gated_activation_backward(GatedActivationBackwardParams const& params, cudaStream_t stream);
 cudaError_t run_combine(CombineParams const& params, cudaStream_t stream);
 cudaError_t run_quantize_fp8(QuantizeFp8Params const& params, cudaStream_t stream);
+cudaError_t run_quantize_fp8_weight(QuantizeFp8WeightParams const& params, cudaStream_t stream);
 cudaError_t run_pull_rows(PullRowsParams const& params, cudaStream_t stream);
 
 }  // namespace moe_gemm

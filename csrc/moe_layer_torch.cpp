@@ -1,7 +1,7 @@
-// The CUDA kernels of the ops moe_gemm::dispatch_pairs, gated_activation, gated_activation_backward,
-// combine_rows and _quantize_fp8_kernel (their schemas and fake kernels are Python, in moe_gemm/_ops.py): the MoE
-// layer's small kernels of moe_layer_kernels.cu. The layer calls them only where moe_gemm/_ops.py's *_applies (or
-// routers) say they take the arguments; the checks here guard direct calls.
+// The CUDA kernels of the ops moe_gemm::dispatch_pairs, gated_activation, gated_activation_backward, combine_rows,
+// _quantize_fp8_kernel and _quantize_fp8_weight_kernel (their schemas and fake kernels are Python, in
+// moe_gemm/_ops.py): the MoE layer's small kernels of moe_layer_kernels.cu. The layer calls them only where
+// moe_gemm/_ops.py's *_applies (or routers) say they take the arguments; the checks here guard direct calls.
 #include <algorithm>
 #include <array>
 #include <optional>
@@ -189,6 +189,43 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_kernel_cuda(at::Tensor const& x,
   return {x_fp8, scale};
 }
 
+// (values float8_e4m3fn [E, R, C] contiguous, scale float32 [E, ceil(R/128), ceil(C/128)]) of weight [E, R, C]
+// (bf16, fp16 or float32, 16-byte aligned) stored as it is (inner stride 1) or as its transpose (stride 1 along R:
+// the view of a stored [E, C, R], read in place); the stored inner size a multiple of 8, the other strides too, and for
+// a transposed view R as well: quantize_fp8_weight's CUDA kernel (QuantizeFp8WeightParams).
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_weight_kernel_cuda(at::Tensor const& weight) {
+  TORCH_CHECK(weight.dim() == 3, "moe_gemm: weight must be [E, R, C], got ", weight.sizes());
+  int64_t const E = weight.size(0), R = weight.size(1), C = weight.size(2);
+  bool const transposed = weight.stride(2) != 1;
+  TORCH_CHECK(weight.is_cuda() && (!transposed || weight.stride(1) == 1),
+              "moe_gemm: weight must be a CUDA tensor with one of its last two strides 1, got strides ",
+              weight.strides());
+  int64_t const stride_a = transposed ? weight.stride(2) : weight.stride(1);
+  TORCH_CHECK(C % 8 == 0 && R % 8 == 0 && weight.stride(0) % 8 == 0 && stride_a % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+              "moe_gemm: the weight's sizes and strides must be multiples of 8 and its data 16-byte aligned, got ",
+              weight.sizes(), " with strides ", weight.strides());
+  TORCH_CHECK(E <= 65535 && (R + 127) / 128 <= 65535 && (C + 127) / 128 <= 65535,
+              "moe_gemm: at most 65535 experts and 65535 blocks of 128 along each side, got ", weight.sizes());
+  moe_gemm::check_sm90(weight.device(), kOp);
+  c10::cuda::CUDAGuard device_guard(weight.device());
+  at::Tensor values = at::empty({E, R, C}, weight.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scale = at::empty({E, (R + 127) / 128, (C + 127) / 128}, weight.options().dtype(at::kFloat));
+  moe_gemm::QuantizeFp8WeightParams params;
+  params.weight = weight.data_ptr();
+  params.stride_e = weight.stride(0);
+  params.stride_a = stride_a;
+  params.values = static_cast<uint8_t*>(values.data_ptr());
+  params.scale = scale.data_ptr<float>();
+  params.E = E;
+  params.A = transposed ? C : R;
+  params.B = transposed ? R : C;
+  params.transposed = transposed;
+  params.dtype = moe_gemm::to_dtype(weight.scalar_type(), kOp, "weight");
+  C10_CUDA_CHECK(moe_gemm::run_quantize_fp8_weight(params, c10::cuda::getCurrentCUDAStream()));
+  return {values, scale};
+}
+
 }  // namespace
 
 // pull_rows_(out, peer_ptrs, region_offset, src_start, dst_start, counts, max_rows): PullRowsParams, from the device
@@ -230,5 +267,6 @@ TORCH_LIBRARY_IMPL(moe_gemm, CUDA, m) {
   m.impl("gated_activation_backward", &gated_activation_backward_cuda);
   m.impl("combine_rows", &combine_cuda);
   m.impl("_quantize_fp8_kernel", &quantize_fp8_kernel_cuda);
+  m.impl("_quantize_fp8_weight_kernel", &quantize_fp8_weight_kernel_cuda);
   m.impl("pull_rows_", &pull_rows_cuda);
 }

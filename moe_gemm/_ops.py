@@ -114,6 +114,9 @@ SCHEMAS = {
     "quantize_fp8": "(Tensor x, int? group=128) -> (Tensor x_fp8, Tensor x_scale)",
     # quantize_fp8's CUDA kernel (csrc/moe_layer_kernels.h, QuantizeFp8Params), called by its router only.
     "_quantize_fp8_kernel": "(Tensor x, int? group=128) -> (Tensor x_fp8, Tensor x_scale)",
+    # moe_gemm.layer_fp8.quantize_fp8_weight's CUDA kernel (csrc/moe_layer_kernels.h, QuantizeFp8WeightParams), called
+    # where quantize_fp8_weight_kernel_applies.
+    "_quantize_fp8_weight_kernel": "(Tensor weight) -> (Tensor values, Tensor scale)",
     # The CUDA kernel of grouped_mm_fp8's rowwise and blockwise cases, called by its router only (grouped_mm_fp8_cuda).
     "_grouped_mm_fp8_kernel": "(Tensor x, Tensor x_scale, Tensor weight, Tensor w_scale, Tensor m_sizes) -> Tensor",
     "route": (
@@ -690,7 +693,34 @@ def quantize_fp8_cuda(x, group=128):
 
 torch.library.register_kernel("moe_gemm::quantize_fp8", "cpu", quantize_fp8_torch)
 torch.library.register_kernel("moe_gemm::quantize_fp8", "cuda", quantize_fp8_cuda)
-for _name in ("grouped_mm_fp8", "quantize_fp8", "_grouped_mm_fp8_kernel", "_quantize_fp8_kernel"):
+QUANTIZE_FP8_WEIGHT_KERNEL_BUILT = _cuda_kernel_in_extension("_quantize_fp8_weight_kernel")
+
+
+def quantize_fp8_weight_kernel_applies(weight: torch.Tensor) -> bool:
+    """Whether ``_quantize_fp8_weight_kernel`` quantizes this (checked) ``[E, R, C]`` weight: on a GPU whose kernels
+    run, bfloat16, float16 or float32, 16-byte aligned, stored as it is (inner stride 1) or as its transpose (stride 1
+    along R, a view read in place), R and C and the strides multiples of 8 (the kernel reads 16 bytes and writes 8
+    values at a time), at most 65535 experts and 65535 blocks of 128 along R and along C."""
+    num_experts, rows, cols = weight.shape
+    inner = 2 if weight.stride(2) == 1 else 1  # the dimension stored contiguously
+    other = 3 - inner
+    return (
+        QUANTIZE_FP8_WEIGHT_KERNEL_BUILT
+        and use_kernels(weight.device)
+        and weight.dtype in ROUTE_AND_LAYER_KERNEL_DTYPES
+        and weight.stride(inner) == 1
+        and rows % 8 == 0
+        and cols % 8 == 0
+        and weight.stride(0) % 8 == 0
+        and weight.stride(other) % 8 == 0
+        and _validation._is_aligned(weight)
+        and num_experts <= 65535
+        and max(_validation.fp8_groups(rows), _validation.fp8_groups(cols)) <= 65535
+    )
+
+
+for _name in ("grouped_mm_fp8", "quantize_fp8", "_grouped_mm_fp8_kernel", "_quantize_fp8_kernel",
+              "_quantize_fp8_weight_kernel"):  # fmt: skip
     # Without it, torch would backpropagate zeros through the op, with a warning.
     torch.library.register_autograd(f"moe_gemm::{_name}", _no_fp8_backward(_name))
 
@@ -712,6 +742,13 @@ def _quantize_fp8_fake(x, group=128):
     num_rows, k = x.shape
     scale_shape = (num_rows,) if group is None else (num_rows, _validation.fp8_groups(k))
     return x.new_empty(num_rows, k, dtype=torch.float8_e4m3fn), x.new_empty(scale_shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("moe_gemm::_quantize_fp8_weight_kernel")
+def _quantize_fp8_weight_fake(weight):
+    num_experts, rows, cols = weight.shape
+    scale_shape = (num_experts, _validation.fp8_groups(rows), _validation.fp8_groups(cols))
+    return weight.new_empty(weight.shape, dtype=torch.float8_e4m3fn), weight.new_empty(scale_shape, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

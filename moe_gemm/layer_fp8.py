@@ -361,11 +361,20 @@ QUANTIZE_CHUNK_ELEMENTS = 1 << 28
 def quantize_fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight_fp8, weight_scale)`` of an ``[E, N, K]`` weight: float8_e4m3fn values and float32 scales
     ``[E, ceil(N / 128), ceil(K / 128)]``, one per 128 x 128 block (the last ones partial), ``amax / 448`` floored as
-    ``quantize_fp8``'s, the layout of DeepSeek-V3's ``weight_scale_inv``. In PyTorch ops, on a float32 copy of a few
-    experts at a time (``QUANTIZE_CHUNK_ELEMENTS``, padded to whole blocks); an ``[E, K, N]`` weight quantized this way
-    is ``weight_transposed``'s layout with its blocks (``grouped_forward_fp8``)."""
+    ``quantize_fp8``'s, the layout of DeepSeek-V3's ``weight_scale_inv``; an ``[E, K, N]`` weight quantized this way
+    is ``weight_transposed``'s layout with its blocks (``grouped_forward_fp8``). On a GPU whose kernels run, one
+    kernel that also reads a transposed view in place (``_quantize_fp8_weight_kernel``, where
+    ``_ops.quantize_fp8_weight_kernel_applies``); elsewhere ``quantize_fp8_weight_torch``, bit for bit the same."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.is_floating_point():
         raise ValueError(f"weight: expected a 3-D float tensor [E, N, K], got {_describe(weight)}")
+    if _ops.quantize_fp8_weight_kernel_applies(weight):
+        return torch.ops.moe_gemm._quantize_fp8_weight_kernel.default(weight.detach())
+    return quantize_fp8_weight_torch(weight)
+
+
+def quantize_fp8_weight_torch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8_weight`` of a checked weight in PyTorch ops, on a float32 copy of a few experts at a time
+    (``QUANTIZE_CHUNK_ELEMENTS``, padded to whole blocks)."""
     num_experts, n, k = weight.shape
     blocks_n, blocks_k = _validation.fp8_groups(n), _validation.fp8_groups(k)
     values = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)

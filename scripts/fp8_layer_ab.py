@@ -10,7 +10,8 @@ before it (weights, inputs and, for fp8, the kept transposes, which are reported
 
 With ``--train`` the experts train in both: ``MoEExperts`` in bf16 against ``MoEExpertsFP8Training`` on the same
 parameters (each step quantizes them; forward and input gradient in FP8, weight gradients in bf16), forward+backward
-then ``18*T*K*d*n``, peak memory with the weight gradients.
+then ``18*T*K*d*n``, peak memory with the weight gradients, and the time of quantizing ``gate_up_proj`` (stored
+and transposed) against the bytes it moves.
 """
 import argparse
 
@@ -60,6 +61,15 @@ def measure(T: int, d: int, n: int, E: int, K: int, train: bool = False) -> dict
     return times
 
 
+def quantize_rate(weight: torch.Tensor) -> str:
+    """The time of ``quantize_fp8_weight`` on ``weight`` and on its transpose's view, with the bytes moved (the weight
+    read, one byte per value written) over each time."""
+    moved = weight.numel() * (weight.element_size() + 1)
+    times = [timing.bench_ms(lambda w=w: moe_gemm.quantize_fp8_weight(w)) for w in (weight, weight.transpose(1, 2))]
+    cells = [f"{name} {ms:.3f} ms ({moved / ms / 1e9:.2f} TB/s)" for name, ms in zip(("stored", "transposed"), times)]
+    return ", ".join(cells)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["qwen3-30b-a3b", "deepseek-v3"])
@@ -79,6 +89,9 @@ def main() -> int:
         speedup = [times["bf16"][i] / times["fp8"][i] for i in range(2)]
         kept = "" if transposes is None else f"; fp8 transposes kept {transposes:.2f} GB"
         print(f"{name} T={tokens}: {'; '.join(cells)}; fp8 speedup {speedup[0]:.2f}x / {speedup[1]:.2f}x{kept}")
+        if args.train:
+            weight = torch.randn(config["E"], 2 * config["n"], config["d"], device="cuda", dtype=torch.bfloat16)
+            print(f"  quantize_fp8_weight of gate_up_proj {tuple(weight.shape)}: {quantize_rate(weight)}")
     return 0
 
 

@@ -17,7 +17,9 @@ from test_layer_fp8 import (
 
 from test_layer_fp8_training import quantized_as_the_layer_does, trained_gradients
 
+import moe_gemm
 from moe_gemm import _ops
+from moe_gemm.layer_fp8 import quantize_fp8_weight_torch
 
 pytestmark = [pytest.mark.gpu, requires_cuda_op,
               pytest.mark.skipif(not _ops.FP8_KERNEL_BUILT, reason="the FP8 kernel is not built")]  # fmt: skip
@@ -74,10 +76,60 @@ def test_trained_weights_and_their_gradients_match_the_float64_pipeline(num_toke
     fp8 = quantized_as_the_layer_does(inputs)
     expected = backward_pipeline_reference(inputs, fp8, grad_out)
     expected["out"] = pipeline_reference(inputs, fp8)
-    # As for frozen weights above; the weight gradients are float32 sums in the kernels' order, rounded to bfloat16
-    # (1.7e-3 from the float64 sums on the CPU).
-    tolerances = {"out": 5e-3, "hidden": 1e-2, "top_k_weights": 5e-3, "gate_up_proj": 1e-2, "down_proj": 1e-2}
+    # As for frozen weights above, but for the output: 5.4e-3 seen on an H200 at the second size (fp8 roundings of the
+    # down-projection's input flipped by the bfloat16 activation, which the float64 pipeline does not round). The
+    # weight gradients are float32 sums in the kernels' order, rounded to bfloat16 (1.7e-3 from the float64 sums on
+    # the CPU).
+    tolerances = {"out": 1e-2, "hidden": 1e-2, "top_k_weights": 5e-3, "gate_up_proj": 1e-2, "down_proj": 1e-2}
     for name, tolerance in tolerances.items():
         assert got[name].is_cuda and relative_error(got[name].cpu().double(), expected[name]) < tolerance, name
     for name in ("gate_up_proj", "down_proj"):  # expert 1 gets no rows
         assert torch.equal(got[name][1], torch.zeros_like(got[name][1])), name
+
+
+def special_weight(num_experts: int, rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """A random ``[E, R, C]`` weight whose blocks' magnitudes span 1e-3 to 1e3, with a block of zeros, one of values
+    below ``448 * FLT_MIN`` (its scale floored), a NaN and an inf in others."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_experts, rows, cols, generator=generator)
+    weight *= 10.0 ** torch.randint(-3, 4, (num_experts, 1, 1), generator=generator)
+    weight[0, :128, :128] = 0.0
+    if num_experts > 1 and dtype != torch.float16:  # subnormal magnitudes, which float16 cannot hold
+        weight[1, :128, :128] = torch.randn(weight[1, :128, :128].shape, generator=generator) * 1e-39
+    if rows > 130 and cols > 3:
+        weight[0, 129, 3] = float("nan")
+        weight[-1, rows - 1, cols - 1] = float("-inf")
+    return weight.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored", "transposed-view"])
+@pytest.mark.parametrize("num_experts, rows, cols", [(3, 200, 72), (2, 256, 384), (1, 16, 8), (4, 136, 264)])
+def test_the_weight_quantize_kernel_is_bitwise_the_pytorch_ops(num_experts, rows, cols, transposed, dtype):
+    logical = special_weight(num_experts, rows, cols, dtype)
+    # The transposed case: the weight stored as [E, C, R], read through its transpose's view.
+    weight = logical.transpose(1, 2).contiguous().cuda().transpose(1, 2) if transposed else logical.cuda()
+    assert _ops.quantize_fp8_weight_kernel_applies(weight) and weight.is_contiguous() != transposed
+    values, scale = moe_gemm.quantize_fp8_weight(weight)
+    # On the same device: a NaN's sign bit, which the fp8 value keeps, differs between the CPU's and the GPU's.
+    expected_values, expected_scale = quantize_fp8_weight_torch(weight)
+    assert values.is_cuda and values.is_contiguous() and values.dtype == torch.float8_e4m3fn
+    assert scale.shape == expected_scale.shape
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    assert torch.equal(scale.view(torch.int32), expected_scale.view(torch.int32))
+    if rows > 130 and cols > 3:  # the NaN and the inf make their blocks NaN, never a silent finite value
+        assert scale[0, 1, 0].isnan() and scale[-1, -1, -1].isinf()
+
+
+def test_the_weight_quantize_kernel_gives_the_transpose_of_the_stored_weights_quantization():
+    weight = special_weight(4, 384, 256, torch.bfloat16, seed=1).cuda()
+    values, scale = moe_gemm.quantize_fp8_weight(weight)
+    values_t, scale_t = moe_gemm.quantize_fp8_weight(weight.transpose(1, 2))
+    assert torch.equal(values_t.view(torch.uint8), values.transpose(1, 2).contiguous().view(torch.uint8))
+    assert torch.equal(scale_t.view(torch.int32), scale.transpose(1, 2).contiguous().view(torch.int32))
+
+
+def test_opcheck_weight_quantize_kernel():
+    weight = special_weight(3, 200, 72, torch.bfloat16, seed=2).nan_to_num(0.0, 0.0, 0.0).cuda()
+    torch.library.opcheck(torch.ops.moe_gemm._quantize_fp8_weight_kernel.default, (weight,),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))  # fmt: skip

@@ -158,12 +158,39 @@ def test_the_layer_kernels_apply_on_sm90_only(gpu, capability):
         assert _ops.route_kernel_applies(torch.empty(8, 64, device="cuda"), 6, None) == sm90
 
 
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_the_weight_quantize_kernel_takes_stored_weights_and_their_transposes_on_sm90(gpu, monkeypatch, capability):
+    gpu(capability)
+    monkeypatch.setattr(_ops, "QUANTIZE_FP8_WEIGHT_KERNEL_BUILT", True)
+    torch_path = _spy(monkeypatch, moe_gemm.layer_fp8, "quantize_fp8_weight_torch")
+    sm90 = capability == (9, 0)
+    with FakeTensorMode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weight = torch.empty(4, 256, 384, dtype=torch.bfloat16, device="cuda")
+        assert _ops.quantize_fp8_weight_kernel_applies(weight) == sm90
+        assert _ops.quantize_fp8_weight_kernel_applies(weight.transpose(1, 2)) == sm90
+        assert _ops.quantize_fp8_weight_kernel_applies(weight.float()) == sm90
+        rows_of_382 = torch.empty(4, 256, 382, dtype=torch.bfloat16, device="cuda")  # not four values at a time
+        assert not _ops.quantize_fp8_weight_kernel_applies(rows_of_382)
+        every_other = torch.empty_strided((4, 128, 192), (256 * 384, 768, 2), dtype=torch.bfloat16, device="cuda")
+        assert not _ops.quantize_fp8_weight_kernel_applies(every_other)  # neither direction contiguous
+        assert not _ops.quantize_fp8_weight_kernel_applies(weight.double())
+        if sm90:  # (the PyTorch path cannot run on fake CUDA tensors without CUDA)
+            values, scale = moe_gemm.quantize_fp8_weight(weight.transpose(1, 2))
+            assert values.shape == (4, 384, 256) and values.dtype == torch.float8_e4m3fn
+            assert scale.shape == (4, 3, 2) and scale.dtype == torch.float32
+    assert torch_path == []
+
+
 def test_the_fake_kernels_of_the_cuda_only_ops():
     with FakeTensorMode():
         ids = torch.empty(8, 2, dtype=torch.int64, device="cuda")
         outputs = torch.ops.moe_gemm.dispatch_pairs(ids, 5)
         assert [tuple(t.shape) for t in outputs] == [(5,), (16,), (16,), (16,), (16,)]
         assert all(t.dtype == torch.int64 for t in outputs)
+        values, scale = torch.ops.moe_gemm._quantize_fp8_weight_kernel(torch.empty(3, 200, 72, device="cuda"))
+        assert values.shape == (3, 200, 72) and values.dtype == torch.float8_e4m3fn
+        assert scale.shape == (3, 2, 1) and scale.dtype == torch.float32
         gate_up = torch.empty(16, 64, dtype=torch.bfloat16, device="cuda")
         assert torch.ops.moe_gemm.gated_activation(gate_up, "gelu_tanh", False).shape == (16, 32)
         y_sorted = torch.empty(16, 24, dtype=torch.bfloat16, device="cuda")
