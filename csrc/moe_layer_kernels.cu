@@ -474,106 +474,129 @@ __global__ void moe_quantize_fp8_rows_kernel(QuantizeFp8Params const params) {
   }
 }
 
-// QuantizeFp8WeightParams: thread block (j, i, e) quantizes block (e, i, j) of the stored weight.
+// QuantizeFp8WeightParams: a persistent kernel. Each thread block quantizes weight blocks blockIdx.x, blockIdx.x +
+// gridDim.x, ... (numbered e, then i, then j), and has the next one's loads in flight (cp.async into the other of two
+// shared buffers) while it quantizes the current one: a block that loaded, then quantized, then exited left the
+// memory idle for its whole arithmetic, 1.5 TB/s of bytes moved on an H200.
 constexpr int kWeightBlock = 128;
 constexpr int kWeightThreads = 256;
 
 template <typename Element>
-struct alignas(16) WeightVector {
-  Element values[16 / sizeof(Element)];
-};
+constexpr int weight_kernel_shared_bytes(bool transposed) {
+  return 2 * kWeightBlock * kWeightBlock * int(sizeof(Element)) + (transposed ? kWeightBlock * kWeightBlock : 0);
+}
+
+// 16 bytes from global to shared memory, asynchronously; zeros where !valid (nothing is read then).
+__device__ __forceinline__ void copy_async_16(void* shared, void const* global, bool valid) {
+  auto const address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+}
 
 template <typename Element, bool kTransposed>
 __global__ void __launch_bounds__(kWeightThreads) moe_quantize_fp8_weight_kernel(QuantizeFp8WeightParams const params) {
   constexpr int kWidth = 16 / sizeof(Element);  // values per vector: 8 of a 16-bit type, 4 floats
   constexpr int kVectorsPerRow = kWeightBlock / kWidth;
   constexpr int kVectorsPerThread = kWeightBlock * kVectorsPerRow / kWeightThreads;
+  extern __shared__ __align__(16) uint8_t weight_shared[];
+  // buffers[2][a][b]: the stored block, as loaded; then, for `transposed`, tile[a][b]: its fp8 values.
+  Element* const buffers = reinterpret_cast<Element*>(weight_shared);
+  uint8_t* const tile = weight_shared + 2 * kWeightBlock * kWeightBlock * sizeof(Element);
   __shared__ float warp_amax[kWeightThreads / kWarpSize];
-  // The quantized block as stored, [a][b], for the transposed writes.
-  __shared__ alignas(16) uint8_t tile[kTransposed ? kWeightBlock * kWeightBlock : 16];
-  int64_t const e = blockIdx.z;
-  int64_t const a0 = int64_t(blockIdx.y) * kWeightBlock;
-  int64_t const b0 = int64_t(blockIdx.x) * kWeightBlock;
-  Element const* weight = static_cast<Element const*>(params.weight) + e * params.stride_e;
-  // All loads first, so that each thread has kVectorsPerThread of them in flight. A vector lies wholly inside the
-  // weight or wholly past its edge (B is a multiple of 8); past it, zeros, as the PyTorch path's padding.
-  WeightVector<Element> loaded[kVectorsPerThread];
+  int64_t const blocks_a = (params.A + kWeightBlock - 1) / kWeightBlock;
+  int64_t const blocks_b = (params.B + kWeightBlock - 1) / kWeightBlock;
+  int64_t const total = params.E * blocks_a * blocks_b;
+  // A vector lies wholly inside the weight or wholly past its edge (B is a multiple of 8); past it, zeros, as the
+  // PyTorch path's padding.
+  auto load = [&](int64_t block, int buffer) {
+    if (block < total) {
+      int64_t const e = block / (blocks_a * blocks_b);
+      int64_t const a0 = block / blocks_b % blocks_a * kWeightBlock, b0 = block % blocks_b * kWeightBlock;
+      Element const* weight = static_cast<Element const*>(params.weight) + e * params.stride_e;
 #pragma unroll
-  for (int i = 0; i < kVectorsPerThread; ++i) {
-    int const v = threadIdx.x + i * kWeightThreads;
-    int64_t const a = a0 + v / kVectorsPerRow, b = b0 + (v % kVectorsPerRow) * kWidth;
-    if (a < params.A && b < params.B) {
-      loaded[i] = *reinterpret_cast<WeightVector<Element> const*>(weight + a * params.stride_a + b);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) {
-        loaded[i].values[j] = from_float<Element>(0.0f);
+      for (int i = 0; i < kVectorsPerThread; ++i) {
+        int const v = threadIdx.x + i * kWeightThreads;
+        int const a = v / kVectorsPerRow, b = (v % kVectorsPerRow) * kWidth;
+        bool const valid = a0 + a < params.A && b0 + b < params.B;
+        copy_async_16(buffers + (buffer * kWeightBlock + a) * kWeightBlock + b,
+                      valid ? weight + (a0 + a) * params.stride_a + b0 + b : weight, valid);
       }
     }
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < kVectorsPerThread; ++i) {
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) {
-      amax = nan_max(amax, fabsf(to_float(loaded[i].values[j])));
-    }
-  }
-  amax = warp_nan_max(amax);
-  if (threadIdx.x % kWarpSize == 0) {
-    warp_amax[threadIdx.x / kWarpSize] = amax;
-  }
-  __syncthreads();
-  amax = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kWeightThreads / kWarpSize; ++w) {
-    amax = nan_max(amax, warp_amax[w]);
-  }
-  float const scale = fp8_scale(amax);
-  if (threadIdx.x == 0) {
-    int64_t const block = kTransposed ? (e * gridDim.x + blockIdx.x) * gridDim.y + blockIdx.y
-                                      : (e * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    params.scale[block] = scale;
-  }
-  using Packed = std::conditional_t<kWidth == 8, uint2, uint32_t>;  // kWidth fp8 values
-#pragma unroll
-  for (int i = 0; i < kVectorsPerThread; ++i) {
-    uint32_t words[kWidth / 4] = {};
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) {
-      words[j / 4] |= uint32_t(to_e4m3(__fdiv_rn(to_float(loaded[i].values[j]), scale))) << (8 * (j % 4));
-    }
-    int const v = threadIdx.x + i * kWeightThreads;
-    int const a = v / kVectorsPerRow, b = (v % kVectorsPerRow) * kWidth;
-    if constexpr (kTransposed) {
-      *reinterpret_cast<Packed*>(tile + a * kWeightBlock + b) = *reinterpret_cast<Packed const*>(words);
-    } else if (a0 + a < params.A && b0 + b < params.B) {
-      *reinterpret_cast<Packed*>(params.values + (e * params.A + a0 + a) * params.B + b0 + b) =
-          *reinterpret_cast<Packed const*>(words);
-    }
-  }
-  if constexpr (kTransposed) {
+    asm volatile("cp.async.commit_group;\n" ::);
+  };
+  load(blockIdx.x, 0);
+  int buffer = 0;
+  for (int64_t block = blockIdx.x; block < total; block += gridDim.x, buffer ^= 1) {
+    load(block + gridDim.x, buffer ^ 1);
+    asm volatile("cp.async.wait_group 1;\n" ::);  // this block's loads have landed; the next one's are in flight
     __syncthreads();
-    // Thread t writes column b = t % 128 of the stored block, rows a .. a + 7 for eight a in its half: a warp's
-    // shared-memory reads are 32 consecutive bytes of one row; its stores, 8 bytes into each of 32 output rows.
-    int const b = threadIdx.x % kWeightBlock;
-    if (b0 + b >= params.B) {
-      return;
-    }
-    constexpr int kHalf = kWeightBlock / (kWeightThreads / kWeightBlock);
-    for (int a = (threadIdx.x / kWeightBlock) * kHalf; a < (threadIdx.x / kWeightBlock + 1) * kHalf; a += 8) {
-      if (a0 + a >= params.A) {
-        break;
-      }
-      uint32_t words[2] = {};
+    int64_t const e = block / (blocks_a * blocks_b);
+    int64_t const i = block / blocks_b % blocks_a, j = block % blocks_b;
+    int64_t const a0 = i * kWeightBlock, b0 = j * kWeightBlock;
+    uint4 loaded[kVectorsPerThread];
+    float amax = 0.0f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        words[j / 4] |= uint32_t(tile[(a + j) * kWeightBlock + b]) << (8 * (j % 4));
+    for (int k = 0; k < kVectorsPerThread; ++k) {
+      int const v = threadIdx.x + k * kWeightThreads;
+      int const a = v / kVectorsPerRow, b = (v % kVectorsPerRow) * kWidth;
+      loaded[k] = *reinterpret_cast<uint4 const*>(buffers + (buffer * kWeightBlock + a) * kWeightBlock + b);
+      Element const* values = reinterpret_cast<Element const*>(&loaded[k]);
+#pragma unroll
+      for (int w = 0; w < kWidth; ++w) {
+        amax = nan_max(amax, fabsf(to_float(values[w])));
       }
-      *reinterpret_cast<uint2*>(params.values + (e * params.B + b0 + b) * params.A + a0 + a) =
-          make_uint2(words[0], words[1]);
     }
+    amax = warp_nan_max(amax);
+    if (threadIdx.x % kWarpSize == 0) {
+      warp_amax[threadIdx.x / kWarpSize] = amax;
+    }
+    __syncthreads();
+    amax = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWeightThreads / kWarpSize; ++w) {
+      amax = nan_max(amax, warp_amax[w]);
+    }
+    float const scale = fp8_scale(amax);
+    if (threadIdx.x == 0) {
+      params.scale[kTransposed ? (e * blocks_b + j) * blocks_a + i : (e * blocks_a + i) * blocks_b + j] = scale;
+    }
+    using Packed = std::conditional_t<kWidth == 8, uint2, uint32_t>;  // kWidth fp8 values
+#pragma unroll
+    for (int k = 0; k < kVectorsPerThread; ++k) {
+      Element const* values = reinterpret_cast<Element const*>(&loaded[k]);
+      uint32_t words[kWidth / 4] = {};
+#pragma unroll
+      for (int w = 0; w < kWidth; ++w) {
+        words[w / 4] |= uint32_t(to_e4m3(__fdiv_rn(to_float(values[w]), scale))) << (8 * (w % 4));
+      }
+      int const v = threadIdx.x + k * kWeightThreads;
+      int const a = v / kVectorsPerRow, b = (v % kVectorsPerRow) * kWidth;
+      if constexpr (kTransposed) {
+        *reinterpret_cast<Packed*>(tile + a * kWeightBlock + b) = *reinterpret_cast<Packed const*>(words);
+      } else if (a0 + a < params.A && b0 + b < params.B) {
+        *reinterpret_cast<Packed*>(params.values + (e * params.A + a0 + a) * params.B + b0 + b) =
+            *reinterpret_cast<Packed const*>(words);
+      }
+    }
+    if constexpr (kTransposed) {
+      __syncthreads();
+      // Thread t writes column b = t % 128 of the stored block, rows a .. a + 7 for eight a in its half: a warp's
+      // shared-memory reads are 32 consecutive bytes of one row; its stores, 8 bytes into each of 32 output rows.
+      int const b = threadIdx.x % kWeightBlock;
+      constexpr int kHalf = kWeightBlock / (kWeightThreads / kWeightBlock);
+      int const first = threadIdx.x / kWeightBlock * kHalf;
+      for (int a = first; b0 + b < params.B && a < first + kHalf && a0 + a < params.A; a += 8) {
+        uint32_t words[2] = {};
+#pragma unroll
+        for (int w = 0; w < 8; ++w) {
+          words[w / 4] |= uint32_t(tile[(a + w) * kWeightBlock + b]) << (8 * (w % 4));
+        }
+        *reinterpret_cast<uint2*>(params.values + (e * params.B + b0 + b) * params.A + a0 + a) =
+            make_uint2(words[0], words[1]);
+      }
+    }
+    __syncthreads();  // the buffer is loaded again, and the tile rewritten, for the block after next
   }
+  asm volatile("cp.async.wait_group 0;\n" ::);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -768,22 +791,33 @@ cudaError_t run_quantize_fp8_weight(QuantizeFp8WeightParams const& params, cudaS
   if (params.E == 0 || params.A == 0 || params.B == 0) {
     return cudaSuccess;
   }
-  int64_t const blocks_a = (params.A + kWeightBlock - 1) / kWeightBlock;
-  int64_t const blocks_b = (params.B + kWeightBlock - 1) / kWeightBlock;
   bool const aligned = reinterpret_cast<uintptr_t>(params.weight) % 16 == 0 && params.stride_e % 8 == 0 &&
                        params.stride_a % 8 == 0 && params.B % 8 == 0 && (!params.transposed || params.A % 8 == 0);
-  if (!aligned || params.E > 65535 || blocks_a > 65535 || blocks_b > (int64_t{1} << 31) - 1) {
+  if (!aligned) {
     return cudaErrorInvalidValue;
   }
-  dim3 const grid(unsigned(blocks_b), unsigned(blocks_a), unsigned(params.E));
+  int64_t const blocks = params.E * ((params.A + kWeightBlock - 1) / kWeightBlock) *
+                         ((params.B + kWeightBlock - 1) / kWeightBlock);
   return with_element(params.dtype, [&](auto element) {
     using Element = decltype(element);
-    if (params.transposed) {
-      moe_quantize_fp8_weight_kernel<Element, true><<<grid, kWeightThreads, 0, stream>>>(params);
-    } else {
-      moe_quantize_fp8_weight_kernel<Element, false><<<grid, kWeightThreads, 0, stream>>>(params);
-    }
-    return cudaGetLastError();
+    auto launch = [&](auto kernel) {
+      int const shared_bytes = weight_kernel_shared_bytes<Element>(params.transposed);
+      int device = 0, sms = 0, per_sm = 0;
+      cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
+      if (status == cudaSuccess) status = cudaGetDevice(&device);
+      if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      if (status == cudaSuccess) {
+        status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWeightThreads, shared_bytes);
+      }
+      if (status != cudaSuccess) {
+        return status;
+      }
+      auto const grid = static_cast<unsigned>(std::min<int64_t>(blocks, int64_t{std::max(1, per_sm)} * sms));
+      kernel<<<grid, kWeightThreads, shared_bytes, stream>>>(params);
+      return cudaGetLastError();
+    };
+    return params.transposed ? launch(moe_quantize_fp8_weight_kernel<Element, true>)
+                             : launch(moe_quantize_fp8_weight_kernel<Element, false>);
   });
 }
 

@@ -125,9 +125,10 @@ struct QuantizeFp8Params {
 // stored, [E, A, B] with B contiguous; with `transposed` the values and scales are written as those of its transpose
 // [E, B, A] (the backward's layout: the blocks are the same, so this is the stored weight's quantization,
 // transposed). E.g. A = 200, B = 72: two blocks per expert, rows 0-127 and 128-199, each one block of columns.
-// One thread block per weight block: each thread loads 16-byte vectors of it into registers, the block reduces the
-// amax, and each thread writes its values, or for `transposed` puts them in shared memory, from where each thread
-// writes eight values of a column of the stored block (a row of the output) at a time.
+// A thread block per SM or two, each quantizing one weight block after another: the block is loaded into shared
+// memory in 16-byte vectors (the next one's loads in flight meanwhile), the thread block reduces its amax, and each
+// thread writes its values, or for `transposed` puts them in shared memory, from where each thread writes eight
+// values of a column of the stored block (a row of the output) at a time.
 struct QuantizeFp8WeightParams {
   void const* weight = nullptr;  // [E, A, B]: 16-byte aligned, rows stride_a, experts stride_e elements apart
   int64_t stride_e = 0;          // both multiples of 8
