@@ -263,8 +263,8 @@ class _ExpertsFP8Function(torch.autograd.Function):
         trains = ctx.weight_dtypes is not None
         if trains:
             # The transposes' 128 x 128 blocks are the weights' own, so this is the forward's quantization,
-            # transposed in memory ([E, K, N]: weight_transposed's layout), made from the master weights.
-            gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj.transpose(1, 2))
+            # transposed in memory ([E, K, N]: weight_transposed's layout), made from the master weights; gate_up_proj's
+            # only where it is used, so that it is never alive beside the weight gradients.
             down_proj, down_proj_scale = quantize_fp8_weight(down_proj.transpose(1, 2))
             weight_transposed = True
         num_experts = gate_up_proj.shape[0]
@@ -308,10 +308,12 @@ class _ExpertsFP8Function(torch.autograd.Function):
             grads[5] = grads[5].to(ctx.weight_dtypes[1])
         del weighted_activated
         if needs[0]:
+            if trains:
+                gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj.transpose(1, 2))
             grad_x_sorted = _transposed_gemm(grad_gate_up, None, gate_up_proj, gate_up_proj_scale, m_sizes,
                                              expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
             grads[0] = _sum_token_rows(grad_x_sorted, row_of_pair, ids, num_experts)
-            del grad_x_sorted
+            del grad_x_sorted, gate_up_proj, gate_up_proj_scale
         if trains and needs[3]:
             grads[3] = _weight_gradient(hidden, grad_gate_up.to(hidden.dtype), m_sizes, token_of_row, None)
             grads[3] = grads[3].to(ctx.weight_dtypes[0])
