@@ -37,6 +37,9 @@ The ops (``torch.ops.moe_gemm.<name>``):
 - ``quantize_fp8(x, group=128)``: ``(x_fp8, x_scale)``, ``x`` in float8_e4m3fn with one float32 scale per row and 128
   columns (``group`` None: per row). On a GPU whose kernels run, both have CUDA kernels (``_grouped_mm_fp8_kernel``
   where its layouts apply, ``_quantize_fp8_kernel``), else PyTorch ops; no backward: one raises.
+- ``_quantize_fp8_weight_kernel(weight)``: ``moe_gemm.quantize_fp8_weight``'s ``(values, scale)`` (128 x 128 blocks)
+  of a weight stored as it is or read through its transpose's view, CUDA only, called where
+  ``quantize_fp8_weight_kernel_applies`` says so (its PyTorch ops compute the same elsewhere); no backward.
 - ``route(router_logits, top_k, scoring, renormalize, n_group, topk_group, e_score_correction_bias,
   routed_scaling_factor)``: ``moe_gemm.route``'s ``(weights float32 [T, k], ids int64 [T, k])``.
 - ``dispatch_pairs``, ``gated_activation``, ``gated_activation_backward`` and ``combine_rows``: the MoE layer's small
