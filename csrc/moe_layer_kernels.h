@@ -136,7 +136,7 @@ struct QuantizeFp8WeightParams {
   uint8_t* values = nullptr;  // float8_e4m3fn [E, A, B], or [E, B, A] when transposed; contiguous
   float* scale = nullptr;     // [E, ceil(A / 128), ceil(B / 128)], or [E, ceil(B / 128), ceil(A / 128)]; contiguous
   int64_t E = 0;
-  int64_t A = 0;  // a multiple of 8 when transposed
+  int64_t A = 0;  // a multiple of 8 when transposed (the op asks it of both sides)
   int64_t B = 0;  // a multiple of 8
   bool transposed = false;
   DType dtype = DType::kBFloat16;

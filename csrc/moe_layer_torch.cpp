@@ -191,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_kernel_cuda(at::Tensor const& x,
 
 // (values float8_e4m3fn [E, R, C] contiguous, scale float32 [E, ceil(R/128), ceil(C/128)]) of weight [E, R, C]
 // (bf16, fp16 or float32, 16-byte aligned) stored as it is (inner stride 1) or as its transpose (stride 1 along R:
-// the view of a stored [E, C, R], read in place); the stored inner size a multiple of 8, the other strides too, and for
-// a transposed view R as well: quantize_fp8_weight's CUDA kernel (QuantizeFp8WeightParams).
+// the view of a stored [E, C, R], read in place); R, C and the strides that are not 1 multiples of 8:
+// quantize_fp8_weight's CUDA kernel (QuantizeFp8WeightParams).
 std::tuple<at::Tensor, at::Tensor> quantize_fp8_weight_kernel_cuda(at::Tensor const& weight) {
   TORCH_CHECK(weight.dim() == 3, "moe_gemm: weight must be [E, R, C], got ", weight.sizes());
   int64_t const E = weight.size(0), R = weight.size(1), C = weight.size(2);
@@ -205,8 +205,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_weight_kernel_cuda(at::Tensor co
                   reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
               "moe_gemm: the weight's sizes and strides must be multiples of 8 and its data 16-byte aligned, got ",
               weight.sizes(), " with strides ", weight.strides());
-  TORCH_CHECK(E <= 65535 && (R + 127) / 128 <= 65535 && (C + 127) / 128 <= 65535,
-              "moe_gemm: at most 65535 experts and 65535 blocks of 128 along each side, got ", weight.sizes());
   moe_gemm::check_sm90(weight.device(), kOp);
   c10::cuda::CUDAGuard device_guard(weight.device());
   at::Tensor values = at::empty({E, R, C}, weight.options().dtype(at::kFloat8_e4m3fn));

@@ -703,8 +703,8 @@ def quantize_fp8_weight_kernel_applies(weight: torch.Tensor) -> bool:
     """Whether ``_quantize_fp8_weight_kernel`` quantizes this (checked) ``[E, R, C]`` weight: on a GPU whose kernels
     run, bfloat16, float16 or float32, 16-byte aligned, stored as it is (inner stride 1) or as its transpose (stride 1
     along R, a view read in place), R and C and the strides multiples of 8 (the kernel reads 16 bytes and writes 8
-    values at a time), at most 65535 experts and 65535 blocks of 128 along R and along C."""
-    num_experts, rows, cols = weight.shape
+    values at a time)."""
+    _, rows, cols = weight.shape
     inner = 2 if weight.stride(2) == 1 else 1  # the dimension stored contiguously
     other = 3 - inner
     return (
@@ -717,8 +717,6 @@ def quantize_fp8_weight_kernel_applies(weight: torch.Tensor) -> bool:
         and weight.stride(0) % 8 == 0
         and weight.stride(other) % 8 == 0
         and _validation._is_aligned(weight)
-        and num_experts <= 65535
-        and max(_validation.fp8_groups(rows), _validation.fp8_groups(cols)) <= 65535
     )
 
 

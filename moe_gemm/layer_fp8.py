@@ -264,7 +264,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
         if trains:
             # The transposes' 128 x 128 blocks are the weights' own, so this is the forward's quantization,
             # transposed in memory ([E, K, N]: weight_transposed's layout), made from the master weights; gate_up_proj's
-            # only where it is used, so that it is never alive beside the weight gradients.
+            # only where the input gradient uses it, so that it is freed before gate_up_proj's weight gradient.
             down_proj, down_proj_scale = quantize_fp8_weight(down_proj.transpose(1, 2))
             weight_transposed = True
         num_experts = gate_up_proj.shape[0]

@@ -88,7 +88,7 @@ def test_trained_weights_and_their_gradients_match_the_float64_pipeline(num_toke
 
 
 def special_weight(num_experts: int, rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """A random ``[E, R, C]`` weight whose blocks' magnitudes span 1e-3 to 1e3, with a block of zeros, one of values
+    """A random ``[E, R, C]`` weight whose experts' magnitudes span 1e-3 to 1e3, with a block of zeros, one of values
     below ``448 * FLT_MIN`` (its scale floored), a NaN and an inf in others."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(num_experts, rows, cols, generator=generator)
@@ -119,6 +119,31 @@ def test_the_weight_quantize_kernel_is_bitwise_the_pytorch_ops(num_experts, rows
     assert torch.equal(scale.view(torch.int32), expected_scale.view(torch.int32))
     if rows > 130 and cols > 3:  # the NaN and the inf make their blocks NaN, never a silent finite value
         assert scale[0, 1, 0].isnan() and scale[-1, -1, -1].isinf()
+
+
+def assert_quantized_as_the_pytorch_ops(weight: torch.Tensor):
+    assert _ops.quantize_fp8_weight_kernel_applies(weight)
+    got, expected = moe_gemm.quantize_fp8_weight(weight), quantize_fp8_weight_torch(weight)
+    assert torch.equal(got[0].view(torch.uint8), expected[0].view(torch.uint8))
+    assert torch.equal(got[1].view(torch.int32), expected[1].view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored", "transposed-view"])
+def test_the_weight_quantize_kernel_loops_over_more_blocks_than_it_has_thread_blocks(transposed, dtype):
+    # 8 x 9 x 11 = 792 weight blocks, partial at both edges, against one or two thread blocks per SM: each thread
+    # block quantizes several, alternating its two shared buffers.
+    logical = special_weight(8, 1032, 1288, dtype, seed=4)
+    weight = logical.transpose(1, 2).contiguous().cuda().transpose(1, 2) if transposed else logical.cuda()
+    assert_quantized_as_the_pytorch_ops(weight)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["stored", "transposed-view"])
+def test_the_weight_quantize_kernel_reads_strided_weights(transposed):
+    base = special_weight(6, 272, 400, torch.bfloat16, seed=3).cuda()
+    # An offset slice (rows 400 apart, not 384), every other expert, and one expert expanded (stride 0).
+    for weight in (base[:, 8:, 16:], base[::2], base[:1].expand(3, -1, -1)):
+        assert_quantized_as_the_pytorch_ops(weight.transpose(1, 2) if transposed else weight)
 
 
 def test_the_weight_quantize_kernel_gives_the_transpose_of_the_stored_weights_quantization():

@@ -170,7 +170,7 @@ def test_the_weight_quantize_kernel_takes_stored_weights_and_their_transposes_on
         assert _ops.quantize_fp8_weight_kernel_applies(weight) == sm90
         assert _ops.quantize_fp8_weight_kernel_applies(weight.transpose(1, 2)) == sm90
         assert _ops.quantize_fp8_weight_kernel_applies(weight.float()) == sm90
-        rows_of_382 = torch.empty(4, 256, 382, dtype=torch.bfloat16, device="cuda")  # not four values at a time
+        rows_of_382 = torch.empty(4, 256, 382, dtype=torch.bfloat16, device="cuda")  # not a multiple of 8
         assert not _ops.quantize_fp8_weight_kernel_applies(rows_of_382)
         every_other = torch.empty_strided((4, 128, 192), (256 * 384, 768, 2), dtype=torch.bfloat16, device="cuda")
         assert not _ops.quantize_fp8_weight_kernel_applies(every_other)  # neither direction contiguous
