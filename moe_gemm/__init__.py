@@ -27,7 +27,13 @@ from moe_gemm.dispatch import DispatchInfo, combine, dispatch
 from moe_gemm.functional import grouped_forward, grouped_forward_fp8, grouped_weight_grad, quantize_fp8
 from moe_gemm.fuse import fuse_experts
 from moe_gemm.layer import MoE, MoEExperts, experts_forward
-from moe_gemm.layer_fp8 import MoEExpertsFP8, MoEExpertsFP8Training, experts_forward_fp8, quantize_fp8_weight
+from moe_gemm.layer_fp8 import (
+    MoEExpertsFP8,
+    MoEExpertsFP8Training,
+    experts_forward_fp8,
+    quantize_fp8_weight,
+    reuse_quantized_weights,
+)
 from moe_gemm.routing import route
 
 __version__ = "0.1.0"
@@ -50,6 +56,7 @@ __all__ = [
     "kernels_available",
     "quantize_fp8",
     "quantize_fp8_weight",
+    "reuse_quantized_weights",
     "route",
 ]
 

@@ -30,9 +30,11 @@ and for weights to train ``hidden`` itself (the backward quantizes their transpo
 weight or scale that requires grad raises.
 """
 
+import contextlib
+import contextvars
 import functools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -121,10 +123,60 @@ def experts_forward_fp8(
     if torch.is_grad_enabled() and any(value.requires_grad for value in differentiable):
         return _ExpertsFP8Function.apply(hidden, top_k_weights, top_k_index, *weights.values(), options)
     if trained:
-        gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj)
-        down_proj, down_proj_scale = quantize_fp8_weight(down_proj)
+        reused = _REUSED.get()
+        gate_up_proj, gate_up_proj_scale = _quantized_master(gate_up_proj, "gate_up_proj", False, reused)
+        down_proj, down_proj_scale = _quantized_master(down_proj, "down_proj", False, reused)
     return _forward(None, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
                     down_proj_scale, options)  # fmt: skip
+
+
+# The cache of reuse_quantized_weights() while one is active: (data_ptr, shape, transposed) -> (version, quantized).
+_REUSED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("moe_gemm_reused_fp8_weights", default=None)
+
+
+@contextlib.contextmanager
+def reuse_quantized_weights() -> Iterator[None]:
+    """Inside, experts trained in FP8 (``MoEExpertsFP8Training``, ``experts_forward_fp8`` with both scales None)
+    quantize each master weight once, as stored for the forward and transposed for the backward, and reuse the fp8
+    copies until the block ends; their backward, also run after it, uses the same copies. For the micro-batches of a
+    gradient accumulation: the weights do not change between them, and quantizing them is most of an FP8 step's time
+    at few rows per expert (BENCHMARKS.md, "FP8 layer: training the experts"). E.g.::
+
+        with moe_gemm.reuse_quantized_weights():
+            for micro_batch in micro_batches:
+                loss_fn(model(micro_batch)).backward()
+        optimizer.step()
+
+    The copies are held until the block ends and the graphs that used them are freed: the master weights' elements
+    in bytes once per layout, so a bf16 weight's size again. A weight that changes inside the block (an optimizer
+    step, an in-place write) raises RuntimeError at its next use instead of training on the stale copy; a write
+    through ``.data`` or a raw pointer cannot be seen, so step the optimizer outside. Nothing is reused under
+    ``torch.compile``."""
+    token = _REUSED.set({})
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
+
+
+def _quantized_master(weight: torch.Tensor, name: str, transposed: bool, reused: dict | None):
+    """``quantize_fp8_weight`` of a master weight, or of its transpose's view when ``transposed``; from ``reused``
+    (``reuse_quantized_weights``' cache) when given, keeping what it makes there."""
+    view = weight.transpose(1, 2) if transposed else weight
+    if reused is None or torch.compiler.is_compiling():
+        return quantize_fp8_weight(view)
+    key = (weight.data_ptr(), tuple(weight.shape), transposed)
+    cached = reused.get(key)
+    if cached is not None:
+        if cached[0] != weight._version:
+            raise RuntimeError(
+                f"{name} changed inside moe_gemm.reuse_quantized_weights() after it was quantized (an optimizer "
+                f"step or an in-place write): its fp8 copy would be stale; change the weights outside the block"
+            )
+        return cached[1]
+    quantized = quantize_fp8_weight(view)
+    reused[key] = (weight._version, quantized)
+    return quantized
 
 
 def _check_trained_weights(weights: dict, weight_transposed: bool) -> bool:
@@ -248,8 +300,10 @@ class _ExpertsFP8Function(torch.autograd.Function):
             ctx.weight_dtypes = (gate_up_proj.dtype, down_proj.dtype)
             # gate_up_proj's gradient reads hidden; the backward quantizes the transposes of the master weights.
             trained = (hidden if ctx.needs_input_grad[3] else None, gate_up_proj, down_proj)
-            gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj)
-            down_proj, down_proj_scale = quantize_fp8_weight(down_proj)
+            # reuse_quantized_weights()' cache, kept for the backward: autograd may run it on another thread.
+            ctx.reused = _REUSED.get()
+            gate_up_proj, gate_up_proj_scale = _quantized_master(gate_up_proj, "gate_up_proj", False, ctx.reused)
+            down_proj, down_proj_scale = _quantized_master(down_proj, "down_proj", False, ctx.reused)
         return _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
                         down_proj_scale, options, trained)  # fmt: skip
 
@@ -265,7 +319,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
             # The transposes' 128 x 128 blocks are the weights' own, so this is the forward's quantization,
             # transposed in memory ([E, K, N]: weight_transposed's layout), made from the master weights; gate_up_proj's
             # only where the input gradient uses it, so that it is freed before gate_up_proj's weight gradient.
-            down_proj, down_proj_scale = quantize_fp8_weight(down_proj.transpose(1, 2))
+            down_proj, down_proj_scale = _quantized_master(down_proj, "down_proj", True, ctx.reused)
             weight_transposed = True
         num_experts = gate_up_proj.shape[0]
         valid_pair = valid_pairs(ids, num_experts)
@@ -309,7 +363,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
         del weighted_activated
         if needs[0]:
             if trains:
-                gate_up_proj, gate_up_proj_scale = quantize_fp8_weight(gate_up_proj.transpose(1, 2))
+                gate_up_proj, gate_up_proj_scale = _quantized_master(gate_up_proj, "gate_up_proj", True, ctx.reused)
             grad_x_sorted = _transposed_gemm(grad_gate_up, None, gate_up_proj, gate_up_proj_scale, m_sizes,
                                              expert_of_row, weight_transposed, grad_out.dtype)  # fmt: skip
             grads[0] = _sum_token_rows(grad_x_sorted, row_of_pair, ids, num_experts)

@@ -164,3 +164,59 @@ def test_the_module_refuses_what_it_cannot_train():
     module = MoEExpertsFP8Training(num_experts=2, hidden_size=128, intermediate_size=64, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="parameters are torch.bfloat16 but hidden is torch.float32"):
         module(torch.randn(3, 128), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+
+
+def accumulate(module, batches) -> dict:
+    """The gradients of ``module``'s weights summed over ``batches`` of ``(hidden, ids, weights)``."""
+    for name in ("gate_up_proj", "down_proj"):
+        getattr(module, name).grad = None
+    for hidden, ids, weights in batches:
+        module(hidden, ids, weights).float().square().sum().backward()
+    return {name: getattr(module, name).grad.clone() for name in ("gate_up_proj", "down_proj")}
+
+
+def micro_batches(count: int, seed: int) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        hidden = torch.randn(24, 256, generator=generator).to(torch.bfloat16).requires_grad_()
+        batches.append((hidden, torch.randint(0, 4, (24, 2), generator=generator), torch.rand(24, 2, generator=generator)))
+    return batches
+
+
+def test_reused_quantized_weights_give_the_same_gradients_for_a_quarter_of_the_quantizations(monkeypatch):
+    torch.manual_seed(0)
+    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+    module = MoEExpertsFP8Training.from_experts(experts)
+    quantized = []
+    original = moe_gemm.layer_fp8.quantize_fp8_weight
+    monkeypatch.setattr(moe_gemm.layer_fp8, "quantize_fp8_weight", lambda w: quantized.append(w.shape) or original(w))
+    batches = micro_batches(4, seed=1)
+    expected = accumulate(module, batches)
+    assert len(quantized) == 16  # both weights, as stored and transposed, in each of the four micro-batches
+    quantized.clear()
+    with moe_gemm.reuse_quantized_weights():
+        got = accumulate(module, batches[:3])
+    for name, value in accumulate(module, batches[3:]).items():  # after the block, quantized again
+        got[name] += value
+    assert len(quantized) == 4 + 4
+    for name in expected:  # the same fp8 copies, so the same gradients, added up in the same order
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_reused_quantized_weights_refuse_a_weight_changed_inside_the_block():
+    torch.manual_seed(0)
+    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+    module = MoEExpertsFP8Training.from_experts(experts)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    (hidden, ids, weights), second = micro_batches(2, seed=2)
+    with moe_gemm.reuse_quantized_weights():
+        module(hidden, ids, weights).float().square().sum().backward()
+        optimizer.step()
+        with pytest.raises(RuntimeError, match="gate_up_proj changed inside moe_gemm.reuse_quantized_weights"):
+            module(*second)
+    # Outside the block the changed weights are quantized afresh, as without it.
+    out = module(*second)
+    assert torch.equal(out, experts_forward_fp8(*second, experts.gate_up_proj, None, experts.down_proj, None))
+    with torch.no_grad(), moe_gemm.reuse_quantized_weights():  # the forward without autograd reuses too
+        assert torch.equal(module(*second), out) and torch.equal(module(*second), out)
