@@ -123,15 +123,26 @@ def experts_forward_fp8(
     if torch.is_grad_enabled() and any(value.requires_grad for value in differentiable):
         return _ExpertsFP8Function.apply(hidden, top_k_weights, top_k_index, *weights.values(), options)
     if trained:
-        reused = _REUSED.get()
+        reused = _reused_copies()
         gate_up_proj, gate_up_proj_scale = _quantized_master(gate_up_proj, "gate_up_proj", False, reused)
         down_proj, down_proj_scale = _quantized_master(down_proj, "down_proj", False, reused)
     return _forward(None, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,
                     down_proj_scale, options)  # fmt: skip
 
 
-# The cache of reuse_quantized_weights() while one is active: (data_ptr, shape, transposed) -> (version, quantized).
-_REUSED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("moe_gemm_reused_fp8_weights", default=None)
+class _QuantizedCopies(dict):
+    """``reuse_quantized_weights()``' cache: ``(id(weight), transposed)`` -> ``(weakref to the weight, its layout, its
+    version, (values, scale))``. A dict subclass, so that the finalizers that drop a freed weight's entry can hold it
+    weakly (a strong reference would keep every copy alive as long as the weights live)."""
+
+    def __init__(self):
+        super().__init__()
+        self.finalizers: list[weakref.finalize] = []
+
+
+# The cache of the reuse_quantized_weights() block in effect, if any.
+_REUSED: contextvars.ContextVar[_QuantizedCopies | None] = contextvars.ContextVar("moe_gemm_reused_fp8_weights",
+                                                                                  default=None)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -147,35 +158,53 @@ def reuse_quantized_weights() -> Iterator[None]:
                 loss_fn(model(micro_batch)).backward()
         optimizer.step()
 
-    The copies are held until the block ends and the graphs that used them are freed: the master weights' elements
-    in bytes once per layout, so a bf16 weight's size again. A weight that changes inside the block (an optimizer
-    step, an in-place write) raises RuntimeError at its next use instead of training on the stale copy; a write
-    through ``.data`` or a raw pointer cannot be seen, so step the optimizer outside. Nothing is reused under
-    ``torch.compile``."""
-    token = _REUSED.set({})
+    The copies are held until the block ends and the graphs that used them are freed (a freed weight's at once): the
+    master weights' elements in bytes once per layout, a bf16 weight's size again. A weight is known by its identity,
+    storage and layout; one whose version changes inside the block (an optimizer step of torch's single-tensor or
+    foreach kind, an in-place write) raises RuntimeError at its next use instead of training on the stale copy. Fused
+    optimizers (``fused=True``, apex's, DeepSpeed's) and writes through ``.data`` leave the version as it was, so
+    step the optimizer outside the block. Nothing is reused under ``torch.compile`` or for inference tensors."""
+    copies = _QuantizedCopies()
+    token = _REUSED.set(copies)
     try:
         yield
     finally:
         _REUSED.reset(token)
+        for finalizer in copies.finalizers:  # the weights outlive the block: their finalizers need not
+            finalizer.detach()
 
 
-def _quantized_master(weight: torch.Tensor, name: str, transposed: bool, reused: dict | None):
+def _reused_copies() -> _QuantizedCopies | None:
+    """The cache of the ``reuse_quantized_weights()`` block in effect; None outside one and while compiling (Dynamo
+    does not trace a context variable)."""
+    return None if torch.compiler.is_compiling() else _REUSED.get()
+
+
+def _drop_copy(copies: weakref.ref, key: tuple) -> None:
+    cache = copies()
+    if cache is not None:
+        cache.pop(key, None)
+
+
+def _quantized_master(weight: torch.Tensor, name: str, transposed: bool, reused: _QuantizedCopies | None):
     """``quantize_fp8_weight`` of a master weight, or of its transpose's view when ``transposed``; from ``reused``
     (``reuse_quantized_weights``' cache) when given, keeping what it makes there."""
     view = weight.transpose(1, 2) if transposed else weight
-    if reused is None or torch.compiler.is_compiling():
+    if reused is None or torch.compiler.is_compiling() or weight.is_inference():
         return quantize_fp8_weight(view)
-    key = (weight.data_ptr(), tuple(weight.shape), transposed)
+    key = (id(weight), transposed)
+    layout = (weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.stride())
     cached = reused.get(key)
-    if cached is not None:
-        if cached[0] != weight._version:
+    if cached is not None and cached[0]() is weight:
+        if cached[1:3] != (layout, weight._version):
             raise RuntimeError(
                 f"{name} changed inside moe_gemm.reuse_quantized_weights() after it was quantized (an optimizer "
                 f"step or an in-place write): its fp8 copy would be stale; change the weights outside the block"
             )
-        return cached[1]
-    quantized = quantize_fp8_weight(view)
-    reused[key] = (weight._version, quantized)
+        return cached[3]
+    quantized = quantize_fp8_weight(view)  # a weight not seen in the block (an entry left under its id was another's)
+    reused.finalizers.append(weakref.finalize(weight, _drop_copy, weakref.ref(reused), key))
+    reused[key] = (weakref.ref(weight), layout, weight._version, quantized)
     return quantized
 
 
@@ -301,7 +330,7 @@ class _ExpertsFP8Function(torch.autograd.Function):
             # gate_up_proj's gradient reads hidden; the backward quantizes the transposes of the master weights.
             trained = (hidden if ctx.needs_input_grad[3] else None, gate_up_proj, down_proj)
             # reuse_quantized_weights()' cache, kept for the backward: autograd may run it on another thread.
-            ctx.reused = _REUSED.get()
+            ctx.reused = _reused_copies()
             gate_up_proj, gate_up_proj_scale = _quantized_master(gate_up_proj, "gate_up_proj", False, ctx.reused)
             down_proj, down_proj_scale = _quantized_master(down_proj, "down_proj", False, ctx.reused)
         return _forward(ctx, hidden, top_k_weights, top_k_index, gate_up_proj, gate_up_proj_scale, down_proj,

@@ -184,13 +184,23 @@ def micro_batches(count: int, seed: int) -> list:
     return batches
 
 
-def test_reused_quantized_weights_give_the_same_gradients_for_a_quarter_of_the_quantizations(monkeypatch):
-    torch.manual_seed(0)
-    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
-    module = MoEExpertsFP8Training.from_experts(experts)
+def counted_quantizations(monkeypatch) -> list:
+    """The shapes of the weights ``quantize_fp8_weight`` quantizes from now on, in order."""
     quantized = []
     original = moe_gemm.layer_fp8.quantize_fp8_weight
     monkeypatch.setattr(moe_gemm.layer_fp8, "quantize_fp8_weight", lambda w: quantized.append(w.shape) or original(w))
+    return quantized
+
+
+def small_trained_module() -> tuple:
+    torch.manual_seed(0)
+    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
+    return experts, MoEExpertsFP8Training.from_experts(experts)
+
+
+def test_reused_quantized_weights_give_the_same_gradients_for_a_quarter_of_the_quantizations(monkeypatch):
+    experts, module = small_trained_module()
+    quantized = counted_quantizations(monkeypatch)
     batches = micro_batches(4, seed=1)
     expected = accumulate(module, batches)
     assert len(quantized) == 16  # both weights, as stored and transposed, in each of the four micro-batches
@@ -205,9 +215,7 @@ def test_reused_quantized_weights_give_the_same_gradients_for_a_quarter_of_the_q
 
 
 def test_reused_quantized_weights_refuse_a_weight_changed_inside_the_block():
-    torch.manual_seed(0)
-    experts = moe_gemm.MoEExperts(num_experts=4, hidden_size=256, intermediate_size=128, dtype=torch.bfloat16)
-    module = MoEExpertsFP8Training.from_experts(experts)
+    experts, module = small_trained_module()
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     (hidden, ids, weights), second = micro_batches(2, seed=2)
     with moe_gemm.reuse_quantized_weights():
@@ -218,5 +226,55 @@ def test_reused_quantized_weights_refuse_a_weight_changed_inside_the_block():
     # Outside the block the changed weights are quantized afresh, as without it.
     out = module(*second)
     assert torch.equal(out, experts_forward_fp8(*second, experts.gate_up_proj, None, experts.down_proj, None))
-    with torch.no_grad(), moe_gemm.reuse_quantized_weights():  # the forward without autograd reuses too
-        assert torch.equal(module(*second), out) and torch.equal(module(*second), out)
+
+
+def test_the_forward_without_autograd_and_a_backward_after_the_block_reuse_too(monkeypatch):
+    experts, module = small_trained_module()
+    (hidden, ids, weights), second = micro_batches(2, seed=5)
+    quantized = counted_quantizations(monkeypatch)
+    with torch.no_grad():
+        expected = module(hidden, ids, weights)
+    quantized.clear()
+    with torch.no_grad(), moe_gemm.reuse_quantized_weights():
+        for _ in range(2):
+            assert torch.equal(module(hidden, ids, weights), expected)
+    assert len(quantized) == 2  # each weight once, as stored
+    quantized.clear()
+    with moe_gemm.reuse_quantized_weights():
+        outs = [module(hidden, ids, weights), module(*second)]
+    for out in outs:  # both backwards after the block: the second reuses the first's transposed copies
+        out.float().square().sum().backward()
+    assert len(quantized) == 4
+
+
+def test_reused_quantized_weights_never_give_a_freed_weight_s_copy_to_a_new_one():
+    # Masters cast to bf16 at each call: a freed cast and the next one of the same shape can share an address.
+    generator = torch.Generator().manual_seed(6)
+    masters = [[torch.randn(4, 256, 256, generator=generator), torch.randn(4, 256, 128, generator=generator)]
+               for _ in range(3)]  # fmt: skip
+    hidden, ids, weights = micro_batches(1, seed=7)[0]
+
+    def layers() -> list:
+        outs = []
+        for gate_up, down in masters:
+            outs.append(experts_forward_fp8(hidden, ids, weights, gate_up.to(torch.bfloat16), None,
+                                            down.to(torch.bfloat16), None))  # fmt: skip
+        return outs
+
+    with torch.no_grad():
+        expected = layers()
+        with moe_gemm.reuse_quantized_weights():
+            got = layers()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not torch.equal(expected[0], expected[1])
+
+
+def test_the_trained_module_compiles_whole_without_reusing():
+    experts, module = small_trained_module()
+    hidden, ids, weights = micro_batches(1, seed=8)[0]
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    with moe_gemm.reuse_quantized_weights():  # nothing to reuse under torch.compile: the same as without the block
+        out = compiled(hidden, ids, weights)
+    assert torch.equal(out, module(hidden, ids, weights))
+    out.float().square().sum().backward()
+    assert experts.gate_up_proj.grad is not None and experts.down_proj.grad is not None
