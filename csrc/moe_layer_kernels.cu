@@ -393,6 +393,23 @@ __device__ __forceinline__ float warp_nan_max(float value) {
   return value;
 }
 
+// The block's NaN-propagating max of every thread's value, returned to every thread; warp_max holds one float per
+// warp. The caller synchronizes again before warp_max is written next.
+template <int kThreads>
+__device__ __forceinline__ float block_nan_max(float value, float* warp_max) {
+  value = warp_nan_max(value);
+  if (threadIdx.x % kWarpSize == 0) {
+    warp_max[threadIdx.x / kWarpSize] = value;
+  }
+  __syncthreads();
+  value = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kThreads / kWarpSize; ++w) {
+    value = nan_max(value, warp_max[w]);
+  }
+  return value;
+}
+
 // amax / 448 floored at FLT_MIN, NaN kept (torch's clamp_min keeps it). A product with the reciprocal, as
 // _ops.fp8_scale writes it (torch on CUDA divides by a Python number that way): the division can differ in the
 // last bit.
@@ -453,16 +470,7 @@ __global__ void moe_quantize_fp8_rows_kernel(QuantizeFp8Params const params) {
     for (int64_t c = threadIdx.x; c < params.K; c += kThreads) {
       amax = nan_max(amax, fabsf(to_float(x[c])));
     }
-    amax = warp_nan_max(amax);
-    if (threadIdx.x % kWarpSize == 0) {
-      warp_amax[threadIdx.x / kWarpSize] = amax;
-    }
-    __syncthreads();
-    amax = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kThreads / kWarpSize; ++w) {
-      amax = nan_max(amax, warp_amax[w]);
-    }
+    amax = block_nan_max<kThreads>(amax, warp_amax);
     __syncthreads();  // warp_amax is rewritten by the next row
     float const scale = fp8_scale(amax);
     if (threadIdx.x == 0) {
@@ -545,17 +553,8 @@ __global__ void __launch_bounds__(kWeightThreads) moe_quantize_fp8_weight_kernel
         amax = nan_max(amax, fabsf(to_float(values[w])));
       }
     }
-    amax = warp_nan_max(amax);
-    if (threadIdx.x % kWarpSize == 0) {
-      warp_amax[threadIdx.x / kWarpSize] = amax;
-    }
-    __syncthreads();
-    amax = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWeightThreads / kWarpSize; ++w) {
-      amax = nan_max(amax, warp_amax[w]);
-    }
-    float const scale = fp8_scale(amax);
+    // (The loop's last barrier orders this block's writes of warp_amax after the previous block's reads.)
+    float const scale = fp8_scale(block_nan_max<kWeightThreads>(amax, warp_amax));
     if (threadIdx.x == 0) {
       params.scale[kTransposed ? (e * blocks_b + j) * blocks_a + i : (e * blocks_a + i) * blocks_b + j] = scale;
     }
