@@ -190,7 +190,7 @@ def _quantized_master(weight: torch.Tensor, name: str, transposed: bool, reused:
     """``quantize_fp8_weight`` of a master weight, or of its transpose's view when ``transposed``; from ``reused``
     (``reuse_quantized_weights``' cache) when given, keeping what it makes there."""
     view = weight.transpose(1, 2) if transposed else weight
-    if reused is None or torch.compiler.is_compiling() or weight.is_inference():
+    if reused is None or weight.is_inference():  # (reused is None while compiling: _reused_copies)
         return quantize_fp8_weight(view)
     key = (id(weight), transposed)
     layout = (weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.stride())
