@@ -16,6 +16,7 @@ torch.manual_seed(0)
 CASES = {  # name: T, N, K, E, top_k
     "dsv3-up 16k": (16384, 4096, 7168, 256, 8), "dsv3-down 16k": (16384, 7168, 2048, 256, 8),
     "mixtral-up 4k": (4096, 28672, 4096, 8, 2), "qwen3-up 16k": (16384, 1536, 2048, 128, 8),
+    "dsv3-up 4k": (4096, 4096, 7168, 256, 8), "qwen3-down 4k": (4096, 2048, 768, 128, 8),
 }
 op = torch.ops.moe_gemm.grouped_mm_fp8.default
 
