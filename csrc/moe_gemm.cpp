@@ -32,7 +32,6 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E) {
   constexpr int64_t kOneMBlock = 128;
   constexpr int64_t kClusterRowsPerExpert = 256;
   constexpr int64_t kLongExpertRows = 1024;
-  constexpr int64_t kVeryLongExpertRows = 2048;
   int64_t const experts_hit = std::max<int64_t>(1, std::min<int64_t>(E, M));
   int64_t const rows_per_expert = M / experts_hit;
   // Decode: the swapped 16-row tile keeps 192 KB of weights in flight per SM (128x128: 96 KB).
@@ -62,9 +61,9 @@ TileConfig choose_tile_config(int64_t M, int64_t N, int32_t E) {
   if (rows_per_expert < kLongExpertRows && n_blocks >= 2) {
     return n_blocks % 2 == 0 ? TileConfig::k128x256Cluster1x2 : TileConfig::k128x256Cluster2x1;
   }
-  // From 2048 rows, pairs on neighbouring m-blocks share the B tile: Mixtral at 16k tokens (4096 rows)
-  // up 11.25 ms against 11.45 with 128x256; at 1024-1092 rows (Qwen3, Qwen1.5) it measured 3-8% slower.
-  return rows_per_expert >= kVeryLongExpertRows ? TileConfig::k128x256Cluster2x1 : TileConfig::k128x256;
+  // From 1024 rows, plain 128x256: clusters of two are slower or tie. The layer's down-projection at 2048 rows
+  // (sonic-4: M = 524288, N = 4096, K = 256): 2.33 ms against 2.47 with 2x1 clusters.
+  return TileConfig::k128x256;
 }
 
 TileConfig gather_tile_config(TileConfig config) {

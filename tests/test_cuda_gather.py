@@ -174,7 +174,7 @@ def test_a_configuration_without_a_gathering_kernel_is_refused(config):
     [(2, 4096, 14336, 8),        # decode: 16x128s for grouped_mm
      (640, 7168, 2048, 256),     # 20 rows per expert: 32x128s
      (16384, 4096, 7168, 32),    # 512 rows per expert: a cluster configuration
-     (32768, 14336, 4096, 8)],   # 4096 rows per expert: 128x256c2x1
+     (32768, 14336, 4096, 8)],   # 4096 rows per expert: 128x256
 )
 def test_the_heuristics_pick_gathering_configurations(M, N, K, E):
     config, split_k, _ = resolved_plan(M, N, K, E, gather=True)

@@ -215,7 +215,8 @@ WORKED_EXAMPLES = [
     ("512 rows, one 256-column block", 4096, 256, 1024, 8, "128x256", 1, False),
     ("Qwen3-30B-A3B up, 16k tokens (1024 rows)", 131072, 1536, 2048, 128, "128x256", 1, True),
     ("Mixtral-8x7B up, 2048 tokens (512 rows)", 4096, 28672, 4096, 8, "128x256c1x2", 1, True),
-    ("Mixtral-8x7B up, 16k tokens (4096 rows)", 32768, 28672, 4096, 8, "128x256c2x1", 1, True),
+    ("Mixtral-8x7B up, 16k tokens (4096 rows)", 32768, 28672, 4096, 8, "128x256", 1, True),
+    ("sonic-4 down, 32k tokens (2048 rows)", 524288, 4096, 256, 256, "128x256", 1, True),
 ]
 
 
