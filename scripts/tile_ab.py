@@ -19,6 +19,7 @@ CASES = {
     "mixtral-up": (8, 4096, 28672, 4096, False, 2),
     "mixtral-down": (8, 4096, 4096, 14336, False, 2),
     "mixtral-up-dgrad": (8, 4096, 4096, 28672, True, 2),
+    "mixtral-down-dgrad": (8, 4096, 14336, 4096, True, 2),
     "sonic1-down": (64, 2048, 4096, 2048, False, 4),
     "sonic1-up-dgrad": (64, 2048, 4096, 4096, True, 4),
     "sonic2-up-dgrad": (128, 2048, 4096, 2048, True, 8),
