@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None, suite: dict | None = None) -> argp
     mode.add_argument("--decode", action="store_true", help="the decode table, 1 to 64 tokens (bench/decode.py)")
     mode.add_argument(
         "--fp8", action="store_true",
-        help="FP8 blockwise GEMMs vs torch._scaled_grouped_mm rowwise and moe_gemm bf16 (bench/fp8.py)",
+        help="FP8 GEMMs (rowwise; blockwise beside) vs torch._scaled_grouped_mm rowwise, moe_gemm bf16 (bench/fp8.py)",
     )  # fmt: skip
     mode.add_argument(
         "--layer", action="store_true", help="the whole MoE layer vs transformers and Liger, and the routing kernel"
