@@ -173,7 +173,8 @@ def test_a_configuration_without_a_gathering_kernel_is_refused(config):
     "M, N, K, E",
     [(2, 4096, 14336, 8),        # decode: 16x128s for grouped_mm
      (640, 7168, 2048, 256),     # 20 rows per expert: 32x128s
-     (16384, 4096, 7168, 32),    # 512 rows per expert: a cluster configuration
+     (16384, 4096, 7168, 32),    # 512 rows per expert: a cluster configuration (1x2)
+     (65536, 5760, 2880, 128),   # 512 rows, 23 n-blocks: 2x1 clusters
      (32768, 14336, 4096, 8)],   # 4096 rows per expert: 128x256
 )
 def test_the_heuristics_pick_gathering_configurations(M, N, K, E):
