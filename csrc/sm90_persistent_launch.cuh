@@ -22,8 +22,12 @@ template <> struct CutlassElement<DType::kFloat16> { using type = cutlass::half_
 // Launches Kernel as a persistent grid on the current device: as many CTAs as are resident at once,
 // at most sm_count SMs' worth (0: no limit), and no more clusters of Kernel::kClusterSize CTAs (1-D, see
 // the forward kernel's LaunchClusterShape) than max_clusters, the most work units the sizes allow.
+// Internal linkage (static) on purpose: the static local below would otherwise be one object for the whole process
+// (GCC makes a static local of an inline function STB_GNU_UNIQUE), shared with another build of the same kernels
+// loaded beside this one (scripts/build_baseline.sh), whose launches would then skip their own shared-memory opt-in
+// and fail with "invalid argument".
 template <class Kernel>
-cudaError_t launch_persistent(typename Kernel::Params const& params, int64_t max_clusters, int sm_count,
+static cudaError_t launch_persistent(typename Kernel::Params const& params, int64_t max_clusters, int sm_count,
                               cudaStream_t stream) {
   constexpr int kClusterSize = Kernel::kClusterSize;
   auto* kernel = &cutlass::device_kernel<Kernel>;
