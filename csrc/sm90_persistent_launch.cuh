@@ -28,7 +28,7 @@ template <> struct CutlassElement<DType::kFloat16> { using type = cutlass::half_
 // and fail with "invalid argument".
 template <class Kernel>
 static cudaError_t launch_persistent(typename Kernel::Params const& params, int64_t max_clusters, int sm_count,
-                              cudaStream_t stream) {
+                                     cudaStream_t stream) {
   constexpr int kClusterSize = Kernel::kClusterSize;
   auto* kernel = &cutlass::device_kernel<Kernel>;
   int const smem_bytes = Kernel::SharedStorageSize;
