@@ -28,13 +28,17 @@ struct Sm90MoeFp8GemmConfig {
   using TileShape = cute::Shape<cute::Int<kSwapAB ? kInfo.tile_n : kInfo.tile_m>,
                                 cute::Int<kSwapAB ? kInfo.tile_m : kInfo.tile_n>, cute::_128>;
   static constexpr int kTileRows = cute::size<kSwapAB ? 1 : 0>(TileShape{});
+  static constexpr int kEpiBuffers = kScales == Fp8Scales::kBlockwise ? 1 : 2;  // Sm90MoeGemmKernel::kEpiBuffers
+  // Blockwise: each stage's scales (Sm90MoeGemmKernel::BlockScaleStorage), for as many stages as could fit.
+  static constexpr int kBlockScaleCarveout = kScales == Fp8Scales::kBlockwise ? 8 * (kTileRows + 4) * 4 : 0;
   using ClusterShape = typename TileTraits<kConfig>::ClusterShape;
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
       ElementIn, cutlass::layout::RowMajor, 16,
       ElementIn, cutlass::layout::ColumnMajor, 16,
       float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<ElementD>(kTileRows)>,
+      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem_bytes<ElementD>(kTileRows, kEpiBuffers) +
+                                                        kBlockScaleCarveout>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>::CollectiveOp;
   using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, ElementD, false, kSwapAB, false, kScales>;
 };

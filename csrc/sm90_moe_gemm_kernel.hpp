@@ -67,10 +67,10 @@
 
 namespace moe_gemm {
 
-// Shared memory of the TMA-store epilogue: two buffers of kTileM x 64 outputs.
+// Shared memory of the TMA-store epilogue: `buffers` buffers of kTileM x 64 outputs (Sm90MoeGemmKernel::kEpiBuffers).
 template <class ElementD>
-constexpr int epilogue_smem_bytes(int tile_m) {
-  return 2 * tile_m * 64 * int(sizeof(ElementD));
+constexpr int epilogue_smem_bytes(int tile_m, int buffers = 2) {
+  return buffers * tile_m * 64 * int(sizeof(ElementD));
 }
 
 // The token tile's first kRows rows (of a K-major A): their shared-memory layout, the prefix of each
@@ -136,9 +136,10 @@ template <Fp8Scales kScales>
 struct ScaleParams {
   float const* x_scale;
   float const* w_scale;
-  int32_t x_groups;  // kBlockwise: x_scale's row stride, 0 for [M]
-  int32_t k_groups;  // kBlockwise: ceil(K / 128)
-  int32_t n_groups;  // kBlockwise: ceil(N / 128)
+  int64_t x_row_stride;  // kBlockwise: x_scale's elements between rows (x_groups, or 1 for [M])
+  int32_t x_k_stride;    // kBlockwise: between a row's k-blocks (1, or 0 for [M])
+  int32_t k_groups;      // kBlockwise: ceil(K / 128)
+  int32_t n_groups;      // kBlockwise: ceil(N / 128)
 };
 template <>
 struct ScaleParams<Fp8Scales::kNone> {};
@@ -251,7 +252,8 @@ class Sm90MoeGemmKernel {
 
   // Epilogue chunks: kTileM x 64 outputs = 128-byte rows, the widest TMA swizzle (no bank conflicts).
   static constexpr int kEpiN = 64;
-  static constexpr int kEpiBuffers = 2;
+  // Blockwise FP8 gives one buffer to its stages' scales: with two, a 128x128 tile's six stages do not fit.
+  static constexpr int kEpiBuffers = kScales_ == Fp8Scales::kBlockwise ? 1 : 2;
   // Rows of D's TMA store box: those of one warpgroup (64 of a 128-row tile).
   static constexpr int kStoreRows = kSwapAB ? kTileM : kRowsPerWarpGroup<TiledMma, kTileM>;
   static_assert(kTileN % kEpiN == 0);
@@ -300,9 +302,19 @@ class Sm90MoeGemmKernel {
                 "(applied while packed, PendingTile, or as stored, store_tile_transposed)");
   static_assert(!kBlockwiseScales || (kTileN == 128 && kTileK == 128 && kClusterSize == 1),
                 "blockwise FP8 scales: 128 x 128 tiles of 128-deep k-blocks, one weight scale block each");
-  // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load rows.
+  // kBlockwiseScales: the producer warpgroup's warps 1-3 copy each k-block's scales into its stage
+  // (load_block_scales: x_scale of the tile's 128 rows and the weight block's scale), so that the MMA warps read them
+  // from shared memory instead of loading them from global memory in their k-loop.
+  static constexpr bool kAssistingWarps = kGatherA || kBlockwiseScales;
+  static constexpr int kStages = CollectiveMainloop::DispatchPolicy::Stages;
+  static constexpr int kStageScales = kTileM + 4;  // a stage's scales: the rows', then the weight block's
+  struct BlockScaleStorage {
+    alignas(16) float scales[kStages][kStageScales];
+  };
+  struct NoBlockScaleStorage {};
+  // The threads that read the decoded units: the MMA warpgroups, and the producer's warps 1-3 when they load.
   static constexpr uint32_t kTileSlotReaders =
-      kNumConsumerThreads + (kGatherA ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
+      kNumConsumerThreads + (kAssistingWarps ? cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp : 0);
 
   // kGateUp: the tile of gate_up (N = 2 I columns) leaves as act(gate) * up (kTileN / 2 columns of [M, I]),
   // held in registers as a deferred 16-bit tile is, and, when written, as itself, stored at once (PendingGatedTile).
@@ -347,6 +359,7 @@ class Sm90MoeGemmKernel {
     DecodedUnit tile_slots[kTileSlots];
     alignas(16) UnitSlots cluster_units;
     int split_k_last_arrival;  // split-K: thread 0 tells the MMA warpgroups whether they reduce the tile
+    cute::conditional_t<kBlockwiseScales, BlockScaleStorage, NoBlockScaleStorage> block_scales;
   };
   static constexpr int SharedStorageSize = sizeof(SharedStorage);
   static_assert(SharedStorageSize <= 232448, "more shared memory than an H100 SM has");
@@ -491,7 +504,8 @@ class Sm90MoeGemmKernel {
       return status;
     }
     if constexpr (kScales != Fp8Scales::kNone) {
-      params.scales = {args.x_scale, args.w_scale, args.x_groups, (args.K + 127) / 128, (args.N + 127) / 128};
+      params.scales = {args.x_scale, args.w_scale, args.x_groups > 0 ? int64_t(args.x_groups) : 1,
+                       args.x_groups > 0 ? 1 : 0, (args.K + 127) / 128, (args.N + 127) / 128};
     }
     if constexpr (kGatherA) {
       params.gather = {args.tokens, uint32_t(args.ld_tokens * int64_t(sizeof(typename CollectiveMainloop::InternalElementA))),
@@ -546,9 +560,12 @@ class Sm90MoeGemmKernel {
     // producer warpgroup too).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
         shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{},
-        kGatherA, kGatherA ? 1 + cutlass::NumThreadsPerWarpGroup : 1);
+        kAssistingWarps,
+        kGatherA           ? 1 + cutlass::NumThreadsPerWarpGroup
+        : kBlockwiseScales ? 1 + cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp
+                           : 1);
     TilePipeline tile_pipeline =
-        make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kTileSlotReaders, kGatherA);
+        make_tile_pipeline<TilePipeline>(shared_storage.tile_pipeline, roles, kTileSlotReaders, kAssistingWarps);
     // Barrier init must be visible to every warp, and to the peer CTAs that multicast into this one,
     // before the first wait or copy.
     if constexpr (kClusterSize > 1) {
@@ -566,6 +583,9 @@ class Sm90MoeGemmKernel {
         [&] {
           if constexpr (kGatherA) {
             load_gathered_rows(params, pipeline, tile_pipeline, shared_storage, roles.thread_idx);
+          } else if constexpr (kBlockwiseScales) {
+            load_block_scales(params, pipeline, tile_pipeline, shared_storage,
+                              roles.thread_idx - int(cutlass::NumThreadsPerWarp));
           }
         },
         [&]() __attribute__((always_inline)) {  // a call would split the WGMMA pipeline (ptxas C7510)
@@ -921,6 +941,49 @@ class Sm90MoeGemmKernel {
     }
   }
 
+  // kBlockwiseScales, the producer warpgroup's warps 1-3 (thread 0-95): the scales of every k-block of every tile
+  // into its stage, following the units that warp 0 decodes: x_scale of tile row `thread` (and of row 96 + thread
+  // for threads 0-31; rows past the expert's read its last row's), and thread 0 the weight block's, at
+  // [kTileM]. Each thread's copies arrive on the stage's barrier when they land (the barrier expects 1 + 96).
+  CUTLASS_DEVICE static void load_block_scales(Params const& params, MainloopPipeline& pipeline,
+                                               TilePipeline& tile_pipeline, SharedStorage& shared_storage,
+                                               int thread) {
+    constexpr int kThreads = int(cutlass::NumThreadsPerWarpGroup - cutlass::NumThreadsPerWarp);
+    TilePipelineState tile_read;
+    PipelineState state = cutlass::make_producer_start_state<MainloopPipeline>();
+    uint32_t const smem = cute::cast_smem_ptr_to_uint(&shared_storage.block_scales.scales[0][0]);
+    bool const second = thread + kThreads < kTileM;
+    while (true) {
+      DecodedUnit const unit = take_tile_slot(tile_pipeline, tile_read, shared_storage.tile_slots);
+      if (!unit.work.valid) {
+        wait_for_copies();
+        return;
+      }
+      MoeWorkTile const& work = unit.work;
+      int64_t const row0 = work.row_start + int64_t(work.m_block) * kTileM;
+      int32_t const last = work.rows - work.m_block * kTileM - 1;
+      float const* const x0 = params.scales.x_scale + (row0 + cute::min(thread, last)) * params.scales.x_row_stride;
+      float const* const x1 =
+          params.scales.x_scale + (row0 + cute::min(thread + kThreads, last)) * params.scales.x_row_stride;
+      float const* const w = params.scales.w_scale +
+                             (int64_t(work.expert) * params.scales.n_groups + work.n_block) * params.scales.k_groups;
+      for (int k = 0; k < unit.k_blocks.count; ++k) {
+        pipeline.producer_acquire(state);  // waits: thread 0 of warp 0 alone arms the barrier
+        int const k_block = unit.k_blocks.begin + k;
+        uint32_t const stage = smem + uint32_t(state.index() * kStageScales) * 4u;
+        copy_4_bytes(stage + uint32_t(thread) * 4u, x0 + k_block * params.scales.x_k_stride);
+        if (second) {
+          copy_4_bytes(stage + uint32_t(thread + kThreads) * 4u, x1 + k_block * params.scales.x_k_stride);
+        }
+        if (thread == 0) {
+          copy_4_bytes(stage + uint32_t(kTileM) * 4u, w + k_block);
+        }
+        arrive_when_copies_land(pipeline.producer_get_barrier(state));
+        ++state;
+      }
+    }
+  }
+
   // MMA warpgroups: accumulate a tile, then store it with the expert's row predicate.
   CUTLASS_DEVICE
   static void consume(Params const& params, MainloopPipeline& pipeline, TilePipeline& tile_pipeline,
@@ -976,7 +1039,7 @@ class Sm90MoeGemmKernel {
         if constexpr (kBlockwiseScales) {
           mma_blockwise<CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                                             shared_storage.tensors,
-                                            BlockwiseScalesOf(params, work, tiled_mma, mma_thread_idx));
+                                            StageScalesOf(shared_storage, tiled_mma, mma_thread_idx));
         } else if constexpr (kDeferStore) {
           mma_with_hook<kPendingSteps, CollectiveMainloop, kGatherA>(pipeline, read_state, accumulators,
                                                                      k_blocks.count, mma_thread_idx,
@@ -1091,27 +1154,24 @@ class Sm90MoeGemmKernel {
     CUTLASS_DEVICE float operator()(int row, int col) const { return __ldg(x_scale + row) * __ldg(w_scale + col); }
   };
 
-  // kBlockwiseScales, mma_blockwise's scales: load(k) gives k-block k's BlockScales for this thread, x_scale[row, k]
-  // of its row of each half (x_scale[row] for x_scale [M]) and w_scale[expert, n_block, k], which the whole tile
-  // shares.
-  struct BlockwiseScalesOf {
-    float const* x_rows[2];  // x_scale of the two rows, at k-block 0
-    float const* w_blocks;   // w_scale[expert, n_block, :]
-    int32_t x_k_stride;      // 1, or 0 for x_scale [M]
-    CUTLASS_DEVICE BlockwiseScalesOf(Params const& params, MoeWorkTile const& work, TiledMma const& tiled_mma,
-                                     int mma_thread_idx) {
-      ThreadRows const rows(work, tiled_mma, mma_thread_idx);
-      int64_t const ld = params.scales.x_groups > 0 ? params.scales.x_groups : 1;
+  // kBlockwiseScales, mma_blockwise's scales: load(stage) gives the BlockScales of the k-block in `stage`, which
+  // load_block_scales put there: x_scale of this thread's two tile rows and the weight block's scale.
+  struct StageScalesOf {
+    float const* scales;  // block_scales.scales[0]
+    int rows[2];          // this thread's rows of the tile
+    CUTLASS_DEVICE StageScalesOf(SharedStorage& shared_storage, TiledMma const& tiled_mma, int mma_thread_idx)
+        : scales(&shared_storage.block_scales.scales[0][0]) {
+      using namespace cute;
+      Tensor coords =
+          tiled_mma.get_thread_slice(mma_thread_idx).partition_C(make_identity_tensor(take<0, 2>(TileShape{})));
       CUTLASS_PRAGMA_UNROLL
       for (int h = 0; h < 2; ++h) {
-        x_rows[h] = params.scales.x_scale + rows.row[h] * ld;
+        rows[h] = int(get<0>(coords(2 * h)));
       }
-      x_k_stride = params.scales.x_groups > 0 ? 1 : 0;
-      w_blocks = params.scales.w_scale +
-                 (int64_t(work.expert) * params.scales.n_groups + work.n_block) * params.scales.k_groups;
     }
-    CUTLASS_DEVICE BlockScales load(int k) const {
-      return {{__ldg(x_rows[0] + k * x_k_stride), __ldg(x_rows[1] + k * x_k_stride)}, __ldg(w_blocks + k)};
+    CUTLASS_DEVICE BlockScales load(int stage) const {
+      float const* const s = scales + stage * kStageScales;
+      return {{s[rows[0]], s[rows[1]]}, s[kTileM]};
     }
   };
 

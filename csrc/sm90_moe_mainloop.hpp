@@ -31,6 +31,11 @@ CUTLASS_DEVICE void copy_16_bytes_or_zeros(uint32_t address, void const* source,
 // those it expects (noinc).
 CUTLASS_DEVICE void arrive_when_copies_land(uint64_t* barrier) { cutlass::arch::cpasync_barrier_arrive_noinc(barrier); }
 
+// A 4-byte cp.async (the scales of blockwise FP8, load_block_scales).
+CUTLASS_DEVICE void copy_4_bytes(uint32_t address, void const* source) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(address), "l"(source) : "memory");
+}
+
 // Waits until this thread's copies have landed (before it exits: nothing may still write the CTA's shared memory).
 CUTLASS_DEVICE void wait_for_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
@@ -216,12 +221,13 @@ struct BlockScales {
 
 // The MMAs of one tile whose k-blocks each have their own scales (FP8 with blockwise scales): each k-block is
 // multiplied into a block accumulator (its first WGMMA zeroes it), waited for, and added into `accumulators` times
-// its scale, scales.load(k) giving the k-block's BlockScales, s.x[h] * s.w for the thread's row of half h (WGMMA's
-// accumulator layout ((2 columns, 2 row halves, N / 8 column groups), MMA_M, MMA_N), one 64-row block per
-// warpgroup). Two block accumulators take turns, so that k-block k + 1's MMAs are queued before k-block k is waited
-// for and added: the tensor cores never wait for the addition. The scales are loaded two k-blocks before they are
-// added, so that the addition does not wait for their loads either (they come from L2, in about as long as a
-// k-block's MMAs take). E.g. K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s.x[h] = x_scale[row_h, k], s.w =
+// its scale, scales.load(stage) giving the BlockScales of the k-block in that stage, s.x[h] * s.w for the thread's
+// row of half h (WGMMA's accumulator layout ((2 columns, 2 row halves, N / 8 column groups), MMA_M, MMA_N), one
+// 64-row block per warpgroup). Two block accumulators take turns, so that k-block k + 1's MMAs are queued before
+// k-block k is waited for and added: the tensor cores never wait for the addition. The scales come with the stage
+// (the producer's assisting warps copy them in beside the operands) and are read from shared memory while the stage
+// is held, because loads from global memory in this loop slowed it (docs/benchmark_history.md, "The blockwise
+// scales through the stages"). E.g. K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s.x[h] = x_scale[row_h, k], s.w =
 // w_scale[expert, n_block, k], and accumulators += s.x[h] * s.w * block over each k-block's 128 columns.
 template <class CollectiveMainloop, class Accumulators, class Scales>
 CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline& pipeline,
@@ -265,6 +271,7 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
     warpgroup_fence_operand(block);
     warpgroup_fence_operand(accumulators);
     ++read_state;
+    return scales.load(stage);  // read while the stage is held: it is freed when this block is added
   };
   // Adds the oldest k-block in flight, `block`, times `scale`, once its MMAs are done (Newer: how many later
   // k-blocks' MMAs are queued behind them, 0 or 1, known at compile time so that ptxas sees which WGMMA registers
@@ -289,23 +296,17 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
     }
   };
   Accumulators even, odd;  // the blocks of the even and the odd k-blocks
-  // The scales of k-block k, or of the last one past it (loaded ahead, not added).
-  auto scales_of = [&](int k) { return scales.load(min(k, k_tiles - 1)); };
-  BlockScales s_even = scales_of(0), s_odd = scales_of(1);  // those of the k-blocks in even and odd
-  issue(even);
+  BlockScales s_even = issue(even), s_odd;  // the scales of the k-blocks in even and odd
   int k = 0;
   CUTLASS_PRAGMA_NO_UNROLL
   for (; k + 2 < k_tiles; k += 2) {  // even holds k-block k; k + 1 and k + 2 follow
-    issue(odd);
-    BlockScales const next_even = scales_of(k + 2), next_odd = scales_of(k + 3);
+    s_odd = issue(odd);
     add(Int<1>{}, even, s_even);
-    issue(even);
+    s_even = issue(even);
     add(Int<1>{}, odd, s_odd);
-    s_even = next_even;
-    s_odd = next_odd;
   }
   if (k + 1 < k_tiles) {  // the last two
-    issue(odd);
+    s_odd = issue(odd);
     add(Int<1>{}, even, s_even);
     add(Int<0>{}, odd, s_odd);
   } else {
