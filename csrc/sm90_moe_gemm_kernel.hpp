@@ -555,9 +555,9 @@ class Sm90MoeGemmKernel {
       }
     }
 
-    // Pipelines from the TMA warp (producer; gathering, the whole producer warpgroup) to the two MMA warpgroups
-    // (consumers): the stages, and the decoded units (both warpgroups read every unit; gathering, warps 1-3 of the
-    // producer warpgroup too).
+    // Pipelines from the TMA warp (producer; gathering, the whole producer warpgroup; blockwise FP8, warps 1-3 too,
+    // with the scales) to the two MMA warpgroups (consumers): the stages, and the decoded units (both warpgroups read
+    // every unit; gathering or blockwise, warps 1-3 of the producer warpgroup too).
     MainloopPipeline pipeline = make_mainloop_pipeline<MainloopPipeline>(
         shared_storage.pipeline, roles, kNumMmaThreads, params.mainloop.tma_transaction_bytes, LaunchClusterShape{},
         kAssistingWarps,
