@@ -45,9 +45,12 @@ def gated_tile_configs(table: pathlib.Path = TABLE) -> dict[str, str]:
 
 
 # The FP8 forward kernels, (scales, tile): bf16 output, K-major weights (8-bit WGMMA reads K-major shared memory);
-# rowwise scales on three tiles (the swapped 32x128s for decode), blockwise ones on 128x128 (plan_grouped_gemm_fp8 in
-# moe_gemm.cpp).
-FP8_KERNELS = (("rowwise", "128x256"), ("rowwise", "128x128"), ("rowwise", "32x128s"), ("blockwise", "128x128"))
+# rowwise scales on three tiles (the swapped 32x128s for decode), blockwise ones on 128x256 and 128x128
+# (plan_grouped_gemm_fp8 in moe_gemm.cpp).
+FP8_KERNELS = (
+    ("rowwise", "128x256"), ("rowwise", "128x128"), ("rowwise", "32x128s"),
+    ("blockwise", "128x256"), ("blockwise", "128x128"),
+)
 
 
 def main() -> None:

@@ -351,18 +351,16 @@ cudaError_t run_sm90_moe_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParam
                                   GroupedGemmPlan const& plan, cudaStream_t stream);
 
 GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& p, Fp8Scales scales, PlanOverride const& override) {
-  // The configurations with an FP8 kernel. Rowwise: 128x256 where the heuristic takes a 256-wide tile, the swapped
-  // 32x128s where it takes a swapped decode tile, else 128x128. Blockwise: 128x128, whose n-block is one weight
-  // scale block (a 128x256 tile would hold a second set of accumulators for the k-block in flight: 256 registers a
-  // thread).
+  // The configurations with an FP8 kernel: 128x256 where the heuristic takes a 256-wide tile; rowwise, the swapped
+  // 32x128s where it takes a swapped decode tile; else 128x128 (blockwise: two weight scale blocks a 128x256 tile,
+  // mma_blockwise_halves, one a 128x128 tile, mma_blockwise).
   PlanOverride fp8 = override;
   TileConfig const wanted = override.config != TileConfig::kAuto ? override.config : choose_tile_config(p.M, p.N, p.E);
   bool const wide = tile_config_info(wanted).tile_n == 256 && !tile_config_info(wanted).swap_ab;
   bool const decode = tile_config_info(wanted).swap_ab;
-  fp8.config = scales != Fp8Scales::kRowwise ? TileConfig::k128x128
-               : wide                        ? TileConfig::k128x256
-               : decode                      ? TileConfig::k32x128SwapAB
-                                             : TileConfig::k128x128;
+  fp8.config = wide                                    ? TileConfig::k128x256
+               : decode && scales == Fp8Scales::kRowwise ? TileConfig::k32x128SwapAB
+                                                         : TileConfig::k128x128;
   fp8.split_k = 1;
   return plan_grouped_gemm(p, fp8);
 }
@@ -390,8 +388,9 @@ char const* check_grouped_gemm_fp8(GroupedGemmParams const& p, Fp8ScaleParams co
     if (scales.x_groups != 0 && scales.x_groups != (p.K + 127) / 128) {
       return "blockwise FP8 scales: x_scale [M, ceil(K / 128)] or [M] (x_groups ceil(K / 128) or 0)";
     }
-    if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x128) {
-      return "the blockwise FP8 kernel has 128x128 tiles";
+    if (plan.config != TileConfig::kAuto && plan.config != TileConfig::k128x256 &&
+        plan.config != TileConfig::k128x128) {
+      return "the blockwise FP8 kernel has 128x256 and 128x128 tiles";
     }
   } else {
     return "FP8 scales are rowwise or blockwise";
@@ -413,7 +412,9 @@ cudaError_t run_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams
     return status;
   }
   if (scales.kind == Fp8Scales::kBlockwise) {
-    return run_sm90_moe_gemm_fp8<TileConfig::k128x128, Fp8Scales::kBlockwise>(params, scales, plan, stream);
+    return plan.config == TileConfig::k128x256
+               ? run_sm90_moe_gemm_fp8<TileConfig::k128x256, Fp8Scales::kBlockwise>(params, scales, plan, stream)
+               : run_sm90_moe_gemm_fp8<TileConfig::k128x128, Fp8Scales::kBlockwise>(params, scales, plan, stream);
   }
   if (plan.config == TileConfig::k128x256) {
     return run_sm90_moe_gemm_fp8<TileConfig::k128x256, Fp8Scales::kRowwise>(params, scales, plan, stream);

@@ -140,8 +140,9 @@ struct Fp8ScaleParams {
 
 // The grouped GEMM of FP8 e4m3 operands, `a` [M, K] and `b` [E, N, K] (K-major only), into bf16 `d`:
 // d[r, c] = sum_k (a[r, k] * x scale) * (b[e, c, k] * w scale). params.dtype is the output's (bf16); N, K, lda, ldb
-// and batch_stride_b must be multiples of 16 (16-byte rows). plan_grouped_gemm_fp8 plans it (rowwise: 128x256 or
-// 128x128 tiles; blockwise: 128x128; no split-K); run_grouped_gemm_fp8 checks and launches, as run_grouped_gemm.
+// and batch_stride_b must be multiples of 16 (16-byte rows). plan_grouped_gemm_fp8 plans it (rowwise: 128x256,
+// 128x128 or 32x128s tiles; blockwise: 128x256 or 128x128; no split-K); run_grouped_gemm_fp8 checks and launches,
+// as run_grouped_gemm.
 GroupedGemmPlan plan_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8Scales scales,
                                       PlanOverride const& override = PlanOverride{});
 char const* check_grouped_gemm_fp8(GroupedGemmParams const& params, Fp8ScaleParams const& scales,

@@ -300,14 +300,16 @@ class Sm90MoeGemmKernel {
                     (!kSplitK && !kGatherA && sizeof(ElementD) == 2 && (!kSwapAB || kScales == Fp8Scales::kRowwise)),
                 "FP8 scales: unsplit tiles of a 16-bit output, the swapped decode tiles with rowwise scales only "
                 "(applied while packed, PendingTile, or as stored, store_tile_transposed)");
-  static_assert(!kBlockwiseScales || (kTileN == 128 && kTileK == 128 && kClusterSize == 1),
-                "blockwise FP8 scales: 128 x 128 tiles of 128-deep k-blocks, one weight scale block each");
+  static_assert(!kBlockwiseScales || ((kTileN == 128 || kTileN == 256) && kTileK == 128 && kClusterSize == 1),
+                "blockwise FP8 scales: 128 x 128 or 128 x 256 tiles of 128-deep k-blocks, one or two weight scale "
+                "blocks each");
   // kBlockwiseScales: the producer warpgroup's warps 1-3 copy each k-block's scales into its stage
   // (load_block_scales: x_scale of the tile's 128 rows and the weight block's scale), so that the MMA warps read them
   // from shared memory instead of loading them from global memory in their k-loop.
   static constexpr bool kAssistingWarps = kGatherA || kBlockwiseScales;
   static constexpr int kStages = CollectiveMainloop::DispatchPolicy::Stages;
-  static constexpr int kStageScales = kTileM + 4;  // a stage's scales: the rows', then the weight block's
+  static constexpr int kWeightBlocks = kTileN / 128;  // blockwise: the weight scale blocks a tile spans
+  static constexpr int kStageScales = kTileM + 4;  // a stage's scales: the rows', then the weight blocks'
   struct BlockScaleStorage {
     alignas(16) float scales[kStages][kStageScales];
   };
@@ -965,8 +967,12 @@ class Sm90MoeGemmKernel {
       float const* const x0 = params.scales.x_scale + (row0 + cute::min(thread, last)) * params.scales.x_row_stride;
       float const* const x1 =
           params.scales.x_scale + (row0 + cute::min(thread + kThreads, last)) * params.scales.x_row_stride;
+      // The tile's weight blocks: n_block's, or 2 n_block's and the next's (the first again past N: those columns are
+      // zero and never stored).
+      int32_t const first_block = kWeightBlocks * work.n_block;
       float const* const w = params.scales.w_scale +
-                             (int64_t(work.expert) * params.scales.n_groups + work.n_block) * params.scales.k_groups;
+                             (int64_t(work.expert) * params.scales.n_groups + first_block) * params.scales.k_groups;
+      int32_t const w_second = first_block + 1 < params.scales.n_groups ? params.scales.k_groups : 0;
       for (int k = 0; k < unit.k_blocks.count; ++k) {
         pipeline.producer_acquire(state);  // waits: thread 0 of warp 0 alone arms the barrier
         int const k_block = unit.k_blocks.begin + k;
@@ -975,8 +981,8 @@ class Sm90MoeGemmKernel {
         if (second) {
           copy_4_bytes(stage + uint32_t(thread + kThreads) * 4u, x1 + k_block * params.scales.x_k_stride);
         }
-        if (thread == 0) {
-          copy_4_bytes(stage + uint32_t(kTileM) * 4u, w + k_block);
+        if (thread < kWeightBlocks) {
+          copy_4_bytes(stage + uint32_t(kTileM + thread) * 4u, w + (thread == 0 ? 0 : w_second) + k_block);
         }
         arrive_when_copies_land(pipeline.producer_get_barrier(state));
         ++state;
@@ -1036,7 +1042,11 @@ class Sm90MoeGemmKernel {
         clear(accumulators);
         store_pending(0, kPendingSteps);
       } else {
-        if constexpr (kBlockwiseScales) {
+        if constexpr (kBlockwiseScales && kWeightBlocks == 2) {
+          mma_blockwise_halves<CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count,
+                                                   mma_thread_idx, shared_storage.tensors,
+                                                   StageScalesOf(shared_storage, tiled_mma, mma_thread_idx));
+        } else if constexpr (kBlockwiseScales) {
           mma_blockwise<CollectiveMainloop>(pipeline, read_state, accumulators, k_blocks.count, mma_thread_idx,
                                             shared_storage.tensors,
                                             StageScalesOf(shared_storage, tiled_mma, mma_thread_idx));
@@ -1171,7 +1181,7 @@ class Sm90MoeGemmKernel {
     }
     CUTLASS_DEVICE BlockScales load(int stage) const {
       float const* const s = scales + stage * kStageScales;
-      return {{s[rows[0]], s[rows[1]]}, s[kTileM]};
+      return {{s[rows[0]], s[rows[1]]}, {s[kTileM], s[kTileM + kWeightBlocks - 1]}};
     }
   };
 

@@ -213,22 +213,23 @@ CUTLASS_DEVICE void mma_with_hook(typename CollectiveMainloop::MainloopPipeline&
   pipeline.consumer_release(release_state);
 }
 
-// A k-block's blockwise FP8 scales for one thread: x[h] of its row of half h, w of the tile's weight block.
+// A k-block's blockwise FP8 scales for one thread: x[h] of its row of half h, w[b] of the tile's b-th 128-column
+// weight block (a 128-column tile has one, w[0]; a 256-column tile two).
 struct BlockScales {
   float x[2];
-  float w;
+  float w[2];
 };
 
 // The MMAs of one tile whose k-blocks each have their own scales (FP8 with blockwise scales): each k-block is
 // multiplied into a block accumulator (its first WGMMA zeroes it), waited for, and added into `accumulators` times
-// its scale, scales.load(stage) giving the BlockScales of the k-block in that stage, s.x[h] * s.w for the thread's
-// row of half h (WGMMA's accumulator layout ((2 columns, 2 row halves, N / 8 column groups), MMA_M, MMA_N), one
-// 64-row block per warpgroup). Two block accumulators take turns, so that k-block k + 1's MMAs are queued before
+// its scale, scales.load(stage) giving the BlockScales of the k-block in that stage, s.x[h] * s.w[0] for the
+// thread's row of half h (WGMMA's accumulator layout ((2 columns, 2 row halves, N / 8 column groups), MMA_M, MMA_N),
+// one 64-row block per warpgroup). Two block accumulators take turns, so that k-block k + 1's MMAs are queued before
 // k-block k is waited for and added: the tensor cores never wait for the addition. The scales come with the stage
 // (the producer's assisting warps copy them in beside the operands) and are read from shared memory while the stage
 // is held, because loads from global memory in this loop slowed it (docs/benchmark_history.md, "The blockwise
-// scales through the stages"). E.g. K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s.x[h] = x_scale[row_h, k], s.w =
-// w_scale[expert, n_block, k], and accumulators += s.x[h] * s.w * block over each k-block's 128 columns.
+// scales through the stages"). E.g. K = 7168 (56 k-blocks) with DeepSeek-V3's scales: s.x[h] = x_scale[row_h, k],
+// s.w[0] = w_scale[expert, n_block, k], and accumulators += s.x[h] * s.w[0] * block over each k-block's 128 columns.
 template <class CollectiveMainloop, class Accumulators, class Scales>
 CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline& pipeline,
                                   typename CollectiveMainloop::PipelineState read_state, Accumulators& accumulators,
@@ -282,7 +283,7 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
     warpgroup_fence_operand(accumulators);
     pipeline.consumer_release(release_state);
     ++release_state;
-    float const scale[2] = {s.x[0] * s.w, s.x[1] * s.w};
+    float const scale[2] = {s.x[0] * s.w[0], s.x[1] * s.w[0]};
     CUTLASS_PRAGMA_UNROLL
     for (int group = 0; group < kColumnGroups; ++group) {
       CUTLASS_PRAGMA_UNROLL
@@ -311,6 +312,80 @@ CUTLASS_DEVICE void mma_blockwise(typename CollectiveMainloop::MainloopPipeline&
     add(Int<0>{}, odd, s_odd);
   } else {
     add(Int<0>{}, even, s_even);
+  }
+}
+
+// mma_blockwise for 128x256 tiles, whose accumulators (128 registers a thread) leave room for one 64x128 block a
+// warpgroup, not two: each k-block is multiplied a 128-column half at a time (the halves of the B tile are the
+// tile's two weight scale blocks), each half waited for and added in before the next is issued, so that the other
+// warpgroup's MMAs run meanwhile. Half b of k-block k adds s.x[h] * s.w[b] * block into the accumulators' columns
+// [128 b, 128 b + 128): WGMMA's column groups [16 b, 16 b + 16) of 8 columns.
+template <class CollectiveMainloop, class Accumulators, class Scales>
+CUTLASS_DEVICE void mma_blockwise_halves(typename CollectiveMainloop::MainloopPipeline& pipeline,
+                                         typename CollectiveMainloop::PipelineState read_state,
+                                         Accumulators& accumulators, int k_tiles, int thread_idx,
+                                         typename CollectiveMainloop::TensorStorage& tensors, Scales const& scales) {
+  using namespace cute;
+  using TiledMma = typename CollectiveMainloop::TiledMma;
+  static_assert(size<0, 0>(Accumulators{}) == 2 && size<0, 1>(Accumulators{}) == 2 &&
+                    size<0, 2>(Accumulators{}) == 32 && size<1>(Accumulators{}) == 1 && size<2>(Accumulators{}) == 1,
+                "one 64x256 block of WGMMA accumulators per warpgroup");
+  constexpr int kWarpGroups = size(TiledMma{}) / cutlass::NumThreadsPerWarpGroup;
+  static_assert(kWarpGroups == 2, "two warpgroups split the tile along M");
+  // The MMA of one half: 64x128 a warpgroup, the two warpgroups along M.
+  using HalfMma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<typename TiledMma::ValTypeA, typename TiledMma::ValTypeB, float, Shape<_64, _128, _32>,
+                           GMMA::Major::K, GMMA::Major::K>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  HalfMma half_mma;
+  Tensor sA = make_tensor(make_smem_ptr(tensors.smem_A.data()), typename CollectiveMainloop::SmemLayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(tensors.smem_B.data()), typename CollectiveMainloop::SmemLayoutB{});
+  auto const warp_group_layout = make_layout(Int<kWarpGroups>{}, Int<cutlass::NumThreadsPerWarpGroup>{});
+  int const warp_group = __shfl_sync(0xffffffff, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+  auto thread_mma = half_mma.get_slice(warp_group_layout(warp_group));
+  Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA, 1, MMA_K, PIPE)
+  Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA, 2 halves, MMA_K, PIPE)
+  static_assert(size<1>(decltype(tCrB){}) == 2, "two 128-column halves of the B tile");
+  auto block = partition_fragment_C(half_mma, Shape<_128, _128>{});      // ((2, 2, 16), 1, 1)
+  clear(accumulators);
+  CUTLASS_PRAGMA_NO_UNROLL
+  for (int k = 0; k < k_tiles; ++k) {
+    auto const token = pipeline.consumer_try_wait(read_state);
+    pipeline.consumer_wait(read_state, token);
+    int const stage = read_state.index();
+    BlockScales const s = scales.load(stage);
+    CUTLASS_PRAGMA_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      warpgroup_fence_operand(accumulators);
+      warpgroup_fence_operand(block);
+      warpgroup_arrive();
+      half_mma.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_step = 0; k_step < size<2>(tCrA); ++k_step) {
+        cute::gemm(half_mma, tCrA(_, 0, k_step, stage), tCrB(_, half, k_step, stage), block(_, 0, 0));
+        half_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(block);
+      warpgroup_fence_operand(accumulators);
+      if (half == 1) {
+        pipeline.consumer_release(read_state);  // both halves have read the stage
+      }
+      float const scale[2] = {s.x[0] * s.w[half], s.x[1] * s.w[half]};
+      CUTLASS_PRAGMA_UNROLL
+      for (int group = 0; group < 16; ++group) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int h = 0; h < 2; ++h) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            auto const into = make_coord(make_coord(c, h, 16 * half + group), 0, 0);
+            accumulators(into) = fmaf(block(make_coord(make_coord(c, h, group), 0, 0)), scale[h], accumulators(into));
+          }
+        }
+      }
+    }
+    ++read_state;
   }
 }
 

@@ -1,6 +1,6 @@
-"""Where blockwise FP8 loses to rowwise (GPU; BENCHMARKS.md, "FP8"): moe_gemm's rowwise kernel at 128x256 and 128x128
-(plan_override), its blockwise kernel (128x128) and torch._scaled_grouped_mm rowwise, interleaved in one process, on
-random routings; TFLOP/s as 2 * M * N * K over the median time.
+"""Where blockwise FP8 loses to rowwise (GPU; BENCHMARKS.md, "FP8"): moe_gemm's rowwise and blockwise kernels at
+128x256 and 128x128 (plan_override) and torch._scaled_grouped_mm rowwise, interleaved in one process, on random
+routings; TFLOP/s as 2 * M * N * K over the median time.
 
     python scripts/fp8_tiles.py
 """
@@ -41,7 +41,8 @@ for name, (T, N, K, E, k) in CASES.items():
     offs = torch.cumsum(m, 0).int()
     fns = {"row 128x256": with_tile("128x256", lambda: op(xq, xs, wq, ws, m, False, torch.bfloat16)),
            "row 128x128": with_tile("128x128", lambda: op(xq, xs, wq, ws, m, False, torch.bfloat16)),
-           "blockwise": lambda: op(xg, xgs, wb, wbs, m, False, torch.bfloat16),
+           "block 128x256": with_tile("128x256", lambda: op(xg, xgs, wb, wbs, m, False, torch.bfloat16)),
+           "block 128x128": with_tile("128x128", lambda: op(xg, xgs, wb, wbs, m, False, torch.bfloat16)),
            "torch row": lambda: torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), xs, ws, offs=offs,
                                                          out_dtype=torch.bfloat16)}
     t = bench_interleaved_ms(list(fns.values()))

@@ -2,10 +2,11 @@
 with rowwise scales (x per row, weight per output channel) and blockwise ones (weight per 128 x 128 block, x per row
 and 128 columns or per row): against the float64 reference of its dequantized operands on fresh random data whose
 magnitude varies from block to block (a scale read from the wrong block shows), NaN-poisoned outputs, experts without
-rows and ending mid-tile, tails of at most 64 rows, sizes summing short of M, both rowwise tiles, K and N at the
-16-element limit and ending mid-block; the router's other cases on the PyTorch path; CUDA-graph replay with new
-sizes; opcheck and torch.compile. The quantization (``_quantize_fp8_kernel``, reached through ``quantize_fp8``): bit
-for bit the PyTorch ops' result, zeros, NaN, inf and subnormal results included, on strided rows too."""
+rows and ending mid-tile, tails of at most 64 rows, sizes summing short of M, every tile (the two blockwise ones
+bitwise equal), K and N at the 16-element limit and ending mid-block; the router's other cases on the PyTorch path;
+CUDA-graph replay with new sizes; opcheck and torch.compile. The quantization (``_quantize_fp8_kernel``, reached
+through ``quantize_fp8``): bit for bit the PyTorch ops' result, zeros, NaN, inf and subnormal results included, on
+strided rows too."""
 
 import pytest
 import torch
@@ -86,11 +87,29 @@ def reference_of(x, x_scale, weight, weight_scale, sizes):
 )
 def test_matches_the_float64_reference(sizes, n, k, config, scaling):
     x, x_scale, weight, weight_scale, m_sizes = fp8_problem(sizes, n, k, scaling)
-    with plan_override(tile_config=config):  # blockwise scales run 128x128 whatever is asked, rowwise 32x128s swapped
+    with plan_override(tile_config=config):  # blockwise scales run 32x128s as 128x128
         out = run_poisoned(x, x_scale, weight, weight_scale, m_sizes)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert_close_to_reference(out.float().cpu(), reference_of(x, x_scale, weight, weight_scale, sizes),
                               dtype=torch.bfloat16)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sizes, n, k",
+    [
+        ([1, 64, 65, 300, 0, 193], 2880, 2880),  # the last 256-column tile's second half past N; a partial k-block
+        ([7, 0, 513], 4096, 7168),                # DeepSeek-V3's up-projection
+    ],
+)
+def test_blockwise_tiles_agree_bitwise(sizes, n, k):
+    # 128x256 tiles multiply a k-block's two 128-column halves in turn and add each in as 128x128 tiles add their
+    # one: the same products and additions in the same order.
+    x, x_scale, weight, weight_scale, m_sizes = fp8_problem(sizes, n, k, "blockwise", seed=1)
+    outs = []
+    for config in ("128x256", "128x128"):
+        with plan_override(tile_config=config):
+            outs.append(run_poisoned(x, x_scale, weight, weight_scale, m_sizes))
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("scaling", list(SCALINGS))
