@@ -41,6 +41,7 @@ struct Sm90MoeFp8GemmConfig {
                                                         kBlockScaleCarveout>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8FastAccum>::CollectiveOp;
   using Kernel = Sm90MoeGemmKernel<CollectiveMainloop, ElementD, false, kSwapAB, false, kScales>;
+  static_assert(Kernel::kEpiBuffers == kEpiBuffers, "the stage count was computed for the kernel's epilogue buffers");
 };
 
 // p.a: fp8 [M, K] rows; p.b: fp8 [E, N, K]; p.d: bf16 [M, N]; the scales as Fp8ScaleParams says.

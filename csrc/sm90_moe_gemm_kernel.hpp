@@ -13,7 +13,8 @@
 //   - one TMA descriptor serves every expert: A is the whole [M, K] tensor, addressed at the
 //     expert's first row through a coordinate offset; B is a 3-D [N, K, E] tensor indexed by e;
 //   - the epilogue: tiles go out through shared memory and asynchronous TMA stores (64 columns at
-//     a time, double-buffered, so the next tile's MMAs start while the store drains); 16-bit tiles wait
+//     a time, double-buffered, so the next tile's MMAs start while the store drains; blockwise FP8 has
+//     one buffer, kEpiBuffers); 16-bit tiles wait
 //     in registers and are stored under the next tile's MMAs (sm90_moe_mainloop.hpp). D's descriptor
 //     is ragged (sm90_ragged_tma.hpp): the store of an expert's last, partial m-block drops the rows
 //     past the expert's end, which the MMA computed from the next expert's A rows and which must never
@@ -304,7 +305,7 @@ class Sm90MoeGemmKernel {
                 "blockwise FP8 scales: 128 x 128 or 128 x 256 tiles of 128-deep k-blocks, one or two weight scale "
                 "blocks each");
   // kBlockwiseScales: the producer warpgroup's warps 1-3 copy each k-block's scales into its stage
-  // (load_block_scales: x_scale of the tile's 128 rows and the weight block's scale), so that the MMA warps read them
+  // (load_block_scales: x_scale of the tile's 128 rows and the weight blocks' scales), so that the MMA warps read them
   // from shared memory instead of loading them from global memory in their k-loop.
   static constexpr bool kAssistingWarps = kGatherA || kBlockwiseScales;
   static constexpr int kStages = CollectiveMainloop::DispatchPolicy::Stages;
@@ -945,8 +946,9 @@ class Sm90MoeGemmKernel {
 
   // kBlockwiseScales, the producer warpgroup's warps 1-3 (thread 0-95): the scales of every k-block of every tile
   // into its stage, following the units that warp 0 decodes: x_scale of tile row `thread` (and of row 96 + thread
-  // for threads 0-31; rows past the expert's read its last row's), and thread 0 the weight block's, at
-  // [kTileM]. Each thread's copies arrive on the stage's barrier when they land (the barrier expects 1 + 96).
+  // for threads 0-31; rows past the expert's read its last row's), and thread b < kWeightBlocks the tile's b-th
+  // weight block's, at [kTileM + b]. Each thread's copies arrive on the stage's barrier when they land (the barrier
+  // expects 1 + 96).
   CUTLASS_DEVICE static void load_block_scales(Params const& params, MainloopPipeline& pipeline,
                                                TilePipeline& tile_pipeline, SharedStorage& shared_storage,
                                                int thread) {
@@ -1164,8 +1166,10 @@ class Sm90MoeGemmKernel {
     CUTLASS_DEVICE float operator()(int row, int col) const { return __ldg(x_scale + row) * __ldg(w_scale + col); }
   };
 
-  // kBlockwiseScales, mma_blockwise's scales: load(stage) gives the BlockScales of the k-block in `stage`, which
-  // load_block_scales put there: x_scale of this thread's two tile rows and the weight block's scale.
+  // kBlockwiseScales, the scales of mma_blockwise and mma_blockwise_halves: load(stage) gives the BlockScales of the
+  // k-block in `stage`, which load_block_scales put there: x_scale of this thread's two tile rows and the weight
+  // blocks' scales. Called once the stage's barrier has been waited for: the compiler barrier keeps the reads after
+  // that wait (its asm does not tell the compiler it touches memory).
   struct StageScalesOf {
     float const* scales;  // block_scales.scales[0]
     int rows[2];          // this thread's rows of the tile
@@ -1180,6 +1184,7 @@ class Sm90MoeGemmKernel {
       }
     }
     CUTLASS_DEVICE BlockScales load(int stage) const {
+      asm volatile("" ::: "memory");
       float const* const s = scales + stage * kStageScales;
       return {{s[rows[0]], s[rows[1]]}, {s[kTileM], s[kTileM + kWeightBlocks - 1]}};
     }
@@ -1267,8 +1272,8 @@ class Sm90MoeGemmKernel {
   }
 
   // Registers -> swizzled shared memory -> TMA store, 64 columns at a time, each warpgroup its own rows
-  // (kStoreRows). Each of the two buffers is reused only after the store issued from it two chunks ago
-  // has read it.
+  // (kStoreRows). Each of the kEpiBuffers buffers is reused only after the store issued from it kEpiBuffers chunks
+  // ago has read it.
   template <class Accumulators, class SmemTensorD>
   CUTLASS_DEVICE static void store_tile_tma(Params const& params, StoreTarget const& target,
                                             Accumulators const& accumulators, TiledMma const& tiled_mma,

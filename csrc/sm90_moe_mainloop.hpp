@@ -40,8 +40,8 @@ CUTLASS_DEVICE void copy_4_bytes(uint32_t address, void const* source) {
 CUTLASS_DEVICE void wait_for_copies() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Both kernels' warpgroups: the producer's warp 0 decodes the tiles and issues the TMA loads (its other
-// warps idle, except in the forward kernel that gathers A's rows: there they load rows too), the two
-// consumer warpgroups run the MMAs and the epilogue.
+// warps idle, except in the forward kernels that gather A's rows or copy blockwise FP8 scales: there they load those
+// too), the two consumer warpgroups run the MMAs and the epilogue.
 enum class WarpGroupRole { Producer = 0, Consumer0 = 1, Consumer1 = 2 };
 
 // A thread's place in the warp roles (the MMA threads are numbered mma_thread_idx = 0 .. num_mma_threads - 1).
@@ -104,8 +104,8 @@ CUTLASS_DEVICE void run_warp_groups(WarpRoles const& roles, Produce&& produce, C
 // The pipeline of the operand stages, from the producer warp to the MMA warpgroups (num_consumers threads).
 // Thread 0 arms each stage's barrier with transaction_bytes (its TMA loads). With assisting_warps the producer
 // warpgroup's warps 1-3 (run_warp_groups' assist()) wait for stages and load into them too. The barrier expects
-// num_producers arrivals: thread 0's, and in the forward kernel that gathers A's rows with cp.async one more from
-// each producer thread, which its copies trigger when they land.
+// num_producers arrivals: thread 0's, and one more from each assisting thread, which its cp.async copies trigger
+// when they land (the forward kernel that gathers A's rows: 1 + 128; blockwise FP8's scales: 1 + 96).
 template <class MainloopPipeline, class ClusterShape>
 CUTLASS_DEVICE MainloopPipeline make_mainloop_pipeline(typename MainloopPipeline::SharedStorage& storage,
                                                        WarpRoles const& roles, uint32_t num_consumers,
